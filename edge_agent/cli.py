@@ -1,0 +1,130 @@
+"""The `edge-agent` command line (CONTRACT §1): argument parsing and exit codes, nothing more."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from edge_agent import __version__
+
+
+def _cmd_check_config(args: argparse.Namespace) -> int:
+    from edge_agent.config import load_config  # noqa: PLC0415 - keep `--help` fast
+    from edge_agent.errors import ConfigError  # noqa: PLC0415
+
+    try:
+        config = load_config(Path(args.file))
+    except OSError as exc:
+        print(f"{args.file}: cannot read: {exc.strerror or exc}", file=sys.stderr)
+        return 2
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(problem.render(args.file), file=sys.stderr)
+        count = len(exc.problems)
+        print(f"{args.file}: {count} problem{'s' if count != 1 else ''}", file=sys.stderr)
+        return 1
+    print(f"{args.file}: valid ({len(config.sources)} sources)")
+    if getattr(args, "plan", False):
+        from edge_agent.plan_report import print_plans  # noqa: PLC0415
+
+        print_plans(config)
+    return 0
+
+
+def _cmd_keygen(args: argparse.Namespace) -> int:
+    from edge_agent.seal.keys import write_keypair  # noqa: PLC0415
+
+    kid = write_keypair(Path(args.out), force=args.force)
+    print(kid.hex())
+    return 0
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from edge_agent.agent import run_agent  # noqa: PLC0415
+
+    return run_agent(Path(args.config))
+
+
+def _cmd_verify(args: argparse.Namespace) -> int:
+    from edge_agent.verify import run_verify  # noqa: PLC0415
+
+    return run_verify(args)
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    from edge_agent.status import show_status  # noqa: PLC0415
+
+    return show_status(args.url, as_json=args.json)
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from edge_agent.demo import run_demo  # noqa: PLC0415
+
+    return run_demo(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="edge-agent",
+        description="Polls Modbus and OPC UA devices, buffers every reading, "
+        "forwards signed batches over MQTT.",
+    )
+    parser.add_argument("--version", action="version", version=f"edge-agent {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name: str, handler: Callable[[argparse.Namespace], int], text: str) -> (
+        argparse.ArgumentParser
+    ):
+        sub = commands.add_parser(name, help=text, description=text)
+        sub.set_defaults(handler=handler)
+        return sub
+
+    run = add("run", _cmd_run, "Run the agent in the foreground.")
+    run.add_argument("--config", "-c", required=True, help="the YAML configuration file")
+
+    check = add("check-config", _cmd_check_config, "Validate a configuration file.")
+    check.add_argument("file")
+    check.add_argument("--plan", action="store_true",
+                       help="also print the Modbus read requests planned for each device")
+
+    keygen = add("keygen", _cmd_keygen, "Create an Ed25519 signing key pair.")
+    keygen.add_argument("--out", required=True, help="directory for signing.key and signing.pub")
+    keygen.add_argument("--force", action="store_true", help="overwrite an existing key pair")
+
+    verify = add("verify", _cmd_verify,
+                 "Subscribe to batches, verify signatures and completeness, print readings.")
+    verify.add_argument("--url", default="mqtt://127.0.0.1:1883", help="broker (mqtt:// or mqtts://)")
+    verify.add_argument("--topic", default="#",
+                        help="topic filter; batches are on {prefix}/{gateway}/batch (default: #)")
+    verify.add_argument("--key", action="append", required=True, metavar="PUBFILE",
+                        help="a trusted public key (PEM); repeat for several gateways")
+    verify.add_argument("--ca-file", help="CA bundle for mqtts://")
+    verify.add_argument("--username")
+    verify.add_argument("--password-file")
+    verify.add_argument("--client-id", default="edge-agent-verify",
+                        help="persistent session id (default: edge-agent-verify)")
+    verify.add_argument("--state", help="file that keeps completeness state across restarts")
+    verify.add_argument("--duration", type=float, help="stop after this many seconds")
+    verify.add_argument("--count", type=int, help="stop after this many readings")
+    verify.add_argument("--quiet", "-q", action="store_true", help="print only the summary")
+    verify.add_argument("--json", action="store_true", help="print readings as JSON lines")
+
+    status = add("status", _cmd_status, "Show the health of a running agent.")
+    status.add_argument("--url", default="http://127.0.0.1:8710", help="health endpoint base URL")
+    status.add_argument("--json", action="store_true", help="print the raw JSON")
+
+    demo = add("demo", _cmd_demo,
+               "Run simulated devices, the agent, a local broker and the verifier, with a live view.")
+    demo.add_argument("--duration", type=float, help="stop after this many seconds")
+    demo.add_argument("--no-tui", action="store_true", help="plain log lines instead of the live view")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.handler(args))
+    except KeyboardInterrupt:
+        return 0

@@ -1,0 +1,172 @@
+"""The configuration models of CONTRACT §2: one file describes the whole agent."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+from urllib.parse import urlsplit
+
+from pydantic import ByteSize, Field, SecretStr, field_validator, model_validator
+
+from edge_agent.config.modbus import ModbusSourceConfig
+from edge_agent.config.opcua import OpcuaSourceConfig
+from edge_agent.config.simulated import SimulatedSourceConfig
+from edge_agent.config.types import Duration, Name, StrictModel, read_secret
+
+SourceConfig = Annotated[
+    ModbusSourceConfig | OpcuaSourceConfig | SimulatedSourceConfig, Field(discriminator="type")
+]
+
+
+class GatewayConfig(StrictModel):
+    id: Name
+
+
+class StoreConfig(StrictModel):
+    path: Path = Path("/var/lib/edge-agent/buffer.db")
+    max_bytes: ByteSize = ByteSize(2 * 1024**3)
+    max_age: Duration = 7 * 86400.0
+
+    @field_validator("max_bytes")
+    @classmethod
+    def _at_least_a_mebibyte(cls, value: ByteSize) -> ByteSize:
+        if value < 1024**2:
+            raise ValueError("must be at least 1MiB")
+        return value
+
+
+class TlsConfig(StrictModel):
+    ca_file: Path | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
+
+    @model_validator(mode="after")
+    def _cert_and_key_together(self) -> TlsConfig:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("cert_file and key_file go together")
+        return self
+
+
+class MqttConfig(StrictModel):
+    url: str = "mqtt://127.0.0.1:1883"
+    topic_prefix: str = Field(default="edge", pattern=r"^[^#+\s]+$")
+    client_id: str | None = Field(default=None, max_length=128)
+    protocol: Literal["5", "3.1.1"] = "5"
+    username: str | None = None
+    password: SecretStr | None = None
+    password_file: Path | None = None
+    tls: TlsConfig | None = None
+    keepalive: Duration = 30.0
+    max_inflight: int = Field(default=32, ge=1, le=1000)
+    reconnect_min: Duration = 1.0
+    reconnect_max: Duration = 60.0
+
+    @field_validator("protocol", mode="before")
+    @classmethod
+    def _protocol_as_text(cls, value: object) -> object:
+        return str(value) if isinstance(value, int | float) else value
+
+    @field_validator("url")
+    @classmethod
+    def _url_is_mqtt(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if parts.scheme not in ("mqtt", "mqtts"):
+            raise ValueError(f"scheme must be mqtt:// or mqtts://, not {parts.scheme or 'none'}")
+        if not parts.hostname:
+            raise ValueError("url needs a host")
+        try:
+            _ = parts.port
+        except ValueError as exc:
+            raise ValueError(f"invalid port: {exc}") from None
+        return value
+
+    @model_validator(mode="after")
+    def _one_password(self) -> MqttConfig:
+        if self.password is not None and self.password_file is not None:
+            raise ValueError("give password or password_file, not both")
+        if self.tls is not None and not self.url.startswith("mqtts://"):
+            raise ValueError("tls needs an mqtts:// url")
+        return self
+
+    @property
+    def host(self) -> str:
+        host = urlsplit(self.url).hostname
+        assert host is not None
+        return host
+
+    @property
+    def port(self) -> int:
+        parts = urlsplit(self.url)
+        return parts.port or (8883 if parts.scheme == "mqtts" else 1883)
+
+    @property
+    def uses_tls(self) -> bool:
+        return self.url.startswith("mqtts://")
+
+    def password_value(self) -> str | None:
+        return read_secret(self.password, self.password_file)
+
+
+class BatchConfig(StrictModel):
+    max_readings: int = Field(default=1000, ge=1, le=100_000)
+    max_delay: Duration = 1.0
+    compression: Literal["zstd", "none"] = "zstd"
+    queue_readings: int = Field(default=100_000, ge=1000)
+
+
+class SigningConfig(StrictModel):
+    key_file: Path = Path("/etc/edge-agent/signing.key")
+
+
+class HealthConfig(StrictModel):
+    listen: str = Field(default="127.0.0.1:8710", pattern=r"^(\[[0-9a-fA-F:]+\]|[^:\s]+):\d{1,5}$")
+
+    @property
+    def host(self) -> str:
+        return self.listen.rsplit(":", 1)[0].strip("[]")
+
+    @property
+    def port(self) -> int:
+        return int(self.listen.rsplit(":", 1)[1])
+
+
+class Config(StrictModel):
+    gateway: GatewayConfig
+    store: StoreConfig = StoreConfig()
+    mqtt: MqttConfig = MqttConfig()
+    batch: BatchConfig = BatchConfig()
+    signing: SigningConfig = SigningConfig()
+    health: HealthConfig = HealthConfig()
+    sources: list[SourceConfig] = Field(min_length=1)
+
+    def problems(self) -> list[tuple[tuple[str | int, ...], str]]:
+        """Cross-field problems across the whole file, as (key path, message)."""
+        found: list[tuple[tuple[str | int, ...], str]] = []
+        seen: dict[str, int] = {}
+        for index, source in enumerate(self.sources):
+            if source.name in seen:
+                found.append(
+                    (("sources", index, "name"),
+                     f"duplicate source name {source.name!r} (also sources[{seen[source.name]}])")
+                )
+            seen.setdefault(source.name, index)
+            found.extend((("sources", index, *loc), msg) for loc, msg in source.problems())
+        return found
+
+    def files_to_check(self) -> list[tuple[tuple[str | int, ...], Path]]:
+        """Every file the agent will read at start, with its key path, for `check_files`."""
+        files: list[tuple[tuple[str | int, ...], Path]] = [
+            (("signing", "key_file"), self.signing.key_file)
+        ]
+        if self.mqtt.password_file is not None:
+            files.append((("mqtt", "password_file"), self.mqtt.password_file))
+        if self.mqtt.tls is not None:
+            for key in ("ca_file", "cert_file", "key_file"):
+                path = getattr(self.mqtt.tls, key)
+                if path is not None:
+                    files.append((("mqtt", "tls", key), path))
+        for index, source in enumerate(self.sources):
+            extra = getattr(source, "files_to_check", None)
+            if extra is not None:
+                files.extend((("sources", index, *loc), path) for loc, path in extra())
+        return files

@@ -1,0 +1,46 @@
+"""Configuration of the simulated source: deterministic signals for demos, tests and benchmarks."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from edge_agent.config.types import Duration, Name, StrictModel
+
+
+class SimulatedPoint(StrictModel):
+    name: Name
+    signal: Literal["sine", "ramp", "square", "counter", "constant", "random"] = "sine"
+    period: Duration = 60.0
+    amplitude: float = 1.0
+    offset: float = 0.0
+
+
+class SimulatedSourceConfig(StrictModel):
+    type: Literal["simulated"]
+    name: Name
+    interval: Duration = 1.0
+    points: int | list[SimulatedPoint] = Field(default=10)
+
+    def problems(self) -> list[tuple[tuple[str | int, ...], str]]:
+        """Cross-field problems, as (location relative to this source, message)."""
+        if isinstance(self.points, int):
+            if self.points < 1:
+                return [(("points",), "must be at least 1")]
+            return []
+        seen: dict[str, int] = {}
+        found: list[tuple[tuple[str | int, ...], str]] = []
+        for index, point in enumerate(self.points):
+            if point.name in seen:
+                found.append(
+                    (("points", index, "name"), f"duplicate point name {point.name!r} "
+                     f"(also points[{seen[point.name]}])")
+                )
+            seen.setdefault(point.name, index)
+        return found
+
+    def point_names(self) -> list[str]:
+        if isinstance(self.points, int):
+            return [f"p{i}" for i in range(self.points)]
+        return [p.name for p in self.points]

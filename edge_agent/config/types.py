@@ -1,0 +1,45 @@
+"""Field types shared by the configuration models: durations, sizes, names, secrets."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, SecretStr
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)\s*$")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+def parse_duration(value: object) -> object:
+    """Accept `500ms`, `1s`, `5m`, `2h`, `7d` or a bare number of seconds."""
+    if isinstance(value, bool):
+        raise ValueError("expected a duration such as 500ms, 1s, 5m, 2h or 7d")
+    if isinstance(value, int | float):
+        return float(value)
+    if isinstance(value, str):
+        match = _DURATION.match(value)
+        if match:
+            return float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+    raise ValueError(f"invalid duration {value!r}: use a number with ms, s, m, h or d (e.g. 500ms)")
+
+
+Duration = Annotated[float, BeforeValidator(parse_duration), Field(gt=0)]
+"""A positive duration, in seconds once parsed."""
+
+Name = Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]
+"""Identifiers that end up in topics, metrics labels and the wire format."""
+
+
+class StrictModel(BaseModel):
+    """Every configuration model: unknown keys are errors, values are not coerced silently."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def read_secret(inline: SecretStr | None, file: Path | None) -> str | None:
+    """The secret from `x` or `x_file`; a file's trailing newline is not part of the secret."""
+    if file is not None:
+        return file.read_text(encoding="utf-8").rstrip("\r\n")
+    return inline.get_secret_value() if inline is not None else None

@@ -1,0 +1,62 @@
+"""The exception tree of edge-agent.
+
+    EdgeAgentError
+    ├── ConfigError            the configuration is invalid; carries every problem found
+    ├── StoreError             the SQLite buffer cannot be opened or written
+    ├── EnvelopeError          a batch cannot be decoded or its signature does not verify
+    │   └── UnknownKeyError    the batch names a key id the verifier was not given
+    └── DeviceError            a device failed to answer a read (timeout, exception, garbage)
+
+Only ConfigError stops the daemon before start; DeviceError never leaves its source.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+class EdgeAgentError(Exception):
+    """Base of every error edge-agent raises on purpose."""
+
+
+@dataclass(frozen=True)
+class ConfigProblem:
+    """One thing wrong with a configuration file, located as precisely as we can."""
+
+    path: str
+    message: str
+    line: int | None = None
+    column: int | None = None
+
+    def render(self, filename: str) -> str:
+        where = filename if self.line is None else f"{filename}:{self.line}:{self.column}"
+        return f"{where}: {self.path or '(top)'}: {self.message}"
+
+
+class ConfigError(EdgeAgentError):
+    """The configuration is invalid; `problems` lists every problem, not just the first."""
+
+    def __init__(self, filename: str, problems: list[ConfigProblem]) -> None:
+        self.filename = filename
+        self.problems = problems
+        super().__init__("\n".join(p.render(filename) for p in problems))
+
+
+class StoreError(EdgeAgentError):
+    """The buffer cannot be opened or written."""
+
+
+class EnvelopeError(EdgeAgentError):
+    """A sealed batch cannot be decoded or fails verification."""
+
+
+class UnknownKeyError(EnvelopeError):
+    """A batch is signed with a key id the verifier does not know."""
+
+
+class DeviceError(EdgeAgentError):
+    """A device read failed; names the device and what was asked of it."""
+
+    def __init__(self, device: str, message: str) -> None:
+        self.device = device
+        super().__init__(f"{device}: {message}")
