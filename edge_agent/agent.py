@@ -1,0 +1,160 @@
+"""Wiring and lifecycle: builds every component from the validated config and runs them.
+
+It never polls, runs SQL or publishes itself. Shutdown order keeps the promise of no loss: stop
+the sources, seal what they produced, give in-flight publishes a moment to be acknowledged, close
+the store.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from edge_agent import systemd
+from edge_agent.config import Config, load_config
+from edge_agent.errors import ConfigError, StoreError
+from edge_agent.forward.mqtt import Forwarder
+from edge_agent.health import Health, start_health_server
+from edge_agent.metrics import Metrics, SourceCollector
+from edge_agent.seal.batcher import Batcher
+from edge_agent.seal.envelope import Sealer
+from edge_agent.seal.keys import load_private_key
+from edge_agent.sources import Emit, Source, build_source
+from edge_agent.store.sqlite import Store
+
+log = logging.getLogger(__name__)
+
+DRAIN_TIMEOUT_S = 5.0
+SOURCE_RESTART_S = 5.0
+
+
+def configure_logging(level: int = logging.INFO) -> None:
+    logging.basicConfig(
+        level=level, stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    for noisy in ("asyncua", "pymodbus", "aiohttp.access"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def run_agent(path: Path) -> int:
+    """`edge-agent run`: 0 after a clean stop, 1 when the config or the start-up fails."""
+    configure_logging()
+    try:
+        config = load_config(path)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(problem.render(str(path)), file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"{path}: cannot read: {exc.strerror or exc}", file=sys.stderr)
+        return 2
+    try:
+        return asyncio.run(Agent(config).run())
+    except (StoreError, OSError, ValueError) as exc:
+        log.error("Could not start error=%s", exc)  # noqa: TRY400 - the message is the story
+        return 1
+
+
+class Agent:
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.metrics = Metrics()
+        self.store = Store(config.store.path, max_bytes=int(config.store.max_bytes),
+                           max_age_s=config.store.max_age)
+        self.sources: list[Source] = [build_source(c) for c in config.sources]
+        self.metrics.registry.register(SourceCollector({s.name: s.state for s in self.sources}))
+        self.stopping = asyncio.Event()
+        self.started = asyncio.Event()
+
+    async def run(self) -> int:
+        key = load_private_key(self.config.signing.key_file)
+        await self.store.open()
+        sealer = Sealer(key, compress=self.config.batch.compression == "zstd")
+        batcher = Batcher(
+            self.store, sealer, self.metrics, gateway=self.config.gateway.id,
+            max_readings=self.config.batch.max_readings, max_delay=self.config.batch.max_delay,
+            capacity=self.config.batch.queue_readings,
+        )
+        forwarder = Forwarder(self.config.mqtt, self.config.gateway.id, self.store,
+                              batcher.sealed, self.metrics)
+        tasks: list[asyncio.Task[None]] = []
+        health = Health(
+            gateway=self.config.gateway.id, store=self.store, mqtt=forwarder.state,
+            sources={s.name: s.state for s in self.sources}, metrics=self.metrics,
+            alive=lambda: all(not t.done() for t in tasks),
+        )
+        runner = await start_health_server(health, self.config.health.host,
+                                           self.config.health.port)
+        self._install_signal_handlers()
+        log.info("Started gateway=%s sources=%d buffer=%s epoch=%s backlog=%d",
+                 self.config.gateway.id, len(self.sources), self.store.path, self.store.epoch,
+                 self.store.stats.readings)
+        try:
+            async with asyncio.TaskGroup() as group:
+                source_tasks = [
+                    group.create_task(self._guard(s, batcher.emit), name=f"source-{s.name}")
+                    for s in self.sources
+                ]
+                batcher_task = group.create_task(batcher.run(), name="batcher")
+                forwarder_task = group.create_task(forwarder.run(), name="forwarder")
+                tasks.extend([*source_tasks, batcher_task, forwarder_task])
+                watchdog = systemd.watchdog_interval()
+                if watchdog:
+                    tasks.append(group.create_task(self._watchdog(watchdog), name="watchdog"))
+                health.ready = True
+                systemd.notify("READY=1\nSTATUS=Forwarding")
+                self.started.set()
+                await self.stopping.wait()
+                systemd.notify("STOPPING=1\nSTATUS=Draining")
+                log.info("Stopping: sealing pending readings and draining in-flight batches")
+                await _cancel(source_tasks)
+                await _cancel([batcher_task])
+                await self._drain(forwarder)
+                await _cancel(tasks)
+        finally:
+            await runner.cleanup()
+            await self.store.close()
+        log.info("Stopped cleanly buffered_readings=%d", self.store.stats.readings)
+        return 0
+
+    async def _drain(self, forwarder: Forwarder) -> None:
+        """Wait until the buffer is empty or the grace period ends, whichever comes first."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + DRAIN_TIMEOUT_S
+        while (forwarder.state.connected and self.store.stats.batches > 0
+               and loop.time() < deadline):
+            await asyncio.sleep(0.05)
+
+    def _install_signal_handlers(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.stopping.set)
+
+    async def _guard(self, source: Source, emit: Emit) -> None:
+        """A source that crashes (a bug, not a device fault) is logged and restarted alone."""
+        while True:
+            try:
+                await source.run(emit)
+            except Exception as exc:
+                source.state.mark_down(f"internal error: {exc!r}")
+                log.exception("Source crashed, restarting source=%s", source.name)
+            await asyncio.sleep(SOURCE_RESTART_S)
+
+    async def _watchdog(self, interval: float) -> None:
+        while True:
+            systemd.notify("WATCHDOG=1")
+            await asyncio.sleep(interval)
+
+
+async def _cancel(tasks: Sequence[asyncio.Task[None]]) -> None:
+    for task in tasks:
+        task.cancel()
+    for task in tasks:
+        with contextlib.suppress(asyncio.CancelledError):
+            await task

@@ -1,0 +1,1 @@
+"""Forwarding sealed batches to the broker."""

@@ -1,0 +1,187 @@
+"""Ships sealed batches from the store to the broker, oldest first, a window at a time.
+
+A batch is deleted from the store only after a PUBACK whose reason code is a success. A sliding
+window keeps `max_inflight` publishes outstanding: sending N and waiting for all N stalls on
+delayed TCP acknowledgements. On any connection problem the window is abandoned and the backlog is
+re-sent from the oldest unacknowledged batch after a backoff with jitter (duplicates are possible
+and are dropped by the consumer by `seq`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import random
+import time
+from dataclasses import dataclass
+
+import aiomqtt
+
+from edge_agent.config.schema import MqttConfig
+from edge_agent.forward.client import AckingClient, protocol_version, tls_context
+from edge_agent.metrics import Metrics
+from edge_agent.store.sqlite import Store, StoredBatch
+
+log = logging.getLogger(__name__)
+
+REJECTION = 0x80
+
+
+class PublishRejectedError(Exception):
+    """The broker refused a batch (PUBACK reason >= 0x80); it stays in the store."""
+
+
+@dataclass
+class ForwarderState:
+    connected: bool = False
+    last_error: str | None = None
+    since: float = 0.0
+
+
+class Forwarder:
+    def __init__(
+        self, config: MqttConfig, gateway_id: str, store: Store, new_batches: asyncio.Event,
+        metrics: Metrics,
+    ) -> None:
+        self._config = config
+        self._store = store
+        self._new_batches = new_batches
+        self._metrics = metrics
+        self.batch_topic = f"{config.topic_prefix}/{gateway_id}/batch"
+        self.status_topic = f"{config.topic_prefix}/{gateway_id}/status"
+        self._client_id = config.client_id or f"edge-agent-{gateway_id}"
+        self.state = ForwarderState()
+        self._to_ack: list[tuple[str, int]] = []
+        self._ack_ready = asyncio.Event()
+        self._sent_readings: dict[tuple[str, int], int] = {}
+
+    def _client(self) -> AckingClient:
+        will = aiomqtt.Will(self.status_topic, json.dumps({"state": "offline"}), qos=1,
+                            retain=True)
+        return AckingClient(
+            self._config.host, self._config.port,
+            username=self._config.username, password=self._config.password_value(),
+            identifier=self._client_id, protocol=protocol_version(self._config), will=will,
+            keepalive=int(self._config.keepalive), tls_context=tls_context(self._config),
+            max_inflight_messages=self._config.max_inflight, timeout=max(self._config.keepalive, 10),
+            logger=logging.getLogger("edge_agent.forward.paho"),
+        )
+
+    async def run(self) -> None:
+        """Connect, forward, and reconnect with backoff, until cancelled."""
+        delay = self._config.reconnect_min
+        while True:
+            try:
+                async with self._client() as client:
+                    self._mark(connected=True, error=None)
+                    delay = self._config.reconnect_min
+                    await client.publish(self.status_topic, json.dumps({"state": "online"}),
+                                         qos=1, retain=True)
+                    acker = asyncio.create_task(self._acker(), name="mqtt-acker")
+                    try:
+                        await self._pump(client)
+                    finally:
+                        acker.cancel()
+                        with contextlib.suppress(asyncio.CancelledError):
+                            await acker
+            except (aiomqtt.MqttError, PublishRejectedError, OSError) as exc:
+                self._mark(connected=False, error=str(exc) or type(exc).__name__)
+            await self._flush_acks()
+            wait = delay * random.uniform(0.5, 1.0)  # noqa: S311 - jitter, not crypto
+            log.debug("Reconnecting in %.1fs", wait)
+            await asyncio.sleep(wait)
+            delay = min(delay * 2, self._config.reconnect_max)
+
+    def _mark(self, *, connected: bool, error: str | None) -> None:
+        changed = connected != self.state.connected or error != self.state.last_error
+        self.state.connected, self.state.last_error = connected, error
+        self._metrics.mqtt_connected.set(1 if connected else 0)
+        if not changed:
+            return
+        self.state.since = time.time()
+        if connected:
+            self._metrics.mqtt_connects.inc()
+            log.info("Connected to broker url=%s topic=%s", self._config.url, self.batch_topic)
+        else:
+            log.warning("Broker connection lost url=%s error=%s", self._config.url, error)
+
+    async def _pump(self, client: AckingClient) -> None:
+        """Keep `max_inflight` batches published and unacknowledged, oldest first."""
+        window = self._config.max_inflight
+        in_flight: dict[asyncio.Task[int], StoredBatch] = {}
+        batches_cursor = 0
+        notices_sent: set[int] = set()
+        while True:
+            if len(in_flight) < window:
+                self._new_batches.clear()
+                taken = await self._store.take(window - len(in_flight) + len(notices_sent),
+                                               after=batches_cursor)
+                for batch in taken:
+                    table, row_id = batch.key
+                    if table == "notices":
+                        if row_id in notices_sent:
+                            continue
+                        notices_sent.add(row_id)
+                    else:
+                        batches_cursor = max(batches_cursor, row_id)
+                    if len(in_flight) >= window:
+                        break
+                    task = asyncio.create_task(client.publish_acked(self.batch_topic, batch.data),
+                                               name=f"publish-{table}-{row_id}")
+                    in_flight[task] = batch
+            waiters: set[asyncio.Future[object]] = set(in_flight)  # type: ignore[arg-type]
+            new_data = None
+            if len(in_flight) < window:
+                new_data = asyncio.ensure_future(self._new_batches.wait())
+                waiters.add(new_data)
+            try:
+                done, _ = await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+            except BaseException:
+                for task in in_flight:
+                    task.cancel()
+                raise
+            finally:
+                if new_data is not None:
+                    new_data.cancel()
+            for task in done:
+                batch = in_flight.pop(task, None)  # type: ignore[call-overload]
+                if batch is None:
+                    continue
+                try:
+                    code = task.result()
+                except BaseException:
+                    for other in in_flight:
+                        other.cancel()
+                    raise
+                if code >= REJECTION:
+                    self._metrics.publish_rejected.inc()
+                    for other in in_flight:
+                        other.cancel()
+                    raise PublishRejectedError(
+                        f"broker rejected batch (reason code 0x{code:02x}) topic={self.batch_topic}"
+                        "; it stays buffered"
+                    )
+                if batch.key[0] == "notices":
+                    notices_sent.discard(batch.key[1])
+                self._sent_readings[batch.key] = batch.readings
+                self._to_ack.append(batch.key)
+                self._ack_ready.set()
+                self._metrics.ack_latency.observe(max(0.0, time.time() - batch.sealed_ns / 1e9))
+
+    async def _acker(self) -> None:
+        """Deletes acknowledged batches in groups: one transaction per burst of PUBACKs."""
+        while True:
+            await self._ack_ready.wait()
+            await self._flush_acks()
+
+    async def _flush_acks(self) -> None:
+        self._ack_ready.clear()
+        keys, self._to_ack = self._to_ack, []
+        if not keys:
+            return
+        await self._store.ack(keys)
+        readings = sum(self._sent_readings.pop(k, 0) for k in keys)
+        self._metrics.batches_sent.inc(len(keys))
+        self._metrics.readings_sent.inc(readings)

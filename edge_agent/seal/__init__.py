@@ -1,0 +1,1 @@
+"""Sealing: readings become signed, compressed batches (and back, for verification)."""

@@ -1,0 +1,146 @@
+"""Groups readings into batches, numbers them and seals them into the store.
+
+Sources hand readings to `emit`, which waits when `capacity` readings are pending: back-pressure
+instead of unbounded memory. A batch is sealed when it reaches `max_readings` or when its first
+reading has waited `max_delay`; several ready batches go to the store in one transaction.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Sequence
+
+from edge_agent.errors import StoreError
+from edge_agent.metrics import Metrics
+from edge_agent.reading import Reading
+from edge_agent.seal.envelope import Sealer
+from edge_agent.store.sqlite import SealedBatch, Store
+
+log = logging.getLogger(__name__)
+
+MAX_BATCHES_PER_TRANSACTION = 32
+STORE_RETRY_S = 1.0
+
+
+class Batcher:
+    def __init__(
+        self, store: Store, sealer: Sealer, metrics: Metrics, *, gateway: str,
+        max_readings: int, max_delay: float, capacity: int,
+    ) -> None:
+        self._store = store
+        self._sealer = sealer
+        self._metrics = metrics
+        self._gateway = gateway
+        self._max_readings = max_readings
+        self._max_delay = max_delay
+        self._capacity = max(capacity, max_readings)
+        self._pending: list[Reading] = []
+        self._first_at: float | None = None
+        self._arrived = asyncio.Event()
+        self._full = asyncio.Event()
+        self._space = asyncio.Event()
+        self._space.set()
+        self._declare: list[tuple[int, int]] = []
+        self.sealed = asyncio.Event()
+        """Set after every store write, for whoever waits for new batches (the forwarder)."""
+
+    @property
+    def pending(self) -> int:
+        return len(self._pending)
+
+    async def emit(self, readings: Sequence[Reading]) -> None:
+        """Accept readings from a source; waits while the batcher is `capacity` behind."""
+        while len(self._pending) >= self._capacity:
+            self._space.clear()
+            await self._space.wait()
+        if not self._pending:
+            self._first_at = asyncio.get_running_loop().time()
+            self._arrived.set()
+        self._pending.extend(readings)
+        if len(self._pending) >= self._max_readings:
+            self._full.set()
+
+    async def run(self) -> None:
+        """Seal batches until cancelled; on cancellation, seal what is pending first."""
+        self._declare = await self._store.pending_evictions()
+        try:
+            while True:
+                await self._wait_for_batch()
+                await self.seal_pending()
+        except asyncio.CancelledError:
+            await self.seal_pending()
+            raise
+
+    async def _wait_for_batch(self) -> None:
+        if self._declare:
+            return
+        await self._arrived.wait()
+        assert self._first_at is not None
+        timeout = self._first_at + self._max_delay - asyncio.get_running_loop().time()
+        if timeout > 0 and len(self._pending) < self._max_readings:
+            self._full.clear()
+            try:
+                await asyncio.wait_for(self._full.wait(), timeout)
+            except TimeoutError:
+                pass
+
+    async def seal_pending(self) -> None:
+        """Seal and store everything pending, retrying on store errors; readings are kept."""
+        while self._pending or self._declare:
+            count = min(len(self._pending), self._max_readings * MAX_BATCHES_PER_TRANSACTION)
+            batches = self._seal(self._pending[:count])
+            try:
+                evicted = await self._store.append(batches)
+            except StoreError as exc:
+                self._metrics.store_errors.inc()
+                await self._recover(exc)
+                continue
+            del self._pending[:count]
+            self._after_store(batches)
+            if evicted:
+                self._metrics.readings_evicted.inc(evicted)
+                self._declare = await self._store.pending_evictions()
+
+    def _seal(self, readings: list[Reading]) -> list[SealedBatch]:
+        sealed_ns = time.time_ns()
+        batch_no, seq = self._store.next_batch, self._store.next_seq
+        batches = []
+        declare = tuple(self._declare)
+        for start in range(0, max(len(readings), 1), self._max_readings):
+            chunk = readings[start : start + self._max_readings]
+            data = self._sealer.seal(
+                gateway=self._gateway, epoch=self._store.epoch, batch=batch_no, first_seq=seq,
+                readings=chunk, sealed_ns=sealed_ns, evicted=declare,
+            )
+            batches.append(SealedBatch(batch_no, seq, len(chunk), sealed_ns, data, declare))
+            batch_no, seq, declare = batch_no + 1, seq + len(chunk), ()
+        return batches
+
+    def _after_store(self, batches: list[SealedBatch]) -> None:
+        count = sum(b.readings for b in batches)
+        self._metrics.readings_sealed.inc(count)
+        self._metrics.batches_sealed.inc(len(batches))
+        if any(b.declares for b in batches):
+            log.info("Declared evicted readings ranges=%s", [list(r) for b in batches
+                                                              for r in b.declares])
+            self._declare = []
+        if not self._pending:
+            self._arrived.clear()
+            self._first_at = None
+        else:
+            self._first_at = asyncio.get_running_loop().time()
+        self._space.set()
+        self.sealed.set()
+
+    async def _recover(self, exc: StoreError) -> None:
+        """A failed write: make room if the disk is full, then wait a moment before retrying."""
+        log.error("Could not store batch, will retry error=%s", exc)
+        if "full" in str(exc).lower():
+            evicted = await self._store.evict_oldest()
+            if evicted:
+                self._metrics.readings_evicted.inc(evicted)
+                log.warning("Disk full: evicted oldest readings count=%d", evicted)
+        self._declare = await self._store.pending_evictions()
+        await asyncio.sleep(STORE_RETRY_S)

@@ -1,0 +1,129 @@
+"""The wire format of CONTRACT §4: a batch as CBOR, zstd-compressed, in a COSE_Sign1 envelope.
+
+Signing uses cbor2 and cryptography directly (pycose is unmaintained and breaks with cbor2 6).
+The protected header is encoded once per key and reused: its bytes are what gets signed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import cbor2
+import zstandard
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+from edge_agent.errors import EnvelopeError, UnknownKeyError
+from edge_agent.reading import Reading
+from edge_agent.seal.keys import key_id
+
+FORMAT_VERSION = 1
+COSE_SIGN1_TAG = 18
+ALG_EDDSA = -8
+HDR_ALG, HDR_CONTENT_TYPE, HDR_KID = 1, 3, 4
+CONTENT_TYPE = "application/cbor"
+MAX_PAYLOAD_BYTES = 64 * 1024 * 1024
+"""Decompression limit for consumers: a batch is never near this; a zstd bomb would be."""
+
+
+@dataclass(frozen=True)
+class Batch:
+    """One batch as the cloud sees it, after verification."""
+
+    gateway: str
+    epoch: str
+    batch: int
+    readings: list[dict[str, Any]]
+    sealed_ns: int
+    evicted: list[tuple[int, int]] = field(default_factory=list)
+    kid: bytes = b""
+
+
+class Sealer:
+    """Encodes, compresses and signs batches with one key."""
+
+    def __init__(self, key: Ed25519PrivateKey, *, compress: bool = True) -> None:
+        self._key = key
+        self.kid = key_id(key.public_key())
+        header: dict[Any, Any] = {HDR_ALG: ALG_EDDSA, HDR_KID: self.kid,
+                                  HDR_CONTENT_TYPE: CONTENT_TYPE}
+        if compress:
+            header["enc"] = "zstd"
+        self._protected = cbor2.dumps(header, canonical=True)
+        self._compressor = zstandard.ZstdCompressor(level=3) if compress else None
+
+    def seal(
+        self, *, gateway: str, epoch: str, batch: int, first_seq: int,
+        readings: Sequence[Reading], sealed_ns: int, evicted: Sequence[tuple[int, int]] = (),
+    ) -> bytes:
+        """The COSE_Sign1 bytes for `readings`, numbered from `first_seq` in order."""
+        items = []
+        for seq, r in enumerate(readings, first_seq):
+            item = {"seq": seq, "src": r.src, "pt": r.pt, "ts": r.ts_ns, "v": r.value,
+                    "q": r.quality.value}
+            if r.code is not None:
+                item["sc"] = r.code
+            items.append(item)
+        body = cbor2.dumps({
+            "v": FORMAT_VERSION, "gateway": gateway, "epoch": epoch, "batch": batch,
+            "readings": items, "sealed": sealed_ns, "evicted": [list(e) for e in evicted],
+        })
+        payload = self._compressor.compress(body) if self._compressor else body
+        to_sign = cbor2.dumps(["Signature1", self._protected, b"", payload])
+        signature = self._key.sign(to_sign)
+        return cbor2.dumps(
+            cbor2.CBORTag(COSE_SIGN1_TAG, [self._protected, {}, payload, signature])
+        )
+
+
+class Opener:
+    """Verifies and decodes batches signed by any of a set of trusted keys."""
+
+    def __init__(self, keys: Sequence[Ed25519PublicKey]) -> None:
+        self._keys: Mapping[bytes, Ed25519PublicKey] = {key_id(k): k for k in keys}
+        self._decompressor = zstandard.ZstdDecompressor()
+
+    def open(self, message: bytes) -> Batch:
+        """Verify `message` and return its batch; EnvelopeError says what is wrong."""
+        try:
+            outer = cbor2.loads(message)
+        except (cbor2.CBORDecodeError, ValueError, TypeError) as exc:
+            raise EnvelopeError(f"not CBOR: {exc}") from None
+        if not isinstance(outer, cbor2.CBORTag) or outer.tag != COSE_SIGN1_TAG:
+            raise EnvelopeError("not a tagged COSE_Sign1 message")
+        parts = outer.value
+        if not isinstance(parts, list | tuple) or len(parts) != 4:
+            raise EnvelopeError("COSE_Sign1 must have four elements")
+        protected, _unprotected, payload, signature = parts
+        if not isinstance(protected, bytes) or not isinstance(payload, bytes):
+            raise EnvelopeError("protected header and payload must be byte strings")
+        header = cbor2.loads(protected) if protected else {}
+        if header.get(HDR_ALG) != ALG_EDDSA:
+            raise EnvelopeError(f"unsupported algorithm {header.get(HDR_ALG)!r}")
+        kid = header.get(HDR_KID)
+        key = self._keys.get(kid) if isinstance(kid, bytes) else None
+        if key is None:
+            shown = kid.hex() if isinstance(kid, bytes) else repr(kid)
+            raise UnknownKeyError(f"unknown key id {shown}")
+        try:
+            key.verify(signature, cbor2.dumps(["Signature1", protected, b"", payload]))
+        except InvalidSignature:
+            raise EnvelopeError(f"bad signature (key id {kid.hex()})") from None
+        encoding = header.get("enc")
+        if encoding == "zstd":
+            try:
+                payload = self._decompressor.decompress(payload, max_output_size=MAX_PAYLOAD_BYTES)
+            except zstandard.ZstdError as exc:
+                raise EnvelopeError(f"bad zstd payload: {exc}") from None
+        elif encoding is not None:
+            raise EnvelopeError(f"unknown payload encoding {encoding!r}")
+        body = cbor2.loads(payload)
+        if not isinstance(body, dict) or body.get("v") != FORMAT_VERSION:
+            raise EnvelopeError(f"unsupported payload version {body.get('v') if isinstance(body, dict) else None!r}")
+        return Batch(
+            gateway=body["gateway"], epoch=body["epoch"], batch=body["batch"],
+            readings=list(body["readings"]), sealed_ns=body["sealed"],
+            evicted=[(int(a), int(b)) for a, b in body.get("evicted", [])], kid=kid,
+        )
