@@ -1,0 +1,131 @@
+"""The completeness rule of CONTRACT §4, as a consumer checks it.
+
+For each (gateway, epoch), the received `seq` values and every declared `evicted` range must
+cover 1..max seq with no hole. Duplicates (at-least-once delivery) carry the same `seq` and are
+dropped here.
+"""
+
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class Coverage:
+    """A set of integers kept as sorted, disjoint, non-adjacent closed ranges."""
+
+    def __init__(self, ranges: list[list[int]] | None = None) -> None:
+        self._starts: list[int] = []
+        self._ends: list[int] = []
+        for first, last in ranges or []:
+            self.add(first, last)
+
+    def add(self, first: int, last: int) -> list[tuple[int, int]]:
+        """Cover first..last; return the parts that were not covered before."""
+        if last < first:
+            return []
+        new: list[tuple[int, int]] = []
+        i = bisect.bisect_left(self._ends, first - 1)
+        cursor = first
+        j = i
+        while j < len(self._starts) and self._starts[j] <= last + 1:
+            if self._starts[j] > cursor:
+                new.append((cursor, min(last, self._starts[j] - 1)))
+            cursor = max(cursor, self._ends[j] + 1)
+            j += 1
+        if cursor <= last:
+            new.append((cursor, last))
+        if j > i:
+            first, last = min(first, self._starts[i]), max(last, self._ends[j - 1])
+        self._starts[i:j] = [first]
+        self._ends[i:j] = [last]
+        return new
+
+    def holes(self, upto: int) -> list[tuple[int, int]]:
+        """The ranges in 1..upto that are not covered."""
+        found: list[tuple[int, int]] = []
+        cursor = 1
+        for start, end in zip(self._starts, self._ends, strict=True):
+            if start > upto:
+                break
+            if start > cursor:
+                found.append((cursor, start - 1))
+            cursor = max(cursor, end + 1)
+        if cursor <= upto:
+            found.append((cursor, upto))
+        return found
+
+    def ranges(self) -> list[list[int]]:
+        return [[a, b] for a, b in zip(self._starts, self._ends, strict=True)]
+
+
+@dataclass
+class Stream:
+    """What one consumer knows of one (gateway, epoch)."""
+
+    received: Coverage = field(default_factory=Coverage)
+    evicted: Coverage = field(default_factory=Coverage)
+    max_seq: int = 0
+    readings: int = 0
+    duplicates: int = 0
+    evicted_count: int = 0
+
+    def holes(self) -> list[tuple[int, int]]:
+        """Seq ranges neither received nor declared evicted."""
+        combined = Coverage(self.received.ranges())
+        for first, last in self.evicted.ranges():
+            combined.add(first, last)
+        return combined.holes(self.max_seq)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"received": self.received.ranges(), "evicted": self.evicted.ranges(),
+                "max_seq": self.max_seq, "readings": self.readings,
+                "duplicates": self.duplicates, "evicted_count": self.evicted_count}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Stream:
+        return cls(Coverage(data["received"]), Coverage(data["evicted"]), data["max_seq"],
+                   data["readings"], data["duplicates"], data["evicted_count"])
+
+
+class Completeness:
+    """Tracks every (gateway, epoch) seen; `accept` returns the readings not seen before."""
+
+    def __init__(self) -> None:
+        self.streams: dict[tuple[str, str], Stream] = {}
+
+    def accept(
+        self, gateway: str, epoch: str, readings: list[dict[str, Any]],
+        evicted: list[tuple[int, int]],
+    ) -> list[dict[str, Any]]:
+        stream = self.streams.setdefault((gateway, epoch), Stream())
+        for first, last in evicted:
+            stream.evicted_count += sum(b - a + 1 for a, b in stream.evicted.add(first, last))
+            stream.max_seq = max(stream.max_seq, last)
+        fresh = readings
+        if readings:
+            first, last = readings[0]["seq"], readings[-1]["seq"]
+            if last - first + 1 != len(readings):
+                raise ValueError(f"batch seq {first}..{last} is not consecutive")
+            new = stream.received.add(first, last)
+            if new != [(first, last)]:
+                fresh = [r for r in readings if any(a <= r["seq"] <= b for a, b in new)]
+            stream.max_seq = max(stream.max_seq, last)
+        stream.duplicates += len(readings) - len(fresh)
+        stream.readings += len(fresh)
+        return fresh
+
+    def holes(self) -> dict[tuple[str, str], list[tuple[int, int]]]:
+        return {key: h for key, s in self.streams.items() if (h := s.holes())}
+
+    def to_json(self) -> dict[str, Any]:
+        return {f"{g}\n{e}": s.to_json() for (g, e), s in self.streams.items()}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Completeness:
+        tracker = cls()
+        for key, value in data.items():
+            gateway, epoch = key.split("\n", 1)
+            tracker.streams[(gateway, epoch)] = Stream.from_json(value)
+        return tracker

@@ -1,0 +1,203 @@
+"""`edge-agent verify`: the cloud-side reference consumer.
+
+Subscribes with a persistent session, verifies every batch against the trusted public keys (by
+key id), drops duplicates by `seq`, and at the end reports holes that no eviction explains.
+Exit status: 0 all verified and complete, 3 a bad signature or unknown key, 4 an unexplained gap.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import signal
+import ssl
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiomqtt
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from edge_agent.completeness import Completeness
+from edge_agent.errors import EnvelopeError
+from edge_agent.seal.envelope import Batch, Opener
+from edge_agent.seal.keys import load_public_key
+
+log = logging.getLogger(__name__)
+
+EXIT_BAD_SIGNATURE = 3
+EXIT_GAP = 4
+SESSION_EXPIRY_S = 7 * 86400
+
+
+@dataclass
+class VerifyResult:
+    """Running totals, for the summary line and the demo's live view."""
+
+    batches: int = 0
+    readings: int = 0
+    duplicates: int = 0
+    rejected: int = 0
+    last_error: str | None = None
+    statuses: dict[str, str] = field(default_factory=dict)
+
+
+class Verifier:
+    """Checks messages one at a time; no I/O, so tests and the demo can drive it directly."""
+
+    def __init__(self, opener: Opener, tracker: Completeness | None = None) -> None:
+        self.opener = opener
+        self.tracker = tracker or Completeness()
+        self.result = VerifyResult()
+
+    def check(self, payload: bytes) -> tuple[Batch | None, list[dict[str, Any]]]:
+        """Verify one batch message; return it and its readings not seen before."""
+        try:
+            batch = self.opener.open(payload)
+        except EnvelopeError as exc:
+            self.result.rejected += 1
+            self.result.last_error = str(exc)
+            return None, []
+        fresh = self.tracker.accept(batch.gateway, batch.epoch, batch.readings, batch.evicted)
+        self.result.batches += 1
+        self.result.readings += len(fresh)
+        self.result.duplicates += len(batch.readings) - len(fresh)
+        return batch, fresh
+
+    def summary(self) -> tuple[int, list[str]]:
+        """The exit status and the lines that explain it."""
+        lines = []
+        for (gateway, epoch), stream in self.tracker.streams.items():
+            holes = stream.holes()
+            lines.append(
+                f"gateway={gateway} epoch={epoch[:8]} readings={stream.readings} "
+                f"max_seq={stream.max_seq} duplicates={stream.duplicates} "
+                f"evicted={stream.evicted_count} holes={len(holes)}"
+                + (f" first_holes={holes[:5]}" if holes else "")
+            )
+        code = 0
+        if self.result.rejected:
+            lines.append(f"REJECTED {self.result.rejected} batches: {self.result.last_error}")
+            code = EXIT_BAD_SIGNATURE
+        elif self.tracker.holes():
+            lines.append("INCOMPLETE: readings missing that no eviction explains")
+            code = EXIT_GAP
+        else:
+            lines.append(f"OK: {self.result.batches} batches verified, complete")
+        return code, lines
+
+
+def consumer_client(url: str, client_id: str, *, ca_file: str | None = None,
+                    username: str | None = None, password: str | None = None) -> aiomqtt.Client:
+    """An MQTT 5 client with a persistent session, so nothing is missed across reconnects."""
+    from urllib.parse import urlsplit  # noqa: PLC0415
+
+    parts = urlsplit(url)
+    tls = None
+    if parts.scheme == "mqtts":
+        tls = ssl.create_default_context(cafile=ca_file)
+    properties = Properties(PacketTypes.CONNECT)
+    properties.SessionExpiryInterval = SESSION_EXPIRY_S
+    return aiomqtt.Client(
+        parts.hostname or "127.0.0.1", parts.port or (8883 if tls else 1883),
+        identifier=client_id, protocol=aiomqtt.ProtocolVersion.V5, clean_start=False,
+        properties=properties, tls_context=tls, username=username, password=password,
+        max_queued_incoming_messages=10_000,
+    )
+
+
+async def consume(
+    verifier: Verifier, client_factory: Callable[[], aiomqtt.Client], topic: str,
+    on_batch: Callable[[Batch | None, list[dict[str, Any]]], None],
+    stop: asyncio.Event,
+) -> None:
+    """Receive batches until `stop` is set, reconnecting (quickly) when the broker goes away."""
+    while not stop.is_set():
+        try:
+            async with client_factory() as client:
+                await client.subscribe(topic, qos=1)
+                messages = aiter(client.messages)
+                while not stop.is_set():
+                    getter = asyncio.ensure_future(anext(messages))
+                    stopper = asyncio.ensure_future(stop.wait())
+                    done, _ = await asyncio.wait({getter, stopper},
+                                                 return_when=asyncio.FIRST_COMPLETED)
+                    stopper.cancel()
+                    if getter not in done:
+                        getter.cancel()
+                        with contextlib.suppress(asyncio.CancelledError, aiomqtt.MqttError):
+                            await getter
+                        break
+                    message = getter.result()
+                    name = str(message.topic)
+                    payload = message.payload if isinstance(message.payload, bytes) else b""
+                    if name.endswith("/status"):
+                        verifier.result.statuses[name] = payload.decode(errors="replace")
+                    elif name.endswith("/batch"):
+                        on_batch(*verifier.check(payload))
+        except aiomqtt.MqttError as exc:
+            log.debug("Verifier lost the broker error=%s", exc)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), 0.5)
+
+
+def run_verify(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    keys = [load_public_key(Path(p)) for p in args.key]
+    tracker = Completeness()
+    state = Path(args.state) if args.state else None
+    if state is not None and state.exists():
+        tracker = Completeness.from_json(json.loads(state.read_text()))
+    verifier = Verifier(Opener(keys), tracker)
+    password = Path(args.password_file).read_text().strip() if args.password_file else None
+    topic = args.topic
+
+    def show(batch: Batch | None, fresh: list[dict[str, Any]]) -> None:
+        if batch is None:
+            print(f"REJECTED: {verifier.result.last_error}", file=sys.stderr, flush=True)
+            return
+        if batch.evicted and not args.quiet:
+            print(f"# gateway={batch.gateway} declared evicted {batch.evicted}", flush=True)
+        if args.quiet:
+            return
+        for r in fresh:
+            if args.json:
+                print(json.dumps({"gateway": batch.gateway, **r}), flush=False)
+            else:
+                print(f"{batch.gateway} {r['seq']:>8} {r['src']}.{r['pt']} = {r['v']!r} "
+                      f"({r['q']}) ts={r['ts']}", flush=False)
+        sys.stdout.flush()
+        if args.count and verifier.result.readings >= args.count:
+            stop.set()
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        if args.duration:
+            loop.call_later(args.duration, stop.set)
+        await consume(
+            verifier,
+            lambda: consumer_client(args.url, args.client_id, ca_file=args.ca_file,
+                                    username=args.username, password=password),
+            topic, show, stop,
+        )
+
+    stop = asyncio.Event()
+    started = time.monotonic()
+    asyncio.run(main())
+    if state is not None:
+        state.write_text(json.dumps(tracker.to_json()))
+    code, lines = verifier.summary()
+    for line in lines:
+        print(line, file=sys.stderr)
+    print(f"verify ran {time.monotonic() - started:.1f}s", file=sys.stderr)
+    return code
