@@ -1,7 +1,14 @@
-"""Configuration of Modbus sources (TCP and RTU): devices, points, types and orders."""
+"""Configuration of Modbus sources (TCP and RTU): devices, points, types, orders and read limits.
+
+One source is one Modbus device (one unit id). Sources that name the same `serial_port` share one
+RS-485 line and are polled strictly one request at a time; sources that name the same TCP
+`host:port` share one connection (a gateway in front of several units, or a device that accepts
+a single connection). `shared_link_problems` checks that such sources agree on the line settings.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Literal
 
 from pydantic import Field, model_validator
@@ -17,7 +24,14 @@ Order = Literal["big", "little"]
 REGISTERS_PER_TYPE: dict[str, int] = {
     "bool": 1, "int16": 1, "uint16": 1, "int32": 2, "uint32": 2,
     "int64": 4, "uint64": 4, "float32": 2, "float64": 4,
-}
+}  # fmt: skip
+
+MAX_REGISTERS_PER_READ = 125
+"""Modbus spec limit for function codes 3 and 4 (a 256-byte PDU)."""
+MAX_BITS_PER_READ = 2000
+"""Modbus spec limit for function codes 1 and 2."""
+
+Loc = tuple[str | int, ...]
 
 
 class ModbusPoint(StrictModel):
@@ -30,8 +44,12 @@ class ModbusPoint(StrictModel):
     scale: float = 1.0
     offset: float = 0.0
     unit: str | None = None
-    length: int | None = Field(default=None, ge=1, le=125)
+    length: int | None = Field(default=None, ge=1, le=MAX_REGISTERS_PER_READ)
     bit: int | None = Field(default=None, ge=0, le=15)
+    deadband: float | None = Field(default=None, ge=0)
+    """Report by exception: a value is sent only when it moved more than this (0: any change)."""
+    heartbeat: Duration | None = None
+    """With a deadband, an unchanged value is still sent at least this often (source default)."""
 
     @model_validator(mode="after")
     def _type_fits_register(self) -> ModbusPoint:
@@ -43,6 +61,8 @@ class ModbusPoint(StrictModel):
             raise ValueError("length applies only to type string")
         if self.bit is not None and (self.type != "bool" or self.kind in ("coil", "discrete")):
             raise ValueError("bit applies only to type bool in an input or holding register")
+        if (self.scale != 1.0 or self.offset != 0.0) and self.type in ("bool", "string"):
+            raise ValueError(f"scale and offset apply to numbers, not to type {self.type}")
         return self
 
     @property
@@ -52,6 +72,10 @@ class ModbusPoint(StrictModel):
             assert self.length is not None
             return self.length
         return REGISTERS_PER_TYPE[self.type]
+
+    @property
+    def is_bit_table(self) -> bool:
+        return self.kind in ("coil", "discrete")
 
 
 class ModbusSourceConfig(StrictModel):
@@ -68,6 +92,19 @@ class ModbusSourceConfig(StrictModel):
     unit_id: int = Field(default=1, ge=0, le=255)
     poll_interval: Duration = 1.0
     timeout: Duration = 1.0
+    """How long one request may wait for its answer; also the connect timeout."""
+    max_registers_per_read: int = Field(
+        default=MAX_REGISTERS_PER_READ, ge=1, le=MAX_REGISTERS_PER_READ
+    )
+    max_bits_per_read: int = Field(default=MAX_BITS_PER_READ, ge=1, le=MAX_BITS_PER_READ)
+    max_gap: int = Field(default=16, ge=0, le=MAX_REGISTERS_PER_READ)
+    """Unused addresses a coalesced read may bridge (registers, or bits in a bit table)."""
+    pause_between_requests: Duration | None = None
+    """Silence kept after each answer; RTU always keeps at least 3.5 character times."""
+    reconnect_min: Duration = 1.0
+    reconnect_max: Duration = 30.0
+    heartbeat: Duration = 60.0
+    """Default heartbeat of points with a deadband; also how often a bad point is re-reported."""
     points: list[ModbusPoint] = Field(min_length=1)
 
     @model_validator(mode="after")
@@ -76,19 +113,69 @@ class ModbusSourceConfig(StrictModel):
             raise ValueError("transport tcp needs host")
         if self.transport == "rtu" and not self.serial_port:
             raise ValueError("transport rtu needs serial_port")
+        if self.reconnect_min > self.reconnect_max:
+            raise ValueError("reconnect_min must not exceed reconnect_max")
         return self
 
-    def problems(self) -> list[tuple[tuple[str | int, ...], str]]:
+    @property
+    def link_key(self) -> tuple[str, str]:
+        """Sources with the same key share one connection or serial line."""
+        if self.transport == "rtu":
+            assert self.serial_port is not None
+            return ("rtu", self.serial_port)
+        return ("tcp", f"{self.host}:{self.port}")
+
+    def describe(self) -> str:
+        """Where this device is, for log lines and errors."""
+        where = self.serial_port if self.transport == "rtu" else f"{self.host}:{self.port}"
+        return f"{self.transport} {where} unit {self.unit_id}"
+
+    def problems(self) -> list[tuple[Loc, str]]:
         """Cross-field problems, as (location relative to this source, message)."""
-        found: list[tuple[tuple[str | int, ...], str]] = []
+        found: list[tuple[Loc, str]] = []
         seen: dict[str, int] = {}
         for index, point in enumerate(self.points):
             if point.name in seen:
                 found.append(
                     (("points", index, "name"),
                      f"duplicate point name {point.name!r} (also points[{seen[point.name]}])")
-                )
+                )  # fmt: skip
             seen.setdefault(point.name, index)
             if point.address + point.width > 65536:
                 found.append((("points", index, "address"), "point runs past address 65535"))
+            limit = self.max_bits_per_read if point.is_bit_table else self.max_registers_per_read
+            if point.width > limit:
+                found.append(
+                    (("points", index, "length"),
+                     f"point needs {point.width} registers, more than one read may fetch "
+                     f"(max_registers_per_read is {limit})")
+                )  # fmt: skip
         return found
+
+
+_LINE_KEYS = ("baudrate", "parity", "stopbits", "bytesize")
+
+
+def shared_link_problems(sources: Sequence[object]) -> list[tuple[Loc, str]]:
+    """Problems across sources that share a serial line or a TCP device.
+
+    Sources on one RS-485 line must agree on its settings: they share one open port.
+    Locations are relative to the top of the file (`sources[3].baudrate`).
+    """
+    found: list[tuple[Loc, str]] = []
+    first: dict[tuple[str, str], tuple[int, ModbusSourceConfig]] = {}
+    for index, source in enumerate(sources):
+        if not isinstance(source, ModbusSourceConfig):
+            continue
+        key = source.link_key
+        if key in first and source.transport == "rtu":
+            other_index, other = first[key]
+            found.extend(
+                (("sources", index, name),
+                 f"{name} differs from sources[{other_index}] on the same serial_port "
+                 f"({getattr(source, name)} vs {getattr(other, name)})")
+                for name in _LINE_KEYS
+                if getattr(source, name) != getattr(other, name)
+            )  # fmt: skip
+        first.setdefault(key, (index, source))
+    return found
