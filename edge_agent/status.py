@@ -1,0 +1,57 @@
+"""`edge-agent status`: the health endpoint's /status, shown for a person."""
+
+from __future__ import annotations
+
+import json
+import sys
+import urllib.error
+import urllib.request
+from typing import Any
+
+EXIT_HEALTHY, EXIT_DEGRADED, EXIT_UNREACHABLE = 0, 1, 2
+
+
+def fetch_status(url: str, timeout: float = 5.0) -> dict[str, Any]:
+    if not url.startswith(("http://", "https://")):
+        raise ValueError(f"status url must be http:// or https://, not {url!r}")
+    with urllib.request.urlopen(f"{url.rstrip('/')}/status", timeout=timeout) as response:  # noqa: S310 - scheme checked above
+        data: dict[str, Any] = json.load(response)
+        return data
+
+
+def problems(status: dict[str, Any]) -> list[str]:
+    """What makes the agent degraded: a source down or the broker unreachable."""
+    found = []
+    if not status["mqtt"]["connected"]:
+        found.append(f"broker not connected: {status['mqtt'].get('last_error') or 'connecting'}")
+    for name, source in status["sources"].items():
+        if not source["up"]:
+            found.append(f"source {name} down: {source.get('last_error') or 'starting'}")
+    return found
+
+
+def render(status: dict[str, Any]) -> str:
+    buffer = status["buffer"]
+    lines = [
+        f"gateway   {status['gateway']}",
+        f"broker    {'connected' if status['mqtt']['connected'] else 'DISCONNECTED'}",
+        f"buffer    {buffer['readings']} readings, {buffer['bytes']} bytes, "
+        f"oldest {buffer['oldest_age_s']:.1f}s",
+    ]
+    for name, source in status["sources"].items():
+        state = "up" if source["up"] else f"DOWN ({source.get('last_error')})"
+        lines.append(f"source    {name}: {state}, {source.get('readings', 0)} readings")
+    return "\n".join(lines)
+
+
+def show_status(url: str, *, as_json: bool = False) -> int:
+    try:
+        status = fetch_status(url)
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        print(f"edge-agent unreachable at {url}: {exc}", file=sys.stderr)
+        return EXIT_UNREACHABLE
+    print(json.dumps(status, indent=2) if as_json else render(status))
+    issues = problems(status)
+    for issue in issues:
+        print(f"DEGRADED: {issue}", file=sys.stderr)
+    return EXIT_DEGRADED if issues else EXIT_HEALTHY
