@@ -1,0 +1,192 @@
+"""Real Modbus devices for the tests: pymodbus servers over TCP and over a socat PTY pair.
+
+`TestUnit` describes one unit: register maps (unmapped addresses answer exception 2), and
+switches a test flips to make it answer an exception code or stop answering. Every server
+records the function codes it receives in RECEIVED_CODES, and its context manager asserts on
+exit that no write function code ever arrived (CONTRACT §5), so every Modbus test checks it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import re
+import subprocess
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass, field
+
+from pymodbus.constants import ExcCodes
+from pymodbus.framer import FramerType
+from pymodbus.server import ModbusSerialServer, ModbusTcpServer
+from pymodbus.simulator import DataType, SimData, SimDevice
+
+WRITE_CODES = frozenset({5, 6, 15, 16, 22, 23})
+RECEIVED_CODES: list[int] = []
+"""Every function code any test device in this process received."""
+
+_TABLE_OF_CODE = {1: "coils", 2: "discrete", 3: "holding", 4: "input"}
+
+
+@dataclass
+class TestUnit:
+    """One simulated unit; maps are {first address: [values...]} blocks."""
+
+    __test__ = False  # not a pytest class
+
+    unit: int = 1
+    holding: dict[int, list[int]] = field(default_factory=dict)
+    input: dict[int, list[int]] = field(default_factory=dict)
+    coils: dict[int, list[bool]] = field(default_factory=dict)
+    discrete: dict[int, list[bool]] = field(default_factory=dict)
+    exceptions: dict[int, int] = field(default_factory=dict)
+    """Function code -> exception code the unit answers reads of that table with."""
+    silent: bool = False
+    """When set, requests get no answer at all (a dead or unplugged unit)."""
+    _pending: dict[tuple[str, int], int] = field(default_factory=dict)
+    _wake: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def set_register(self, table: str, address: int, value: int) -> None:
+        """Change a holding or input register; applied before the next read is answered."""
+        self._pending[(table, address)] = value
+
+    def set_silent(self, silent: bool) -> None:
+        self.silent = silent
+        if not silent:
+            self._wake.set()
+            self._wake = asyncio.Event()
+
+    def sim_device(self) -> SimDevice:
+        def registers(blocks: dict[int, list[int]]) -> list[SimData]:
+            return [SimData(a, values=list(v), datatype=DataType.REGISTERS)
+                    for a, v in sorted(blocks.items())] or [_UNUSED]
+
+        def bits(blocks: dict[int, list[bool]]) -> list[SimData]:
+            return [SimData(a, values=list(v), datatype=DataType.BITS)
+                    for a, v in sorted(blocks.items())] or [_UNUSED_BITS]
+
+        return SimDevice(
+            id=self.unit,
+            simdata=(bits(self.coils), bits(self.discrete), registers(self.holding),
+                     registers(self.input)),
+            action=self._action,
+        )
+
+    async def _action(self, function_code: int, start: int, address: int, count: int,
+                      registers: list[int], values: object) -> ExcCodes | None:
+        table = _TABLE_OF_CODE.get(function_code)
+        for (name, at), value in list(self._pending.items()):
+            if name == table:
+                registers[at - start] = value
+                del self._pending[(name, at)]
+        while self.silent:
+            await self._wake.wait()
+            return ExcCodes.DEVICE_BUSY  # the answer to a request it should have dropped
+        if function_code in self.exceptions:
+            return ExcCodes(self.exceptions[function_code])
+        return None
+
+
+_UNUSED = SimData(60000, datatype=DataType.INVALID)
+_UNUSED_BITS = SimData(60000, values=[False], datatype=DataType.BITS)
+
+
+@dataclass
+class RunningServer:
+    server: ModbusTcpServer | ModbusSerialServer
+    port: int = 0
+    codes: list[int] = field(default_factory=list)
+    requests: list[tuple[int, int, int, int]] = field(default_factory=list)
+    """(unit, function code, address, count) of every request received."""
+    connections: int = 0
+
+
+def _tracer(running: RunningServer):  # type: ignore[no-untyped-def]
+    def trace_pdu(sending: bool, pdu):  # type: ignore[no-untyped-def]
+        if not sending:
+            running.codes.append(pdu.function_code)
+            running.requests.append((pdu.dev_id, pdu.function_code, getattr(pdu, "address", -1),
+                                     getattr(pdu, "count", -1)))
+            RECEIVED_CODES.append(pdu.function_code)
+        return pdu
+
+    def trace_connect(connected: bool) -> None:
+        if connected:
+            running.connections += 1
+
+    return trace_pdu, trace_connect
+
+
+@contextlib.asynccontextmanager
+async def tcp_server(*units: TestUnit, port: int = 0,
+                     mangle: Callable[[bytes], bytes] | None = None) -> AsyncIterator[RunningServer]:
+    """A pymodbus TCP server for `units` on 127.0.0.1 (a free port unless given).
+
+    `mangle` rewrites every frame the server sends: how a test makes a real server answer
+    short or malformed frames, which pymodbus' server cannot be asked to do otherwise.
+    """
+    running = RunningServer(server=None)  # type: ignore[arg-type]
+    trace_pdu, trace_connect = _tracer(running)
+
+    def trace_packet(sending: bool, data: bytes) -> bytes:
+        return mangle(data) if sending and mangle is not None else data
+
+    server = ModbusTcpServer([u.sim_device() for u in units], address=("127.0.0.1", port),
+                             trace_pdu=trace_pdu, trace_connect=trace_connect,
+                             trace_packet=trace_packet)
+    running.server = server
+    await server.serve_forever(background=True)
+    running.port = server.transport.sockets[0].getsockname()[1]
+    try:
+        yield running
+    finally:
+        for unit in units:
+            unit.set_silent(False)
+        await server.shutdown()
+        assert not WRITE_CODES & set(running.codes), f"write codes received: {running.codes}"
+
+
+@contextlib.asynccontextmanager
+async def serial_server(pty: str, *units: TestUnit) -> AsyncIterator[RunningServer]:
+    """A pymodbus RTU server for `units` on one end of a PTY pair (one RS-485 line)."""
+    running = RunningServer(server=None)  # type: ignore[arg-type]
+    trace_pdu, _ = _tracer(running)
+    server = ModbusSerialServer([u.sim_device() for u in units], framer=FramerType.RTU,
+                                port=pty, baudrate=115200, trace_pdu=trace_pdu)
+    running.server = server
+    await server.serve_forever(background=True)
+    try:
+        yield running
+    finally:
+        for unit in units:
+            unit.set_silent(False)
+        await server.shutdown()
+        assert not WRITE_CODES & set(running.codes), f"write codes received: {running.codes}"
+
+
+_PTY_LINE = re.compile(rb"PTY is (\S+)")
+
+
+@contextlib.contextmanager
+def socat_pty_pair() -> Iterator[tuple[str, str]]:
+    """Two PTYs joined by socat: a null-modem cable. Names come from socat's own stderr."""
+    proc = subprocess.Popen(
+        ["socat", "-d", "-d", "pty,raw,echo=0", "pty,raw,echo=0"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )
+    assert proc.stderr is not None
+    names: list[str] = []
+    try:
+        while True:
+            line = proc.stderr.readline()
+            if not line:
+                raise RuntimeError("socat exited before opening its PTYs")
+            if match := _PTY_LINE.search(line):
+                names.append(match.group(1).decode())
+            if b"starting data transfer loop" in line:
+                break
+        assert len(names) == 2, names
+        yield names[0], names[1]
+    finally:
+        proc.terminate()
+        proc.wait(timeout=5)
+        proc.stderr.close()

@@ -1,0 +1,288 @@
+"""The Modbus source against real pymodbus TCP servers: values, faults, sharing, recovery."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+import pytest
+
+from edge_agent.config.modbus import ModbusSourceConfig
+from edge_agent.reading import Quality, Reading
+from edge_agent.sources.modbus import ModbusSource
+from modbus_devices import RECEIVED_CODES, WRITE_CODES, TestUnit, tcp_server
+
+pytestmark = pytest.mark.timeout(30)
+WAIT = 5.0  # seconds any single expected event may take before the test fails
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _never_a_write_code() -> Any:
+    yield
+    assert RECEIVED_CODES, "no Modbus request reached a test device"
+    assert not WRITE_CODES & set(RECEIVED_CODES), sorted(set(RECEIVED_CODES))
+
+
+def source_config(port: int, points: list[dict[str, Any]], **extra: Any) -> ModbusSourceConfig:
+    data = {"type": "modbus", "name": extra.pop("name", "plc"), "host": "127.0.0.1",
+            "port": port, "poll_interval": "50ms", "timeout": "200ms", "points": points,
+            "reconnect_min": "50ms", "reconnect_max": "200ms", **extra}  # fmt: skip
+    return ModbusSourceConfig.model_validate(data)
+
+
+class Polls:
+    """The running source and the batches it emitted, one per poll with something to send."""
+
+    def __init__(self, source: ModbusSource) -> None:
+        self.source = source
+        self.queue: asyncio.Queue[list[Reading]] = asyncio.Queue()
+
+    async def emit(self, readings: Sequence[Reading]) -> None:
+        await self.queue.put(list(readings))
+
+    async def next(self) -> dict[str, Reading]:
+        batch = await asyncio.wait_for(self.queue.get(), WAIT)
+        return {r.pt: r for r in batch}
+
+    async def until(self, predicate: Any) -> dict[str, Reading]:
+        """The first poll whose readings satisfy `predicate`."""
+        async with asyncio.timeout(WAIT):
+            while True:
+                batch = await self.next()
+                if predicate(batch):
+                    return batch
+
+
+@contextlib.asynccontextmanager
+async def running(*configs: ModbusSourceConfig) -> AsyncIterator[list[Polls]]:
+    polls = [Polls(ModbusSource(c)) for c in configs]
+    tasks = [asyncio.create_task(p.source.run(p.emit), name=p.source.name) for p in polls]
+    try:
+        yield polls
+    finally:
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with pytest.raises(asyncio.CancelledError):
+                await task  # run ends only by cancellation, never by raising
+
+
+def motor_unit(unit: int = 1) -> TestUnit:
+    return TestUnit(
+        unit,
+        holding={0: [0xE979, 0x42F6, 42, 0xFF83]  # float32 CDAB 123.456, uint16, int16 -125
+                 + [0] * 6 + [0x5055, 0x4D50, 0x3100]  # 10: "PUMP1"
+                 + [0] * 7 + [0b1000]},                # 20: bit 3 set
+        input={0: [0xFFFF, 0xFFFE]},                # int32 -2
+        coils={0: [True, False, True]},
+        discrete={0: [True]},
+    )  # fmt: skip
+
+
+MOTOR_POINTS: list[dict[str, Any]] = [
+    {"name": "current", "register": "holding", "address": 0, "type": "float32",
+     "word_order": "little", "unit": "A"},
+    {"name": "counter", "register": "holding", "address": 2, "type": "uint16"},
+    {"name": "temp", "register": "holding", "address": 3, "type": "int16", "scale": 0.1},
+    {"name": "tag", "register": "holding", "address": 10, "type": "string", "length": 3},
+    {"name": "running", "register": "holding", "address": 20, "type": "bool", "bit": 3},
+    {"name": "power", "register": "input", "address": 0, "type": "int32"},
+    {"name": "c0", "register": "coil", "address": 0, "type": "bool"},
+    {"name": "c2", "register": "coil", "address": 2, "type": "bool"},
+    {"name": "door", "register": "discrete", "address": 0, "type": "bool"},
+]  # fmt: skip
+
+
+async def test_every_table_and_type_in_one_poll_of_four_requests() -> None:
+    unit = motor_unit()
+    async with tcp_server(unit) as server, running(source_config(server.port, MOTOR_POINTS)) as (
+        polls,
+    ):
+        batch = await polls.next()
+    assert {k: r.value for k, r in batch.items()} == {
+        "current": 123.456, "counter": 42, "temp": pytest.approx(-12.5), "tag": "PUMP1",
+        "running": True, "power": -2, "c0": True, "c2": True, "door": True,
+    }  # fmt: skip
+    assert {r.quality for r in batch.values()} == {Quality.GOOD}
+    assert len({r.ts_ns for r in batch.values()}) == 1
+    assert len(polls.source.plan) == 4  # coils, discrete, holding 0..20 (gaps bridged), input
+    assert server.requests[:4] == [(1, 1, 0, 3), (1, 2, 0, 1), (1, 3, 0, 21), (1, 4, 0, 2)]
+    assert polls.source.state.up and polls.source.state.last_error is None
+
+
+async def test_an_exception_response_marks_exactly_that_read_bad_and_logs_once(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    unit = motor_unit()
+    unit.exceptions[3] = 6  # holding registers answer "server device busy"
+    caplog.set_level(logging.INFO, logger="edge_agent")
+    async with tcp_server(unit) as server, running(source_config(server.port, MOTOR_POINTS)) as (
+        polls,
+    ):
+        first = await polls.next()
+        for _ in range(3):
+            await polls.next()
+        state = polls.source.state
+        assert state.up  # it answered: the device is there, one read is refused
+        assert state.last_error is not None
+        assert "unit 1 holding 0..20 (21 registers): exception 6 (server device busy)" in (
+            state.last_error
+        )
+        assert state.errors >= 4
+        assert polls.source.counters["exception"] >= 4
+        del unit.exceptions[3]
+        recovered = await polls.until(lambda b: "current" in b)
+    holding = {"current", "counter", "temp", "tag", "running"}
+    assert {k for k, r in first.items() if r.quality == Quality.BAD} == holding
+    assert all(first[k].value is None and first[k].ts_ns == first["power"].ts_ns for k in holding)
+    assert first["power"].value == -2 and first["power"].quality == Quality.GOOD
+    assert recovered["current"].quality == Quality.GOOD
+    failed = [r for r in caplog.records if r.getMessage().startswith("Modbus read failed")]
+    assert len(failed) == 1, [r.getMessage() for r in failed]
+    assert "device=plc unit=1 read=holding 0..20" in failed[0].getMessage()
+    assert any(r.getMessage().startswith("Modbus read recovered") for r in caplog.records)
+
+
+async def test_illegal_address_on_a_bridged_read_falls_back_to_smaller_reads(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    unit = TestUnit(1, holding={0: [1, 2], 10: [3]})  # 2..9 unmapped: exception 2
+    points = [{"name": "a", "register": "holding", "address": 0, "type": "uint32"},
+              {"name": "b", "register": "holding", "address": 10}]  # fmt: skip
+    caplog.set_level(logging.INFO, logger="edge_agent")
+    async with tcp_server(unit) as server, running(source_config(server.port, points)) as (polls,):
+        first = await polls.next()
+        await polls.next()
+    assert {k: r.value for k, r in first.items()} == {"a": 0x00010002, "b": 3}
+    assert [(r.address, r.count) for r in polls.source.plan] == [(0, 2), (10, 1)]
+    assert server.requests[:3] == [(1, 3, 0, 11), (1, 3, 0, 2), (1, 3, 10, 1)]
+    assert (1, 3, 0, 11) not in server.requests[3:]
+    said = [r for r in caplog.records if "refused a coalesced read" in r.getMessage()]
+    assert len(said) == 1
+
+
+async def test_a_unit_that_stops_answering_goes_down_and_comes_back(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    unit = motor_unit()
+    caplog.set_level(logging.INFO, logger="edge_agent")
+    async with tcp_server(unit) as server, running(source_config(server.port, MOTOR_POINTS)) as (
+        polls,
+    ):
+        await polls.until(lambda b: b["current"].quality == Quality.GOOD)
+        unit.set_silent(True)
+        bad = await polls.until(lambda b: b["current"].quality == Quality.BAD)
+        state = polls.source.state
+        assert not state.up
+        assert state.last_error == (
+            "plc (tcp 127.0.0.1:{} unit 1): unit 1 coil 0..2 (3 bits): no answer within 0.2s"
+        ).format(server.port)
+        # the first read timed out; the others were not sent, yet all points are bad
+        assert {r.quality for r in bad.values()} == {Quality.BAD}
+        assert all(r.value is None for r in bad.values())
+        unit.set_silent(False)
+        await polls.until(lambda b: b.get("current") and b["current"].quality == Quality.GOOD)
+        assert polls.source.state.up
+    messages = [r.getMessage() for r in caplog.records]
+    assert sum(m.startswith("Modbus device down") for m in messages) == 1
+    assert sum(m.startswith("Modbus device up") for m in messages) == 2  # start, recovery
+
+
+async def test_units_behind_one_gateway_share_one_connection_and_a_dead_one_blocks_nobody() -> (
+    None
+):
+    units = [motor_unit(1), motor_unit(2), motor_unit(3)]
+    async with tcp_server(*units) as server:
+        configs = [source_config(server.port, MOTOR_POINTS, name=f"u{u.unit}", unit_id=u.unit)
+                   for u in units]  # fmt: skip
+        async with running(*configs) as polls:
+            for p in polls:
+                await p.next()
+            units[1].set_silent(True)
+            await polls[1].until(lambda b: b["current"].quality == Quality.BAD)
+            # while unit 2 is silent, units 1 and 3 keep answering, poll after poll
+            loop = asyncio.get_running_loop()
+            started = loop.time()
+            for _ in range(5):
+                for index in (0, 2):
+                    batch = await polls[index].next()
+                    assert batch["current"].quality == Quality.GOOD
+            # 5 polls at 50ms, each costing unit 2 at most one 200ms timeout
+            assert loop.time() - started < 5 * (0.05 + 0.2) + 0.5
+            assert polls[0].source.state.up and not polls[1].source.state.up
+        assert server.connections == 1  # one connection, never reset by the silent unit
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+async def test_no_server_backs_off_then_connects_when_it_appears() -> None:
+    port = free_port()
+    config = source_config(port, MOTOR_POINTS)
+    async with running(config) as (polls,):
+        bad = await polls.next()
+        assert {r.quality for r in bad.values()} == {Quality.BAD}
+        state = polls.source.state
+        assert not state.up
+        assert state.last_error == (
+            f"plc (tcp 127.0.0.1:{port} unit 1): cannot connect to 127.0.0.1:{port} "
+            "(refused or unreachable)"
+        )
+        async with tcp_server(motor_unit(), port=port):
+            good = await polls.until(lambda b: "current" in b)
+            assert good["current"].value == 123.456 and polls.source.state.up
+        # the server goes away: the points turn bad again, the source keeps running
+        await polls.until(lambda b: b["current"].quality == Quality.BAD)
+        assert not polls.source.state.up
+
+
+def _drop_last_register(frame: bytes) -> bytes:
+    """A read-registers answer one register short, with consistent lengths."""
+    if len(frame) > 9 and frame[7] in (3, 4):
+        body = frame[9:-2]
+        return frame[:4] + (len(body) + 3).to_bytes(2, "big") + frame[6:8] + bytes([len(body)]) + body
+    return frame
+
+
+async def test_a_short_response_marks_its_points_bad_without_a_value() -> None:
+    # pymodbus' server cannot be told to answer short, so its outgoing frames are rewritten.
+    async with (
+        tcp_server(motor_unit(), mangle=_drop_last_register) as server,
+        running(source_config(server.port, MOTOR_POINTS)) as (polls,),
+    ):
+        batch = await polls.next()
+        assert batch["power"].quality == Quality.BAD and batch["power"].value is None
+        assert batch["current"].quality == Quality.BAD
+        assert batch["c0"].quality == Quality.GOOD
+        assert polls.source.counters["short"] >= 2
+        assert "short response (1 of 2)" in str(polls.source.state.last_error) or (
+            "short response (20 of 21)" in str(polls.source.state.last_error)
+        )
+
+
+async def test_deadband_reports_changes_and_a_heartbeat() -> None:
+    unit = TestUnit(1, holding={0: [100, 0]})
+    points = [{"name": "level", "register": "holding", "address": 0, "deadband": 5,
+               "heartbeat": "400ms"},
+              {"name": "tick", "register": "holding", "address": 1}]  # fmt: skip
+    async with tcp_server(unit) as server, running(source_config(server.port, points)) as (polls,):
+        assert (await polls.next())["level"].value == 100
+        unit.set_register("holding", 0, 104)  # within the deadband: not sent
+        await polls.until(lambda b: "level" not in b)
+        for _ in range(3):
+            assert "level" not in await polls.next()
+        unit.set_register("holding", 0, 106)  # moved 6 from the last value sent
+        moved = await polls.until(lambda b: "level" in b)
+        assert moved["level"].value == 106
+        loop = asyncio.get_running_loop()
+        sent_at = loop.time()
+        beat = await polls.until(lambda b: "level" in b)  # unchanged: the heartbeat
+        assert beat["level"].value == 106
+        assert 0.3 <= loop.time() - sent_at <= 0.7
