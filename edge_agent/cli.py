@@ -65,6 +65,12 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(args)
 
 
+def _cmd_probe(args: argparse.Namespace) -> int:
+    from edge_agent.probe import run_probe  # noqa: PLC0415 - pymodbus only when probing
+
+    return run_probe(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="edge-agent",
@@ -119,6 +125,30 @@ def build_parser() -> argparse.ArgumentParser:
                "Run simulated devices, the agent, a local broker and the verifier, with a live view.")
     demo.add_argument("--duration", type=float, help="stop after this many seconds")
     demo.add_argument("--no-tui", action="store_true", help="plain log lines instead of the live view")
+    demo.add_argument("--outage", action="store_true",
+                      help="stop the broker for 10 s after 8 s, to show buffering and recovery")
+    demo.add_argument("--broker", choices=["auto", "mosquitto", "embedded"], default="auto",
+                      help="Mosquitto from PATH (auto, when installed) or the embedded amqtt")
+
+    probe = add("probe", _cmd_probe, "Read a device once and show the values for every setting.")
+    protocols = probe.add_subparsers(dest="protocol", required=True, metavar="PROTOCOL")
+    modbus = protocols.add_parser(
+        "modbus", help="read a register block; print it under every type and byte order",
+        description="Read a register block; print it under every type and byte order.",
+    )
+    modbus.set_defaults(handler=_cmd_probe)
+    modbus.add_argument("--host", help="TCP device or gateway")
+    modbus.add_argument("--port", type=int, default=502)
+    modbus.add_argument("--serial-port", help="RTU: the serial device, e.g. /dev/ttyUSB0")
+    modbus.add_argument("--baudrate", type=int, default=19200)
+    modbus.add_argument("--parity", choices=["N", "E", "O"], default="E")
+    modbus.add_argument("--stopbits", type=int, choices=[1, 2], default=1)
+    modbus.add_argument("--unit", type=int, default=1, help="unit (slave) id, default 1")
+    modbus.add_argument("--register", choices=["holding", "input", "coil", "discrete"],
+                        default="holding")
+    modbus.add_argument("--address", type=int, required=True, help="0-based protocol address")
+    modbus.add_argument("--count", type=int, default=8, help="registers (or bits) to read")
+    modbus.add_argument("--timeout", type=float, default=2.0, help="seconds, default 2")
     return parser
 
 

@@ -44,8 +44,9 @@ class ReadRequest:
         return self.address + self.count
 
     def describe(self) -> str:
-        unit = "bits" if self.kind in ("coil", "discrete") else "registers"
-        return f"{self.kind} {self.address}..{self.end - 1} ({self.count} {unit})"
+        unit = "bit" if self.kind in ("coil", "discrete") else "register"
+        plural = "" if self.count == 1 else "s"
+        return f"{self.kind} {self.address}..{self.end - 1} ({self.count} {unit}{plural})"
 
 
 def plan_reads(
