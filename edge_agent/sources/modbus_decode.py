@@ -88,7 +88,10 @@ def shortest_float32(value: float) -> float:
 
 
 def scaled(raw: Value, scale: float, offset: float) -> Value:
-    """`raw * scale + offset`; integers stay integers when no scaling is configured."""
+    """`raw * scale + offset`; integers stay integers when no scaling is configured.
+
+    The result is rounded to 15 significant digits: 629 * 0.1 is 62.9, not 62.900000000000006.
+    """
     if (scale == 1.0 and offset == 0.0) or isinstance(raw, bool | str) or raw is None:
         return raw
-    return raw * scale + offset
+    return float(f"{raw * scale + offset:.15g}")
