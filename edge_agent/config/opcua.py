@@ -1,44 +1,231 @@
-"""Configuration of OPC UA sources: endpoint, security, subscription or polling, nodes."""
+"""Configuration of OPC UA sources: endpoint, security, authentication, subscription or polling.
+
+Security is explicit: `security.policy` is required, and `None` must be written to run without
+it. The deprecated policies (Basic128Rsa15, Basic256) are refused with the reason, so a config
+copied from an old client fails at check-config rather than at the plant.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, SecretStr, field_validator, model_validator
 
-from edge_agent.config.types import Duration, Name, StrictModel
+from edge_agent.config.types import Duration, Name, StrictModel, read_secret
+
+DEFAULT_PKI_DIR = Path("/var/lib/edge-agent/opcua")
+"""Where the client certificate, its key and the trust list live unless configured."""
+
+SecurityPolicy = Literal["None", "Basic256Sha256", "Aes128_Sha256_RsaOaep", "Aes256_Sha256_RsaPss"]
+
+DEPRECATED_POLICIES = {
+    "Basic128Rsa15": "deprecated since OPC UA 1.04 (SHA-1, RSA PKCS#1 v1.5)",
+    "Basic256": "deprecated since OPC UA 1.04 (SHA-1 signatures)",
+}
+_SUPPORTED = "Basic256Sha256, Aes128_Sha256_RsaOaep or Aes256_Sha256_RsaPss"
 
 
 class OpcuaSecurity(StrictModel):
-    policy: Literal["None", "Basic256Sha256", "Aes128_Sha256_RsaOaep", "Aes256_Sha256_RsaPss"]
-    mode: Literal["None", "Sign", "SignAndEncrypt"] = "SignAndEncrypt"
+    """How the secure channel is protected and how the server is recognised."""
+
+    policy: SecurityPolicy
+    mode: Literal["None", "Sign", "SignAndEncrypt"] | None = None
+    """Defaults to SignAndEncrypt with a policy, and to None with policy None."""
     server_certificate: Path | None = None
+    """A pinned server certificate (DER or PEM): only this exact certificate is accepted."""
+    trust_dir: Path | None = None
+    """A directory of trusted server or CA certificates; defaults to `{pki_dir}/trusted`."""
+    pki_dir: Path = DEFAULT_PKI_DIR
+    client_certificate: Path | None = None
+    """Defaults to `{pki_dir}/client-cert.der`, generated (self-signed) when absent."""
+    client_key: Path | None = None
+    """Defaults to `{pki_dir}/client-key.pem` (mode 0600), generated when absent."""
+
+    @field_validator("policy", mode="before")
+    @classmethod
+    def _refuse_deprecated(cls, value: object) -> object:
+        if isinstance(value, str) and value in DEPRECATED_POLICIES:
+            raise ValueError(
+                f"security policy {value} is refused: {DEPRECATED_POLICIES[value]}; "
+                f"use {_SUPPORTED} (or None, written explicitly)"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _mode_matches_policy(self) -> OpcuaSecurity:
+        if self.policy == "None" and self.mode not in (None, "None"):
+            raise ValueError(f"mode {self.mode} needs a security policy, not None")
+        if self.policy != "None" and self.mode == "None":
+            raise ValueError(f"policy {self.policy} needs mode Sign or SignAndEncrypt")
+        if self.server_certificate is not None and self.trust_dir is not None:
+            raise ValueError("give server_certificate (a pin) or trust_dir, not both")
+        if (self.client_certificate is None) != (self.client_key is None):
+            raise ValueError("client_certificate and client_key go together")
+        return self
+
+    @property
+    def message_mode(self) -> Literal["None", "Sign", "SignAndEncrypt"]:
+        if self.mode is not None:
+            return self.mode
+        return "None" if self.policy == "None" else "SignAndEncrypt"
+
+    @property
+    def certificate_path(self) -> Path:
+        return self.client_certificate or self.pki_dir / "client-cert.der"
+
+    @property
+    def key_path(self) -> Path:
+        return self.client_key or self.pki_dir / "client-key.pem"
+
+    @property
+    def trust_path(self) -> Path:
+        return self.trust_dir or self.pki_dir / "trusted"
+
+    @property
+    def rejected_path(self) -> Path:
+        """Where rejected server certificates are saved, ready to be moved into the trust list."""
+        return self.pki_dir / "rejected"
+
+
+class OpcuaAuth(StrictModel):
+    """User identity: username and password, or an X.509 user certificate; anonymous if absent."""
+
+    username: str | None = None
+    password: SecretStr | None = None
+    password_file: Path | None = None
+    certificate: Path | None = None
+    private_key: Path | None = None
+
+    @model_validator(mode="after")
+    def _one_identity(self) -> OpcuaAuth:
+        if self.password is not None and self.password_file is not None:
+            raise ValueError("give password or password_file, not both")
+        has_password = self.password is not None or self.password_file is not None
+        if has_password and self.username is None:
+            raise ValueError("a password needs a username")
+        if (self.certificate is None) != (self.private_key is None):
+            raise ValueError("certificate and private_key go together")
+        if self.username is not None and self.certificate is not None:
+            raise ValueError("give username or certificate, not both")
+        if self.username is None and self.certificate is None:
+            raise ValueError("give username (with password or password_file) or certificate")
+        return self
+
+    def password_value(self) -> str | None:
+        return read_secret(self.password, self.password_file)
+
+
+class Deadband(StrictModel):
+    """A data-change filter: report only changes larger than `value` (units, or % of range)."""
+
+    type: Literal["absolute", "percent"]
+    value: float = Field(ge=0)
+
+    @model_validator(mode="after")
+    def _percent_range(self) -> Deadband:
+        if self.type == "percent" and self.value > 100:
+            raise ValueError("a percent deadband is between 0 and 100")
+        return self
 
 
 class OpcuaNode(StrictModel):
     name: Name
     node_id: str = Field(min_length=1)
+    sampling_interval: Duration | None = None
+    """Overrides the source's `sampling_interval` for this node (subscribe mode)."""
+    queue_size: int | None = Field(default=None, ge=1, le=10_000)
+    deadband: Deadband | None = None
+    unit: str | None = None
 
 
 class OpcuaSourceConfig(StrictModel):
     type: Literal["opcua"]
     name: Name
-    endpoint: str = Field(pattern=r"^opc\.tcp://")
+    endpoint: str = Field(pattern=r"^opc\.tcp://[^/\s:]+(:\d{1,5})?(/\S*)?$")
     security: OpcuaSecurity
+    auth: OpcuaAuth | None = None
     mode: Literal["subscribe", "poll"] = "subscribe"
     interval: Duration = 1.0
+    """Publishing interval (subscribe) or read interval (poll)."""
+    sampling_interval: Duration | None = None
+    """How often the server samples each node (subscribe); defaults to `interval`."""
+    queue_size: int = Field(default=10, ge=1, le=10_000)
+    """Samples the server keeps per node between publishes, so no change is lost."""
+    deadband: Deadband | None = None
+    keepalive_count: int = Field(default=10, ge=1, le=1000)
+    """Publishing intervals without data after which the server sends a keep-alive."""
+    timeout: Duration = 10.0
+    """Per-request timeout and connect timeout."""
+    reconnect_min: Duration = 1.0
+    reconnect_max: Duration = 30.0
     nodes: list[OpcuaNode] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _mode_specific_keys(self) -> OpcuaSourceConfig:
+        if self.mode == "poll":
+            per_node = any(
+                n.sampling_interval is not None or n.queue_size is not None or n.deadband
+                for n in self.nodes
+            )
+            if self.deadband is not None or self.sampling_interval is not None or per_node:
+                raise ValueError(
+                    "sampling_interval, queue_size and deadband apply to mode subscribe only"
+                )
+        if self.reconnect_min > self.reconnect_max:
+            raise ValueError("reconnect_min must not exceed reconnect_max")
+        return self
 
     def problems(self) -> list[tuple[tuple[str | int, ...], str]]:
         """Cross-field problems, as (location relative to this source, message)."""
         found: list[tuple[tuple[str | int, ...], str]] = []
         seen: dict[str, int] = {}
+        ids: dict[str, int] = {}
         for index, node in enumerate(self.nodes):
             if node.name in seen:
                 found.append(
-                    (("nodes", index, "name"),
-                     f"duplicate node name {node.name!r} (also nodes[{seen[node.name]}])")
+                    (
+                        ("nodes", index, "name"),
+                        f"duplicate node name {node.name!r} (also nodes[{seen[node.name]}])",
+                    )
                 )
             seen.setdefault(node.name, index)
+            if node.node_id in ids:
+                found.append(
+                    (
+                        ("nodes", index, "node_id"),
+                        f"duplicate node_id {node.node_id!r} (also nodes[{ids[node.node_id]}])",
+                    )
+                )
+            ids.setdefault(node.node_id, index)
+            message = node_id_problem(node.node_id)
+            if message is not None:
+                found.append((("nodes", index, "node_id"), message))
         return found
+
+    def files_to_check(self) -> list[tuple[tuple[str | int, ...], Path]]:
+        """Files that must exist before start; generated client keys and the trust dir are not."""
+        files: list[tuple[tuple[str | int, ...], Path]] = []
+        if self.security.server_certificate is not None:
+            files.append((("security", "server_certificate"), self.security.server_certificate))
+        if self.security.client_certificate is not None and self.security.client_key is not None:
+            # Configured explicitly: the operator provides them, so they must exist.
+            files.append((("security", "client_certificate"), self.security.client_certificate))
+            files.append((("security", "client_key"), self.security.client_key))
+        if self.auth is not None:
+            for key in ("password_file", "certificate", "private_key"):
+                path = getattr(self.auth, key)
+                if path is not None:
+                    files.append((("auth", key), path))
+        return files
+
+
+def node_id_problem(text: str) -> str | None:
+    """Why `text` is not an OPC UA node id string, or None when it parses."""
+    from asyncua import ua  # noqa: PLC0415 - keep check-config's import light until needed
+
+    try:
+        ua.NodeId.from_string(text)
+    except Exception:  # noqa: BLE001 - asyncua raises several types for bad strings
+        return f"invalid node id {text!r}: expected e.g. ns=2;s=Tag, ns=3;i=1001 or i=2258"
+    return None

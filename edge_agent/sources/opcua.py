@@ -1,0 +1,359 @@
+"""The OPC UA source: monitored items or polled reads, a secured session, recovery on its own.
+
+One session at a time, built from scratch on every (re)connect: endpoint discovery, server
+certificate check, secure channel, session, then the subscription or the read plan. asyncua 2.1
+has its own auto-reconnect, but it drops a monitored item that fails to come back without telling
+the caller and re-validates nothing it did not create; owning the loop keeps one code path for the
+first connect and every later one, a per-node status each time, and one log line per change of
+state. asyncua's supervisor is still used to *detect* a lost link: it probes the server state and
+counts any publish response, data or keep-alive, as a sign of life (a busy server sends no
+keep-alives, and that must not look like a dead one).
+
+What a consumer sees:
+- every DataValue as a Reading with the source timestamp (server timestamp, then local clock, as
+  fallbacks), the quality from the StatusCode's severity and the code itself in `Reading.code`;
+- a bad status with value None, never an old value passed off as good;
+- an exact repeat of a sample (same timestamp, same code) is not sent again, so a poll of a
+  value that has not changed, or the initial value a new subscription replays, is not re-sent as
+  fresh; a bad point is reported when it turns bad, not on every poll;
+- when the connection is lost, one `BadNotConnected` reading per point that had reported, so the
+  last value is visibly no longer current; after the reconnect each point reports its current
+  value again with its own (possibly older) source timestamp: order a point's readings by `seq`.
+
+Only discovery, session, subscription and Read services are used: no Write, Call, AddNodes or
+DeleteNodes request is ever sent (CONTRACT §5; tests record the server's requests to prove it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections.abc import Sequence
+from contextlib import suppress
+from typing import Any
+
+from asyncua import ua
+from asyncua.client.client import Client
+from asyncua.common.subscription import (
+    DataChangeEvent,
+    OverflowPolicy,
+    StatusChangeEvent,
+    Subscription,
+)
+from asyncua.ua.attribute_ids import AttributeIds
+from asyncua.ua.uaerrors import UaStatusCodeError
+
+from edge_agent.config.opcua import Deadband, OpcuaSourceConfig
+from edge_agent.reading import Quality, Reading
+from edge_agent.sources.base import Emit, SourceState
+from edge_agent.sources.opcua_security import configure_client
+from edge_agent.sources.opcua_values import (
+    BAD_NOT_CONNECTED,
+    bad_reading,
+    code_name,
+    to_reading,
+)
+
+log = logging.getLogger(__name__)
+
+MAX_NODES_PER_READ = 1000
+"""Reads are split at this size; servers commonly limit MaxNodesPerRead near it."""
+_DRAIN_MAX = 10_000
+"""Notifications taken from the subscription queue per emit, so one emit carries a publish."""
+
+
+class ConnectionLostError(Exception):
+    """The session or its subscription is gone; the run loop reconnects."""
+
+
+class OpcuaSource:
+    """Readings from one OPC UA server; reconnects forever and never raises out of `run`."""
+
+    def __init__(self, config: OpcuaSourceConfig) -> None:
+        self.name = config.name
+        self.state = SourceState()
+        self._config = config
+        self._last: dict[str, tuple[int, int]] = {}
+        """Per point: (ts_ns, code) of the last reading sent, to drop exact repeats."""
+        self._node_codes: dict[str, int] = {}
+        """Per point: the last bad code logged, so a bad node is logged once, not every poll."""
+        self._flagged: set[str] = set()
+        if logging.getLogger("asyncua").level == logging.NOTSET:
+            # asyncua logs every publish response at INFO (costly at 10k items/s) and an expected
+            # link loss as errors with tracebacks; this source logs each change of state itself.
+            # Configure the "asyncua" logger explicitly to see its own messages.
+            logging.getLogger("asyncua").setLevel(logging.CRITICAL)
+
+    async def run(self, emit: Emit) -> None:
+        """Connect, stream, and on any failure mark down, back off and start over."""
+        cfg = self._config
+        delay = cfg.reconnect_min
+        while True:
+            try:
+                await self._session(emit)
+                error = "the session ended"
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - a failure must stay inside the source
+                error = describe(exc)
+            was_up, first = self.state.up, self.state.errors == 0
+            if self.state.mark_down(error):
+                state = "is down" if was_up or first else "is still down, for a new reason"
+                log.warning(
+                    "OPC UA source %s; source=%s endpoint=%s error=%s",
+                    state,
+                    self.name,
+                    cfg.endpoint,
+                    error,
+                )
+            await self._report_disconnected(emit)
+            if was_up:
+                delay = cfg.reconnect_min
+            await asyncio.sleep(delay * random.uniform(0.8, 1.2))  # noqa: S311 - jitter only
+            delay = min(delay * 2, cfg.reconnect_max)
+
+    async def _session(self, emit: Emit) -> None:
+        cfg = self._config
+        client = Client(
+            cfg.endpoint,
+            timeout=cfg.timeout,
+            watchdog_intervall=min(5.0, max(cfg.timeout / 2, 0.5)),
+        )
+        client.session_timeout = max(60_000, int(cfg.reconnect_max * 4000))
+        try:
+            async with asyncio.timeout(cfg.timeout * 2):
+                await configure_client(client, cfg.security, cfg.auth)
+                await client.connect()
+            if cfg.mode == "subscribe":
+                await self._subscribe(client, emit)
+            else:
+                await self._poll(client, emit)
+        finally:
+            with suppress(Exception):
+                async with asyncio.timeout(2.0):
+                    await client.disconnect()
+
+    def _mark_up(self) -> None:
+        if self.state.mark_up():
+            log.info(
+                "OPC UA source is up; source=%s endpoint=%s mode=%s nodes=%d",
+                self.name,
+                self._config.endpoint,
+                self._config.mode,
+                len(self._config.nodes),
+            )
+
+    # -- subscribe ---------------------------------------------------------------------------
+
+    async def _subscribe(self, client: Client, emit: Emit) -> None:
+        cfg = self._config
+        params = ua.CreateSubscriptionParameters()
+        params.RequestedPublishingInterval = cfg.interval * 1000
+        params.RequestedMaxKeepAliveCount = cfg.keepalive_count
+        params.RequestedLifetimeCount = cfg.keepalive_count * 3
+        params.MaxNotificationsPerPublish = 0
+        params.PublishingEnabled = True
+        params.Priority = 0
+        queue_size = max(10_000, 4 * sum(n.queue_size or cfg.queue_size for n in cfg.nodes))
+        # DISCONNECT, not DROP_OLDEST: if we fall that far behind, a visible reconnect beats
+        # silently lost notifications.
+        sub = await client.create_subscription(
+            params, None, queue_maxsize=queue_size, overflow=OverflowPolicy.DISCONNECT
+        )
+        requests = [self._item_request(index, node) for index, node in enumerate(cfg.nodes)]
+        names = {index + 1: node.name for index, node in enumerate(cfg.nodes)}
+        results = await sub.create_monitored_items(requests)
+        failed = [
+            bad_reading(self.name, cfg.nodes[i].name, int(r.value))
+            for i, r in enumerate(results)
+            if isinstance(r, ua.StatusCode)
+        ]
+        if len(failed) == len(cfg.nodes):
+            raise ConnectionLostError(
+                f"no node could be monitored; first: {code_name(failed[0].code or 0)}"
+            )
+        self._mark_up()
+        await self._emit([r for r in (self._accept(r) for r in failed) if r is not None], emit)
+        await self._consume(client, sub, names, emit)
+
+    def _item_request(self, index: int, node: Any) -> ua.MonitoredItemCreateRequest:
+        cfg = self._config
+        item = ua.MonitoredItemCreateRequest()
+        item.ItemToMonitor = ua.ReadValueId()
+        item.ItemToMonitor.NodeId = ua.NodeId.from_string(node.node_id)
+        item.ItemToMonitor.AttributeId = AttributeIds.Value
+        item.MonitoringMode = ua.MonitoringMode.Reporting
+        params = ua.MonitoringParameters()
+        params.ClientHandle = index + 1
+        sampling = node.sampling_interval or cfg.sampling_interval or cfg.interval
+        params.SamplingInterval = sampling * 1000
+        params.QueueSize = node.queue_size or cfg.queue_size
+        params.DiscardOldest = True
+        deadband = node.deadband or cfg.deadband
+        if deadband is not None:
+            params.Filter = data_change_filter(deadband)
+        item.RequestedParameters = params
+        return item
+
+    async def _consume(
+        self, client: Client, sub: Subscription, names: dict[int, str], emit: Emit
+    ) -> None:
+        # asyncua 2.1 exposes only one-at-a-time iteration; draining its queue directly turns a
+        # publish of 1,000 notifications into one emit instead of 1,000.
+        queue: asyncio.Queue[Any] | None = sub._event_queue
+        assert queue is not None
+        idle = max(self._config.timeout, self._config.interval * 2)
+        while True:
+            if queue.empty():
+                try:
+                    event = await sub.next_event(timeout=idle)
+                except StopAsyncIteration:
+                    raise ConnectionLostError("the subscription was closed") from None
+                if event is None:
+                    if client.uaclient.state.value != "connected":
+                        raise ConnectionLostError("the connection was lost")
+                    continue
+                events = [event]
+            else:
+                events = []
+            while not queue.empty() and len(events) < _DRAIN_MAX:
+                events.append(queue.get_nowait())
+            readings: list[Reading] = []
+            for event in events:
+                if isinstance(event, DataChangeEvent):
+                    name = names.get(event.data.monitored_item.ClientHandle)
+                    if name is not None:
+                        reading = self._convert(name, event.data.monitored_item.Value)
+                        if reading is not None:
+                            readings.append(reading)
+                elif isinstance(event, StatusChangeEvent):
+                    status = event.notification.Status
+                    if not status.is_good():
+                        await self._emit(readings, emit)
+                        raise ConnectionLostError(f"subscription status {status.name}")
+                elif event is None:
+                    await self._emit(readings, emit)
+                    raise ConnectionLostError("the subscription was closed")
+            await self._emit(readings, emit)
+
+    # -- poll --------------------------------------------------------------------------------
+
+    async def _poll(self, client: Client, emit: Emit) -> None:
+        cfg = self._config
+        chunks: list[tuple[list[str], ua.ReadParameters]] = []
+        for start in range(0, len(cfg.nodes), MAX_NODES_PER_READ):
+            nodes = cfg.nodes[start : start + MAX_NODES_PER_READ]
+            params = ua.ReadParameters()
+            params.MaxAge = 0
+            params.TimestampsToReturn = ua.TimestampsToReturn.Both
+            for node in nodes:
+                read = ua.ReadValueId()
+                read.NodeId = ua.NodeId.from_string(node.node_id)
+                read.AttributeId = AttributeIds.Value
+                params.NodesToRead.append(read)
+            chunks.append(([n.name for n in nodes], params))
+        loop = asyncio.get_running_loop()
+        start_time = loop.time()
+        tick = 0
+        while True:
+            readings: list[Reading] = []
+            for names, params in chunks:
+                async with asyncio.timeout(cfg.timeout):
+                    values = await client.uaclient.read(params)
+                for name, value in zip(names, values, strict=True):
+                    reading = self._convert(name, value)
+                    if reading is not None:
+                        readings.append(reading)
+            self._mark_up()
+            await self._emit(readings, emit)
+            tick += 1
+            delay = start_time + tick * cfg.interval - loop.time()
+            if delay < 0:  # a slow read or back-pressure: skip missed ticks, don't burst
+                tick += int(-delay // cfg.interval) + 1
+                delay = start_time + tick * cfg.interval - loop.time()
+            await asyncio.sleep(delay)
+
+    # -- readings ----------------------------------------------------------------------------
+
+    def _convert(self, name: str, value: ua.DataValue) -> Reading | None:
+        reading, flagged = to_reading(self.name, name, value)
+        if flagged and name not in self._flagged:
+            self._flagged.add(name)
+            log.warning(
+                "OPC UA node value has no plain type and is sent as text; source=%s "
+                "node=%s type=%s",
+                self.name,
+                name,
+                value.Value.VariantType.name if value.Value is not None else "?",
+            )
+        return self._accept(reading)
+
+    def _accept(self, reading: Reading) -> Reading | None:
+        """The reading if it is news: not an exact repeat, not a repeat of the same bad code."""
+        code = reading.code or 0
+        last = self._last.get(reading.pt)
+        if last is not None:
+            if last == (reading.ts_ns, code):
+                return None
+            if reading.quality is Quality.BAD and last[1] == code:
+                return None
+        self._last[reading.pt] = (reading.ts_ns, code)
+        self._log_node(reading.pt, reading.quality, code)
+        return reading
+
+    def _log_node(self, name: str, quality: Quality, code: int) -> None:
+        previous = self._node_codes.get(name)
+        if quality is Quality.BAD and code != BAD_NOT_CONNECTED:
+            if previous != code:
+                self._node_codes[name] = code
+                node_id = next(n.node_id for n in self._config.nodes if n.name == name)
+                log.warning(
+                    "OPC UA node is bad; source=%s node=%s node_id=%s status=%s",
+                    self.name,
+                    name,
+                    node_id,
+                    code_name(code),
+                )
+        elif previous is not None and quality is not Quality.BAD:
+            del self._node_codes[name]
+            log.info("OPC UA node recovered; source=%s node=%s", self.name, name)
+
+    async def _emit(self, readings: Sequence[Reading], emit: Emit) -> None:
+        if readings:
+            await emit(readings)
+            self.state.readings += len(readings)
+
+    async def _report_disconnected(self, emit: Emit) -> None:
+        """One BadNotConnected per point that had reported, so no old value looks current."""
+        now = time.time_ns()
+        readings = [
+            bad_reading(self.name, name, BAD_NOT_CONNECTED, now)
+            for name, (_, code) in self._last.items()
+            if code != BAD_NOT_CONNECTED
+        ]
+        for reading in readings:
+            self._last[reading.pt] = (now, BAD_NOT_CONNECTED)
+        await self._emit(readings, emit)
+
+
+def data_change_filter(deadband: Deadband) -> ua.DataChangeFilter:
+    """A filter reporting status or value changes beyond the deadband (OPC 10000-4 §7.22.2)."""
+    flt = ua.DataChangeFilter()
+    flt.Trigger = ua.DataChangeTrigger.StatusValue
+    flt.DeadbandType = 1 if deadband.type == "absolute" else 2
+    flt.DeadbandValue = deadband.value
+    return flt
+
+
+def describe(exc: BaseException) -> str:
+    """A one-line reason for logs and /status: the status name for OPC UA errors."""
+    if isinstance(exc, UaStatusCodeError):
+        return code_name(int(exc.code))
+    if isinstance(exc, TimeoutError):
+        return "timed out"
+    text = str(exc) or type(exc).__name__
+    if isinstance(exc, OSError) and exc.strerror:
+        text = exc.strerror
+    return text
