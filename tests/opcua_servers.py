@@ -141,7 +141,7 @@ class UaTestServer:
             cert, key = server_identity(self._identity)
             self.certificate_path.write_bytes(cert)
             await server.load_certificate(cert)
-            await server.load_private_key(key)
+            await server.load_private_key(key, format="pem")
             policies += [
                 ua.SecurityPolicyType.Basic256Sha256_SignAndEncrypt,
                 ua.SecurityPolicyType.Basic256Sha256_Sign,
@@ -228,3 +228,10 @@ async def running(source: Any, emit: Collector) -> Any:
 
 def quiet_asyncua() -> None:
     logging.getLogger("asyncua").setLevel(logging.WARNING)
+
+
+async def until(condition: Any, timeout: float = 10.0) -> None:
+    """Wait for a condition that no event announces (a failed connect attempt), polling briefly."""
+    async with asyncio.timeout(timeout):
+        while not condition():
+            await asyncio.sleep(0.02)

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from pathlib import Path
 from typing import Any
 
 import pytest
-from opcua_servers import Collector, UaTestServer, running
+from opcua_servers import Collector, UaTestServer, running, until
 
 from edge_agent.config.opcua import OpcuaSourceConfig
 from edge_agent.reading import Quality
@@ -216,9 +215,3 @@ async def test_a_server_that_is_down_at_start_is_retried(tmp_path: Path) -> None
     finally:
         await server.stop()
     assert not any(r.code == BAD_NOT_CONNECTED for r in got.readings)
-
-
-async def until(condition: Any, timeout: float = 10.0) -> None:
-    async with asyncio.timeout(timeout):
-        while not condition():
-            await asyncio.sleep(0.02)
