@@ -59,6 +59,12 @@ def _cmd_status(args: argparse.Namespace) -> int:
     return show_status(args.url, as_json=args.json)
 
 
+def _cmd_browse(args: argparse.Namespace) -> int:
+    from edge_agent.browse import run_browse  # noqa: PLC0415
+
+    return run_browse(args)
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from edge_agent.demo import run_demo  # noqa: PLC0415
 
@@ -69,6 +75,26 @@ def _cmd_probe(args: argparse.Namespace) -> int:
     from edge_agent.probe import run_probe  # noqa: PLC0415 - pymodbus only when probing
 
     return run_probe(args)
+
+
+def _add_browse_arguments(browse: argparse.ArgumentParser) -> None:
+    """`browse` options; the security ones mirror the OPC UA source's `security:` keys."""
+    browse.add_argument("endpoint", help="opc.tcp://host:port[/path]")
+    browse.add_argument("--node", default="i=85", help="start node id (default: i=85, Objects)")
+    browse.add_argument("--depth", type=int, default=3, help="levels to descend (default: 3)")
+    browse.add_argument("--include-standard", action="store_true",
+                        help="also list namespace-0 nodes (the Server object's diagnostics)")
+    browse.add_argument("--policy", default="None", choices=[
+        "None", "Basic256Sha256", "Aes128_Sha256_RsaOaep", "Aes256_Sha256_RsaPss"])
+    browse.add_argument("--mode", choices=["Sign", "SignAndEncrypt"],
+                        help="default: SignAndEncrypt with a policy")
+    browse.add_argument("--server-certificate", type=Path, help="pinned server certificate")
+    browse.add_argument("--trust-dir", type=Path, help="directory of trusted certificates")
+    browse.add_argument("--pki-dir", type=Path,
+                        help="client certificate and key (default: /var/lib/edge-agent/opcua)")
+    browse.add_argument("--username")
+    browse.add_argument("--password-file", type=Path)
+    browse.add_argument("--timeout", type=float, default=10.0, help="seconds (default: 10)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -116,6 +142,9 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("--count", type=int, help="stop after this many readings")
     verify.add_argument("--quiet", "-q", action="store_true", help="print only the summary")
     verify.add_argument("--json", action="store_true", help="print readings as JSON lines")
+
+    _add_browse_arguments(add("browse", _cmd_browse,
+                              "List the variables under an OPC UA node as a config `nodes:` list."))
 
     status = add("status", _cmd_status, "Show the health of a running agent.")
     status.add_argument("--url", default="http://127.0.0.1:8710", help="health endpoint base URL")

@@ -1,0 +1,44 @@
+"""`edge-agent browse`: a pasteable `nodes:` list, over a secured channel, without writing."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+from opcua_servers import UaTestServer
+
+from edge_agent.browse import browse, point_name
+from edge_agent.cli import main
+from edge_agent.config.opcua import OpcuaNode, OpcuaSecurity
+
+
+async def test_browse_lists_variables_as_config_nodes(tmp_path: Path) -> None:
+    async with UaTestServer(tmp_path, secure=True) as server:
+        security = OpcuaSecurity(
+            policy="Basic256Sha256",
+            server_certificate=server.certificate_path,
+            pki_dir=tmp_path / "pki",
+        )
+        text = await browse(server.endpoint, security)
+    assert text.startswith("# 7 variables under i=85")
+    nodes = yaml.safe_load(text)["nodes"]
+    by_name = {n["name"]: n for n in nodes}
+    assert by_name["Plant.Speed"]["node_id"] == server.node_id("Speed")
+    assert all(OpcuaNode.model_validate(n) for n in nodes)  # pastes into the config as it is
+    assert '"ns=2;s=Speed"}  # Double = 1.5' in text
+    assert "# ByteString = '0102' (sent as text)" in text
+    assert server.rules.write_like() == []
+
+
+def test_browse_command_reports_an_unreachable_server(capsys: object, tmp_path: Path) -> None:
+    code = main(["browse", "opc.tcp://127.0.0.1:9", "--timeout", "1", "--pki-dir", str(tmp_path)])
+    assert code == 1
+    err = capsys.readouterr().err  # type: ignore[attr-defined]
+    assert err.startswith("browse: opc.tcp://127.0.0.1:9:")
+
+
+def test_point_names_are_valid_and_unique() -> None:
+    used: set[str] = set()
+    assert point_name("Plant.Mill 1.Speed", used) == "Plant.Mill_1.Speed"
+    assert point_name("Plant.Mill 1.Speed", used) == "Plant.Mill_1.Speed_2"
+    assert len(point_name("x" * 100, used)) == 64
