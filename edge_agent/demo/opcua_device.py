@@ -21,7 +21,7 @@ import socket
 import time
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, cast
 
 from asyncua import ua
 from asyncua.crypto import cert_gen
@@ -162,7 +162,7 @@ class DemoOpcuaServer:
             running = (t % 60) < 50  # stops for 10 s every minute
             speed = 14.5 + 0.8 * math.sin(t / 7) if running else 0.0
             throughput += int(speed * 3)
-            now = dt.datetime.now(dt.UTC)
+            now = cast(ua.DateTime, dt.datetime.now(dt.UTC))
             values: dict[str, Any] = {
                 "Speed": round(speed, 3),
                 "Power": round(speed * 61.7 + 5 * math.sin(t), 1),
@@ -174,8 +174,8 @@ class DemoOpcuaServer:
             for name, value in values.items():
                 data = ua.DataValue(
                     ua.Variant(value, _VARIABLES[name][1]),
-                    SourceTimestamp=ua.DateTime(now),
-                    ServerTimestamp=ua.DateTime(now),
+                    SourceTimestamp=now,
+                    ServerTimestamp=now,
                 )
                 await self._server.write_attribute_value(self._nodes[name], data)
             tick += 1
