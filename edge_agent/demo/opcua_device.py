@@ -109,7 +109,8 @@ class DemoOpcuaServer:
         await server.load_private_key(str(key_path))
         server.set_security_policy([ua.SecurityPolicyType.Basic256Sha256_SignAndEncrypt])
         ns = await server.register_namespace(NAMESPACE)
-        mill = await server.nodes.objects.add_object(ua.NodeId.from_string(f"ns={ns};s=Mill"), "Mill")
+        mill_id = ua.NodeId.from_string(f"ns={ns};s=Mill")
+        mill = await server.nodes.objects.add_object(mill_id, "Mill")
         for name, (value, vtype, _unit) in _VARIABLES.items():
             node_id = ua.NodeId.from_string(f"ns={ns};s=Mill.{name}")
             await mill.add_variable(node_id, name, ua.Variant(value, vtype))
