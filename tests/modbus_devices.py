@@ -59,22 +59,37 @@ class TestUnit:
 
     def sim_device(self) -> SimDevice:
         def registers(blocks: dict[int, list[int]]) -> list[SimData]:
-            return [SimData(a, values=list(v), datatype=DataType.REGISTERS)
-                    for a, v in sorted(blocks.items())] or [_UNUSED]
+            return [
+                SimData(a, values=list(v), datatype=DataType.REGISTERS)
+                for a, v in sorted(blocks.items())
+            ] or [_UNUSED]
 
         def bits(blocks: dict[int, list[bool]]) -> list[SimData]:
-            return [SimData(a, values=list(v), datatype=DataType.BITS)
-                    for a, v in sorted(blocks.items())] or [_UNUSED_BITS]
+            return [
+                SimData(a, values=list(v), datatype=DataType.BITS)
+                for a, v in sorted(blocks.items())
+            ] or [_UNUSED_BITS]
 
         return SimDevice(
             id=self.unit,
-            simdata=(bits(self.coils), bits(self.discrete), registers(self.holding),
-                     registers(self.input)),
+            simdata=(
+                bits(self.coils),
+                bits(self.discrete),
+                registers(self.holding),
+                registers(self.input),
+            ),
             action=self._action,
         )
 
-    async def _action(self, function_code: int, start: int, address: int, count: int,
-                      registers: list[int], values: object) -> ExcCodes | None:
+    async def _action(
+        self,
+        function_code: int,
+        start: int,
+        address: int,
+        count: int,
+        registers: list[int],
+        values: object,
+    ) -> ExcCodes | None:
         table = _TABLE_OF_CODE.get(function_code)
         for (name, at), value in list(self._pending.items()):
             if name == table:
@@ -108,8 +123,14 @@ def _tracer(running: RunningServer):  # type: ignore[no-untyped-def]
     def trace_pdu(sending: bool, pdu):  # type: ignore[no-untyped-def]
         if not sending:
             running.codes.append(pdu.function_code)
-            running.requests.append((pdu.dev_id, pdu.function_code, getattr(pdu, "address", -1),
-                                     getattr(pdu, "count", -1)))
+            running.requests.append(
+                (
+                    pdu.dev_id,
+                    pdu.function_code,
+                    getattr(pdu, "address", -1),
+                    getattr(pdu, "count", -1),
+                )
+            )
             RECEIVED_CODES.append(pdu.function_code)
         return pdu
 
@@ -121,8 +142,9 @@ def _tracer(running: RunningServer):  # type: ignore[no-untyped-def]
 
 
 @contextlib.asynccontextmanager
-async def tcp_server(*units: TestUnit, port: int = 0,
-                     mangle: Callable[[bytes], bytes] | None = None) -> AsyncIterator[RunningServer]:
+async def tcp_server(
+    *units: TestUnit, port: int = 0, mangle: Callable[[bytes], bytes] | None = None
+) -> AsyncIterator[RunningServer]:
     """A pymodbus TCP server for `units` on 127.0.0.1 (a free port unless given).
 
     `mangle` rewrites every frame the server sends: how a test makes a real server answer
@@ -134,9 +156,13 @@ async def tcp_server(*units: TestUnit, port: int = 0,
     def trace_packet(sending: bool, data: bytes) -> bytes:
         return mangle(data) if sending and mangle is not None else data
 
-    server = ModbusTcpServer([u.sim_device() for u in units], address=("127.0.0.1", port),
-                             trace_pdu=trace_pdu, trace_connect=trace_connect,
-                             trace_packet=trace_packet)
+    server = ModbusTcpServer(
+        [u.sim_device() for u in units],
+        address=("127.0.0.1", port),
+        trace_pdu=trace_pdu,
+        trace_connect=trace_connect,
+        trace_packet=trace_packet,
+    )
     running.server = server
     await server.serve_forever(background=True)
     running.port = server.transport.sockets[0].getsockname()[1]
@@ -154,8 +180,13 @@ async def serial_server(pty: str, *units: TestUnit) -> AsyncIterator[RunningServ
     """A pymodbus RTU server for `units` on one end of a PTY pair (one RS-485 line)."""
     running = RunningServer(server=None)  # type: ignore[arg-type]
     trace_pdu, _ = _tracer(running)
-    server = ModbusSerialServer([u.sim_device() for u in units], framer=FramerType.RTU,
-                                port=pty, baudrate=115200, trace_pdu=trace_pdu)
+    server = ModbusSerialServer(
+        [u.sim_device() for u in units],
+        framer=FramerType.RTU,
+        port=pty,
+        baudrate=115200,
+        trace_pdu=trace_pdu,
+    )
     running.server = server
     await server.serve_forever(background=True)
     try:
@@ -175,7 +206,8 @@ def socat_pty_pair() -> Iterator[tuple[str, str]]:
     """Two PTYs joined by socat: a null-modem cable. Names come from socat's own stderr."""
     proc = subprocess.Popen(
         ["socat", "-d", "-d", "pty,raw,echo=0", "pty,raw,echo=0"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
     )
     assert proc.stderr is not None
     names: list[str] = []

@@ -71,8 +71,11 @@ def test_tables_are_never_mixed_and_come_in_function_code_order() -> None:
 
 def test_overlapping_points_share_a_read() -> None:
     points = pts(("holding", 10, "uint32"), ("holding", 10, "uint16"), ("holding", 11, "uint16"))
-    points.append(ModbusPoint.model_validate(
-        {"name": "b3", "register": "holding", "address": 11, "type": "bool", "bit": 3}))
+    points.append(
+        ModbusPoint.model_validate(
+            {"name": "b3", "register": "holding", "address": 11, "type": "bool", "bit": 3}
+        )
+    )
     (request,) = plan_reads(points)
     assert (request.address, request.count, sorted(request.points)) == (10, 2, [0, 1, 2, 3])
 

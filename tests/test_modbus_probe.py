@@ -9,13 +9,13 @@ import sys
 from typing import Any
 
 import pytest
+from modbus_devices import WRITE_CODES, TestUnit, tcp_server
+from test_modbus_source import MOTOR_POINTS, motor_unit, running, source_config
 
 from edge_agent.cli import build_parser
 from edge_agent.config import parse_config
 from edge_agent.plan_report import print_plans
 from edge_agent.probe import print_registers
-from modbus_devices import WRITE_CODES, TestUnit, tcp_server
-from test_modbus_source import MOTOR_POINTS, motor_unit, running, source_config
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -53,7 +53,12 @@ def test_probe_arguments() -> None:
          "--parity", "N", "--unit", "7", "--register", "input", "--address", "30", "--count", "4"]
     )  # fmt: skip
     assert isinstance(args, argparse.Namespace)
-    assert (args.serial_port, args.baudrate, args.parity, args.unit) == ("/dev/ttyUSB0", 9600, "N", 7)
+    assert (args.serial_port, args.baudrate, args.parity, args.unit) == (
+        "/dev/ttyUSB0",
+        9600,
+        "N",
+        7,
+    )
 
 
 PLAN_CONFIG = """

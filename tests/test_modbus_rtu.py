@@ -6,12 +6,12 @@ import asyncio
 import shutil
 
 import pytest
+from modbus_devices import TestUnit, serial_server, socat_pty_pair
+from test_modbus_source import running
 
 from edge_agent.config.modbus import ModbusSourceConfig
 from edge_agent.reading import Quality
 from edge_agent.sources.modbus_link import LinkSettings, acquire_link, release_link
-from modbus_devices import TestUnit, serial_server, socat_pty_pair
-from test_modbus_source import running
 
 pytestmark = [
     pytest.mark.timeout(30),

@@ -10,11 +10,11 @@ from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import pytest
+from modbus_devices import RECEIVED_CODES, WRITE_CODES, TestUnit, tcp_server
 
 from edge_agent.config.modbus import ModbusSourceConfig
 from edge_agent.reading import Quality, Reading
 from edge_agent.sources.modbus import ModbusSource
-from modbus_devices import RECEIVED_CODES, WRITE_CODES, TestUnit, tcp_server
 
 pytestmark = pytest.mark.timeout(30)
 WAIT = 5.0  # seconds any single expected event may take before the test fails
@@ -99,8 +99,9 @@ MOTOR_POINTS: list[dict[str, Any]] = [
 
 async def test_every_table_and_type_in_one_poll_of_four_requests() -> None:
     unit = motor_unit()
-    async with tcp_server(unit) as server, running(source_config(server.port, MOTOR_POINTS)) as (
-        polls,
+    async with (
+        tcp_server(unit) as server,
+        running(source_config(server.port, MOTOR_POINTS)) as (polls,),
     ):
         batch = await polls.next()
     assert {k: r.value for k, r in batch.items()} == {
@@ -120,8 +121,9 @@ async def test_an_exception_response_marks_exactly_that_read_bad_and_logs_once(
     unit = motor_unit()
     unit.exceptions[3] = 6  # holding registers answer "server device busy"
     caplog.set_level(logging.INFO, logger="edge_agent")
-    async with tcp_server(unit) as server, running(source_config(server.port, MOTOR_POINTS)) as (
-        polls,
+    async with (
+        tcp_server(unit) as server,
+        running(source_config(server.port, MOTOR_POINTS)) as (polls,),
     ):
         first = await polls.next()
         for _ in range(3):
@@ -170,8 +172,9 @@ async def test_a_unit_that_stops_answering_goes_down_and_comes_back(
 ) -> None:
     unit = motor_unit()
     caplog.set_level(logging.INFO, logger="edge_agent")
-    async with tcp_server(unit) as server, running(source_config(server.port, MOTOR_POINTS)) as (
-        polls,
+    async with (
+        tcp_server(unit) as server,
+        running(source_config(server.port, MOTOR_POINTS)) as (polls,),
     ):
         await polls.until(lambda b: b["current"].quality == Quality.GOOD)
         unit.set_silent(True)
@@ -179,8 +182,9 @@ async def test_a_unit_that_stops_answering_goes_down_and_comes_back(
         state = polls.source.state
         assert not state.up
         assert state.last_error == (
-            "plc (tcp 127.0.0.1:{} unit 1): unit 1 coil 0..2 (3 bits): no answer within 0.2s"
-        ).format(server.port)
+            f"plc (tcp 127.0.0.1:{server.port} unit 1): "
+            "unit 1 coil 0..2 (3 bits): no answer within 0.2s"
+        )
         # the first read timed out; the others were not sent, yet all points are bad
         assert {r.quality for r in bad.values()} == {Quality.BAD}
         assert all(r.value is None for r in bad.values())
@@ -192,9 +196,7 @@ async def test_a_unit_that_stops_answering_goes_down_and_comes_back(
     assert sum(m.startswith("Modbus device up") for m in messages) == 2  # start, recovery
 
 
-async def test_units_behind_one_gateway_share_one_connection_and_a_dead_one_blocks_nobody() -> (
-    None
-):
+async def test_units_behind_one_gateway_share_one_connection_and_a_dead_one_blocks_nobody() -> None:
     units = [motor_unit(1), motor_unit(2), motor_unit(3)]
     async with tcp_server(*units) as server:
         configs = [source_config(server.port, MOTOR_POINTS, name=f"u{u.unit}", unit_id=u.unit)
@@ -247,7 +249,9 @@ def _drop_last_register(frame: bytes) -> bytes:
     """A read-registers answer one register short, with consistent lengths."""
     if len(frame) > 9 and frame[7] in (3, 4):
         body = frame[9:-2]
-        return frame[:4] + (len(body) + 3).to_bytes(2, "big") + frame[6:8] + bytes([len(body)]) + body
+        return (
+            frame[:4] + (len(body) + 3).to_bytes(2, "big") + frame[6:8] + bytes([len(body)]) + body
+        )
     return frame
 
 
