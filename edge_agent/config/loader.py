@@ -73,8 +73,11 @@ def parse_config(text: str, name: str = "<config>", *, check_files: bool = False
     try:
         config = Config.model_validate(data)
     except ValidationError as exc:
-        problems.extend(_locate(_clean_loc(err["loc"], data), err["msg"], marks)
-                        for err in exc.errors(include_url=False))
+        already = {p.path for p in problems}  # e.g. an unset ${VAR}: don't report it twice
+        for err in exc.errors(include_url=False):
+            problem = _locate(_clean_loc(err["loc"], data), err["msg"], marks)
+            if problem.path not in already:
+                problems.append(problem)
         raise ConfigError(name, _sorted(problems)) from None
 
     problems.extend(_locate(loc, msg, marks) for loc, msg in config.problems())

@@ -1,0 +1,123 @@
+"""The wire format: batches round-trip, tampering is caught, and an independent COSE library agrees."""
+
+from __future__ import annotations
+
+import hashlib
+
+import cbor2
+import pytest
+import zstandard
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from edge_agent.errors import EnvelopeError, UnknownKeyError
+from edge_agent.reading import Quality, Reading
+from edge_agent.seal.envelope import Opener, Sealer
+from edge_agent.seal.keys import key_id, load_private_key, load_public_key, write_keypair
+
+READINGS = [
+    Reading("plc", "current", 1_700_000_000_000_000_000, 12.5, Quality.GOOD),
+    Reading("plc", "running", 1_700_000_000_000_000_001, True, Quality.GOOD),
+    Reading("plc", "tag", 1_700_000_000_000_000_002, "PUMP-7", Quality.UNCERTAIN),
+    Reading("plc", "level", 1_700_000_000_000_000_003, None, Quality.BAD),
+    Reading("ua", "speed", 1_700_000_000_000_000_004, 3, Quality.GOOD, code=0x40920000),
+]
+
+
+def seal(key: Ed25519PrivateKey, *, compress: bool = True, evicted: tuple = ()) -> bytes:
+    return Sealer(key, compress=compress).seal(
+        gateway="gw",
+        epoch="ep",
+        batch=7,
+        first_seq=101,
+        readings=READINGS,
+        sealed_ns=42,
+        evicted=evicted,
+    )
+
+
+@pytest.mark.parametrize("compress", [True, False])
+def test_round_trip_keeps_every_field(compress: bool) -> None:
+    key = Ed25519PrivateKey.generate()
+    batch = Opener([key.public_key()]).open(seal(key, compress=compress, evicted=((1, 50),)))
+    assert (batch.gateway, batch.epoch, batch.batch, batch.sealed_ns) == ("gw", "ep", 7, 42)
+    assert batch.evicted == [(1, 50)]
+    assert [r["seq"] for r in batch.readings] == [101, 102, 103, 104, 105]
+    assert [r["v"] for r in batch.readings] == [12.5, True, "PUMP-7", None, 3]
+    assert [r["q"] for r in batch.readings] == ["good", "good", "uncertain", "bad", "good"]
+    assert batch.readings[0]["ts"] == 1_700_000_000_000_000_000
+    assert batch.readings[4]["sc"] == 0x40920000
+    assert "sc" not in batch.readings[0]
+
+
+def test_headers_follow_the_contract() -> None:
+    key = Ed25519PrivateKey.generate()
+    message = cbor2.loads(seal(key))
+    assert message.tag == 18
+    protected = cbor2.loads(message.value[0])
+    raw = key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    assert protected == {
+        1: -8,
+        4: hashlib.sha256(raw).digest()[:8],
+        3: "application/cbor",
+        "enc": "zstd",
+    }
+    body = cbor2.loads(zstandard.ZstdDecompressor().decompress(message.value[2]))
+    assert body["v"] == 1
+    assert "enc" not in cbor2.loads(cbor2.loads(seal(key, compress=False)).value[0])
+
+
+def test_tampered_payload_is_rejected() -> None:
+    key = Ed25519PrivateKey.generate()
+    message = cbor2.loads(seal(key, compress=False))
+    body = cbor2.loads(message.value[2])
+    body["readings"][0]["v"] = 99.9
+    message.value[2] = cbor2.dumps(body)
+    with pytest.raises(EnvelopeError, match="bad signature"):
+        Opener([key.public_key()]).open(cbor2.dumps(message))
+
+
+def test_unknown_key_is_named() -> None:
+    key, other = Ed25519PrivateKey.generate(), Ed25519PrivateKey.generate()
+    with pytest.raises(UnknownKeyError, match=key_id(key.public_key()).hex()):
+        Opener([other.public_key()]).open(seal(key))
+
+
+def test_garbage_is_rejected_cleanly() -> None:
+    opener = Opener([Ed25519PrivateKey.generate().public_key()])
+    for junk in (b"", b"\xff\x00", cbor2.dumps([1, 2, 3]), cbor2.dumps(cbor2.CBORTag(18, [1]))):
+        with pytest.raises(EnvelopeError):
+            opener.open(junk)
+
+
+def test_pycose_verifies_our_batches(tmp_path) -> None:
+    """An independent COSE implementation (pycose, with cbor2 < 6) accepts the signature."""
+    from pycose.keys import OKPKey
+    from pycose.keys.curves import Ed25519
+    from pycose.messages import Sign1Message
+
+    write_keypair(tmp_path)
+    private = load_private_key(tmp_path / "signing.key")
+    raw = load_public_key(tmp_path / "signing.pub").public_bytes(
+        serialization.Encoding.Raw, serialization.PublicFormat.Raw
+    )
+    decoded = Sign1Message.decode(seal(private))
+    decoded.key = OKPKey(crv=Ed25519, x=raw)
+    assert decoded.verify_signature()
+    body = cbor2.loads(zstandard.ZstdDecompressor().decompress(decoded.payload))
+    assert len(body["readings"]) == len(READINGS)
+
+
+def test_keygen_writes_private_key_0600(tmp_path) -> None:
+    kid = write_keypair(tmp_path)
+    assert (tmp_path / "signing.key").stat().st_mode & 0o777 == 0o600
+    assert key_id(load_public_key(tmp_path / "signing.pub")) == kid
+    with pytest.raises(FileExistsError):
+        write_keypair(tmp_path)
+
+
+def test_private_key_readable_by_others_is_refused(tmp_path) -> None:
+    write_keypair(tmp_path)
+    (tmp_path / "signing.key").chmod(0o644)
+    with pytest.raises(PermissionError, match="chmod 600"):
+        load_private_key(tmp_path / "signing.key")

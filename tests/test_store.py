@@ -1,0 +1,193 @@
+"""The buffer on a real SQLite file: counters survive restarts, retention is declared, acks delete."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from edge_agent.completeness import Completeness
+from edge_agent.metrics import Metrics
+from edge_agent.reading import Quality, Reading
+from edge_agent.seal.batcher import Batcher
+from edge_agent.seal.envelope import Opener, Sealer
+from edge_agent.store.sqlite import SealedBatch, Store
+
+MiB = 1024 * 1024
+
+
+def readings(count: int, start: int = 0) -> list[Reading]:
+    return [
+        Reading("sim", f"p{i % 10}", 1_700_000_000_000_000_000 + i, float(i), Quality.GOOD)
+        for i in range(start, start + count)
+    ]
+
+
+async def open_store(path: Path, max_bytes: int = 64 * MiB, max_age_s: float = 86400) -> Store:
+    store = Store(path, max_bytes=max_bytes, max_age_s=max_age_s)
+    await store.open()
+    return store
+
+
+def make_batcher(store: Store, key: Ed25519PrivateKey, max_readings: int = 100) -> Batcher:
+    return Batcher(
+        store,
+        Sealer(key, compress=False),
+        Metrics(),
+        gateway="gw",
+        max_readings=max_readings,
+        max_delay=0.05,
+        capacity=10_000,
+    )
+
+
+async def test_wal_and_full_sync_are_in_force(tmp_path: Path) -> None:
+    store = await open_store(tmp_path / "b.db")
+    assert (await store.db.execute_fetchall("PRAGMA journal_mode"))[0][0] == "wal"
+    assert (await store.db.execute_fetchall("PRAGMA synchronous"))[0][0] == 2  # FULL
+    await store.close()
+
+
+async def test_epoch_and_counters_survive_a_restart(tmp_path: Path) -> None:
+    key = Ed25519PrivateKey.generate()
+    store = await open_store(tmp_path / "b.db")
+    epoch = store.epoch
+    batcher = make_batcher(store, key)
+    await batcher.emit(readings(250))
+    await batcher.seal_pending()
+    assert (store.next_seq, store.next_batch) == (251, 4)
+    await store.close()
+
+    store = await open_store(tmp_path / "b.db")
+    assert store.epoch == epoch
+    assert (store.next_seq, store.next_batch) == (251, 4)
+    assert store.stats.readings == 250
+    assert store.stats.batches == 3
+    await store.close()
+
+
+async def test_new_file_means_new_epoch(tmp_path: Path) -> None:
+    first = await open_store(tmp_path / "a.db")
+    second = await open_store(tmp_path / "b.db")
+    assert first.epoch != second.epoch
+    await first.close()
+    await second.close()
+
+
+async def test_take_and_ack_delete_only_acknowledged(tmp_path: Path) -> None:
+    key = Ed25519PrivateKey.generate()
+    store = await open_store(tmp_path / "b.db")
+    batcher = make_batcher(store, key)
+    await batcher.emit(readings(500))
+    await batcher.seal_pending()
+    taken = await store.take(10)
+    assert len(taken) == 5
+    await store.ack([taken[0].key, taken[2].key])
+    remaining = await store.take(10)
+    assert [b.key for b in remaining] == [taken[1].key, taken[3].key, taken[4].key]
+    assert store.stats.readings == 300
+    seqs = []
+    opener = Opener([key.public_key()])
+    for batch in remaining:
+        seqs += [r["seq"] for r in opener.open(batch.data).readings]
+    assert seqs == list(range(101, 201)) + list(range(301, 501))
+    await store.close()
+
+
+async def test_out_of_order_append_is_refused(tmp_path: Path) -> None:
+    store = await open_store(tmp_path / "b.db")
+    with pytest.raises(Exception, match="out of order"):
+        await store.append([SealedBatch(5, 1, 1, 0, b"x")])
+    await store.close()
+
+
+async def test_retention_evicts_oldest_and_the_next_batch_declares_it(tmp_path: Path) -> None:
+    key = Ed25519PrivateKey.generate()
+    store = await open_store(tmp_path / "b.db", max_bytes=1 * MiB)
+    batcher = make_batcher(store, key, max_readings=1000)
+    for start in range(0, 60_000, 1000):
+        await batcher.emit(readings(1000, start))
+        await batcher.seal_pending()
+    # The limit holds for readings; a declaration sealed after the last eviction may sit on top.
+    assert store.stats.bytes <= 1 * MiB + 64 * 1024
+    assert store.stats.evicted_readings > 0
+
+    tracker = Completeness()
+    opener = Opener([key.public_key()])
+    taken = await store.take(1000)
+    assert taken[0].key[0] == "notices", "the declaration is sent before older readings"
+    for batch in taken:
+        opened = opener.open(batch.data)
+        tracker.accept(opened.gateway, opened.epoch, opened.readings, opened.evicted)
+    # Everything not still buffered (or declared by a later seal) is declared evicted.
+    await batcher.emit(readings(1, 60_000))
+    await batcher.seal_pending()
+    for batch in await store.take(1000):
+        opened = opener.open(batch.data)
+        tracker.accept(opened.gateway, opened.epoch, opened.readings, opened.evicted)
+    assert tracker.holes() == {}
+    assert not await store.pending_evictions()
+    await store.close()
+
+
+async def test_max_age_evicts_old_batches(tmp_path: Path) -> None:
+    key = Ed25519PrivateKey.generate()
+    store = await open_store(tmp_path / "b.db", max_age_s=0.05)
+    batcher = make_batcher(store, key)
+    await batcher.emit(readings(100))
+    await batcher.seal_pending()
+    await asyncio.sleep(0.1)  # the batch must be older than max_age: time itself is the input
+    await batcher.emit(readings(100, 100))
+    await batcher.seal_pending()
+    opener = Opener([key.public_key()])
+    declared = [opener.open(b.data).evicted for b in await store.take(10)]
+    assert [(1, 100)] in declared
+    assert await store.pending_evictions() == []
+    await store.close()
+
+
+async def test_pending_eviction_survives_a_restart_until_declared(tmp_path: Path) -> None:
+    """Retention records what it dropped in the same transaction, so a crash cannot hide it."""
+    store = await open_store(tmp_path / "b.db", max_bytes=1 * MiB)
+    blob = bytes(300 * 1024)
+    batches = [SealedBatch(n, (n - 1) * 10 + 1, 10, 0, blob) for n in range(1, 6)]
+    await store.append(batches)  # the agent "crashes" before sealing a declaration
+    pending = await store.pending_evictions()
+    assert pending == [(1, 10), (11, 20)]
+    await store.close()
+    store = await open_store(tmp_path / "b.db", max_bytes=1 * MiB)
+    assert await store.pending_evictions() == pending
+    declaration = SealedBatch(6, 51, 0, 0, b"declares", declares=tuple(pending))
+    await store.append([declaration])
+    assert await store.pending_evictions() == []
+    assert (await store.take(1))[0].key == ("notices", 6)
+    await store.close()
+
+
+async def test_batcher_seals_on_delay_and_on_size(tmp_path: Path) -> None:
+    store = await open_store(tmp_path / "b.db")
+    batcher = make_batcher(store, Ed25519PrivateKey.generate(), max_readings=100)
+    task = asyncio.create_task(batcher.run())
+    await batcher.emit(readings(250))
+    await asyncio.wait_for(batcher.sealed.wait(), 5)
+    while store.stats.readings < 250:
+        batcher.sealed.clear()
+        await asyncio.wait_for(batcher.sealed.wait(), 5)
+    assert store.stats.batches == 3
+    await batcher.emit(readings(5, 250))
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert store.stats.readings == 255, "cancellation seals what is pending"
+    await store.close()
+
+
+async def test_file_is_a_plain_sqlite_database(tmp_path: Path) -> None:
+    store = await open_store(tmp_path / "b.db")
+    await store.close()
+    with sqlite3.connect(tmp_path / "b.db") as db:
+        tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master")}
+    assert {"meta", "batches", "notices", "pending_evictions"} <= tables
