@@ -13,10 +13,15 @@ Invariants (each holds after every committed transaction):
 
 The file runs in WAL mode with synchronous=FULL: with NORMAL, a power cut can roll back
 transactions that were reported committed. When full, retention evicts the oldest batches first.
+
+The batcher and the forwarder share one connection: every public method holds `_lock`, so one
+caller's statements never run inside another's transaction (a second BEGIN would fail, a ROLLBACK
+would undo the other's work, and a read would see rows not yet committed).
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import sqlite3
 import time
@@ -24,6 +29,7 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import aiosqlite
 
@@ -87,6 +93,7 @@ class Store:
         self.next_batch = 1
         self.stats = BufferStats()
         self._db: aiosqlite.Connection | None = None
+        self._lock = asyncio.Lock()
 
     async def open(self) -> None:
         try:
@@ -97,7 +104,8 @@ class Store:
             await db.execute("PRAGMA synchronous=FULL")
             await db.executescript(SCHEMA)
             await db.execute("BEGIN IMMEDIATE")
-            meta = dict(await db.execute_fetchall("SELECT key, value FROM meta"))
+            rows = await db.execute_fetchall("SELECT key, value FROM meta")
+            meta: dict[str, Any] = {row[0]: row[1] for row in rows}
             if "epoch" not in meta:
                 meta = {"epoch": uuid.uuid4().hex, "next_seq": 1, "next_batch": 1}
                 await db.executemany("INSERT INTO meta VALUES (?, ?)", meta.items())
@@ -132,9 +140,10 @@ class Store:
         self.stats.batches, self.stats.readings, self.stats.bytes = batches, readings, size
 
     async def pending_evictions(self) -> list[tuple[int, int]]:
-        rows = await self.db.execute_fetchall(
-            "SELECT first_seq, last_seq FROM pending_evictions ORDER BY first_seq"
-        )
+        async with self._lock:
+            rows = await self.db.execute_fetchall(
+                "SELECT first_seq, last_seq FROM pending_evictions ORDER BY first_seq"
+            )
         return [(int(a), int(b)) for a, b in rows]
 
     async def append(self, batches: Sequence[SealedBatch]) -> int:
@@ -150,18 +159,21 @@ class Store:
         expected_batch, expected_seq = self.next_batch, self.next_seq
         for b in batches:
             if b.batch != expected_batch or b.first_seq != expected_seq:
-                raise StoreError(f"batch {b.batch} seq {b.first_seq} out of order: "
-                                 f"expected batch {expected_batch} seq {expected_seq}")
+                raise StoreError(
+                    f"batch {b.batch} seq {b.first_seq} out of order: "
+                    f"expected batch {expected_batch} seq {expected_seq}"
+                )
             expected_batch, expected_seq = b.batch + 1, b.first_seq + b.readings
         try:
-            await db.execute("BEGIN IMMEDIATE")
-            try:
-                await self._insert(batches, expected_batch, expected_seq)
-                evicted = await self._apply_retention()
-                await db.execute("COMMIT")
-            except BaseException:
-                await db.execute("ROLLBACK")
-                raise
+            async with self._lock:
+                await db.execute("BEGIN IMMEDIATE")
+                try:
+                    await self._insert(batches, expected_batch, expected_seq)
+                    evicted = await self._apply_retention()
+                    await db.execute("COMMIT")
+                except BaseException:
+                    await db.execute("ROLLBACK")
+                    raise
         except sqlite3.Error as exc:
             raise StoreError(f"cannot write buffer {self.path}: {exc}") from exc
         self.next_batch, self.next_seq = expected_batch, expected_seq
@@ -173,18 +185,35 @@ class Store:
 
     async def _insert(self, batches: Sequence[SealedBatch], next_batch: int, next_seq: int) -> None:
         db = self.db
-        plain = [(b.batch, b.first_seq, b.first_seq + b.readings - 1, b.readings, len(b.data),
-                  b.sealed_ns, b.data) for b in batches if not b.declares]
+        plain = [
+            (
+                b.batch,
+                b.first_seq,
+                b.first_seq + b.readings - 1,
+                b.readings,
+                len(b.data),
+                b.sealed_ns,
+                b.data,
+            )
+            for b in batches
+            if not b.declares
+        ]
         if plain:
             await db.executemany("INSERT INTO batches VALUES (?, ?, ?, ?, ?, ?, ?)", plain)
         for b in batches:
             if b.declares:
-                await db.execute("INSERT INTO notices VALUES (?, ?, ?, ?, ?)",
-                                 (b.batch, b.readings, len(b.data), b.sealed_ns, b.data))
-                await db.executemany("DELETE FROM pending_evictions WHERE first_seq = ?",
-                                     [(first,) for first, _ in b.declares])
-        await db.executemany("UPDATE meta SET value = ? WHERE key = ?",
-                             [(next_seq, "next_seq"), (next_batch, "next_batch")])
+                await db.execute(
+                    "INSERT INTO notices VALUES (?, ?, ?, ?, ?)",
+                    (b.batch, b.readings, len(b.data), b.sealed_ns, b.data),
+                )
+                await db.executemany(
+                    "DELETE FROM pending_evictions WHERE first_seq = ?",
+                    [(first,) for first, _ in b.declares],
+                )
+        await db.executemany(
+            "UPDATE meta SET value = ? WHERE key = ?",
+            [(next_seq, "next_seq"), (next_batch, "next_batch")],
+        )
 
     async def _apply_retention(self) -> list[tuple[int, int, int]]:
         """Evict the oldest batches past max_bytes or max_age; return (readings, bytes, batches)."""
@@ -192,9 +221,11 @@ class Store:
         cutoff_ns = time.time_ns() - int(self.max_age_s * 1e9)
         evicted: list[tuple[int, int, int]] = []
         while True:
-            rows = await self.db.execute_fetchall(
-                "SELECT id, first_seq, last_seq, readings, bytes, sealed_ns FROM batches"
-                " ORDER BY id LIMIT 64"
+            rows = list(
+                await self.db.execute_fetchall(
+                    "SELECT id, first_seq, last_seq, readings, bytes, sealed_ns FROM batches"
+                    " ORDER BY id LIMIT 64"
+                )
             )
             chosen = []
             for row_id, first, last, readings, size, sealed_ns in rows:
@@ -215,8 +246,12 @@ class Store:
         ranges = [(first, last) for _, first, last, readings, _ in rows if readings > 0]
         await db.executemany("INSERT INTO pending_evictions VALUES (?, ?)", ranges)
         if ranges:
-            log.warning("Buffer full or expired: evicted unsent readings seq=%d..%d batches=%d",
-                        ranges[0][0], ranges[-1][1], len(rows))
+            log.warning(
+                "Buffer full or expired: evicted unsent readings seq=%d..%d batches=%d",
+                ranges[0][0],
+                ranges[-1][1],
+                len(rows),
+            )
 
     def _forget(self, evicted: list[tuple[int, int, int]]) -> int:
         for readings, size, count in evicted:
@@ -231,38 +266,43 @@ class Store:
 
         Returns the number of readings evicted (now pending declaration)."""
         count = max(1, int(self.stats.batches * fraction))
-        rows = await self.db.execute_fetchall(
-            "SELECT id, first_seq, last_seq, readings, bytes FROM batches ORDER BY id LIMIT ?",
-            (count,),
-        )
-        chosen = [tuple(r) for r in rows]
-        if not chosen:
-            return 0
-        await self.db.execute("BEGIN IMMEDIATE")
-        try:
-            await self._evict(chosen)  # type: ignore[arg-type]
-            await self.db.execute("COMMIT")
-        except BaseException:
-            await self.db.execute("ROLLBACK")
-            raise
+        async with self._lock:
+            rows = await self.db.execute_fetchall(
+                "SELECT id, first_seq, last_seq, readings, bytes FROM batches ORDER BY id LIMIT ?",
+                (count,),
+            )
+            chosen = [tuple(r) for r in rows]
+            if not chosen:
+                return 0
+            await self.db.execute("BEGIN IMMEDIATE")
+            try:
+                await self._evict(chosen)
+                await self.db.execute("COMMIT")
+            except BaseException:
+                await self.db.execute("ROLLBACK")
+                raise
         return self._forget([(r[3], r[4], 1) for r in chosen])
 
     async def take(self, limit: int, after: int = 0) -> list[StoredBatch]:
         """Up to `limit` batches to send: notices first, then readings oldest first past `after`."""
         db = self.db
-        taken = [StoredBatch(("notices", row_id), readings, sealed_ns, data)
-                 for row_id, readings, sealed_ns, data in await db.execute_fetchall(
-                     "SELECT id, readings, sealed_ns, data FROM notices ORDER BY id LIMIT ?",
-                     (limit,))]
-        if len(taken) < limit:
-            taken.extend(
-                StoredBatch(("batches", row_id), readings, sealed_ns, data)
+        async with self._lock:
+            taken = [
+                StoredBatch(("notices", row_id), readings, sealed_ns, data)
                 for row_id, readings, sealed_ns, data in await db.execute_fetchall(
-                    "SELECT id, readings, sealed_ns, data FROM batches WHERE id > ?"
-                    " ORDER BY id LIMIT ?",
-                    (after, limit - len(taken)),
+                    "SELECT id, readings, sealed_ns, data FROM notices ORDER BY id LIMIT ?",
+                    (limit,),
                 )
-            )
+            ]
+            if len(taken) < limit:
+                taken.extend(
+                    StoredBatch(("batches", row_id), readings, sealed_ns, data)
+                    for row_id, readings, sealed_ns, data in await db.execute_fetchall(
+                        "SELECT id, readings, sealed_ns, data FROM batches WHERE id > ?"
+                        " ORDER BY id LIMIT ?",
+                        (after, limit - len(taken)),
+                    )
+                )
         return taken
 
     async def ack(self, keys: Sequence[tuple[str, int]]) -> None:
@@ -271,30 +311,36 @@ class Store:
             return
         db = self.db
         removed: list[tuple[int, int]] = []
-        await db.execute("BEGIN IMMEDIATE")
-        try:
-            for table in ("batches", "notices"):
-                ids = [row_id for name, row_id in keys if name == table]
-                for start in range(0, len(ids), 500):
-                    chunk = ids[start : start + 500]
-                    marks = ",".join("?" * len(chunk))
-                    removed.extend(await db.execute_fetchall(  # type: ignore[arg-type]
-                        f"DELETE FROM {table} WHERE id IN ({marks})"  # noqa: S608 - literals
-                        " RETURNING readings, bytes",
-                        chunk,
-                    ))
-            await db.execute("COMMIT")
-        except BaseException:
-            await db.execute("ROLLBACK")
-            raise
+        async with self._lock:
+            await db.execute("BEGIN IMMEDIATE")
+            try:
+                for table in ("batches", "notices"):
+                    ids = [row_id for name, row_id in keys if name == table]
+                    for start in range(0, len(ids), 500):
+                        chunk = ids[start : start + 500]
+                        marks = ",".join("?" * len(chunk))
+                        removed.extend(
+                            await db.execute_fetchall(  # type: ignore[arg-type]
+                                f"DELETE FROM {table} WHERE id IN ({marks})"  # noqa: S608 - literals
+                                " RETURNING readings, bytes",
+                                chunk,
+                            )
+                        )
+                await db.execute("COMMIT")
+            except BaseException:
+                await db.execute("ROLLBACK")
+                raise
         self.stats.readings -= sum(r for r, _ in removed)
         self.stats.bytes -= sum(b for _, b in removed)
         self.stats.batches -= len(removed)
 
     async def oldest_sealed_ns(self) -> int | None:
-        rows = list(await self.db.execute_fetchall(
-            "SELECT (SELECT sealed_ns FROM notices ORDER BY id LIMIT 1),"
-            " (SELECT sealed_ns FROM batches ORDER BY id LIMIT 1)"
-        ))
+        async with self._lock:
+            rows = list(
+                await self.db.execute_fetchall(
+                    "SELECT (SELECT sealed_ns FROM notices ORDER BY id LIMIT 1),"
+                    " (SELECT sealed_ns FROM batches ORDER BY id LIMIT 1)"
+                )
+            )
         found = [v for v in rows[0] if v is not None] if rows else []
         return min(found) if found else None
