@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import time
 from pathlib import Path
 
 import pytest
@@ -153,14 +154,15 @@ async def test_pending_eviction_survives_a_restart_until_declared(tmp_path: Path
     """Retention records what it dropped in the same transaction, so a crash cannot hide it."""
     store = await open_store(tmp_path / "b.db", max_bytes=1 * MiB)
     blob = bytes(300 * 1024)
-    batches = [SealedBatch(n, (n - 1) * 10 + 1, 10, 0, blob) for n in range(1, 6)]
+    now = time.time_ns()
+    batches = [SealedBatch(n, (n - 1) * 10 + 1, 10, now, blob) for n in range(1, 6)]
     await store.append(batches)  # the agent "crashes" before sealing a declaration
     pending = await store.pending_evictions()
     assert pending == [(1, 10), (11, 20)]
     await store.close()
     store = await open_store(tmp_path / "b.db", max_bytes=1 * MiB)
     assert await store.pending_evictions() == pending
-    declaration = SealedBatch(6, 51, 0, 0, b"declares", declares=tuple(pending))
+    declaration = SealedBatch(6, 51, 0, now, b"declares", declares=tuple(pending))
     await store.append([declaration])
     assert await store.pending_evictions() == []
     assert (await store.take(1))[0].key == ("notices", 6)

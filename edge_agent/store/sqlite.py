@@ -169,7 +169,7 @@ class Store:
                 await db.execute("BEGIN IMMEDIATE")
                 try:
                     await self._insert(batches, expected_batch, expected_seq)
-                    evicted = await self._apply_retention()
+                    evicted = await self._apply_retention(sum(len(b.data) for b in batches))
                     await db.execute("COMMIT")
                 except BaseException:
                     await db.execute("ROLLBACK")
@@ -215,9 +215,9 @@ class Store:
             [(next_seq, "next_seq"), (next_batch, "next_batch")],
         )
 
-    async def _apply_retention(self) -> list[tuple[int, int, int]]:
+    async def _apply_retention(self, adding: int) -> list[tuple[int, int, int]]:
         """Evict the oldest batches past max_bytes or max_age; return (readings, bytes, batches)."""
-        excess = self.stats.bytes - self.max_bytes
+        excess = self.stats.bytes + adding - self.max_bytes
         cutoff_ns = time.time_ns() - int(self.max_age_s * 1e9)
         evicted: list[tuple[int, int, int]] = []
         while True:
