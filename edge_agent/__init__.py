@@ -1,3 +1,3 @@
-"""edge-agent: polls industrial devices, buffers every reading, forwards signed batches over MQTT."""
+"""edge-agent: polls industrial devices, buffers every reading, forwards signed batches."""
 
 __version__ = "0.1.0"

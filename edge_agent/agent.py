@@ -35,7 +35,8 @@ SOURCE_RESTART_S = 5.0
 
 def configure_logging(level: int = logging.INFO) -> None:
     logging.basicConfig(
-        level=level, stream=sys.stderr,
+        level=level,
+        stream=sys.stderr,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     for noisy in ("asyncua", "pymodbus", "aiohttp.access"):
@@ -65,8 +66,9 @@ class Agent:
     def __init__(self, config: Config) -> None:
         self.config = config
         self.metrics = Metrics()
-        self.store = Store(config.store.path, max_bytes=int(config.store.max_bytes),
-                           max_age_s=config.store.max_age)
+        self.store = Store(
+            config.store.path, max_bytes=int(config.store.max_bytes), max_age_s=config.store.max_age
+        )
         self.sources: list[Source] = [build_source(c) for c in config.sources]
         self.metrics.registry.register(SourceCollector({s.name: s.state for s in self.sources}))
         self.stopping = asyncio.Event()
@@ -77,24 +79,36 @@ class Agent:
         await self.store.open()
         sealer = Sealer(key, compress=self.config.batch.compression == "zstd")
         batcher = Batcher(
-            self.store, sealer, self.metrics, gateway=self.config.gateway.id,
-            max_readings=self.config.batch.max_readings, max_delay=self.config.batch.max_delay,
+            self.store,
+            sealer,
+            self.metrics,
+            gateway=self.config.gateway.id,
+            max_readings=self.config.batch.max_readings,
+            max_delay=self.config.batch.max_delay,
             capacity=self.config.batch.queue_readings,
         )
-        forwarder = Forwarder(self.config.mqtt, self.config.gateway.id, self.store,
-                              batcher.sealed, self.metrics)
+        forwarder = Forwarder(
+            self.config.mqtt, self.config.gateway.id, self.store, batcher.sealed, self.metrics
+        )
         tasks: list[asyncio.Task[None]] = []
         health = Health(
-            gateway=self.config.gateway.id, store=self.store, mqtt=forwarder.state,
-            sources={s.name: s.state for s in self.sources}, metrics=self.metrics,
+            gateway=self.config.gateway.id,
+            store=self.store,
+            mqtt=forwarder.state,
+            sources={s.name: s.state for s in self.sources},
+            metrics=self.metrics,
             alive=lambda: all(not t.done() for t in tasks),
         )
-        runner = await start_health_server(health, self.config.health.host,
-                                           self.config.health.port)
+        runner = await start_health_server(health, self.config.health.host, self.config.health.port)
         self._install_signal_handlers()
-        log.info("Started gateway=%s sources=%d buffer=%s epoch=%s backlog=%d",
-                 self.config.gateway.id, len(self.sources), self.store.path, self.store.epoch,
-                 self.store.stats.readings)
+        log.info(
+            "Started gateway=%s sources=%d buffer=%s epoch=%s backlog=%d",
+            self.config.gateway.id,
+            len(self.sources),
+            self.store.path,
+            self.store.epoch,
+            self.store.stats.readings,
+        )
         try:
             async with asyncio.TaskGroup() as group:
                 source_tasks = [
@@ -125,11 +139,11 @@ class Agent:
 
     async def _drain(self, forwarder: Forwarder) -> None:
         """Wait until the buffer is empty or the grace period ends, whichever comes first."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + DRAIN_TIMEOUT_S
-        while (forwarder.state.connected and self.store.stats.batches > 0
-               and loop.time() < deadline):
-            await asyncio.sleep(0.05)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(DRAIN_TIMEOUT_S):
+                while forwarder.state.connected and self.store.stats.batches > 0:
+                    forwarder.acked.clear()
+                    await forwarder.acked.wait()
 
     def _install_signal_handlers(self) -> None:
         loop = asyncio.get_running_loop()

@@ -82,19 +82,60 @@ def _add_browse_arguments(browse: argparse.ArgumentParser) -> None:
     browse.add_argument("endpoint", help="opc.tcp://host:port[/path]")
     browse.add_argument("--node", default="i=85", help="start node id (default: i=85, Objects)")
     browse.add_argument("--depth", type=int, default=3, help="levels to descend (default: 3)")
-    browse.add_argument("--include-standard", action="store_true",
-                        help="also list namespace-0 nodes (the Server object's diagnostics)")
-    browse.add_argument("--policy", default="None", choices=[
-        "None", "Basic256Sha256", "Aes128_Sha256_RsaOaep", "Aes256_Sha256_RsaPss"])
-    browse.add_argument("--mode", choices=["Sign", "SignAndEncrypt"],
-                        help="default: SignAndEncrypt with a policy")
+    browse.add_argument(
+        "--include-standard",
+        action="store_true",
+        help="also list namespace-0 nodes (the Server object's diagnostics)",
+    )
+    browse.add_argument(
+        "--policy",
+        default="None",
+        choices=["None", "Basic256Sha256", "Aes128_Sha256_RsaOaep", "Aes256_Sha256_RsaPss"],
+    )
+    browse.add_argument(
+        "--mode", choices=["Sign", "SignAndEncrypt"], help="default: SignAndEncrypt with a policy"
+    )
     browse.add_argument("--server-certificate", type=Path, help="pinned server certificate")
     browse.add_argument("--trust-dir", type=Path, help="directory of trusted certificates")
-    browse.add_argument("--pki-dir", type=Path,
-                        help="client certificate and key (default: /var/lib/edge-agent/opcua)")
+    browse.add_argument(
+        "--pki-dir",
+        type=Path,
+        help="client certificate and key (default: /var/lib/edge-agent/opcua)",
+    )
     browse.add_argument("--username")
     browse.add_argument("--password-file", type=Path)
     browse.add_argument("--timeout", type=float, default=10.0, help="seconds (default: 10)")
+
+
+def _add_verify_arguments(verify: argparse.ArgumentParser) -> None:
+    verify.add_argument(
+        "--url", default="mqtt://127.0.0.1:1883", help="broker (mqtt:// or mqtts://)"
+    )
+    verify.add_argument(
+        "--topic",
+        default="#",
+        help="topic filter; batches are on {prefix}/{gateway}/batch (default: #)",
+    )
+    verify.add_argument(
+        "--key",
+        action="append",
+        required=True,
+        metavar="PUBFILE",
+        help="a trusted public key (PEM); repeat for several gateways",
+    )
+    verify.add_argument("--ca-file", help="CA bundle for mqtts://")
+    verify.add_argument("--username")
+    verify.add_argument("--password-file")
+    verify.add_argument(
+        "--client-id",
+        default="edge-agent-verify",
+        help="persistent session id (default: edge-agent-verify)",
+    )
+    verify.add_argument("--state", help="file that keeps completeness state across restarts")
+    verify.add_argument("--duration", type=float, help="stop after this many seconds")
+    verify.add_argument("--count", type=int, help="stop after this many readings")
+    verify.add_argument("--quiet", "-q", action="store_true", help="print only the summary")
+    verify.add_argument("--json", action="store_true", help="print readings as JSON lines")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -106,9 +147,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"edge-agent {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def add(name: str, handler: Callable[[argparse.Namespace], int], text: str) -> (
-        argparse.ArgumentParser
-    ):
+    def add(
+        name: str, handler: Callable[[argparse.Namespace], int], text: str
+    ) -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=text, description=text)
         sub.set_defaults(handler=handler)
         return sub
@@ -118,51 +159,62 @@ def build_parser() -> argparse.ArgumentParser:
 
     check = add("check-config", _cmd_check_config, "Validate a configuration file.")
     check.add_argument("file")
-    check.add_argument("--plan", action="store_true",
-                       help="also print the Modbus read requests planned for each device")
+    check.add_argument(
+        "--plan",
+        action="store_true",
+        help="also print the Modbus read requests planned for each device",
+    )
 
     keygen = add("keygen", _cmd_keygen, "Create an Ed25519 signing key pair.")
     keygen.add_argument("--out", required=True, help="directory for signing.key and signing.pub")
     keygen.add_argument("--force", action="store_true", help="overwrite an existing key pair")
 
-    verify = add("verify", _cmd_verify,
-                 "Subscribe to batches, verify signatures and completeness, print readings.")
-    verify.add_argument("--url", default="mqtt://127.0.0.1:1883", help="broker (mqtt:// or mqtts://)")
-    verify.add_argument("--topic", default="#",
-                        help="topic filter; batches are on {prefix}/{gateway}/batch (default: #)")
-    verify.add_argument("--key", action="append", required=True, metavar="PUBFILE",
-                        help="a trusted public key (PEM); repeat for several gateways")
-    verify.add_argument("--ca-file", help="CA bundle for mqtts://")
-    verify.add_argument("--username")
-    verify.add_argument("--password-file")
-    verify.add_argument("--client-id", default="edge-agent-verify",
-                        help="persistent session id (default: edge-agent-verify)")
-    verify.add_argument("--state", help="file that keeps completeness state across restarts")
-    verify.add_argument("--duration", type=float, help="stop after this many seconds")
-    verify.add_argument("--count", type=int, help="stop after this many readings")
-    verify.add_argument("--quiet", "-q", action="store_true", help="print only the summary")
-    verify.add_argument("--json", action="store_true", help="print readings as JSON lines")
+    _add_verify_arguments(
+        add(
+            "verify",
+            _cmd_verify,
+            "Subscribe to batches, verify signatures and completeness, print readings.",
+        )
+    )
 
-    _add_browse_arguments(add("browse", _cmd_browse,
-                              "List the variables under an OPC UA node as a config `nodes:` list."))
+    _add_browse_arguments(
+        add(
+            "browse",
+            _cmd_browse,
+            "List the variables under an OPC UA node as a config `nodes:` list.",
+        )
+    )
 
     status = add("status", _cmd_status, "Show the health of a running agent.")
     status.add_argument("--url", default="http://127.0.0.1:8710", help="health endpoint base URL")
     status.add_argument("--json", action="store_true", help="print the raw JSON")
 
-    demo = add("demo", _cmd_demo,
-               "Run simulated devices, the agent, a local broker and the verifier, with a live view.")
+    demo = add(
+        "demo",
+        _cmd_demo,
+        "Run simulated devices, the agent, a local broker and the verifier, with a live view.",
+    )
     demo.add_argument("--duration", type=float, help="stop after this many seconds")
-    demo.add_argument("--no-tui", action="store_true", help="plain log lines instead of the live view")
-    demo.add_argument("--outage", action="store_true",
-                      help="stop the broker for 10 s after 8 s, to show buffering and recovery")
-    demo.add_argument("--broker", choices=["auto", "mosquitto", "embedded"], default="auto",
-                      help="Mosquitto from PATH (auto, when installed) or the embedded amqtt")
+    demo.add_argument(
+        "--no-tui", action="store_true", help="plain log lines instead of the live view"
+    )
+    demo.add_argument(
+        "--outage",
+        action="store_true",
+        help="stop the broker for 10 s after 8 s, to show buffering and recovery",
+    )
+    demo.add_argument(
+        "--broker",
+        choices=["auto", "mosquitto", "embedded"],
+        default="auto",
+        help="Mosquitto from PATH (auto, when installed) or the embedded amqtt",
+    )
 
     probe = add("probe", _cmd_probe, "Read a device once and show the values for every setting.")
     protocols = probe.add_subparsers(dest="protocol", required=True, metavar="PROTOCOL")
     modbus = protocols.add_parser(
-        "modbus", help="read a register block; print it under every type and byte order",
+        "modbus",
+        help="read a register block; print it under every type and byte order",
         description="Read a register block; print it under every type and byte order.",
     )
     modbus.set_defaults(handler=_cmd_probe)
@@ -173,8 +225,9 @@ def build_parser() -> argparse.ArgumentParser:
     modbus.add_argument("--parity", choices=["N", "E", "O"], default="E")
     modbus.add_argument("--stopbits", type=int, choices=[1, 2], default=1)
     modbus.add_argument("--unit", type=int, default=1, help="unit (slave) id, default 1")
-    modbus.add_argument("--register", choices=["holding", "input", "coil", "discrete"],
-                        default="holding")
+    modbus.add_argument(
+        "--register", choices=["holding", "input", "coil", "discrete"], default="holding"
+    )
     modbus.add_argument("--address", type=int, required=True, help="0-based protocol address")
     modbus.add_argument("--count", type=int, default=8, help="registers (or bits) to read")
     modbus.add_argument("--timeout", type=float, default=2.0, help="seconds, default 2")

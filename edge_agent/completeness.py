@@ -79,14 +79,25 @@ class Stream:
         return combined.holes(self.max_seq)
 
     def to_json(self) -> dict[str, Any]:
-        return {"received": self.received.ranges(), "evicted": self.evicted.ranges(),
-                "max_seq": self.max_seq, "readings": self.readings,
-                "duplicates": self.duplicates, "evicted_count": self.evicted_count}
+        return {
+            "received": self.received.ranges(),
+            "evicted": self.evicted.ranges(),
+            "max_seq": self.max_seq,
+            "readings": self.readings,
+            "duplicates": self.duplicates,
+            "evicted_count": self.evicted_count,
+        }
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Stream:
-        return cls(Coverage(data["received"]), Coverage(data["evicted"]), data["max_seq"],
-                   data["readings"], data["duplicates"], data["evicted_count"])
+        return cls(
+            Coverage(data["received"]),
+            Coverage(data["evicted"]),
+            data["max_seq"],
+            data["readings"],
+            data["duplicates"],
+            data["evicted_count"],
+        )
 
 
 class Completeness:
@@ -96,7 +107,10 @@ class Completeness:
         self.streams: dict[tuple[str, str], Stream] = {}
 
     def accept(
-        self, gateway: str, epoch: str, readings: list[dict[str, Any]],
+        self,
+        gateway: str,
+        epoch: str,
+        readings: list[dict[str, Any]],
         evicted: list[tuple[int, int]],
     ) -> list[dict[str, Any]]:
         stream = self.streams.setdefault((gateway, epoch), Stream())

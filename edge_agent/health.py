@@ -23,8 +23,14 @@ class Health:
     """Answers from the components' own states; never blocks on a device or the broker."""
 
     def __init__(
-        self, *, gateway: str, store: Store, mqtt: ForwarderState,
-        sources: Mapping[str, SourceState], metrics: Metrics, alive: Callable[[], bool],
+        self,
+        *,
+        gateway: str,
+        store: Store,
+        mqtt: ForwarderState,
+        sources: Mapping[str, SourceState],
+        metrics: Metrics,
+        alive: Callable[[], bool],
     ) -> None:
         self._gateway = gateway
         self._store = store
@@ -61,13 +67,21 @@ class Health:
             "ready": self.ready,
             "mqtt": {"connected": self._mqtt.connected, "last_error": self._mqtt.last_error},
             "buffer": {
-                "readings": stats.readings, "bytes": stats.bytes, "batches": stats.batches,
-                "oldest_age_s": round(age, 3), "epoch": self._store.epoch,
-                "next_seq": self._store.next_seq, "evicted_readings": stats.evicted_readings,
+                "readings": stats.readings,
+                "bytes": stats.bytes,
+                "batches": stats.batches,
+                "oldest_age_s": round(age, 3),
+                "epoch": self._store.epoch,
+                "next_seq": self._store.next_seq,
+                "evicted_readings": stats.evicted_readings,
             },
             "sources": {
-                name: {"up": s.up, "last_error": s.last_error, "readings": s.readings,
-                       "errors": s.errors}
+                name: {
+                    "up": s.up,
+                    "last_error": s.last_error,
+                    "readings": s.readings,
+                    "errors": s.errors,
+                }
                 for name, s in self._sources.items()
             },
         }

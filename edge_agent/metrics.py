@@ -10,7 +10,7 @@ from prometheus_client.registry import Collector
 
 from edge_agent.sources.base import SourceState
 
-disable_created_metrics()
+disable_created_metrics()  # type: ignore[no-untyped-call]
 
 
 class Metrics:
@@ -20,34 +20,49 @@ class Metrics:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.readings_sealed = Counter(
-            "edge_agent_readings_sealed", "Readings sealed into the buffer.", registry=r)
+            "edge_agent_readings_sealed", "Readings sealed into the buffer.", registry=r
+        )
         self.batches_sealed = Counter(
-            "edge_agent_batches_sealed", "Batches sealed into the buffer.", registry=r)
+            "edge_agent_batches_sealed", "Batches sealed into the buffer.", registry=r
+        )
         self.readings_evicted = Counter(
-            "edge_agent_readings_evicted", "Unsent readings dropped by retention.", registry=r)
-        self.store_errors = Counter(
-            "edge_agent_store_errors", "Failed buffer writes.", registry=r)
+            "edge_agent_readings_evicted", "Unsent readings dropped by retention.", registry=r
+        )
+        self.store_errors = Counter("edge_agent_store_errors", "Failed buffer writes.", registry=r)
         self.buffer_readings = Gauge(
-            "edge_agent_buffer_readings", "Readings in the buffer, not yet acknowledged.",
-            registry=r)
+            "edge_agent_buffer_readings",
+            "Readings in the buffer, not yet acknowledged.",
+            registry=r,
+        )
         self.buffer_bytes = Gauge(
-            "edge_agent_buffer_bytes", "Bytes of sealed batches in the buffer.", registry=r)
+            "edge_agent_buffer_bytes", "Bytes of sealed batches in the buffer.", registry=r
+        )
         self.buffer_oldest_age = Gauge(
-            "edge_agent_buffer_oldest_age_seconds", "Age of the oldest buffered batch.", registry=r)
+            "edge_agent_buffer_oldest_age_seconds", "Age of the oldest buffered batch.", registry=r
+        )
         self.batches_sent = Counter(
-            "edge_agent_batches_sent", "Batches acknowledged by the broker.", registry=r)
+            "edge_agent_batches_sent", "Batches acknowledged by the broker.", registry=r
+        )
         self.readings_sent = Counter(
-            "edge_agent_readings_sent", "Readings acknowledged by the broker.", registry=r)
+            "edge_agent_readings_sent", "Readings acknowledged by the broker.", registry=r
+        )
         self.publish_rejected = Counter(
-            "edge_agent_publish_rejected", "Publishes the broker refused (reason code >= 0x80).",
-            registry=r)
+            "edge_agent_publish_rejected",
+            "Publishes the broker refused (reason code >= 0x80).",
+            registry=r,
+        )
         self.mqtt_connected = Gauge(
-            "edge_agent_mqtt_connected", "1 while connected to the broker.", registry=r)
+            "edge_agent_mqtt_connected", "1 while connected to the broker.", registry=r
+        )
         self.mqtt_connects = Counter(
-            "edge_agent_mqtt_connects", "Successful broker connections.", registry=r)
+            "edge_agent_mqtt_connects", "Successful broker connections.", registry=r
+        )
         self.ack_latency = Histogram(
-            "edge_agent_ack_latency_seconds", "From sealing a batch to its PUBACK.",
-            buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 60, 600, 3600), registry=r)
+            "edge_agent_ack_latency_seconds",
+            "From sealing a batch to its PUBACK.",
+            buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 60, 600, 3600),
+            registry=r,
+        )
 
 
 class SourceCollector(Collector):
@@ -57,13 +72,17 @@ class SourceCollector(Collector):
         self._states = states
 
     def collect(self) -> Iterator[Metric]:
-        up = GaugeMetricFamily("edge_agent_source_up", "1 while the source is answering.",
-                               labels=["source"])
-        readings = CounterMetricFamily("edge_agent_source_readings",
-                                       "Readings produced by the source.", labels=["source"])
-        errors = CounterMetricFamily("edge_agent_source_errors",
-                                     "Failed reads or connections of the source.",
-                                     labels=["source"])
+        up = GaugeMetricFamily(
+            "edge_agent_source_up", "1 while the source is answering.", labels=["source"]
+        )
+        readings = CounterMetricFamily(
+            "edge_agent_source_readings", "Readings produced by the source.", labels=["source"]
+        )
+        errors = CounterMetricFamily(
+            "edge_agent_source_errors",
+            "Failed reads or connections of the source.",
+            labels=["source"],
+        )
         for name, state in self._states.items():
             up.add_metric([name], 1 if state.up else 0)
             readings.add_metric([name], state.readings)

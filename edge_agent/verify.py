@@ -94,8 +94,14 @@ class Verifier:
         return code, lines
 
 
-def consumer_client(url: str, client_id: str, *, ca_file: str | None = None,
-                    username: str | None = None, password: str | None = None) -> aiomqtt.Client:
+def consumer_client(
+    url: str,
+    client_id: str,
+    *,
+    ca_file: str | None = None,
+    username: str | None = None,
+    password: str | None = None,
+) -> aiomqtt.Client:
     """An MQTT 5 client with a persistent session, so nothing is missed across reconnects."""
     from urllib.parse import urlsplit  # noqa: PLC0415
 
@@ -103,18 +109,26 @@ def consumer_client(url: str, client_id: str, *, ca_file: str | None = None,
     tls = None
     if parts.scheme == "mqtts":
         tls = ssl.create_default_context(cafile=ca_file)
-    properties = Properties(PacketTypes.CONNECT)
+    properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
     properties.SessionExpiryInterval = SESSION_EXPIRY_S
     return aiomqtt.Client(
-        parts.hostname or "127.0.0.1", parts.port or (8883 if tls else 1883),
-        identifier=client_id, protocol=aiomqtt.ProtocolVersion.V5, clean_start=False,
-        properties=properties, tls_context=tls, username=username, password=password,
+        parts.hostname or "127.0.0.1",
+        parts.port or (8883 if tls else 1883),
+        identifier=client_id,
+        protocol=aiomqtt.ProtocolVersion.V5,
+        clean_start=False,
+        properties=properties,
+        tls_context=tls,
+        username=username,
+        password=password,
         max_queued_incoming_messages=10_000,
     )
 
 
 async def consume(
-    verifier: Verifier, client_factory: Callable[[], aiomqtt.Client], topic: str,
+    verifier: Verifier,
+    client_factory: Callable[[], aiomqtt.Client],
+    topic: str,
     on_batch: Callable[[Batch | None, list[dict[str, Any]]], None],
     stop: asyncio.Event,
 ) -> None:
@@ -127,8 +141,9 @@ async def consume(
                 while not stop.is_set():
                     getter = asyncio.ensure_future(anext(messages))
                     stopper = asyncio.ensure_future(stop.wait())
-                    done, _ = await asyncio.wait({getter, stopper},
-                                                 return_when=asyncio.FIRST_COMPLETED)
+                    done, _ = await asyncio.wait(
+                        {getter, stopper}, return_when=asyncio.FIRST_COMPLETED
+                    )
                     stopper.cancel()
                     if getter not in done:
                         getter.cancel()
@@ -149,8 +164,11 @@ async def consume(
 
 
 def run_verify(args: argparse.Namespace) -> int:
-    logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.WARNING,
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
     keys = [load_public_key(Path(p)) for p in args.key]
     tracker = Completeness()
     state = Path(args.state) if args.state else None
@@ -172,8 +190,11 @@ def run_verify(args: argparse.Namespace) -> int:
             if args.json:
                 print(json.dumps({"gateway": batch.gateway, **r}), flush=False)
             else:
-                print(f"{batch.gateway} {r['seq']:>8} {r['src']}.{r['pt']} = {r['v']!r} "
-                      f"({r['q']}) ts={r['ts']}", flush=False)
+                print(
+                    f"{batch.gateway} {r['seq']:>8} {r['src']}.{r['pt']} = {r['v']!r} "
+                    f"({r['q']}) ts={r['ts']}",
+                    flush=False,
+                )
         sys.stdout.flush()
         if args.count and verifier.result.readings >= args.count:
             stop.set()
@@ -186,9 +207,16 @@ def run_verify(args: argparse.Namespace) -> int:
             loop.call_later(args.duration, stop.set)
         await consume(
             verifier,
-            lambda: consumer_client(args.url, args.client_id, ca_file=args.ca_file,
-                                    username=args.username, password=password),
-            topic, show, stop,
+            lambda: consumer_client(
+                args.url,
+                args.client_id,
+                ca_file=args.ca_file,
+                username=args.username,
+                password=password,
+            ),
+            topic,
+            show,
+            stop,
         )
 
     stop = asyncio.Event()

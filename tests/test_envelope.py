@@ -1,4 +1,4 @@
-"""The wire format: batches round-trip, tampering is caught, and an independent COSE library agrees."""
+"""The wire format: batches round-trip, tampering is caught, and pycose agrees."""
 
 from __future__ import annotations
 

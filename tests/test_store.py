@@ -1,4 +1,4 @@
-"""The buffer on a real SQLite file: counters survive restarts, retention is declared, acks delete."""
+"""The buffer on a real SQLite file: counters survive restarts, retention is declared."""
 
 from __future__ import annotations
 

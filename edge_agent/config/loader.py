@@ -32,9 +32,11 @@ class _NoAliasLoader(yaml.SafeLoader):
 
     def compose_node(self, parent: Any, index: Any) -> Any:
         if self.check_event(yaml.AliasEvent):
-            event = self.peek_event()
+            event = self.peek_event()  # type: ignore[no-untyped-call]
             raise yaml.composer.ComposerError(
-                None, None, "YAML aliases (*name) are not allowed in edge-agent configuration",
+                None,
+                None,
+                "YAML aliases (*name) are not allowed in edge-agent configuration",
                 event.start_mark,
             )
         return super().compose_node(parent, index)
@@ -55,7 +57,7 @@ def load_config(path: Path, *, check_files: bool = True) -> Config:
 def parse_config(text: str, name: str = "<config>", *, check_files: bool = False) -> Config:
     """Validate YAML text; the pure half of `load_config`, for tests and the embedded demo."""
     try:
-        node = yaml.compose(text, Loader=_NoAliasLoader)  # noqa: S506 - SafeLoader subclass
+        node = yaml.compose(text, Loader=_NoAliasLoader)
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         message = " ".join(part for part in (exc.context, exc.problem) if part)
@@ -125,9 +127,14 @@ def _expand_env(value: str, loc: Loc, marks: Marks, problems: list[ConfigProblem
         if default is not None:
             return default
         line, col = marks[loc]
-        problems.append(ConfigProblem(
-            _dotted(loc), f"environment variable {name} is not set", line, col,
-        ))
+        problems.append(
+            ConfigProblem(
+                _dotted(loc),
+                f"environment variable {name} is not set",
+                line,
+                col,
+            )
+        )
         return match.group(0)
 
     return _ENV_REF.sub(substitute, value)

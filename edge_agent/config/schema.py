@@ -8,7 +8,7 @@ from urllib.parse import urlsplit
 
 from pydantic import ByteSize, Field, SecretStr, field_validator, model_validator
 
-from edge_agent.config.modbus import ModbusSourceConfig
+from edge_agent.config.modbus import ModbusSourceConfig, shared_link_problems
 from edge_agent.config.opcua import OpcuaSourceConfig
 from edge_agent.config.simulated import SimulatedSourceConfig
 from edge_agent.config.types import Duration, Name, StrictModel, read_secret
@@ -146,11 +146,15 @@ class Config(StrictModel):
         for index, source in enumerate(self.sources):
             if source.name in seen:
                 found.append(
-                    (("sources", index, "name"),
-                     f"duplicate source name {source.name!r} (also sources[{seen[source.name]}])")
+                    (
+                        ("sources", index, "name"),
+                        f"duplicate source name {source.name!r}"
+                        f" (also sources[{seen[source.name]}])",
+                    )
                 )
             seen.setdefault(source.name, index)
             found.extend((("sources", index, *loc), msg) for loc, msg in source.problems())
+        found.extend(shared_link_problems(self.sources))
         return found
 
     def files_to_check(self) -> list[tuple[tuple[str | int, ...], Path]]:

@@ -34,8 +34,10 @@ class SimulatedSourceConfig(StrictModel):
         for index, point in enumerate(self.points):
             if point.name in seen:
                 found.append(
-                    (("points", index, "name"), f"duplicate point name {point.name!r} "
-                     f"(also points[{seen[point.name]}])")
+                    (
+                        ("points", index, "name"),
+                        f"duplicate point name {point.name!r} (also points[{seen[point.name]}])",
+                    )
                 )
             seen.setdefault(point.name, index)
         return found

@@ -32,8 +32,9 @@ def mosquitto_path() -> str | None:
 class Mosquitto:
     """Start, stop (SIGTERM, saving sessions) and restart one broker on one port."""
 
-    def __init__(self, port: int | None = None, *, extra_config: str = "",
-                 directory: Path | None = None) -> None:
+    def __init__(
+        self, port: int | None = None, *, extra_config: str = "", directory: Path | None = None
+    ) -> None:
         binary = mosquitto_path()
         if binary is None:
             raise FileNotFoundError("mosquitto is not installed (apt-get install mosquitto)")
@@ -51,8 +52,7 @@ class Mosquitto:
             "autosave_interval 1\n"
             "max_queued_messages 100000\n"
             "max_inflight_messages 0\n"
-            f"log_dest file {self.log_path}\n"
-            + extra_config
+            f"log_dest file {self.log_path}\n" + extra_config
         )
         self._process: subprocess.Popen[bytes] | None = None
 
@@ -63,15 +63,17 @@ class Mosquitto:
     def start(self, timeout: float = 10.0) -> None:
         self._process = subprocess.Popen(  # noqa: S603 - fixed binary and our own config
             [self.binary, "-c", str(self.config_path)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self._process.poll() is not None:
                 log = self.log_path.read_text() if self.log_path.exists() else ""
                 raise RuntimeError(f"mosquitto exited at start: {log[-2000:]}")
-            with contextlib.suppress(OSError), socket.create_connection(
-                ("127.0.0.1", self.port), timeout=0.2
+            with (
+                contextlib.suppress(OSError),
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.2),
             ):
                 return
             time.sleep(0.02)
@@ -92,8 +94,12 @@ class Mosquitto:
         self.start()
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
         self.stop()
         if self._own_dir:
             shutil.rmtree(self.directory, ignore_errors=True)

@@ -40,7 +40,12 @@ class AckingClient(aiomqtt.Client):
             self._acks.pop(info.mid, None)
 
     def _on_publish(
-        self, client: paho.Client, userdata: Any, mid: int, reason_code: Any, properties: Any,
+        self,
+        client: paho.Client,
+        userdata: Any,
+        mid: int,
+        reason_code: Any,
+        properties: Any,
     ) -> None:
         code = int(getattr(reason_code, "value", reason_code))
         future = self._acks.pop(mid, None)
@@ -51,7 +56,11 @@ class AckingClient(aiomqtt.Client):
         super()._on_publish(client, userdata, mid, reason_code, properties)
 
     def _on_disconnect(
-        self, client: paho.Client, userdata: Any, flags: Any, reason_code: Any,
+        self,
+        client: paho.Client,
+        userdata: Any,
+        flags: Any,
+        reason_code: Any,
         properties: Any = None,
     ) -> None:
         super()._on_disconnect(client, userdata, flags, reason_code, properties)

@@ -15,7 +15,9 @@ import json
 import logging
 import random
 import time
+from collections.abc import Coroutine
 from dataclasses import dataclass
+from typing import Any
 
 import aiomqtt
 
@@ -42,7 +44,11 @@ class ForwarderState:
 
 class Forwarder:
     def __init__(
-        self, config: MqttConfig, gateway_id: str, store: Store, new_batches: asyncio.Event,
+        self,
+        config: MqttConfig,
+        gateway_id: str,
+        store: Store,
+        new_batches: asyncio.Event,
         metrics: Metrics,
     ) -> None:
         self._config = config
@@ -56,16 +62,23 @@ class Forwarder:
         self._to_ack: list[tuple[str, int]] = []
         self._ack_ready = asyncio.Event()
         self._sent_readings: dict[tuple[str, int], int] = {}
+        self.acked = asyncio.Event()
+        """Set whenever acknowledged batches have been deleted from the store."""
 
     def _client(self) -> AckingClient:
-        will = aiomqtt.Will(self.status_topic, json.dumps({"state": "offline"}), qos=1,
-                            retain=True)
+        will = aiomqtt.Will(self.status_topic, json.dumps({"state": "offline"}), qos=1, retain=True)
         return AckingClient(
-            self._config.host, self._config.port,
-            username=self._config.username, password=self._config.password_value(),
-            identifier=self._client_id, protocol=protocol_version(self._config), will=will,
-            keepalive=int(self._config.keepalive), tls_context=tls_context(self._config),
-            max_inflight_messages=self._config.max_inflight, timeout=max(self._config.keepalive, 10),
+            self._config.host,
+            self._config.port,
+            username=self._config.username,
+            password=self._config.password_value(),
+            identifier=self._client_id,
+            protocol=protocol_version(self._config),
+            will=will,
+            keepalive=int(self._config.keepalive),
+            tls_context=tls_context(self._config),
+            max_inflight_messages=self._config.max_inflight,
+            timeout=max(self._config.keepalive, 10),
             logger=logging.getLogger("edge_agent.forward.paho"),
         )
 
@@ -77,8 +90,9 @@ class Forwarder:
                 async with self._client() as client:
                     self._mark(connected=True, error=None)
                     delay = self._config.reconnect_min
-                    await client.publish(self.status_topic, json.dumps({"state": "online"}),
-                                         qos=1, retain=True)
+                    await client.publish(
+                        self.status_topic, json.dumps({"state": "online"}), qos=1, retain=True
+                    )
                     acker = asyncio.create_task(self._acker(), name="mqtt-acker")
                     try:
                         await self._pump(client)
@@ -109,66 +123,34 @@ class Forwarder:
 
     async def _pump(self, client: AckingClient) -> None:
         """Keep `max_inflight` batches published and unacknowledged, oldest first."""
-        window = self._config.max_inflight
-        in_flight: dict[asyncio.Task[int], StoredBatch] = {}
-        batches_cursor = 0
-        notices_sent: set[int] = set()
-        while True:
-            if len(in_flight) < window:
-                self._new_batches.clear()
-                taken = await self._store.take(window - len(in_flight) + len(notices_sent),
-                                               after=batches_cursor)
-                for batch in taken:
-                    table, row_id = batch.key
-                    if table == "notices":
-                        if row_id in notices_sent:
-                            continue
-                        notices_sent.add(row_id)
-                    else:
-                        batches_cursor = max(batches_cursor, row_id)
-                    if len(in_flight) >= window:
-                        break
-                    task = asyncio.create_task(client.publish_acked(self.batch_topic, batch.data),
-                                               name=f"publish-{table}-{row_id}")
-                    in_flight[task] = batch
-            waiters: set[asyncio.Future[object]] = set(in_flight)  # type: ignore[arg-type]
-            new_data = None
-            if len(in_flight) < window:
-                new_data = asyncio.ensure_future(self._new_batches.wait())
-                waiters.add(new_data)
-            try:
-                done, _ = await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
-            except BaseException:
-                for task in in_flight:
-                    task.cancel()
-                raise
-            finally:
-                if new_data is not None:
-                    new_data.cancel()
-            for task in done:
-                batch = in_flight.pop(task, None)  # type: ignore[call-overload]
-                if batch is None:
-                    continue
-                try:
-                    code = task.result()
-                except BaseException:
-                    for other in in_flight:
-                        other.cancel()
-                    raise
-                if code >= REJECTION:
-                    self._metrics.publish_rejected.inc()
-                    for other in in_flight:
-                        other.cancel()
-                    raise PublishRejectedError(
-                        f"broker rejected batch (reason code 0x{code:02x}) topic={self.batch_topic}"
-                        "; it stays buffered"
+        window = _Window(self._config.max_inflight)
+        try:
+            while True:
+                if window.room():
+                    self._new_batches.clear()
+                    taken = await self._store.take(
+                        window.room() + len(window.notices_sent), after=window.cursor
                     )
-                if batch.key[0] == "notices":
-                    notices_sent.discard(batch.key[1])
-                self._sent_readings[batch.key] = batch.readings
-                self._to_ack.append(batch.key)
-                self._ack_ready.set()
-                self._metrics.ack_latency.observe(max(0.0, time.time() - batch.sealed_ns / 1e9))
+                    for batch in window.admit(taken):
+                        window.start(batch, client.publish_acked(self.batch_topic, batch.data))
+                wake = self._new_batches if window.room() else None
+                for batch, code in await window.completed(wake):
+                    self._settle(batch, code)
+        finally:
+            window.cancel()
+
+    def _settle(self, batch: StoredBatch, code: int) -> None:
+        """A PUBACK arrived: queue the batch for deletion, or refuse to (reason >= 0x80)."""
+        if code >= REJECTION:
+            self._metrics.publish_rejected.inc()
+            raise PublishRejectedError(
+                f"broker rejected batch (reason code 0x{code:02x}) topic={self.batch_topic}"
+                "; it stays buffered"
+            )
+        self._sent_readings[batch.key] = batch.readings
+        self._to_ack.append(batch.key)
+        self._ack_ready.set()
+        self._metrics.ack_latency.observe(max(0.0, time.time() - batch.sealed_ns / 1e9))
 
     async def _acker(self) -> None:
         """Deletes acknowledged batches in groups: one transaction per burst of PUBACKs."""
@@ -185,3 +167,60 @@ class Forwarder:
         readings = sum(self._sent_readings.pop(k, 0) for k in keys)
         self._metrics.batches_sent.inc(len(keys))
         self._metrics.readings_sent.inc(readings)
+        self.acked.set()
+
+
+class _Window:
+    """The publishes of one connection that await their PUBACK."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.in_flight: dict[asyncio.Future[int], StoredBatch] = {}
+        self.cursor = 0
+        """Highest `batches` row id published on this connection."""
+        self.notices_sent: set[int] = set()
+        """Declarations published on this connection (they are taken first on every call)."""
+
+    def room(self) -> int:
+        return self.size - len(self.in_flight)
+
+    def admit(self, taken: list[StoredBatch]) -> list[StoredBatch]:
+        """The batches of `taken` not yet published on this connection, up to the room left."""
+        fresh = []
+        for batch in taken:
+            table, row_id = batch.key
+            if table == "notices":
+                if row_id in self.notices_sent:
+                    continue
+                self.notices_sent.add(row_id)
+            else:
+                self.cursor = max(self.cursor, row_id)
+            fresh.append(batch)
+        return fresh[: self.room()]
+
+    def start(self, batch: StoredBatch, publish: Coroutine[Any, Any, int]) -> None:
+        task = asyncio.ensure_future(publish)
+        self.in_flight[task] = batch
+
+    async def completed(self, wake: asyncio.Event | None) -> list[tuple[StoredBatch, int]]:
+        """Wait for at least one PUBACK (or for `wake`); return (batch, reason code) pairs."""
+        waiters: set[asyncio.Future[Any]] = set(self.in_flight)
+        waker = asyncio.ensure_future(wake.wait()) if wake is not None else None
+        if waker is not None:
+            waiters.add(waker)
+        try:
+            done, _ = await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            if waker is not None:
+                waker.cancel()
+        results = []
+        for future in done:
+            batch = self.in_flight.pop(future, None)
+            if batch is not None:
+                results.append((batch, future.result()))
+        return results
+
+    def cancel(self) -> None:
+        for future in self.in_flight:
+            future.cancel()
+        self.in_flight.clear()

@@ -8,6 +8,7 @@ reading has waited `max_delay`; several ready batches go to the store in one tra
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Sequence
@@ -26,8 +27,15 @@ STORE_RETRY_S = 1.0
 
 class Batcher:
     def __init__(
-        self, store: Store, sealer: Sealer, metrics: Metrics, *, gateway: str,
-        max_readings: int, max_delay: float, capacity: int,
+        self,
+        store: Store,
+        sealer: Sealer,
+        metrics: Metrics,
+        *,
+        gateway: str,
+        max_readings: int,
+        max_delay: float,
+        capacity: int,
     ) -> None:
         self._store = store
         self._sealer = sealer
@@ -81,10 +89,8 @@ class Batcher:
         timeout = self._first_at + self._max_delay - asyncio.get_running_loop().time()
         if timeout > 0 and len(self._pending) < self._max_readings:
             self._full.clear()
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._full.wait(), timeout)
-            except TimeoutError:
-                pass
 
     async def seal_pending(self) -> None:
         """Seal and store everything pending, retrying on store errors; readings are kept."""
@@ -111,8 +117,13 @@ class Batcher:
         for start in range(0, max(len(readings), 1), self._max_readings):
             chunk = readings[start : start + self._max_readings]
             data = self._sealer.seal(
-                gateway=self._gateway, epoch=self._store.epoch, batch=batch_no, first_seq=seq,
-                readings=chunk, sealed_ns=sealed_ns, evicted=declare,
+                gateway=self._gateway,
+                epoch=self._store.epoch,
+                batch=batch_no,
+                first_seq=seq,
+                readings=chunk,
+                sealed_ns=sealed_ns,
+                evicted=declare,
             )
             batches.append(SealedBatch(batch_no, seq, len(chunk), sealed_ns, data, declare))
             batch_no, seq, declare = batch_no + 1, seq + len(chunk), ()
@@ -123,8 +134,10 @@ class Batcher:
         self._metrics.readings_sealed.inc(count)
         self._metrics.batches_sealed.inc(len(batches))
         if any(b.declares for b in batches):
-            log.info("Declared evicted readings ranges=%s", [list(r) for b in batches
-                                                              for r in b.declares])
+            log.info(
+                "Declared evicted readings ranges=%s",
+                [list(r) for b in batches for r in b.declares],
+            )
             self._declare = []
         if not self._pending:
             self._arrived.clear()

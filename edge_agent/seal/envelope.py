@@ -47,35 +47,56 @@ class Sealer:
     def __init__(self, key: Ed25519PrivateKey, *, compress: bool = True) -> None:
         self._key = key
         self.kid = key_id(key.public_key())
-        header: dict[Any, Any] = {HDR_ALG: ALG_EDDSA, HDR_KID: self.kid,
-                                  HDR_CONTENT_TYPE: CONTENT_TYPE}
+        header: dict[Any, Any] = {
+            HDR_ALG: ALG_EDDSA,
+            HDR_KID: self.kid,
+            HDR_CONTENT_TYPE: CONTENT_TYPE,
+        }
         if compress:
             header["enc"] = "zstd"
         self._protected = cbor2.dumps(header, canonical=True)
         self._compressor = zstandard.ZstdCompressor(level=3) if compress else None
 
     def seal(
-        self, *, gateway: str, epoch: str, batch: int, first_seq: int,
-        readings: Sequence[Reading], sealed_ns: int, evicted: Sequence[tuple[int, int]] = (),
+        self,
+        *,
+        gateway: str,
+        epoch: str,
+        batch: int,
+        first_seq: int,
+        readings: Sequence[Reading],
+        sealed_ns: int,
+        evicted: Sequence[tuple[int, int]] = (),
     ) -> bytes:
         """The COSE_Sign1 bytes for `readings`, numbered from `first_seq` in order."""
         items = []
         for seq, r in enumerate(readings, first_seq):
-            item = {"seq": seq, "src": r.src, "pt": r.pt, "ts": r.ts_ns, "v": r.value,
-                    "q": r.quality.value}
+            item = {
+                "seq": seq,
+                "src": r.src,
+                "pt": r.pt,
+                "ts": r.ts_ns,
+                "v": r.value,
+                "q": r.quality.value,
+            }
             if r.code is not None:
                 item["sc"] = r.code
             items.append(item)
-        body = cbor2.dumps({
-            "v": FORMAT_VERSION, "gateway": gateway, "epoch": epoch, "batch": batch,
-            "readings": items, "sealed": sealed_ns, "evicted": [list(e) for e in evicted],
-        })
+        body = cbor2.dumps(
+            {
+                "v": FORMAT_VERSION,
+                "gateway": gateway,
+                "epoch": epoch,
+                "batch": batch,
+                "readings": items,
+                "sealed": sealed_ns,
+                "evicted": [list(e) for e in evicted],
+            }
+        )
         payload = self._compressor.compress(body) if self._compressor else body
         to_sign = cbor2.dumps(["Signature1", self._protected, b"", payload])
         signature = self._key.sign(to_sign)
-        return cbor2.dumps(
-            cbor2.CBORTag(COSE_SIGN1_TAG, [self._protected, {}, payload, signature])
-        )
+        return cbor2.dumps(cbor2.CBORTag(COSE_SIGN1_TAG, [self._protected, {}, payload, signature]))
 
 
 class Opener:
@@ -103,10 +124,11 @@ class Opener:
         if header.get(HDR_ALG) != ALG_EDDSA:
             raise EnvelopeError(f"unsupported algorithm {header.get(HDR_ALG)!r}")
         kid = header.get(HDR_KID)
-        key = self._keys.get(kid) if isinstance(kid, bytes) else None
+        if not isinstance(kid, bytes):
+            raise EnvelopeError(f"missing or malformed key id {kid!r}")
+        key = self._keys.get(kid)
         if key is None:
-            shown = kid.hex() if isinstance(kid, bytes) else repr(kid)
-            raise UnknownKeyError(f"unknown key id {shown}")
+            raise UnknownKeyError(f"unknown key id {kid.hex()}")
         try:
             key.verify(signature, cbor2.dumps(["Signature1", protected, b"", payload]))
         except InvalidSignature:
@@ -120,10 +142,16 @@ class Opener:
         elif encoding is not None:
             raise EnvelopeError(f"unknown payload encoding {encoding!r}")
         body = cbor2.loads(payload)
-        if not isinstance(body, dict) or body.get("v") != FORMAT_VERSION:
-            raise EnvelopeError(f"unsupported payload version {body.get('v') if isinstance(body, dict) else None!r}")
+        if not isinstance(body, dict):
+            raise EnvelopeError("payload is not a CBOR map")
+        if body.get("v") != FORMAT_VERSION:
+            raise EnvelopeError(f"unsupported payload version {body.get('v')!r}")
         return Batch(
-            gateway=body["gateway"], epoch=body["epoch"], batch=body["batch"],
-            readings=list(body["readings"]), sealed_ns=body["sealed"],
-            evicted=[(int(a), int(b)) for a, b in body.get("evicted", [])], kid=kid,
+            gateway=body["gateway"],
+            epoch=body["epoch"],
+            batch=body["batch"],
+            readings=list(body["readings"]),
+            sealed_ns=body["sealed"],
+            evicted=[(int(a), int(b)) for a, b in body.get("evicted", [])],
+            kid=kid,
         )

@@ -49,8 +49,9 @@ class SimulatedSource:
         while True:
             ts_ns = time.time_ns()
             readings = [
-                Reading(self.name, p.name, ts_ns, signal_value(p, tick, self._interval, i),
-                        Quality.GOOD)
+                Reading(
+                    self.name, p.name, ts_ns, signal_value(p, tick, self._interval, i), Quality.GOOD
+                )
                 for i, p in enumerate(self._points)
             ]
             await emit(readings)
