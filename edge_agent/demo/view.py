@@ -76,26 +76,18 @@ def render(snap: Snapshot, width: int = 100, *, color: bool = True) -> list[str]
     add(
         [
             ("edge-agent demo", "b"),
-            (f"  gateway {snap.gateway}  ·  running {mins:02d}:{secs:02d}", ""),
+            (f"  ·  gateway {snap.gateway}  ·  running {mins:02d}:{secs:02d}", ""),
         ]
         + ([("  ·  stopping…", "y")] if snap.stopping else [])
     )
-    add(
-        [
-            ("health  ", "d"),
-            (snap.health_url, "c"),
-            (
-                f"   try: edge-agent status --url {snap.health_url}"
-                f"   or curl {snap.health_url}/metrics",
-                "d",
-            ),
-        ]
-    )
+    add([("health   ", ""), (snap.health_url, "c")])
+    add([(f"         edge-agent status --url {snap.health_url}   ·   curl {snap.health_url}"
+          "/metrics", "d")])  # fmt: skip
     add([])
-    add([("SOURCES", "b"), ("    state   polled  verified  latest values", "d")])
-    name_width = max([8, *(len(s.name) + len(s.kind) + 3 for s in snap.sources)])
+    name_width = max([len("SOURCES"), *(len(s.name) + len(s.kind) + 5 for s in snap.sources)])
+    add([("SOURCES".ljust(name_width), "b"), (" state    polled  verified  latest values", "d")])
     for row in snap.sources:
-        label = f"  {row.name} ({row.kind})".ljust(name_width + 2)
+        label = f"  {row.name} ({row.kind})".ljust(name_width)
         state = ("UP  ", "g") if row.up else ("DOWN", "r")
         values = "  ".join(f"{k}={_value(v)}" for k, v in row.latest.items())
         add(
