@@ -131,12 +131,19 @@ async def consume(
     topic: str,
     on_batch: Callable[[Batch | None, list[dict[str, Any]]], None],
     stop: asyncio.Event,
+    subscribed: asyncio.Event | None = None,
 ) -> None:
-    """Receive batches until `stop` is set, reconnecting (quickly) when the broker goes away."""
+    """Receive batches until `stop` is set, reconnecting (quickly) when the broker goes away.
+
+    `subscribed` is set once the first subscription is in place: from then on the persistent
+    session holds every batch for this consumer, even while it is disconnected.
+    """
     while not stop.is_set():
         try:
             async with client_factory() as client:
                 await client.subscribe(topic, qos=1)
+                if subscribed is not None:
+                    subscribed.set()
                 messages = aiter(client.messages)
                 while not stop.is_set():
                     getter = asyncio.ensure_future(anext(messages))

@@ -8,6 +8,7 @@ production broker), which is what the outage tests need.
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 import socket
 import subprocess
@@ -52,7 +53,11 @@ class Mosquitto:
             "autosave_interval 1\n"
             "max_queued_messages 100000\n"
             "max_inflight_messages 0\n"
-            f"log_dest file {self.log_path}\n" + extra_config
+            f"log_dest file {self.log_path}\n"
+            # As root, Mosquitto switches to its own user and then cannot read or write our
+            # private directory (persistence, ACL files): keep the invoking user.
+            + ("user root\n" if os.geteuid() == 0 else "")
+            + extra_config
         )
         self._process: subprocess.Popen[bytes] | None = None
 

@@ -96,6 +96,9 @@ class Forwarder:
                     acker = asyncio.create_task(self._acker(), name="mqtt-acker")
                     try:
                         await self._pump(client)
+                    except asyncio.CancelledError:
+                        await self._goodbye(client)
+                        raise
                     finally:
                         acker.cancel()
                         with contextlib.suppress(asyncio.CancelledError):
@@ -108,6 +111,19 @@ class Forwarder:
             await asyncio.sleep(wait)
             delay = min(delay * 2, self._config.reconnect_max)
 
+    async def _goodbye(self, client: AckingClient) -> None:
+        """On a clean stop: delete what was acknowledged and say "offline" (the will would not)."""
+        await self._flush_acks()
+        with contextlib.suppress(aiomqtt.MqttError, TimeoutError):
+            await client.publish(
+                self.status_topic,
+                json.dumps({"state": "offline"}),
+                qos=1,
+                retain=True,
+                timeout=2.0,
+            )
+        self._mark(connected=False, error=None)
+
     def _mark(self, *, connected: bool, error: str | None) -> None:
         changed = connected != self.state.connected or error != self.state.last_error
         self.state.connected, self.state.last_error = connected, error
@@ -118,6 +134,8 @@ class Forwarder:
         if connected:
             self._metrics.mqtt_connects.inc()
             log.info("Connected to broker url=%s topic=%s", self._config.url, self.batch_topic)
+        elif error is None:
+            log.info("Disconnected from broker url=%s", self._config.url)
         else:
             log.warning("Broker connection lost url=%s error=%s", self._config.url, error)
 
