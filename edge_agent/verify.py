@@ -131,6 +131,7 @@ async def consume(
     topic: str,
     on_batch: Callable[[Batch | None, list[dict[str, Any]]], None],
     stop: asyncio.Event,
+    *,
     subscribed: asyncio.Event | None = None,
 ) -> None:
     """Receive batches until `stop` is set, reconnecting (quickly) when the broker goes away.

@@ -46,7 +46,7 @@ async def running_verifier(broker: Mosquitto, keys: Path) -> AsyncIterator[Verif
             "site/test/#",
             lambda batch, fresh: None,
             stop,
-            subscribed,
+            subscribed=subscribed,
         )
     )
     await asyncio.wait_for(subscribed.wait(), 10)
