@@ -134,6 +134,8 @@ class _EventLog(logging.Handler):
 
 
 class Demo:
+    """One run: owns what the view shows, fed by the verifier's callback and the agent's /status."""
+
     def __init__(self, options: DemoOptions) -> None:
         self.options = options
         self.stop = asyncio.Event()
@@ -220,7 +222,7 @@ class Demo:
 
     def _on_batch(self, batch: Batch | None, fresh: list[dict[str, Any]]) -> None:
         if batch is None:
-            log.warning("Verifier rejected a batch error=%s", "see summary")
+            log.warning("Verifier rejected a batch; the summary says why")
             return
         for reading in fresh:
             row = self.rows.get(reading["src"])
@@ -286,7 +288,7 @@ class Demo:
     def _on_key(self, key: str, broker: LocalBroker) -> None:
         if "q" in key.lower():
             self.stop.set()
-        elif "o" in key.lower():
+        elif "o" in key.lower() and not self.stop.is_set():
             self._start_outage(broker, 0)
 
     async def _snapshot(
@@ -401,7 +403,7 @@ async def _stop_agent(agent: Agent, agent_task: asyncio.Task[int]) -> None:
             return
         for task in asyncio.all_tasks():
             if task.get_name().startswith("source-") and task.cancelling():
-                log.warning("Re-cancelling task=%s (a swallowed cancellation)", task.get_name())
+                log.debug("Re-cancelling task=%s (a swallowed cancellation)", task.get_name())
                 task.cancel()
 
 
