@@ -128,7 +128,8 @@ class Agent:
                 systemd.notify("STOPPING=1\nSTATUS=Draining")
                 log.info("Stopping: sealing pending readings and draining in-flight batches")
                 await _cancel(source_tasks)
-                await _cancel([batcher_task])
+                batcher.stop()
+                await batcher_task
                 await self._drain(forwarder)
                 await _cancel(tasks)
         finally:
@@ -167,8 +168,19 @@ class Agent:
 
 
 async def _cancel(tasks: Sequence[asyncio.Task[None]]) -> None:
+    """Cancel and wait, re-delivering a cancellation that a library swallowed.
+
+    On Python 3.11, `asyncio.wait_for` returns the result instead of raising when the awaited
+    future completes in the same loop turn as the cancel (fixed in 3.12); pymodbus awaits every
+    response that way, so one cancel does not always stop a Modbus source.
+    """
+    pending = {task for task in tasks if not task.done()}
+    while pending:
+        for task in pending:
+            task.cancel()
+        _, pending = await asyncio.wait(pending, timeout=0.2)
     for task in tasks:
-        task.cancel()
-    for task in tasks:
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        if not task.cancelled() and task.exception() is not None:
+            log.error(
+                "Task failed while stopping task=%s error=%r", task.get_name(), task.exception()
+            )

@@ -389,22 +389,9 @@ async def _fetch_status(http: aiohttp.ClientSession, health_url: str) -> dict[st
 
 
 async def _stop_agent(agent: Agent, agent_task: asyncio.Task[int]) -> None:
-    """Stop the agent, re-delivering a cancellation that a library swallowed.
-
-    On Python 3.11, `asyncio.wait_for` returns the result instead of raising when the awaited
-    future completes in the same loop turn as the cancel (fixed in 3.12); pymodbus awaits every
-    response that way, so a Modbus source sometimes polls on after `Agent` cancelled it once, and
-    the agent's stop would wait forever. A task still marked `cancelling()` was meant to stop.
-    """
+    """Stop the agent the way SIGTERM would, and wait for its clean drain."""
     agent.stopping.set()
-    while True:
-        done, _ = await asyncio.wait({agent_task}, timeout=0.2)
-        if done:
-            return
-        for task in asyncio.all_tasks():
-            if task.get_name().startswith("source-") and task.cancelling():
-                log.debug("Re-cancelling task=%s (a swallowed cancellation)", task.get_name())
-                task.cancel()
+    await asyncio.wait({agent_task})
 
 
 async def _first(wanted: Any, task: asyncio.Task[int]) -> None:

@@ -51,6 +51,7 @@ class Batcher:
         self._space = asyncio.Event()
         self._space.set()
         self._declare: list[tuple[int, int]] = []
+        self._stopping = False
         self.sealed = asyncio.Event()
         """Set after every store write, for whoever waits for new batches (the forwarder)."""
 
@@ -71,21 +72,28 @@ class Batcher:
             self._full.set()
 
     async def run(self) -> None:
-        """Seal batches until cancelled; on cancellation, seal what is pending first."""
+        """Seal batches until `stop()`; then seal what is pending and return.
+
+        Stopping is a flag, not a cancellation, so that the final seal cannot be interrupted.
+        """
         self._declare = await self._store.pending_evictions()
-        try:
-            while True:
-                await self._wait_for_batch()
-                await self.seal_pending()
-        except asyncio.CancelledError:
+        while not self._stopping:
+            await self._wait_for_batch()
             await self.seal_pending()
-            raise
+        await self.seal_pending()
+
+    def stop(self) -> None:
+        """Ask `run` to seal what is pending and return; sources must be stopped first."""
+        self._stopping = True
+        self._arrived.set()
+        self._full.set()
 
     async def _wait_for_batch(self) -> None:
-        if self._declare:
+        if self._declare or self._stopping:
             return
         await self._arrived.wait()
-        assert self._first_at is not None
+        if self._stopping or self._first_at is None:
+            return
         timeout = self._first_at + self._max_delay - asyncio.get_running_loop().time()
         if timeout > 0 and len(self._pending) < self._max_readings:
             self._full.clear()
