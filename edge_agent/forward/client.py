@@ -55,6 +55,16 @@ class AckingClient(aiomqtt.Client):
             future.set_result(code)
         super()._on_publish(client, userdata, mid, reason_code, properties)
 
+    async def __aexit__(self, *exc_info: Any) -> None:
+        """Mark a lost connection's error as seen: the pump already raised it.
+
+        aiomqtt returns early when already disconnected, leaving its future's exception
+        unretrieved, which asyncio then logs as an error after every outage.
+        """
+        if self._disconnected.done() and not self._disconnected.cancelled():
+            self._disconnected.exception()
+        await super().__aexit__(*exc_info)
+
     def _on_disconnect(
         self,
         client: paho.Client,
