@@ -9,6 +9,8 @@ from __future__ import annotations
 import asyncio
 import signal
 import sqlite3
+import subprocess
+import sys
 import time
 import urllib.request
 from collections.abc import AsyncIterator
@@ -26,6 +28,13 @@ from edge_agent.seal.keys import load_public_key
 from edge_agent.verify import Verifier, consume, consumer_client
 
 OUTAGE_S = 10.0
+
+
+def status_command(agent: AgentProcess) -> int:
+    return subprocess.run(
+        [sys.executable, "-m", "edge_agent", "status", "--url", agent.health_url],
+        capture_output=True, check=False,
+    ).returncode  # fmt: skip
 
 
 def sealed_count(db_path: Path) -> int:
@@ -124,7 +133,7 @@ async def test_sigkill_loses_nothing_that_was_sealed(
     tmp_path: Path, broker: Mosquitto, keys: Path, agents: list[AgentProcess]
 ) -> None:
     sources, stop_device = await modbus_and_simulated(tmp_path)
-    config = agent_config(tmp_path, broker, keys, sources)
+    config = agent_config(tmp_path, broker, keys, sources, mqtt={"keepalive": "1s"})
     async with running_verifier(broker, keys) as verifier:
         first = AgentProcess(config, tmp_path)
         agents.append(first)
@@ -132,6 +141,13 @@ async def test_sigkill_loses_nothing_that_was_sealed(
         await wait_until(lambda: verifier.result.readings > 300, 30, "first readings")
         assert first.stop(signal.SIGKILL) == -signal.SIGKILL
         sealed_before_kill = sealed_count(tmp_path / "buffer.db")
+        await wait_until(
+            lambda: (
+                verifier.result.statuses.get("site/test/test-gw/status") == '{"state": "offline"}'
+            ),
+            10,
+            "the broker to publish the last will",
+        )
 
         second = AgentProcess(config, tmp_path)
         agents.append(second)
@@ -171,5 +187,10 @@ async def test_health_endpoints_and_clean_stop(
              if line and not line.startswith("#")}  # fmt: skip
     assert names and all(name.startswith("edge_agent_") for name in names)
     assert not any(name.endswith("_created") for name in names)
+    assert status_command(agent) == 0
+    broker.stop()
+    await wait_until(lambda: not agent.status()["mqtt"]["connected"], 10, "disconnect")
+    assert status_command(agent) == 1, "degraded while the broker is away"
     assert agent.stop(signal.SIGTERM) == 0
     assert "Stopped cleanly" in agent.log()
+    assert status_command(agent) == 2, "unreachable once stopped"
