@@ -95,7 +95,7 @@ def test_unknown_key_is_an_error_not_ignored() -> None:
 
 def test_duplicate_source_names_are_refused_with_path() -> None:
     [problem] = problems_of(MINIMAL + "  - {type: simulated, name: sim}\n")
-    assert "sources[1].name: duplicate source name 'sim'" in problem
+    assert "sources[1].name: duplicate name 'sim' (also sources[0])" in problem
 
 
 def test_yaml_aliases_are_refused() -> None:

@@ -62,7 +62,7 @@ def test_node_problems_have_key_paths() -> None:
         "      - {name: a, node_id: 'ns=2;s=A'}\n"
         "      - {name: c, node_id: 'garbage'}\n"
     )
-    assert any(m.startswith("sources[0].nodes[1].name: duplicate node name") for m in found)
+    assert any(m.startswith("sources[0].nodes[1].name: duplicate name") for m in found)
     assert any(m.startswith("sources[0].nodes[1].node_id: duplicate node_id") for m in found)
     assert any(
         m.startswith("sources[0].nodes[2].node_id: invalid node id 'garbage'") for m in found

@@ -13,7 +13,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from edge_agent.config.types import Duration, Name, StrictModel
+from edge_agent.config.types import Duration, Loc, Name, StrictModel, duplicate_problems
 
 RegisterKind = Literal["coil", "discrete", "input", "holding"]
 PointType = Literal[
@@ -30,8 +30,6 @@ MAX_REGISTERS_PER_READ = 125
 """Modbus spec limit for function codes 3 and 4 (a 256-byte PDU)."""
 MAX_BITS_PER_READ = 2000
 """Modbus spec limit for function codes 1 and 2."""
-
-Loc = tuple[str | int, ...]
 
 
 class ModbusPoint(StrictModel):
@@ -132,15 +130,8 @@ class ModbusSourceConfig(StrictModel):
 
     def problems(self) -> list[tuple[Loc, str]]:
         """Cross-field problems, as (location relative to this source, message)."""
-        found: list[tuple[Loc, str]] = []
-        seen: dict[str, int] = {}
+        found = duplicate_problems([p.name for p in self.points], "points", "name")
         for index, point in enumerate(self.points):
-            if point.name in seen:
-                found.append(
-                    (("points", index, "name"),
-                     f"duplicate point name {point.name!r} (also points[{seen[point.name]}])")
-                )  # fmt: skip
-            seen.setdefault(point.name, index)
             if point.address + point.width > 65536:
                 found.append((("points", index, "address"), "point runs past address 65535"))
             limit = self.max_bits_per_read if point.is_bit_table else self.max_registers_per_read

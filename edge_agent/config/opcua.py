@@ -12,7 +12,7 @@ from typing import Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 
-from edge_agent.config.types import Duration, Name, StrictModel, read_secret
+from edge_agent.config.types import Duration, Name, StrictModel, duplicate_problems, read_secret
 
 DEFAULT_PKI_DIR = Path("/var/lib/edge-agent/opcua")
 """Where the client certificate, its key and the trust list live unless configured."""
@@ -178,26 +178,9 @@ class OpcuaSourceConfig(StrictModel):
 
     def problems(self) -> list[tuple[tuple[str | int, ...], str]]:
         """Cross-field problems, as (location relative to this source, message)."""
-        found: list[tuple[tuple[str | int, ...], str]] = []
-        seen: dict[str, int] = {}
-        ids: dict[str, int] = {}
+        found = duplicate_problems([n.name for n in self.nodes], "nodes", "name")
+        found += duplicate_problems([n.node_id for n in self.nodes], "nodes", "node_id")
         for index, node in enumerate(self.nodes):
-            if node.name in seen:
-                found.append(
-                    (
-                        ("nodes", index, "name"),
-                        f"duplicate node name {node.name!r} (also nodes[{seen[node.name]}])",
-                    )
-                )
-            seen.setdefault(node.name, index)
-            if node.node_id in ids:
-                found.append(
-                    (
-                        ("nodes", index, "node_id"),
-                        f"duplicate node_id {node.node_id!r} (also nodes[{ids[node.node_id]}])",
-                    )
-                )
-            ids.setdefault(node.node_id, index)
             message = node_id_problem(node.node_id)
             if message is not None:
                 found.append((("nodes", index, "node_id"), message))

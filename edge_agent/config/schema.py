@@ -11,7 +11,7 @@ from pydantic import ByteSize, Field, SecretStr, field_validator, model_validato
 from edge_agent.config.modbus import ModbusSourceConfig, shared_link_problems
 from edge_agent.config.opcua import OpcuaSourceConfig
 from edge_agent.config.simulated import SimulatedSourceConfig
-from edge_agent.config.types import Duration, Name, StrictModel, read_secret
+from edge_agent.config.types import Duration, Name, StrictModel, duplicate_problems, read_secret
 
 SourceConfig = Annotated[
     ModbusSourceConfig | OpcuaSourceConfig | SimulatedSourceConfig, Field(discriminator="type")
@@ -141,18 +141,8 @@ class Config(StrictModel):
 
     def problems(self) -> list[tuple[tuple[str | int, ...], str]]:
         """Cross-field problems across the whole file, as (key path, message)."""
-        found: list[tuple[tuple[str | int, ...], str]] = []
-        seen: dict[str, int] = {}
+        found = duplicate_problems([s.name for s in self.sources], "sources", "name")
         for index, source in enumerate(self.sources):
-            if source.name in seen:
-                found.append(
-                    (
-                        ("sources", index, "name"),
-                        f"duplicate source name {source.name!r}"
-                        f" (also sources[{seen[source.name]}])",
-                    )
-                )
-            seen.setdefault(source.name, index)
             found.extend((("sources", index, *loc), msg) for loc, msg in source.problems())
         found.extend(shared_link_problems(self.sources))
         return found

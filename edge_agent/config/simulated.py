@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from edge_agent.config.types import Duration, Name, StrictModel
+from edge_agent.config.types import Duration, Name, StrictModel, duplicate_problems
 
 
 class SimulatedPoint(StrictModel):
@@ -29,18 +29,7 @@ class SimulatedSourceConfig(StrictModel):
             if self.points < 1:
                 return [(("points",), "must be at least 1")]
             return []
-        seen: dict[str, int] = {}
-        found: list[tuple[tuple[str | int, ...], str]] = []
-        for index, point in enumerate(self.points):
-            if point.name in seen:
-                found.append(
-                    (
-                        ("points", index, "name"),
-                        f"duplicate point name {point.name!r} (also points[{seen[point.name]}])",
-                    )
-                )
-            seen.setdefault(point.name, index)
-        return found
+        return duplicate_problems([p.name for p in self.points], "points", "name")
 
     def point_names(self) -> list[str]:
         if isinstance(self.points, int):

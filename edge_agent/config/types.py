@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated
 
@@ -36,6 +37,26 @@ class StrictModel(BaseModel):
     """Every configuration model: unknown keys are errors, values are not coerced silently."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+Loc = tuple[str | int, ...]
+"""A key path into the configuration: ("sources", 2, "points", 0, "type")."""
+
+Problem = tuple[Loc, str]
+"""A cross-field problem: where it is and what is wrong."""
+
+
+def duplicate_problems(values: Sequence[str], list_key: str, field: str) -> list[Problem]:
+    """One problem per repeated value in a list, at the repeat, naming the first occurrence."""
+    first: dict[str, int] = {}
+    found: list[Problem] = []
+    for index, value in enumerate(values):
+        if value in first:
+            found.append(((list_key, index, field), f"duplicate {field} {value!r} "
+                          f"(also {list_key}[{first[value]}])"))  # fmt: skip
+        else:
+            first[value] = index
+    return found
 
 
 def read_secret(inline: SecretStr | None, file: Path | None) -> str | None:
