@@ -59,13 +59,13 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 SUSTAIN_FRACTION = 0.98
 
 
-GC_WRAPPER = '''
+GC_WRAPPER = """
 import gc, sys
 import edge_agent.agent, edge_agent.cli  # what `edge-agent run` imports anyway
 gc.freeze()  # the objects of the imports: never garbage, no need to traverse them again
 gc.set_threshold({threshold}, 10, 10)
 raise SystemExit(edge_agent.cli.main(sys.argv[1:]))
-'''
+"""
 """--gc-threshold: the experiment of docs/performance.md, the agent with a tuned collector."""
 
 
@@ -88,10 +88,14 @@ def consumer_main(port: int, key_path: str, conn: Any) -> None:
     def on_message(_c: Any, _u: Any, message: Any) -> None:
         received.append((time.time_ns(), message.payload))
 
-    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="bench-consumer",
-                         protocol=mqtt.MQTTv5)
+    client = mqtt.Client(
+        mqtt.CallbackAPIVersion.VERSION2, client_id="bench-consumer", protocol=mqtt.MQTTv5
+    )
     client.on_connect, client.on_disconnect, client.on_message = (
-        on_connect, on_disconnect, on_message)
+        on_connect,
+        on_disconnect,
+        on_message,
+    )
     client.reconnect_delay_set(min_delay=0.05, max_delay=0.5)
     client.max_inflight_messages_set(0)
     properties = Properties(PacketTypes.CONNECT)
@@ -115,8 +119,9 @@ def consumer_main(port: int, key_path: str, conn: Any) -> None:
             conn.send(analyse(opener, Completeness(), taken, arg))
 
 
-def analyse(opener: Any, tracker: Any, taken: list[tuple[int, bytes]],
-            options: dict[str, Any] | None) -> dict[str, Any]:
+def analyse(
+    opener: Any, tracker: Any, taken: list[tuple[int, bytes]], options: dict[str, Any] | None
+) -> dict[str, Any]:
     """Open and check every batch.
 
     options: `window` (lo_ns, hi_ns): latencies of the readings whose ts lies in it;
@@ -144,18 +149,30 @@ def analyse(opener: Any, tracker: Any, taken: list[tuple[int, bytes]],
     def pct(p: float) -> float | None:
         return ordered[min(len(ordered) - 1, int(p * len(ordered)))] / 1e6 if ordered else None
 
-    return {"batches": len(taken), "readings": readings, "unique": fresh, "holes": holes,
-            "p50_ms": pct(0.50), "p99_ms": pct(0.99), "max_ms": pct(1.0),
-            "latency_samples": len(ordered), "first_recv_ns": first_recv,
-            "last_recv_ns": last_recv}
+    return {
+        "batches": len(taken),
+        "readings": readings,
+        "unique": fresh,
+        "holes": holes,
+        "p50_ms": pct(0.50),
+        "p99_ms": pct(0.99),
+        "max_ms": pct(1.0),
+        "latency_samples": len(ordered),
+        "first_recv_ns": first_recv,
+        "last_recv_ns": last_recv,
+    }
 
 
 class Consumer:
     def __init__(self, port: int, key_path: Path) -> None:
         context = mp.get_context("spawn")
         self._conn, child = context.Pipe()
-        self.process = context.Process(target=consumer_main, args=(port, str(key_path), child),
-                                       name="bench-consumer", daemon=True)
+        self.process = context.Process(
+            target=consumer_main,
+            args=(port, str(key_path), child),
+            name="bench-consumer",
+            daemon=True,
+        )
         self.process.start()
 
     def call(self, command: str, arg: Any = None) -> Any:
@@ -218,15 +235,18 @@ class AgentProcess:
         if self.gc_threshold:
             command = [sys.executable, "-c", GC_WRAPPER.format(threshold=self.gc_threshold)]
         self.process = subprocess.Popen(
-            [*command, "run", "--config", str(self.config_path)], stdout=log, stderr=log,
+            [*command, "run", "--config", str(self.config_path)],
+            stdout=log,
+            stderr=log,
         )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise RuntimeError(f"agent exited at start; see {self.log_path}")
-            with contextlib.suppress(OSError), urllib.request.urlopen(
-                f"{self.url}/readyz", timeout=1
-            ) as response:
+            with (
+                contextlib.suppress(OSError),
+                urllib.request.urlopen(f"{self.url}/readyz", timeout=1) as response,
+            ):
                 if response.status == 200:
                     return
             time.sleep(0.05)
@@ -248,7 +268,8 @@ class AgentProcess:
             produced=sum(s["readings"] for s in status["sources"].values()),
             sealed=metrics.get("edge_agent_readings_sealed_total", 0.0),
             sent=metrics.get("edge_agent_readings_sent_total", 0.0),
-            buffered=status["buffer"]["readings"], cpu_s=self.cpu_s(),
+            buffered=status["buffer"]["readings"],
+            cpu_s=self.cpu_s(),
             connected=status["mqtt"]["connected"],
         )
 
@@ -314,14 +335,24 @@ class Bench:
         config = {
             "gateway": {"id": GATEWAY},
             "store": {"path": str(store), "max_bytes": "4GiB"},
-            "mqtt": {"url": self.broker.url, "topic_prefix": TOPIC_PREFIX,
-                     "max_inflight": self.args.inflight,
-                     "reconnect_min": "100ms", "reconnect_max": "200ms"},
+            "mqtt": {
+                "url": self.broker.url,
+                "topic_prefix": TOPIC_PREFIX,
+                "max_inflight": self.args.inflight,
+                "reconnect_min": "100ms",
+                "reconnect_max": "200ms",
+            },
             "batch": {"max_readings": self.args.batch, "max_delay": "1s"},
             "signing": {"key_file": str(self.keys / "signing.key")},
             "health": {"listen": f"127.0.0.1:{free_port()}"},
-            "sources": [{"type": "simulated", "name": "sim", "interval": interval,
-                         "points": point_list(points, self.args.signals)}],
+            "sources": [
+                {
+                    "type": "simulated",
+                    "name": "sim",
+                    "interval": interval,
+                    "points": point_list(points, self.args.signals),
+                }
+            ],
         }
         agent = AgentProcess(self.directory, config, name, gc_threshold=self.args.gc_threshold)
         self.agents.append(agent)
@@ -341,9 +372,23 @@ class Bench:
         out.mkdir(parents=True, exist_ok=True)
         py_spy = Path(sys.executable).with_name("py-spy")
         return subprocess.Popen(
-            [str(py_spy), "record", "-p", str(agent.pid), "-d", str(int(self.args.window)),
-             "-r", "200", "--nonblocking", "-f", "raw", "-o", str(out / f"{name}.txt")],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            [
+                str(py_spy),
+                "record",
+                "-p",
+                str(agent.pid),
+                "-d",
+                str(int(self.args.window)),
+                "-r",
+                "200",
+                "--nonblocking",
+                "-f",
+                "raw",
+                "-o",
+                str(out / f"{name}.txt"),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
 
     # ----------------------------------------------------------------- sustained
@@ -373,17 +418,30 @@ class Bench:
         sent = (s1.sent - s0.sent) / elapsed
         sealed = (s1.sealed - s0.sealed) / elapsed
         growth = s1.buffered - s0.buffered
-        ok = (produced >= SUSTAIN_FRACTION * rate and sent >= SUSTAIN_FRACTION * rate
-              and growth <= rate * 0.5 and s1.buffered <= rate
-              and seen["holes"] == 0 and code == 0)
+        ok = (
+            produced >= SUSTAIN_FRACTION * rate
+            and sent >= SUSTAIN_FRACTION * rate
+            and growth <= rate * 0.5
+            and s1.buffered <= rate
+            and seen["holes"] == 0
+            and code == 0
+        )
         cpu = s1.cpu_s - s0.cpu_s
         return {
-            "offered": rate, "points": points, "interval_s": interval,
-            "produced_per_s": produced, "sealed_per_s": sealed, "acked_per_s": sent,
-            "buffer_start": s0.buffered, "buffer_end": s1.buffered,
+            "offered": rate,
+            "points": points,
+            "interval_s": interval,
+            "produced_per_s": produced,
+            "sealed_per_s": sealed,
+            "acked_per_s": sent,
+            "buffer_start": s0.buffered,
+            "buffer_end": s1.buffered,
             "cpu_s_per_100k": cpu / max(s1.sealed - s0.sealed, 1) * 1e5,
-            "cpu_util": cpu / elapsed, "peak_rss_mb": rss, "exit_code": code,
-            "consumer": seen, "sustained": ok,
+            "cpu_util": cpu / elapsed,
+            "peak_rss_mb": rss,
+            "exit_code": code,
+            "consumer": seen,
+            "sustained": ok,
         }
 
     # ----------------------------------------------------------------- drain
@@ -397,8 +455,7 @@ class Bench:
         interval = self.args.interval
         fill_rate = self.args.fill_rate
         self.broker.stop()
-        filler = self.agent(f"agent-fill-{live_rate}", store, round(fill_rate * interval),
-                            interval)
+        filler = self.agent(f"agent-fill-{live_rate}", store, round(fill_rate * interval), interval)
         filler.start()
         began = time.monotonic()
         while True:
@@ -420,8 +477,9 @@ class Bench:
             raise RuntimeError("consumer did not reconnect")
         self.consumer.call("take")
         if live_rate:
-            drainer = self.agent(f"agent-drain-{live_rate}", store,
-                                 round(live_rate * interval), interval)
+            drainer = self.agent(
+                f"agent-drain-{live_rate}", store, round(live_rate * interval), interval
+            )
         else:
             drainer = self.agent("agent-drain-0", store, 1, 1.0)
         drainer.start()
@@ -448,12 +506,20 @@ class Bench:
         drain_elapsed = (seen["last_recv_ns"] - connected_ns) / 1e9
         consumer_elapsed = (seen["last_recv_ns"] - seen["first_recv_ns"]) / 1e9
         return {
-            "live_rate": live_rate, "backlog_readings": backlog, "backlog_batches": batches,
-            "fill_rate": fill_rate, "fill_seconds": fill_elapsed, "fill_peak_rss_mb": fill_rss,
-            "drain_seconds": drain_elapsed, "drain_per_s": backlog / drain_elapsed,
+            "live_rate": live_rate,
+            "backlog_readings": backlog,
+            "backlog_batches": batches,
+            "fill_rate": fill_rate,
+            "fill_seconds": fill_elapsed,
+            "fill_peak_rss_mb": fill_rss,
+            "drain_seconds": drain_elapsed,
+            "drain_per_s": backlog / drain_elapsed,
             "consumer_seconds": consumer_elapsed,
             "consumer_per_s": backlog / consumer_elapsed if consumer_elapsed else None,
-            "cpu_s": cpu, "peak_rss_mb": rss, "exit_code": code, "consumer": seen,
+            "cpu_s": cpu,
+            "peak_rss_mb": rss,
+            "exit_code": code,
+            "consumer": seen,
         }
 
 
@@ -462,8 +528,9 @@ def connect_time_ns(log_path: Path) -> int:
     for line in log_path.read_text().splitlines():
         if "Connected to broker" in line:
             stamp, millis = line[:23].split(",")
-            return int((time.mktime(time.strptime(stamp, "%Y-%m-%d %H:%M:%S")) + int(millis) / 1e3)
-                       * 1e9)
+            return int(
+                (time.mktime(time.strptime(stamp, "%Y-%m-%d %H:%M:%S")) + int(millis) / 1e3) * 1e9
+            )
     raise RuntimeError(f"no broker connection in {log_path}")
 
 
@@ -476,9 +543,16 @@ def point_list(count: int, signals: str) -> int | list[dict[str, Any]]:
     and offsets, so every float differs (~13 bytes a reading compressed)."""
     if signals == "sine" or count == 1:
         return count
-    return [{"name": f"p{i}", "signal": "random" if i % 16 == 15 else MIXED[i % 16],
-             "period": 5 + (i % 7) * 10, "amplitude": round(10 + i % 13 * 0.37, 2),
-             "offset": i % 11} for i in range(count)]
+    return [
+        {
+            "name": f"p{i}",
+            "signal": "random" if i % 16 == 15 else MIXED[i % 16],
+            "period": 5 + (i % 7) * 10,
+            "amplitude": round(10 + i % 13 * 0.37, 2),
+            "offset": i % 11,
+        }
+        for i in range(count)
+    ]
 
 
 def load() -> str:
@@ -493,38 +567,54 @@ def fmt_ms(value: float | None) -> str:
 def print_tables(steps: list[dict[str, Any]], drains: list[dict[str, Any]]) -> None:
     print()
     print("Sustained (fresh buffer per rate; latency = reading ts -> consumer receipt)")
-    header = (f"{'offered/s':>10} {'produced/s':>11} {'acked/s':>10} {'buffer end':>10} "
-              f"{'p50 ms':>7} {'p99 ms':>7} {'CPU':>5} {'CPU s/100k':>10} {'RSS MB':>7} "
-              f"{'holes':>5}  sustained")
+    header = (
+        f"{'offered/s':>10} {'produced/s':>11} {'acked/s':>10} {'buffer end':>10} "
+        f"{'p50 ms':>7} {'p99 ms':>7} {'CPU':>5} {'CPU s/100k':>10} {'RSS MB':>7} "
+        f"{'holes':>5}  sustained"
+    )
     print(header)
     print("-" * len(header))
     for s in steps:
         c = s["consumer"]
-        print(f"{s['offered']:>10,} {s['produced_per_s']:>11,.0f} {s['acked_per_s']:>10,.0f} "
-              f"{s['buffer_end']:>10,} {fmt_ms(c['p50_ms']):>7} {fmt_ms(c['p99_ms']):>7} "
-              f"{s['cpu_util']:>5.0%} {s['cpu_s_per_100k']:>10.3f} {s['peak_rss_mb']:>7.1f} "
-              f"{c['holes']:>5}  {'yes' if s['sustained'] else 'NO'}")
+        print(
+            f"{s['offered']:>10,} {s['produced_per_s']:>11,.0f} {s['acked_per_s']:>10,.0f} "
+            f"{s['buffer_end']:>10,} {fmt_ms(c['p50_ms']):>7} {fmt_ms(c['p99_ms']):>7} "
+            f"{s['cpu_util']:>5.0%} {s['cpu_s_per_100k']:>10.3f} {s['peak_rss_mb']:>7.1f} "
+            f"{c['holes']:>5}  {'yes' if s['sustained'] else 'NO'}"
+        )
     best = max((s["offered"] for s in steps if s["sustained"]), default=0)
     print(f"highest sustained offered rate: {best:,} readings/s")
     for drain in drains:
         live = drain["live_rate"]
         print()
-        print("Drain: backlog sealed during a broker outage, shipped after the agent restarts"
-              + (f", while it offers {live:,} readings/s" if live else " (1 reading/s offered)"))
-        print(f"  backlog            {drain['backlog_readings']:,} readings in "
-              f"{drain['backlog_batches']:,} batches (sealed at {drain['fill_rate']:,}/s offered "
-              f"in {drain['fill_seconds']:.1f} s, peak RSS {drain['fill_peak_rss_mb']:.1f} MB)")
-        print(f"  drain              {drain['drain_per_s']:,.0f} readings/s "
-              f"({drain['drain_seconds']:.2f} s from broker connection to the last backlog "
-              "batch received)")
+        print(
+            "Drain: backlog sealed during a broker outage, shipped after the agent restarts"
+            + (f", while it offers {live:,} readings/s" if live else " (1 reading/s offered)")
+        )
+        print(
+            f"  backlog            {drain['backlog_readings']:,} readings in "
+            f"{drain['backlog_batches']:,} batches (sealed at {drain['fill_rate']:,}/s offered "
+            f"in {drain['fill_seconds']:.1f} s, peak RSS {drain['fill_peak_rss_mb']:.1f} MB)"
+        )
+        print(
+            f"  drain              {drain['drain_per_s']:,.0f} readings/s "
+            f"({drain['drain_seconds']:.2f} s from broker connection to the last backlog "
+            "batch received)"
+        )
         if drain["consumer_per_s"]:
-            print(f"  consumer side      {drain['consumer_per_s']:,.0f} readings/s "
-                  f"(first to last backlog batch received, {drain['consumer_seconds']:.2f} s)")
+            print(
+                f"  consumer side      {drain['consumer_per_s']:,.0f} readings/s "
+                f"(first to last backlog batch received, {drain['consumer_seconds']:.2f} s)"
+            )
         c = drain["consumer"]
-        print(f"  verified           {c['unique']:,} unique readings, {c['holes']} holes, "
-              f"{c['readings'] - c['unique']:,} duplicates")
-        print(f"  agent              {drain['cpu_s']:.2f} CPU s from start to empty buffer, "
-              f"peak RSS {drain['peak_rss_mb']:.1f} MB, exit code {drain['exit_code']}")
+        print(
+            f"  verified           {c['unique']:,} unique readings, {c['holes']} holes, "
+            f"{c['readings'] - c['unique']:,} duplicates"
+        )
+        print(
+            f"  agent              {drain['cpu_s']:.2f} CPU s from start to empty buffer, "
+            f"peak RSS {drain['peak_rss_mb']:.1f} MB, exit code {drain['exit_code']}"
+        )
 
 
 def main() -> int:
@@ -533,28 +623,47 @@ def main() -> int:
     parser.add_argument("--rates", help="comma-separated offered rates (readings/s)")
     parser.add_argument("--window", type=float, help="measurement window per rate, seconds")
     parser.add_argument("--warmup", type=float, default=3.0)
-    parser.add_argument("--interval", type=float, default=0.1,
-                        help="source interval; points = rate x interval")
-    parser.add_argument("--signals", choices=("sine", "mixed"), default="sine",
-                        help="sine: `points: N` (repetitive, ~4 B/reading compressed); mixed: a "
-                        "list of varied points (~11 B/reading; use few points, short --interval)")
+    parser.add_argument(
+        "--interval", type=float, default=0.1, help="source interval; points = rate x interval"
+    )
+    parser.add_argument(
+        "--signals",
+        choices=("sine", "mixed"),
+        default="sine",
+        help="sine: `points: N` (repetitive, ~4 B/reading compressed); mixed: a "
+        "list of varied points (~11 B/reading; use few points, short --interval)",
+    )
     parser.add_argument("--batch", type=int, default=1000, help="batch.max_readings")
     parser.add_argument("--inflight", type=int, default=32, help="mqtt.max_inflight")
     parser.add_argument("--drain-readings", type=int, help="backlog for the drain phase")
-    parser.add_argument("--fill-rate", type=int, default=200_000,
-                        help="offered rate while the broker is down")
+    parser.add_argument(
+        "--fill-rate", type=int, default=200_000, help="offered rate while the broker is down"
+    )
     parser.add_argument("--no-drain", action="store_true")
-    parser.add_argument("--drain-live",
-                        help="live loads (readings/s) offered while draining, one drain each "
-                        "(default 0,100000; --quick: 0)")
-    parser.add_argument("--keep-going", action="store_true",
-                        help="measure every rate even after one is not sustained")
+    parser.add_argument(
+        "--drain-live",
+        help="live loads (readings/s) offered while draining, one drain each "
+        "(default 0,100000; --quick: 0)",
+    )
+    parser.add_argument(
+        "--keep-going",
+        action="store_true",
+        help="measure every rate even after one is not sustained",
+    )
     parser.add_argument("--json", help="also write the results to this file")
-    parser.add_argument("--gc-threshold", type=int, default=0, metavar="N",
-                        help="experiment: run the agent with gc.freeze() after its imports and "
-                        "gc.set_threshold(N, 10, 10)")
-    parser.add_argument("--profile", metavar="DIR",
-                        help="py-spy the agent over each window into DIR (pip install py-spy)")
+    parser.add_argument(
+        "--gc-threshold",
+        type=int,
+        default=0,
+        metavar="N",
+        help="experiment: run the agent with gc.freeze() after its imports and "
+        "gc.set_threshold(N, 10, 10)",
+    )
+    parser.add_argument(
+        "--profile",
+        metavar="DIR",
+        help="py-spy the agent over each window into DIR (pip install py-spy)",
+    )
     parser.add_argument("--dir", help="work directory (default: a temporary one, removed)")
     args = parser.parse_args()
     if args.quick:
@@ -571,11 +680,12 @@ def main() -> int:
         rates = [int(r) for r in args.rates.split(",")]
     args.drain_live = [int(r) for r in (args.drain_live or "0,100000").split(",")]
 
-    print(f"edge-agent pipeline benchmark: {os.cpu_count()} CPUs, load {load()} (1/5 min), "
-          f"batch {args.batch}, window {args.window:.0f}s, in-flight {args.inflight}, "
-          f"signals {args.signals}"
-          + (f", EXPERIMENT gc threshold {args.gc_threshold} + freeze" if args.gc_threshold
-             else ""))
+    print(
+        f"edge-agent pipeline benchmark: {os.cpu_count()} CPUs, load {load()} (1/5 min), "
+        f"batch {args.batch}, window {args.window:.0f}s, in-flight {args.inflight}, "
+        f"signals {args.signals}"
+        + (f", EXPERIMENT gc threshold {args.gc_threshold} + freeze" if args.gc_threshold else "")
+    )
     with contextlib.ExitStack() as stack:
         if args.dir:
             directory = Path(args.dir)
@@ -589,24 +699,30 @@ def main() -> int:
             step = bench.sustained(rate)
             steps.append(step)
             c = step["consumer"]
-            print(f"  offered {rate:>9,}/s: acked {step['acked_per_s']:>9,.0f}/s, "
-                  f"p99 {fmt_ms(c['p99_ms'])} ms, CPU {step['cpu_util']:.0%}, "
-                  f"RSS {step['peak_rss_mb']:.0f} MB, "
-                  f"{'sustained' if step['sustained'] else 'NOT sustained'} (load {load()})",
-                  flush=True)
+            print(
+                f"  offered {rate:>9,}/s: acked {step['acked_per_s']:>9,.0f}/s, "
+                f"p99 {fmt_ms(c['p99_ms'])} ms, CPU {step['cpu_util']:.0%}, "
+                f"RSS {step['peak_rss_mb']:.0f} MB, "
+                f"{'sustained' if step['sustained'] else 'NOT sustained'} (load {load()})",
+                flush=True,
+            )
             if not step["sustained"] and not args.keep_going:
                 break
         drains = []
         for live in [] if args.no_drain else args.drain_live:
             drain = bench.drain(drain_target, live)
             drains.append(drain)
-            print(f"  drain {drain['backlog_readings']:,} readings, live load {live:,}/s: "
-                  f"{drain['drain_per_s']:,.0f}/s (load {load()})", flush=True)
+            print(
+                f"  drain {drain['backlog_readings']:,} readings, live load {live:,}/s: "
+                f"{drain['drain_per_s']:,.0f}/s (load {load()})",
+                flush=True,
+            )
         print_tables(steps, drains)
         print(f"\nload after the run: {load()} (1/5 min)")
         if args.json:
-            Path(args.json).write_text(json.dumps({"steps": steps, "drains": drains,
-                                                   "args": vars(args)}, indent=1))
+            Path(args.json).write_text(
+                json.dumps({"steps": steps, "drains": drains, "args": vars(args)}, indent=1)
+            )
     return 0
 
 
