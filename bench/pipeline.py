@@ -7,20 +7,25 @@ every batch with the real Opener (signature checked) and checks completeness by 
 
 Phases
   sustained  for each offered rate (points x 1/interval): a fresh buffer, warm-up, then a window in
-             which the rate counts as sustained only if the source produced, and the broker
-             acknowledged, >= 98% of the offered readings, the buffer grew by at most half a
-             second's worth and ended below one second's worth, and the consumer saw no hole.
-  drain      the broker is stopped; the agent seals >= 1,000,000 readings into its buffer and is
-             stopped; the broker comes back and a new agent (same buffer, a 1-reading/s source)
-             ships the backlog. Timed from the agent's first broker connection to an empty buffer.
+             which the rate counts as sustained only if the source produced >= 98% of the
+             offered readings (less one tick, the counters' granularity), the buffer grew by at
+             most half a second's worth and ended below one second's worth (so the broker
+             acknowledged as much as was produced), and the consumer saw no hole.
+  drain      the broker is stopped; an agent seals >= 1,000,000 readings into its buffer and is
+             stopped; the broker comes back and a new agent on the same buffer ships the backlog
+             while offering --drain-live readings/s (default: 1/s, then 100,000/s). Timed from
+             that agent's "Connected to broker" log line to the consumer's receipt of the last
+             backlog batch.
 
 Measured from outside the agent: CPU (utime+stime of all its threads, /proc/PID/stat), peak RSS
 (VmHWM, /proc/PID/status), its counters (/status, /metrics). Latency is reading `ts` (stamped by
 the source) -> the consumer's receipt of the batch, which is an upper bound of reading -> PUBACK
 (the broker sends the PUBACK before or while it forwards the message to the subscriber).
 
-    .venv/bin/python bench/pipeline.py            # full run, ~4 minutes
-    .venv/bin/python bench/pipeline.py --quick    # ~30 s smoke run
+    .venv/bin/python bench/pipeline.py            # full run, ~2.5 minutes
+    .venv/bin/python bench/pipeline.py --quick    # ~25 s smoke run
+
+Results and their reading: docs/performance.md.
 """
 
 from __future__ import annotations
@@ -418,9 +423,10 @@ class Bench:
         sent = (s1.sent - s0.sent) / elapsed
         sealed = (s1.sealed - s0.sealed) / elapsed
         growth = s1.buffered - s0.buffered
+        # The counters move a tick (`points` readings) at a time: allow one tick of sampling
+        # slack. Acknowledged = produced - growth, so these two checks cover forwarding too.
         ok = (
-            produced >= SUSTAIN_FRACTION * rate
-            and sent >= SUSTAIN_FRACTION * rate
+            produced >= SUSTAIN_FRACTION * rate - points / elapsed
             and growth <= rate * 0.5
             and s1.buffered <= rate
             and seen["holes"] == 0
