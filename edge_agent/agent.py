@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import signal
 import sys
@@ -58,8 +59,21 @@ def run_agent(path: Path) -> int:
     try:
         return asyncio.run(Agent(config).run())
     except (StoreError, OSError, ValueError) as exc:
-        log.error("Could not start error=%s", exc)  # noqa: TRY400 - the message is the story
+        log.error("Could not start error=%s", exc)
         return 1
+
+
+def tune_garbage_collector() -> None:
+    """Fewer, cheaper collections: readings are short-lived but tracked by the GC.
+
+    Freezing what start-up created (about 130,000 objects of imported modules) keeps full
+    collections from walking it again, and a higher first threshold stops a collection every
+    few hundred readings. Measured in docs/performance.md: CPU per 100,000 readings 0.23-0.25 s
+    down to 0.15-0.19 s, p99 latency at 100,000 readings/s 55 ms down to 27 ms.
+    """
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(10_000, 10, 10)
 
 
 class Agent:
@@ -101,6 +115,7 @@ class Agent:
         )
         runner = await start_health_server(health, self.config.health.host, self.config.health.port)
         self._install_signal_handlers()
+        tune_garbage_collector()
         log.info(
             "Started gateway=%s sources=%d buffer=%s epoch=%s backlog=%d",
             self.config.gateway.id,

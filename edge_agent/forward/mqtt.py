@@ -22,6 +22,7 @@ from typing import Any
 import aiomqtt
 
 from edge_agent.config.schema import MqttConfig
+from edge_agent.errors import StoreError
 from edge_agent.forward.client import AckingClient, protocol_version, tls_context
 from edge_agent.metrics import Metrics
 from edge_agent.store.sqlite import Store, StoredBatch
@@ -29,6 +30,7 @@ from edge_agent.store.sqlite import Store, StoredBatch
 log = logging.getLogger(__name__)
 
 REJECTION = 0x80
+ACK_RETRY_S = 1.0
 
 
 class PublishRejectedError(Exception):
@@ -93,16 +95,11 @@ class Forwarder:
                     await client.publish(
                         self.status_topic, json.dumps({"state": "online"}), qos=1, retain=True
                     )
-                    acker = asyncio.create_task(self._acker(), name="mqtt-acker")
                     try:
-                        await self._pump(client)
+                        await _until_one_fails(self._pump(client), self._acker())
                     except asyncio.CancelledError:
                         await self._goodbye(client)
                         raise
-                    finally:
-                        acker.cancel()
-                        with contextlib.suppress(asyncio.CancelledError):
-                            await acker
             except (aiomqtt.MqttError, PublishRejectedError, OSError) as exc:
                 self._mark(connected=False, error=str(exc) or type(exc).__name__)
             await self._flush_acks()
@@ -174,18 +171,42 @@ class Forwarder:
         """Deletes acknowledged batches in groups: one transaction per burst of PUBACKs."""
         while True:
             await self._ack_ready.wait()
-            await self._flush_acks()
+            if not await self._flush_acks():
+                await asyncio.sleep(ACK_RETRY_S)
 
-    async def _flush_acks(self) -> None:
+    async def _flush_acks(self) -> bool:
+        """Delete what the broker acknowledged; on a store error keep the keys and say False."""
         self._ack_ready.clear()
         keys, self._to_ack = self._to_ack, []
         if not keys:
-            return
-        await self._store.ack(keys)
+            return True
+        try:
+            await self._store.ack(keys)
+        except StoreError as exc:
+            # Not deleting only means re-sending later (a duplicate); never a loss.
+            self._to_ack = keys + self._to_ack
+            self._ack_ready.set()
+            self._metrics.store_errors.inc()
+            log.error("Could not delete acknowledged batches, will retry error=%s", exc)
+            return False
         readings = sum(self._sent_readings.pop(k, 0) for k in keys)
         self._metrics.batches_sent.inc(len(keys))
         self._metrics.readings_sent.inc(readings)
         self.acked.set()
+        return True
+
+
+async def _until_one_fails(*coroutines: Coroutine[Any, Any, None]) -> None:
+    """Run forever-loops side by side; the first to raise cancels the others and is re-raised."""
+    tasks = [asyncio.ensure_future(c) for c in coroutines]
+    try:
+        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        for task in done:
+            task.result()
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 class _Window:
