@@ -16,6 +16,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
 from edge_agent import systemd
 from edge_agent.config import Config, load_config
 from edge_agent.errors import ConfigError, StoreError
@@ -31,6 +33,7 @@ from edge_agent.store.sqlite import Store
 log = logging.getLogger(__name__)
 
 DRAIN_TIMEOUT_S = 5.0
+GOODBYE_S = 3.0
 SOURCE_RESTART_S = 5.0
 
 
@@ -91,6 +94,12 @@ class Agent:
     async def run(self) -> int:
         key = load_private_key(self.config.signing.key_file)
         await self.store.open()
+        try:
+            return await self._run_with_store(key)
+        finally:
+            await self.store.close()  # also when start-up fails: its thread would keep us alive
+
+    async def _run_with_store(self, key: Ed25519PrivateKey) -> int:
         sealer = Sealer(key, compress=self.config.batch.compression == "zstd")
         batcher = Batcher(
             self.store,
@@ -140,16 +149,16 @@ class Agent:
                 systemd.notify("READY=1\nSTATUS=Forwarding")
                 self.started.set()
                 await self.stopping.wait()
+                health.ready = False
                 systemd.notify("STOPPING=1\nSTATUS=Draining")
                 log.info("Stopping: sealing pending readings and draining in-flight batches")
                 await _cancel(source_tasks)
                 batcher.stop()
                 await batcher_task
                 await self._drain(forwarder)
-                await _cancel(tasks)
+                await _cancel(tasks, patience=GOODBYE_S)
         finally:
             await runner.cleanup()
-            await self.store.close()
         log.info("Stopped cleanly buffered_readings=%d", self.store.stats.readings)
         return 0
 
@@ -182,18 +191,19 @@ class Agent:
             await asyncio.sleep(interval)
 
 
-async def _cancel(tasks: Sequence[asyncio.Task[None]]) -> None:
+async def _cancel(tasks: Sequence[asyncio.Task[None]], *, patience: float = 0.2) -> None:
     """Cancel and wait, re-delivering a cancellation that a library swallowed.
 
     On Python 3.11, `asyncio.wait_for` returns the result instead of raising when the awaited
     future completes in the same loop turn as the cancel (fixed in 3.12); pymodbus awaits every
-    response that way, so one cancel does not always stop a Modbus source.
+    response that way, so one cancel does not always stop a Modbus source. `patience` is how
+    long a task may take to wind up (the forwarder says goodbye) before it is cancelled again.
     """
     pending = {task for task in tasks if not task.done()}
     while pending:
         for task in pending:
             task.cancel()
-        _, pending = await asyncio.wait(pending, timeout=0.2)
+        _, pending = await asyncio.wait(pending, timeout=patience)
     for task in tasks:
         if not task.cancelled() and task.exception() is not None:
             log.error(

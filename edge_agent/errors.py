@@ -43,7 +43,11 @@ class ConfigError(EdgeAgentError):
 
 
 class StoreError(EdgeAgentError):
-    """The buffer cannot be opened or written."""
+    """The buffer cannot be opened or written; `disk_full` when SQLite said SQLITE_FULL."""
+
+    def __init__(self, message: str, *, disk_full: bool = False) -> None:
+        self.disk_full = disk_full
+        super().__init__(message)
 
 
 class EnvelopeError(EdgeAgentError):

@@ -16,7 +16,7 @@ import signal
 import ssl
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,6 +35,8 @@ log = logging.getLogger(__name__)
 EXIT_BAD_SIGNATURE = 3
 EXIT_GAP = 4
 SESSION_EXPIRY_S = 7 * 86400
+DRAIN_S = 0.3
+"""After a stop: how long a quiet queue must stay quiet before the consumer ends."""
 
 
 @dataclass
@@ -65,7 +67,12 @@ class Verifier:
             self.result.rejected += 1
             self.result.last_error = str(exc)
             return None, []
-        fresh = self.tracker.accept(batch.gateway, batch.epoch, batch.readings, batch.evicted)
+        try:
+            fresh = self.tracker.accept(batch.gateway, batch.epoch, batch.readings, batch.evicted)
+        except (KeyError, TypeError, ValueError) as exc:  # signed, but not what §4 says
+            self.result.rejected += 1
+            self.result.last_error = f"malformed readings: {exc}"
+            return None, []
         self.result.batches += 1
         self.result.readings += len(fresh)
         self.result.duplicates += len(batch.readings) - len(fresh)
@@ -121,7 +128,7 @@ def consumer_client(
         tls_context=tls,
         username=username,
         password=password,
-        max_queued_incoming_messages=10_000,
+        max_queued_incoming_messages=0,  # unbounded: aiomqtt drops what overflows, after PUBACK
     )
 
 
@@ -146,19 +153,7 @@ async def consume(
                 if subscribed is not None:
                     subscribed.set()
                 messages = aiter(client.messages)
-                while not stop.is_set():
-                    getter = asyncio.ensure_future(anext(messages))
-                    stopper = asyncio.ensure_future(stop.wait())
-                    done, _ = await asyncio.wait(
-                        {getter, stopper}, return_when=asyncio.FIRST_COMPLETED
-                    )
-                    stopper.cancel()
-                    if getter not in done:
-                        getter.cancel()
-                        with contextlib.suppress(asyncio.CancelledError, aiomqtt.MqttError):
-                            await getter
-                        break
-                    message = getter.result()
+                while (message := await _next_message(messages, stop)) is not None:
                     name = str(message.topic)
                     payload = message.payload if isinstance(message.payload, bytes) else b""
                     if name.endswith("/status"):
@@ -169,6 +164,33 @@ async def consume(
             log.debug("Verifier lost the broker error=%s", exc)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), 0.5)
+
+
+async def _next_message(
+    messages: AsyncIterator[aiomqtt.Message], stop: asyncio.Event
+) -> aiomqtt.Message | None:
+    """The next message, or None once `stop` is set and what was received is processed.
+
+    paho acknowledges a message as soon as it is queued here, so the broker will not send it
+    again: everything already queued is handled before stopping.
+    """
+    if stop.is_set():
+        try:
+            return await asyncio.wait_for(anext(messages), DRAIN_S)
+        except TimeoutError:
+            return None
+    getter = asyncio.ensure_future(anext(messages))
+    stopper = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait({getter, stopper}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopper.cancel()
+    if getter.done():
+        return getter.result()
+    try:
+        return await asyncio.wait_for(getter, DRAIN_S)
+    except TimeoutError:
+        return None
 
 
 def run_verify(args: argparse.Namespace) -> int:
@@ -231,7 +253,9 @@ def run_verify(args: argparse.Namespace) -> int:
     started = time.monotonic()
     asyncio.run(main())
     if state is not None:
-        state.write_text(json.dumps(tracker.to_json()))
+        partial = state.with_name(state.name + ".tmp")
+        partial.write_text(json.dumps(tracker.to_json()))
+        partial.replace(state)  # atomic: a crash leaves the old state or the new, never half
     code, lines = verifier.summary()
     for line in lines:
         print(line, file=sys.stderr)

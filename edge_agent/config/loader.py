@@ -7,6 +7,7 @@ and then costs seconds and hundreds of MB), and so are files over 1 MiB.
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 from pathlib import Path
@@ -48,27 +49,43 @@ def load_config(path: Path, *, check_files: bool = True) -> Config:
     OSError propagates when the file cannot be read at all (check-config exits 2 for it).
     """
     name = str(path)
+    if not path.is_file():  # a directory, a FIFO or a device would hang or mislead
+        raise IsADirectoryError(errno.EISDIR if path.is_dir() else errno.EINVAL,
+                                "not a regular file", name)  # fmt: skip
     if path.stat().st_size > MAX_CONFIG_BYTES:
         raise ConfigError(name, [ConfigProblem("", "file is larger than 1 MiB")])
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            name,
+            [
+                ConfigProblem(
+                    "", f"not UTF-8 text (byte {exc.start} is {exc.object[exc.start]:#04x})"
+                )
+            ],
+        ) from None
     return parse_config(text, name, check_files=check_files)
 
 
 def parse_config(text: str, name: str = "<config>", *, check_files: bool = False) -> Config:
     """Validate YAML text; the pure half of `load_config`, for tests and the embedded demo."""
+    marks: Marks = {}
+    problems: list[ConfigProblem] = []
     try:
         node = yaml.compose(text, Loader=_NoAliasLoader)
+        if node is None:
+            raise ConfigError(name, [ConfigProblem("", "the file is empty", 1, 1)])
+        data = _build(node, (), marks, problems)
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         message = " ".join(part for part in (exc.context, exc.problem) if part)
         line, col = (mark.line + 1, mark.column + 1) if mark else (None, None)
         raise ConfigError(name, [ConfigProblem("", message, line, col)]) from None
-    if node is None:
-        raise ConfigError(name, [ConfigProblem("", "the file is empty", 1, 1)])
-
-    marks: Marks = {}
-    problems: list[ConfigProblem] = []
-    data = _build(node, (), marks, problems)
+    except yaml.YAMLError as exc:  # e.g. a control character the reader refuses
+        raise ConfigError(name, [ConfigProblem("", " ".join(str(exc).split()))]) from None
+    except RecursionError:
+        raise ConfigError(name, [ConfigProblem("", "nested too deeply")]) from None
     if not isinstance(data, dict):
         raise ConfigError(name, [ConfigProblem("", "the top level must be a mapping", 1, 1)])
 
@@ -111,7 +128,15 @@ def _build(node: yaml.Node, loc: Loc, marks: Marks, problems: list[ConfigProblem
         return result
     if isinstance(node, yaml.SequenceNode):
         return [_build(item, (*loc, i), marks, problems) for i, item in enumerate(node.value)]
-    value = _SCALARS.construct_object(node)
+    try:
+        value = _SCALARS.construct_object(node)
+    except (yaml.YAMLError, ValueError) as exc:  # `!!int abc`, `!custom x`, a 5000-digit int
+        line, col = marks[loc]
+        reason = exc.problem if isinstance(exc, yaml.MarkedYAMLError) and exc.problem else exc
+        problems.append(ConfigProblem(_dotted(loc), f"invalid value: {reason}", line, col))
+        return None
+    finally:
+        _SCALARS.constructed_objects.clear()
     if isinstance(value, str):
         value = _expand_env(value, loc, marks, problems)
     return value

@@ -56,7 +56,7 @@ class MqttConfig(StrictModel):
     password: SecretStr | None = None
     password_file: Path | None = None
     tls: TlsConfig | None = None
-    keepalive: Duration = 30.0
+    keepalive: Annotated[Duration, Field(ge=1, le=65535)] = 30.0
     max_inflight: int = Field(default=32, ge=1, le=1000)
     reconnect_min: Duration = 1.0
     reconnect_max: Duration = 60.0
@@ -75,9 +75,11 @@ class MqttConfig(StrictModel):
         if not parts.hostname:
             raise ValueError("url needs a host")
         try:
-            _ = parts.port
+            port = parts.port
         except ValueError as exc:
             raise ValueError(f"invalid port: {exc}") from None
+        if port == 0:
+            raise ValueError("port 0 is not a broker port")
         return value
 
     @model_validator(mode="after")
@@ -120,6 +122,13 @@ class SigningConfig(StrictModel):
 
 class HealthConfig(StrictModel):
     listen: str = Field(default="127.0.0.1:8710", pattern=r"^(\[[0-9a-fA-F:]+\]|[^:\s]+):\d{1,5}$")
+
+    @field_validator("listen")
+    @classmethod
+    def _port_in_range(cls, value: str) -> str:
+        if not 1 <= int(value.rsplit(":", 1)[1]) <= 65535:
+            raise ValueError("port must be 1-65535")
+        return value
 
     @property
     def host(self) -> str:

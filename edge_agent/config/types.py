@@ -26,7 +26,7 @@ def parse_duration(value: object) -> object:
     raise ValueError(f"invalid duration {value!r}: use a number with ms, s, m, h or d (e.g. 500ms)")
 
 
-Duration = Annotated[float, BeforeValidator(parse_duration), Field(gt=0)]
+Duration = Annotated[float, BeforeValidator(parse_duration), Field(gt=0, allow_inf_nan=False)]
 """A positive duration, in seconds once parsed."""
 
 Name = Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]

@@ -23,15 +23,15 @@ class AckingClient(aiomqtt.Client):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._acks: dict[int, asyncio.Future[int]] = {}
-        self._early_acks: dict[int, int] = {}
+        self.lost = asyncio.Event()
+        """Set when the connection drops, so an idle publisher notices at once."""
 
     async def publish_acked(self, topic: str, payload: bytes) -> int:
         """Publish at QoS 1 and return the broker's reason code (0 = success)."""
         info = self._client.publish(topic, payload, qos=1)
         if info.rc != paho.MQTT_ERR_SUCCESS:
             raise aiomqtt.MqttCodeError(info.rc, "Could not publish batch")
-        if info.mid in self._early_acks:
-            return self._early_acks.pop(info.mid)
+        # PUBACKs are read only in loop callbacks, so none can arrive before this line.
         future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         self._acks[info.mid] = future
         try:
@@ -47,12 +47,11 @@ class AckingClient(aiomqtt.Client):
         reason_code: Any,
         properties: Any,
     ) -> None:
-        code = int(getattr(reason_code, "value", reason_code))
+        # Only ids that publish_acked issued: a stale code (say, of the status message) must
+        # never answer a later batch that reuses the id after it wraps at 65535.
         future = self._acks.pop(mid, None)
-        if future is None:
-            self._early_acks[mid] = code
-        elif not future.done():
-            future.set_result(code)
+        if future is not None and not future.done():
+            future.set_result(int(getattr(reason_code, "value", reason_code)))
         super()._on_publish(client, userdata, mid, reason_code, properties)
 
     async def __aexit__(self, *exc_info: Any) -> None:
@@ -78,7 +77,7 @@ class AckingClient(aiomqtt.Client):
             if not future.done():
                 future.set_exception(aiomqtt.MqttError(f"Disconnected: {reason_code}"))
         self._acks.clear()
-        self._early_acks.clear()
+        self.lost.set()
 
 
 def tls_context(config: MqttConfig) -> ssl.SSLContext | None:

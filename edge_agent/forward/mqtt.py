@@ -100,7 +100,7 @@ class Forwarder:
                     except asyncio.CancelledError:
                         await self._goodbye(client)
                         raise
-            except (aiomqtt.MqttError, PublishRejectedError, OSError) as exc:
+            except (aiomqtt.MqttError, PublishRejectedError, StoreError, OSError) as exc:
                 self._mark(connected=False, error=str(exc) or type(exc).__name__)
             await self._flush_acks()
             wait = delay * random.uniform(0.5, 1.0)  # noqa: S311 - jitter, not crypto
@@ -144,12 +144,14 @@ class Forwarder:
                 if window.room():
                     self._new_batches.clear()
                     taken = await self._store.take(
-                        window.room() + len(window.notices_sent), after=window.cursor
+                        window.room(), after=window.cursor, skip_notices=window.notices_sent
                     )
-                    for batch in window.admit(taken):
+                    for batch in taken:
                         window.start(batch, client.publish_acked(self.batch_topic, batch.data))
                 wake = self._new_batches if window.room() else None
-                for batch, code in await window.completed(wake):
+                results = await window.completed(wake, client.lost)
+                # Successes first: a rejection in the same round must not hold them back.
+                for batch, code in sorted(results, key=lambda result: result[1] >= REJECTION):
                     self._settle(batch, code)
         finally:
             window.cancel()
@@ -223,35 +225,33 @@ class _Window:
     def room(self) -> int:
         return self.size - len(self.in_flight)
 
-    def admit(self, taken: list[StoredBatch]) -> list[StoredBatch]:
-        """The batches of `taken` not yet published on this connection, up to the room left."""
-        fresh = []
-        for batch in taken:
-            table, row_id = batch.key
-            if table == "notices":
-                if row_id in self.notices_sent:
-                    continue
-                self.notices_sent.add(row_id)
-            else:
-                self.cursor = max(self.cursor, row_id)
-            fresh.append(batch)
-        return fresh[: self.room()]
-
     def start(self, batch: StoredBatch, publish: Coroutine[Any, Any, int]) -> None:
+        """Publish `batch` (never one already published on this connection)."""
+        table, row_id = batch.key
+        if table == "notices":
+            self.notices_sent.add(row_id)
+        else:
+            self.cursor = max(self.cursor, row_id)
         task = asyncio.ensure_future(publish)
         self.in_flight[task] = batch
 
-    async def completed(self, wake: asyncio.Event | None) -> list[tuple[StoredBatch, int]]:
-        """Wait for at least one PUBACK (or for `wake`); return (batch, reason code) pairs."""
+    async def completed(
+        self, wake: asyncio.Event | None, lost: asyncio.Event
+    ) -> list[tuple[StoredBatch, int]]:
+        """Wait for at least one PUBACK (or for `wake`); return (batch, reason code) pairs.
+
+        Raises MqttError when `lost` is set: an idle window must notice a dropped connection.
+        """
         waiters: set[asyncio.Future[Any]] = set(self.in_flight)
-        waker = asyncio.ensure_future(wake.wait()) if wake is not None else None
-        if waker is not None:
-            waiters.add(waker)
+        events = [asyncio.ensure_future(e.wait()) for e in (wake, lost) if e is not None]
+        waiters.update(events)
         try:
             done, _ = await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
         finally:
-            if waker is not None:
-                waker.cancel()
+            for event in events:
+                event.cancel()
+        if lost.is_set():
+            raise aiomqtt.MqttError("Connection lost")
         results = []
         for future in done:
             batch = self.in_flight.pop(future, None)

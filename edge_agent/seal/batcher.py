@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from collections.abc import Sequence
 
+import cbor2
+
 from edge_agent.errors import StoreError
 from edge_agent.metrics import Metrics
-from edge_agent.reading import Reading
+from edge_agent.reading import Quality, Reading
 from edge_agent.seal.envelope import Sealer
 from edge_agent.store.sqlite import SealedBatch, Store
 
@@ -23,6 +26,9 @@ log = logging.getLogger(__name__)
 
 MAX_BATCHES_PER_TRANSACTION = 32
 STORE_RETRY_S = 1.0
+STOP_RETRIES = 5
+"""Failed writes after which a stop gives up on unsealed readings rather than hang."""
+ENCODABLE = (bool, int, float, str, type(None))
 
 
 class Batcher:
@@ -52,6 +58,8 @@ class Batcher:
         self._space.set()
         self._declare: list[tuple[int, int]] = []
         self._stopping = False
+        self._failed_writes = 0
+        self._last_store_error: str | None = None
         self.sealed = asyncio.Event()
         """Set after every store write, for whoever waits for new batches (the forwarder)."""
 
@@ -109,8 +117,15 @@ class Batcher:
                 evicted = await self._store.append(batches)
             except StoreError as exc:
                 self._metrics.store_errors.inc()
+                if self._stopping and self._failed_writes >= STOP_RETRIES:
+                    log.error("Stopping with readings that could not be sealed count=%d error=%s",
+                              len(self._pending), exc)  # fmt: skip
+                    return
                 await self._recover(exc)
                 continue
+            if self._failed_writes:
+                log.info("Buffer writable again after failed_attempts=%d", self._failed_writes)
+                self._failed_writes, self._last_store_error = 0, None
             del self._pending[:count]
             self._after_store(batches)
             if evicted:
@@ -133,15 +148,19 @@ class Batcher:
             if batches:
                 await asyncio.sleep(0)
             chunk = readings[start : start + self._max_readings]
-            data = self._sealer.seal(
+            seal = functools.partial(
+                self._sealer.seal,
                 gateway=self._gateway,
                 epoch=self._store.epoch,
                 batch=batch_no,
                 first_seq=seq,
-                readings=chunk,
                 sealed_ns=sealed_ns,
                 evicted=declare,
             )
+            try:
+                data = seal(readings=chunk)
+            except (TypeError, ValueError, cbor2.CBOREncodeError) as exc:
+                data = seal(readings=self._encodable(chunk, exc))
             batches.append(SealedBatch(batch_no, seq, len(chunk), sealed_ns, data, declare))
             batch_no, seq, declare = batch_no + 1, seq + len(chunk), ()
         return batches
@@ -164,13 +183,33 @@ class Batcher:
         self._space.set()
         self.sealed.set()
 
+    def _encodable(self, readings: list[Reading], exc: Exception) -> list[Reading]:
+        """A value CBOR cannot carry (a source bug) becomes a `bad` reading, never a crash."""
+        fixed = [
+            r if isinstance(r.value, ENCODABLE) else r._replace(value=None, quality=Quality.BAD)
+            for r in readings
+        ]
+        bad = sorted({f"{r.src}.{r.pt}" for r in readings if not isinstance(r.value, ENCODABLE)})
+        log.error("Readings with values that cannot be encoded marked bad points=%s error=%s",
+                  bad, exc)  # fmt: skip
+        return fixed
+
     async def _recover(self, exc: StoreError) -> None:
-        """A failed write: make room if the disk is full, then wait a moment before retrying."""
-        log.error("Could not store batch, will retry error=%s", exc)
-        if "full" in str(exc).lower():
-            evicted = await self._store.evict_oldest()
-            if evicted:
-                self._metrics.readings_evicted.inc(evicted)
-                log.warning("Disk full: evicted oldest readings count=%d", evicted)
-        self._declare = await self._store.pending_evictions()
+        """A failed write: make room if the disk is full, then wait a moment before retrying.
+
+        Readings stay pending meanwhile; when `capacity` is reached, sources are slowed.
+        """
+        self._failed_writes += 1
+        if str(exc) != self._last_store_error:
+            self._last_store_error = str(exc)
+            log.error("Could not store batch, will retry error=%s", exc)
+        try:
+            if exc.disk_full:
+                evicted = await self._store.evict_oldest()
+                if evicted:
+                    self._metrics.readings_evicted.inc(evicted)
+                    log.warning("Disk full: evicted oldest readings count=%d", evicted)
+            self._declare = await self._store.pending_evictions()
+        except StoreError as again:
+            log.debug("Could not make room in the buffer error=%s", again)
         await asyncio.sleep(STORE_RETRY_S)

@@ -105,20 +105,31 @@ class Opener:
         self._decompressor = zstandard.ZstdDecompressor()
 
     def open(self, message: bytes) -> Batch:
-        """Verify `message` and return its batch; EnvelopeError says what is wrong."""
+        """Verify `message` and return its batch; EnvelopeError says what is wrong.
+
+        Anyone who can publish on the topic can send anything: every malformed input ends in
+        EnvelopeError, never in another exception.
+        """
         try:
-            outer = cbor2.loads(message)
-        except (cbor2.CBORDecodeError, ValueError, TypeError) as exc:
-            raise EnvelopeError(f"not CBOR: {exc}") from None
+            return self._open(message)
+        except EnvelopeError:
+            raise
+        except (cbor2.CBORError, ValueError, TypeError, KeyError, AttributeError) as exc:
+            raise EnvelopeError(f"malformed batch: {type(exc).__name__}: {exc}") from None
+
+    def _open(self, message: bytes) -> Batch:
+        outer = cbor2.loads(message)
         if not isinstance(outer, cbor2.CBORTag) or outer.tag != COSE_SIGN1_TAG:
             raise EnvelopeError("not a tagged COSE_Sign1 message")
         parts = outer.value
         if not isinstance(parts, list | tuple) or len(parts) != 4:
             raise EnvelopeError("COSE_Sign1 must have four elements")
         protected, _unprotected, payload, signature = parts
-        if not isinstance(protected, bytes) or not isinstance(payload, bytes):
-            raise EnvelopeError("protected header and payload must be byte strings")
+        if not all(isinstance(part, bytes) for part in (protected, payload, signature)):
+            raise EnvelopeError("protected header, payload and signature must be byte strings")
         header = cbor2.loads(protected) if protected else {}
+        if not isinstance(header, dict):
+            raise EnvelopeError("protected header is not a CBOR map")
         if header.get(HDR_ALG) != ALG_EDDSA:
             raise EnvelopeError(f"unsupported algorithm {header.get(HDR_ALG)!r}")
         kid = header.get(HDR_KID)
@@ -144,12 +155,16 @@ class Opener:
             raise EnvelopeError("payload is not a CBOR map")
         if body.get("v") != FORMAT_VERSION:
             raise EnvelopeError(f"unsupported payload version {body.get('v')!r}")
+        readings = list(body["readings"])
+        seqs = [r["seq"] for r in readings]
+        if seqs and seqs != list(range(seqs[0], seqs[0] + len(seqs))):
+            raise EnvelopeError("readings' seq values are not consecutive")
         return Batch(
-            gateway=body["gateway"],
-            epoch=body["epoch"],
-            batch=body["batch"],
-            readings=list(body["readings"]),
-            sealed_ns=body["sealed"],
+            gateway=str(body["gateway"]),
+            epoch=str(body["epoch"]),
+            batch=int(body["batch"]),
+            readings=readings,
+            sealed_ns=int(body["sealed"]),
             evicted=[(int(a), int(b)) for a, b in body.get("evicted", [])],
             kid=kid,
         )

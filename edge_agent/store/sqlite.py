@@ -22,20 +22,23 @@ would undo the other's work, and a read would see rows not yet committed).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import sqlite3
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import aiosqlite
 
 from edge_agent.errors import StoreError
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value) WITHOUT ROWID;
@@ -118,9 +121,10 @@ class Store:
             raise StoreError(f"cannot open buffer {self.path}: {exc}") from exc
 
     async def close(self) -> None:
-        if self._db is not None:
-            await self._db.close()
-            self._db = None
+        async with self._lock:
+            if self._db is not None:
+                await self._db.close()
+                self._db = None
 
     @property
     def db(self) -> aiosqlite.Connection:
@@ -139,11 +143,62 @@ class Store:
         batches, readings, size = next(iter(rows))
         self.stats.batches, self.stats.readings, self.stats.bytes = batches, readings, size
 
-    async def pending_evictions(self) -> list[tuple[int, int]]:
+    async def _read(self, what: str, sql: str, args: Sequence[Any] = ()) -> list[Any]:
         async with self._lock:
-            rows = await self.db.execute_fetchall(
-                "SELECT first_seq, last_seq FROM pending_evictions ORDER BY first_seq"
-            )
+            try:
+                return list(await self.db.execute_fetchall(sql, args))
+            except sqlite3.Error as exc:
+                raise StoreError(f"cannot {what} in {self.path}: {exc}") from exc
+
+    async def _atomically(
+        self, what: str, body: Callable[[aiosqlite.Connection], Awaitable[T]],
+        on_commit: Callable[[T], None],
+    ) -> T:  # fmt: skip
+        """Run `body` as one transaction that a cancellation cannot split.
+
+        aiosqlite finishes a statement even when its awaiter is cancelled, so a cancel between
+        BEGIN and COMMIT could leave the connection inside a transaction for good. The whole
+        transaction (and the bookkeeping after its commit) runs in a shielded task; a cancelled
+        caller waits for it to commit or roll back, then sees the cancellation.
+        """
+        task = asyncio.ensure_future(self._transaction(what, body, on_commit))
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            await asyncio.wait({task})
+            raise
+
+    async def _transaction(
+        self, what: str, body: Callable[[aiosqlite.Connection], Awaitable[T]],
+        on_commit: Callable[[T], None],
+    ) -> T:  # fmt: skip
+        db = self.db
+        async with self._lock:
+            try:
+                await db.execute("BEGIN IMMEDIATE")
+                result = await body(db)
+                await db.execute("COMMIT")
+            except sqlite3.Error as exc:
+                await self._rollback()
+                full = getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL
+                raise StoreError(f"cannot {what} in {self.path}: {exc}", disk_full=full) from exc
+            except BaseException:
+                await self._rollback()
+                raise
+            on_commit(result)
+            return result
+
+    async def _rollback(self) -> None:
+        """Roll back if a transaction is still open: SQLite ends one itself on SQLITE_FULL."""
+        if self.db.in_transaction:
+            with contextlib.suppress(sqlite3.Error):
+                await self.db.execute("ROLLBACK")
+
+    async def pending_evictions(self) -> list[tuple[int, int]]:
+        rows = await self._read(
+            "read pending evictions",
+            "SELECT first_seq, last_seq FROM pending_evictions ORDER BY first_seq",
+        )
         return [(int(a), int(b)) for a, b in rows]
 
     async def append(self, batches: Sequence[SealedBatch]) -> int:
@@ -155,7 +210,6 @@ class Store:
         """
         if not batches:
             return 0
-        db = self.db
         expected_batch, expected_seq = self.next_batch, self.next_seq
         for b in batches:
             if b.batch != expected_batch or b.first_seq != expected_seq:
@@ -164,24 +218,21 @@ class Store:
                     f"expected batch {expected_batch} seq {expected_seq}"
                 )
             expected_batch, expected_seq = b.batch + 1, b.first_seq + b.readings
-        try:
-            async with self._lock:
-                await db.execute("BEGIN IMMEDIATE")
-                try:
-                    await self._insert(batches, expected_batch, expected_seq)
-                    evicted = await self._apply_retention(sum(len(b.data) for b in batches))
-                    await db.execute("COMMIT")
-                except BaseException:
-                    await db.execute("ROLLBACK")
-                    raise
-        except sqlite3.Error as exc:
-            raise StoreError(f"cannot write buffer {self.path}: {exc}") from exc
-        self.next_batch, self.next_seq = expected_batch, expected_seq
-        for b in batches:
-            self.stats.batches += 1
-            self.stats.readings += b.readings
-            self.stats.bytes += len(b.data)
-        return self._forget(evicted)
+
+        async def body(_: aiosqlite.Connection) -> list[tuple[int, int, int]]:
+            await self._insert(batches, expected_batch, expected_seq)
+            return await self._apply_retention(sum(len(b.data) for b in batches))
+
+        def on_commit(evicted: list[tuple[int, int, int]]) -> None:
+            self.next_batch, self.next_seq = expected_batch, expected_seq
+            for b in batches:
+                self.stats.batches += 1
+                self.stats.readings += b.readings
+                self.stats.bytes += len(b.data)
+            self._forget(evicted)
+
+        evicted = await self._atomically("write batches", body, on_commit)
+        return sum(readings for readings, _, _ in evicted)
 
     async def _insert(self, batches: Sequence[SealedBatch], next_batch: int, next_seq: int) -> None:
         db = self.db
@@ -253,94 +304,96 @@ class Store:
                 len(rows),
             )
 
-    def _forget(self, evicted: list[tuple[int, int, int]]) -> int:
+    def _forget(self, evicted: list[tuple[int, int, int]]) -> None:
         for readings, size, count in evicted:
             self.stats.readings -= readings
             self.stats.bytes -= size
             self.stats.batches -= count
             self.stats.evicted_readings += readings
-        return sum(readings for readings, _, _ in evicted)
 
     async def evict_oldest(self, fraction: float = 0.1) -> int:
         """Make room when the disk itself is full: evict the oldest share of batches.
 
-        Returns the number of readings evicted (now pending declaration)."""
+        Returns the number of readings evicted (now pending declaration); 0 when only
+        declarations are left, which are never evicted.
+        """
         count = max(1, int(self.stats.batches * fraction))
-        async with self._lock:
-            rows = await self.db.execute_fetchall(
+
+        async def body(db: aiosqlite.Connection) -> list[tuple[int, int, int, int, int]]:
+            rows = await db.execute_fetchall(
                 "SELECT id, first_seq, last_seq, readings, bytes FROM batches ORDER BY id LIMIT ?",
                 (count,),
             )
-            chosen = [tuple(r) for r in rows]
-            if not chosen:
-                return 0
-            await self.db.execute("BEGIN IMMEDIATE")
-            try:
+            chosen = [(int(r[0]), int(r[1]), int(r[2]), int(r[3]), int(r[4])) for r in rows]
+            if chosen:
                 await self._evict(chosen)
-                await self.db.execute("COMMIT")
-            except BaseException:
-                await self.db.execute("ROLLBACK")
-                raise
-        return self._forget([(r[3], r[4], 1) for r in chosen])
+            return chosen
 
-    async def take(self, limit: int, after: int = 0) -> list[StoredBatch]:
-        """Up to `limit` batches to send: notices first, then readings oldest first past `after`."""
-        db = self.db
-        async with self._lock:
-            taken = [
-                StoredBatch(("notices", row_id), readings, sealed_ns, data)
-                for row_id, readings, sealed_ns, data in await db.execute_fetchall(
-                    "SELECT id, readings, sealed_ns, data FROM notices ORDER BY id LIMIT ?",
-                    (limit,),
+        chosen = await self._atomically(
+            "evict batches", body, lambda rows: self._forget([(r[3], r[4], 1) for r in rows])
+        )
+        return sum(r[3] for r in chosen)
+
+    async def take(
+        self, limit: int, after: int = 0, skip_notices: Collection[int] = ()
+    ) -> list[StoredBatch]:
+        """Up to `limit` batches to send: declarations first (but those in `skip_notices`),
+        then readings oldest first, past the batch id `after`."""
+        skip = list(skip_notices)
+        marks = ",".join("?" * len(skip))
+        taken = [
+            StoredBatch(("notices", row_id), readings, sealed_ns, data)
+            for row_id, readings, sealed_ns, data in await self._read(
+                "read declarations",
+                f"SELECT id, readings, sealed_ns, data FROM notices WHERE id NOT IN ({marks})"  # noqa: S608 - placeholders only
+                " ORDER BY id LIMIT ?",
+                [*skip, limit],
+            )
+        ]
+        if len(taken) < limit:
+            taken.extend(
+                StoredBatch(("batches", row_id), readings, sealed_ns, data)
+                for row_id, readings, sealed_ns, data in await self._read(
+                    "read batches",
+                    "SELECT id, readings, sealed_ns, data FROM batches WHERE id > ?"
+                    " ORDER BY id LIMIT ?",
+                    (after, limit - len(taken)),
                 )
-            ]
-            if len(taken) < limit:
-                taken.extend(
-                    StoredBatch(("batches", row_id), readings, sealed_ns, data)
-                    for row_id, readings, sealed_ns, data in await db.execute_fetchall(
-                        "SELECT id, readings, sealed_ns, data FROM batches WHERE id > ?"
-                        " ORDER BY id LIMIT ?",
-                        (after, limit - len(taken)),
-                    )
-                )
+            )
         return taken
 
     async def ack(self, keys: Sequence[tuple[str, int]]) -> None:
         """Delete batches the broker acknowledged; unknown keys (already evicted) are ignored."""
         if not keys:
             return
-        db = self.db
-        removed: list[tuple[int, int]] = []
-        async with self._lock:
-            await db.execute("BEGIN IMMEDIATE")
-            try:
-                for table in ("batches", "notices"):
-                    ids = [row_id for name, row_id in keys if name == table]
-                    for start in range(0, len(ids), 500):
-                        chunk = ids[start : start + 500]
-                        marks = ",".join("?" * len(chunk))
-                        removed.extend(
-                            await db.execute_fetchall(  # type: ignore[arg-type]
-                                f"DELETE FROM {table} WHERE id IN ({marks})"  # noqa: S608 - literals
-                                " RETURNING readings, bytes",
-                                chunk,
-                            )
-                        )
-                await db.execute("COMMIT")
-            except BaseException:
-                await db.execute("ROLLBACK")
-                raise
-        self.stats.readings -= sum(r for r, _ in removed)
-        self.stats.bytes -= sum(b for _, b in removed)
-        self.stats.batches -= len(removed)
+
+        async def body(db: aiosqlite.Connection) -> list[tuple[int, int]]:
+            removed: list[tuple[int, int]] = []
+            for table in ("batches", "notices"):
+                ids = [row_id for name, row_id in keys if name == table]
+                for start in range(0, len(ids), 500):
+                    chunk = ids[start : start + 500]
+                    marks = ",".join("?" * len(chunk))
+                    rows = await db.execute_fetchall(
+                        f"DELETE FROM {table} WHERE id IN ({marks})"  # noqa: S608 - literals
+                        " RETURNING readings, bytes",
+                        chunk,
+                    )
+                    removed.extend((int(r), int(b)) for r, b in rows)
+            return removed
+
+        def on_commit(removed: list[tuple[int, int]]) -> None:
+            self.stats.readings -= sum(r for r, _ in removed)
+            self.stats.bytes -= sum(b for _, b in removed)
+            self.stats.batches -= len(removed)
+
+        await self._atomically("delete acknowledged batches", body, on_commit)
 
     async def oldest_sealed_ns(self) -> int | None:
-        async with self._lock:
-            rows = list(
-                await self.db.execute_fetchall(
-                    "SELECT (SELECT sealed_ns FROM notices ORDER BY id LIMIT 1),"
-                    " (SELECT sealed_ns FROM batches ORDER BY id LIMIT 1)"
-                )
-            )
+        rows = await self._read(
+            "read the oldest batch",
+            "SELECT (SELECT sealed_ns FROM notices ORDER BY id LIMIT 1),"
+            " (SELECT sealed_ns FROM batches ORDER BY id LIMIT 1)",
+        )
         found = [v for v in rows[0] if v is not None] if rows else []
         return min(found) if found else None
