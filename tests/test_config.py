@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -166,3 +167,42 @@ def test_check_config_exit_codes(tmp_path: Path, keys: Path) -> None:
     bad.write_text("gateway: {}\n")
     assert run(bad) == 1
     assert run(tmp_path / "absent.yaml") == 2
+
+
+@pytest.mark.parametrize(
+    ("content", "expected"),
+    [
+        (b"gateway: {id: g}\n\xff\xfe junk\n", "not UTF-8"),
+        (b'gateway: {id: g}\nx: "\x01"\n', "unacceptable character"),
+        (b"gateway: {id: !!int abc}\n", "gateway.id: invalid value"),
+        (b"gateway: !!python/object:os.system x\n", "could not determine a constructor"),
+        (b"gateway: {id: " + b"9" * 5000 + b"}\n", "gateway.id: invalid value"),
+        (b"a: " + b"[" * 5000 + b"\n", "nested too deeply"),
+        (b"store: {max_age: .inf}\n", "store.max_age: Input should be a finite number"),
+        (b"mqtt: {keepalive: 70000}\n", "mqtt.keepalive"),
+        (b'health: {listen: "127.0.0.1:99999"}\n', "health.listen: port must be 1-65535"),
+    ],
+)
+def test_hostile_files_get_problems_not_tracebacks(
+    tmp_path: Path, content: bytes, expected: str
+) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_bytes(content)
+    result = subprocess.run(
+        [sys.executable, "-m", "edge_agent", "check-config", str(path)],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    assert expected in result.stderr
+
+
+def test_a_fifo_is_refused_without_hanging(tmp_path: Path) -> None:
+    fifo = tmp_path / "agent.yaml"
+    os.mkfifo(fifo)
+    result = subprocess.run(
+        [sys.executable, "-m", "edge_agent", "check-config", str(fifo)],
+        capture_output=True, text=True, check=False, timeout=20,
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert "not a regular file" in result.stderr

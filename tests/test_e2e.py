@@ -194,3 +194,19 @@ async def test_health_endpoints_and_clean_stop(
     assert agent.stop(signal.SIGTERM) == 0
     assert "Stopped cleanly" in agent.log()
     assert status_command(agent) == 2, "unreachable once stopped"
+
+
+def test_start_up_failure_exits_instead_of_hanging(
+    tmp_path: Path, broker: Mosquitto, keys: Path
+) -> None:
+    """The health port is taken: the agent says so and exits 1, its buffer closed."""
+    sources = [{"type": "simulated", "name": "sim", "points": 1}]
+    config = agent_config(tmp_path, broker, keys, sources)
+    config["health"]["listen"] = f"127.0.0.1:{broker.port}"  # already bound by Mosquitto
+    agent = AgentProcess(config, tmp_path)
+    result = subprocess.run(
+        [sys.executable, "-m", "edge_agent", "run", "--config", str(agent.path)],
+        capture_output=True, text=True, check=False, timeout=30,
+    )  # fmt: skip
+    assert result.returncode == 1
+    assert "Could not start" in result.stderr and "address already in use" in result.stderr

@@ -121,3 +121,17 @@ def test_private_key_readable_by_others_is_refused(tmp_path) -> None:
     (tmp_path / "signing.key").chmod(0o644)
     with pytest.raises(PermissionError, match="chmod 600"):
         load_private_key(tmp_path / "signing.key")
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        cbor2.dumps(cbor2.CBORTag(18, [b"\xff\xff", {}, b"", b"sig"])),  # truncated header
+        cbor2.dumps(cbor2.CBORTag(18, [cbor2.dumps([1, 2]), {}, b"", b"sig"])),  # header a list
+        cbor2.dumps(cbor2.CBORTag(18, [cbor2.dumps({1: -8, 4: b"k"}), {}, b"", 7])),  # int sig
+        b"\xd2\x84\x43",  # truncated COSE
+    ],
+)
+def test_malformed_messages_are_rejected_not_crashing(message: bytes) -> None:
+    with pytest.raises(EnvelopeError):
+        Opener([Ed25519PrivateKey.generate().public_key()]).open(message)

@@ -68,3 +68,34 @@ async def test_rejected_publish_keeps_the_batch(tmp_path: Path) -> None:
         assert metrics.readings_sent._value.get() == 0
         assert "reason code 0x87" in (forwarder.state.last_error or "")
         await store.close()
+
+
+async def test_a_small_window_sends_every_batch_with_declarations_first(
+    tmp_path: Path, broker: Mosquitto
+) -> None:
+    """Declarations are taken ahead of readings; the window must still send every batch once."""
+    store = Store(tmp_path / "b.db", max_bytes=1024 * 1024, max_age_s=86400)
+    await store.open()
+    batcher = Batcher(store, Sealer(Ed25519PrivateKey.generate(), compress=False), Metrics(),
+                      gateway="gw", max_readings=1000, max_delay=1, capacity=10_000)  # fmt: skip
+    for start in range(0, 40_000, 1000):
+        await batcher.emit(
+            [Reading("s", "p", i, i, Quality.GOOD) for i in range(start, start + 1000)]
+        )
+        await batcher.seal_pending()
+    declarations = len([b for b in await store.take(1000) if b.key[0] == "notices"])
+    assert declarations > 1
+    batches = store.stats.batches
+    metrics = Metrics()
+    config = MqttConfig(url=broker.url, topic_prefix="t", max_inflight=2)
+    forwarder = Forwarder(config, "gw", store, batcher.sealed, metrics)
+    task = asyncio.create_task(forwarder.run())
+    while store.stats.batches:
+        forwarder.acked.clear()
+        await asyncio.wait_for(forwarder.acked.wait(), 10)
+    assert metrics.batches_sent._value.get() == batches
+    assert metrics.mqtt_connects._value.get() == 1, "no batch waited for a reconnect"
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await store.close()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sqlite3
 import time
 from pathlib import Path
@@ -192,3 +193,56 @@ async def test_file_is_a_plain_sqlite_database(tmp_path: Path) -> None:
     with sqlite3.connect(tmp_path / "b.db") as db:
         tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master")}
     assert {"meta", "batches", "notices", "pending_evictions"} <= tables
+
+
+async def test_disk_full_evicts_the_oldest_and_declares_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SQLite's own page limit stands in for a full disk: the same SQLITE_FULL, no root needed."""
+    monkeypatch.setattr("edge_agent.seal.batcher.STORE_RETRY_S", 0.01)
+    key = Ed25519PrivateKey.generate()
+    store = await open_store(tmp_path / "b.db", max_bytes=1024 * MiB)
+    batcher = make_batcher(store, key, max_readings=1000)
+    await batcher.emit(readings(5000))
+    await batcher.seal_pending()
+    (pages,) = (await store.db.execute_fetchall("PRAGMA page_count"))[0]
+    await store.db.execute(f"PRAGMA max_page_count = {pages + 64}")
+    for start in range(5000, 40_000, 1000):
+        await batcher.emit(readings(1000, start))
+        await asyncio.wait_for(batcher.seal_pending(), 30)
+    assert store.stats.evicted_readings > 0, "the disk filled up and the oldest made room"
+    assert store.next_seq == 40_001, "every reading was sealed"
+    tracker = Completeness()
+    opener = Opener([key.public_key()])
+    for batch in await store.take(10_000):
+        opened = opener.open(batch.data)
+        tracker.accept(opened.gateway, opened.epoch, opened.readings, opened.evicted)
+    pending = await store.pending_evictions()
+    for first, last in pending:
+        tracker.accept("gw", store.epoch, [], [(first, last)])
+    assert tracker.holes() == {}, "every dropped reading is declared (or about to be)"
+    await store.close()
+
+
+async def test_a_cancelled_write_leaves_the_store_consistent(tmp_path: Path) -> None:
+    key = Ed25519PrivateKey.generate()
+    store = await open_store(tmp_path / "b.db")
+    for delay_turns in range(6):
+        batcher = make_batcher(store, key)
+        await batcher.emit(readings(300, (store.next_seq - 1)))
+        task = asyncio.create_task(batcher.seal_pending())
+        for _ in range(delay_turns):
+            await asyncio.sleep(0)
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    batcher = make_batcher(store, key)
+    await batcher.emit(readings(10, store.next_seq - 1))
+    await batcher.seal_pending()  # the connection is not stuck inside a transaction
+    (count, total) = (await store.db.execute_fetchall(
+        "SELECT count(*), coalesce(sum(readings), 0) FROM batches"))[0]  # fmt: skip
+    assert (store.stats.batches, store.stats.readings) == (count, total)
+    (next_seq,) = (await store.db.execute_fetchall(
+        "SELECT value FROM meta WHERE key = 'next_seq'"))[0]  # fmt: skip
+    assert store.next_seq == next_seq == total + 1
+    await store.close()

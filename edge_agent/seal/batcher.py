@@ -139,15 +139,21 @@ class Batcher:
         up to MAX_BATCHES_PER_TRANSACTION of them, so the loop is given back between batches
         (sources keep their schedule, PUBACKs are handled). Only this task changes the counters
         and `_declare`, so they cannot move meanwhile.
+
+        Pending evictions are declared in a batch of their own, without readings: declarations
+        are sent first and never evicted, so they must stay small.
         """
         sealed_ns = time.time_ns()
         batch_no, seq = self._store.next_batch, self._store.next_seq
         batches: list[SealedBatch] = []
         declare = tuple(self._declare)
-        for start in range(0, max(len(readings), 1), self._max_readings):
+        chunks = [readings[i : i + self._max_readings]
+                  for i in range(0, len(readings), self._max_readings)]  # fmt: skip
+        if declare:
+            chunks.insert(0, [])
+        for chunk in chunks:
             if batches:
                 await asyncio.sleep(0)
-            chunk = readings[start : start + self._max_readings]
             seal = functools.partial(
                 self._sealer.seal,
                 gateway=self._gateway,
