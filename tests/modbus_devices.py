@@ -169,10 +169,15 @@ async def tcp_server(
     try:
         yield running
     finally:
-        for unit in units:
-            unit.release()
-        await server.shutdown()
-        assert not WRITE_CODES & set(running.codes), f"write codes received: {running.codes}"
+        await _stop_and_check_read_only(running, units)
+
+
+async def _stop_and_check_read_only(running: RunningServer, units: tuple[TestUnit, ...]) -> None:
+    """Stop a test server; every test that used it also proves no write code arrived."""
+    for unit in units:
+        unit.release()
+    await running.server.shutdown()
+    assert not WRITE_CODES & set(running.codes), f"write codes received: {running.codes}"
 
 
 @contextlib.asynccontextmanager
@@ -192,10 +197,7 @@ async def serial_server(pty: str, *units: TestUnit) -> AsyncIterator[RunningServ
     try:
         yield running
     finally:
-        for unit in units:
-            unit.release()
-        await server.shutdown()
-        assert not WRITE_CODES & set(running.codes), f"write codes received: {running.codes}"
+        await _stop_and_check_read_only(running, units)
 
 
 _PTY_LINE = re.compile(rb"PTY is (\S+)")
