@@ -106,11 +106,11 @@ async def bench(ports: list[int], points: int, seconds: float) -> None:
     await asyncio.sleep(2.0)  # warm-up: connections made, first polls done
     start_cpu, start_wall = time.process_time(), time.monotonic()
     start_readings = counted["readings"]
-    start_requests = sum(s.counters["requests"] for s in sources)
+    start_requests = sum(s.state.counts["requests"] for s in sources)
     await asyncio.sleep(seconds)
     cpu, wall = time.process_time() - start_cpu, time.monotonic() - start_wall
     readings = counted["readings"] - start_readings
-    requests = sum(s.counters["requests"] for s in sources) - start_requests
+    requests = sum(s.state.counts["requests"] for s in sources) - start_requests
     for task in tasks:
         task.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)

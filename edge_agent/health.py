@@ -81,6 +81,7 @@ class Health:
                     "last_error": s.last_error,
                     "readings": s.readings,
                     "errors": s.errors,
+                    "counts": dict(s.counts),
                 }
                 for name, s in self._sources.items()
             },

@@ -83,8 +83,15 @@ class SourceCollector(Collector):
             "Failed reads or connections of the source.",
             labels=["source"],
         )
+        events = CounterMetricFamily(
+            "edge_agent_source_events",
+            "Protocol events per source and kind (Modbus: requests, timeout, exception, ...).",
+            labels=["source", "kind"],
+        )
         for name, state in self._states.items():
             up.add_metric([name], 1 if state.up else 0)
             readings.add_metric([name], state.readings)
             errors.add_metric([name], state.errors)
-        yield from (up, readings, errors)
+            for kind, count in sorted(state.counts.items()):
+                events.add_metric([name, kind], count)
+        yield from (up, readings, errors, events)

@@ -92,6 +92,7 @@ async def test_broker_outage_loses_nothing(
     async with running_verifier(broker, keys) as verifier:
         agent.start()
         await wait_until(lambda: verifier.result.readings > 300, 30, "first readings")
+        assert agent.status()["sources"]["plc"]["counts"]["requests"] > 0, "counted per device"
 
         broker.stop()
         outage_began = time.monotonic()

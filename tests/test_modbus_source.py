@@ -135,7 +135,7 @@ async def test_an_exception_response_marks_exactly_that_read_bad_and_logs_once(
             state.last_error
         )
         assert state.errors >= 4
-        assert polls.source.counters["exception"] >= 4
+        assert polls.source.state.counts["exception"] >= 4
         del unit.exceptions[3]
         recovered = await polls.until(lambda b: "current" in b)
     holding = {"current", "counter", "temp", "tag", "running"}
@@ -265,7 +265,7 @@ async def test_a_short_response_marks_its_points_bad_without_a_value() -> None:
         assert batch["power"].quality == Quality.BAD and batch["power"].value is None
         assert batch["current"].quality == Quality.BAD
         assert batch["c0"].quality == Quality.GOOD
-        assert polls.source.counters["short"] >= 2
+        assert polls.source.state.counts["short"] >= 2
         assert "short response (1 of 2)" in str(polls.source.state.last_error) or (
             "short response (20 of 21)" in str(polls.source.state.last_error)
         )

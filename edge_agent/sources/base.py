@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -22,6 +23,8 @@ class SourceState:
     readings: int = 0
     errors: int = 0
     since: float = field(default_factory=time.time)
+    counts: Counter[str] = field(default_factory=Counter)
+    """Per-kind counts the protocol keeps (Modbus: requests, timeout, exception, short, ...)."""
 
     def mark_up(self) -> bool:
         """Record success; True when this is a change of state (worth one log line)."""

@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import Counter
 
 from edge_agent.config.modbus import ModbusSourceConfig
 from edge_agent.reading import Quality, Reading
@@ -44,8 +43,6 @@ class ModbusSource:
     def __init__(self, config: ModbusSourceConfig) -> None:
         self.name = config.name
         self.state = SourceState()
-        self.counters: Counter[str] = Counter()
-        """Per-device counts: requests, timeout, exception, short, malformed, disconnected."""
         self._config = config
         self._unit = config.unit_id
         self._points = list(config.points)
@@ -110,13 +107,13 @@ class ModbusSource:
                 self._bad(request, ts_ns, now, out)
                 i += 1
                 continue
-            self.counters["requests"] += 1
+            self.state.counts["requests"] += 1
             try:
                 values = await link.read(
                     request, unit=self._unit, wait=self._config.timeout, device=self._device
                 )
             except ReadError as exc:
-                self.counters[exc.reason] += 1
+                self.state.counts[exc.reason] += 1
                 if isinstance(exc, ExceptionReplyError):
                     answered = True
                     if exc.code == 2 and self._split(i, request):
