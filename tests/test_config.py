@@ -206,3 +206,16 @@ def test_a_fifo_is_refused_without_hanging(tmp_path: Path) -> None:
     )  # fmt: skip
     assert result.returncode == 2
     assert "not a regular file" in result.stderr
+
+
+def test_opcua_client_keys_default_to_the_state_directory(tmp_path: Path) -> None:
+    node = '{name: a, node_id: "ns=2;s=A"}'
+    config = parse_config(
+        f"gateway: {{id: g}}\nstore: {{path: {tmp_path}/state/buffer.db}}\nsources:\n"
+        f"  - {{type: opcua, name: u, endpoint: 'opc.tcp://h:4840', security: {{policy: None}},"
+        f" nodes: [{node}]}}\n"
+        f"  - {{type: opcua, name: v, endpoint: 'opc.tcp://h:4840',"
+        f" security: {{policy: None, pki_dir: {tmp_path}/pki}}, nodes: [{node}]}}\n"
+    )
+    assert [s.security.pki_dir for s in config.sources] == [tmp_path / "state" / "opcua",
+                                                            tmp_path / "pki"]  # fmt: skip

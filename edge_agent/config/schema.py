@@ -148,6 +148,24 @@ class Config(StrictModel):
     health: HealthConfig = HealthConfig()
     sources: list[SourceConfig] = Field(min_length=1)
 
+    @model_validator(mode="after")
+    def _state_beside_the_buffer(self) -> Config:
+        """OPC UA client keys default to the state directory: the buffer's, `{store}/opcua`.
+
+        So an agent whose buffer lives in a directory it may write needs no other one.
+        """
+        sources: list[ModbusSourceConfig | OpcuaSourceConfig | SimulatedSourceConfig] = []
+        for source in self.sources:
+            if isinstance(source, OpcuaSourceConfig) and (
+                "pki_dir" not in source.security.model_fields_set
+            ):
+                security = source.security.model_copy(
+                    update={"pki_dir": self.store.path.parent / "opcua"}
+                )
+                source = source.model_copy(update={"security": security})  # noqa: PLW2901
+            sources.append(source)
+        return self.model_copy(update={"sources": sources})
+
     def problems(self) -> list[tuple[tuple[str | int, ...], str]]:
         """Cross-field problems across the whole file, as (key path, message)."""
         found = duplicate_problems([s.name for s in self.sources], "sources", "name")
