@@ -27,20 +27,20 @@ async def test_verify_passes_a_complete_stream_and_rejects_an_unknown_key(
     write_keypair(tmp_path / "other")
     good = start_verify(broker, keys / "signing.pub", "verify-good")
     wrong = start_verify(broker, tmp_path / "other" / "signing.pub", "verify-wrong")
-    # Both subscribe with persistent sessions; the retained status shows they are listening.
+    # Both subscribe with persistent sessions before the agent publishes anything.
     sources = [{"type": "simulated", "name": "sim", "interval": "50ms", "points": 10}]
     agent = AgentProcess(agent_config(tmp_path, broker, keys, sources), tmp_path)
     agents.append(agent)
 
-    def both_connected() -> bool:
+    def both_subscribed() -> bool:  # Mosquitto logs "<client id> <qos> <filter>"
         log = broker.log_path.read_text()
-        return "verify-good" in log and "verify-wrong" in log
+        return "verify-good 1 site/test/#" in log and "verify-wrong 1 site/test/#" in log
 
     def all_shipped() -> bool:
         status = agent.status()
         return status["buffer"]["readings"] == 0 and status["sources"]["sim"]["readings"] > 100
 
-    await wait_until(both_connected, 20, "verifiers")
+    await wait_until(both_subscribed, 20, "verifiers' subscriptions")
     agent.start()
     await wait_until(all_shipped, 20, "readings shipped")
     assert agent.stop() == 0

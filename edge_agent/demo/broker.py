@@ -54,10 +54,11 @@ class Mosquitto:
             "max_queued_messages 100000\n"
             "max_inflight_messages 0\n"
             f"log_dest file {self.log_path}\n"
+            # The defaults, plus subscriptions: tests wait for a consumer's to be in place.
+            "log_type error\nlog_type warning\nlog_type notice\nlog_type information\n"
+            "log_type subscribe\n" + ("user root\n" if os.geteuid() == 0 else "") + extra_config
             # As root, Mosquitto switches to its own user and then cannot read or write our
             # private directory (persistence, ACL files): keep the invoking user.
-            + ("user root\n" if os.geteuid() == 0 else "")
-            + extra_config
         )
         self._process: subprocess.Popen[bytes] | None = None
 
