@@ -53,8 +53,7 @@ def run_agent(path: Path) -> int:
     try:
         config = load_config(path)
     except ConfigError as exc:
-        for problem in exc.problems:
-            print(problem.render(str(path)), file=sys.stderr)
+        print(exc, file=sys.stderr)  # one located line per problem
         return 1
     except OSError as exc:
         print(f"{path}: cannot read: {exc.strerror or exc}", file=sys.stderr)

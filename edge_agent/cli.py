@@ -20,8 +20,7 @@ def _cmd_check_config(args: argparse.Namespace) -> int:
         print(f"{args.file}: cannot read: {exc.strerror or exc}", file=sys.stderr)
         return 2
     except ConfigError as exc:
-        for problem in exc.problems:
-            print(problem.render(args.file), file=sys.stderr)
+        print(exc, file=sys.stderr)  # one located line per problem
         count = len(exc.problems)
         print(f"{args.file}: {count} problem{'s' if count != 1 else ''}", file=sys.stderr)
         return 1

@@ -31,7 +31,8 @@ class SimulatedSourceConfig(StrictModel):
             return []
         return duplicate_problems([p.name for p in self.points], "points", "name")
 
-    def point_names(self) -> list[str]:
+    def point_list(self) -> list[SimulatedPoint]:
+        """The points, a count expanded to default points named p0..pN-1."""
         if isinstance(self.points, int):
-            return [f"p{i}" for i in range(self.points)]
-        return [p.name for p in self.points]
+            return [SimulatedPoint(name=f"p{i}") for i in range(self.points)]
+        return list(self.points)

@@ -61,9 +61,8 @@ class Forwarder:
         self.status_topic = f"{config.topic_prefix}/{gateway_id}/status"
         self._client_id = config.client_id or f"edge-agent-{gateway_id}"
         self.state = ForwarderState()
-        self._to_ack: list[tuple[str, int]] = []
+        self._to_ack: list[StoredBatch] = []
         self._ack_ready = asyncio.Event()
-        self._sent_readings: dict[tuple[str, int], int] = {}
         self.acked = asyncio.Event()
         """Set whenever acknowledged batches have been deleted from the store."""
 
@@ -164,8 +163,7 @@ class Forwarder:
                 f"broker rejected batch (reason code 0x{code:02x}) topic={self.batch_topic}"
                 "; it stays buffered"
             )
-        self._sent_readings[batch.key] = batch.readings
-        self._to_ack.append(batch.key)
+        self._to_ack.append(batch)
         self._ack_ready.set()
         self._metrics.ack_latency.observe(max(0.0, time.time() - batch.sealed_ns / 1e9))
 
@@ -177,23 +175,22 @@ class Forwarder:
                 await asyncio.sleep(ACK_RETRY_S)
 
     async def _flush_acks(self) -> bool:
-        """Delete what the broker acknowledged; on a store error keep the keys and say False."""
+        """Delete what the broker acknowledged; on a store error keep them and say False."""
         self._ack_ready.clear()
-        keys, self._to_ack = self._to_ack, []
-        if not keys:
+        acked, self._to_ack = self._to_ack, []
+        if not acked:
             return True
         try:
-            await self._store.ack(keys)
+            await self._store.ack([batch.key for batch in acked])
         except StoreError as exc:
             # Not deleting only means re-sending later (a duplicate); never a loss.
-            self._to_ack = keys + self._to_ack
+            self._to_ack = acked + self._to_ack
             self._ack_ready.set()
             self._metrics.store_errors.inc()
             log.error("Could not delete acknowledged batches, will retry error=%s", exc)
             return False
-        readings = sum(self._sent_readings.pop(k, 0) for k in keys)
-        self._metrics.batches_sent.inc(len(keys))
-        self._metrics.readings_sent.inc(readings)
+        self._metrics.batches_sent.inc(len(acked))
+        self._metrics.readings_sent.inc(sum(batch.readings for batch in acked))
         self.acked.set()
         return True
 

@@ -63,10 +63,6 @@ class Batcher:
         self.sealed = asyncio.Event()
         """Set after every store write, for whoever waits for new batches (the forwarder)."""
 
-    @property
-    def pending(self) -> int:
-        return len(self._pending)
-
     async def emit(self, readings: Sequence[Reading]) -> None:
         """Accept readings from a source; waits while the batcher is `capacity` behind."""
         while len(self._pending) >= self._capacity:

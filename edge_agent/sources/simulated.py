@@ -111,10 +111,7 @@ class SimulatedSource:
         self.name = config.name
         self.state = SourceState()
         self._interval = config.interval
-        if isinstance(config.points, int):
-            self._points = [SimulatedPoint(name=f"p{i}") for i in range(config.points)]
-        else:
-            self._points = list(config.points)
+        self._points = config.point_list()
         self._table = SignalTable(self._points, self._interval)
 
     def readings(self, tick: int, ts_ns: int) -> list[Reading]:
