@@ -24,8 +24,8 @@ from pymodbus.simulator import DataType, SimData, SimDevice
 
 from edge_agent.config.modbus import ModbusSourceConfig
 from edge_agent.reading import Reading
-from edge_agent.sources.modbus import ModbusSource
-from edge_agent.sources.modbus_plan import naive_count
+from edge_agent.sources.modbus.plan import naive_count
+from edge_agent.sources.modbus.source import ModbusSource
 
 TYPES = ["float32", "uint16", "int16", "int32", "float32", "uint16", "float64", "bool"]
 

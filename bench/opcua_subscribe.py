@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from edge_agent.config.opcua import OpcuaSourceConfig  # noqa: E402
-from edge_agent.sources.opcua import OpcuaSource  # noqa: E402
+from edge_agent.sources.opcua.source import OpcuaSource  # noqa: E402
 
 
 async def serve(port: int, items: int, rounds: int, period: float, cert_dir: str | None) -> None:

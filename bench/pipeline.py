@@ -53,7 +53,7 @@ import yaml
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from edge_agent.completeness import Completeness
+from edge_agent.consumer.completeness import Completeness
 from edge_agent.demo.broker import Mosquitto, free_port
 from edge_agent.seal.envelope import Opener
 from edge_agent.seal.keys import load_public_key, write_keypair

@@ -1,4 +1,4 @@
-"""The `edge-agent` command line (CONTRACT §1): argument parsing and exit codes, nothing more."""
+"""The `edge-agent` command line (docs/contract.md §1): argument parsing and exit codes, nothing more."""
 
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ def _cmd_check_config(args: argparse.Namespace) -> int:
         return 1
     print(f"{args.file}: valid ({len(config.sources)} sources)")
     if getattr(args, "plan", False):
-        from edge_agent.plan_report import print_plans  # noqa: PLC0415
+        from edge_agent.sources.modbus.plan_report import print_plans  # noqa: PLC0415
 
         print_plans(config)
     return 0
@@ -47,7 +47,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
-    from edge_agent.verify import run_verify  # noqa: PLC0415
+    from edge_agent.consumer.verify import run_verify  # noqa: PLC0415
 
     return run_verify(args)
 
@@ -59,7 +59,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
 
 
 def _cmd_browse(args: argparse.Namespace) -> int:
-    from edge_agent.browse import run_browse  # noqa: PLC0415
+    from edge_agent.sources.opcua.browse import run_browse  # noqa: PLC0415
 
     return run_browse(args)
 
@@ -71,7 +71,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_probe(args: argparse.Namespace) -> int:
-    from edge_agent.probe import run_probe  # noqa: PLC0415 - pymodbus only when probing
+    from edge_agent.sources.modbus.probe import run_probe  # noqa: PLC0415 - pymodbus only when probing
 
     return run_probe(args)
 

@@ -9,7 +9,7 @@ Value = float | int | bool | str | None
 
 
 class Quality(StrEnum):
-    """CONTRACT §4 quality of one reading."""
+    """docs/contract.md §4 quality of one reading."""
 
     GOOD = "good"
     UNCERTAIN = "uncertain"

@@ -3,7 +3,7 @@
 `TestUnit` describes one unit: register maps (unmapped addresses answer exception 2), and
 switches a test flips to make it answer an exception code or stop answering. Every server
 records the function codes it receives in RECEIVED_CODES, and its context manager asserts on
-exit that no write function code ever arrived (CONTRACT §5), so every Modbus test checks it.
+exit that no write function code ever arrived (docs/contract.md §5), so every Modbus test checks it.
 """
 
 from __future__ import annotations

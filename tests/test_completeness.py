@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from edge_agent.completeness import Completeness, Coverage
+from edge_agent.consumer.completeness import Completeness, Coverage
 
 
 def readings(first: int, last: int) -> list[dict[str, int]]:

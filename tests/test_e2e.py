@@ -20,12 +20,12 @@ from typing import Any
 
 from conftest import AgentProcess, agent_config, wait_until
 
-from edge_agent.completeness import Stream
+from edge_agent.consumer.completeness import Stream
+from edge_agent.consumer.verify import Verifier, consume, consumer_client
 from edge_agent.demo.broker import Mosquitto
 from edge_agent.demo.modbus_device import modbus_points, start_modbus_device
 from edge_agent.seal.envelope import Opener
 from edge_agent.seal.keys import load_public_key
-from edge_agent.verify import Verifier, consume, consumer_client
 
 OUTAGE_S = 10.0
 

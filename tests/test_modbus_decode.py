@@ -12,7 +12,7 @@ import struct
 
 import pytest
 
-from edge_agent.sources.modbus_decode import (
+from edge_agent.sources.modbus.decode import (
     ORDERS,
     DecodeError,
     decode_registers,

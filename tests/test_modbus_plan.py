@@ -9,7 +9,7 @@ import pytest
 from edge_agent.config import parse_config
 from edge_agent.config.modbus import ModbusPoint, ModbusSourceConfig, shared_link_problems
 from edge_agent.errors import ConfigError
-from edge_agent.sources.modbus_plan import ReadRequest, decode_response, plan_reads, split
+from edge_agent.sources.modbus.plan import ReadRequest, decode_response, plan_reads, split
 
 
 def pts(*specs: tuple[str, int, str] | tuple[str, int, str, int]) -> list[ModbusPoint]:

@@ -14,8 +14,8 @@ from test_modbus_source import MOTOR_POINTS, motor_unit, running, source_config
 
 from edge_agent.cli import build_parser
 from edge_agent.config import parse_config
-from edge_agent.plan_report import print_plans
-from edge_agent.probe import print_registers
+from edge_agent.sources.modbus.plan_report import print_plans
+from edge_agent.sources.modbus.probe import print_registers
 
 pytestmark = pytest.mark.timeout(30)
 

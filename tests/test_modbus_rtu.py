@@ -11,7 +11,7 @@ from test_modbus_source import running
 
 from edge_agent.config.modbus import ModbusSourceConfig
 from edge_agent.reading import Quality
-from edge_agent.sources.modbus_link import LinkSettings, acquire_link, release_link
+from edge_agent.sources.modbus.link import LinkSettings, acquire_link, release_link
 
 pytestmark = [
     pytest.mark.timeout(30),

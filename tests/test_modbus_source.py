@@ -14,7 +14,7 @@ from modbus_devices import RECEIVED_CODES, WRITE_CODES, TestUnit, tcp_server
 
 from edge_agent.config.modbus import ModbusSourceConfig
 from edge_agent.reading import Quality, Reading
-from edge_agent.sources.modbus import ModbusSource
+from edge_agent.sources.modbus.source import ModbusSource
 
 pytestmark = pytest.mark.timeout(30)
 WAIT = 5.0  # seconds any single expected event may take before the test fails

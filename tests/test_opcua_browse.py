@@ -7,9 +7,9 @@ from pathlib import Path
 import yaml
 from opcua_servers import UaTestServer
 
-from edge_agent.browse import browse, point_name
 from edge_agent.cli import main
 from edge_agent.config.opcua import OpcuaNode, OpcuaSecurity
+from edge_agent.sources.opcua.browse import browse, point_name
 
 
 async def test_browse_lists_variables_as_config_nodes(tmp_path: Path) -> None:

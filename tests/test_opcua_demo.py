@@ -10,7 +10,7 @@ from opcua_servers import Collector, running
 from edge_agent.config.opcua import OpcuaSourceConfig
 from edge_agent.demo.opcua_device import DemoOpcuaServer
 from edge_agent.reading import Quality
-from edge_agent.sources.opcua import OpcuaSource
+from edge_agent.sources.opcua.source import OpcuaSource
 
 
 async def test_demo_server_feeds_the_source_over_a_pinned_secure_channel(tmp_path: Path) -> None:

@@ -17,10 +17,10 @@ from pathlib import Path
 import pytest
 from opcua_servers import Collector, free_port, running
 
-from edge_agent.browse import browse
 from edge_agent.config.opcua import OpcuaSecurity, OpcuaSourceConfig
 from edge_agent.reading import Quality
-from edge_agent.sources.opcua import OpcuaSource
+from edge_agent.sources.opcua.browse import browse
+from edge_agent.sources.opcua.source import OpcuaSource
 
 INTEROP = Path(__file__).parent / "interop" / "opcua"
 

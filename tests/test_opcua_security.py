@@ -20,8 +20,8 @@ from opcua_servers import (
 )
 
 from edge_agent.config.opcua import OpcuaSourceConfig
-from edge_agent.sources.opcua import OpcuaSource
-from edge_agent.sources.opcua_security import thumbprints
+from edge_agent.sources.opcua.security import thumbprints
+from edge_agent.sources.opcua.source import OpcuaSource
 
 
 def secured(server: UaTestServer, pki: Path, security: dict[str, Any], **extra: Any) -> OpcuaSource:

@@ -11,8 +11,8 @@ from opcua_servers import Collector, UaTestServer, running, until
 
 from edge_agent.config.opcua import OpcuaSourceConfig
 from edge_agent.reading import Quality
-from edge_agent.sources.opcua import OpcuaSource
-from edge_agent.sources.opcua_values import BAD_NOT_CONNECTED, datetime_ns
+from edge_agent.sources.opcua.source import OpcuaSource
+from edge_agent.sources.opcua.values import BAD_NOT_CONNECTED, datetime_ns
 
 BAD_NODE_ID_UNKNOWN = 0x80340000
 UNCERTAIN_LAST_USABLE = 0x40900000

@@ -1,4 +1,4 @@
-"""DataValue to Reading: quality from the severity bits, CONTRACT §4 types, timestamps."""
+"""DataValue to Reading: quality from the severity bits, docs/contract.md §4 types, timestamps."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 from asyncua import ua
 
 from edge_agent.reading import Quality
-from edge_agent.sources.opcua_values import convert, datetime_ns, quality_of, to_reading
+from edge_agent.sources.opcua.values import convert, datetime_ns, quality_of, to_reading
 
 T0 = dt.datetime(2024, 5, 6, 7, 8, 9, 123456, tzinfo=dt.UTC)
 T0_NS = 1714979289_123456000

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from edge_agent.completeness import Completeness
+from edge_agent.consumer.completeness import Completeness
 from edge_agent.metrics import Metrics
 from edge_agent.reading import Quality, Reading
 from edge_agent.seal.batcher import Batcher

@@ -1,4 +1,4 @@
-"""Configuration: the models of CONTRACT §2 and the loader that locates every problem."""
+"""Configuration: the models of docs/contract.md §2 and the loader that locates every problem."""
 
 from edge_agent.config.loader import load_config, parse_config
 from edge_agent.config.schema import Config

@@ -1,4 +1,4 @@
-"""The configuration models of CONTRACT §2: one file describes the whole agent."""
+"""The configuration models of docs/contract.md §2: one file describes the whole agent."""
 
 from __future__ import annotations
 

@@ -31,6 +31,7 @@ import yaml
 
 from edge_agent.agent import Agent, configure_logging
 from edge_agent.config import Config, parse_config
+from edge_agent.consumer.verify import Verifier, consume, consumer_client
 from edge_agent.demo.broker import free_port
 from edge_agent.demo.devices import start_devices
 from edge_agent.demo.embedded_broker import (
@@ -42,7 +43,6 @@ from edge_agent.demo.embedded_broker import (
 from edge_agent.demo.view import Screen, Snapshot, SourceRow, render, status_line
 from edge_agent.seal.envelope import Batch, Opener
 from edge_agent.seal.keys import PRIVATE_NAME, PUBLIC_NAME, load_public_key, write_keypair
-from edge_agent.verify import Verifier, consume, consumer_client
 
 log = logging.getLogger("edge_agent.demo")
 

@@ -1,4 +1,4 @@
-"""Ed25519 signing keys: files in the formats of CONTRACT §1 and the key id of §4."""
+"""Ed25519 signing keys: files in the formats of docs/contract.md §1 and the key id of §4."""
 
 from __future__ import annotations
 

@@ -13,11 +13,11 @@ def build_source(config: Any) -> Source:
     if config.type == "simulated":
         return SimulatedSource(config)
     if config.type == "modbus":
-        from edge_agent.sources.modbus import ModbusSource  # noqa: PLC0415 - lazy: heavy import
+        from edge_agent.sources.modbus.source import ModbusSource  # noqa: PLC0415 - lazy: heavy import
 
         return ModbusSource(config)
     if config.type == "opcua":
-        from edge_agent.sources.opcua import OpcuaSource  # noqa: PLC0415 - lazy: heavy import
+        from edge_agent.sources.opcua.source import OpcuaSource  # noqa: PLC0415 - lazy: heavy import
 
         return OpcuaSource(config)
     raise ValueError(f"unknown source type {config.type!r}")

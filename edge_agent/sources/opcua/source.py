@@ -21,7 +21,7 @@ What a consumer sees:
   value again with its own (possibly older) source timestamp: order a point's readings by `seq`.
 
 Only discovery, session, subscription and Read services are used: no Write, Call, AddNodes or
-DeleteNodes request is ever sent (CONTRACT §5; tests record the server's requests to prove it).
+DeleteNodes request is ever sent (docs/contract.md §5; tests record the server's requests to prove it).
 """
 
 from __future__ import annotations
@@ -48,8 +48,8 @@ from asyncua.ua.uaerrors import UaStatusCodeError
 from edge_agent.config.opcua import Deadband, OpcuaSourceConfig
 from edge_agent.reading import Quality, Reading
 from edge_agent.sources.base import Emit, SourceState
-from edge_agent.sources.opcua_security import configure_client
-from edge_agent.sources.opcua_values import (
+from edge_agent.sources.opcua.security import configure_client
+from edge_agent.sources.opcua.values import (
     BAD_NOT_CONNECTED,
     bad_reading,
     code_name,

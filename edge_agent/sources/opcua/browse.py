@@ -21,8 +21,8 @@ from asyncua.ua.attribute_ids import AttributeIds
 from asyncua.ua.object_ids import ObjectIdNames, ObjectIds
 
 from edge_agent.config.opcua import DEFAULT_PKI_DIR, OpcuaAuth, OpcuaSecurity
-from edge_agent.sources.opcua_security import configure_client
-from edge_agent.sources.opcua_values import convert, quality_of
+from edge_agent.sources.opcua.security import configure_client
+from edge_agent.sources.opcua.values import convert, quality_of
 
 _READ_BATCH = 500
 _NAME_CHARS = re.compile(r"[^A-Za-z0-9_.-]+")

@@ -16,9 +16,9 @@ from collections.abc import Sequence
 from typing import TextIO
 
 from edge_agent.config.modbus import ModbusSourceConfig
-from edge_agent.sources.modbus_decode import ORDERS, DecodeError, decode_registers
-from edge_agent.sources.modbus_link import ModbusLink, ReadError, acquire_link, release_link
-from edge_agent.sources.modbus_plan import ReadRequest
+from edge_agent.sources.modbus.decode import ORDERS, DecodeError, decode_registers
+from edge_agent.sources.modbus.link import ModbusLink, ReadError, acquire_link, release_link
+from edge_agent.sources.modbus.plan import ReadRequest
 
 WIDE_TYPES = ("int32", "uint32", "float32", "int64", "uint64", "float64")
 

@@ -1,4 +1,4 @@
-"""The completeness rule of CONTRACT §4, as a consumer checks it.
+"""The completeness rule of docs/contract.md §4, as a consumer checks it.
 
 For each (gateway, epoch), the received `seq` values and every declared `evicted` range must
 cover 1..max seq with no hole. Duplicates (at-least-once delivery) carry the same `seq` and are

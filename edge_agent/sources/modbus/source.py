@@ -19,8 +19,9 @@ import time
 from edge_agent.config.modbus import ModbusSourceConfig
 from edge_agent.reading import Quality, Reading
 from edge_agent.sources.base import Emit, SourceState
-from edge_agent.sources.modbus_decode import DecodeError
-from edge_agent.sources.modbus_link import (
+from edge_agent.sources.modbus.deadband import ReportFilter
+from edge_agent.sources.modbus.decode import DecodeError
+from edge_agent.sources.modbus.link import (
     ExceptionReplyError,
     LinkDownError,
     ModbusLink,
@@ -29,8 +30,7 @@ from edge_agent.sources.modbus_link import (
     acquire_link,
     release_link,
 )
-from edge_agent.sources.modbus_plan import ReadRequest, decode_response, plan_reads, split
-from edge_agent.sources.modbus_report import ReportFilter
+from edge_agent.sources.modbus.plan import ReadRequest, decode_response, plan_reads, split
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +93,7 @@ class ModbusSource:
             await asyncio.sleep(delay)
 
     async def poll(self, link: ModbusLink) -> list[Reading]:
-        """One pass over the plan; the readings worth sending (see modbus_report)."""
+        """One pass over the plan; the readings worth sending (see deadband)."""
         ts_ns = time.time_ns()
         now = asyncio.get_running_loop().time()
         out: list[Reading] = []

@@ -25,7 +25,7 @@ import aiomqtt
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from edge_agent.completeness import Completeness
+from edge_agent.consumer.completeness import Completeness
 from edge_agent.errors import EnvelopeError
 from edge_agent.seal.envelope import Batch, Opener
 from edge_agent.seal.keys import load_public_key

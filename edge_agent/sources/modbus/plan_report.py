@@ -12,7 +12,7 @@ from typing import TextIO
 
 from edge_agent.config.modbus import ModbusSourceConfig, shared_link_problems
 from edge_agent.config.schema import Config
-from edge_agent.sources.modbus_plan import naive_count, plan_reads
+from edge_agent.sources.modbus.plan import naive_count, plan_reads
 
 
 def print_plans(config: Config, out: TextIO = sys.stdout) -> None:

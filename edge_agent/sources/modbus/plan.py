@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from edge_agent.config.modbus import ModbusPoint, RegisterKind
 from edge_agent.reading import Value
-from edge_agent.sources.modbus_decode import DecodeError, decode_registers, scaled
+from edge_agent.sources.modbus.decode import DecodeError, decode_registers, scaled
 
 FUNCTION_CODES: dict[RegisterKind, int] = {"coil": 1, "discrete": 2, "holding": 3, "input": 4}
 """The only function codes the agent sends: reads. Writes (5, 6, 15, 16, 22, 23) never."""

@@ -1,4 +1,4 @@
-"""OPC UA DataValues as Readings: status to quality, variant to a CONTRACT §4 value, time to ns.
+"""OPC UA DataValues as Readings: status to quality, variant to a docs/contract.md §4 value, time to ns.
 
 Pure functions, no I/O, so the mapping is tested without a server. The rules:
 - the StatusCode's two severity bits decide the quality (00 good, 01 uncertain, 1x bad) and the
@@ -58,7 +58,7 @@ def convert(raw: Any) -> tuple[Value, bool]:
 
 
 def as_text(raw: Any) -> str:
-    """A readable text form of a value that has no CONTRACT §4 type."""
+    """A readable text form of a value that has no docs/contract.md §4 type."""
     if isinstance(raw, bytes | bytearray):
         return raw.hex()
     if isinstance(raw, list | tuple):

@@ -12,7 +12,7 @@ Failure policy, so that one dead unit never costs the others more than its own t
 - pymodbus' own retries, reconnect loop and disconnect-after-N-timeouts are switched off: this
   module decides, and a failed connect is retried with capped exponential backoff and jitter.
 
-The link only has read methods: the agent never writes to a device (CONTRACT §5).
+The link only has read methods: the agent never writes to a device (docs/contract.md §5).
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from pymodbus.exceptions import ModbusException, ModbusIOException
 
 from edge_agent.config.modbus import ModbusSourceConfig
 from edge_agent.errors import DeviceError
-from edge_agent.sources.modbus_plan import ReadRequest
+from edge_agent.sources.modbus.plan import ReadRequest
 
 log = logging.getLogger(__name__)
 
