@@ -5,7 +5,12 @@ bad (value None, the poll's timestamp), never a fabricated value:
 - an exception response affects that read only; exception 2 on a read that bridged points makes
   the plan split it into smaller reads for good (logged once);
 - a timeout or a lost connection means the unit is not answering: its remaining reads of this
-  poll are skipped (marked bad too), so a dead unit holds a shared line for one timeout per poll.
+  poll are skipped (marked bad too), so a dead unit holds a shared line for one timeout per poll;
+- an answer that does not match its request is never data (link.py); on a serial line it also
+  ends the unit's poll, since the unit is out of step, and the next poll waits until the link
+  has let the unit settle (`ModbusLink.settle`).
+What the link threw away instead of reading it (late answers, line noise) is counted (`late`,
+`framing`) and logged when it starts and when it stops.
 Logs are one line per change of state (a read failing, failing differently, recovering; the
 device going down or up), with the number of failures in between.
 """
@@ -34,6 +39,9 @@ from edge_agent.sources.modbus.plan import ReadRequest, decode_response, plan_re
 
 log = logging.getLogger(__name__)
 
+DISCARD_TEXT = {"late": "late reply discarded", "framing": "framing error, noise discarded"}
+"""Log wording per kind of discarded bytes (the counters of the same names)."""
+
 ReadKey = tuple[str, int, int]
 
 
@@ -58,6 +66,7 @@ class ModbusSource:
             for p in self._points
         ]
         self._read_faults: dict[ReadKey, tuple[str, int]] = {}
+        self._discarding: dict[str, int] = {}
         self._device = f"{config.name} ({config.describe()})"
 
     async def run(self, emit: Emit) -> None:
@@ -94,16 +103,17 @@ class ModbusSource:
 
     async def poll(self, link: ModbusLink) -> list[Reading]:
         """One pass over the plan; the readings worth sending (see deadband)."""
+        await link.settle(self._unit)  # after a failed RTU exchange: one timeout of quiet first
         ts_ns = time.time_ns()
         now = asyncio.get_running_loop().time()
         out: list[Reading] = []
-        answered = False
+        answered = skip = False
         unreachable: ReadError | None = None
         failures: list[str] = []
         i = 0
         while i < len(self.plan):
             request = self.plan[i]
-            if unreachable is not None:
+            if skip:
                 self._bad(request, ts_ns, now, out)
                 i += 1
                 continue
@@ -114,14 +124,15 @@ class ModbusSource:
                 )
             except ReadError as exc:
                 self.state.counts[exc.reason] += 1
-                if isinstance(exc, ExceptionReplyError):
-                    answered = True
-                    if exc.code == 2 and self._split(i, request):
-                        continue  # retry at once with the smaller reads
                 if isinstance(exc, ReadTimeoutError | LinkDownError):
-                    unreachable = exc
-                else:
+                    unreachable, skip = exc, True
+                else:  # it answered, if not with this read's values
+                    answered = True
+                    refused = isinstance(exc, ExceptionReplyError) and exc.code == 2
+                    if refused and self._split(i, request):
+                        continue  # retry at once with the smaller reads
                     self._note_fault(request, str(exc))
+                    skip = exc.desync
                 failures.append(str(exc))
                 self._bad(request, ts_ns, now, out)
                 i += 1
@@ -136,6 +147,7 @@ class ModbusSource:
                     out.append(Reading(self.name, self._points[index].name, ts_ns, value,
                                        Quality.GOOD))  # fmt: skip
             i += 1
+        self._note_discarded(link.take_discarded(self._unit), answered)
         self.state.errors += len(failures)
         if answered:
             self._set_up(failures)
@@ -177,6 +189,23 @@ class ModbusSource:
         if fault is not None:
             log.info("Modbus read recovered device=%s unit=%d read=%s failed_polls=%d",
                      self.name, self._unit, request.describe(), fault[1])  # fmt: skip
+
+    def _note_discarded(self, discarded: dict[str, tuple[int, str]], answered: bool) -> None:
+        """Count what the link threw away for this unit; log when it starts and when it stops."""
+        for kind, (count, detail) in discarded.items():
+            self.state.counts[kind] += count
+            if kind in self._discarding:
+                self._discarding[kind] += count
+                continue
+            self._discarding[kind] = count
+            log.warning("Modbus %s device=%s unit=%d link=%s detail=%s",
+                        DISCARD_TEXT.get(kind, kind), self.name, self._unit,
+                        self._config.link_key[1], detail)  # fmt: skip
+        if not answered:
+            return
+        for kind in [k for k in self._discarding if k not in discarded]:
+            log.info("Modbus line clean again device=%s unit=%d kind=%s discarded=%d",
+                     self.name, self._unit, kind, self._discarding.pop(kind))  # fmt: skip
 
     def _set_up(self, failures: list[str]) -> None:
         """The unit answered; last_error keeps the first partial failure, if any."""
