@@ -1,5 +1,9 @@
 """Real Modbus devices for the tests: pymodbus servers over TCP and over a socat PTY pair.
 
+Devices that misbehave on purpose (late answers, noise around frames, bad CRCs) are small fakes
+of the tests' own, `MisbehavingRtuDevice` and `MisbehavingTcpDevice`: pymodbus' servers cannot
+be made to do those things.
+
 `TestUnit` describes one unit: register maps (unmapped addresses answer exception 2), and
 switches a test flips to make it answer an exception code or stop answering. Every server
 records the function codes it receives in RECEIVED_CODES, and its context manager asserts on
@@ -10,13 +14,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import re
+import struct
 import subprocess
+import tty
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 from pymodbus.constants import ExcCodes
-from pymodbus.framer import FramerType
+from pymodbus.framer import FramerRTU, FramerType
 from pymodbus.server import ModbusSerialServer, ModbusTcpServer
 from pymodbus.simulator import DataType, SimData, SimDevice
 
@@ -228,3 +236,171 @@ def socat_pty_pair() -> Iterator[tuple[str, str]]:
         proc.terminate()
         proc.wait(timeout=5)
         proc.stderr.close()
+
+
+@dataclass
+class Misbehaviour:
+    """What a misbehaving device does to its answers; a test flips these while it runs."""
+
+    latency: float = 0.0
+    """Seconds every answer takes (a real device is not instant; 0 answers at once)."""
+    late: dict[tuple[int, int], float] = field(default_factory=dict)
+    """(unit, address) -> seconds: the next read of that unit and address is answered this late;
+    the requests that arrive meanwhile are answered after it, in order, like a real device."""
+    prefix: bytes = b""
+    """Bytes sent before every answer frame (line noise, a driver's stray byte)."""
+    suffix: bytes = b""
+    """Bytes sent after every answer frame."""
+    bad_crc: int = 0
+    """The next this many answers go out with a wrong CRC (then it counts down to 0)."""
+    late_overlapped: list[int] = field(default_factory=list)
+    """Units whose request was waiting when a late answer went out: that answer landed in
+    another request's wait (what a shared-line test needs to have happened)."""
+
+
+def _answer_pdu(unit: TestUnit, function: int, address: int, count: int) -> bytes:
+    """A read's answer PDU from a TestUnit's maps, built with pymodbus-independent code here."""
+    table = {1: unit.coils, 2: unit.discrete, 3: unit.holding, 4: unit.input}[function]
+    cells = {a + i: v for a, values in table.items() for i, v in enumerate(values)}
+    wanted = range(address, address + count)
+    if function in unit.exceptions or any(a not in cells for a in wanted):
+        code = unit.exceptions.get(function, 2)
+        return bytes((function | 0x80, code))
+    if function in (1, 2):
+        data = bytearray((count + 7) // 8)
+        for i, a in enumerate(wanted):
+            if cells[a]:
+                data[i // 8] |= 1 << (i % 8)
+        return bytes((function, len(data))) + bytes(data)
+    data = b"".join(int(cells[a]).to_bytes(2, "big") for a in wanted)
+    return bytes((function, len(data))) + data
+
+
+def _rtu_crc(body: bytes) -> bytes:
+    return FramerRTU.compute_CRC(body).to_bytes(2, "big")  # pymodbus' own CRC, not the agent's
+
+
+class MisbehavingRtuDevice:
+    """RTU units on one end of a PTY pair that answer in order and misbehave on purpose.
+
+    A fake of the tests' own, allowed because the real part cannot produce these faults:
+    pymodbus' serial server cannot answer one request late and the rest in order after it,
+    put noise before or after a frame, or send a bad CRC. Well-behaved RTU tests use
+    `serial_server`. Only reads (function codes 1-4) are answered, from TestUnit maps; requests
+    for units it does not serve are ignored, as on a real bus; every request is recorded, and
+    the context manager checks that no write code arrived.
+    """
+
+    def __init__(self, path: str, *units: TestUnit) -> None:
+        self.path = path
+        self.units = {u.unit: u for u in units}
+        self.misbehave = Misbehaviour()
+        self.requests: list[tuple[int, int, int, int]] = []
+        self.codes: list[int] = []
+        self._queue: asyncio.Queue[tuple[int, int, int, int]] = asyncio.Queue()
+        self._waiting: list[int] = []
+        self._buffer = bytearray()
+        self._fd = -1
+
+    async def __aenter__(self) -> MisbehavingRtuDevice:
+        self._fd = os.open(self.path, os.O_RDWR | os.O_NOCTTY | os.O_NONBLOCK)
+        tty.setraw(self._fd)
+        loop = asyncio.get_running_loop()
+        loop.add_reader(self._fd, self._readable)
+        self._worker = asyncio.create_task(self._answer_in_order())
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        asyncio.get_running_loop().remove_reader(self._fd)
+        self._worker.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._worker
+        os.close(self._fd)
+        assert not WRITE_CODES & set(self.codes), f"write codes received: {self.codes}"
+
+    def _readable(self) -> None:
+        with contextlib.suppress(BlockingIOError):
+            self._buffer += os.read(self._fd, 1024)
+        while len(self._buffer) >= 8:  # every read request is 8 bytes
+            frame = bytes(self._buffer[:8])
+            if _rtu_crc(frame[:6]) != frame[6:]:
+                del self._buffer[:1]  # hunt for the next request
+                continue
+            del self._buffer[:8]
+            unit, function = frame[0], frame[1]
+            address, count = struct.unpack(">HH", frame[2:6])
+            self.codes.append(function)
+            RECEIVED_CODES.append(function)
+            self.requests.append((unit, function, address, count))
+            if unit in self.units:
+                self._waiting.append(unit)
+                self._queue.put_nowait((unit, function, address, count))
+
+    async def _answer_in_order(self) -> None:
+        while True:
+            unit, function, address, count = await self._queue.get()
+            self._waiting.remove(unit)
+            how = self.misbehave
+            delay = how.late.pop((unit, address), 0.0)
+            await asyncio.sleep(how.latency + delay)
+            if delay:
+                how.late_overlapped.extend(self._waiting)
+            body = bytes((unit,)) + _answer_pdu(self.units[unit], function, address, count)
+            crc = _rtu_crc(body)
+            if how.bad_crc:
+                how.bad_crc -= 1
+                crc = bytes((crc[0] ^ 0xFF, crc[1]))
+            os.write(self._fd, how.prefix + body + crc + how.suffix)
+
+
+class MisbehavingTcpDevice:
+    """A Modbus TCP device that answers in order with the right transaction ids, some late.
+
+    A fake of the tests' own: pymodbus' TCP server answers a late request with the transaction
+    id of the newest one (see TestUnit.set_silent), so it cannot show a late answer that carries
+    its own, stale, id. Reads only; the context manager checks that no write code arrived.
+    """
+
+    def __init__(self, *units: TestUnit) -> None:
+        self.units = {u.unit: u for u in units}
+        self.misbehave = Misbehaviour()
+        self.requests: list[tuple[int, int, int, int]] = []
+        self.codes: list[int] = []
+        self.port = 0
+
+    async def __aenter__(self) -> MisbehavingTcpDevice:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._server.close()
+        await self._server.wait_closed()
+        assert not WRITE_CODES & set(self.codes), f"write codes received: {self.codes}"
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        queue: asyncio.Queue[bytes] = asyncio.Queue()
+        answering = asyncio.create_task(self._answer_in_order(queue, writer))
+        try:
+            while True:
+                header = await reader.readexactly(7)
+                body = await reader.readexactly(struct.unpack(">H", header[4:6])[0] - 1)
+                queue.put_nowait(header + body)
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            answering.cancel()
+            writer.close()
+
+    async def _answer_in_order(self, queue: asyncio.Queue[bytes], writer: Any) -> None:
+        while True:
+            frame = await queue.get()
+            tid, unit, function = struct.unpack(">H", frame[:2])[0], frame[6], frame[7]
+            address, count = struct.unpack(">HH", frame[8:12])
+            self.codes.append(function)
+            RECEIVED_CODES.append(function)
+            self.requests.append((unit, function, address, count))
+            delay = self.misbehave.late.pop((unit, address), 0.0)
+            await asyncio.sleep(self.misbehave.latency + delay)
+            pdu = _answer_pdu(self.units[unit], function, address, count)
+            writer.write(struct.pack(">HHHB", tid, 0, len(pdu) + 1, unit) + pdu)

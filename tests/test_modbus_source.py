@@ -10,7 +10,13 @@ from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import pytest
-from modbus_devices import RECEIVED_CODES, WRITE_CODES, TestUnit, tcp_server
+from modbus_devices import (
+    RECEIVED_CODES,
+    WRITE_CODES,
+    MisbehavingTcpDevice,
+    TestUnit,
+    tcp_server,
+)
 
 from edge_agent.config.modbus import ModbusSourceConfig
 from edge_agent.reading import Quality, Reading
@@ -55,6 +61,12 @@ class Polls:
                 batch = await self.next()
                 if predicate(batch):
                     return batch
+
+    async def source_state_until(self, predicate: Any) -> None:
+        """Poll the source's state (every 10 ms, at most WAIT) until `predicate(state)` holds."""
+        async with asyncio.timeout(WAIT):
+            while not predicate(self.source.state):
+                await asyncio.sleep(0.01)
 
 
 @contextlib.asynccontextmanager
@@ -290,3 +302,30 @@ async def test_deadband_reports_changes_and_a_heartbeat() -> None:
         beat = await polls.until(lambda b: "level" in b)  # unchanged: the heartbeat
         assert beat["level"].value == 106
         assert 0.3 <= loop.time() - sent_at <= 0.7
+
+
+async def test_a_late_tcp_answer_has_a_stale_transaction_id_and_is_discarded(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Issue 8 case 1 over TCP: two reads of the same size, one answered after its timeout."""
+    caplog.set_level(logging.INFO, logger="edge_agent")
+    unit = TestUnit(1, holding={0: [0x42F6, 0xE979], 100: [0x4148, 0x0000]})
+    points = [
+        {"name": "level", "register": "holding", "address": 0, "type": "float32"},
+        {"name": "flow", "register": "holding", "address": 100, "type": "float32"},
+    ]
+    async with MisbehavingTcpDevice(unit) as device:
+        device.misbehave.latency = 0.02  # the next answer trails the late one
+        async with running(source_config(device.port, points)) as (polls,):
+            await polls.until(lambda b: b["flow"].quality == Quality.GOOD)
+            device.misbehave.late[(1, 0)] = 0.3  # timeout 0.2 s
+            await polls.until(lambda b: b["level"].quality == Quality.BAD)
+            batches = [await polls.next() for _ in range(5)]
+            state = polls.source.state
+    for batch in batches:
+        assert {k: r.value for k, r in batch.items()} == {"level": 123.456, "flow": 12.5}
+    assert state.counts["timeout"] == 1 and state.counts["late"] == 1
+    late = [r.getMessage() for r in caplog.records
+            if r.getMessage().startswith("Modbus late reply discarded")]  # fmt: skip
+    assert len(late) == 1
+    assert "function 3 answer of 4 bytes with transaction id" in late[0]
