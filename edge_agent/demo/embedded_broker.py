@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Literal, Protocol
 
 from edge_agent.demo.broker import Mosquitto, free_port, mosquitto_path
+from edge_agent.errors import EdgeAgentError
 
 BrokerChoice = Literal["auto", "mosquitto", "embedded"]
 
@@ -28,7 +29,7 @@ INSTALL_HINT = (
 )
 
 
-class BrokerUnavailableError(RuntimeError):
+class BrokerUnavailableError(EdgeAgentError, RuntimeError):
     """Neither Mosquitto nor amqtt can be used; the message says what to install."""
 
 

@@ -22,7 +22,7 @@ from typing import Any
 import aiomqtt
 
 from edge_agent.config.schema import MqttConfig
-from edge_agent.errors import StoreError
+from edge_agent.errors import EdgeAgentError, StoreError
 from edge_agent.forward.client import AckingClient, protocol_version, tls_context
 from edge_agent.metrics import Metrics
 from edge_agent.store.sqlite import Store, StoredBatch
@@ -33,7 +33,7 @@ REJECTION = 0x80
 ACK_RETRY_S = 1.0
 
 
-class PublishRejectedError(Exception):
+class PublishRejectedError(EdgeAgentError):
     """The broker refused a batch (PUBACK reason >= 0x80); it stays in the store."""
 
 

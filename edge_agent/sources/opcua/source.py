@@ -21,7 +21,8 @@ What a consumer sees:
   value again with its own (possibly older) source timestamp: order a point's readings by `seq`.
 
 Only discovery, session, subscription and Read services are used: no Write, Call, AddNodes or
-DeleteNodes request is ever sent (docs/contract.md §5; tests record the server's requests to prove it).
+DeleteNodes request is ever sent (docs/contract.md §5; tests record the server's requests to prove
+it).
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ from asyncua.ua.attribute_ids import AttributeIds
 from asyncua.ua.uaerrors import UaStatusCodeError
 
 from edge_agent.config.opcua import Deadband, OpcuaSourceConfig
+from edge_agent.errors import EdgeAgentError
 from edge_agent.reading import Quality, Reading
 from edge_agent.sources.base import Emit, SourceState
 from edge_agent.sources.opcua.security import configure_client
@@ -64,7 +66,7 @@ _DRAIN_MAX = 10_000
 """Notifications taken from the subscription queue per emit, so one emit carries a publish."""
 
 
-class ConnectionLostError(Exception):
+class ConnectionLostError(EdgeAgentError):
     """The session or its subscription is gone; the run loop reconnects."""
 
 
