@@ -13,7 +13,6 @@ import asyncio
 import contextlib
 import json
 import logging
-import random
 import time
 from collections.abc import Coroutine
 from dataclasses import dataclass
@@ -25,6 +24,7 @@ from edge_agent.config.schema import MqttConfig
 from edge_agent.errors import EdgeAgentError, StoreError
 from edge_agent.forward.client import AckingClient, protocol_version, tls_context
 from edge_agent.metrics import Metrics
+from edge_agent.schedule import Backoff
 from edge_agent.store.sqlite import Store, StoredBatch
 
 log = logging.getLogger(__name__)
@@ -85,12 +85,12 @@ class Forwarder:
 
     async def run(self) -> None:
         """Connect, forward, and reconnect with backoff, until cancelled."""
-        delay = self._config.reconnect_min
+        backoff = Backoff(self._config.reconnect_min, self._config.reconnect_max)
         while True:
             try:
                 async with self._client() as client:
                     self._mark(connected=True, error=None)
-                    delay = self._config.reconnect_min
+                    backoff.reset()
                     await client.publish(
                         self.status_topic, json.dumps({"state": "online"}), qos=1, retain=True
                     )
@@ -102,10 +102,9 @@ class Forwarder:
             except (aiomqtt.MqttError, PublishRejectedError, StoreError, OSError) as exc:
                 self._mark(connected=False, error=str(exc) or type(exc).__name__)
             await self._flush_acks()
-            wait = delay * random.uniform(0.5, 1.0)  # noqa: S311 - jitter, not crypto
+            wait = backoff.next()
             log.debug("Reconnecting in %.1fs", wait)
             await asyncio.sleep(wait)
-            delay = min(delay * 2, self._config.reconnect_max)
 
     async def _goodbye(self, client: AckingClient) -> None:
         """On a clean stop: delete what was acknowledged and say "offline" (the will would not)."""

@@ -10,7 +10,8 @@ Failure policy, so that one dead unit never costs the others more than its own t
   `DROP_AFTER_TIMEOUTS` timeouts in a row with no answer from any unit in between (a dead TCP
   peer), never because one unit behind a gateway is silent (Neuron #1602);
 - pymodbus' own retries, reconnect loop and disconnect-after-N-timeouts are switched off: this
-  module decides, and a failed connect is retried with capped exponential backoff and jitter.
+  module decides, and a failed connect is retried after `schedule.Backoff` (capped exponential,
+  with jitter), reset by a successful connect.
 
 The link only has read methods: the agent never writes to a device (docs/contract.md §5).
 """
@@ -19,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -30,6 +30,7 @@ from pymodbus.exceptions import ModbusException, ModbusIOException
 
 from edge_agent.config.modbus import ModbusSourceConfig
 from edge_agent.errors import DeviceError
+from edge_agent.schedule import Backoff
 from edge_agent.sources.modbus.plan import ReadRequest
 
 log = logging.getLogger(__name__)
@@ -131,7 +132,7 @@ class ModbusLink:
         self.connects = 0
         self._lock = asyncio.Lock()
         self._client: Any = None
-        self._failures = 0
+        self._backoff = Backoff(settings.reconnect_min, settings.reconnect_max)
         self._retry_at = 0.0
         self._down_reason = ""
         self._silent_in_a_row = 0
@@ -193,7 +194,8 @@ class ModbusLink:
         except TimeoutError:
             ok = False
         if ok:
-            self._failures, self._silent_in_a_row = 0, 0
+            self._backoff.reset()
+            self._silent_in_a_row = 0
             self.connects += 1
             return client
         self._close()
@@ -201,9 +203,7 @@ class ModbusLink:
         verb = "open" if self.settings.transport == "rtu" else "connect to"
         why = f"no answer within {self.settings.timeout:g}s" if waited else "refused or unreachable"
         self._down_reason = f"cannot {verb} {self.settings.where} ({why})"
-        delay = min(self.settings.reconnect_max, self.settings.reconnect_min * 2**self._failures)
-        self._failures += 1
-        self._retry_at = loop.time() + delay * random.uniform(0.5, 1.0)  # noqa: S311 - jitter
+        self._retry_at = loop.time() + self._backoff.next()
         raise LinkDownError(device, self._down_reason)
 
     def _new_client(self) -> Any:

@@ -18,6 +18,7 @@ import time
 
 from edge_agent.config.modbus import ModbusSourceConfig
 from edge_agent.reading import Quality, Reading
+from edge_agent.schedule import ticks
 from edge_agent.sources.base import Emit, SourceState
 from edge_agent.sources.modbus.deadband import ReportFilter
 from edge_agent.sources.modbus.decode import DecodeError
@@ -72,10 +73,7 @@ class ModbusSource:
             release_link(self._config, link)
 
     async def _loop(self, link: ModbusLink, emit: Emit) -> None:
-        loop = asyncio.get_running_loop()
-        interval = self._config.poll_interval
-        start, tick = loop.time(), 0
-        while True:
+        async for _ in ticks(self._config.poll_interval):  # an overrun skips ticks, no burst
             try:
                 readings = await self.poll(link)
             except Exception as exc:  # a bug must not stop the daemon: log it, carry on
@@ -85,12 +83,6 @@ class ModbusSource:
             if readings:
                 await emit(readings)
                 self.state.readings += len(readings)
-            tick += 1
-            delay = start + tick * interval - loop.time()
-            if delay < 0:  # the poll overran (timeouts): skip the missed ticks, don't burst
-                tick += int(-delay // interval) + 1
-                delay = start + tick * interval - loop.time()
-            await asyncio.sleep(delay)
 
     async def poll(self, link: ModbusLink) -> list[Reading]:
         """One pass over the plan; the readings worth sending (see deadband)."""
