@@ -27,7 +27,7 @@ from edge_agent.metrics import Metrics, SourceCollector
 from edge_agent.seal.batcher import Batcher
 from edge_agent.seal.envelope import Sealer
 from edge_agent.seal.keys import load_private_key
-from edge_agent.sources import Emit, Source, build_source
+from edge_agent.sources import Emit, Source, SourceContext, build_source
 from edge_agent.store.sqlite import Store
 
 log = logging.getLogger(__name__)
@@ -85,7 +85,9 @@ class Agent:
         self.store = Store(
             config.store.path, max_bytes=int(config.store.max_bytes), max_age_s=config.store.max_age
         )
-        self.sources: list[Source] = [build_source(c) for c in config.sources]
+        self.source_context = SourceContext()
+        """What the sources share (the Modbus link pool); owned here, lent to each source."""
+        self.sources: list[Source] = [build_source(c, self.source_context) for c in config.sources]
         self.metrics.registry.register(SourceCollector({s.name: s.state for s in self.sources}))
         self.stopping = asyncio.Event()
         self.started = asyncio.Event()

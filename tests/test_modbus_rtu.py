@@ -11,7 +11,7 @@ from test_modbus_source import running
 
 from edge_agent.config.modbus import ModbusSourceConfig
 from edge_agent.reading import Quality
-from edge_agent.sources.modbus.link import LinkSettings, acquire_link, release_link
+from edge_agent.sources.modbus.link import LinkPool, LinkSettings
 
 pytestmark = [
     pytest.mark.timeout(30),
@@ -65,15 +65,16 @@ async def test_three_units_on_one_line_and_a_dead_one_blocks_nobody() -> None:
 
 async def test_units_on_one_port_share_one_link_with_the_inter_frame_silence() -> None:
     one, two = rtu_config("/dev/ttyUSB9", 1), rtu_config("/dev/ttyUSB9", 2)
-    link = acquire_link(one)
+    links = LinkPool()
+    link = links.acquire(one)
     try:
-        assert acquire_link(two) is link
-        release_link(two, link)
+        assert links.acquire(two) is link
+        links.release(two, link)
     finally:
-        release_link(one, link)
-    again = acquire_link(one)
+        links.release(one, link)
+    again = links.acquire(one)
     assert again is not link  # the last user closed it; a new one opens afresh
-    release_link(one, again)
+    links.release(one, again)
     # 3.5 characters of 10 bits at 9600 baud; a fixed 1.75ms above 19200 baud
     slow = LinkSettings.of(one.model_copy(update={"baudrate": 9600}))
     assert slow.silence == pytest.approx(3.5 * 10 / 9600)

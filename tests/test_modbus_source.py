@@ -14,6 +14,7 @@ from modbus_devices import RECEIVED_CODES, WRITE_CODES, TestUnit, tcp_server
 
 from edge_agent.config.modbus import ModbusSourceConfig
 from edge_agent.reading import Quality, Reading
+from edge_agent.sources.modbus.link import LinkPool
 from edge_agent.sources.modbus.source import ModbusSource
 
 pytestmark = pytest.mark.timeout(30)
@@ -59,7 +60,8 @@ class Polls:
 
 @contextlib.asynccontextmanager
 async def running(*configs: ModbusSourceConfig) -> AsyncIterator[list[Polls]]:
-    polls = [Polls(ModbusSource(c)) for c in configs]
+    links = LinkPool()  # one pool, as an agent has: sources with the same link_key share a link
+    polls = [Polls(ModbusSource(c, links)) for c in configs]
     tasks = [asyncio.create_task(p.source.run(p.emit), name=p.source.name) for p in polls]
     try:
         yield polls

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -260,28 +259,33 @@ _READERS = {
 """Function codes 1-4. There is deliberately no write here."""
 
 
-_links: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[tuple[str, str], ModbusLink]]
-_links = weakref.WeakKeyDictionary()
+class LinkPool:
+    """The open links of one agent (or probe), by `link_key`: one per TCP connection or line.
 
+    Sources on the same connection or serial line get the same link, so their requests are
+    serialised by its lock; the last source to release a link closes it, and the next to
+    acquire it opens a new one. The owner (the agent, the probe) creates the pool and hands it
+    to every Modbus source it builds; sources in different pools never share a link.
+    """
 
-def acquire_link(config: ModbusSourceConfig) -> ModbusLink:
-    """The link for this source's connection or line, shared with other sources on it."""
-    per_loop = _links.setdefault(asyncio.get_running_loop(), {})
-    link = per_loop.get(config.link_key)
-    if link is None:
-        link = per_loop[config.link_key] = ModbusLink(LinkSettings.of(config))
-        logging.getLogger("pymodbus").setLevel(
-            logging.getLogger("pymodbus").level or logging.CRITICAL
-        )  # our own log lines report every change of state; pymodbus would repeat each poll
-    link.users += 1
-    return link
+    def __init__(self) -> None:
+        self._links: dict[tuple[str, str], ModbusLink] = {}
 
+    def acquire(self, config: ModbusSourceConfig) -> ModbusLink:
+        """The link for this source's connection or line, shared with other sources on it."""
+        link = self._links.get(config.link_key)
+        if link is None:
+            link = self._links[config.link_key] = ModbusLink(LinkSettings.of(config))
+            logging.getLogger("pymodbus").setLevel(
+                logging.getLogger("pymodbus").level or logging.CRITICAL
+            )  # our own log lines report every change of state; pymodbus would repeat each poll
+        link.users += 1
+        return link
 
-def release_link(config: ModbusSourceConfig, link: ModbusLink) -> None:
-    """Give the link back; the last user closes it."""
-    link.users -= 1
-    if link.users <= 0:
-        link.close()
-        per_loop = _links.get(asyncio.get_running_loop(), {})
-        if per_loop.get(config.link_key) is link:
-            del per_loop[config.link_key]
+    def release(self, config: ModbusSourceConfig, link: ModbusLink) -> None:
+        """Give the link back; the last user closes it."""
+        link.users -= 1
+        if link.users <= 0:
+            link.close()
+            if self._links.get(config.link_key) is link:
+                del self._links[config.link_key]

@@ -27,9 +27,8 @@ from edge_agent.sources.modbus.link import (
     LinkDownError,
     ModbusLink,
     ReadError,
+    LinkPool,
     ReadTimeoutError,
-    acquire_link,
-    release_link,
 )
 from edge_agent.sources.modbus.plan import ReadRequest, decode_response, plan_reads, split
 
@@ -39,12 +38,17 @@ ReadKey = tuple[str, int, int]
 
 
 class ModbusSource:
-    """Polls one Modbus unit; `run` never raises except on cancellation."""
+    """Polls one Modbus unit; `run` never raises except on cancellation.
 
-    def __init__(self, config: ModbusSourceConfig) -> None:
+    `links` is the pool of the agent (or benchmark, or test) that runs the source: sources
+    built with the same pool share a link when their `link_key` is the same.
+    """
+
+    def __init__(self, config: ModbusSourceConfig, links: LinkPool) -> None:
         self.name = config.name
         self.state = SourceState()
         self._config = config
+        self._links = links
         self._unit = config.unit_id
         self._points = list(config.points)
         self.plan: list[ReadRequest] = plan_reads(
@@ -62,7 +66,7 @@ class ModbusSource:
         self._device = f"{config.name} ({config.describe()})"
 
     async def run(self, emit: Emit) -> None:
-        link = acquire_link(self._config)
+        link = self._links.acquire(self._config)
         log.info(
             "Modbus source started device=%s unit=%d link=%s points=%d requests=%d",
             self.name, self._unit, link.settings.where, len(self._points), len(self.plan),
@@ -70,7 +74,7 @@ class ModbusSource:
         try:
             await self._loop(link, emit)
         finally:
-            release_link(self._config, link)
+            self._links.release(self._config, link)
 
     async def _loop(self, link: ModbusLink, emit: Emit) -> None:
         async for _ in ticks(self._config.poll_interval):  # an overrun skips ticks, no burst
