@@ -83,7 +83,7 @@ async def test_a_small_window_sends_every_batch_with_declarations_first(
             [Reading("s", "p", i, i, Quality.GOOD) for i in range(start, start + 1000)]
         )
         await batcher.seal_pending()
-    declarations = len([b for b in await store.take(1000) if b.key[0] == "notices"])
+    declarations = len([b for b in await store.take(1000) if b.key.kind == "declaration"])
     assert declarations > 1
     batches = store.stats.batches
     metrics = Metrics()

@@ -120,7 +120,7 @@ async def test_retention_evicts_oldest_and_the_next_batch_declares_it(tmp_path: 
     tracker = Completeness()
     opener = Opener([key.public_key()])
     taken = await store.take(1000)
-    assert taken[0].key[0] == "notices", "the declaration is sent before older readings"
+    assert taken[0].key.kind == "declaration", "the declaration is sent before older readings"
     for batch in taken:
         opened = opener.open(batch.data)
         tracker.accept(opened.gateway, opened.epoch, opened.readings, opened.evicted)
@@ -166,7 +166,7 @@ async def test_pending_eviction_survives_a_restart_until_declared(tmp_path: Path
     declaration = SealedBatch(6, 51, 0, now, b"declares", declares=tuple(pending))
     await store.append([declaration])
     assert await store.pending_evictions() == []
-    assert (await store.take(1))[0].key == ("notices", 6)
+    assert (await store.take(1))[0].key == ("declaration", 6)
     await store.close()
 
 

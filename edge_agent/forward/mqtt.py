@@ -142,7 +142,7 @@ class Forwarder:
                 if window.room():
                     self._new_batches.clear()
                     taken = await self._store.take(
-                        window.room(), after=window.cursor, skip_notices=window.notices_sent
+                        window.room(), after=window.cursor, skip_declarations=window.declarations
                     )
                     for batch in taken:
                         window.start(batch, client.publish_acked(self.batch_topic, batch.data))
@@ -214,20 +214,19 @@ class _Window:
         self.size = size
         self.in_flight: dict[asyncio.Future[int], StoredBatch] = {}
         self.cursor = 0
-        """Highest `batches` row id published on this connection."""
-        self.notices_sent: set[int] = set()
-        """Declarations published on this connection (they are taken first on every call)."""
+        """Highest id of a batch of readings published on this connection."""
+        self.declarations: set[int] = set()
+        """Ids of declarations published on this connection (they are taken first on every call)."""
 
     def room(self) -> int:
         return self.size - len(self.in_flight)
 
     def start(self, batch: StoredBatch, publish: Coroutine[Any, Any, int]) -> None:
         """Publish `batch` (never one already published on this connection)."""
-        table, row_id = batch.key
-        if table == "notices":
-            self.notices_sent.add(row_id)
+        if batch.key.kind == "declaration":
+            self.declarations.add(batch.key.id)
         else:
-            self.cursor = max(self.cursor, row_id)
+            self.cursor = max(self.cursor, batch.key.id)
         task = asyncio.ensure_future(publish)
         self.in_flight[task] = batch
 
