@@ -23,6 +23,7 @@ from edge_agent.config import Config, load_config
 from edge_agent.errors import ConfigError, StoreError
 from edge_agent.forward.mqtt import Forwarder
 from edge_agent.health import Health, start_health_server
+from edge_agent.logs import configure_logging
 from edge_agent.metrics import Metrics, SourceCollector
 from edge_agent.seal.batcher import Batcher
 from edge_agent.seal.envelope import Sealer
@@ -35,16 +36,6 @@ log = logging.getLogger(__name__)
 DRAIN_TIMEOUT_S = 5.0
 GOODBYE_S = 3.0
 SOURCE_RESTART_S = 5.0
-
-
-def configure_logging(level: int = logging.INFO) -> None:
-    logging.basicConfig(
-        level=level,
-        stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    for noisy in ("asyncua", "pymodbus", "aiohttp.access"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
 def run_agent(path: Path) -> int:

@@ -20,9 +20,10 @@ def loaded_after(code: str) -> set[str]:
     return set(json.loads(done.stdout.splitlines()[-1]))
 
 
-def test_metrics_is_a_leaf_that_imports_nothing_of_the_package() -> None:
-    loaded = loaded_after("import edge_agent.metrics")
-    assert {n for n in loaded if n.startswith("edge_agent")} == {"edge_agent", "edge_agent.metrics"}
+@pytest.mark.parametrize("leaf", ["metrics", "logs", "schedule"])
+def test_a_leaf_module_imports_nothing_of_the_package(leaf: str) -> None:
+    loaded = loaded_after(f"import edge_agent.{leaf}")
+    assert {n for n in loaded if n.startswith("edge_agent")} == {"edge_agent", f"edge_agent.{leaf}"}
 
 
 BUILD = """

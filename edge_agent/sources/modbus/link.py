@@ -29,6 +29,7 @@ from pymodbus.exceptions import ModbusException, ModbusIOException
 
 from edge_agent.config.modbus import ModbusSourceConfig
 from edge_agent.errors import DeviceError
+from edge_agent.logs import quiet_unless_configured
 from edge_agent.schedule import Backoff
 from edge_agent.sources.modbus.plan import ReadRequest
 
@@ -276,9 +277,7 @@ class LinkPool:
         link = self._links.get(config.link_key)
         if link is None:
             link = self._links[config.link_key] = ModbusLink(LinkSettings.of(config))
-            logging.getLogger("pymodbus").setLevel(
-                logging.getLogger("pymodbus").level or logging.CRITICAL
-            )  # our own log lines report every change of state; pymodbus would repeat each poll
+            quiet_unless_configured("pymodbus")  # we log each change of state; it, each poll
         link.users += 1
         return link
 

@@ -25,9 +25,9 @@ from edge_agent.sources.modbus.decode import DecodeError
 from edge_agent.sources.modbus.link import (
     ExceptionReplyError,
     LinkDownError,
+    LinkPool,
     ModbusLink,
     ReadError,
-    LinkPool,
     ReadTimeoutError,
 )
 from edge_agent.sources.modbus.plan import ReadRequest, decode_response, plan_reads, split

@@ -47,6 +47,7 @@ from asyncua.ua.uaerrors import UaStatusCodeError
 
 from edge_agent.config.opcua import Deadband, OpcuaSourceConfig
 from edge_agent.errors import EdgeAgentError
+from edge_agent.logs import quiet_unless_configured
 from edge_agent.reading import Quality, Reading
 from edge_agent.schedule import Backoff, ticks
 from edge_agent.sources.base import Emit, SourceState
@@ -82,11 +83,7 @@ class OpcuaSource:
         self._node_codes: dict[str, int] = {}
         """Per point: the last bad code logged, so a bad node is logged once, not every poll."""
         self._flagged: set[str] = set()
-        if logging.getLogger("asyncua").level == logging.NOTSET:
-            # asyncua logs every publish response at INFO (costly at 10k items/s) and an expected
-            # link loss as errors with tracebacks; this source logs each change of state itself.
-            # Configure the "asyncua" logger explicitly to see its own messages.
-            logging.getLogger("asyncua").setLevel(logging.CRITICAL)
+        quiet_unless_configured("asyncua")  # it logs every publish response (edge_agent.logs)
 
     async def run(self, emit: Emit) -> None:
         """Connect, stream, and on any failure mark down, back off and start over."""
