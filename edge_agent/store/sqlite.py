@@ -219,8 +219,8 @@ class Store:
         """Store sealed batches, advance the counters and apply retention, in one transaction.
 
         The caller numbered them from `next_batch` and `next_seq`; batches that declare evictions
-        are kept as declarations, and the evictions they declare stop being pending. Returns the number of
-        readings retention evicted (now pending declaration).
+        are kept as declarations, and the evictions they declare stop being pending. Returns the
+        number of readings retention evicted (now pending declaration).
         """
         if not batches:
             return 0
