@@ -1,4 +1,6 @@
-"""RTU over a real serial line: a socat PTY pair, three units on one bus, one of them dead."""
+"""RTU over a real serial line: a socat PTY pair, three units on one bus, one of them dead.
+
+(How units on one port share its link, without a line: test_modbus_link_sharing.py.)"""
 
 from __future__ import annotations
 
@@ -6,28 +8,16 @@ import asyncio
 import shutil
 
 import pytest
-from modbus_devices import TestUnit, serial_server, socat_pty_pair
-from test_modbus_source import running
+from helpers.modbus_devices import TestUnit, serial_server, socat_pty_pair
+from helpers.modbus_sources import rtu_config, running
 
-from edge_agent.config.modbus import ModbusSourceConfig
 from edge_agent.reading import Quality
-from edge_agent.sources.modbus.link import LinkPool, LinkSettings
 
 pytestmark = [
+    pytest.mark.integration,
     pytest.mark.timeout(30),
     pytest.mark.skipif(shutil.which("socat") is None, reason="socat is not installed"),
 ]
-
-
-def rtu_config(pty: str, unit: int) -> ModbusSourceConfig:
-    return ModbusSourceConfig.model_validate({
-        "type": "modbus", "name": f"unit{unit}", "transport": "rtu", "serial_port": pty,
-        "baudrate": 115200, "parity": "N", "unit_id": unit, "poll_interval": "100ms",
-        "timeout": "150ms", "points": [
-            {"name": "level", "register": "holding", "address": 0, "type": "float32"},
-            {"name": "count", "register": "input", "address": 5, "type": "uint16"},
-        ],
-    })  # fmt: skip
 
 
 async def test_three_units_on_one_line_and_a_dead_one_blocks_nobody() -> None:
@@ -61,21 +51,3 @@ async def test_three_units_on_one_line_and_a_dead_one_blocks_nobody() -> None:
                 await polls[2].until(lambda b: b["level"].quality == Quality.GOOD)
         # strictly one request at a time: the server saw whole frames for all three units
         assert {unit for unit, *_ in server.requests} == {1, 2, 3}
-
-
-async def test_units_on_one_port_share_one_link_with_the_inter_frame_silence() -> None:
-    one, two = rtu_config("/dev/ttyUSB9", 1), rtu_config("/dev/ttyUSB9", 2)
-    links = LinkPool()
-    link = links.acquire(one)
-    try:
-        assert links.acquire(two) is link
-        links.release(two, link)
-    finally:
-        links.release(one, link)
-    again = links.acquire(one)
-    assert again is not link  # the last user closed it; a new one opens afresh
-    links.release(one, again)
-    # 3.5 characters of 10 bits at 9600 baud; a fixed 1.75ms above 19200 baud
-    slow = LinkSettings.of(one.model_copy(update={"baudrate": 9600}))
-    assert slow.silence == pytest.approx(3.5 * 10 / 9600)
-    assert LinkSettings.of(one).silence == pytest.approx(0.00175)
