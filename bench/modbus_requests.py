@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 
 from edge_agent.config.modbus import ModbusSourceConfig
-from edge_agent.sources.modbus.link import ReadError, acquire_link, release_link
+from edge_agent.sources.modbus.link import LinkPool, ReadError
 from edge_agent.sources.modbus.plan import ReadRequest
 
 SERVER = Path(__file__).with_name("modbus_poll.py")
@@ -31,7 +31,8 @@ async def measure(port: int, requests: int, count: int, rounds: int) -> list[flo
         "reconnect_min": "100ms", "reconnect_max": "100ms",
         "points": [{"name": "a", "register": "holding", "address": 0}],
     })  # fmt: skip
-    link = acquire_link(config)
+    links = LinkPool()
+    link = links.acquire(config)
     request = ReadRequest("holding", 0, count, ())
     try:
         for _ in range(50):
@@ -50,7 +51,7 @@ async def measure(port: int, requests: int, count: int, rounds: int) -> list[flo
             results.append(cpu / requests * 1e6)
         return results
     finally:
-        release_link(config, link)
+        links.release(config, link)
 
 
 def main() -> None:

@@ -21,6 +21,8 @@ from edge_agent.sources.modbus.frames import (
     tcp_frame,
 )
 
+pytestmark = pytest.mark.unit
+
 
 def pymodbus_rtu(body: bytes) -> bytes:
     """An RTU frame with pymodbus' CRC: the reference the agent's framer is checked against."""

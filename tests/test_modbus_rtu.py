@@ -19,28 +19,17 @@ from typing import Any
 
 import pytest
 import serial
-from modbus_devices import MisbehavingRtuDevice, TestUnit, serial_server, socat_pty_pair
-from test_modbus_source import Polls, running
+from helpers.modbus_devices import MisbehavingRtuDevice, TestUnit, serial_server, socat_pty_pair
+from helpers.modbus_sources import Polls, rtu_config, running
 
 from edge_agent.config.modbus import ModbusSourceConfig
 from edge_agent.reading import Quality, Reading
-from edge_agent.sources.modbus.link import LinkSettings, acquire_link, release_link
 
 pytestmark = [
+    pytest.mark.integration,
     pytest.mark.timeout(30),
     pytest.mark.skipif(shutil.which("socat") is None, reason="socat is not installed"),
 ]
-
-
-def rtu_config(pty: str, unit: int) -> ModbusSourceConfig:
-    return ModbusSourceConfig.model_validate({
-        "type": "modbus", "name": f"unit{unit}", "transport": "rtu", "serial_port": pty,
-        "baudrate": 115200, "parity": "N", "unit_id": unit, "poll_interval": "100ms",
-        "timeout": "150ms", "points": [
-            {"name": "level", "register": "holding", "address": 0, "type": "float32"},
-            {"name": "count", "register": "input", "address": 5, "type": "uint16"},
-        ],
-    })  # fmt: skip
 
 
 async def test_three_units_on_one_line_and_a_dead_one_blocks_nobody() -> None:
@@ -74,23 +63,6 @@ async def test_three_units_on_one_line_and_a_dead_one_blocks_nobody() -> None:
                 await polls[2].until(lambda b: b["level"].quality == Quality.GOOD)
         # strictly one request at a time: the server saw whole frames for all three units
         assert {unit for unit, *_ in server.requests} == {1, 2, 3}
-
-
-async def test_units_on_one_port_share_one_link_with_the_inter_frame_silence() -> None:
-    one, two = rtu_config("/dev/ttyUSB9", 1), rtu_config("/dev/ttyUSB9", 2)
-    link = acquire_link(one)
-    try:
-        assert acquire_link(two) is link
-        release_link(two, link)
-    finally:
-        release_link(one, link)
-    again = acquire_link(one)
-    assert again is not link  # the last user closed it; a new one opens afresh
-    release_link(one, again)
-    # 3.5 characters of 10 bits at 9600 baud; a fixed 1.75ms above 19200 baud
-    slow = LinkSettings.of(one.model_copy(update={"baudrate": 9600}))
-    assert slow.silence == pytest.approx(3.5 * 10 / 9600)
-    assert LinkSettings.of(one).silence == pytest.approx(0.00175)
 
 
 def line_config(

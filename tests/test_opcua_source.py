@@ -7,12 +7,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from opcua_servers import Collector, UaTestServer, running, until
+from helpers.opcua_servers import Collector, UaTestServer, running
+from helpers.wait import wait_for
 
 from edge_agent.config.opcua import OpcuaSourceConfig
 from edge_agent.reading import Quality
 from edge_agent.sources.opcua.source import OpcuaSource
 from edge_agent.sources.opcua.values import BAD_NOT_CONNECTED, datetime_ns
+
+pytestmark = pytest.mark.integration
 
 BAD_NODE_ID_UNKNOWN = 0x80340000
 UNCERTAIN_LAST_USABLE = 0x40900000
@@ -207,7 +210,9 @@ async def test_a_server_that_is_down_at_start_is_retried(tmp_path: Path) -> None
     source, got = OpcuaSource(make_config(server)), Collector()
     try:
         async with running(source, got):
-            await until(lambda: source.state.errors > 0)  # no event exists for a failed attempt
+            await wait_for(  # no event exists for a failed attempt
+                lambda: source.state.errors > 0, 10, "a failed attempt"
+            )
             assert not source.state.up and source.state.last_error
             await server.start()
             await got.wait_for(lambda rs: any(r.pt == "speed" for r in rs))

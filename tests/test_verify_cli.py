@@ -7,10 +7,14 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import AgentProcess, agent_config, wait_until
+import pytest
+from helpers.agent import AgentProcess, agent_config
+from helpers.wait import wait_for
 
 from edge_agent.demo.broker import Mosquitto
 from edge_agent.seal.keys import write_keypair
+
+pytestmark = pytest.mark.e2e
 
 
 def start_verify(broker: Mosquitto, key: Path, client_id: str) -> subprocess.Popen[str]:
@@ -40,9 +44,9 @@ async def test_verify_passes_a_complete_stream_and_rejects_an_unknown_key(
         status = agent.status()
         return status["buffer"]["readings"] == 0 and status["sources"]["sim"]["readings"] > 100
 
-    await wait_until(both_subscribed, 20, "verifiers' subscriptions")
+    await wait_for(both_subscribed, 20, "verifiers' subscriptions")
     agent.start()
-    await wait_until(all_shipped, 20, "readings shipped")
+    await wait_for(all_shipped, 20, "readings shipped")
     assert agent.stop() == 0
     good.send_signal(signal.SIGINT)
     wrong.send_signal(signal.SIGINT)

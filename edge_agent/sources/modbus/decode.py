@@ -19,6 +19,7 @@ from typing import Literal
 
 from pymodbus.client.mixin import ModbusClientMixin
 
+from edge_agent.errors import EdgeAgentError
 from edge_agent.reading import Value
 
 DataType = ModbusClientMixin.DATATYPE
@@ -41,7 +42,7 @@ ORDERS: dict[str, tuple[Literal["big", "little"], Literal["big", "little"]]] = {
 NUMERIC_TYPES = ("int16", "uint16", "int32", "uint32", "int64", "uint64", "float32", "float64")
 
 
-class DecodeError(ValueError):
+class DecodeError(EdgeAgentError, ValueError):
     """The registers do not hold a value of the configured type (non-finite float, bad text)."""
 
 

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import struct
 
+from edge_agent.errors import EdgeAgentError
+
 READ_FUNCTIONS = frozenset({1, 2, 3, 4})
 """Read coils, read discrete inputs, read holding registers, read input registers."""
 RTU_MAX_FRAME = 256
@@ -99,7 +101,11 @@ def find_rtu_answer(buf: bytes | bytearray, start: int = 0) -> tuple[int, int] |
     return None
 
 
-class TcpFramingError(ValueError):
+class FrameError(EdgeAgentError):
+    """Bytes from a device that are not the answer to the request in flight (never data)."""
+
+
+class TcpFramingError(FrameError, ValueError):
     """The bytes on a Modbus TCP connection are not an MBAP frame: the stream is lost."""
 
 
@@ -121,7 +127,7 @@ def next_tcp_frame(buf: bytes | bytearray) -> tuple[int, int, bytes, int] | None
     return tid, buf[6], bytes(buf[7 : 6 + length]), 6 + length
 
 
-class MismatchedAnswerError(ValueError):
+class MismatchedAnswerError(FrameError, ValueError):
     """A well-framed answer that is not the answer to the request; `reason` is the counter."""
 
     def __init__(self, reason: str, message: str) -> None:
@@ -129,7 +135,7 @@ class MismatchedAnswerError(ValueError):
         self.reason = reason
 
 
-class ExceptionAnswer(Exception):  # noqa: N818 - it is an answer, not an error of ours
+class ExceptionAnswer(FrameError):  # noqa: N818 - it is an answer, not an error of ours
     """The device answered the request with a Modbus exception response (`code` 1-255)."""
 
     def __init__(self, code: int) -> None:

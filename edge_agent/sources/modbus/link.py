@@ -31,7 +31,8 @@ Failure policy, so that one dead unit never costs the others more than its own t
 - a timeout is the unit's fault, not the line's; a TCP connection is dropped only after
   `DROP_AFTER_TIMEOUTS` timeouts in a row with no answer from any unit in between (a dead
   peer), never because one unit behind a gateway is silent (Neuron #1602);
-- a failed connect or open is retried with capped exponential backoff and jitter, and reports
+- a failed connect or open is retried after `schedule.Backoff` (capped exponential, with
+  jitter, reset by a successful connect), and reports
   why it failed: for a serial port, which setting the port refused, a path that does not exist
   or is not a serial port, a port another program holds. The port is closed on every failure.
 
@@ -44,10 +45,8 @@ import asyncio
 import errno
 import logging
 import os
-import random
 import socket
 import termios
-import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,9 +55,11 @@ from typing import Any
 import serial
 
 from edge_agent.config.modbus import ModbusSourceConfig
-from edge_agent.errors import DeviceError
+from edge_agent.errors import DeviceError, EdgeAgentError
+from edge_agent.schedule import Backoff
 from edge_agent.sources.modbus.frames import (
     ExceptionAnswer,
+    FrameError,
     MismatchedAnswerError,
     TcpFramingError,
     check_answer,
@@ -183,12 +184,12 @@ class LinkSettings:
         return max(t35, self.pause)
 
 
-class _Lost(Exception):  # noqa: N818 - internal signal, mapped to LinkDownError
-    pass
+class ChannelLostError(EdgeAgentError):
+    """The connection or port closed under a request (internal; becomes LinkDownError)."""
 
 
-class _Garbled(Exception):  # noqa: N818 - internal signal, mapped to FramingError
-    pass
+class GarbledAnswerError(FrameError):
+    """Bytes with no valid RTU frame by the timeout (internal; becomes FramingError)."""
 
 
 class _Channel:
@@ -335,7 +336,7 @@ class _SerialChannel(_Channel):
         self._port.close()
 
 
-class PortError(Exception):
+class PortError(EdgeAgentError):
     """A serial port cannot be opened; the message says why (`cannot open` follows it)."""
 
 
@@ -433,7 +434,7 @@ class ModbusLink:
         self._rtu = settings.transport == "rtu"
         self._lock = asyncio.Lock()
         self._channel: _Channel | None = None
-        self._failures = 0
+        self._backoff = Backoff(settings.reconnect_min, settings.reconnect_max)
         self._retry_at = 0.0
         self._down_reason = ""
         self._silent_in_a_row = 0
@@ -473,7 +474,7 @@ class ModbusLink:
                 if self._silent_in_a_row >= DROP_AFTER_TIMEOUTS and not self._rtu:
                     self._drop(f"no answer to {DROP_AFTER_TIMEOUTS} requests in a row")
                 raise ReadTimeoutError(device, f"{what}: no answer within {wait:g}s") from None
-            except _Garbled as exc:
+            except GarbledAnswerError as exc:
                 self._unsettled(unit, wait)
                 raise FramingError(device, f"{what}: framing error: {exc}", desync=True) from None
             except TcpFramingError as exc:
@@ -493,7 +494,7 @@ class ModbusLink:
                 raise ExceptionReplyError(
                     device, f"{what}: exception {exc.code} ({name})", exc.code
                 ) from None
-            except _Lost as exc:
+            except ChannelLostError as exc:
                 self._drop(str(exc))
                 raise LinkDownError(device, f"{what}: connection lost: {exc}") from None
             finally:
@@ -521,13 +522,13 @@ class ModbusLink:
             if answer is not None:
                 return check_answer(answer, request.function_code, request.count)
             if channel.lost is not None:
-                raise _Lost(channel.lost)
+                raise ChannelLostError(channel.lost)
             if not await channel.wait(deadline):
                 if channel.buffer:  # RTU only: TCP bytes are a frame or a TcpFramingError
                     log.debug("Modbus garbled answer link=%s unit=%d bytes=%s",
                               self.settings.where, unit, _bytes(channel.buffer))  # fmt: skip
                     channel.buffer.clear()
-                    raise _Garbled("garbled answer, no frame with a valid CRC")
+                    raise GarbledAnswerError("garbled answer, no frame with a valid CRC")
                 raise TimeoutError
 
     def _rtu_answer(self, channel: _Channel, unit: int) -> bytes | None:
@@ -633,12 +634,11 @@ class ModbusLink:
             self._down_reason = f"cannot connect to {self.settings.where} (refused or unreachable)"
         else:
             self._channel = channel
-            self._failures, self._silent_in_a_row = 0, 0
+            self._backoff.reset()
+            self._silent_in_a_row = 0
             self.connects += 1
             return channel
-        delay = min(self.settings.reconnect_max, self.settings.reconnect_min * 2**self._failures)
-        self._failures += 1
-        self._retry_at = loop.time() + delay * random.uniform(0.5, 1.0)  # noqa: S311 - jitter
+        self._retry_at = loop.time() + self._backoff.next()
         raise LinkDownError(device, self._down_reason)
 
     async def _open(self) -> _Channel:
@@ -669,25 +669,30 @@ def _bytes(data: bytes | bytearray) -> str:
     return f"{len(data)} byte{'s' if len(data) != 1 else ''} ({shown})"
 
 
-_links: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[tuple[str, str], ModbusLink]]
-_links = weakref.WeakKeyDictionary()
+class LinkPool:
+    """The open links of one agent (or probe), by `link_key`: one per TCP connection or line.
 
+    Sources on the same connection or serial line get the same link, so their requests are
+    serialised by its lock; the last source to release a link closes it, and the next to
+    acquire it opens a new one. The owner (the agent, the probe) creates the pool and hands it
+    to every Modbus source it builds; sources in different pools never share a link.
+    """
 
-def acquire_link(config: ModbusSourceConfig) -> ModbusLink:
-    """The link for this source's connection or line, shared with other sources on it."""
-    per_loop = _links.setdefault(asyncio.get_running_loop(), {})
-    link = per_loop.get(config.link_key)
-    if link is None:
-        link = per_loop[config.link_key] = ModbusLink(LinkSettings.of(config))
-    link.users += 1
-    return link
+    def __init__(self) -> None:
+        self._links: dict[tuple[str, str], ModbusLink] = {}
 
+    def acquire(self, config: ModbusSourceConfig) -> ModbusLink:
+        """The link for this source's connection or line, shared with other sources on it."""
+        link = self._links.get(config.link_key)
+        if link is None:
+            link = self._links[config.link_key] = ModbusLink(LinkSettings.of(config))
+        link.users += 1
+        return link
 
-def release_link(config: ModbusSourceConfig, link: ModbusLink) -> None:
-    """Give the link back; the last user closes it."""
-    link.users -= 1
-    if link.users <= 0:
-        link.close()
-        per_loop = _links.get(asyncio.get_running_loop(), {})
-        if per_loop.get(config.link_key) is link:
-            del per_loop[config.link_key]
+    def release(self, config: ModbusSourceConfig, link: ModbusLink) -> None:
+        """Give the link back; the last user closes it."""
+        link.users -= 1
+        if link.users <= 0:
+            link.close()
+            if self._links.get(config.link_key) is link:
+                del self._links[config.link_key]

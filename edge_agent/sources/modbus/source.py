@@ -23,17 +23,17 @@ import time
 
 from edge_agent.config.modbus import ModbusSourceConfig
 from edge_agent.reading import Quality, Reading
+from edge_agent.schedule import ticks
 from edge_agent.sources.base import Emit, SourceState
 from edge_agent.sources.modbus.deadband import ReportFilter
 from edge_agent.sources.modbus.decode import DecodeError
 from edge_agent.sources.modbus.link import (
     ExceptionReplyError,
     LinkDownError,
+    LinkPool,
     ModbusLink,
     ReadError,
     ReadTimeoutError,
-    acquire_link,
-    release_link,
 )
 from edge_agent.sources.modbus.plan import ReadRequest, decode_response, plan_reads, split
 
@@ -46,12 +46,17 @@ ReadKey = tuple[str, int, int]
 
 
 class ModbusSource:
-    """Polls one Modbus unit; `run` never raises except on cancellation."""
+    """Polls one Modbus unit; `run` never raises except on cancellation.
 
-    def __init__(self, config: ModbusSourceConfig) -> None:
+    `links` is the pool of the agent (or benchmark, or test) that runs the source: sources
+    built with the same pool share a link when their `link_key` is the same.
+    """
+
+    def __init__(self, config: ModbusSourceConfig, links: LinkPool) -> None:
         self.name = config.name
         self.state = SourceState()
         self._config = config
+        self._links = links
         self._unit = config.unit_id
         self._points = list(config.points)
         self.plan: list[ReadRequest] = plan_reads(
@@ -70,7 +75,7 @@ class ModbusSource:
         self._device = f"{config.name} ({config.describe()})"
 
     async def run(self, emit: Emit) -> None:
-        link = acquire_link(self._config)
+        link = self._links.acquire(self._config)
         log.info(
             "Modbus source started device=%s unit=%d link=%s points=%d requests=%d",
             self.name, self._unit, link.settings.where, len(self._points), len(self.plan),
@@ -78,13 +83,10 @@ class ModbusSource:
         try:
             await self._loop(link, emit)
         finally:
-            release_link(self._config, link)
+            self._links.release(self._config, link)
 
     async def _loop(self, link: ModbusLink, emit: Emit) -> None:
-        loop = asyncio.get_running_loop()
-        interval = self._config.poll_interval
-        start, tick = loop.time(), 0
-        while True:
+        async for _ in ticks(self._config.poll_interval):  # an overrun skips ticks, no burst
             try:
                 readings = await self.poll(link)
             except Exception as exc:  # a bug must not stop the daemon: log it, carry on
@@ -94,12 +96,6 @@ class ModbusSource:
             if readings:
                 await emit(readings)
                 self.state.readings += len(readings)
-            tick += 1
-            delay = start + tick * interval - loop.time()
-            if delay < 0:  # the poll overran (timeouts): skip the missed ticks, don't burst
-                tick += int(-delay // interval) + 1
-                delay = start + tick * interval - loop.time()
-            await asyncio.sleep(delay)
 
     async def poll(self, link: ModbusLink) -> list[Reading]:
         """One pass over the plan; the readings worth sending (see deadband)."""

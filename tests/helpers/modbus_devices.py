@@ -8,6 +8,7 @@ be made to do those things.
 switches a test flips to make it answer an exception code or stop answering. Every server
 records the function codes it receives in RECEIVED_CODES, and its context manager asserts on
 exit that no write function code ever arrived (docs/contract.md §5), so every Modbus test checks it.
+`motor_unit` and `MOTOR_POINTS` are one device with every table and type, and the points to read it.
 """
 
 from __future__ import annotations
@@ -16,8 +17,10 @@ import asyncio
 import contextlib
 import os
 import re
+import selectors
 import struct
 import subprocess
+import time
 import tty
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
@@ -117,6 +120,34 @@ _UNUSED = SimData(60000, datatype=DataType.INVALID)
 _UNUSED_BITS = SimData(60000, values=[False], datatype=DataType.BITS)
 
 
+def motor_unit(unit: int = 1) -> TestUnit:
+    """A motor drive's map: every table, and every type MOTOR_POINTS reads from it."""
+    return TestUnit(
+        unit,
+        holding={0: [0xE979, 0x42F6, 42, 0xFF83]  # float32 CDAB 123.456, uint16, int16 -125
+                 + [0] * 6 + [0x5055, 0x4D50, 0x3100]  # 10: "PUMP1"
+                 + [0] * 7 + [0b1000]},                # 20: bit 3 set
+        input={0: [0xFFFF, 0xFFFE]},                # int32 -2
+        coils={0: [True, False, True]},
+        discrete={0: [True]},
+    )  # fmt: skip
+
+
+MOTOR_POINTS: list[dict[str, Any]] = [
+    {"name": "current", "register": "holding", "address": 0, "type": "float32",
+     "word_order": "little", "unit": "A"},
+    {"name": "counter", "register": "holding", "address": 2, "type": "uint16"},
+    {"name": "temp", "register": "holding", "address": 3, "type": "int16", "scale": 0.1},
+    {"name": "tag", "register": "holding", "address": 10, "type": "string", "length": 3},
+    {"name": "running", "register": "holding", "address": 20, "type": "bool", "bit": 3},
+    {"name": "power", "register": "input", "address": 0, "type": "int32"},
+    {"name": "c0", "register": "coil", "address": 0, "type": "bool"},
+    {"name": "c2", "register": "coil", "address": 2, "type": "bool"},
+    {"name": "door", "register": "discrete", "address": 0, "type": "bool"},
+]  # fmt: skip
+"""The points of `motor_unit`, one per table and type; read in four requests."""
+
+
 @dataclass
 class RunningServer:
     server: ModbusTcpServer | ModbusSerialServer
@@ -212,24 +243,35 @@ _PTY_LINE = re.compile(rb"PTY is (\S+)")
 
 
 @contextlib.contextmanager
-def socat_pty_pair() -> Iterator[tuple[str, str]]:
-    """Two PTYs joined by socat: a null-modem cable. Names come from socat's own stderr."""
+def socat_pty_pair(timeout: float = 10.0) -> Iterator[tuple[str, str]]:
+    """Two PTYs joined by socat: a null-modem cable. Names come from socat's own stderr.
+
+    Raises RuntimeError if socat exits, or does not report both PTYs within `timeout` s.
+    """
     proc = subprocess.Popen(
         ["socat", "-d", "-d", "pty,raw,echo=0", "pty,raw,echo=0"],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
+        bufsize=0,  # unbuffered: select() then sees every line that has not been read yet
     )
     assert proc.stderr is not None
     names: list[str] = []
+    seen: list[bytes] = []
+    end = time.monotonic() + timeout
     try:
-        while True:
-            line = proc.stderr.readline()
-            if not line:
-                raise RuntimeError("socat exited before opening its PTYs")
-            if match := _PTY_LINE.search(line):
-                names.append(match.group(1).decode())
-            if b"starting data transfer loop" in line:
-                break
+        with selectors.DefaultSelector() as selector:
+            selector.register(proc.stderr, selectors.EVENT_READ)
+            while True:
+                if not selector.select(timeout=max(0.0, end - time.monotonic())):
+                    raise RuntimeError(f"socat did not open its PTYs within {timeout:g}s: {seen}")
+                line = proc.stderr.readline()
+                if not line:
+                    raise RuntimeError(f"socat exited before opening its PTYs: {seen}")
+                seen.append(line)
+                if match := _PTY_LINE.search(line):
+                    names.append(match.group(1).decode())
+                if b"starting data transfer loop" in line:
+                    break
         assert len(names) == 2, names
         yield names[0], names[1]
     finally:
