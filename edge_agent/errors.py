@@ -29,7 +29,8 @@
 
 Classes live next to the code that raises them: ConfigError, StoreError, EnvelopeError,
 UnknownKeyError and DeviceError here; the ReadError family, ChannelLostError,
-GarbledAnswerError and PortError in `sources/modbus/link.py`, FrameError and its other subclasses in `sources/modbus/frames.py`,
+GarbledAnswerError and PortError in `sources/modbus/link.py`, FrameError and its other
+subclasses in `sources/modbus/frames.py`,
 DecodeError in `sources/modbus/decode.py`, ConnectionLostError in `sources/opcua/source.py`,
 SecurityError and UntrustedCertificateError in `sources/opcua/security.py`,
 PublishRejectedError in `forward/mqtt.py`, BrokerUnavailableError in `demo/embedded_broker.py`.
