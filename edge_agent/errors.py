@@ -12,7 +12,8 @@
     │       ├── MalformedError         an answer that does not belong to the request
     │       ├── LinkDownError          the connection or serial line is down
     │       └── ExceptionReplyError    a Modbus exception response; carries its code
-    ├── DecodeError (ValueError)   registers that hold no value of the point's type
+    ├── RejectedValue (ValueError)  a device value the value rules refuse (NaN, text not UTF-8)
+    │   └── DecodeError            Modbus registers that hold no value the rules allow
     ├── ConnectionLostError        an OPC UA session or its subscription is gone
     ├── SecurityError              an OPC UA connection refused on security grounds
     │   └── UntrustedCertificateError  the server's certificate is not trusted
@@ -21,7 +22,8 @@
 
 Classes live next to the code that raises them: ConfigError, StoreError, EnvelopeError,
 UnknownKeyError and DeviceError here; the ReadError family in `sources/modbus/link.py`,
-DecodeError in `sources/modbus/decode.py`, ConnectionLostError in `sources/opcua/source.py`,
+RejectedValue in `reading.py`, DecodeError in `sources/modbus/decode.py`,
+ConnectionLostError in `sources/opcua/source.py`,
 SecurityError and UntrustedCertificateError in `sources/opcua/security.py`,
 PublishRejectedError in `forward/mqtt.py`, BrokerUnavailableError in `demo/embedded_broker.py`.
 A second base in parentheses is kept for callers that catch it.

@@ -58,6 +58,8 @@ class ModbusSource:
             for p in self._points
         ]
         self._read_faults: dict[ReadKey, tuple[str, int]] = {}
+        self._point_faults: dict[int, tuple[str, int]] = {}
+        """Per point index: the value rule its last value broke, and how many polls in a row."""
         self._device = f"{config.name} ({config.describe()})"
 
     async def run(self, emit: Emit) -> None:
@@ -130,9 +132,13 @@ class ModbusSource:
             self._note_recovery(request)
             for index, value in decode_response(request, self._points, values):
                 if isinstance(value, DecodeError):
+                    self.state.counts["rejected"] += 1
+                    self._note_point_fault(index, str(value))
                     self._bad_point(index, ts_ns, now, out)
                     failures.append(f"{self._device}: point {self._points[index].name}: {value}")
-                elif self._filters[index].admit(value, Quality.GOOD, now):
+                    continue
+                self._note_point_recovery(index)
+                if self._filters[index].admit(value, Quality.GOOD, now):
                     out.append(Reading(self.name, self._points[index].name, ts_ns, value,
                                        Quality.GOOD))  # fmt: skip
             i += 1
@@ -177,6 +183,20 @@ class ModbusSource:
         if fault is not None:
             log.info("Modbus read recovered device=%s unit=%d read=%s failed_polls=%d",
                      self.name, self._unit, request.describe(), fault[1])  # fmt: skip
+
+    def _note_point_fault(self, index: int, error: str) -> None:
+        """A value refused by edge_agent.reading: logged when it starts or its reason changes."""
+        previous, count = self._point_faults.get(index, ("", 0))
+        if error != previous:
+            log.warning("Modbus point value rejected device=%s unit=%d point=%s error=%s",
+                        self.name, self._unit, self._points[index].name, error)  # fmt: skip
+        self._point_faults[index] = (error, count + 1)
+
+    def _note_point_recovery(self, index: int) -> None:
+        fault = self._point_faults.pop(index, None) if self._point_faults else None
+        if fault is not None:
+            log.info("Modbus point value recovered device=%s unit=%d point=%s failed_polls=%d",
+                     self.name, self._unit, self._points[index].name, fault[1])  # fmt: skip
 
     def _set_up(self, failures: list[str]) -> None:
         """The unit answered; last_error keeps the first partial failure, if any."""
