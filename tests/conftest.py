@@ -95,8 +95,9 @@ class AgentProcess:
         raise TimeoutError(f"agent not ready:\n{self.log()}")
 
     def status(self) -> dict[str, Any]:
+        """/status, parsed as strict JSON (NaN or Infinity fail the test)."""
         with urllib.request.urlopen(f"{self.health_url}/status", timeout=5) as response:
-            data: dict[str, Any] = json.load(response)
+            data: dict[str, Any] = strict_json(response.read())
             return data
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:
@@ -119,6 +120,15 @@ def agents() -> Iterator[list[AgentProcess]]:
         if agent.process is not None:
             agent.process.kill()
             agent.process.wait()
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"not strict JSON: {name}")
+
+
+def strict_json(text: str | bytes) -> Any:
+    """Parse JSON as strict parsers do (RFC 8259): `NaN`, `Infinity`, `-Infinity` are errors."""
+    return json.loads(text, parse_constant=_refuse_constant)
 
 
 async def wait_until(predicate: Any, timeout: float, what: str) -> None:

@@ -15,6 +15,7 @@ import cbor2
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from edge_agent.consumer.verify import Verifier
 from edge_agent.metrics import Metrics
 from edge_agent.reading import (
     INT_MAX,
@@ -173,3 +174,38 @@ async def test_nothing_against_the_rules_is_sealed_as_a_value(
     ]
     await store.close()
 
+
+def test_the_reference_consumer_applies_the_same_rules_and_fails_the_run() -> None:
+    """A batch from a producer without the rules: what breaks them is shown as bad and the run
+    exits 3 ("readings not as §4 says"); text is the producer's to clean and passes as sent."""
+    key = Ed25519PrivateKey.generate()
+    payload = Sealer(key).seal(
+        gateway="gw",
+        epoch="e",
+        batch=1,
+        first_seq=1,
+        readings=[
+            Reading("plc", "big", 1, INT_MAX + 1, Quality.GOOD),  # a CBOR bignum on the wire
+            Reading("plc", "nan", 1, math.nan, Quality.UNCERTAIN, 0x40900000),
+            Reading("plc", "tag", 1, "PUMP1  ", Quality.GOOD),
+            Reading("plc", "ok", 1, 2.5, Quality.GOOD),
+        ],
+        sealed_ns=1,
+    )
+    verifier = Verifier(Opener([key.public_key()]))
+    batch, fresh = verifier.check(payload)
+    assert batch is not None
+    assert [(r["pt"], r["v"], r["q"]) for r in fresh] == [
+        ("big", None, "bad"),
+        ("nan", None, "bad"),
+        ("tag", "PUMP1  ", "good"),
+        ("ok", 2.5, "good"),
+    ]
+    assert fresh[1]["sc"] == 0x40900000  # the device's code is kept
+    code, lines = verifier.summary()
+    assert code == 3
+    assert lines[-1] == (
+        "NONCONFORMING 2 readings broke the value rules (shown as bad, v null); first: "
+        f"gateway=gw seq=1 plc.big: integer {INT_MAX + 1} is outside -2**63..2**64-1"
+    )
+    assert not any(line.startswith("OK:") for line in lines)
