@@ -10,8 +10,16 @@
     │       ├── ReadTimeoutError       no answer within the timeout
     │       ├── ShortResponseError     fewer registers or bits than asked for
     │       ├── MalformedError         an answer that does not belong to the request
+    │       ├── FramingError           bytes on an RTU line with no valid frame in them
     │       ├── LinkDownError          the connection or serial line is down
     │       └── ExceptionReplyError    a Modbus exception response; carries its code
+    ├── FrameError                 Modbus bytes that are not the answer to the request in flight
+    │   ├── TcpFramingError (ValueError)       not an MBAP frame: the TCP stream is lost
+    │   ├── MismatchedAnswerError (ValueError) a frame that answers another request
+    │   ├── ExceptionAnswer            a Modbus exception response, before it names the device
+    │   └── GarbledAnswerError         no RTU frame with a valid CRC by the timeout
+    ├── ChannelLostError           a Modbus connection or port closed under a request
+    ├── PortError                  a serial port cannot be opened; says which setting or why
     ├── RejectedValue (ValueError)  a device value the value rules refuse (NaN, text not UTF-8)
     │   └── DecodeError            Modbus registers that hold no value the rules allow
     ├── ConnectionLostError        an OPC UA session or its subscription is gone
@@ -21,9 +29,10 @@
     └── BrokerUnavailableError (RuntimeError)  the demo finds no MQTT broker to run
 
 Classes live next to the code that raises them: ConfigError, StoreError, EnvelopeError,
-UnknownKeyError and DeviceError here; the ReadError family in `sources/modbus/link.py`,
-RejectedValue in `reading.py`, DecodeError in `sources/modbus/decode.py`,
-ConnectionLostError in `sources/opcua/source.py`,
+UnknownKeyError and DeviceError here; the ReadError family, ChannelLostError,
+GarbledAnswerError and PortError in `sources/modbus/link.py`, FrameError and its other
+subclasses in `sources/modbus/frames.py`, RejectedValue in `reading.py`,
+DecodeError in `sources/modbus/decode.py`, ConnectionLostError in `sources/opcua/source.py`,
 SecurityError and UntrustedCertificateError in `sources/opcua/security.py`,
 PublishRejectedError in `forward/mqtt.py`, BrokerUnavailableError in `demo/embedded_broker.py`.
 A second base in parentheses is kept for callers that catch it.

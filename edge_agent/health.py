@@ -1,4 +1,4 @@
-"""The health endpoint of docs/contract.md §3: /healthz, /readyz, /status, /metrics on one server.
+"""The health endpoint of docs/contract.md §3: /healthz, /readyz, /status and /metrics, one server.
 
 prometheus-client's own server binds 0.0.0.0 by default; this one listens where `health.listen`
 says, 127.0.0.1 unless configured otherwise. Every JSON answer is strict JSON (RFC 8259): a NaN

@@ -6,9 +6,13 @@ import importlib
 import pkgutil
 import re
 
+import pytest
+
 import edge_agent
 from edge_agent import errors
 from edge_agent.errors import EdgeAgentError
+
+pytestmark = pytest.mark.unit
 
 
 def package_exceptions() -> set[type[BaseException]]:

@@ -15,12 +15,16 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-from opcua_servers import Collector, free_port, running
+from helpers.opcua_servers import Collector, running
+from helpers.ports import free_port
+from helpers.wait import deadline
 
 from edge_agent.config.opcua import OpcuaSecurity, OpcuaSourceConfig
 from edge_agent.reading import Quality
 from edge_agent.sources.opcua.browse import browse
 from edge_agent.sources.opcua.source import OpcuaSource
+
+pytestmark = pytest.mark.integration
 
 INTEROP = Path(__file__).parent / "interop" / "opcua"
 
@@ -57,7 +61,7 @@ async def node_server(tmp_path: Path) -> AsyncIterator[NodeServer]:
     )  # fmt: skip
     try:
         assert proc.stdout is not None
-        async with asyncio.timeout(60):
+        async with deadline(60, "the node-opcua server to print READY"):
             while not (line := (await proc.stdout.readline()).decode()).startswith("READY"):
                 assert line, "the node-opcua server exited before it was ready"
         yield NodeServer(port, Path(line.split(" ", 1)[1].strip()))

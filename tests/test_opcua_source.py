@@ -9,12 +9,15 @@ from typing import Any
 
 import pytest
 from asyncua import ua
-from opcua_servers import Collector, UaTestServer, running, until
+from helpers.opcua_servers import Collector, UaTestServer, running
+from helpers.wait import wait_for
 
 from edge_agent.config.opcua import OpcuaSourceConfig
 from edge_agent.reading import Quality
 from edge_agent.sources.opcua.source import OpcuaSource
 from edge_agent.sources.opcua.values import BAD_NOT_CONNECTED, datetime_ns
+
+pytestmark = pytest.mark.integration
 
 BAD_NODE_ID_UNKNOWN = 0x80340000
 UNCERTAIN_LAST_USABLE = 0x40900000
@@ -209,7 +212,9 @@ async def test_a_server_that_is_down_at_start_is_retried(tmp_path: Path) -> None
     source, got = OpcuaSource(make_config(server)), Collector()
     try:
         async with running(source, got):
-            await until(lambda: source.state.errors > 0)  # no event exists for a failed attempt
+            await wait_for(  # no event exists for a failed attempt
+                lambda: source.state.errors > 0, 10, "a failed attempt"
+            )
             assert not source.state.up and source.state.last_error
             await server.start()
             await got.wait_for(lambda rs: any(r.pt == "speed" for r in rs))
@@ -246,7 +251,11 @@ async def test_nan_and_infinity_with_good_status_are_bad_and_logged_once(
                 )
                 await server.write("Speed", math.nan)  # a new sample, still NaN: nothing new
                 await server.write("Ratio", -math.inf)  # a new reason: logged, nothing sent
-                await until(lambda: any("-Infinity" in m.getMessage() for m in caplog.records))
+                await wait_for(  # a log line is all a refused value with the same code makes
+                    lambda: any("-Infinity" in m.getMessage() for m in caplog.records),
+                    10,
+                    "the -Infinity log line",
+                )
                 await server.write("Speed", 2.0)
                 await server.write("Ratio", 0.25)
                 await got.wait_for(lambda rs: any(r.value == 0.25 for r in rs))

@@ -13,6 +13,8 @@ from asyncua import ua
 from edge_agent.reading import Quality, RejectedValue
 from edge_agent.sources.opcua.values import convert, datetime_ns, quality_of, to_reading
 
+pytestmark = pytest.mark.unit
+
 T0 = dt.datetime(2024, 5, 6, 7, 8, 9, 123456, tzinfo=dt.UTC)
 T0_NS = 1714979289_123456000
 

@@ -34,6 +34,8 @@ from edge_agent.seal.batcher import Batcher
 from edge_agent.seal.envelope import Opener, Sealer
 from edge_agent.store.sqlite import Store
 
+pytestmark = pytest.mark.unit
+
 
 @pytest.mark.parametrize(
     ("raw", "text"),

@@ -10,12 +10,16 @@ import sys
 from pathlib import Path
 
 import aiomqtt
-from conftest import AgentProcess, agent_config, strict_json, wait_until
+import pytest
+from helpers.agent import AgentProcess, agent_config, strict_json
+from helpers.wait import wait_for
 
 from edge_agent.demo.broker import Mosquitto
 from edge_agent.reading import Quality, Reading
 from edge_agent.seal.envelope import Sealer
 from edge_agent.seal.keys import load_private_key, write_keypair
+
+pytestmark = pytest.mark.e2e
 
 
 def start_verify(broker: Mosquitto, key: Path, client_id: str) -> subprocess.Popen[str]:
@@ -45,9 +49,9 @@ async def test_verify_passes_a_complete_stream_and_rejects_an_unknown_key(
         status = agent.status()
         return status["buffer"]["readings"] == 0 and status["sources"]["sim"]["readings"] > 100
 
-    await wait_until(both_subscribed, 20, "verifiers' subscriptions")
+    await wait_for(both_subscribed, 20, "verifiers' subscriptions")
     agent.start()
-    await wait_until(all_shipped, 20, "readings shipped")
+    await wait_for(all_shipped, 20, "readings shipped")
     assert agent.stop() == 0
     good.send_signal(signal.SIGINT)
     wrong.send_signal(signal.SIGINT)
@@ -73,7 +77,7 @@ async def test_verify_json_is_strict_json_when_a_batch_carries_nan_or_infinity(
          "--json", "--count", "4"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
-    await wait_until(
+    await wait_for(
         lambda: "verify-json 1 site/test/#" in broker.log_path.read_text(), 20, "subscription"
     )
     readings = [

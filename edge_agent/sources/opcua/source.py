@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 import time
 from collections.abc import Sequence
 from contextlib import suppress
@@ -48,7 +47,9 @@ from asyncua.ua.uaerrors import UaStatusCodeError
 
 from edge_agent.config.opcua import Deadband, OpcuaSourceConfig
 from edge_agent.errors import EdgeAgentError
+from edge_agent.logs import quiet_unless_configured
 from edge_agent.reading import Quality, Reading
+from edge_agent.schedule import Backoff, ticks
 from edge_agent.sources.base import Emit, SourceState
 from edge_agent.sources.opcua.security import configure_client
 from edge_agent.sources.opcua.values import (
@@ -82,16 +83,12 @@ class OpcuaSource:
         self._node_faults: dict[str, str] = {}
         """Per point: the last fault logged (bad code or refused value), logged once per change."""
         self._flagged: set[str] = set()
-        if logging.getLogger("asyncua").level == logging.NOTSET:
-            # asyncua logs every publish response at INFO (costly at 10k items/s) and an expected
-            # link loss as errors with tracebacks; this source logs each change of state itself.
-            # Configure the "asyncua" logger explicitly to see its own messages.
-            logging.getLogger("asyncua").setLevel(logging.CRITICAL)
+        quiet_unless_configured("asyncua")  # it logs every publish response (edge_agent.logs)
 
     async def run(self, emit: Emit) -> None:
         """Connect, stream, and on any failure mark down, back off and start over."""
         cfg = self._config
-        delay = cfg.reconnect_min
+        backoff = Backoff(cfg.reconnect_min, cfg.reconnect_max)
         while True:
             try:
                 await self._session(emit)
@@ -112,9 +109,8 @@ class OpcuaSource:
                 )
             await self._report_disconnected(emit)
             if was_up:
-                delay = cfg.reconnect_min
-            await asyncio.sleep(delay * random.uniform(0.8, 1.2))  # noqa: S311 - jitter only
-            delay = min(delay * 2, cfg.reconnect_max)
+                backoff.reset()
+            await asyncio.sleep(backoff.next())
 
     async def _session(self, emit: Emit) -> None:
         cfg = self._config
@@ -256,10 +252,7 @@ class OpcuaSource:
                 read.AttributeId = AttributeIds.Value
                 params.NodesToRead.append(read)
             chunks.append(([n.name for n in nodes], params))
-        loop = asyncio.get_running_loop()
-        start_time = loop.time()
-        tick = 0
-        while True:
+        async for _ in ticks(cfg.interval):  # a slow read or back-pressure skips ticks, no burst
             readings: list[Reading] = []
             for names, params in chunks:
                 async with asyncio.timeout(cfg.timeout):
@@ -270,12 +263,6 @@ class OpcuaSource:
                         readings.append(reading)
             self._mark_up()
             await self._emit(readings, emit)
-            tick += 1
-            delay = start_time + tick * cfg.interval - loop.time()
-            if delay < 0:  # a slow read or back-pressure: skip missed ticks, don't burst
-                tick += int(-delay // cfg.interval) + 1
-                delay = start_time + tick * cfg.interval - loop.time()
-            await asyncio.sleep(delay)
 
     # -- readings ----------------------------------------------------------------------------
 

@@ -1,6 +1,4 @@
-"""OPC UA DataValues as Readings: status to quality, variant to a contract value, time to ns.
-
-The reading's value types are those of docs/contract.md §4.
+"""OPC UA DataValues as Readings (docs/contract.md §4): status to quality, variant to value, time.
 
 Pure functions, no I/O, so the mapping is tested without a server. The rules:
 - the StatusCode's two severity bits decide the quality (00 good, 01 uncertain, 1x bad) and the

@@ -1,6 +1,7 @@
 """Real OPC UA servers for the OPC UA tests: an asyncua `Server` on a free port that records the
 service requests it receives (through its permission-ruleset hook, a real extension point), can be
-secured with its own certificate, restarted on the same port, and told to change a value."""
+secured with its own certificate, restarted on the same port, and told to change a value; and the
+`Collector` a source emits into, with bounded waits on what it collected."""
 
 from __future__ import annotations
 
@@ -8,11 +9,11 @@ import asyncio
 import contextlib
 import datetime as dt
 import functools
-import logging
 import socket
 from pathlib import Path
 from typing import Any
 
+import pytest
 from asyncua import Server, ua
 from asyncua.crypto import cert_gen
 from asyncua.crypto.permission_rules import User, UserRole
@@ -21,6 +22,8 @@ from cryptography.x509 import DNSName, UniformResourceIdentifier
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from edge_agent.reading import Reading
+from helpers.ports import free_port
+from helpers.wait import describe
 
 NAMESPACE = "urn:edge-agent:test"
 SERVER_URI = "urn:edge-agent:test-server"
@@ -44,12 +47,6 @@ WRITE_LIKE = {
     ua.ObjectIds.DeleteReferencesRequest_Encoding_DefaultBinary: "DeleteReferences",
     ua.ObjectIds.HistoryUpdateRequest_Encoding_DefaultBinary: "HistoryUpdate",
 }
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @functools.cache
@@ -211,30 +208,27 @@ class Collector:
         return [r for r in self.readings if r.pt == point]
 
     async def wait_for(self, predicate: Any, timeout: float = 10.0) -> None:
-        """Wait until `predicate(readings)` holds; fails the test on timeout."""
-        async with asyncio.timeout(timeout), self._changed:
-            await self._changed.wait_for(lambda: predicate(self.readings))
+        """Wait until `predicate(readings)` holds, re-checked on each emit.
+
+        Raises TimeoutError after `timeout` s, naming the predicate and the last readings.
+        """
+        try:
+            async with asyncio.timeout(timeout), self._changed:
+                await self._changed.wait_for(lambda: predicate(self.readings))
+        except TimeoutError:
+            raise TimeoutError(
+                f"timed out after {timeout:g}s waiting for {describe(predicate)}; "
+                f"{len(self.readings)} readings so far, the last: {self.readings[-3:]}"
+            ) from None
 
 
 @contextlib.asynccontextmanager
 async def running(source: Any, emit: Collector) -> Any:
-    """Run a source's `run` in a task for the duration of the block, then cancel it."""
+    """Run a source's `run` in a task for the block; on exit it must end only by cancellation."""
     task = asyncio.create_task(source.run(emit), name=f"source-{source.name}")
     try:
         yield task
     finally:
         task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-        assert not task.done() or task.cancelled() or task.exception() is None
-
-
-def quiet_asyncua() -> None:
-    logging.getLogger("asyncua").setLevel(logging.WARNING)
-
-
-async def until(condition: Any, timeout: float = 10.0) -> None:
-    """Wait for a condition that no event announces (a failed connect attempt), polling briefly."""
-    async with asyncio.timeout(timeout):
-        while not condition():
-            await asyncio.sleep(0.02)
+        with pytest.raises(asyncio.CancelledError):
+            await task  # run ends only by cancellation, never by returning or raising
