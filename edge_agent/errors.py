@@ -20,7 +20,8 @@
     │   └── GarbledAnswerError         no RTU frame with a valid CRC by the timeout
     ├── ChannelLostError           a Modbus connection or port closed under a request
     ├── PortError                  a serial port cannot be opened; says which setting or why
-    ├── DecodeError (ValueError)   registers that hold no value of the point's type
+    ├── RejectedValue (ValueError)  a device value the value rules refuse (NaN, text not UTF-8)
+    │   └── DecodeError            Modbus registers that hold no value the rules allow
     ├── ConnectionLostError        an OPC UA session or its subscription is gone
     ├── SecurityError              an OPC UA connection refused on security grounds
     │   └── UntrustedCertificateError  the server's certificate is not trusted
@@ -30,7 +31,7 @@
 Classes live next to the code that raises them: ConfigError, StoreError, EnvelopeError,
 UnknownKeyError and DeviceError here; the ReadError family, ChannelLostError,
 GarbledAnswerError and PortError in `sources/modbus/link.py`, FrameError and its other
-subclasses in `sources/modbus/frames.py`,
+subclasses in `sources/modbus/frames.py`, RejectedValue in `reading.py`,
 DecodeError in `sources/modbus/decode.py`, ConnectionLostError in `sources/opcua/source.py`,
 SecurityError and UntrustedCertificateError in `sources/opcua/security.py`,
 PublishRejectedError in `forward/mqtt.py`, BrokerUnavailableError in `demo/embedded_broker.py`.

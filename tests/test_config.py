@@ -124,3 +124,21 @@ def test_opcua_client_keys_default_to_the_state_directory(tmp_path: Path) -> Non
     )
     assert [s.security.pki_dir for s in config.sources] == [tmp_path / "state" / "opcua",
                                                             tmp_path / "pki"]  # fmt: skip
+
+
+def test_scales_and_offsets_that_make_every_value_nan_are_refused() -> None:
+    """A NaN or infinite scale, offset or amplitude would turn every reading into one."""
+    text = """
+gateway: {id: gw1}
+sources:
+  - {type: simulated, name: sim, points: [{name: a, amplitude: .inf}]}
+  - type: modbus
+    name: plc
+    host: 10.0.0.5
+    points: [{name: b, register: holding, address: 0, scale: .nan, offset: -.inf}]
+"""
+    found = [p for p in problems_of(text) if "finite number" in p]
+    assert len(found) == 3, found
+    assert found[0].startswith("cfg.yaml:4:") and "amplitude: Input should be a finite" in found[0]
+    assert found[1].startswith("cfg.yaml:8:") and "sources[1].points[0].scale: " in found[1]
+    assert found[2].startswith("cfg.yaml:8:") and "sources[1].points[0].offset: " in found[2]

@@ -220,6 +220,57 @@ async def test_deadband_reports_changes_and_a_heartbeat() -> None:
         assert 0.3 <= loop.time() - sent_at <= 0.7
 
 
+async def test_device_text_is_cleaned_and_a_refused_value_is_logged_once_per_change(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Issue 8, strings: `0x4142 0x00FF 0xFFFF` is "AB" (it was bad, with no log line), and
+    "VNSE3\\0-0" is "VNSE3"; text that is not UTF-8 and a NaN are bad, logged once each."""
+    unit = TestUnit(
+        1,
+        holding={0: [0x4142, 0x00FF, 0xFFFF,           # 0: "AB", NUL, erased-flash bytes
+                     0x564E, 0x5345, 0x3300, 0x2D30,   # 3: "VNSE3\0-0"
+                     0x4F4B, 0xC328, 0x2020,           # 7: "OK", 0xC3 0x28 (not UTF-8), spaces
+                     0x7FC0, 0x0000]},                 # 10: float32 NaN
+    )  # fmt: skip
+    points = [
+        {"name": "tag", "register": "holding", "address": 0, "type": "string", "length": 3},
+        {"name": "serial", "register": "holding", "address": 3, "type": "string", "length": 4},
+        {"name": "label", "register": "holding", "address": 7, "type": "string", "length": 3},
+        {"name": "temp", "register": "holding", "address": 10, "type": "float32"},
+    ]
+    caplog.set_level(logging.INFO, logger="edge_agent")
+    async with tcp_server(unit) as server, running(source_config(server.port, points)) as (polls,):
+        first = await polls.next()
+        for _ in range(3):  # more polls of the same registers: no more log lines
+            later = await polls.next()
+            assert set(later) == {"tag", "serial"}  # a bad point is sent when it turns bad
+        unit.set_register("holding", 8, 0x2020)  # "OK" and padding
+        unit.set_register("holding", 10, 0x4148)  # 12.5
+        recovered = await polls.until(lambda b: "label" in b)
+        state = polls.source.state
+        assert state.up and state.counts["rejected"] >= 8
+    assert {k: (r.value, r.quality) for k, r in first.items()} == {
+        "tag": ("AB", Quality.GOOD),
+        "serial": ("VNSE3", Quality.GOOD),
+        "label": (None, Quality.BAD),
+        "temp": (None, Quality.BAD),
+    }
+    assert {k: (r.value, r.quality) for k, r in recovered.items()} == {
+        "tag": ("AB", Quality.GOOD),
+        "serial": ("VNSE3", Quality.GOOD),
+        "label": ("OK", Quality.GOOD),
+        "temp": (12.5, Quality.GOOD),
+    }
+    messages = [r.getMessage() for r in caplog.records if "Modbus point value" in r.getMessage()]
+    assert messages == [
+        "Modbus point value rejected device=plc unit=1 point=label "
+        "error=string: text is not UTF-8: byte 0xC3 at offset 2",
+        "Modbus point value rejected device=plc unit=1 point=temp error=float32: value is NaN",
+        "Modbus point value recovered device=plc unit=1 point=label failed_polls=4",
+        "Modbus point value recovered device=plc unit=1 point=temp failed_polls=4",
+    ]
+
+
 async def test_a_late_tcp_answer_has_a_stale_transaction_id_and_is_discarded(
     caplog: pytest.LogCaptureFixture,
 ) -> None:

@@ -1,4 +1,4 @@
-"""The real `edge-agent run` process for the end-to-end tests, and its configuration."""
+"""The real `edge-agent run` process for the end-to-end tests, its configuration, strict JSON."""
 
 from __future__ import annotations
 
@@ -42,6 +42,15 @@ def agent_config(
     return config
 
 
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"not strict JSON: {name}")
+
+
+def strict_json(text: str | bytes) -> Any:
+    """Parse JSON as strict parsers do (RFC 8259): `NaN`, `Infinity`, `-Infinity` are errors."""
+    return json.loads(text, parse_constant=_refuse_constant)
+
+
 class AgentProcess:
     """The real `edge-agent run` process, started and stopped the way systemd would."""
 
@@ -76,8 +85,9 @@ class AgentProcess:
         raise TimeoutError(f"agent not ready within {timeout:g}s:\n{self.log()}")
 
     def status(self) -> dict[str, Any]:
+        """/status, parsed as strict JSON (NaN or Infinity fail the test)."""
         with urllib.request.urlopen(f"{self.health_url}/status", timeout=5) as response:
-            data: dict[str, Any] = json.load(response)
+            data: dict[str, Any] = strict_json(response.read())
             return data
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:

@@ -110,8 +110,11 @@ class UaTestServer:
         secure: bool = False,
         identity: str = "server",
         users: PasswordUsers | None = None,
+        extra: dict[str, tuple[Any, ua.VariantType]] | None = None,
     ) -> None:
         self.port = free_port()
+        self.variables = {**VARIABLES, **(extra or {})}
+        """VARIABLES plus the `extra` ones a test needs: {name: (initial value, type)}."""
         self.directory = directory
         self.secure = secure
         self.users = users
@@ -151,7 +154,7 @@ class UaTestServer:
         server.set_security_policy(policies, permission_ruleset=self.rules)  # type: ignore[arg-type]
         self.ns = await server.register_namespace(NAMESPACE)
         plant = await server.nodes.objects.add_object(ua.NodeId("Plant", self.ns), "Plant")
-        for name, (value, vtype) in VARIABLES.items():
+        for name, (value, vtype) in self.variables.items():
             await plant.add_variable(ua.NodeId(name, self.ns), name, ua.Variant(value, vtype))
         await server.start()
         self._server = server
@@ -170,7 +173,7 @@ class UaTestServer:
     ) -> dt.datetime:
         """Change a value as the device would: with a status and a source timestamp."""
         assert self._server is not None
-        vtype = VARIABLES[name][1]
+        vtype = self.variables[name][1]
         stamp = source_ts or dt.datetime.now(dt.UTC)
         data = ua.DataValue(
             ua.Variant(value, vtype),

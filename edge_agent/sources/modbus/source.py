@@ -10,7 +10,9 @@ bad (value None, the poll's timestamp), never a fabricated value:
   ends the unit's poll, since the unit is out of step, and the next poll waits until the link
   has let the unit settle (`ModbusLink.settle`).
 What the link threw away instead of reading it (late answers, line noise) is counted (`late`,
-`framing`) and logged when it starts and when it stops.
+`framing`) and logged when it starts and when it stops. A value the value rules refuse
+(edge_agent.reading: NaN, text not UTF-8, ...) makes its point bad, is counted (`rejected`)
+and logged when it starts, changes reason and stops.
 Logs are one line per change of state (a read failing, failing differently, recovering; the
 device going down or up), with the number of failures in between.
 """
@@ -20,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Sequence
 
 from edge_agent.config.modbus import ModbusSourceConfig
 from edge_agent.reading import Quality, Reading
@@ -71,6 +74,8 @@ class ModbusSource:
             for p in self._points
         ]
         self._read_faults: dict[ReadKey, tuple[str, int]] = {}
+        self._point_faults: dict[int, tuple[str, int]] = {}
+        """Per point index: the value rule its last value broke, and how many polls in a row."""
         self._discarding: dict[str, int] = {}
         self._device = f"{config.name} ({config.describe()})"
 
@@ -135,13 +140,7 @@ class ModbusSource:
                 continue
             answered = True
             self._note_recovery(request)
-            for index, value in decode_response(request, self._points, values):
-                if isinstance(value, DecodeError):
-                    self._bad_point(index, ts_ns, now, out)
-                    failures.append(f"{self._device}: point {self._points[index].name}: {value}")
-                elif self._filters[index].admit(value, Quality.GOOD, now):
-                    out.append(Reading(self.name, self._points[index].name, ts_ns, value,
-                                       Quality.GOOD))  # fmt: skip
+            failures += self._take(request, values, ts_ns, now, out)
             i += 1
         self._note_discarded(link.take_discarded(self._unit), answered)
         self.state.errors += len(failures)
@@ -150,6 +149,30 @@ class ModbusSource:
         elif unreachable is not None:
             self._set_down(str(unreachable))
         return out
+
+    def _take(
+        self,
+        request: ReadRequest,
+        values: Sequence[int] | Sequence[bool],
+        ts_ns: int,
+        now: float,
+        out: list[Reading],
+    ) -> list[str]:
+        """The points of an answered read into `out`: good values, or bad where the value rules
+        refuse them; returns a failure message per refused value."""
+        failures: list[str] = []
+        for index, value in decode_response(request, self._points, values):
+            if isinstance(value, DecodeError):
+                self.state.counts["rejected"] += 1
+                self._note_point_fault(index, str(value))
+                self._bad_point(index, ts_ns, now, out)
+                failures.append(f"{self._device}: point {self._points[index].name}: {value}")
+                continue
+            self._note_point_recovery(index)
+            if self._filters[index].admit(value, Quality.GOOD, now):
+                out.append(Reading(self.name, self._points[index].name, ts_ns, value,
+                                   Quality.GOOD))  # fmt: skip
+        return failures
 
     def _split(self, index: int, request: ReadRequest) -> bool:
         """Replace a bridging read refused with exception 2 by smaller ones; False if it can't."""
@@ -185,6 +208,20 @@ class ModbusSource:
         if fault is not None:
             log.info("Modbus read recovered device=%s unit=%d read=%s failed_polls=%d",
                      self.name, self._unit, request.describe(), fault[1])  # fmt: skip
+
+    def _note_point_fault(self, index: int, error: str) -> None:
+        """A value refused by edge_agent.reading: logged when it starts or its reason changes."""
+        previous, count = self._point_faults.get(index, ("", 0))
+        if error != previous:
+            log.warning("Modbus point value rejected device=%s unit=%d point=%s error=%s",
+                        self.name, self._unit, self._points[index].name, error)  # fmt: skip
+        self._point_faults[index] = (error, count + 1)
+
+    def _note_point_recovery(self, index: int) -> None:
+        fault = self._point_faults.pop(index, None) if self._point_faults else None
+        if fault is not None:
+            log.info("Modbus point value recovered device=%s unit=%d point=%s failed_polls=%d",
+                     self.name, self._unit, self._points[index].name, fault[1])  # fmt: skip
 
     def _note_discarded(self, discarded: dict[str, tuple[int, str]], answered: bool) -> None:
         """Count what the link threw away for this unit; log when it starts and when it stops."""

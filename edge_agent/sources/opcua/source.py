@@ -78,10 +78,10 @@ class OpcuaSource:
         self.name = config.name
         self.state = SourceState()
         self._config = config
-        self._last: dict[str, tuple[int, int]] = {}
-        """Per point: (ts_ns, code) of the last reading sent, to drop exact repeats."""
-        self._node_codes: dict[str, int] = {}
-        """Per point: the last bad code logged, so a bad node is logged once, not every poll."""
+        self._last: dict[str, tuple[int, int, bool]] = {}
+        """Per point: (ts_ns, code, bad) of the last reading sent, to drop exact repeats."""
+        self._node_faults: dict[str, str] = {}
+        """Per point: the last fault logged (bad code or refused value), logged once per change."""
         self._flagged: set[str] = set()
         quiet_unless_configured("asyncua")  # it logs every publish response (edge_agent.logs)
 
@@ -267,7 +267,7 @@ class OpcuaSource:
     # -- readings ----------------------------------------------------------------------------
 
     def _convert(self, name: str, value: ua.DataValue) -> Reading | None:
-        reading, flagged = to_reading(self.name, name, value)
+        reading, flagged, rejected = to_reading(self.name, name, value)
         if flagged and name not in self._flagged:
             self._flagged.add(name)
             log.warning(
@@ -277,36 +277,53 @@ class OpcuaSource:
                 name,
                 value.Value.VariantType.name if value.Value is not None else "?",
             )
-        return self._accept(reading)
+        return self._accept(reading, rejected)
 
-    def _accept(self, reading: Reading) -> Reading | None:
-        """The reading if it is news: not an exact repeat, not a repeat of the same bad code."""
+    def _accept(self, reading: Reading, rejected: str | None = None) -> Reading | None:
+        """The reading if it is news: not an exact repeat, not a repeat of the same bad code.
+
+        `rejected` is why a value with a good or uncertain status was refused (the reading is
+        bad, with the device's code): logged once per change, like a bad status.
+        """
         code = reading.code or 0
+        bad = reading.quality is Quality.BAD
+        self._log_node(reading.pt, bad, code, rejected)
         last = self._last.get(reading.pt)
         if last is not None:
-            if last == (reading.ts_ns, code):
+            if last == (reading.ts_ns, code, bad):
                 return None
-            if reading.quality is Quality.BAD and last[1] == code:
+            if bad and last[1:] == (code, True):
                 return None
-        self._last[reading.pt] = (reading.ts_ns, code)
-        self._log_node(reading.pt, reading.quality, code)
+        self._last[reading.pt] = (reading.ts_ns, code, bad)
         return reading
 
-    def _log_node(self, name: str, quality: Quality, code: int) -> None:
-        previous = self._node_codes.get(name)
-        if quality is Quality.BAD and code != BAD_NOT_CONNECTED:
-            if previous != code:
-                self._node_codes[name] = code
+    def _log_node(self, name: str, bad: bool, code: int, rejected: str | None) -> None:
+        previous = self._node_faults.get(name)
+        fault = rejected or (code_name(code) if bad and code != BAD_NOT_CONNECTED else None)
+        if fault is not None:
+            if previous != fault:
+                self._node_faults[name] = fault
                 node_id = next(n.node_id for n in self._config.nodes if n.name == name)
-                log.warning(
-                    "OPC UA node is bad; source=%s node=%s node_id=%s status=%s",
-                    self.name,
-                    name,
-                    node_id,
-                    code_name(code),
-                )
-        elif previous is not None and quality is not Quality.BAD:
-            del self._node_codes[name]
+                if rejected is None:
+                    log.warning(
+                        "OPC UA node is bad; source=%s node=%s node_id=%s status=%s",
+                        self.name,
+                        name,
+                        node_id,
+                        fault,
+                    )
+                else:
+                    log.warning(
+                        "OPC UA node value rejected, sent as bad; source=%s node=%s "
+                        "node_id=%s status=%s error=%s",
+                        self.name,
+                        name,
+                        node_id,
+                        code_name(code),
+                        rejected,
+                    )
+        elif previous is not None and not bad:
+            del self._node_faults[name]
             log.info("OPC UA node recovered; source=%s node=%s", self.name, name)
 
     async def _emit(self, readings: Sequence[Reading], emit: Emit) -> None:
@@ -319,11 +336,11 @@ class OpcuaSource:
         now = time.time_ns()
         readings = [
             bad_reading(self.name, name, BAD_NOT_CONNECTED, now)
-            for name, (_, code) in self._last.items()
+            for name, (_, code, _) in self._last.items()
             if code != BAD_NOT_CONNECTED
         ]
         for reading in readings:
-            self._last[reading.pt] = (now, BAD_NOT_CONNECTED)
+            self._last[reading.pt] = (now, BAD_NOT_CONNECTED, True)
         await self._emit(readings, emit)
 
 

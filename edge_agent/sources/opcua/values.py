@@ -3,8 +3,12 @@
 Pure functions, no I/O, so the mapping is tested without a server. The rules:
 - the StatusCode's two severity bits decide the quality (00 good, 01 uncertain, 1x bad) and the
   whole code is kept in `Reading.code`; a bad value is always sent as None, never as a number;
-- numbers, booleans, text and DateTime (as Unix ns) pass as they are; anything else (arrays,
-  structures, byte strings, node ids) becomes text and is *flagged* so the source logs it once;
+- numbers, booleans, text and DateTime (as Unix ns) pass through the value rules every protocol
+  obeys (edge_agent.reading): a NaN or infinite Float/Double, text that is not UTF-8 or a DateTime
+  outside int64 ns makes the reading bad with value None, whatever the status said, and the
+  device's code is kept; text is cut at its first NUL and loses trailing padding;
+- anything else (arrays, structures, byte strings, node ids) becomes text and is *flagged* so the
+  source logs it once;
 - the timestamp is the source timestamp, else the server timestamp, else the local clock.
 """
 
@@ -12,11 +16,20 @@ from __future__ import annotations
 
 import time
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 from asyncua import ua
 
-from edge_agent.reading import Quality, Reading, Value
+from edge_agent.reading import (
+    Quality,
+    Reading,
+    RejectedValue,
+    Value,
+    check_number,
+    check_time_ns,
+    clean_text,
+    float_name,
+)
 
 _UNIX_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
@@ -43,18 +56,24 @@ def datetime_ns(value: datetime) -> int:
 
 
 def convert(raw: Any) -> tuple[Value, bool]:
-    """A plain value for the wire, and whether it had to be turned into text (flagged)."""
-    if raw is None or isinstance(raw, bool | str):
+    """A plain value for the wire, and whether it had to be turned into text (flagged).
+
+    Raises RejectedValue when the value breaks a rule of edge_agent.reading: a NaN or infinite
+    float, text that is not UTF-8, a DateTime outside int64 Unix ns.
+    """
+    if raw is None or isinstance(raw, bool):
         return raw, False
+    if isinstance(raw, str):
+        return clean_text(raw), False
     if isinstance(raw, int):
-        return int(raw), False  # IntEnum (enumerations) become their number
+        return check_number(int(raw)), False  # IntEnum (enumerations) become their number
     if isinstance(raw, float):
-        return raw, False
+        return check_number(raw), False
     if isinstance(raw, datetime):
-        return datetime_ns(raw), False
+        return check_time_ns(datetime_ns(raw)), False
     if isinstance(raw, ua.LocalizedText):
-        return raw.Text, False
-    return as_text(raw), True
+        return (None if raw.Text is None else clean_text(raw.Text)), False
+    return clean_text(as_text(raw)), True
 
 
 def as_text(raw: Any) -> str:
@@ -71,6 +90,9 @@ def as_text(raw: Any) -> str:
 
 
 def _item_text(item: Any) -> str:
+    """One array element in the array's text; a non-finite float is named (`NaN`), as text."""
+    if isinstance(item, float):
+        return float_name(item)
     value, _ = convert(item)
     if isinstance(value, str) and not isinstance(item, list | tuple):
         return repr(value)
@@ -88,15 +110,28 @@ def timestamp_ns(data: ua.DataValue) -> int:
     return datetime_ns(stamp) if stamp is not None else time.time_ns()
 
 
-def to_reading(src: str, pt: str, data: ua.DataValue) -> tuple[Reading, bool]:
-    """The Reading for one DataValue, and whether its value was flagged (sent as text)."""
+class Converted(NamedTuple):
+    """A DataValue as a Reading, with what the source logs about it."""
+
+    reading: Reading
+    flagged: bool = False
+    """The value had no plain type and is sent as text."""
+    rejected: str | None = None
+    """Why a value with a good or uncertain status was refused (the reading is then bad)."""
+
+
+def to_reading(src: str, pt: str, data: ua.DataValue) -> Converted:
+    """The Reading for one DataValue; a refused value makes it bad, keeping the device's code."""
     code = status_code(data)
     quality = quality_of(code)
     value: Value = None
-    flagged = False
+    flagged, rejected = False, None
     if quality is not Quality.BAD and data.Value is not None:
-        value, flagged = convert(data.Value.Value)
-    return Reading(src, pt, timestamp_ns(data), value, quality, code), flagged
+        try:
+            value, flagged = convert(data.Value.Value)
+        except RejectedValue as exc:
+            quality, rejected = Quality.BAD, f"{data.Value.VariantType.name} {exc}"
+    return Converted(Reading(src, pt, timestamp_ns(data), value, quality, code), flagged, rejected)
 
 
 def bad_reading(src: str, pt: str, code: int, ts_ns: int | None = None) -> Reading:
