@@ -135,7 +135,7 @@ def analyse(
     options = options or {}
     window, upto = options.get("window"), options.get("upto_seq")
     latencies = array("q")
-    readings = fresh = 0
+    readings = fresh = bad = 0
     first_recv = last_recv = 0
     for recv_ns, payload in taken:
         batch = opener.open(payload)  # raises on a bad signature: the benchmark must not hide it
@@ -147,7 +147,9 @@ def analyse(
             last_recv = recv_ns
         if window is not None:
             lo, hi = window
-            latencies.extend(recv_ns - r["ts"] for r in got if lo <= r["ts"] < hi)
+            in_window = [r for r in got if lo <= r["ts"] < hi]
+            latencies.extend(recv_ns - r["ts"] for r in in_window)
+            bad += sum(r["q"] != "good" for r in in_window)
     holes = sum(len(s.holes()) for s in tracker.streams.values())
     ordered = sorted(latencies)
 
@@ -163,6 +165,7 @@ def analyse(
         "p99_ms": pct(0.99),
         "max_ms": pct(1.0),
         "latency_samples": len(ordered),
+        "bad": bad,
         "first_recv_ns": first_recv,
         "last_recv_ns": last_recv,
     }
@@ -224,6 +227,8 @@ class AgentProcess:
     config: dict[str, Any]
     name: str
     gc_threshold: int = 0
+    wrapper: str = ""
+    """Python code to run the agent with instead of `-m edge_agent` (it reads sys.argv[1:])."""
     process: subprocess.Popen[bytes] | None = None
     url: str = field(init=False)
 
@@ -239,6 +244,8 @@ class AgentProcess:
         command = [sys.executable, "-m", "edge_agent"]
         if self.gc_threshold:
             command = [sys.executable, "-c", GC_WRAPPER.format(threshold=self.gc_threshold)]
+        if self.wrapper:
+            command = [sys.executable, "-c", self.wrapper]
         self.process = subprocess.Popen(
             [*command, "run", "--config", str(self.config_path)],
             stdout=log,
