@@ -309,7 +309,7 @@ def measure(
     sims = Simulators(load, rounds)
     try:
         config = agent_config(load, sims, directory, broker, args.type)
-        wrapper = ""
+        wrapper = Path(args.wrapper).read_text() if args.wrapper else ""
         if args.cprofile:
             Path(args.cprofile).mkdir(parents=True, exist_ok=True)
             stats = Path(args.cprofile).resolve() / f"{load.name}.pstats"
@@ -318,16 +318,18 @@ def measure(
         consumer.call("take")  # forget anything left over
         agent.start()
         sims.start_changing()
-        time.sleep(args.warmup)
+        # The polls are due at whole intervals from the agent's start: the window starts half an
+        # interval off them, so that no poll sits on its edge (and counts or not by jitter).
+        time.sleep(args.warmup + (load.interval / 2 if load.devices else 0.0))
         pid = agent.pid
         before = status(agent)
         threads0 = thread_cpu_s(pid)
         cpu0, wall0, t0_ns = cpu_s(pid), time.monotonic(), time.time_ns()
         profiler = profile(args, pid, load.name, window)
-        if args.cprofile:
+        if args.cprofile or args.wrapper:
             os.kill(pid, signal.SIGUSR1)
         time.sleep(window)
-        if args.cprofile:
+        if args.cprofile or args.wrapper:
             os.kill(pid, signal.SIGUSR2)
         cpu1, wall1 = cpu_s(pid), time.monotonic()
         threads1 = thread_cpu_s(pid)
@@ -344,6 +346,9 @@ def measure(
         s["errors"] for s in before["sources"].values()
     )
     delivered = seen["latency_samples"] / window
+    requests = sum(s["counts"].get("requests", 0) for s in after["sources"].values()) - sum(
+        s["counts"].get("requests", 0) for s in before["sources"].values()
+    )
     return {
         "load": load.name,
         "points": load.points,
@@ -358,6 +363,10 @@ def measure(
         "rss_end_mb": rss_end,
         "rss_peak_mb": rss_peak,
         "delivered_per_s": delivered,
+        "modbus_requests_per_s": requests / (wall1 - wall0),
+        "modbus_requests_expected_per_s": load.devices
+        * math.ceil(load.registers / load.block)
+        / load.interval,
         "bad_in_window": seen["bad"],
         "source_errors": errors,
         "holes": seen["holes"],
@@ -403,6 +412,10 @@ def main() -> int:
     parser.add_argument(
         "--cprofile", metavar="DIR", help="cProfile the agent's main thread over each window"
     )
+    parser.add_argument(
+        "--wrapper", metavar="FILE", help="experiment: run the agent with this Python file's code "
+        "instead of `-m edge_agent` (it reads sys.argv[1:])",
+    )  # fmt: skip
     parser.add_argument("--json", help="also write the results to this file")
     parser.add_argument("--dir", help="work directory, kept (default: a temporary one, removed)")
     parser.add_argument("--serve-modbus", nargs=2, type=int, help=argparse.SUPPRESS)
@@ -437,7 +450,12 @@ def main() -> int:
             )
             threads = ", ".join(f"{k.split()[1]} {v:.2f}" for k, v in
                                 result["thread_cpu_pct"].items() if v)  # fmt: skip
-            print(f"    system {result['system_pct']:.2f} %; threads: {threads}", flush=True)
+            print(
+                f"    system {result['system_pct']:.2f} %; threads: {threads}; Modbus requests "
+                f"{result['modbus_requests_per_s']:.1f}/s of "
+                f"{result['modbus_requests_expected_per_s']:.1f}/s",
+                flush=True,
+            )
     print_table(results)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))

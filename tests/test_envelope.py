@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import random
 
 import cbor2
 import pytest
@@ -137,3 +138,50 @@ def test_private_key_readable_by_others_is_refused(tmp_path) -> None:
 def test_malformed_messages_are_rejected_not_crashing(message: bytes) -> None:
     with pytest.raises(EnvelopeError):
         Opener([Ed25519PrivateKey.generate().public_key()]).open(message)
+
+
+# The readings' array is written without cbor2.dumps per map: the bytes must be cbor2's.
+
+VALUES = [0, 1, 23, 24, 255, 256, 65535, 65536, 2**32 - 1, 2**32, 2**64 - 1, -1, -24, -25,
+          -(2**63), 1.5, -0.0, 0.1, 1e300, True, False, None, "", "é", "x" * 300, "a" * 70000,
+          "PUMP-7"]  # fmt: skip
+
+
+def cbor2_body(readings: list[Reading], first_seq: int, evicted: list[list[int]]) -> bytes:
+    """The payload as cbor2 writes the map of docs/contract.md §4 (the reference)."""
+    items = [
+        {"seq": seq, "src": r.src, "pt": r.pt, "ts": r.ts_ns, "v": r.value, "q": r.quality.value}
+        | ({} if r.code is None else {"sc": r.code})
+        for seq, r in enumerate(readings, first_seq)
+    ]
+    return bytes(cbor2.dumps({"v": 1, "gateway": "gw", "epoch": "ep", "batch": 7,
+                              "readings": items, "sealed": 42, "evicted": evicted}))  # fmt: skip
+
+
+@pytest.mark.parametrize("first_seq", [1, 23, 24, 250, 65_530, 2**32 - 3, 2**40])
+def test_the_payload_is_byte_for_byte_what_cbor2_writes(first_seq: int) -> None:
+    rng = random.Random(first_seq)
+    readings = [
+        Reading(rng.choice(["plc", "é" * 30, "x" * 24]), f"p{i % 50}",
+                rng.choice([0, 23, 2**40, 1_700_000_000_000_000_000, -5]), rng.choice(VALUES),
+                rng.choice(list(Quality)), rng.choice([None, None, 0, 2**31 + 5, 2**40]))
+        for i in range(2000)
+    ]  # fmt: skip
+    sealer = Sealer(Ed25519PrivateKey.generate(), compress=False)
+    for evicted in ([], [[1, 50], [70, 2**33]]):
+        message = cbor2.loads(
+            sealer.seal(gateway="gw", epoch="ep", batch=7, first_seq=first_seq,
+                        readings=readings, sealed_ns=42, evicted=[tuple(e) for e in evicted])
+        )  # fmt: skip
+        assert message.value[2] == cbor2_body(readings, first_seq, evicted)
+
+
+def test_text_that_cannot_be_encoded_fails_as_with_cbor2() -> None:
+    """A lone surrogate: both refuse it with a ValueError, which the batcher handles."""
+    bad = [Reading("plc", "tag", 1, "\udcff", Quality.GOOD)]
+    with pytest.raises(ValueError):  # noqa: PT011 - the type is the contract with the batcher
+        cbor2.dumps(bad[0].value)
+    with pytest.raises(ValueError):  # noqa: PT011
+        Sealer(Ed25519PrivateKey.generate()).seal(
+            gateway="gw", epoch="ep", batch=1, first_seq=1, readings=bad, sealed_ns=1
+        )

@@ -38,7 +38,7 @@ pytestmark = pytest.mark.unit
 FORWARD = "edge_agent/forward/client.py (AckingClient)"
 OPCUA = "edge_agent/sources/opcua/source.py (_subscribe, _consume)"
 LINK = "edge_agent/sources/modbus/link.py (ModbusLink)"
-DECODE = "edge_agent/sources/modbus/decode.py (decode_registers)"
+DECODE = "tests/test_modbus_decode.py (the independent check of the agent's decoder)"
 
 
 def parameters(function: Any) -> list[str]:
