@@ -147,11 +147,13 @@ class Simulators:
             self.ports = json.loads(proc.stdout.readline())
         if load.opcua_items:
             self.opcua_port = free_port()
+            self.progress = Path(tempfile.mkdtemp(prefix="bench-opcua-")) / "published"
             self._opcua = self._spawn(
                 [str(BENCH / "opcua_subscribe.py"), "--serve", str(self.opcua_port),
                  "--items", str(load.opcua_items), "--rounds", str(rounds),
                  "--period", str(OPCUA_PERIOD)],
                 stdin=subprocess.PIPE,
+                env={**os.environ, "BENCH_PROGRESS_FILE": str(self.progress)},
             )  # fmt: skip
             assert self._opcua.stdout is not None
             if not self._opcua.stdout.readline().startswith("READY"):
@@ -162,6 +164,14 @@ class Simulators:
         proc = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, **kwargs)
         self._procs.append(proc)
         return proc
+
+    def published(self) -> int:
+        """OPC UA value changes the server has written so far (at the last round's start)."""
+        if not self.opcua_port:
+            return 0
+        with contextlib.suppress(OSError, ValueError):
+            return int(self.progress.read_text())
+        return 0
 
     def start_changing(self) -> None:
         """OPC UA: start the rounds of changes (the Modbus devices change on every read)."""
@@ -324,6 +334,7 @@ def measure(
         pid = agent.pid
         before = status(agent)
         threads0 = thread_cpu_s(pid)
+        published0 = sims.published()
         cpu0, wall0, t0_ns = cpu_s(pid), time.monotonic(), time.time_ns()
         profiler = profile(args, pid, load.name, window)
         if args.cprofile or args.wrapper:
@@ -333,6 +344,7 @@ def measure(
             os.kill(pid, signal.SIGUSR2)
         cpu1, wall1 = cpu_s(pid), time.monotonic()
         threads1 = thread_cpu_s(pid)
+        published1 = sims.published()
         rss_end, rss_peak = rss_mb(pid)
         after = status(agent)
         if profiler is not None:
@@ -363,6 +375,7 @@ def measure(
         "rss_end_mb": rss_end,
         "rss_peak_mb": rss_peak,
         "delivered_per_s": delivered,
+        "opcua_published_per_s": (published1 - published0) / (wall1 - wall0),
         "modbus_requests_per_s": requests / (wall1 - wall0),
         "modbus_requests_expected_per_s": load.devices
         * math.ceil(load.registers / load.block)
@@ -453,7 +466,12 @@ def main() -> int:
             print(
                 f"    system {result['system_pct']:.2f} %; threads: {threads}; Modbus requests "
                 f"{result['modbus_requests_per_s']:.1f}/s of "
-                f"{result['modbus_requests_expected_per_s']:.1f}/s",
+                f"{result['modbus_requests_expected_per_s']:.1f}/s"
+                + (
+                    f"; OPC UA server wrote {result['opcua_published_per_s']:,.0f} changes/s"
+                    if load.opcua_items
+                    else ""
+                ),
                 flush=True,
             )
     print_table(results)

@@ -50,7 +50,9 @@ def run_agent(path: Path) -> int:
         print(f"{path}: cannot read: {exc.strerror or exc}", file=sys.stderr)
         return 2
     try:
-        return asyncio.run(Agent(config).run())
+        agent = Agent(config)
+        del config  # what the agent does not keep of the validated file is freed now
+        return asyncio.run(agent.run())
     except (StoreError, OSError, ValueError) as exc:
         log.error("Could not start error=%s", exc)
         return 1
@@ -79,6 +81,10 @@ class Agent:
         self.source_context = SourceContext()
         """What the sources share (the Modbus link pool); owned here, lent to each source."""
         self.sources: list[Source] = [build_source(c, self.source_context) for c in config.sources]
+        # Each source keeps what it needs of its config (a Modbus source: its points as compact
+        # tuples), so the validated models of the sources, thousands of points on a large
+        # gateway, are not kept here too: `config.sources` is empty from now on.
+        self.config = config.model_copy(update={"sources": []})
         self.metrics.registry.register(SourceCollector({s.name: s.state for s in self.sources}))
         self.stopping = asyncio.Event()
         self.started = asyncio.Event()

@@ -14,7 +14,6 @@ overlap, such as bits of one register, still share one), and the source keeps th
 from __future__ import annotations
 
 import struct
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal, NamedTuple, Protocol
@@ -31,8 +30,8 @@ class PointSpec(NamedTuple):
     """What a running source keeps of one configured point: a tuple, not a pydantic model.
 
     About 200 bytes a point instead of about 750 (the model, its dict and field set), so a
-    gateway's memory grows little with its point count; strings repeated across points (the
-    table, type and order names) are shared.
+    gateway's memory grows little with its point count; the table, type and order names are
+    the config's Literal values, one object each, shared by every point.
     """
 
     name: str
@@ -56,7 +55,7 @@ class PointSpec(NamedTuple):
     def of(cls, point: ModbusPoint) -> PointSpec:
         """The spec of a validated point."""
         return cls(
-            sys.intern(point.name), point.kind, point.address, point.width, point.type,
+            point.name, point.kind, point.address, point.width, point.type,
             point.byte_order, point.word_order, point.bit,
             1.0 if point.scale == 1.0 else point.scale,
             0.0 if point.offset == 0.0 else point.offset,
