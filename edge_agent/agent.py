@@ -65,6 +65,19 @@ def run_agent(path: Path) -> int:
         return 1
 
 
+def _check_allowance_us(path: Path) -> int:
+    """Start-up time to ask systemd for: the buffer's quick_check reads the whole file.
+
+    Measured: 512 MB in 13 s from a cold page cache on a virtual disk (about 40 MB/s); allow
+    10 MB/s, plus a minute for the rest of the start.
+    """
+    try:
+        size = path.stat().st_size
+    except OSError:
+        size = 0
+    return int((60 + size / 10e6) * 1e6)
+
+
 def tune_garbage_collector() -> None:
     """Fewer, cheaper collections: readings are short-lived but tracked by the GC.
 
@@ -92,8 +105,11 @@ class Agent:
 
     async def run(self) -> int:
         key = load_private_key(self.config.signing.key_file)
-        await self.store.open()
         try:
+            allowance = _check_allowance_us(self.config.store.path)
+            systemd.notify(f"STATUS=Checking the buffer\nEXTEND_TIMEOUT_USEC={allowance}")
+            await self.store.open()
+            self.metrics.store_quarantined.inc(len(self.store.quarantined))
             return await self._run_with_store(key)
         finally:
             await self.store.close()  # also when start-up fails: its thread would keep us alive
@@ -120,6 +136,7 @@ class Agent:
             sources={s.name: s.state for s in self.sources},
             metrics=self.metrics,
             alive=lambda: all(not t.done() for t in tasks),
+            held_back_since=lambda: batcher.held_back_since,
         )
         runner = await start_health_server(health, self.config.health.host, self.config.health.port)
         self._install_signal_handlers()

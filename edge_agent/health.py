@@ -18,6 +18,9 @@ from edge_agent.metrics import Metrics
 from edge_agent.sources.base import SourceState
 from edge_agent.store.sqlite import Store
 
+HELD_BACK_PROBLEM_S = 2.0
+"""Sources held back longer than this make the agent degraded (shorter: a burst)."""
+
 
 class Health:
     """Answers from the components' own states; never blocks on a device or the broker."""
@@ -31,6 +34,7 @@ class Health:
         sources: Mapping[str, SourceState],
         metrics: Metrics,
         alive: Callable[[], bool],
+        held_back_since: Callable[[], float | None] = lambda: None,
     ) -> None:
         self._gateway = gateway
         self._store = store
@@ -38,6 +42,7 @@ class Health:
         self._sources = sources
         self._metrics = metrics
         self._alive = alive
+        self._held_back_since = held_back_since
         self.ready = False
 
     def app(self) -> web.Application:
@@ -59,9 +64,18 @@ class Health:
         oldest = await self._store.oldest_sealed_ns()
         age = max(0.0, time.time() - oldest / 1e9) if oldest is not None else 0.0
         stats = self._store.stats
+        since = self._held_back_since()
+        held_back = max(0.0, time.time() - since) if since is not None else 0.0
+        problems = self._store.problems()
+        if held_back >= HELD_BACK_PROBLEM_S:
+            problems.append(
+                f"sources held back for {held_back:.1f}s: the buffer is not taking readings"
+            )
         self._metrics.buffer_readings.set(stats.readings)
         self._metrics.buffer_bytes.set(stats.bytes)
         self._metrics.buffer_oldest_age.set(age)
+        self._metrics.store_disk_full.set(1 if self._store.disk_full else 0)
+        self._metrics.sources_held_back.set(held_back)
         return {
             "gateway": self._gateway,
             "ready": self.ready,
@@ -74,6 +88,10 @@ class Health:
                 "epoch": self._store.epoch,
                 "next_seq": self._store.next_seq,
                 "evicted_readings": stats.evicted_readings,
+                "disk_full": self._store.disk_full,
+                "held_back_s": round(held_back, 3),
+                "problems": problems,
+                "quarantined": [q.to_json() for q in self._store.quarantined],
             },
             "sources": {
                 name: {

@@ -29,6 +29,21 @@ class Metrics:
             "edge_agent_readings_evicted", "Unsent readings dropped by retention.", registry=r
         )
         self.store_errors = Counter("edge_agent_store_errors", "Failed buffer writes.", registry=r)
+        self.store_disk_full = Gauge(
+            "edge_agent_store_disk_full",
+            "1 while the buffer's disk is full (it keeps its size and evicts its oldest).",
+            registry=r,
+        )
+        self.store_quarantined = Counter(
+            "edge_agent_store_quarantined",
+            "Buffer files found bad at start and moved aside (a new epoch began).",
+            registry=r,
+        )
+        self.sources_held_back = Gauge(
+            "edge_agent_sources_held_back_seconds",
+            "How long sources have been waiting for the buffer to take readings; 0 when not.",
+            registry=r,
+        )
         self.buffer_readings = Gauge(
             "edge_agent_buffer_readings",
             "Readings in the buffer, not yet acknowledged.",

@@ -3,6 +3,9 @@
 Subscribes with a persistent session, verifies every batch against the trusted public keys (by
 key id), drops duplicates by `seq`, and at the end reports holes that no eviction explains.
 Exit status: 0 all verified and complete, 3 a bad signature or unknown key, 4 an unexplained gap.
+Readings lost with an epoch that the gateway declared ended (`previous_epoch`: its buffer was
+quarantined, went missing or was replaced) are reported as LOST with the reason; declared, they
+are not an unexplained gap, like declared evictions.
 """
 
 from __future__ import annotations
@@ -69,6 +72,11 @@ class Verifier:
             return None, []
         try:
             fresh = self.tracker.accept(batch.gateway, batch.epoch, batch.readings, batch.evicted)
+            if batch.previous_epoch is not None:
+                ended = batch.previous_epoch
+                self.tracker.end_epoch(
+                    batch.gateway, ended.epoch, ended.last_seq, f"{ended.ended}: {ended.detail}"
+                )
         except (KeyError, TypeError, ValueError) as exc:  # signed, but not what §4 says
             self.result.rejected += 1
             self.result.last_error = f"malformed readings: {exc}"
@@ -81,6 +89,7 @@ class Verifier:
     def summary(self) -> tuple[int, list[str]]:
         """The exit status and the lines that explain it."""
         lines = []
+        lost_count = 0
         for (gateway, epoch), stream in self.tracker.streams.items():
             holes = stream.holes()
             lines.append(
@@ -89,6 +98,20 @@ class Verifier:
                 f"evicted={stream.evicted_count} holes={len(holes)}"
                 + (f" first_holes={holes[:5]}" if holes else "")
             )
+            lost = stream.lost()
+            if stream.ended is not None:
+                count = sum(last - first + 1 for first, last in lost)
+                lost_count += count
+                lines.append(
+                    f"LOST: gateway={gateway} epoch={epoch} readings={count} "
+                    f"ranges={lost[:5]}{' ...' if len(lost) > 5 else ''} "
+                    f"reason=the gateway declared the epoch ended ({stream.ended})"
+                )
+        for gateway, reason in self.tracker.unknown_ends:
+            lines.append(
+                f"LOST: gateway={gateway} epoch=unknown readings=unknown reason=the gateway "
+                f"declared an epoch ended whose id it no longer knew ({reason})"
+            )
         code = 0
         if self.result.rejected:
             lines.append(f"REJECTED {self.result.rejected} batches: {self.result.last_error}")
@@ -96,6 +119,11 @@ class Verifier:
         elif self.tracker.holes():
             lines.append("INCOMPLETE: readings missing that no eviction explains")
             code = EXIT_GAP
+        elif lost_count or self.tracker.unknown_ends:
+            lines.append(
+                f"OK: {self.result.batches} batches verified, complete but for the readings "
+                "declared lost above"
+            )
         else:
             lines.append(f"OK: {self.result.batches} batches verified, complete")
         return code, lines

@@ -41,6 +41,37 @@ class Batch:
     sealed_ns: int
     evicted: list[tuple[int, int]] = field(default_factory=list)
     kid: bytes = b""
+    previous_epoch: PreviousEpoch | None = None
+
+
+@dataclass(frozen=True)
+class PreviousEpoch:
+    """How this gateway's previous epoch ended (`previous_epoch`, docs/contract.md §4).
+
+    Sent in the first batch of a new epoch whose buffer did not carry on the old one: the
+    previous file was bad and quarantined, missing, or replaced. Its readings up to `last_seq`
+    that a consumer has not received are lost; `epoch` and `last_seq` are None when unknown.
+    """
+
+    epoch: str | None
+    last_seq: int | None
+    ended: str
+    detail: str
+
+    @classmethod
+    def parse(cls, value: Any) -> PreviousEpoch:
+        """Validate the map as signed; ValueError or TypeError when it is not what §4 says."""
+        if not isinstance(value, dict):
+            raise TypeError("previous_epoch is not a map")
+        epoch, last_seq = value.get("epoch"), value.get("last_seq")
+        ended, detail = value.get("ended"), value.get("detail", "")
+        if epoch is not None and not isinstance(epoch, str):
+            raise TypeError("previous_epoch.epoch is not text")
+        if last_seq is not None and (not isinstance(last_seq, int) or last_seq < 0):
+            raise ValueError("previous_epoch.last_seq is not a seq")
+        if not isinstance(ended, str) or not isinstance(detail, str):
+            raise TypeError("previous_epoch.ended and .detail must be text")
+        return cls(epoch, last_seq, ended, detail)
 
 
 class Sealer:
@@ -69,8 +100,13 @@ class Sealer:
         readings: Sequence[Reading],
         sealed_ns: int,
         evicted: Sequence[tuple[int, int]] = (),
+        previous_epoch: Mapping[str, Any] | None = None,
     ) -> bytes:
-        """The COSE_Sign1 bytes for `readings`, numbered from `first_seq` in order."""
+        """The COSE_Sign1 bytes for `readings`, numbered from `first_seq` in order.
+
+        `previous_epoch` (the map of `PreviousEpoch`) is added only when given, so every other
+        batch is encoded exactly as before.
+        """
         # One comprehension with the reading unpacked: this runs once per reading, and attribute
         # lookups and the enum's `.value` property cost as much as building the map itself.
         text = QUALITY_TEXT
@@ -80,17 +116,18 @@ class Sealer:
             else {"seq": seq, "src": src, "pt": pt, "ts": ts, "v": v, "q": text[q], "sc": code}
             for seq, (src, pt, ts, v, q, code) in enumerate(readings, first_seq)
         ]
-        body = cbor2.dumps(
-            {
-                "v": FORMAT_VERSION,
-                "gateway": gateway,
-                "epoch": epoch,
-                "batch": batch,
-                "readings": items,
-                "sealed": sealed_ns,
-                "evicted": [list(e) for e in evicted],
-            }
-        )
+        content: dict[str, Any] = {
+            "v": FORMAT_VERSION,
+            "gateway": gateway,
+            "epoch": epoch,
+            "batch": batch,
+            "readings": items,
+            "sealed": sealed_ns,
+            "evicted": [list(e) for e in evicted],
+        }
+        if previous_epoch is not None:
+            content["previous_epoch"] = dict(previous_epoch)
+        body = cbor2.dumps(content)
         payload = self._compressor.compress(body) if self._compressor else body
         to_sign = cbor2.dumps(["Signature1", self._protected, b"", payload])
         signature = self._key.sign(to_sign)
@@ -159,6 +196,7 @@ class Opener:
         seqs = [r["seq"] for r in readings]
         if seqs and seqs != list(range(seqs[0], seqs[0] + len(seqs))):
             raise EnvelopeError("readings' seq values are not consecutive")
+        previous = body.get("previous_epoch")
         return Batch(
             gateway=str(body["gateway"]),
             epoch=str(body["epoch"]),
@@ -167,4 +205,5 @@ class Opener:
             sealed_ns=int(body["sealed"]),
             evicted=[(int(a), int(b)) for a, b in body.get("evicted", [])],
             kid=kid,
+            previous_epoch=None if previous is None else PreviousEpoch.parse(previous),
         )
