@@ -58,6 +58,9 @@ class SmallDisk:
             os.close(fd)
         return filler
 
+    def make_read_only(self) -> None:
+        subprocess.run(["mount", "-o", "remount,ro", str(self.path)], check=True)
+
     def grow(self, size: int) -> None:
         subprocess.run(["mount", "-o", f"remount,size={size}", str(self.path)], check=True)
 
