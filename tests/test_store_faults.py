@@ -412,6 +412,22 @@ async def test_a_missing_store_with_its_witness_left_is_declared(tmp_path: Path)
     await store.close()
 
 
+async def test_a_wal_left_without_its_database_is_moved_aside(tmp_path: Path) -> None:
+    """Another instance: the file was deleted after a crash, its -wal left behind."""
+    path = tmp_path / "buffer.db"
+    last_seq = crash_holding(path, 30)
+    wal = Path(f"{path}-wal").read_bytes()
+    path.unlink()
+    store = await reopen(path)
+    [record] = store.quarantined
+    assert "without its database" in record.reason and record.last_seq == last_seq
+    assert Path(f"{record.moved_to}-wal").read_bytes() == wal, "kept as found"
+    assert store.stats.batches == 0 and store.next_seq == 1
+    ended = await sealed_announcement(store)
+    assert ended["last_seq"] == last_seq and ended["ended"] == "quarantined"
+    await store.close()
+
+
 async def test_a_healthy_store_after_a_crash_is_kept(tmp_path: Path) -> None:
     """A normal backlog and a normal crash (SIGKILL, -wal present): same epoch, nothing lost."""
     path = tmp_path / "buffer.db"

@@ -249,9 +249,12 @@ class Store:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         mark = self._read_mark()
         previous: dict[str, Any] | None = None
-        found = any(_size(Path(f"{self.path}{suffix}")) > 0 for suffix in ("", "-wal"))
+        found = _size(self.path) > 0
         if found:
             previous = await self._check_or_quarantine(mark)
+        elif _size(Path(f"{self.path}-wal")) > 0:
+            # SQLite would replay it onto a new, empty file: pages of a database that is gone.
+            previous = self._quarantine("a -wal file without its database file", mark, None)
         elif mark is not None:
             previous = _previous_epoch(
                 mark.epoch, mark.next_seq - 1, "missing",
@@ -326,6 +329,12 @@ class Store:
             problem = _went_backwards(meta, mark)
         if problem is None:
             return None
+        return self._quarantine(problem, mark, meta)
+
+    def _quarantine(
+        self, problem: str, mark: CommittedMark | None, meta: dict[str, Any] | None
+    ) -> dict[str, Any]:
+        """Move the bad file aside, record it, and return the end of its epoch to declare."""
         epoch, last_seq = None, None
         if mark is not None:
             epoch, last_seq = mark.epoch, mark.next_seq - 1
