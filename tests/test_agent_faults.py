@@ -132,9 +132,7 @@ async def test_full_disk_degrades_evicts_declares_and_resumes(
         assert agent.stop() == 0, agent.log()
         sealed = committed_seq(disk.path / "buffer.db")
         await wait_until(
-            lambda: only(verifier).readings + only(verifier).evicted_count >= sealed,
-            30,
-            "every reading or its declaration",
+            lambda: accounted(verifier) >= sealed, 30, "every reading or its declaration"
         )
 
     stream = only(verifier)
@@ -149,6 +147,56 @@ async def test_full_disk_degrades_evicts_declares_and_resumes(
         f"\nfull disk: degraded after {degraded_s:.2f}s, healthy {resumed_s:.2f}s after room "
         f"returned; sealed={sealed} evicted and declared={evicted}"
     )
+
+
+async def test_buffer_alone_fills_a_2mib_disk_with_the_broker_down(
+    tmp_path: Path, broker: Mosquitto, keys: Path, agents: list[AgentProcess]
+) -> None:
+    """The issue's case as measured: 2 MiB tmpfs, broker down, the backlog fills the disk."""
+    disk = SmallDisk(tmp_path / "disk", 2 * MiB)
+    try:
+        config = agent_config(
+            tmp_path, broker, keys, random_source(), store={"path": str(disk.path / "buffer.db")}
+        )
+        agent = AgentProcess(config, tmp_path)
+        agents.append(agent)
+        async with running_verifier(broker, keys) as verifier:
+            broker.stop()
+            agent.start()
+            await wait_until(lambda: agent.status()["buffer"]["disk_full"], 30, "a full disk")
+            report = status_output(agent)
+            assert report.returncode == 1 and "buffer disk full" in report.stderr
+            sealed = agent.status()["buffer"]["next_seq"]
+            await wait_until(
+                lambda: agent.status()["buffer"]["next_seq"] > sealed + 50_000,
+                30,
+                "readings taken on the full disk",
+            )
+            status = agent.status()
+            assert status["buffer"]["evicted_readings"] > 0
+            assert status["buffer"]["held_back_s"] < 2.0, "the source is not stalled"
+            disk.grow(16 * MiB)
+            await wait_until(lambda: not agent.status()["buffer"]["disk_full"], 20, "room")
+            broker.start()
+            await wait_until(lambda: status_command(agent) == 0, 30, "healthy")
+            assert agent.stop() == 0, agent.log()
+            sealed = committed_seq(disk.path / "buffer.db")
+            await wait_until(
+                lambda: accounted(verifier) >= sealed, 30, "every reading or its declaration"
+            )
+    finally:
+        disk.unmount()
+    stream = only(verifier)
+    assert stream.holes() == [] and stream.evicted_count > 0
+    assert verifier.result.rejected == 0
+    assert agent.log().count("Buffer full or expired") + agent.log().count("Disk full:") < 30, (
+        "evictions are summed up, not one line each"
+    )
+
+
+def accounted(verifier: Verifier) -> int:
+    """Readings received or declared evicted, over every stream seen so far."""
+    return sum(s.readings + s.evicted_count for s in verifier.tracker.streams.values())
 
 
 def only(verifier: Verifier) -> Stream:

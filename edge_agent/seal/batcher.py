@@ -105,6 +105,7 @@ class Batcher:
             await self._wait_for_batch()
             await self.seal_pending()
         await self.seal_pending()
+        self._log_declared(now=True)
 
     def stop(self) -> None:
         """Ask `run` to seal what is pending and return; sources must be stopped first."""
@@ -204,8 +205,9 @@ class Batcher:
         self._metrics.readings_sealed.inc(count)
         self._metrics.batches_sealed.inc(len(batches))
         if any(b.declares for b in batches):
-            self._log_declared([r for b in batches for r in b.declares])
+            self._unlogged_declared.extend(r for b in batches for r in b.declares)
             self._declare = []
+        self._log_declared()
         if any(b.ends_previous for b in batches) and self._previous is not None:
             log.info(
                 "Declared the end of the previous epoch epoch=%s last_seq=%s ended=%s",
@@ -224,13 +226,11 @@ class Batcher:
             self.held_back_since = None
         self.sealed.set()
 
-    def _log_declared(self, declared: list[tuple[int, int]]) -> None:
+    def _log_declared(self, *, now: bool = False) -> None:
         """One line per declaration, summed up while they follow each other (a full disk)."""
-        self._unlogged_declared.extend(declared)
-        now = time.monotonic()
-        if now < self._next_declared_log:
+        if not self._unlogged_declared or (not now and time.monotonic() < self._next_declared_log):
             return
-        self._next_declared_log = now + DECLARED_LOG_S
+        self._next_declared_log = time.monotonic() + DECLARED_LOG_S
         merged: list[list[int]] = []
         for first, last in sorted(self._unlogged_declared):
             if merged and first == merged[-1][1] + 1:

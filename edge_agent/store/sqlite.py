@@ -226,6 +226,7 @@ class Store:
         self._next_space_check = 0.0
         self._next_eviction_log = 0.0
         self._unlogged_evictions = _Evicted()
+        self._eviction_reason = ""
         self._db: aiosqlite.Connection | None = None
         self._lock = asyncio.Lock()
 
@@ -369,6 +370,7 @@ class Store:
 
     async def close(self) -> None:
         async with self._lock:
+            self._log_evictions(now=True)
             if self._db is not None:
                 await self._db.close()
                 self._db = None
@@ -486,6 +488,7 @@ class Store:
         self._next_space_check = now + SPACE_CHECK_S
         free = _free_bytes(self.path)
         if free >= 2 * RESERVE_BYTES and self._allocate_reserve():
+            self._log_evictions(now=True)
             self.disk_full = False
             log.info("Disk space available again path=%s free=%d", self.path, free)
 
@@ -553,6 +556,7 @@ class Store:
                 if self.failures.pop(what, None) is not None:
                     log.info("Buffer can %s again path=%s", what, self.path)
                 on_commit(result)
+                self._log_evictions()
                 self._check_space()
                 return result
             raise AssertionError("unreachable")  # pragma: no cover
@@ -723,27 +727,27 @@ class Store:
         await db.executemany("INSERT INTO pending_evictions VALUES (?, ?)", ranges)
 
     def _forget(self, evicted: _Evicted, why: str) -> None:
-        """After the commit: count what was evicted and say so (a rollback says nothing).
-
-        One line per eviction, but while they follow each other (a full disk evicts at almost
-        every append) one line per EVICTION_LOG_S sums them up.
-        """
+        """After the commit: count what was evicted and say so (a rollback says nothing)."""
         self.stats.readings -= evicted.readings
         self.stats.bytes -= evicted.bytes
         self.stats.batches -= evicted.batches
         self.stats.evicted_readings += evicted.readings
-        if not evicted.ranges:
-            return
+        if evicted.ranges:
+            self._unlogged_evictions.add_all(evicted)
+            self._eviction_reason = why
+        self._log_evictions()
+
+    def _log_evictions(self, *, now: bool = False) -> None:
+        """One line for an eviction; while they follow each other (a full disk evicts at almost
+        every append), one line per EVICTION_LOG_S sums them up. `now` flushes what is left."""
         unlogged = self._unlogged_evictions
-        unlogged.add_all(evicted)
-        now = time.monotonic()
-        if now < self._next_eviction_log:
+        if not unlogged.ranges or (not now and time.monotonic() < self._next_eviction_log):
             return
-        self._next_eviction_log = now + EVICTION_LOG_S
+        self._next_eviction_log = time.monotonic() + EVICTION_LOG_S
         log.warning(
             "%s: evicted unsent readings seq=%d..%d readings=%d batches=%d",
-            why, unlogged.ranges[0][0], unlogged.ranges[-1][1], unlogged.readings,
-            unlogged.batches,
+            self._eviction_reason, unlogged.ranges[0][0], unlogged.ranges[-1][1],
+            unlogged.readings, unlogged.batches,
         )  # fmt: skip
         self._unlogged_evictions = _Evicted()
 
