@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import os
 import random
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -425,6 +426,40 @@ async def test_a_wal_left_without_its_database_is_moved_aside(tmp_path: Path) ->
     assert store.stats.batches == 0 and store.next_seq == 1
     ended = await sealed_announcement(store)
     assert ended["last_seq"] == last_seq and ended["ended"] == "quarantined"
+    await store.close()
+
+
+async def test_damage_without_a_witness_still_names_the_old_epoch(tmp_path: Path) -> None:
+    """A store from before the witness existed: the damaged file's own meta table is read."""
+    path = tmp_path / "buffer.db"
+    store = await reopen(path)
+    for n in range(1, 61):
+        await store.append([SealedBatch(n, (n - 1) * 100 + 1, 100, time.time_ns(), bytes(3000))])
+    old_epoch = store.epoch
+    await store.close()
+    store.mark_path.unlink()
+    overwrite_pages(path, [30, 31])
+    store = await reopen(path)
+    [record] = store.quarantined
+    assert record.epoch == old_epoch and record.last_seq == 6000
+    await store.close()
+
+
+async def test_a_buffer_replaced_by_another_file_declares_the_old_epoch(tmp_path: Path) -> None:
+    """Another buffer file put in place (a restore, a copy): the witness's epoch ended."""
+    path, other = tmp_path / "buffer.db", tmp_path / "other" / "buffer.db"
+    last_seq = crash_holding(path, 20)
+    store = await reopen(path)
+    old_epoch = store.epoch
+    await store.close()
+    store = await reopen(other)
+    new_epoch = store.epoch
+    await store.close()
+    shutil.copyfile(other, path)
+    store = await reopen(path)
+    assert store.epoch == new_epoch and store.quarantined == []
+    ended = await sealed_announcement(store)
+    assert (ended["epoch"], ended["last_seq"], ended["ended"]) == (old_epoch, last_seq, "replaced")
     await store.close()
 
 

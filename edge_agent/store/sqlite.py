@@ -855,15 +855,23 @@ def _check_file(path: Path) -> tuple[str | None, dict[str, Any] | None]:
     try:
         rows = db.execute("PRAGMA quick_check").fetchall()
         if rows != [("ok",)]:
-            return "quick_check: " + "; ".join(str(row[0]) for row in rows[:3]), None
+            return "quick_check: " + "; ".join(str(row[0]) for row in rows[:3]), _meta(db)
         if not db.execute("SELECT 1 FROM sqlite_master WHERE name = 'meta'").fetchall():
             return None, {}
-        return None, {row[0]: row[1] for row in db.execute("SELECT key, value FROM meta")}
+        return None, _meta(db)
     except sqlite3.Error as exc:
         code = getattr(exc, "sqlite_errorcode", 0) & 0xFF
-        return (str(exc), None) if code in CORRUPTION else (None, None)
+        return (str(exc), _meta(db)) if code in CORRUPTION else (None, None)
     finally:
         db.close()
+
+
+def _meta(db: sqlite3.Connection) -> dict[str, Any] | None:
+    """The meta table of a file that may be damaged elsewhere; None when it cannot be read."""
+    try:
+        return {row[0]: row[1] for row in db.execute("SELECT key, value FROM meta")}
+    except sqlite3.Error:
+        return None
 
 
 def _went_backwards(meta: dict[str, Any], mark: CommittedMark) -> str | None:
