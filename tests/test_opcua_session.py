@@ -20,7 +20,14 @@ from typing import Any
 
 import pytest
 from helpers.fault_proxy import FaultProxy
-from opcua_servers import Collector, UaTestServer, running, source_config, until
+from opcua_servers import (
+    Collector,
+    PasswordUsers,
+    UaTestServer,
+    running,
+    source_config,
+    until,
+)
 
 from edge_agent.sources.opcua.source import OpcuaSource
 from edge_agent.sources.opcua.values import BAD_NOT_CONNECTED
@@ -101,3 +108,37 @@ async def test_a_silent_path_is_named_and_left_within_seconds_of_its_return(
     down = next(m for m in log if "source is down" in m)
     assert "error=no answer for" in down
     assert not [m for m in log if "BadShutdown" in m or "BadTooManySessions" in m]
+
+
+async def test_a_signed_and_encrypted_session_with_a_user_is_taken_over_too(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The takeover signs the server's last nonce with the client key and sends the password
+    encrypted again: it must work over Basic256Sha256 with a username as well as without."""
+    (tmp_path / "server").mkdir()
+    users = PasswordUsers("operator", "s3cret")
+    async with (
+        UaTestServer(tmp_path / "server", secure=True, users=users, max_sessions=1) as server,
+        FaultProxy(server.port) as proxy,
+    ):
+        nodes = [{"name": "speed", "node_id": server.node_id("Speed")}]
+        config = source_config(
+            f"opc.tcp://127.0.0.1:{proxy.port}/test/",
+            nodes,
+            session_timeout="60s",
+            security={
+                "policy": "Basic256Sha256",
+                "server_certificate": str(server.certificate_path),
+                "pki_dir": str(tmp_path / "pki"),
+            },
+            auth={"username": "operator", "password": "s3cret"},
+        )
+        source, got = OpcuaSource(config), Collector()
+        with caplog.at_level(logging.INFO, logger="edge_agent"):
+            async with running(source, got):
+                await got.wait_for(lambda rs: any(r.value == 1.5 for r in rs))
+                proxy.reset()
+                await got.wait_for(lambda rs: any(r.code == BAD_NOT_CONNECTED for r in rs))
+                await server.write("Speed", 5.0)
+                await got.wait_for(lambda rs: any(r.value == 5.0 for r in rs), RECOVERY_S)
+    assert any("closed the session its lost connection left" in m for m in messages(caplog))

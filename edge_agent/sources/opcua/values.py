@@ -108,12 +108,13 @@ def _ns(stamp: datetime | None) -> int | None:
 
 @dataclass(slots=True)
 class _Sample:
-    """What was last seen of a point: its value and code, and the DataValue's own timestamps."""
+    """What was last seen of a point: its value and code, and the DataValue's own timestamps
+    (the server's kept as given and converted only when needed: most readings never need it)."""
 
     value: Value
     code: int
     source_ns: int | None = None
-    server_ns: int | None = None
+    server: datetime | None = None
 
 
 class ChangeFilter:
@@ -151,7 +152,7 @@ class ChangeFilter:
         flagged = False
         if quality is not Quality.BAD and data.Value is not None:
             value, flagged = convert(data.Value.Value)
-        sample = _Sample(value, code, _ns(data.SourceTimestamp), _ns(data.ServerTimestamp))
+        sample = _Sample(value, code, _ns(data.SourceTimestamp), data.ServerTimestamp)
         previous = self._device.get(pt)
         self._device[pt] = sample
         if not self._is_news(pt, sample, previous, quality):
@@ -160,13 +161,12 @@ class ChangeFilter:
         if issue is None:
             assert sample.source_ns is not None
             ts_ns = sample.source_ns
-        elif sample.server_ns is not None and (
-            previous is None or previous.server_ns is None or sample.server_ns > previous.server_ns
-        ):
-            ts_ns = sample.server_ns
         else:
-            ts_ns = time.time_ns() if now_ns is None else now_ns
-        self._sent[pt] = _Sample(value, code)
+            server_ns = _server_ns_if_advanced(sample, previous)
+            if server_ns is None:
+                server_ns = time.time_ns() if now_ns is None else now_ns
+            ts_ns = server_ns
+        self._sent[pt] = sample
         if issue == "missing" and quality is Quality.BAD:
             issue = None  # a server omits timestamps on the bad status it made itself (§7.11)
         return Reading(src, pt, ts_ns, value, quality, code), issue, flagged
@@ -200,6 +200,15 @@ class ChangeFilter:
     def codes(self) -> dict[str, int]:
         """Per point that has sent a reading: the code of the last one."""
         return {pt: sample.code for pt, sample in self._sent.items()}
+
+
+def _server_ns_if_advanced(sample: _Sample, previous: _Sample | None) -> int | None:
+    """The sample's server timestamp, if it has one later than the previous sample's."""
+    server = _ns(sample.server)
+    if server is None or previous is None:
+        return server
+    before = _ns(previous.server)
+    return server if before is None or server > before else None
 
 
 def _timestamp_issue(sample: _Sample, previous: _Sample | None) -> TimestampIssue | None:
