@@ -165,14 +165,22 @@ class LossWatch:
         """A short reason: `connection reset`, `no answer for 2s`, `BadSessionIdInvalid (…)`."""
         if exc is None:
             return "the server closed the connection"
-        if isinstance(exc, ConnectionResetError):
-            return "connection reset"
-        if isinstance(exc, ConnectionAbortedError | BrokenPipeError):
-            return "connection broken"
         if isinstance(exc, TimeoutError):
             return f"no answer for {self._probe_timeout:g}s"
-        if isinstance(exc, UaStatusCodeError):
-            return code_name(int(exc.code))
-        if isinstance(exc, OSError) and exc.strerror:
-            return str(exc.strerror)
-        return str(exc) or type(exc).__name__
+        return describe_error(exc)
+
+
+def describe_error(exc: BaseException) -> str:
+    """A one-line reason for logs and /status: the status name for OPC UA errors, plain words
+    for the connection's (`connection reset`), the text of anything else."""
+    if isinstance(exc, UaStatusCodeError):
+        return code_name(int(exc.code))
+    if isinstance(exc, ConnectionResetError):
+        return "connection reset"
+    if isinstance(exc, ConnectionAbortedError | BrokenPipeError):
+        return "connection broken"
+    if isinstance(exc, TimeoutError):
+        return "timed out"
+    if isinstance(exc, OSError) and exc.strerror:
+        return str(exc.strerror)
+    return str(exc) or type(exc).__name__

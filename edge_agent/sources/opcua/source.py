@@ -49,7 +49,6 @@ from asyncua.common.subscription import (
     Subscription,
 )
 from asyncua.ua.attribute_ids import AttributeIds
-from asyncua.ua.uaerrors import UaStatusCodeError
 
 from edge_agent.config.opcua import Deadband, OpcuaNode, OpcuaSourceConfig
 from edge_agent.reading import Quality, Reading
@@ -61,6 +60,7 @@ from edge_agent.sources.opcua.session import (
     SessionTicket,
     TakeOverError,
     close_session,
+    describe_error,
     take_over,
 )
 from edge_agent.sources.opcua.values import (
@@ -131,7 +131,7 @@ class OpcuaSource:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # noqa: BLE001 - a failure must stay inside the source
-                error = describe(exc)
+                error = describe_error(exc)
             error = self._loss or error  # the cause, not asyncua's BadShutdown that follows it
             was_up, first = self.state.up, self.state.errors == 0
             if self.state.mark_down(error):
@@ -475,15 +475,3 @@ def data_change_filter(deadband: Deadband) -> ua.DataChangeFilter:
     flt.DeadbandType = 1 if deadband.type == "absolute" else 2
     flt.DeadbandValue = deadband.value
     return flt
-
-
-def describe(exc: BaseException) -> str:
-    """A one-line reason for logs and /status: the status name for OPC UA errors."""
-    if isinstance(exc, UaStatusCodeError):
-        return code_name(int(exc.code))
-    if isinstance(exc, TimeoutError):
-        return "timed out"
-    text = str(exc) or type(exc).__name__
-    if isinstance(exc, OSError) and exc.strerror:
-        text = exc.strerror
-    return text
