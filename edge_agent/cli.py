@@ -1,4 +1,4 @@
-"""The `edge-agent` command line (docs/contract.md §1): argument parsing and exit codes, nothing more."""
+"""The `edge-agent` command line (docs/contract.md §1): argument parsing and exit codes, no more."""
 
 from __future__ import annotations
 

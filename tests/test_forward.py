@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from helpers.store import filled_store
+from helpers.wait import deadline, wait_for
 
 from edge_agent.config.schema import MqttConfig
 from edge_agent.demo.broker import Mosquitto
@@ -17,15 +19,23 @@ from edge_agent.seal.batcher import Batcher
 from edge_agent.seal.envelope import Sealer
 from edge_agent.store.sqlite import Store
 
+pytestmark = pytest.mark.integration
 
-async def filled_store(path: Path, batches: int) -> tuple[Store, asyncio.Event]:
-    store = Store(path, max_bytes=64 * 1024 * 1024, max_age_s=86400)
-    await store.open()
-    batcher = Batcher(store, Sealer(Ed25519PrivateKey.generate()), Metrics(), gateway="gw",
-                      max_readings=10, max_delay=1, capacity=1000)  # fmt: skip
-    await batcher.emit([Reading("s", "p", i, i, Quality.GOOD) for i in range(10 * batches)])
-    await batcher.seal_pending()
-    return store, batcher.sealed
+
+def sample(metrics: Metrics, name: str) -> float:
+    """A counter's value as /metrics shows it (`name` without the `_total` suffix)."""
+    value = metrics.registry.get_sample_value(f"{name}_total")
+    assert value is not None, f"no metric {name}_total"
+    return value
+
+
+async def all_acknowledged(forwarder: Forwarder, store: Store, timeout: float = 30.0) -> None:
+    """Wait, on the forwarder's `acked` event, until the store holds no batch."""
+    async with deadline(timeout, f"every batch acknowledged ({store.stats.batches} left)"):
+        while store.stats.batches:
+            forwarder.acked.clear()
+            if store.stats.batches:  # an ack between the check and the clear is not missed
+                await forwarder.acked.wait()
 
 
 @pytest.mark.parametrize("protocol", ["5", "3.1.1"])
@@ -37,10 +47,8 @@ async def test_acknowledged_batches_are_deleted(
     config = MqttConfig(url=broker.url, topic_prefix="t", protocol=protocol)  # type: ignore[arg-type]
     forwarder = Forwarder(config, "gw", store, sealed, metrics)
     task = asyncio.create_task(forwarder.run())
-    while store.stats.batches:
-        forwarder.acked.clear()
-        await asyncio.wait_for(forwarder.acked.wait(), 10)
-    assert metrics.readings_sent._value.get() == 500
+    await all_acknowledged(forwarder, store)
+    assert sample(metrics, "edge_agent_readings_sent") == 500
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
@@ -59,13 +67,14 @@ async def test_rejected_publish_keeps_the_batch(tmp_path: Path) -> None:
         config = MqttConfig(url=broker.url, topic_prefix="t", reconnect_min=0.05)
         forwarder = Forwarder(config, "gw", store, sealed, metrics)
         task = asyncio.create_task(forwarder.run())
-        while metrics.publish_rejected._value.get() < 2:  # rejected, backed off, retried
-            await asyncio.sleep(0.05)
+        await wait_for(  # no event announces a rejection: rejected, backed off, retried
+            lambda: sample(metrics, "edge_agent_publish_rejected") >= 2, 10, "two rejections"
+        )
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
         assert store.stats.batches == 3
-        assert metrics.readings_sent._value.get() == 0
+        assert sample(metrics, "edge_agent_readings_sent") == 0
         assert "reason code 0x87" in (forwarder.state.last_error or "")
         await store.close()
 
@@ -83,18 +92,16 @@ async def test_a_small_window_sends_every_batch_with_declarations_first(
             [Reading("s", "p", i, i, Quality.GOOD) for i in range(start, start + 1000)]
         )
         await batcher.seal_pending()
-    declarations = len([b for b in await store.take(1000) if b.key[0] == "notices"])
+    declarations = len([b for b in await store.take(1000) if b.key.kind == "declaration"])
     assert declarations > 1
     batches = store.stats.batches
     metrics = Metrics()
     config = MqttConfig(url=broker.url, topic_prefix="t", max_inflight=2)
     forwarder = Forwarder(config, "gw", store, batcher.sealed, metrics)
     task = asyncio.create_task(forwarder.run())
-    while store.stats.batches:
-        forwarder.acked.clear()
-        await asyncio.wait_for(forwarder.acked.wait(), 10)
-    assert metrics.batches_sent._value.get() == batches
-    assert metrics.mqtt_connects._value.get() == 1, "no batch waited for a reconnect"
+    await all_acknowledged(forwarder, store)
+    assert sample(metrics, "edge_agent_batches_sent") == batches
+    assert sample(metrics, "edge_agent_mqtt_connects") == 1, "no batch waited for a reconnect"
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task

@@ -10,6 +10,8 @@ from edge_agent.config import parse_config
 from edge_agent.config.opcua import OpcuaSourceConfig
 from edge_agent.errors import ConfigError
 
+pytestmark = pytest.mark.unit
+
 BASE = """\
 gateway: {id: gw}
 sources:

@@ -23,13 +23,17 @@ from typing import Any
 
 import pytest
 from helpers.fault_proxy import FaultProxy
-from opcua_servers import Collector, free_port, running, source_config
+from helpers.opcua_servers import Collector, running, source_config
+from helpers.ports import free_port
+from helpers.wait import deadline
 
 from edge_agent.config.opcua import OpcuaSecurity, OpcuaSourceConfig
 from edge_agent.reading import Quality
 from edge_agent.sources.opcua.browse import browse
 from edge_agent.sources.opcua.source import OpcuaSource
 from edge_agent.sources.opcua.values import BAD_NOT_CONNECTED
+
+pytestmark = pytest.mark.integration
 
 INTEROP = Path(__file__).parent / "interop" / "opcua"
 
@@ -74,7 +78,7 @@ async def node_servers(tmp_path: Path) -> AsyncIterator[NodeServerFactory]:
         )  # fmt: skip
         try:
             assert proc.stdout is not None
-            async with asyncio.timeout(60):
+            async with deadline(60, "the node-opcua server to print READY"):
                 while not (line := (await proc.stdout.readline()).decode()).startswith("READY"):
                     assert line, "the node-opcua server exited before it was ready"
             ready = json.loads(line.split(" ", 1)[1])

@@ -11,7 +11,7 @@ import logging
 from pathlib import Path
 
 import pytest
-from opcua_servers import (
+from helpers.opcua_servers import (
     NAMESPACE,
     OTHER_NAMESPACE,
     Collector,
@@ -23,6 +23,8 @@ from opcua_servers import (
 from edge_agent.reading import Quality, Reading
 from edge_agent.sources.opcua.source import OpcuaSource
 from edge_agent.sources.opcua.values import BAD_NOT_CONNECTED
+
+pytestmark = pytest.mark.integration
 
 BAD_NODE_ID_UNKNOWN = 0x80340000
 NOWHERE = "urn:example:nowhere"

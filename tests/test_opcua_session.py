@@ -7,8 +7,9 @@ field, against 1.2 s on a 10-session server. The agent must be back within secon
 its log must name what happened (a reset, a silent path), not asyncua's BadShutdown that follows.
 
 The path is cut by the tests' own fault proxy (tests/helpers/fault_proxy.py) between the source
-and a real asyncua server limited to `max_sessions` (tests/opcua_servers.py). The session timeout
-is left at the field's 60 s, so only taking over the old session can bring the agent back fast.
+and a real asyncua server limited to `max_sessions` (tests/helpers/opcua_servers.py). The
+session timeout is left at the field's 60 s, so only taking over the old session can bring the
+agent back fast.
 """
 
 from __future__ import annotations
@@ -20,17 +21,19 @@ from typing import Any
 
 import pytest
 from helpers.fault_proxy import FaultProxy
-from opcua_servers import (
+from helpers.opcua_servers import (
     Collector,
     PasswordUsers,
     UaTestServer,
     running,
     source_config,
-    until,
 )
+from helpers.wait import wait_for
 
 from edge_agent.sources.opcua.source import OpcuaSource
 from edge_agent.sources.opcua.values import BAD_NOT_CONNECTED
+
+pytestmark = pytest.mark.integration
 
 RECOVERY_S = 5.0
 """Data must flow again within this many seconds of the path (re)turning."""
@@ -96,7 +99,9 @@ async def test_a_silent_path_is_named_and_left_within_seconds_of_its_return(
                 await got.wait_for(lambda rs: any(r.code == BAD_NOT_CONNECTED for r in rs))
                 errors = source.state.errors
                 # a reconnect attempt fails into the silence as well (no event announces it)
-                await until(lambda: source.state.errors > errors, timeout=10)
+                await wait_for(
+                    lambda: source.state.errors > errors, 10, "a failed reconnect attempt"
+                )
                 back = time.monotonic()
                 proxy.restore()
                 await server.write("Speed", 4.0)

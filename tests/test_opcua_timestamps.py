@@ -17,11 +17,14 @@ from typing import Any
 
 import pytest
 from asyncua import ua
-from opcua_servers import Collector, UaTestServer, running, source_config, until
+from helpers.opcua_servers import Collector, UaTestServer, running, source_config
+from helpers.wait import wait_for
 
 from edge_agent.reading import Quality
 from edge_agent.sources.opcua.source import OpcuaSource
 from edge_agent.sources.opcua.values import datetime_ns
+
+pytestmark = pytest.mark.integration
 
 UNCERTAIN_LAST_USABLE = 0x40900000
 READ_REQUEST = ua.ObjectIds.ReadRequest_Encoding_DefaultBinary
@@ -92,7 +95,11 @@ async def test_values_without_a_source_timestamp_arrive_once_each(
                 await got.wait_for(lambda rs, v=value: any(r.value == v for r in rs))
                 windows.append((before, time.time_ns()))
             reads = server.rules.requests.count(READ_REQUEST)
-            await until(lambda: server.rules.requests.count(READ_REQUEST) >= reads + 3)
+            await wait_for(  # three more polls: no event announces a poll that finds nothing new
+                lambda: server.rules.requests.count(READ_REQUEST) >= reads + 3,
+                10,
+                "three more Read requests",
+            )
     changes = [r for r in got.of("speed") if r.value is not None and r.value >= 10.0]
     assert [r.value for r in changes] == [10.0, 11.0, 12.0]  # once each, even across polls
     assert changes[0].ts_ns == datetime_ns(server_stamp)  # the server's, the first time

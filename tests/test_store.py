@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from helpers.wait import deadline
 
 from edge_agent.consumer.completeness import Completeness
 from edge_agent.metrics import Metrics
@@ -17,6 +18,8 @@ from edge_agent.reading import Quality, Reading
 from edge_agent.seal.batcher import Batcher
 from edge_agent.seal.envelope import Opener, Sealer
 from edge_agent.store.sqlite import SealedBatch, Store
+
+pytestmark = pytest.mark.unit
 
 MiB = 1024 * 1024
 
@@ -120,7 +123,7 @@ async def test_retention_evicts_oldest_and_the_next_batch_declares_it(tmp_path: 
     tracker = Completeness()
     opener = Opener([key.public_key()])
     taken = await store.take(1000)
-    assert taken[0].key[0] == "notices", "the declaration is sent before older readings"
+    assert taken[0].key.kind == "declaration", "the declaration is sent before older readings"
     for batch in taken:
         opened = opener.open(batch.data)
         tracker.accept(opened.gateway, opened.epoch, opened.readings, opened.evicted)
@@ -166,7 +169,7 @@ async def test_pending_eviction_survives_a_restart_until_declared(tmp_path: Path
     declaration = SealedBatch(6, 51, 0, now, b"declares", declares=tuple(pending))
     await store.append([declaration])
     assert await store.pending_evictions() == []
-    assert (await store.take(1))[0].key == ("notices", 6)
+    assert (await store.take(1))[0].key == ("declaration", 6)
     await store.close()
 
 
@@ -175,10 +178,12 @@ async def test_batcher_seals_on_delay_and_on_size(tmp_path: Path) -> None:
     batcher = make_batcher(store, Ed25519PrivateKey.generate(), max_readings=100)
     task = asyncio.create_task(batcher.run())
     await batcher.emit(readings(250))
-    await asyncio.wait_for(batcher.sealed.wait(), 5)
-    while store.stats.readings < 250:
-        batcher.sealed.clear()
-        await asyncio.wait_for(batcher.sealed.wait(), 5)
+    async with deadline(5, "250 readings sealed, the last 50 on the delay"):
+        await batcher.sealed.wait()
+        while store.stats.readings < 250:
+            batcher.sealed.clear()
+            if store.stats.readings < 250:  # a seal between the check and the clear counts
+                await batcher.sealed.wait()
     assert store.stats.batches == 3
     await batcher.emit(readings(5, 250))
     batcher.stop()

@@ -13,7 +13,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from edge_agent.config.types import Duration, Loc, Name, StrictModel, duplicate_problems
+from edge_agent.config.types import Duration, Finite, Loc, Name, StrictModel, duplicate_problems
 
 RegisterKind = Literal["coil", "discrete", "input", "holding"]
 PointType = Literal[
@@ -39,8 +39,8 @@ class ModbusPoint(StrictModel):
     type: PointType = "uint16"
     byte_order: Order = "big"
     word_order: Order = "big"
-    scale: float = 1.0
-    offset: float = 0.0
+    scale: Finite = 1.0
+    offset: Finite = 0.0
     unit: str | None = None
     length: int | None = Field(default=None, ge=1, le=MAX_REGISTERS_PER_READ)
     bit: int | None = Field(default=None, ge=0, le=15)

@@ -6,15 +6,15 @@ from typing import Literal
 
 from pydantic import Field
 
-from edge_agent.config.types import Duration, Name, StrictModel, duplicate_problems
+from edge_agent.config.types import Duration, Finite, Name, StrictModel, duplicate_problems
 
 
 class SimulatedPoint(StrictModel):
     name: Name
     signal: Literal["sine", "ramp", "square", "counter", "constant", "random"] = "sine"
     period: Duration = 60.0
-    amplitude: float = 1.0
-    offset: float = 0.0
+    amplitude: Finite = 1.0
+    offset: Finite = 0.0
 
 
 class SimulatedSourceConfig(StrictModel):

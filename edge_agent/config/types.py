@@ -29,6 +29,9 @@ def parse_duration(value: object) -> object:
 Duration = Annotated[float, BeforeValidator(parse_duration), Field(gt=0, allow_inf_nan=False)]
 """A positive duration, in seconds once parsed."""
 
+Finite = Annotated[float, Field(allow_inf_nan=False)]
+"""A number that is not NaN or infinite: scales and offsets that go into readings."""
+
 Name = Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]
 """Identifiers that end up in topics, metrics labels and the wire format."""
 

@@ -13,7 +13,6 @@ import asyncio
 import contextlib
 import json
 import logging
-import random
 import time
 from collections.abc import Coroutine
 from dataclasses import dataclass
@@ -22,9 +21,10 @@ from typing import Any
 import aiomqtt
 
 from edge_agent.config.schema import MqttConfig
-from edge_agent.errors import StoreError
+from edge_agent.errors import EdgeAgentError, StoreError
 from edge_agent.forward.client import AckingClient, protocol_version, tls_context
 from edge_agent.metrics import Metrics
+from edge_agent.schedule import Backoff
 from edge_agent.store.sqlite import Store, StoredBatch
 
 log = logging.getLogger(__name__)
@@ -33,7 +33,7 @@ REJECTION = 0x80
 ACK_RETRY_S = 1.0
 
 
-class PublishRejectedError(Exception):
+class PublishRejectedError(EdgeAgentError):
     """The broker refused a batch (PUBACK reason >= 0x80); it stays in the store."""
 
 
@@ -85,12 +85,12 @@ class Forwarder:
 
     async def run(self) -> None:
         """Connect, forward, and reconnect with backoff, until cancelled."""
-        delay = self._config.reconnect_min
+        backoff = Backoff(self._config.reconnect_min, self._config.reconnect_max)
         while True:
             try:
                 async with self._client() as client:
                     self._mark(connected=True, error=None)
-                    delay = self._config.reconnect_min
+                    backoff.reset()
                     await client.publish(
                         self.status_topic, json.dumps({"state": "online"}), qos=1, retain=True
                     )
@@ -102,10 +102,9 @@ class Forwarder:
             except (aiomqtt.MqttError, PublishRejectedError, StoreError, OSError) as exc:
                 self._mark(connected=False, error=str(exc) or type(exc).__name__)
             await self._flush_acks()
-            wait = delay * random.uniform(0.5, 1.0)  # noqa: S311 - jitter, not crypto
+            wait = backoff.next()
             log.debug("Reconnecting in %.1fs", wait)
             await asyncio.sleep(wait)
-            delay = min(delay * 2, self._config.reconnect_max)
 
     async def _goodbye(self, client: AckingClient) -> None:
         """On a clean stop: delete what was acknowledged and say "offline" (the will would not)."""
@@ -143,7 +142,7 @@ class Forwarder:
                 if window.room():
                     self._new_batches.clear()
                     taken = await self._store.take(
-                        window.room(), after=window.cursor, skip_notices=window.notices_sent
+                        window.room(), after=window.cursor, skip_declarations=window.declarations
                     )
                     for batch in taken:
                         window.start(batch, client.publish_acked(self.batch_topic, batch.data))
@@ -215,20 +214,19 @@ class _Window:
         self.size = size
         self.in_flight: dict[asyncio.Future[int], StoredBatch] = {}
         self.cursor = 0
-        """Highest `batches` row id published on this connection."""
-        self.notices_sent: set[int] = set()
-        """Declarations published on this connection (they are taken first on every call)."""
+        """Highest id of a batch of readings published on this connection."""
+        self.declarations: set[int] = set()
+        """Ids of declarations published on this connection (they are taken first on every call)."""
 
     def room(self) -> int:
         return self.size - len(self.in_flight)
 
     def start(self, batch: StoredBatch, publish: Coroutine[Any, Any, int]) -> None:
         """Publish `batch` (never one already published on this connection)."""
-        table, row_id = batch.key
-        if table == "notices":
-            self.notices_sent.add(row_id)
+        if batch.key.kind == "declaration":
+            self.declarations.add(batch.key.id)
         else:
-            self.cursor = max(self.cursor, row_id)
+            self.cursor = max(self.cursor, batch.key.id)
         task = asyncio.ensure_future(publish)
         self.in_flight[task] = batch
 

@@ -1,4 +1,4 @@
-"""The wire format of docs/contract.md §4: a batch as CBOR, zstd-compressed, in a COSE_Sign1 envelope.
+"""The wire format of docs/contract.md §4: a batch as CBOR, zstd-compressed, in COSE_Sign1.
 
 Signing uses cbor2 and cryptography directly (pycose is unmaintained and breaks with cbor2 6).
 The protected header is encoded once per key and reused: its bytes are what gets signed.

@@ -30,7 +30,7 @@ import uuid
 from collections.abc import Awaitable, Callable, Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, NamedTuple, TypeVar
 
 import aiosqlite
 
@@ -66,11 +66,25 @@ class SealedBatch:
     declares: tuple[tuple[int, int], ...] = ()
 
 
+BatchKind = Literal["declaration", "readings"]
+"""A declaration (a batch that declares evicted readings: sent first, never evicted) or an
+ordinary batch of readings."""
+
+_TABLES: dict[BatchKind, str] = {"declaration": "notices", "readings": "batches"}
+
+
+class BatchKey(NamedTuple):
+    """Which stored batch: its kind, and its id among batches of that kind (the batch number)."""
+
+    kind: BatchKind
+    id: int
+
+
 @dataclass(frozen=True)
 class StoredBatch:
     """A batch taken from the buffer for sending; `key` is what `ack` takes back."""
 
-    key: tuple[str, int]
+    key: BatchKey
     readings: int
     sealed_ns: int
     data: bytes
@@ -205,8 +219,8 @@ class Store:
         """Store sealed batches, advance the counters and apply retention, in one transaction.
 
         The caller numbered them from `next_batch` and `next_seq`; batches that declare evictions
-        go to `notices`, and the evictions they declare stop being pending. Returns the number of
-        readings retention evicted (now pending declaration).
+        are kept as declarations, and the evictions they declare stop being pending. Returns the
+        number of readings retention evicted (now pending declaration).
         """
         if not batches:
             return 0
@@ -335,14 +349,14 @@ class Store:
         return sum(r[3] for r in chosen)
 
     async def take(
-        self, limit: int, after: int = 0, skip_notices: Collection[int] = ()
+        self, limit: int, after: int = 0, skip_declarations: Collection[int] = ()
     ) -> list[StoredBatch]:
-        """Up to `limit` batches to send: declarations first (but those in `skip_notices`),
-        then readings oldest first, past the batch id `after`."""
-        skip = list(skip_notices)
+        """Up to `limit` batches to send: declarations first (but those whose id is in
+        `skip_declarations`), then batches of readings oldest first, past the id `after`."""
+        skip = list(skip_declarations)
         marks = ",".join("?" * len(skip))
         taken = [
-            StoredBatch(("notices", row_id), readings, sealed_ns, data)
+            StoredBatch(BatchKey("declaration", row_id), readings, sealed_ns, data)
             for row_id, readings, sealed_ns, data in await self._read(
                 "read declarations",
                 f"SELECT id, readings, sealed_ns, data FROM notices WHERE id NOT IN ({marks})"  # noqa: S608 - placeholders only
@@ -352,7 +366,7 @@ class Store:
         ]
         if len(taken) < limit:
             taken.extend(
-                StoredBatch(("batches", row_id), readings, sealed_ns, data)
+                StoredBatch(BatchKey("readings", row_id), readings, sealed_ns, data)
                 for row_id, readings, sealed_ns, data in await self._read(
                     "read batches",
                     "SELECT id, readings, sealed_ns, data FROM batches WHERE id > ?"
@@ -362,15 +376,15 @@ class Store:
             )
         return taken
 
-    async def ack(self, keys: Sequence[tuple[str, int]]) -> None:
+    async def ack(self, keys: Sequence[BatchKey]) -> None:
         """Delete batches the broker acknowledged; unknown keys (already evicted) are ignored."""
         if not keys:
             return
 
         async def body(db: aiosqlite.Connection) -> list[tuple[int, int]]:
             removed: list[tuple[int, int]] = []
-            for table in ("batches", "notices"):
-                ids = [row_id for name, row_id in keys if name == table]
+            for kind, table in _TABLES.items():
+                ids = [key.id for key in keys if key.kind == kind]
                 for start in range(0, len(ids), 500):
                     chunk = ids[start : start + 500]
                     marks = ",".join("?" * len(chunk))

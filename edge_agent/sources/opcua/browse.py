@@ -25,6 +25,7 @@ from asyncua.ua.attribute_ids import AttributeIds
 from asyncua.ua.object_ids import ObjectIdNames, ObjectIds
 
 from edge_agent.config.opcua import DEFAULT_PKI_DIR, OpcuaAuth, OpcuaSecurity, node_id_problem
+from edge_agent.reading import RejectedValue
 from edge_agent.sources.opcua.namespaces import namespace_table, resolve, uri_form
 from edge_agent.sources.opcua.security import configure_client
 from edge_agent.sources.opcua.values import convert, quality_of
@@ -176,8 +177,11 @@ def render(endpoint: str, node: str, found: list[Variable], table: list[str]) ->
         if quality.value == "bad":
             shown = f"bad {ua.StatusCode(ua.UInt32(var.status)).name}"
         else:
-            value, flagged = convert(var.value)
-            shown = repr(value) + (" (sent as text)" if flagged else "")
+            try:
+                value, flagged = convert(var.value)
+                shown = repr(value) + (" (sent as text)" if flagged else "")
+            except RejectedValue as exc:
+                shown = f"refused, sent as bad: {exc}"
         node_id = uri_form(var.node_id, table).replace("\\", "\\\\").replace('"', '\\"')
         lines.append(f'  - {{name: {name}, node_id: "{node_id}"}}  # {var.data_type} = {shown}')
     return "\n".join(lines) + "\n"

@@ -15,6 +15,7 @@ from asyncua import ua
 from asyncua.client.client import Client
 
 from edge_agent.config.opcua import NodeIdText, parse_node_id
+from edge_agent.errors import EdgeAgentError
 
 _KINDS = {
     "i": ua.NodeIdType.Numeric,
@@ -24,7 +25,7 @@ _KINDS = {
 }
 
 
-class UnknownNamespaceError(Exception):
+class UnknownNamespaceError(EdgeAgentError):
     """A node id names a namespace URI the server does not have (now)."""
 
     def __init__(self, uri: str, table: list[str]) -> None:

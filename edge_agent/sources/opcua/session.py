@@ -32,6 +32,7 @@ from asyncua import ua
 from asyncua.client.client import Client
 from asyncua.ua.uaerrors import BadSessionClosed, BadSessionIdInvalid, UaStatusCodeError
 
+from edge_agent.errors import EdgeAgentError
 from edge_agent.sources.opcua.values import code_name
 
 
@@ -64,7 +65,7 @@ class SessionTicket:
         return SessionTicket(self.token, self.nonce, self.policies, time.monotonic() + timeout_s)
 
 
-class TakeOverError(Exception):
+class TakeOverError(EdgeAgentError):
     """The server has the old session but refused to let it be taken over."""
 
 

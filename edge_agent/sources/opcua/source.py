@@ -19,8 +19,10 @@ What a consumer sees:
   never dropped, an exact repeat is), with the source timestamp, or the server timestamp or the
   receive time when the source timestamp is missing, frozen or went backwards (logged once per
   node); the quality from the StatusCode's severity and the code itself in `Reading.code`;
-- a bad status with value None, never an old value passed off as good; a bad point is reported
-  when it turns bad, not on every poll;
+- a bad status with value None, never an old value passed off as good; a value the value rules
+  refuse (edge_agent.reading: NaN, text that is not UTF-8...) is bad with value None too, the
+  device's code kept, and logged once per reason; a bad point is reported when it turns bad, not
+  on every poll;
 - a node whose namespace URI the server does not have: BadNodeIdUnknown, logged with the URI;
 - when the connection is lost, one `BadNotConnected` reading per point that had reported, so the
   last value is visibly no longer current; after the reconnect each point reports its current
@@ -35,7 +37,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -51,7 +52,10 @@ from asyncua.common.subscription import (
 from asyncua.ua.attribute_ids import AttributeIds
 
 from edge_agent.config.opcua import Deadband, OpcuaNode, OpcuaSourceConfig
+from edge_agent.errors import EdgeAgentError
+from edge_agent.logs import quiet_unless_configured
 from edge_agent.reading import Quality, Reading
+from edge_agent.schedule import Backoff, ticks
 from edge_agent.sources.base import Emit, SourceState
 from edge_agent.sources.opcua.namespaces import UnknownNamespaceError, namespace_table, resolve
 from edge_agent.sources.opcua.security import configure_client
@@ -69,6 +73,7 @@ from edge_agent.sources.opcua.values import (
     TimestampIssue,
     bad_reading,
     code_name,
+    status_code,
 )
 
 log = logging.getLogger(__name__)
@@ -92,7 +97,7 @@ _TIMESTAMP_ISSUES: dict[TimestampIssue, tuple[str, str]] = {
 }
 
 
-class ConnectionLostError(Exception):
+class ConnectionLostError(EdgeAgentError):
     """The session or its subscription is gone; the run loop reconnects."""
 
 
@@ -105,24 +110,20 @@ class OpcuaSource:
         self._config = config
         self._nodes = {node.name: node for node in config.nodes}
         self._changes = ChangeFilter()
-        self._node_codes: dict[str, int] = {}
-        """Per point: the last bad code logged, so a bad node is logged once, not every poll."""
+        self._node_faults: dict[str, str] = {}
+        """Per point: the last fault logged (bad code or refused value), logged once per change."""
         self._flagged: set[str] = set()
         self._timestamp_logged: set[tuple[str, TimestampIssue]] = set()
         self._orphan: SessionTicket | None = None
         """The session a lost connection left on the server, to take over at the next connect."""
         self._loss: str | None = None
         """Why the last session's connection was lost, when it was."""
-        if logging.getLogger("asyncua").level == logging.NOTSET:
-            # asyncua logs every publish response at INFO (costly at 10k items/s) and an expected
-            # link loss as errors with tracebacks; this source logs each change of state itself.
-            # Configure the "asyncua" logger explicitly to see its own messages.
-            logging.getLogger("asyncua").setLevel(logging.CRITICAL)
+        quiet_unless_configured("asyncua")  # it logs every publish response (edge_agent.logs)
 
     async def run(self, emit: Emit) -> None:
         """Connect, stream, and on any failure mark down, back off and start over."""
         cfg = self._config
-        delay = cfg.reconnect_min
+        backoff = Backoff(cfg.reconnect_min, cfg.reconnect_max)
         while True:
             self._loss = None
             try:
@@ -145,9 +146,8 @@ class OpcuaSource:
                 )
             await self._report_disconnected(emit)
             if was_up:
-                delay = cfg.reconnect_min
-            await asyncio.sleep(delay * random.uniform(0.8, 1.2))  # noqa: S311 - jitter only
-            delay = min(delay * 2, cfg.reconnect_max)
+                backoff.reset()
+            await asyncio.sleep(backoff.next())
 
     async def _session(self, emit: Emit) -> None:
         cfg = self._config
@@ -274,7 +274,7 @@ class OpcuaSource:
         for index, (code, reason) in sorted(failed.items()):
             name = self._config.nodes[index].name
             reading = self._changes.accept_synthetic(bad_reading(self.name, name, code))
-            self._log_node(name, Quality.BAD, code, reason)
+            self._log_node(name, True, code, None, reason)
             if reading is not None:
                 readings.append(reading)
         return readings
@@ -361,11 +361,8 @@ class OpcuaSource:
                 read.AttributeId = AttributeIds.Value
                 params.NodesToRead.append(read)
             chunks.append(([cfg.nodes[i].name for i in chunk], params))
-        bad = self._bad_nodes(failed)
-        loop = asyncio.get_running_loop()
-        start_time = loop.time()
-        tick = 0
-        while True:
+        bad = self._bad_nodes(failed)  # sent with the first tick's readings
+        async for _ in ticks(cfg.interval):  # a slow read or back-pressure skips ticks, no burst
             readings, bad = bad, []
             for names, params in chunks:
                 try:
@@ -379,17 +376,11 @@ class OpcuaSource:
                         readings.append(reading)
             self._mark_up()
             await self._emit(readings, emit)
-            tick += 1
-            delay = start_time + tick * cfg.interval - loop.time()
-            if delay < 0:  # a slow read or back-pressure: skip missed ticks, don't burst
-                tick += int(-delay // cfg.interval) + 1
-                delay = start_time + tick * cfg.interval - loop.time()
-            await asyncio.sleep(delay)
 
     # -- readings ----------------------------------------------------------------------------
 
     def _convert(self, name: str, value: ua.DataValue) -> Reading | None:
-        reading, issue, flagged = self._changes.accept(self.name, name, value)
+        reading, issue, flagged, rejected = self._changes.accept(self.name, name, value)
         if flagged and name not in self._flagged:
             self._flagged.add(name)
             log.warning(
@@ -400,10 +391,12 @@ class OpcuaSource:
                 value.Value.VariantType.name if value.Value is not None else "?",
             )
         if reading is None:
+            if rejected is not None:  # refused again, maybe for a new reason: logged, not sent
+                self._log_node(name, True, status_code(value), rejected)
             return None
         if issue is not None:
             self._timestamp_issue(name, issue, value)
-        self._log_node(name, reading.quality, reading.code or 0)
+        self._log_node(name, reading.quality is Quality.BAD, reading.code or 0, rejected)
         return reading
 
     def _timestamp_issue(self, name: str, issue: TimestampIssue, value: ua.DataValue) -> None:
@@ -435,21 +428,38 @@ class OpcuaSource:
             "none" if stamp is None else stamp.isoformat(),
         )
 
-    def _log_node(self, name: str, quality: Quality, code: int, reason: str | None = None) -> None:
-        previous = self._node_codes.get(name)
-        if quality is Quality.BAD and code != BAD_NOT_CONNECTED:
-            if previous != code:
-                self._node_codes[name] = code
-                log.warning(
-                    "OPC UA node is bad; source=%s node=%s node_id=%s status=%s%s",
-                    self.name,
-                    name,
-                    self._nodes[name].node_id,
-                    code_name(code),
-                    f" reason={reason}" if reason else "",
-                )
-        elif previous is not None and quality is not Quality.BAD:
-            del self._node_codes[name]
+    def _log_node(
+        self, name: str, bad: bool, code: int, rejected: str | None, reason: str | None = None
+    ) -> None:
+        """Log a node turning bad, once per fault (a bad code, or why a value was refused), and
+        its recovery. `reason` adds why the node cannot be read at all (its namespace URI)."""
+        previous = self._node_faults.get(name)
+        fault = rejected or (code_name(code) if bad and code != BAD_NOT_CONNECTED else None)
+        if fault is not None:
+            if previous != fault:
+                self._node_faults[name] = fault
+                node_id = self._nodes[name].node_id
+                if rejected is None:
+                    log.warning(
+                        "OPC UA node is bad; source=%s node=%s node_id=%s status=%s%s",
+                        self.name,
+                        name,
+                        node_id,
+                        fault,
+                        f" reason={reason}" if reason else "",
+                    )
+                else:
+                    log.warning(
+                        "OPC UA node value rejected, sent as bad; source=%s node=%s "
+                        "node_id=%s status=%s error=%s",
+                        self.name,
+                        name,
+                        node_id,
+                        code_name(code),
+                        rejected,
+                    )
+        elif previous is not None and not bad:
+            del self._node_faults[name]
             log.info("OPC UA node recovered; source=%s node=%s", self.name, name)
 
     async def _emit(self, readings: Sequence[Reading], emit: Emit) -> None:

@@ -2,7 +2,8 @@
 service requests it receives (through its permission-ruleset hook, a real extension point), can be
 secured with its own certificate, restarted on the same port (with its namespaces registered in
 another order, as a reconfigured server does), limited to a number of sessions, and told to change
-a value with any status and timestamps, including none."""
+a value with any status and timestamps, including none; and the `Collector` a source emits into,
+with bounded waits on what it collected."""
 
 from __future__ import annotations
 
@@ -10,12 +11,12 @@ import asyncio
 import contextlib
 import datetime as dt
 import functools
-import logging
 import socket
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import pytest
 from asyncua import Server, ua
 from asyncua.common.utils import ServiceError
 from asyncua.crypto import cert_gen
@@ -26,6 +27,8 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from edge_agent.config.opcua import OpcuaSourceConfig
 from edge_agent.reading import Reading
+from helpers.ports import free_port
+from helpers.wait import describe
 
 NAMESPACE = "urn:edge-agent:test"
 OTHER_NAMESPACE = "urn:edge-agent:other"
@@ -50,12 +53,6 @@ WRITE_LIKE = {
     ua.ObjectIds.DeleteReferencesRequest_Encoding_DefaultBinary: "DeleteReferences",
     ua.ObjectIds.HistoryUpdateRequest_Encoding_DefaultBinary: "HistoryUpdate",
 }
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @functools.cache
@@ -138,8 +135,9 @@ class UaTestServer:
     """An asyncua server with the VARIABLES under each of its namespaces, on a fixed port.
 
     `namespaces` are registered in this order at every start (index 2 onwards), each with the
-    same variables; `Label` holds "mill" in NAMESPACE and the namespace's URI elsewhere, so a node
-    read in the wrong namespace shows. Change `namespaces` between restarts to renumber them.
+    same variables (VARIABLES and any `extra` ones); `Label` holds "mill" in NAMESPACE and the
+    namespace's URI elsewhere, so a node read in the wrong namespace shows. Change `namespaces`
+    between restarts to renumber them.
     """
 
     def __init__(
@@ -149,10 +147,13 @@ class UaTestServer:
         secure: bool = False,
         identity: str = "server",
         users: PasswordUsers | None = None,
+        extra: dict[str, tuple[Any, ua.VariantType]] | None = None,
         namespaces: Sequence[str] = (NAMESPACE,),
         max_sessions: int | None = None,
     ) -> None:
         self.port = free_port()
+        self.variables = {**VARIABLES, **(extra or {})}
+        """VARIABLES plus the `extra` ones a test needs: {name: (initial value, type)}."""
         self.directory = directory
         self.secure = secure
         self.users = users
@@ -199,7 +200,7 @@ class UaTestServer:
         for uri in self.namespaces:
             ns = self.indexes[uri] = await server.register_namespace(uri)
             plant = await server.nodes.objects.add_object(ua.NodeId("Plant", ns), "Plant")
-            for name, (value, vtype) in VARIABLES.items():
+            for name, (value, vtype) in self.variables.items():
                 own = uri if name == "Label" and uri != NAMESPACE else value
                 await plant.add_variable(ua.NodeId(name, ns), name, ua.Variant(own, vtype))
         self.ns = self.indexes.get(NAMESPACE, 2)
@@ -234,7 +235,7 @@ class UaTestServer:
         """Change a value as the device would: with a status and timestamps, each NOW, a
         datetime or None (absent). Returns the source timestamp written."""
         assert self._server is not None
-        vtype = VARIABLES[name][1]
+        vtype = self.variables[name][1]
         source = dt.datetime.now(dt.UTC) if source_ts is NOW else source_ts
         data = ua.DataValue(
             ua.Variant(value, vtype),
@@ -269,22 +270,30 @@ class Collector:
         return [r for r in self.readings if r.pt == point]
 
     async def wait_for(self, predicate: Any, timeout: float = 10.0) -> None:
-        """Wait until `predicate(readings)` holds; fails the test on timeout."""
-        async with asyncio.timeout(timeout), self._changed:
-            await self._changed.wait_for(lambda: predicate(self.readings))
+        """Wait until `predicate(readings)` holds, re-checked on each emit.
+
+        Raises TimeoutError after `timeout` s, naming the predicate and the last readings.
+        """
+        try:
+            async with asyncio.timeout(timeout), self._changed:
+                await self._changed.wait_for(lambda: predicate(self.readings))
+        except TimeoutError:
+            raise TimeoutError(
+                f"timed out after {timeout:g}s waiting for {describe(predicate)}; "
+                f"{len(self.readings)} readings so far, the last: {self.readings[-3:]}"
+            ) from None
 
 
 @contextlib.asynccontextmanager
 async def running(source: Any, emit: Collector) -> Any:
-    """Run a source's `run` in a task for the duration of the block, then cancel it."""
+    """Run a source's `run` in a task for the block; on exit it must end only by cancellation."""
     task = asyncio.create_task(source.run(emit), name=f"source-{source.name}")
     try:
         yield task
     finally:
         task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-        assert not task.done() or task.cancelled() or task.exception() is None
+        with pytest.raises(asyncio.CancelledError):
+            await task  # run ends only by cancellation, never by returning or raising
 
 
 def source_config(
@@ -303,14 +312,3 @@ def source_config(
         "nodes": nodes,
     } | overrides
     return OpcuaSourceConfig.model_validate(data)
-
-
-def quiet_asyncua() -> None:
-    logging.getLogger("asyncua").setLevel(logging.WARNING)
-
-
-async def until(condition: Any, timeout: float = 10.0) -> None:
-    """Wait for a condition that no event announces (a failed connect attempt), polling briefly."""
-    async with asyncio.timeout(timeout):
-        while not condition():
-            await asyncio.sleep(0.02)
