@@ -1,7 +1,7 @@
 """Interoperability: the source and browse against an independent server built with node-opcua.
 
-The server's package is installed with `npm ci` (or `npm install`) on first use; the test is
-skipped only when npm itself is missing. node-opcua writes its PKI under $HOME, so it gets a
+The server's package is installed with `npm ci` (or `npm install`) on first use; without npm
+the test fails (scripts/setup --test installs it), it is never skipped. node-opcua writes its PKI under $HOME, so it gets a
 temporary one. Besides the basics, the peer checks issue 8's cases on another implementation:
 a value under a frozen source timestamp, a node id by namespace URI, and a one-session server
 taking the agent back after the path is reset (node-opcua's own session transfer).
@@ -40,7 +40,10 @@ INTEROP = Path(__file__).parent / "interop" / "opcua"
 
 def _ensure_installed() -> None:
     if shutil.which("node") is None or shutil.which("npm") is None:
-        pytest.skip("node/npm not on PATH: the node-opcua interop server cannot run")
+        pytest.fail(
+            "node/npm not on PATH: the node-opcua interop server cannot run "
+            "(scripts/setup --test installs them); this test is never skipped"
+        )
     if (INTEROP / "node_modules" / "node-opcua").is_dir():
         return
     command = "ci" if (INTEROP / "package-lock.json").exists() else "install"
