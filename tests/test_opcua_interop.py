@@ -3,8 +3,9 @@
 The server's package is installed with `npm ci` (or `npm install`) on first use; without npm
 the test fails (scripts/setup --test installs it), it is never skipped. node-opcua writes its
 PKI under $HOME, so it gets a temporary one. Besides the basics, the peer checks issue 8's
-cases on another implementation: a value under a frozen source timestamp, a node id by namespace URI, and a one-session server
-taking the agent back after the path is reset (node-opcua's own session transfer).
+cases on another implementation: a value under a frozen source timestamp, a node id by
+namespace URI, and a one-session server taking the agent back after the path is reset
+(node-opcua's own session transfer).
 """
 
 from __future__ import annotations
