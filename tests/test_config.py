@@ -68,10 +68,10 @@ def test_yaml_aliases_are_refused() -> None:
     assert problem.startswith("cfg.yaml:2:")
 
 
-def test_files_over_one_mebibyte_are_refused(tmp_path: Path) -> None:
+def test_files_over_four_mebibytes_are_refused(tmp_path: Path) -> None:
     path = tmp_path / "big.yaml"
-    path.write_text(MINIMAL + "#" * (1024 * 1024))
-    with pytest.raises(ConfigError, match="larger than 1 MiB"):
+    path.write_text(MINIMAL + "#" * (4 * 1024 * 1024))
+    with pytest.raises(ConfigError, match="larger than 4 MiB"):
         load_config(path)
 
 
