@@ -14,11 +14,8 @@ before any block is expanded (edge_agent.config.blocks).
 from __future__ import annotations
 
 import errno
-import gc
 import os
 import re
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -85,25 +82,6 @@ def load_config(path: Path, *, check_files: bool = True) -> Config:
 
 def parse_config(text: str, name: str = "<config>", *, check_files: bool = False) -> Config:
     """Validate YAML text; the pure half of `load_config`, for tests and the embedded demo."""
-    with _collector_paused():
-        return _parse(text, name, check_files=check_files)
-
-
-@contextmanager
-def _collector_paused() -> Iterator[None]:
-    """No garbage collection while loading: it makes hundreds of thousands of objects and no
-    cycles, and collections walking them took longer than the load itself (a 50,000-point
-    file: 3.4 s of parsing with the collector, 1.0 s without)."""
-    was_enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            gc.enable()
-
-
-def _parse(text: str, name: str, *, check_files: bool) -> Config:
     marks: Marks = {}
     problems: list[ConfigProblem] = []
     try:
