@@ -29,12 +29,15 @@ def float_registers(values: list[float]) -> list[int]:
 
 FLOWS = [round(0.25 * i - 3.0, 2) for i in range(50)]
 
-UNIT = TestUnit(
-    holding={0: float_registers(FLOWS) + [(i * 977) & 0xFFFF for i in range(150)]},
-    input={0: [(-i * 131) & 0xFFFF for i in range(100)]},
-    coils={0: [i % 3 == 0 for i in range(40)]},
-)
-"""50 float32 at holding 0-99, 150 uint16 at 100-249, 100 int16 inputs, 40 coils."""
+
+def plant_unit() -> TestUnit:
+    """50 float32 at holding 0-99, 150 uint16 at 100-249, 100 int16 inputs, 40 coils."""
+    return TestUnit(
+        holding={0: float_registers(FLOWS) + [(i * 977) & 0xFFFF for i in range(150)]},
+        input={0: [(-i * 131) & 0xFFFF for i in range(100)]},
+        coils={0: [i % 3 == 0 for i in range(40)]},
+    )
+
 
 BLOCKS: list[dict[str, Any]] = [
     {"name": "ft{n:02}", "register": "holding", "address": 0, "type": "float32",
@@ -57,7 +60,7 @@ WRITTEN_OUT: list[dict[str, Any]] = (
 
 
 async def test_a_block_source_reads_what_the_written_out_source_reads() -> None:
-    async with tcp_server(UNIT) as server:
+    async with tcp_server(plant_unit()) as server:
         async with running(source_config(server.port, BLOCKS, name="blocks")) as (polls,):
             from_blocks = await polls.next()
             block_plan = polls.source.plan
