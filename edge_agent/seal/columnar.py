@@ -38,8 +38,8 @@ import math
 import struct
 from array import array
 from collections.abc import Iterable, Mapping, Sequence
-from itertools import accumulate, chain, compress, count, repeat
-from operator import add, mul, ne, not_, or_, sub, truediv, xor
+from itertools import accumulate, chain, compress, count, pairwise, repeat
+from operator import add, mul, ne, not_, sub, truediv, xor
 from typing import Any
 
 from edge_agent.errors import EnvelopeError
@@ -342,9 +342,8 @@ class ColumnEncoder:
             "ts": pack_ints(list(map(sub, times[1:], times[:-1]))),
             "ti": pack_ints(_positions(times, ts)),
             "types": pack_runs(bytes(map(TYPE_CODE.__getitem__, type_values)), type_lengths),
-            "q": _qualities(qualities, order),
-            "sc": pack_runs(*runs(codes if codes.count(codes[0]) == length else
-                                  list(map(codes.__getitem__, order)))),
+            "q": _qualities(qualities),
+            "sc": pack_runs(*runs(codes)),
         }  # fmt: skip
         parts = _by_type(type_values, type_lengths, grouped, owners)
         booleans = parts.get(bool)
@@ -370,33 +369,41 @@ class ColumnEncoder:
         """The `float` column: decimal places per point, exceptions, decimals, raw floats."""
         known = self._places
         places = bytearray(len(points))
-        # each float point's first value (a later one would overwrite an earlier)
-        first = dict(zip(reversed(owners), reversed(floats), strict=True))
-        for p, value in first.items():
-            k = known.get(points[p])
+        starts = [0, *compress(count(1), _new_point(owners))]  # each float point's first float
+        for start in starts:
+            key = points[owners[start]]
+            k = known.get(key)
             if k is None:
                 if len(known) >= _CACHE_LIMIT:
                     known.clear()
-                k = known[points[p]] = decimals(value)
-            places[p] = k
+                k = known[key] = decimals(floats[start])
+            places[owners[start]] = k
+        raw_floats: list[float] = []
+        raw_owners: list[int] = []
+        if RAW in places:  # whole points sent raw: split by point, not float by float
+            spans = list(zip(starts, [*starts[1:], len(owners)], strict=True))
+            raw = [span for span in spans if places[owners[span[0]]] == RAW]
+            kept = [span for span in spans if places[owners[span[0]]] != RAW]
+            raw_floats = list(chain.from_iterable(floats[a:b] for a, b in raw))
+            raw_owners = list(chain.from_iterable(owners[a:b] for a, b in raw))
+            floats = list(chain.from_iterable(floats[a:b] for a, b in kept))
+            owners = list(chain.from_iterable(owners[a:b] for a, b in kept))
         scales = list(map([SCALES[k] for k in places].__getitem__, owners))
         ints, inexact = _as_decimals(floats, scales)
-        if RAW in places:
-            forced = bytes(map(bytes(k == RAW for k in places).__getitem__, owners))
-        elif not inexact:
-            return {"k": bytes(places), "x": [], "dec": pack_series(ints, owners), "xor": b""}
-        else:
-            forced = bytes(len(owners))
-        raw = bytes(map(or_, inexact, forced)) if inexact else forced
-        exceptions = list(compress(count(), map(ne, raw, forced)))
-        decimal = list(map(not_, raw))
-        raw_floats, raw_owners = list(compress(floats, raw)), list(compress(owners, raw))
-        if exceptions:
+        exceptions: list[int] = []
+        if inexact:
+            exceptions = list(compress(count(), inexact))
             self._learn([floats[i] for i in exceptions], [owners[i] for i in exceptions], points)
+            exact = list(map(not_, inexact))
+            raw_floats, raw_owners = _merge(
+                raw_floats, raw_owners, list(compress(floats, inexact)),
+                list(compress(owners, inexact)),
+            )  # fmt: skip
+            ints, owners = list(compress(ints, exact)), list(compress(owners, exact))
         return {
             "k": bytes(places),
             "x": exceptions,
-            "dec": pack_series(list(compress(ints, decimal)), list(compress(owners, decimal))),
+            "dec": pack_series(ints, owners),
             "xor": pack_xor(raw_floats, raw_owners),
         }
 
@@ -412,12 +419,21 @@ class ColumnEncoder:
                 self._places[points[p]] = places
 
 
-def _qualities(qualities: tuple[Any, ...], order: list[int]) -> list[Any]:
-    first = qualities[0]
-    if qualities.count(first) == len(qualities):
-        values, lengths = [first], [len(qualities)]
-    else:
-        values, lengths = runs(list(map(qualities.__getitem__, order)))
+def _merge(first: list[float], first_owners: list[int], second: list[float],
+           second_owners: list[int]) -> tuple[list[float], list[int]]:  # fmt: skip
+    """Two columns grouped by point (of disjoint points) as one, grouped by point."""
+    if not first:
+        return second, second_owners
+    tagged = sorted(
+        [(p, 0, i) for i, p in enumerate(first_owners)]
+        + [(p, 1, i) for i, p in enumerate(second_owners)]
+    )
+    values = [first[i] if side == 0 else second[i] for _, side, i in tagged]
+    return values, [p for p, _, _ in tagged]
+
+
+def _qualities(qualities: tuple[Any, ...]) -> list[Any]:
+    values, lengths = runs(qualities)
     try:
         return pack_runs([QUALITY_TEXT[q] for q in values], lengths)
     except KeyError as exc:
@@ -589,9 +605,9 @@ def _decode(body: Mapping[Any, Any]) -> list[dict[str, Any]]:
     for j, i in enumerate(order):
         source, point = points[idx[i]]
         reading = {"seq": first + i, "src": source, "pt": point, "ts": ts[i], "v": grouped[j],
-                   "q": qualities[j]}  # fmt: skip
-        if codes[j] is not None:
-            reading["sc"] = codes[j]
+                   "q": qualities[i]}  # fmt: skip
+        if codes[i] is not None:
+            reading["sc"] = codes[i]
         out[i] = reading
     return out
 
@@ -642,14 +658,20 @@ def _decode_floats(column: object, owners: list[int], point_count: int) -> list[
         raise EnvelopeError(f"format 2: float k does not hold {point_count} bytes")
     if places and max(places) > RAW:
         raise EnvelopeError(f"format 2: float k is above {RAW}")
-    raw = bytearray(map((bytes(k == RAW for k in places)).__getitem__, owners))
+    raw = bytearray(map(bytes(k == RAW for k in places).__getitem__, owners))
     exceptions = column["x"]
-    if not isinstance(exceptions, list):
+    if not isinstance(exceptions, list) or not all(type(x) is int for x in exceptions):
         raise EnvelopeError("format 2: float x is not an array of positions")
-    for position in exceptions:
-        if type(position) is not int or not 0 <= position < len(owners) or raw[position]:
-            raise EnvelopeError(f"format 2: float x names {position!r}, not a decimal float")
-        raw[position] = 1
+    if exceptions:
+        decimal_positions = list(compress(count(), map(not_, raw)))
+        if (
+            exceptions[0] < 0
+            or exceptions[-1] >= len(decimal_positions)
+            or any(b <= a for a, b in pairwise(exceptions))
+        ):
+            raise EnvelopeError("format 2: float x is not ascending positions of decimal floats")
+        for position in exceptions:
+            raw[decimal_positions[position]] = 1
     decimal_owners = list(compress(owners, map(not_, raw)))
     ints = unpack_series(column["dec"], decimal_owners, "float dec")
     scales = list(map(SCALES.__getitem__, map(places.__getitem__, decimal_owners)))
