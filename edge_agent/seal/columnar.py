@@ -39,7 +39,7 @@ import struct
 from array import array
 from collections.abc import Iterable, Mapping, Sequence
 from itertools import accumulate, chain, compress, count, pairwise, repeat
-from operator import add, mul, ne, not_, sub, truediv, xor
+from operator import add, eq, itemgetter, mul, ne, not_, sub, truediv, xor
 from typing import Any
 
 from edge_agent.errors import EnvelopeError
@@ -73,6 +73,7 @@ SCALES = [10.0**k for k in range(MAX_DECIMALS + 1)] + [1.0]
 
 _CODE = {1: "B", 2: "H", 4: "I", 8: "Q"}
 """struct codes of the widths of `pack_ints` (with `<`: standard sizes, little-endian)."""
+_UNKNOWN = 255
 _CACHE_LIMIT = 100_000
 """Points whose decimal places an encoder remembers; cleared past this (configs have fewer)."""
 
@@ -368,27 +369,25 @@ class ColumnEncoder:
     ) -> dict[str, Any]:
         """The `float` column: decimal places per point, exceptions, decimals, raw floats."""
         known = self._places
-        places = bytearray(len(points))
-        starts = [0, *compress(count(1), _new_point(owners))]  # each float point's first float
-        for start in starts:
-            key = points[owners[start]]
-            k = known.get(key)
-            if k is None:
-                if len(known) >= _CACHE_LIMIT:
-                    known.clear()
-                k = known[key] = decimals(floats[start])
-            places[owners[start]] = k
+        places = list(map(known.get, points, repeat(_UNKNOWN)))
+        if _UNKNOWN in places:  # points not seen before: their first float tells
+            if len(known) >= _CACHE_LIMIT:
+                known.clear()
+            for start in (0, *compress(count(1), _new_point(owners))):
+                p = owners[start]
+                if places[p] == _UNKNOWN:
+                    places[p] = known[points[p]] = decimals(floats[start])
+            places = [0 if k == _UNKNOWN else k for k in places]
+        flags = bytes(map(places.__getitem__, owners))  # each float's places
         raw_floats: list[float] = []
         raw_owners: list[int] = []
-        if RAW in places:  # whole points sent raw: split by point, not float by float
-            spans = list(zip(starts, [*starts[1:], len(owners)], strict=True))
-            raw = [span for span in spans if places[owners[span[0]]] == RAW]
-            kept = [span for span in spans if places[owners[span[0]]] != RAW]
-            raw_floats = list(chain.from_iterable(floats[a:b] for a, b in raw))
-            raw_owners = list(chain.from_iterable(owners[a:b] for a, b in raw))
-            floats = list(chain.from_iterable(floats[a:b] for a, b in kept))
-            owners = list(chain.from_iterable(owners[a:b] for a, b in kept))
-        scales = list(map([SCALES[k] for k in places].__getitem__, owners))
+        if RAW in flags:  # floats of raw points go to the XOR column as they are
+            raw = list(map(eq, flags, repeat(RAW)))
+            raw_floats, raw_owners = list(compress(floats, raw)), list(compress(owners, raw))
+            kept = list(map(not_, raw))
+            floats, owners = list(compress(floats, kept)), list(compress(owners, kept))
+            flags = bytes(compress(flags, kept))
+        scales = list(map(SCALES.__getitem__, flags))
         ints, inexact = _as_decimals(floats, scales)
         exceptions: list[int] = []
         if inexact:
@@ -455,15 +454,16 @@ def _dictionary(points: list[tuple[str, str]]) -> dict[str, Any]:
     newlines, or an array when a part holds a newline), `pn` the number of parts of each name
     and `pi` the position in `tok` of every part, name after name.
     """
-    sources = {name: i for i, name in enumerate(dict.fromkeys(src for src, _ in points))}
-    split = [name.split(".") for _, name in points]
+    owners = list(map(itemgetter(0), points))
+    sources = {name: i for i, name in enumerate(dict.fromkeys(owners))}
+    split = list(map(str.split, map(itemgetter(1), points), repeat(".")))
     tokens = {tok: i for i, tok in enumerate(dict.fromkeys(chain.from_iterable(split)))}
     joined = "\n".join(tokens)
     positions = list(map(tokens.__getitem__, chain.from_iterable(split)))
     return {
         "np": len(points),
         "src": list(sources),
-        "ps": pack_ints([sources[src] for src, _ in points]),
+        "ps": pack_ints(list(map(sources.__getitem__, owners))),
         "tok": joined if tokens and joined.count("\n") == len(tokens) - 1 else list(tokens),
         "pn": pack_ints(list(map(len, split))),
         "pi": pack_ints(positions),
