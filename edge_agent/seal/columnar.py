@@ -27,9 +27,9 @@ The layout, in short (§4.9 has every field):
   bytes, then all second bytes...), which lets zstd find the runs; a column whose range does
   not fit 8 bytes is a CBOR array instead.
 
-Only the standard library (array, itertools, operator) and cbor2 are used. The work per reading
-is done by C loops (`map`, `zip`, `sorted`, `array`), not by Python statements per reading:
-that is what makes sealing cheaper than format 1's map per reading.
+Only the standard library (struct, array, itertools, operator) and cbor2 are used. The work per
+reading is done by C loops (`map`, `zip`, `sorted`, `struct.pack`), not by Python statements per
+reading: that is what makes sealing cheaper than format 1's map per reading (docs/performance.md).
 """
 
 from __future__ import annotations
@@ -49,12 +49,13 @@ FORMAT_VERSION = 2
 MAX_READINGS = 100_000
 """Readings in one format-2 batch at most: the limit of `batch.max_readings` (contract §2)."""
 MAX_DECIMALS = 15
-"""Decimal places at most; with |m| <= 2^53, m and 10^k are exact doubles."""
+"""Decimal places at most: 10^k is then an exact double, so m / 10^k is one correct rounding."""
 RAW = 16
 """The decimal places (`k`) of a point whose floats are all sent raw (XOR column)."""
 MAX_SIGNIFICANT = 12
 """Significant digits at most for a point's floats to be sent as decimals (a float32 has 9)."""
 DECIMAL_LIMIT = 2**53
+"""A point whose first float is this large (or larger) is sent raw: no decimal places to save."""
 
 T_NULL, T_BOOL, T_INT, T_FLOAT, T_TEXT = range(5)
 TYPE_CODE: Mapping[type, int] = {
