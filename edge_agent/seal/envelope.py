@@ -1,5 +1,9 @@
 """The wire format of docs/contract.md §4: a batch as CBOR, zstd-compressed, in COSE_Sign1.
 
+The payload is format 1 (a CBOR map per reading, §4.3) or format 2 (columns, §4.9, in
+`columnar.py`); the envelope, the numbering and the declarations are the same for both, and the
+Opener reads either.
+
 Signing uses cbor2 and cryptography directly (pycose is unmaintained and breaks with cbor2 6).
 The protected header is encoded once per key and reused: its bytes are what gets signed.
 """
@@ -17,9 +21,11 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 
 from edge_agent.errors import EnvelopeError, UnknownKeyError
 from edge_agent.reading import Quality, Reading
+from edge_agent.seal import columnar
 from edge_agent.seal.keys import key_id
 
 FORMAT_VERSION = 1
+FORMATS = (1, 2)
 COSE_SIGN1_TAG = 18
 ALG_EDDSA = -8
 HDR_ALG, HDR_CONTENT_TYPE, HDR_KID = 1, 3, 4
@@ -44,10 +50,20 @@ class Batch:
 
 
 class Sealer:
-    """Encodes, compresses and signs batches with one key."""
+    """Encodes, compresses and signs batches with one key, in payload format 1 or 2 (§4.3, §4.9).
 
-    def __init__(self, key: Ed25519PrivateKey, *, compress: bool = True) -> None:
+    A format-2 Sealer remembers the decimal places of each point's floats between batches (see
+    `columnar.ColumnEncoder`): use one Sealer per stream.
+    """
+
+    def __init__(
+        self, key: Ed25519PrivateKey, *, compress: bool = True, payload_format: int = 1
+    ) -> None:
+        if payload_format not in FORMATS:
+            raise ValueError(f"payload format {payload_format!r} is not one of {FORMATS}")
         self._key = key
+        self.payload_format = payload_format
+        self._columns = columnar.ColumnEncoder() if payload_format == 2 else None
         self.kid = key_id(key.public_key())
         header: dict[Any, Any] = {
             HDR_ALG: ALG_EDDSA,
@@ -70,7 +86,22 @@ class Sealer:
         sealed_ns: int,
         evicted: Sequence[tuple[int, int]] = (),
     ) -> bytes:
-        """The COSE_Sign1 bytes for `readings`, numbered from `first_seq` in order."""
+        """The COSE_Sign1 bytes for `readings`, numbered from `first_seq` in order.
+
+        Raises TypeError, ValueError or cbor2.CBOREncodeError for a value that cannot be encoded
+        (the batcher then applies the value rules and seals again).
+        """
+        if self._columns is not None:
+            columns = {
+                "v": columnar.FORMAT_VERSION,
+                "gateway": gateway,
+                "epoch": epoch,
+                "batch": batch,
+                "sealed": sealed_ns,
+                "evicted": [list(e) for e in evicted],
+                **self._columns.encode(readings, first_seq),
+            }
+            return self._sign(cbor2.dumps(columns))
         # One comprehension with the reading unpacked: this runs once per reading, and attribute
         # lookups and the enum's `.value` property cost as much as building the map itself.
         text = QUALITY_TEXT
@@ -91,6 +122,9 @@ class Sealer:
                 "evicted": [list(e) for e in evicted],
             }
         )
+        return self._sign(body)
+
+    def _sign(self, body: bytes) -> bytes:
         payload = self._compressor.compress(body) if self._compressor else body
         to_sign = cbor2.dumps(["Signature1", self._protected, b"", payload])
         signature = self._key.sign(to_sign)
@@ -153,12 +187,16 @@ class Opener:
         body = cbor2.loads(payload)
         if not isinstance(body, dict):
             raise EnvelopeError("payload is not a CBOR map")
-        if body.get("v") != FORMAT_VERSION:
-            raise EnvelopeError(f"unsupported payload version {body.get('v')!r}")
-        readings = list(body["readings"])
-        seqs = [r["seq"] for r in readings]
-        if seqs and seqs != list(range(seqs[0], seqs[0] + len(seqs))):
-            raise EnvelopeError("readings' seq values are not consecutive")
+        version = body.get("v")
+        if version == columnar.FORMAT_VERSION:
+            readings = columnar.decode(body)
+        elif version == FORMAT_VERSION:
+            readings = list(body["readings"])
+            seqs = [r["seq"] for r in readings]
+            if seqs and seqs != list(range(seqs[0], seqs[0] + len(seqs))):
+                raise EnvelopeError("readings' seq values are not consecutive")
+        else:
+            raise EnvelopeError(f"unsupported payload version {version!r}")
         return Batch(
             gateway=str(body["gateway"]),
             epoch=str(body["epoch"]),
