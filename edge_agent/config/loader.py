@@ -106,9 +106,24 @@ def parse_config(text: str, name: str = "<config>", *, check_files: bool = False
                 problems.append(_locate(loc, f"file not found: {file}", marks))
             elif not os.access(file, os.R_OK):
                 problems.append(_locate(loc, f"file not readable: {file}", marks))
+        problems.extend(_signing_key_problems(config, marks))
     if problems:
         raise ConfigError(name, _sorted(problems))
     return config
+
+
+def _signing_key_problems(config: Config, marks: Marks) -> list[ConfigProblem]:
+    """The checks `run` makes of the signing key file, so that check-config says the same."""
+    from edge_agent.seal.keys import key_file_problems  # noqa: PLC0415 - only with files
+
+    path = config.signing.key_file
+    if not path.is_file():
+        return []  # reported above as not found
+    try:
+        found = key_file_problems(path)
+    except OSError as exc:
+        found = [f"cannot examine {path}: {exc.strerror or exc}"]
+    return [_locate(("signing", "key_file"), message, marks) for message in found]
 
 
 def _build(node: yaml.Node, loc: Loc, marks: Marks, problems: list[ConfigProblem]) -> Any:
