@@ -32,7 +32,7 @@ import logging
 import time
 from collections.abc import Sequence
 from contextlib import suppress
-from typing import Any
+from typing import Any, Literal
 
 from asyncua import ua
 from asyncua.client.client import Client
@@ -45,13 +45,14 @@ from asyncua.common.subscription import (
 from asyncua.ua.attribute_ids import AttributeIds
 from asyncua.ua.uaerrors import UaStatusCodeError
 
+from edge_agent.audit import audit
 from edge_agent.config.opcua import Deadband, OpcuaSourceConfig
 from edge_agent.errors import EdgeAgentError
 from edge_agent.logs import quiet_unless_configured
 from edge_agent.reading import Quality, Reading
 from edge_agent.schedule import Backoff, ticks
 from edge_agent.sources.base import Emit, SourceState
-from edge_agent.sources.opcua.security import configure_client
+from edge_agent.sources.opcua.security import UntrustedCertificateError, configure_client
 from edge_agent.sources.opcua.values import (
     BAD_NOT_CONNECTED,
     bad_reading,
@@ -97,8 +98,14 @@ class OpcuaSource:
                 raise
             except Exception as exc:  # noqa: BLE001 - a failure must stay inside the source
                 error = describe(exc)
+                refusal = security_refusal(exc)
+            else:
+                refusal = None
             was_up, first = self.state.up, self.state.errors == 0
             if self.state.mark_down(error):
+                if refusal is not None:
+                    audit(refusal, "refused" if refusal == "certificate" else "failure",
+                          source=self.name, endpoint=cfg.endpoint, error=error)  # fmt: skip
                 state = "is down" if was_up or first else "is still down, for a new reason"
                 log.warning(
                     "OPC UA source %s; source=%s endpoint=%s error=%s",
@@ -351,6 +358,30 @@ def data_change_filter(deadband: Deadband) -> ua.DataChangeFilter:
     flt.DeadbandType = 1 if deadband.type == "absolute" else 2
     flt.DeadbandValue = deadband.value
     return flt
+
+
+AUTH_FAILURES = frozenset({
+    0x801F0000,  # BadUserAccessDenied
+    0x80200000,  # BadIdentityTokenInvalid
+    0x80210000,  # BadIdentityTokenRejected
+})  # fmt: skip
+"""Status codes with which a server refuses our identity (OPC 10000-4 §5.6.3 ActivateSession)."""
+CERTIFICATE_FAILURES = frozenset(range(0x80120000, 0x801F0000, 0x10000))
+"""BadCertificateInvalid (0x8012) .. BadCertificateIssuerRevoked (0x801E), with
+BadSecurityChecksFailed (0x8013): the server refused our certificate or its chain."""
+
+
+def security_refusal(exc: BaseException) -> Literal["certificate", "authentication"] | None:
+    """The audit category of a connection refused on security grounds, else None."""
+    if isinstance(exc, UntrustedCertificateError):
+        return "certificate"
+    if isinstance(exc, UaStatusCodeError):
+        code = int(exc.code)
+        if code in AUTH_FAILURES:
+            return "authentication"
+        if code in CERTIFICATE_FAILURES:
+            return "certificate"
+    return None
 
 
 def describe(exc: BaseException) -> str:
