@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import aiomqtt
+from aiomqtt.exceptions import MqttConnectError
 
 from edge_agent.audit import audit
 from edge_agent.config.schema import MqttConfig
@@ -132,7 +133,7 @@ class Forwarder:
         broker = f"{self._config.host}:{self._config.port}"
         if isinstance(exc, PublishRejectedError):
             audit("publish", "refused", broker=broker, topic=self.batch_topic, error=error)
-        elif isinstance(exc, aiomqtt.MqttCodeError) and _code(exc.rc) in AUTH_REFUSALS:
+        elif isinstance(exc, MqttConnectError) and _code(exc.rc) in AUTH_REFUSALS:
             audit("authentication", "failure", broker=broker, user=self._config.username,
                   error=error)  # fmt: skip
         elif "CERTIFICATE_VERIFY_FAILED" in error or "Hostname mismatch" in error:
