@@ -103,7 +103,7 @@ def test_a_refused_value_with_good_status_is_bad_with_its_code_kept(
     variant: ua.Variant, code: int, error: str
 ) -> None:
     data = ua.DataValue(variant, ua.StatusCode(ua.UInt32(code)), SourceTimestamp=T0)
-    reading, flagged, rejected = to_reading("s", "p", data)
+    reading, flagged, rejected, _ = to_reading("s", "p", data)
     assert (reading.value, reading.quality, reading.code, reading.ts_ns) == (
         None,
         Quality.BAD,
@@ -115,7 +115,7 @@ def test_a_refused_value_with_good_status_is_bad_with_its_code_kept(
 
 def test_bad_value_is_none_and_code_is_kept() -> None:
     data = ua.DataValue(ua.Variant(99.0), ua.StatusCode(ua.UInt32(0x808D0000)), SourceTimestamp=T0)
-    reading, _, rejected = to_reading("s", "p", data)
+    reading, _, rejected, _ = to_reading("s", "p", data)
     assert rejected is None  # the device said bad: nothing was refused
     assert (reading.value, reading.quality, reading.code, reading.ts_ns) == (
         None,

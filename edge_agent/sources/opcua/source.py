@@ -49,7 +49,7 @@ from edge_agent.audit import audit
 from edge_agent.config.opcua import Deadband, OpcuaSourceConfig
 from edge_agent.errors import EdgeAgentError
 from edge_agent.logs import quiet_unless_configured
-from edge_agent.reading import Quality, Reading
+from edge_agent.reading import MAX_TEXT_BYTES, Quality, Reading
 from edge_agent.schedule import Backoff, ticks
 from edge_agent.sources.base import Emit, SourceState
 from edge_agent.sources.opcua.security import UntrustedCertificateError, configure_client
@@ -84,6 +84,8 @@ class OpcuaSource:
         self._node_faults: dict[str, str] = {}
         """Per point: the last fault logged (bad code or refused value), logged once per change."""
         self._flagged: set[str] = set()
+        self._truncated: set[str] = set()
+        """Points whose text was cut (logged once each; every cut is counted)."""
         quiet_unless_configured("asyncua")  # it logs every publish response (edge_agent.logs)
 
     async def run(self, emit: Emit) -> None:
@@ -274,7 +276,18 @@ class OpcuaSource:
     # -- readings ----------------------------------------------------------------------------
 
     def _convert(self, name: str, value: ua.DataValue) -> Reading | None:
-        reading, flagged, rejected = to_reading(self.name, name, value)
+        reading, flagged, rejected, truncated = to_reading(self.name, name, value)
+        if truncated:
+            self.state.counts["truncated"] += 1
+            if name not in self._truncated:
+                self._truncated.add(name)
+                log.warning(
+                    "OPC UA node text cut to its first %d bytes, sent as uncertain; source=%s "
+                    "node=%s",
+                    MAX_TEXT_BYTES,
+                    self.name,
+                    name,
+                )
         if flagged and name not in self._flagged:
             self._flagged.add(name)
             log.warning(

@@ -9,6 +9,8 @@ Pure functions, no I/O, so the mapping is tested without a server. The rules:
   device's code is kept; text is cut at its first NUL and loses trailing padding;
 - anything else (arrays, structures, byte strings, node ids) becomes text and is *flagged* so the
   source logs it once;
+- text over MAX_TEXT_BYTES is cut there and sent `uncertain`, marked `truncated` so the source
+  logs it once per point and counts it;
 - the timestamp is the source timestamp, else the server timestamp, else the local clock.
 """
 
@@ -29,6 +31,7 @@ from edge_agent.reading import (
     check_time_ns,
     clean_text,
     float_name,
+    limit_text,
 )
 
 _UNIX_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -118,6 +121,8 @@ class Converted(NamedTuple):
     """The value had no plain type and is sent as text."""
     rejected: str | None = None
     """Why a value with a good or uncertain status was refused (the reading is then bad)."""
+    truncated: bool = False
+    """The value was text over MAX_TEXT_BYTES, cut and sent as uncertain (edge_agent.reading)."""
 
 
 def to_reading(src: str, pt: str, data: ua.DataValue) -> Converted:
@@ -125,13 +130,18 @@ def to_reading(src: str, pt: str, data: ua.DataValue) -> Converted:
     code = status_code(data)
     quality = quality_of(code)
     value: Value = None
-    flagged, rejected = False, None
+    flagged, rejected, truncated = False, None, False
     if quality is not Quality.BAD and data.Value is not None:
         try:
             value, flagged = convert(data.Value.Value)
         except RejectedValue as exc:
             quality, rejected = Quality.BAD, f"{data.Value.VariantType.name} {exc}"
-    return Converted(Reading(src, pt, timestamp_ns(data), value, quality, code), flagged, rejected)
+        if isinstance(value, str):
+            value, truncated = limit_text(value)
+            if truncated:
+                quality = Quality.UNCERTAIN
+    reading = Reading(src, pt, timestamp_ns(data), value, quality, code)
+    return Converted(reading, flagged, rejected, truncated)
 
 
 def bad_reading(src: str, pt: str, code: int, ts_ns: int | None = None) -> Reading:
