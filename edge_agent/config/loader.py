@@ -20,10 +20,14 @@ from edge_agent.config.schema import Config
 from edge_agent.errors import ConfigError, ConfigProblem
 
 MAX_CONFIG_BYTES = 1024 * 1024
+MAX_FLOW_NESTING = 100
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 Loc = tuple[str | int, ...]
 Marks = dict[Loc, tuple[int, int]]
+
+_PLAIN_TAGS = frozenset({"tag:yaml.org,2002:map", "tag:yaml.org,2002:seq"})
+"""The only tags a mapping or a list may carry (implicitly, or written `!!map` / `!!seq`)."""
 
 _SCALARS = yaml.SafeLoader("")  # its constructor turns resolved scalar nodes into Python values
 
@@ -72,6 +76,10 @@ def parse_config(text: str, name: str = "<config>", *, check_files: bool = False
     """Validate YAML text; the pure half of `load_config`, for tests and the embedded demo."""
     marks: Marks = {}
     problems: list[ConfigProblem] = []
+    deep = _flow_nesting_line(text)
+    if deep is not None:
+        message = f"nested too deeply (more than {MAX_FLOW_NESTING} levels of [ and {{)"
+        raise ConfigError(name, [ConfigProblem("", message, deep, 1)])
     try:
         node = yaml.compose(text, Loader=_NoAliasLoader)
         if node is None:
@@ -112,6 +120,26 @@ def parse_config(text: str, name: str = "<config>", *, check_files: bool = False
     return config
 
 
+def _flow_nesting_line(text: str) -> int | None:
+    """The line where `[` and `{` nest deeper than MAX_FLOW_NESTING, else None.
+
+    PyYAML's scanner takes time quadratic in the flow nesting (200,000 `[` cost seconds before
+    its recursion fails), so such a file is refused before it is parsed. Brackets inside
+    quoted text are counted too: a real file is nowhere near the limit either way.
+    """
+    if text.count("[") + text.count("{") <= MAX_FLOW_NESTING:
+        return None
+    depth = 0
+    for index, char in enumerate(text):
+        if char in "[{":
+            depth += 1
+            if depth > MAX_FLOW_NESTING:
+                return text.count("\n", 0, index) + 1
+        elif char in "]}":
+            depth = max(0, depth - 1)
+    return None
+
+
 def _signing_key_problems(config: Config, marks: Marks) -> list[ConfigProblem]:
     """The checks `run` makes of the signing key file, so that check-config says the same."""
     from edge_agent.seal.keys import key_file_problems  # noqa: PLC0415 - only with files
@@ -129,6 +157,14 @@ def _signing_key_problems(config: Config, marks: Marks) -> list[ConfigProblem]:
 def _build(node: yaml.Node, loc: Loc, marks: Marks, problems: list[ConfigProblem]) -> Any:
     """Turn a node tree into plain data, recording where each value starts."""
     marks[loc] = (node.start_mark.line + 1, node.start_mark.column + 1)
+    if isinstance(node, yaml.CollectionNode) and node.tag not in _PLAIN_TAGS:
+        # `!!python/object/apply:os.system [id]` is a tagged sequence: never constructed, but
+        # silently reading it as a plain list would hide what the file asked for.
+        line, col = marks[loc]
+        tag = node.tag.replace("tag:yaml.org,2002:", "!!", 1)
+        message = f"invalid value: tag {tag} is not allowed"
+        problems.append(ConfigProblem(_dotted(loc), message, line, col))
+        return None
     if isinstance(node, yaml.MappingNode):
         result: dict[Any, Any] = {}
         for key_node, value_node in node.value:
