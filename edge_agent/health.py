@@ -19,8 +19,9 @@ import asyncio
 import functools
 import json
 import logging
+import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, cast
 
 from aiohttp import web
@@ -58,7 +59,8 @@ class Health:
         self.ready = False
 
     def app(self) -> web.Application:
-        app = web.Application(client_max_size=MAX_BODY_BYTES)
+        app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[_read_only])
+        app.on_response_prepare.append(_plain_server_header)
         app.router.add_get("/healthz", self._healthz)
         app.router.add_get("/readyz", self._readyz)
         app.router.add_get("/status", self._status)
@@ -129,6 +131,21 @@ log = logging.getLogger(__name__)
 _BUSY = b"HTTP/1.1 503 Service Unavailable\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
 
 
+@web.middleware
+async def _read_only(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """405 for every method but GET and HEAD, whatever the path (CONNECT and OPTIONS too)."""
+    if request.method not in ("GET", "HEAD"):
+        raise web.HTTPMethodNotAllowed(request.method, ["GET", "HEAD"])
+    return await handler(request)
+
+
+async def _plain_server_header(_: web.Request, response: web.StreamResponse) -> None:
+    """`Server: edge-agent`, not the Python and aiohttp versions (nothing to fingerprint)."""
+    response.headers["Server"] = "edge-agent"
+
+
 class _QuietOnBadRequests(logging.LoggerAdapter[logging.Logger]):
     """aiohttp's server logger, but a malformed request is counted, not logged with a traceback.
 
@@ -142,12 +159,22 @@ class _QuietOnBadRequests(logging.LoggerAdapter[logging.Logger]):
         self.counts = counts
 
     def exception(self, msg: object, *args: object, **kwargs: Any) -> None:
-        error = kwargs.get("exc_info")
-        if isinstance(error, HttpProcessingError):
-            self.counts["bad_requests"] = self.counts.get("bad_requests", 0) + 1
-            self.logger.debug("Refused a malformed request error=%s", _one_line(error))
-            return
-        self.logger.exception(msg, *args, **kwargs)
+        if not self._bad_request(kwargs.get("exc_info")):
+            self.logger.exception(msg, *args, **kwargs)
+
+    def debug(self, msg: object, *args: object, **kwargs: Any) -> None:
+        if not self._bad_request(kwargs.get("exc_info")):  # aiohttp's own, for TLS on HTTP
+            self.logger.debug(msg, *args, **kwargs)
+
+    def _bad_request(self, error: object) -> bool:
+        """Count and log (one line, DEBUG) a client's malformed request; False for others."""
+        if error is True:
+            error = sys.exc_info()[1]
+        if not isinstance(error, HttpProcessingError):
+            return False
+        self.counts["bad_requests"] = self.counts.get("bad_requests", 0) + 1
+        self.logger.debug("Refused a malformed request error=%s", _one_line(error))
+        return True
 
 
 def _one_line(error: BaseException) -> str:
