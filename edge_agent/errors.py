@@ -24,6 +24,8 @@
     ├── RejectedValue (ValueError)  a device value the value rules refuse (NaN, text not UTF-8)
     │   └── DecodeError            Modbus registers that hold no value the rules allow
     ├── ConnectionLostError        an OPC UA session or its subscription is gone
+    ├── UnknownNamespaceError      an `nsu=` node id names a URI the OPC UA server does not have
+    ├── TakeOverError              the OPC UA server refused the takeover of a lost session
     ├── SecurityError              an OPC UA connection refused on security grounds
     │   └── UntrustedCertificateError  the server's certificate is not trusted
     ├── PublishRejectedError       the broker refused a batch (PUBACK reason >= 0x80)
@@ -34,7 +36,8 @@ UnknownKeyError and DeviceError here; the ReadError family, ChannelLostError,
 GarbledAnswerError and PortError in `sources/modbus/link.py`, FrameError and its other
 subclasses in `sources/modbus/frames.py`, RejectedValue in `reading.py`,
 DecodeError in `sources/modbus/decode.py`, KeyNotValidError in `seal/trust.py`,
-ConnectionLostError in `sources/opcua/source.py`,
+ConnectionLostError in `sources/opcua/source.py`, UnknownNamespaceError in
+`sources/opcua/namespaces.py`, TakeOverError in `sources/opcua/session.py`,
 SecurityError and UntrustedCertificateError in `sources/opcua/security.py`,
 PublishRejectedError in `forward/mqtt.py`, BrokerUnavailableError in `demo/embedded_broker.py`.
 A second base in parentheses is kept for callers that catch it.

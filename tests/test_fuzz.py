@@ -34,7 +34,7 @@ from edge_agent.sources.modbus.frames import (
     next_tcp_frame,
 )
 from edge_agent.sources.modbus.plan import FUNCTION_CODES, decode_response, plan_reads
-from edge_agent.sources.opcua.values import to_reading
+from edge_agent.sources.opcua.values import ChangeFilter, to_value
 
 pytestmark = pytest.mark.unit
 
@@ -285,8 +285,9 @@ def test_fuzz_opcua_values_obey_the_value_rules(
     variant: ua.Variant, code: int, stamp: dt.datetime | None
 ) -> None:
     data = ua.DataValue(variant, ua.StatusCode(code), SourceTimestamp=stamp)
-    converted = to_reading("src", "pt", data)
-    reading = converted.reading
+    accepted = ChangeFilter().accept("src", "pt", data)
+    reading = accepted.reading
+    assert reading is not None, "the first DataValue of a point is always news"
     assert reading.code == code
     if reading.quality is Quality.BAD:
         assert reading.value is None, "a bad reading never carries a value"
@@ -298,7 +299,7 @@ def test_fuzz_opcua_values_obey_the_value_rules(
     elif isinstance(value, str):
         assert len(value.encode("utf-8")) <= MAX_TEXT_BYTES
         assert "\0" not in value
-        if converted.truncated:
+        if accepted.truncated:
             assert reading.quality is Quality.UNCERTAIN, "a cut text is never sent as good"
     else:
         assert value is None or isinstance(value, bool)
@@ -307,11 +308,18 @@ def test_fuzz_opcua_values_obey_the_value_rules(
 
 def test_text_over_the_limit_is_cut_and_uncertain_never_silently() -> None:
     long = "é" * MAX_TEXT_BYTES  # two bytes each: twice the limit
-    converted = to_reading("s", "p", ua.DataValue(ua.Variant(long, ua.VariantType.String)))
+    converted = to_value(ua.DataValue(ua.Variant(long, ua.VariantType.String)))
     assert converted.truncated
-    assert converted.reading.quality is Quality.UNCERTAIN
-    assert converted.reading.value == "é" * (MAX_TEXT_BYTES // 2)
+    assert converted.quality is Quality.UNCERTAIN
+    assert converted.value == "é" * (MAX_TEXT_BYTES // 2)
     blob = ua.DataValue(ua.Variant(b"\x01" * MAX_TEXT_BYTES, ua.VariantType.ByteString))
-    assert to_reading("s", "p", blob).truncated, "another instance: a byte string shown as hex"
-    short = to_reading("s", "p", ua.DataValue(ua.Variant("ok", ua.VariantType.String)))
-    assert not short.truncated and short.reading.quality is Quality.GOOD
+    assert to_value(blob).truncated, "another instance: a byte string shown as hex"
+    short = to_value(ua.DataValue(ua.Variant("ok", ua.VariantType.String)))
+    assert not short.truncated and short.quality is Quality.GOOD
+    # what the source sends: the reading itself is cut and uncertain, and says it was cut
+    accepted = ChangeFilter().accept("s", "p", ua.DataValue(ua.Variant(long)))
+    assert accepted.truncated and accepted.reading is not None
+    assert (accepted.reading.value, accepted.reading.quality) == (
+        converted.value,
+        Quality.UNCERTAIN,
+    )

@@ -18,7 +18,7 @@ import aiomqtt
 import paho.mqtt.client as paho
 import pytest
 from asyncua import Client, ua
-from asyncua.client.ua_client import UaClientState
+from asyncua.client.ua_client import UaClientState, UASocketProtocol
 from asyncua.common.subscription import (
     DataChangeEvent,
     OverflowPolicy,
@@ -37,6 +37,7 @@ pytestmark = pytest.mark.unit
 
 FORWARD = "edge_agent/forward/client.py (AckingClient)"
 OPCUA = "edge_agent/sources/opcua/source.py (_subscribe, _consume)"
+SESSION = "edge_agent/sources/opcua/session.py (SessionTicket, take_over, LossWatch)"
 LINK = "edge_agent/sources/modbus/link.py (ModbusLink)"
 DECODE = "edge_agent/sources/modbus/decode.py (decode_registers)"
 
@@ -164,6 +165,36 @@ def test_the_client_state_and_the_event_fields_the_source_reads() -> None:
     item = ua.MonitoredItemNotification()
     assert hasattr(item, "ClientHandle") and hasattr(item, "Value"), OPCUA
     assert hasattr(ua.StatusChangeNotification(), "Status"), OPCUA
+
+
+def test_the_client_internals_a_session_takeover_uses() -> None:
+    """The takeover after a lost connection re-activates the old session on a new channel with
+    the pieces asyncua's own auto-reconnect uses (asyncua has no public API for it)."""
+    client = Client("opc.tcp://127.0.0.1:4840")
+    for name in ("_server_nonce", "_policy_ids"):
+        assert hasattr(client, name), (
+            f"asyncua's Client.{name} is gone: {SESSION} keeps it in the ticket so the new "
+            "ActivateSession signs the right nonce with the right user token policy"
+        )
+    activate = getattr(client, "_activate_with_credentials", None)
+    assert inspect.iscoroutinefunction(activate) and parameters(activate) == [], (
+        f"asyncua's Client._activate_with_credentials changed ({activate!r}): {SESSION} calls "
+        "it to activate the old session; without it a one-session server refuses the agent "
+        "for a whole session timeout"
+    )
+    session = client.uaclient.session
+    for name in ("authentication_token", "restore_authentication_token"):
+        assert hasattr(session, name), f"asyncua's UaSession.{name} is gone: {SESSION}"
+    for name in ("connect_socket", "send_hello", "open_secure_channel", "disconnect_socket"):
+        assert inspect.isroutine(getattr(client, name, None)), f"Client.{name}: {SESSION}"
+    assert hasattr(client, "connection_lost_callback"), (
+        f"asyncua's Client.connection_lost_callback is gone: {SESSION} LossWatch takes the "
+        "supervisor's reason for a loss from it"
+    )
+    assert "on_connection_lost" in inspect.getsource(UASocketProtocol), (
+        f"asyncua's UASocketProtocol.on_connection_lost is gone: {SESSION} LossWatch takes the "
+        "socket's own error (a reset) from it, not the BadShutdown that follows"
+    )
 
 
 # pymodbus 3.16: one shared connection that only the link drops; word order and data types.

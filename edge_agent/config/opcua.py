@@ -3,12 +3,22 @@
 Security is explicit: `security.policy` is required, and `None` must be written to run without
 it. The deprecated policies (Basic128Rsa15, Basic256) are refused with the reason, so a config
 copied from an old client fails at check-config rather than at the plant.
+
+Node ids are parsed here, in both string forms of OPC 10000-6 §5.1.12 (`ns=<index>;<id>` and
+`nsu=<namespace URI>;<id>`), without the protocol library, so check-config stays light; the
+source resolves a URI to the server's current index at every connect.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
+import re
+import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
+from urllib.parse import unquote
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 
@@ -157,6 +167,10 @@ class OpcuaSourceConfig(StrictModel):
     """Publishing intervals without data after which the server sends a keep-alive."""
     timeout: Duration = 10.0
     """Per-request timeout and connect timeout."""
+    session_timeout: Duration = Field(default=30.0, ge=10.0, le=3600.0)
+    """Requested session timeout: how long the server keeps our session once it hears nothing.
+    A session left by a lost connection holds a server session slot this long if it cannot be
+    taken over (servers that allow one session refuse the next with BadTooManySessions)."""
     reconnect_min: Duration = 1.0
     reconnect_max: Duration = 30.0
     nodes: list[OpcuaNode] = Field(min_length=1)
@@ -203,12 +217,79 @@ class OpcuaSourceConfig(StrictModel):
         return files
 
 
+IdentifierType = Literal["i", "s", "g", "b"]
+
+_EXAMPLES = "e.g. nsu=urn:example:plant;s=Tank.Level, ns=3;i=1001 or i=2258"
+_GUID = re.compile(r"^[0-9A-Fa-f]{8}(-[0-9A-Fa-f]{4}){3}-[0-9A-Fa-f]{12}$")
+_UINT32_MAX = 2**32 - 1
+_UINT16_MAX = 2**16 - 1
+
+
+@dataclass(frozen=True)
+class NodeIdText:
+    """A parsed node id string: its namespace (an index, or a URI to resolve) and identifier."""
+
+    namespace: int | str
+    """The namespace index (`ns=`, 0 when absent), or the namespace URI (`nsu=`)."""
+    kind: IdentifierType
+    identifier: int | str | uuid.UUID | bytes
+
+
+def parse_node_id(text: str) -> NodeIdText:
+    """Parse `[ns=<index>;|nsu=<uri>;]<i|s|g|b>=<identifier>` (OPC 10000-6 §5.1.12).
+
+    In `nsu=` the URI's `;` and `%` are percent-encoded (`%3B`, `%25`). A string identifier
+    takes the rest of the text, `;` included. Raises ValueError saying what is wrong.
+    """
+    namespace: int | str = 0
+    rest = text
+    if rest.startswith(("ns=", "nsu=")):
+        prefix, sep, rest = rest.partition(";")
+        if not sep:
+            raise ValueError("the namespace must be followed by ';' and an identifier")
+        key, _, value = prefix.partition("=")
+        if key == "ns":
+            if not (value.isascii() and value.isdigit()) or int(value) > _UINT16_MAX:
+                raise ValueError(f"namespace index {value!r} is not a number from 0 to 65535")
+            namespace = int(value)
+        else:
+            namespace = unquote(value, errors="strict")
+            if not namespace:
+                raise ValueError("the namespace URI after nsu= is empty")
+    elif rest.startswith("srv="):
+        raise ValueError("a server index (srv=) is not supported: give a node on this server")
+    kind, sep, value = rest.partition("=")
+    if not sep or kind not in ("i", "s", "g", "b"):
+        raise ValueError(f"the identifier must start with i=, s=, g= or b=, not {rest[:8]!r}")
+    return NodeIdText(namespace, kind, _identifier(kind, value))  # type: ignore[arg-type]
+
+
+def _identifier(kind: str, value: str) -> int | str | uuid.UUID | bytes:
+    if kind == "i":
+        if not value.isascii() or not value.isdigit() or int(value) > _UINT32_MAX:
+            raise ValueError(f"numeric identifier {value!r} is not a number from 0 to 2^32-1")
+        return int(value)
+    if kind == "s":
+        if not value:
+            raise ValueError("the string identifier after s= is empty")
+        return value
+    if kind == "g":
+        if not _GUID.match(value):
+            raise ValueError(f"GUID identifier {value!r} is not of the form 8-4-4-4-12 hex digits")
+        return uuid.UUID(value)
+    try:
+        decoded = base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        raise ValueError(f"opaque identifier {value!r} is not base64") from None
+    if not decoded:
+        raise ValueError("the opaque identifier after b= is empty")
+    return decoded
+
+
 def node_id_problem(text: str) -> str | None:
     """Why `text` is not an OPC UA node id string, or None when it parses."""
-    from asyncua import ua  # noqa: PLC0415 - keep check-config's import light until needed
-
     try:
-        ua.NodeId.from_string(text)
-    except Exception:  # noqa: BLE001 - asyncua raises several types for bad strings
-        return f"invalid node id {text!r}: expected e.g. ns=2;s=Tag, ns=3;i=1001 or i=2258"
+        parse_node_id(text)
+    except ValueError as exc:
+        return f"invalid node id {text!r}: {exc}; expected {_EXAMPLES}"
     return None
