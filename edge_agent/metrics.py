@@ -114,3 +114,20 @@ class SourceCollector(Collector):
             for kind, count in sorted(state.counts.items()):
                 events.add_metric([name, kind], count)
         yield from (up, readings, errors, events)
+
+
+class AuditCollector(Collector):
+    """`edge_agent_audit_events_total{category,outcome}`, read from the audit counts at scrape."""
+
+    def __init__(self, counts: Mapping[tuple[str, str], int]) -> None:
+        self._counts = counts
+
+    def collect(self) -> Iterator[Metric]:
+        events = CounterMetricFamily(
+            "edge_agent_audit_events",
+            "Audit events (docs/security.md) by category and outcome.",
+            labels=["category", "outcome"],
+        )
+        for (category, outcome), count in sorted(self._counts.items()):
+            events.add_metric([category, outcome], count)
+        yield events

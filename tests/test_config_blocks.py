@@ -312,13 +312,13 @@ def test_a_runaway_file_is_refused_unread(tmp_path: Path) -> None:
 def test_a_50000_point_gateway_fits_in_blocks_and_written_out(tmp_path: Path) -> None:
     """The limits leave room for 50,000 points either way, and loading stays well within 5 s."""
     blocks = "".join(
-        f'      - {{name: "r{d}_{{n:03}}", register: holding, address: 0, type: uint16, '
-        "count: 1000, scale: 0.1}\n"
+        f'      - {{name: "r{d}_{{n:03}}", register: holding, address: {d * 1000}, '
+        "type: uint16, count: 1000, scale: 0.1}\n"
         for d in range(50)
     )
     written = "".join(
-        f"      - {{name: r{d}_{n:03}, register: holding, address: {n - 1}, type: uint16, "
-        "scale: 0.1}\n"
+        f"      - {{name: r{d}_{n:03}, register: holding, address: {d * 1000 + n - 1}, "
+        "scale: 0.1}\n"  # uint16, the default type: a register map's typical line
         for d in range(50)
         for n in range(1, 1001)
     )
@@ -326,6 +326,7 @@ def test_a_50000_point_gateway_fits_in_blocks_and_written_out(tmp_path: Path) ->
     for name, points in (("blocks", blocks), ("written", written)):
         path = tmp_path / f"{name}.yaml"
         path.write_text(modbus(points) + f"signing: {{key_file: {path}}}\n")
+        path.chmod(0o600)  # it stands in for the key file too: check-config checks its mode
         assert path.stat().st_size < config_loader.MAX_CONFIG_BYTES
         started = time.process_time()
         source = load_config(path).sources[0]

@@ -11,7 +11,7 @@ import uuid
 import pytest
 from asyncua import ua
 
-from edge_agent.reading import Quality, RejectedValue
+from edge_agent.reading import MAX_TEXT_BYTES, Quality, RejectedValue
 from edge_agent.sources.opcua.values import (
     BAD_NOT_CONNECTED,
     ChangeFilter,
@@ -19,6 +19,7 @@ from edge_agent.sources.opcua.values import (
     convert,
     datetime_ns,
     quality_of,
+    to_value,
 )
 
 pytestmark = pytest.mark.unit
@@ -132,7 +133,7 @@ def test_a_refused_value_with_good_status_is_bad_with_its_code_kept(
     variant: ua.Variant, code: int, error: str
 ) -> None:
     data = ua.DataValue(variant, ua.StatusCode(ua.UInt32(code)), SourceTimestamp=T0)
-    reading, issue, flagged, rejected = ChangeFilter().accept("s", "p", data)
+    reading, issue, flagged, rejected, _ = ChangeFilter().accept("s", "p", data)
     assert reading is not None and issue is None
     assert (reading.value, reading.quality, reading.code, reading.ts_ns) == (
         None,
@@ -144,7 +145,7 @@ def test_a_refused_value_with_good_status_is_bad_with_its_code_kept(
 
 
 def test_bad_value_is_none_and_code_is_kept() -> None:
-    reading, _, _, rejected = ChangeFilter().accept("s", "p", dv(99.0, 0x808D0000))
+    reading, _, _, rejected, _ = ChangeFilter().accept("s", "p", dv(99.0, 0x808D0000))
     assert reading is not None
     assert rejected is None  # the device said bad: nothing was refused
     assert (reading.value, reading.quality, reading.code, reading.ts_ns) == (
@@ -158,7 +159,9 @@ def test_bad_value_is_none_and_code_is_kept() -> None:
 def test_the_source_timestamp_is_used_while_it_advances() -> None:
     changes = ChangeFilter()
     for second, value in enumerate((1.0, 2.0, 2.0, 3.0)):
-        reading, issue, _, _ = changes.accept("s", "p", dv(value, source=at(second), server=at(99)))
+        reading, issue, _, _, _ = changes.accept(
+            "s", "p", dv(value, source=at(second), server=at(99))
+        )
         assert reading is not None and issue is None  # a new source timestamp: a new sample
         assert reading.ts_ns == T0_NS + second * SEC
     assert datetime_ns(T0.replace(tzinfo=None)) == T0_NS
@@ -188,11 +191,11 @@ def test_a_status_change_under_the_same_timestamp_and_value_is_sent() -> None:
 
 def test_a_source_timestamp_going_backwards_does_not_hide_the_change() -> None:
     changes = ChangeFilter()
-    first, _, _, _ = changes.accept("s", "p", dv(1.0, source=at(10), server=at(10)))
-    second, issue, _, _ = changes.accept("s", "p", dv(2.0, source=at(5), server=at(11)))
+    first, _, _, _, _ = changes.accept("s", "p", dv(1.0, source=at(10), server=at(10)))
+    second, issue, _, _, _ = changes.accept("s", "p", dv(2.0, source=at(5), server=at(11)))
     assert first is not None and second is not None and issue == "backwards"
     assert second.ts_ns > first.ts_ns  # the latest reading by time is the latest value
-    third, issue, _, _ = changes.accept("s", "p", dv(3.0, source=at(6), server=at(12)))
+    third, issue, _, _, _ = changes.accept("s", "p", dv(3.0, source=at(6), server=at(12)))
     assert third is not None and issue is None and third.ts_ns == T0_NS + 6 * SEC
 
 
@@ -203,10 +206,14 @@ def test_without_a_source_timestamp_changes_are_sent_and_repeats_are_not() -> No
         changes.accept("s", "p", dv(v, source=None, server=frozen_server), now_ns=T0_NS + i * SEC)
         for i, v in enumerate((1.0, 1.0, 2.0, 2.0, 1.0))
     ]
-    assert [r.value if r else None for r, _, _, _ in got] == [1.0, None, 2.0, None, 1.0]
-    assert {issue for r, issue, _, _ in got if r} == {"missing"}
+    assert [r.value if r else None for r, _, _, _, _ in got] == [1.0, None, 2.0, None, 1.0]
+    assert {issue for r, issue, _, _, _ in got if r} == {"missing"}
     # the server timestamp the first time; frozen after that, so the receive time
-    assert [r.ts_ns for r, _, _, _ in got if r] == [T0_NS + SEC, T0_NS + 2 * SEC, T0_NS + 4 * SEC]
+    assert [r.ts_ns for r, _, _, _, _ in got if r] == [
+        T0_NS + SEC,
+        T0_NS + 2 * SEC,
+        T0_NS + 4 * SEC,
+    ]
 
 
 def test_exact_repeats_are_dropped_and_a_repeated_refused_value_is_not_a_change() -> None:
@@ -227,7 +234,7 @@ def test_after_a_disconnect_the_replayed_value_is_sent_with_its_own_timestamp() 
     assert changes.accept_synthetic(down) == down
     assert changes.accept_synthetic(down) is None
     assert changes.codes() == {"p": BAD_NOT_CONNECTED}
-    replay, issue, _, _ = changes.accept("s", "p", dv(5.0, source=at(1)))
+    replay, issue, _, _, _ = changes.accept("s", "p", dv(5.0, source=at(1)))
     assert replay is not None and issue is None and replay.ts_ns == T0_NS + SEC
 
 
@@ -239,11 +246,11 @@ def test_a_refused_value_after_a_good_one_with_the_same_code_is_sent_as_bad(
     dropping it as a repeat would leave 2.5 standing as the point's current good value. So is
     the good value after it, whatever the source timestamp does."""
     changes = ChangeFilter()
-    first, _, _, _ = changes.accept("s", "p", dv(2.5, source=T0, server=at(1)))
-    refused, _, _, rejected = changes.accept(
+    first, _, _, _, _ = changes.accept("s", "p", dv(2.5, source=T0, server=at(1)))
+    refused, _, _, rejected, _ = changes.accept(
         "s", "p", dv(math.nan, source=source, server=at(2)), now_ns=T0_NS + 3 * SEC
     )
-    back, _, _, _ = changes.accept(
+    back, _, _, _, _ = changes.accept(
         "s", "p", dv(2.5, source=source, server=at(3)), now_ns=T0_NS + 4 * SEC
     )
     assert first is not None and refused is not None and back is not None
@@ -254,3 +261,31 @@ def test_a_refused_value_after_a_good_one_with_the_same_code_is_sent_as_bad(
     ]
     assert rejected == "Double value is NaN"
     assert first.ts_ns < refused.ts_ns < back.ts_ns
+
+
+def test_cut_text_is_uncertain_and_a_change_past_the_cut_is_still_a_change() -> None:
+    """Text over MAX_TEXT_BYTES is sent cut and uncertain, `truncated` set; the filter compares
+    the whole text, so a change after the cut is sent (under a frozen source timestamp too), an
+    exact repeat is not, and the cut prefix sent on its own is a change back to good."""
+    head = "x" * MAX_TEXT_BYTES
+    changes = ChangeFilter()
+    first = changes.accept("s", "p", dv(head + "A", server=at(1)))
+    assert first.truncated and first.reading is not None
+    assert (first.reading.value, first.reading.quality) == (head, Quality.UNCERTAIN)
+    repeat = changes.accept("s", "p", dv(head + "A", server=at(2)))
+    assert repeat.reading is None and repeat.truncated  # dropped, still reported as cut
+    tail = changes.accept("s", "p", dv(head + "B", server=at(3)))
+    assert tail.reading is not None and tail.issue == "frozen" and tail.truncated
+    assert (tail.reading.value, tail.reading.ts_ns) == (head, T0_NS + 3 * SEC)
+    prefix = changes.accept("s", "p", dv(head, server=at(4)))
+    assert prefix.reading is not None and not prefix.truncated
+    assert (prefix.reading.value, prefix.reading.quality) == (head, Quality.GOOD)
+
+
+def test_cut_text_keeps_an_uncertain_status_and_its_code() -> None:
+    data = dv("é" * MAX_TEXT_BYTES, UNCERTAIN)  # two bytes each: twice the limit
+    converted = to_value(data)
+    assert converted.truncated and converted.quality is Quality.UNCERTAIN
+    assert converted.value == "é" * (MAX_TEXT_BYTES // 2)
+    reading = ChangeFilter().accept("s", "p", data).reading
+    assert reading is not None and reading.code == UNCERTAIN

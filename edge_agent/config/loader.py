@@ -33,6 +33,9 @@ MAX_DEPTH = 64
 MAX_NODES = 1_000_000
 """Keys and values in a file: 50,000 points written out with eight keys each take 850,000.
 A file of nothing but tiny values (`[0,0,0,...]`) reaches the limit at 2 MB."""
+MAX_FLOW_NESTING = 100
+"""`[` and `{` nested deeper than this are refused before parsing: PyYAML's scanner takes time
+quadratic in flow nesting (see `_flow_nesting_line`)."""
 
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 _STR_TAG = "tag:yaml.org,2002:str"
@@ -48,6 +51,9 @@ _PARSER: type[Any] = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 Loc = tuple[str | int, ...]
 Marks = dict[Loc, int]
 """Where each value starts: `line << 32 | column` (1-based), one int per value."""
+
+_PLAIN_TAGS = frozenset({"tag:yaml.org,2002:map", "tag:yaml.org,2002:seq"})
+"""The only tags a mapping or a list may carry (implicitly, or written `!!map` / `!!seq`)."""
 
 _SCALARS = yaml.SafeLoader("")  # resolves a scalar's tag and constructs its Python value
 
@@ -84,6 +90,10 @@ def parse_config(text: str, name: str = "<config>", *, check_files: bool = False
     """Validate YAML text; the pure half of `load_config`, for tests and the embedded demo."""
     marks: Marks = {}
     problems: list[ConfigProblem] = []
+    deep = _flow_nesting_line(text)
+    if deep is not None:
+        message = f"nested too deeply (more than {MAX_FLOW_NESTING} levels of [ and {{)"
+        raise ConfigError(name, [ConfigProblem("", message, deep, 1)])
     try:
         data = _read(text, marks, problems)
     except yaml.MarkedYAMLError as exc:
@@ -127,9 +137,44 @@ def parse_config(text: str, name: str = "<config>", *, check_files: bool = False
                 problems.append(_locate(loc, f"file not found: {file}", marks))
             elif not os.access(file, os.R_OK):
                 problems.append(_locate(loc, f"file not readable: {file}", marks))
+        problems.extend(_signing_key_problems(config, marks))
     if problems:
         raise ConfigError(name, _sorted(problems))
     return config
+
+
+def _flow_nesting_line(text: str) -> int | None:
+    """The line where `[` and `{` nest deeper than MAX_FLOW_NESTING, else None.
+
+    PyYAML's scanner takes time quadratic in the flow nesting (200,000 `[` cost seconds before
+    its recursion fails), so such a file is refused before it is parsed. Brackets inside
+    quoted text are counted too: a real file is nowhere near the limit either way.
+    """
+    if text.count("[") + text.count("{") <= MAX_FLOW_NESTING:
+        return None
+    depth = 0
+    for index, char in enumerate(text):
+        if char in "[{":
+            depth += 1
+            if depth > MAX_FLOW_NESTING:
+                return text.count("\n", 0, index) + 1
+        elif char in "]}":
+            depth = max(0, depth - 1)
+    return None
+
+
+def _signing_key_problems(config: Config, marks: Marks) -> list[ConfigProblem]:
+    """The checks `run` makes of the signing key file, so that check-config says the same."""
+    from edge_agent.seal.keys import key_file_problems  # noqa: PLC0415 - only with files
+
+    path = config.signing.key_file
+    if not path.is_file():
+        return []  # reported above as not found
+    try:
+        found = key_file_problems(path)
+    except OSError as exc:
+        found = [f"cannot examine {path}: {exc.strerror or exc}"]
+    return [_locate(("signing", "key_file"), message, marks) for message in found]
 
 
 _EMPTY = object()
@@ -213,6 +258,11 @@ def _read_document(parser: Any, marks: Marks, problems: list[ConfigProblem]) -> 
                 return value
             _store(top, value)
         elif isinstance(event, _STARTS):
+            if _refused_tag(parser, event, loc, problems):
+                if top is None:
+                    return None
+                _store(top, None)
+                continue
             if len(stack) >= MAX_DEPTH:
                 raise _error(event, f"nested too deeply (more than {MAX_DEPTH} levels)")
             empty: dict[str, Any] | list[Any] = (
@@ -257,6 +307,22 @@ def _error(event: Any, problem: str) -> yaml.MarkedYAMLError:
     """A problem located where `event` starts, reported like the parser's own errors."""
     mark: Any = event.start_mark
     return yaml.composer.ComposerError(None, None, problem, mark)
+
+
+def _refused_tag(parser: Any, event: Any, loc: Loc, problems: list[ConfigProblem]) -> bool:
+    """True, with a problem recorded and the node skipped, when a mapping or list carries a tag
+    other than its own.
+
+    `!!python/object/apply:os.system [id]` is a tagged list: never constructed, but reading it
+    as a plain list would hide what the file asked for.
+    """
+    if event.tag is None or event.tag in _PLAIN_TAGS or event.tag == "!":
+        return False
+    tag = event.tag.replace("tag:yaml.org,2002:", "!!", 1)
+    problems.append(ConfigProblem(path_text(loc), f"invalid value: tag {tag} is not allowed",
+                                  *_unpack(_at(event))))  # fmt: skip
+    _skip(parser, event)
+    return True
 
 
 def _skip(parser: Any, event: Any) -> None:

@@ -25,6 +25,7 @@ from edge_agent.config.blocks import (
     duplicates,
     has_placeholder,
     parse_pattern,
+    path_text,
     where,
 )
 from edge_agent.config.types import (
@@ -237,6 +238,10 @@ class ModbusSourceConfig(StrictModel):
                      f"point needs {width} registers, more than one read may fetch "
                      f"(max_registers_per_read is {limit})", "wide")
                 )  # fmt: skip
+        for (_, later, key), message in overlap_problems(points):
+            at = int(later)
+            loc = where(points, "points", at)
+            checks.append(((*loc, key), message + _which(points[at], loc), "overlap"))
         return found + collapse(checks)
 
 
@@ -277,6 +282,55 @@ def expand_points(entries: list[ModbusPoint]) -> list[ModbusPoint]:
                       "count": None, "stride": None, "n_from": None}  # fmt: skip
             points.append(entry.model_copy(update=update))
     return Expanded(points, starts, frozenset(blocks))
+
+
+def overlap_problems(points: Sequence[ModbusPoint]) -> list[tuple[Loc, str]]:
+    """One problem per point whose addresses overlap an earlier point's in the same table.
+
+    Two points reading the same register or bit are two names for one value (or, with
+    different types, one of them is wrong): a copy-paste mistake, never intended. The one
+    legitimate sharing is bits of one register: `type: bool` points with different `bit`s.
+    Reported at the later point (in file order), naming the earlier one.
+    """
+    found: list[tuple[Loc, str]] = []
+    order = sorted(range(len(points)), key=lambda i: (points[i].kind, points[i].address, i))
+    widest: int | None = None
+    """Index of the point reaching furthest among those seen in the current table."""
+    bits: dict[tuple[str, int, int], int] = {}
+    """(table, address, bit) -> the first point that reads that bit."""
+    for index in order:
+        point = points[index]
+        if point.bit is not None:
+            first = bits.setdefault((point.kind, point.address, point.bit), index)
+            if first != index:
+                found.append((("points", index, "bit"), _overlap_message(points, first)))
+        if widest is not None and points[widest].kind != point.kind:
+            widest = None
+        if widest is not None:
+            other = points[widest]
+            shared = point.bit is not None and other.bit is not None  # bits of one register
+            if point.address < other.address + other.width and not shared:
+                first, later = sorted((widest, index))
+                found.append((("points", later, "address"), _overlap_message(points, first)))
+        if widest is None or _end(point) > _end(points[widest]):
+            widest = index
+    return sorted(found)
+
+
+def _end(point: ModbusPoint) -> int:
+    return point.address + point.width
+
+
+def _overlap_message(points: Sequence[ModbusPoint], index: int) -> str:
+    other = points[index]
+    last = other.address + other.width - 1
+    span = f"{other.kind} {other.address}" + (f"..{last}" if last != other.address else "")
+    if other.bit is not None:
+        span += f" bit {other.bit}"
+    return (
+        f"overlaps {path_text(where(points, 'points', index))} ({other.name!r}, {span}); points "
+        "may share a register only as different bits of it (type bool with bit)"
+    )
 
 
 _LINE_KEYS = ("baudrate", "parity", "stopbits", "bytesize")

@@ -72,6 +72,12 @@ class MqttConfig(StrictModel):
         parts = urlsplit(value)
         if parts.scheme not in ("mqtt", "mqtts"):
             raise ValueError(f"scheme must be mqtt:// or mqtts://, not {parts.scheme or 'none'}")
+        if parts.username is not None or parts.password is not None:
+            # Refused, not used: a URL is printed in logs, /status and error messages.
+            raise ValueError(
+                "credentials in the url are refused (a url is logged and shown); "
+                "give mqtt.username and mqtt.password_file instead"
+            )
         if not parts.hostname:
             raise ValueError("url needs a host")
         try:

@@ -19,7 +19,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import aiomqtt
+from aiomqtt.exceptions import MqttConnectError
 
+from edge_agent.audit import audit
 from edge_agent.config.schema import MqttConfig
 from edge_agent.errors import EdgeAgentError, StoreError
 from edge_agent.forward.client import AckingClient, protocol_version, tls_context
@@ -30,6 +32,10 @@ from edge_agent.store.sqlite import Store, StoredBatch
 log = logging.getLogger(__name__)
 
 REJECTION = 0x80
+AUTH_REFUSALS = frozenset({4, 5, 0x86, 0x87, 0x8C})
+"""CONNACK codes refusing our identity: 3.1.1 bad user name or password (4), not authorised
+(5); MQTT 5 bad user name or password (0x86), not authorized (0x87), bad authentication
+method (0x8C)."""
 ACK_RETRY_S = 1.0
 
 
@@ -100,7 +106,10 @@ class Forwarder:
                         await self._goodbye(client)
                         raise
             except (aiomqtt.MqttError, PublishRejectedError, StoreError, OSError) as exc:
-                self._mark(connected=False, error=str(exc) or type(exc).__name__)
+                error = str(exc) or type(exc).__name__
+                if error != self.state.last_error:  # once per episode, like its log line
+                    self._audit(exc, error)
+                self._mark(connected=False, error=error)
             await self._flush_acks()
             wait = backoff.next()
             log.debug("Reconnecting in %.1fs", wait)
@@ -118,6 +127,17 @@ class Forwarder:
                 timeout=2.0,
             )
         self._mark(connected=False, error=None)
+
+    def _audit(self, exc: BaseException, error: str) -> None:
+        """An audit event for a refusal on security grounds: credentials, certificate, ACL."""
+        broker = f"{self._config.host}:{self._config.port}"
+        if isinstance(exc, PublishRejectedError):
+            audit("publish", "refused", broker=broker, topic=self.batch_topic, error=error)
+        elif isinstance(exc, MqttConnectError) and _code(exc.rc) in AUTH_REFUSALS:
+            audit("authentication", "failure", broker=broker, user=self._config.username,
+                  error=error)  # fmt: skip
+        elif "CERTIFICATE_VERIFY_FAILED" in error or "Hostname mismatch" in error:
+            audit("certificate", "refused", broker=broker, error=error)
 
     def _mark(self, *, connected: bool, error: str | None) -> None:
         changed = connected != self.state.connected or error != self.state.last_error
@@ -192,6 +212,12 @@ class Forwarder:
         self._metrics.readings_sent.inc(sum(batch.readings for batch in acked))
         self.acked.set()
         return True
+
+
+def _code(rc: object) -> int | None:
+    """The number of a paho reason code or of a plain return code."""
+    value = getattr(rc, "value", rc)
+    return value if isinstance(value, int) else None
 
 
 async def _until_one_fails(*coroutines: Coroutine[Any, Any, None]) -> None:

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 
 import cbor2
 
+from edge_agent.audit import audit
 from edge_agent.errors import StoreError
 from edge_agent.metrics import Metrics
 from edge_agent.reading import Reading, conforming, needs_check
@@ -87,6 +88,20 @@ class Batcher:
             await self.seal_pending()
         await self.seal_pending()
 
+    @property
+    def sealer(self) -> Sealer:
+        """The sealer that signs the next batch."""
+        return self._sealer
+
+    def use_sealer(self, sealer: Sealer) -> None:
+        """Sign every batch sealed from now on with `sealer` (a key rotation, at a reload).
+
+        Takes effect at the next batch: batches already sealed keep their signature and are
+        sent as they are, so consumers must trust both keys while the backlog drains
+        (docs/security.md). Safe to call from any task of the event loop, at any time.
+        """
+        self._sealer = sealer
+
     def stop(self) -> None:
         """Ask `run` to seal what is pending and return; sources must be stopped first."""
         self._stopping = True
@@ -128,6 +143,8 @@ class Batcher:
             if evicted:
                 self._metrics.readings_evicted.inc(evicted)
                 self._declare = await self._store.pending_evictions()
+                audit("eviction", "success", readings=evicted, reason="retention",
+                      epoch=self._store.epoch)  # fmt: skip
 
     async def _seal(self, readings: list[Reading]) -> list[SealedBatch]:
         """Seal `readings` into batches, numbered from the store's counters.
@@ -218,6 +235,8 @@ class Batcher:
                 if evicted:
                     self._metrics.readings_evicted.inc(evicted)
                     log.warning("Disk full: evicted oldest readings count=%d", evicted)
+                    audit("eviction", "success", readings=evicted, reason="disk full",
+                          epoch=self._store.epoch)  # fmt: skip
             self._declare = await self._store.pending_evictions()
         except StoreError as again:
             log.debug("Could not make room in the buffer error=%s", again)

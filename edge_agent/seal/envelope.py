@@ -28,7 +28,11 @@ FORMAT_VERSION = 1
 FORMATS = (1, 2)
 COSE_SIGN1_TAG = 18
 ALG_EDDSA = -8
-HDR_ALG, HDR_CONTENT_TYPE, HDR_KID = 1, 3, 4
+HDR_ALG, HDR_CRIT, HDR_CONTENT_TYPE, HDR_KID = 1, 2, 3, 4
+ALLOWED_ALGORITHMS = frozenset({ALG_EDDSA})
+"""The algorithm allow-list of consumers: EdDSA with Ed25519 keys, nothing else (no downgrade)."""
+_PROTECTED_ONLY = frozenset({HDR_ALG, HDR_CRIT, HDR_CONTENT_TYPE, HDR_KID, "enc"})
+"""Header labels that must be protected (signed) when present: never taken from `unprotected`."""
 CONTENT_TYPE = "application/cbor"
 QUALITY_TEXT: Mapping[str, str] = {q: q.value for q in Quality}
 """The wire text of each quality (a dict lookup, not the enum's `.value` property per reading)."""
@@ -131,6 +135,15 @@ class Sealer:
         return cbor2.dumps(cbor2.CBORTag(COSE_SIGN1_TAG, [self._protected, {}, payload, signature]))
 
 
+def _check_unprotected(unprotected: object) -> None:
+    """RFC 9052 §4.2: the unprotected header is a map; none of our labels may be in it."""
+    if not isinstance(unprotected, dict):
+        raise EnvelopeError(f"unprotected header is a {type(unprotected).__name__}, not a map")
+    unsigned = sorted(str(label) for label in unprotected if label in _PROTECTED_ONLY)
+    if unsigned:
+        raise EnvelopeError(f"header parameters {', '.join(unsigned)} must be protected")
+
+
 class Opener:
     """Verifies and decodes batches signed by any of a set of trusted keys."""
 
@@ -158,14 +171,18 @@ class Opener:
         parts = outer.value
         if not isinstance(parts, list | tuple) or len(parts) != 4:
             raise EnvelopeError("COSE_Sign1 must have four elements")
-        protected, _unprotected, payload, signature = parts
+        protected, unprotected, payload, signature = parts
         if not all(isinstance(part, bytes) for part in (protected, payload, signature)):
             raise EnvelopeError("protected header, payload and signature must be byte strings")
+        _check_unprotected(unprotected)
         header = cbor2.loads(protected) if protected else {}
         if not isinstance(header, dict):
             raise EnvelopeError("protected header is not a CBOR map")
-        if header.get(HDR_ALG) != ALG_EDDSA:
-            raise EnvelopeError(f"unsupported algorithm {header.get(HDR_ALG)!r}")
+        if HDR_CRIT in header:
+            raise EnvelopeError("critical header parameters (crit) are not understood")
+        alg = header.get(HDR_ALG)
+        if type(alg) is not int or alg not in ALLOWED_ALGORITHMS:  # -8.0 or True are not -8
+            raise EnvelopeError(f"unsupported algorithm {alg!r} (only EdDSA, -8, is accepted)")
         kid = header.get(HDR_KID)
         if not isinstance(kid, bytes):
             raise EnvelopeError(f"missing or malformed key id {kid!r}")

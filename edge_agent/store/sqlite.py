@@ -359,7 +359,7 @@ class Store:
             StoredBatch(BatchKey("declaration", row_id), readings, sealed_ns, data)
             for row_id, readings, sealed_ns, data in await self._read(
                 "read declarations",
-                f"SELECT id, readings, sealed_ns, data FROM notices WHERE id NOT IN ({marks})"  # noqa: S608 - placeholders only
+                f"SELECT id, readings, sealed_ns, data FROM notices WHERE id NOT IN ({marks})"  # noqa: S608  # nosec B608  # placeholders only
                 " ORDER BY id LIMIT ?",
                 [*skip, limit],
             )
@@ -389,7 +389,7 @@ class Store:
                     chunk = ids[start : start + 500]
                     marks = ",".join("?" * len(chunk))
                     rows = await db.execute_fetchall(
-                        f"DELETE FROM {table} WHERE id IN ({marks})"  # noqa: S608 - literals
+                        f"DELETE FROM {table} WHERE id IN ({marks})"  # noqa: S608  # nosec B608  # table names are literals
                         " RETURNING readings, bytes",
                         chunk,
                     )

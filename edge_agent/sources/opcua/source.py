@@ -23,10 +23,15 @@ What a consumer sees:
   refuse (edge_agent.reading: NaN, text that is not UTF-8...) is bad with value None too, the
   device's code kept, and logged once per reason; a bad point is reported when it turns bad, not
   on every poll;
+- text over MAX_TEXT_BYTES (edge_agent.reading) cut there and sent `uncertain`, logged once per
+  node and counted (`truncated`);
 - a node whose namespace URI the server does not have: BadNodeIdUnknown, logged with the URI;
 - when the connection is lost, one `BadNotConnected` reading per point that had reported, so the
   last value is visibly no longer current; after the reconnect each point reports its current
   value again with its own (possibly older) source timestamp: order a point's readings by `seq`.
+
+A connection the server refuses on security grounds (our certificate, or our identity) or whose
+server certificate is not trusted is an audit event (edge_agent.audit), once per episode.
 
 Only discovery, session, subscription and Read services are used: no Write, Call, AddNodes or
 DeleteNodes request is ever sent (docs/contract.md §5; tests record the server's requests to
@@ -39,7 +44,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal
 
 from asyncua import ua
 from asyncua.client.client import Client
@@ -50,15 +55,17 @@ from asyncua.common.subscription import (
     Subscription,
 )
 from asyncua.ua.attribute_ids import AttributeIds
+from asyncua.ua.uaerrors import UaStatusCodeError
 
+from edge_agent.audit import audit
 from edge_agent.config.opcua import Deadband, OpcuaNode, OpcuaSourceConfig
 from edge_agent.errors import EdgeAgentError
 from edge_agent.logs import quiet_unless_configured
-from edge_agent.reading import Quality, Reading
+from edge_agent.reading import MAX_TEXT_BYTES, Quality, Reading
 from edge_agent.schedule import Backoff, ticks
 from edge_agent.sources.base import Emit, SourceState
 from edge_agent.sources.opcua.namespaces import UnknownNamespaceError, namespace_table, resolve
-from edge_agent.sources.opcua.security import configure_client
+from edge_agent.sources.opcua.security import UntrustedCertificateError, configure_client
 from edge_agent.sources.opcua.session import (
     LossWatch,
     SessionTicket,
@@ -113,6 +120,8 @@ class OpcuaSource:
         self._node_faults: dict[str, str] = {}
         """Per point: the last fault logged (bad code or refused value), logged once per change."""
         self._flagged: set[str] = set()
+        self._truncated: set[str] = set()
+        """Points whose text was cut (logged once each; every cut reading sent is counted)."""
         self._timestamp_logged: set[tuple[str, TimestampIssue]] = set()
         self._orphan: SessionTicket | None = None
         """The session a lost connection left on the server, to take over at the next connect."""
@@ -133,9 +142,15 @@ class OpcuaSource:
                 raise
             except Exception as exc:  # noqa: BLE001 - a failure must stay inside the source
                 error = describe_error(exc)
+                refusal = security_refusal(exc)
+            else:
+                refusal = None
             error = self._loss or error  # the cause, not asyncua's BadShutdown that follows it
             was_up, first = self.state.up, self.state.errors == 0
             if self.state.mark_down(error):
+                if refusal is not None:
+                    audit(refusal, "refused" if refusal == "certificate" else "failure",
+                          source=self.name, endpoint=cfg.endpoint, error=error)  # fmt: skip
                 state = "is down" if was_up or first else "is still down, for a new reason"
                 log.warning(
                     "OPC UA source %s; source=%s endpoint=%s error=%s",
@@ -380,7 +395,18 @@ class OpcuaSource:
     # -- readings ----------------------------------------------------------------------------
 
     def _convert(self, name: str, value: ua.DataValue) -> Reading | None:
-        reading, issue, flagged, rejected = self._changes.accept(self.name, name, value)
+        reading, issue, flagged, rejected, truncated = self._changes.accept(self.name, name, value)
+        if truncated and reading is not None:  # a repeat is neither sent nor counted
+            self.state.counts["truncated"] += 1
+            if name not in self._truncated:
+                self._truncated.add(name)
+                log.warning(
+                    "OPC UA node text cut to its first %d bytes, sent as uncertain; source=%s "
+                    "node=%s",
+                    MAX_TEXT_BYTES,
+                    self.name,
+                    name,
+                )
         if flagged and name not in self._flagged:
             self._flagged.add(name)
             log.warning(
@@ -485,3 +511,27 @@ def data_change_filter(deadband: Deadband) -> ua.DataChangeFilter:
     flt.DeadbandType = 1 if deadband.type == "absolute" else 2
     flt.DeadbandValue = deadband.value
     return flt
+
+
+AUTH_FAILURES = frozenset({
+    0x801F0000,  # BadUserAccessDenied
+    0x80200000,  # BadIdentityTokenInvalid
+    0x80210000,  # BadIdentityTokenRejected
+})  # fmt: skip
+"""Status codes with which a server refuses our identity (OPC 10000-4 §5.6.3 ActivateSession)."""
+CERTIFICATE_FAILURES = frozenset(range(0x80120000, 0x801F0000, 0x10000))
+"""BadCertificateInvalid (0x8012) .. BadCertificateIssuerRevoked (0x801E), with
+BadSecurityChecksFailed (0x8013): the server refused our certificate or its chain."""
+
+
+def security_refusal(exc: BaseException) -> Literal["certificate", "authentication"] | None:
+    """The audit category of a connection refused on security grounds, else None."""
+    if isinstance(exc, UntrustedCertificateError):
+        return "certificate"
+    if isinstance(exc, UaStatusCodeError):
+        code = int(exc.code)
+        if code in AUTH_FAILURES:
+            return "authentication"
+        if code in CERTIFICATE_FAILURES:
+            return "certificate"
+    return None

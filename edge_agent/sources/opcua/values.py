@@ -9,6 +9,8 @@ No I/O, so the mapping is tested without a server. The rules:
   device's code is kept; text is cut at its first NUL and loses trailing padding;
 - anything else (arrays, structures, byte strings, node ids) becomes text and is *flagged* so the
   source logs it once;
+- text over MAX_TEXT_BYTES is cut there and sent `uncertain`, marked `truncated` so the source
+  logs it once per point and counts it;
 - `ChangeFilter` decides which DataValues become readings and which timestamp each carries. It
   keys on what the device asserts, the value and the status (and whether the value was refused),
   never on timestamps alone: a changed value or status is always sent, whatever its timestamps
@@ -18,6 +20,7 @@ No I/O, so the mapping is tested without a server. The rules:
 
 from __future__ import annotations
 
+import hashlib
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -34,6 +37,7 @@ from edge_agent.reading import (
     check_time_ns,
     clean_text,
     float_name,
+    limit_text,
 )
 
 _UNIX_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -135,14 +139,16 @@ class _Sample:
     bad: bool
     source_ns: int | None = None
     server: datetime | None = None
+    whole: bytes | None = None
+    """The digest of the whole text when `value` is cut text (see `Converted.whole`)."""
 
     def same_as(self, other: _Sample) -> bool:
         """Same value, code and quality: nothing the device asserts has changed."""
-        return (
-            self.code == other.code
-            and self.bad == other.bad
-            and same_value(self.value, other.value)
-        )
+        return self.code == other.code and self.bad == other.bad and self.same_value_as(other)
+
+    def same_value_as(self, other: _Sample) -> bool:
+        """Same value; for cut text, the same whole text too."""
+        return same_value(self.value, other.value) and self.whole == other.whole
 
 
 class Accepted(NamedTuple):
@@ -156,27 +162,55 @@ class Accepted(NamedTuple):
     """The value had no plain type and is sent as text."""
     rejected: str | None = None
     """Why a value with a good or uncertain status was refused (the reading is then bad)."""
+    truncated: bool = False
+    """The value was text over MAX_TEXT_BYTES, cut and sent as uncertain (edge_agent.reading);
+    reported for a repeat too, like `flagged`."""
 
 
-def to_value(data: ua.DataValue) -> tuple[Value, Quality, bool, str | None]:
-    """(value, quality, flagged, rejected) of one DataValue: a bad status gives None; a value the
-    rules refuse (`convert` raised RejectedValue) makes it bad with None, and `rejected` says why
-    (`Double value is NaN`); the caller keeps the device's code either way."""
+class Converted(NamedTuple):
+    """What `to_value` made of one DataValue's value and status."""
+
+    value: Value
+    """The value for the wire; None when the status is bad or the value was refused."""
+    quality: Quality
+    """From the status; bad for a refused value, uncertain (if it was good) for cut text."""
+    flagged: bool = False
+    """The value had no plain type and is sent as text."""
+    rejected: str | None = None
+    """Why a value with a good or uncertain status was refused (`Double value is NaN`)."""
+    truncated: bool = False
+    """The value was text over MAX_TEXT_BYTES: `value` is its first MAX_TEXT_BYTES bytes."""
+    whole: bytes | None = None
+    """For cut text, a digest of the whole text, so that a change past the cut is still a
+    change to ChangeFilter; None otherwise."""
+
+
+def to_value(data: ua.DataValue) -> Converted:
+    """The value and quality of one DataValue: a bad status gives None; a value the rules refuse
+    (`convert` raised RejectedValue) makes it bad with None, and `rejected` says why; text over
+    MAX_TEXT_BYTES is cut there and made uncertain (edge_agent.reading). The caller keeps the
+    device's code either way."""
     quality = quality_of(status_code(data))
     if quality is Quality.BAD or data.Value is None:
-        return None, quality, False, None
+        return Converted(None, quality)
     try:
         value, flagged = convert(data.Value.Value)
     except RejectedValue as exc:
-        return None, Quality.BAD, False, f"{data.Value.VariantType.name} {exc}"
-    return value, quality, flagged, None
+        return Converted(None, Quality.BAD, rejected=f"{data.Value.VariantType.name} {exc}")
+    if isinstance(value, str):
+        cut, truncated = limit_text(value)
+        if truncated:
+            whole = hashlib.blake2b(value.encode("utf-8", "surrogatepass"), digest_size=16)
+            return Converted(cut, Quality.UNCERTAIN, flagged, None, True, whole.digest())
+    return Converted(value, quality, flagged)
 
 
 class ChangeFilter:
     """Which DataValues of each point become readings, and the timestamp each reading carries.
 
     A DataValue is sent when its value, StatusCode or quality differs from the last reading sent
-    for the point (so a refused value after a good one with the same code is sent, as bad), or
+    for the point (so a refused value after a good one with the same code is sent, as bad; for
+    text cut at MAX_TEXT_BYTES, the whole text is compared, so a change past the cut counts), or
     when it carries a source timestamp different from the previous one (the device says it
     sampled again). Otherwise it is an exact repeat (a poll of an unchanged value, the value a
     new subscription replays) and is dropped. A bad point (bad status or refused value) is sent
@@ -201,16 +235,16 @@ class ChangeFilter:
 
     def accept(self, src: str, pt: str, data: ua.DataValue, now_ns: int | None = None) -> Accepted:
         """The reading for one DataValue of point `pt` (None for a repeat), its timestamp issue,
-        and whether its value was flagged or refused (see `to_value`). `now_ns` stands in for
-        the receive time (tests)."""
+        and whether its value was flagged, refused or cut (see `to_value`). `now_ns` stands in
+        for the receive time (tests)."""
         code = status_code(data)
-        value, quality, flagged, rejected = to_value(data)
+        value, quality, flagged, rejected, truncated, whole = to_value(data)
         bad = quality is Quality.BAD
-        sample = _Sample(value, code, bad, _ns(data.SourceTimestamp), data.ServerTimestamp)
+        sample = _Sample(value, code, bad, _ns(data.SourceTimestamp), data.ServerTimestamp, whole)
         previous = self._device.get(pt)
         self._device[pt] = sample
         if not self._is_news(pt, sample, previous):
-            return Accepted(None, None, flagged, rejected)
+            return Accepted(None, None, flagged, rejected, truncated)
         issue = _timestamp_issue(sample, previous)
         if issue is None:
             assert sample.source_ns is not None
@@ -223,7 +257,8 @@ class ChangeFilter:
         self._sent[pt] = sample
         if issue == "missing" and quality_of(code) is Quality.BAD:
             issue = None  # a server omits timestamps on the bad status it made itself (§7.11)
-        return Accepted(Reading(src, pt, ts_ns, value, quality, code), issue, flagged, rejected)
+        reading = Reading(src, pt, ts_ns, value, quality, code)
+        return Accepted(reading, issue, flagged, rejected, truncated)
 
     def _is_news(self, pt: str, sample: _Sample, previous: _Sample | None) -> bool:
         sent = self._sent.get(pt)
@@ -231,7 +266,7 @@ class ChangeFilter:
             return True
         if sample.bad:
             return False  # same bad code: value is None both times, nothing new
-        if not same_value(sent.value, sample.value):
+        if not sample.same_value_as(sent):
             return True
         return (
             sample.source_ns is not None
