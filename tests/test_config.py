@@ -49,6 +49,16 @@ def test_sizes_are_parsed() -> None:
     assert config.store.max_bytes == 512 * 1024**2
 
 
+def test_the_packet_limit_is_a_size_of_at_least_512_bytes() -> None:
+    assert parse_config(MINIMAL).mqtt.max_packet_size is None
+    assert parse_config(MINIMAL + "mqtt: {max_packet_size: 128KiB}\n").mqtt.max_packet_size == (
+        128 * 1024
+    )
+    assert parse_config(MINIMAL + "mqtt: {max_packet_size: 550}\n").mqtt.max_packet_size == 550
+    [problem] = problems_of(MINIMAL + "mqtt: {max_packet_size: 100}\n")
+    assert "mqtt.max_packet_size" in problem and "512" in problem
+
+
 def test_five_mistakes_are_all_reported_with_lines(tmp_path: Path) -> None:
     path = tmp_path / "bad.yaml"
     path.write_text(

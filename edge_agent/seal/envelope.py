@@ -26,6 +26,16 @@ HDR_ALG, HDR_CONTENT_TYPE, HDR_KID = 1, 3, 4
 CONTENT_TYPE = "application/cbor"
 QUALITY_TEXT: Mapping[str, str] = {q: q.value for q in Quality}
 """The wire text of each quality (a dict lookup, not the enum's `.value` property per reading)."""
+RETENTION = "retention"
+"""Eviction reason: the buffer was full (`store.max_bytes`, or the disk) or the batch older than
+`store.max_age`. Also the reason of a range declared without one (agents before
+`evicted_reasons`)."""
+TOO_LARGE = "too_large"
+"""Eviction reason: the batch's PUBLISH is larger than the broker's Maximum Packet Size (as it
+advertised, as `mqtt.max_packet_size` says, or as its DISCONNECT 0x95 said)."""
+UNDELIVERABLE = "undeliverable"
+"""Eviction reason: the broker closed the connection every time the batch was sent alone,
+without saying it was too large (an MQTT 3.1.1 broker, or a limit it does not advertise)."""
 MAX_PAYLOAD_BYTES = 64 * 1024 * 1024
 """Decompression limit for consumers: a batch is never near this; a zstd bomb would be."""
 
@@ -41,6 +51,8 @@ class Batch:
     sealed_ns: int
     evicted: list[tuple[int, int]] = field(default_factory=list)
     kid: bytes = b""
+    evicted_reasons: list[str] = field(default_factory=list)
+    """Why each `evicted` range was dropped, in the same order (`retention` when unsaid)."""
 
 
 class Sealer:
@@ -69,8 +81,15 @@ class Sealer:
         readings: Sequence[Reading],
         sealed_ns: int,
         evicted: Sequence[tuple[int, int]] = (),
+        reasons: Sequence[str] = (),
     ) -> bytes:
-        """The COSE_Sign1 bytes for `readings`, numbered from `first_seq` in order."""
+        """The COSE_Sign1 bytes for `readings`, numbered from `first_seq` in order.
+
+        `reasons` says why each `evicted` range was dropped (empty: all by retention); it goes
+        out as `evicted_reasons`, an extension that consumers which do not know it ignore.
+        """
+        if reasons and len(reasons) != len(evicted):
+            raise ValueError(f"{len(reasons)} reasons for {len(evicted)} evicted ranges")
         # One comprehension with the reading unpacked: this runs once per reading, and attribute
         # lookups and the enum's `.value` property cost as much as building the map itself.
         text = QUALITY_TEXT
@@ -80,17 +99,18 @@ class Sealer:
             else {"seq": seq, "src": src, "pt": pt, "ts": ts, "v": v, "q": text[q], "sc": code}
             for seq, (src, pt, ts, v, q, code) in enumerate(readings, first_seq)
         ]
-        body = cbor2.dumps(
-            {
-                "v": FORMAT_VERSION,
-                "gateway": gateway,
-                "epoch": epoch,
-                "batch": batch,
-                "readings": items,
-                "sealed": sealed_ns,
-                "evicted": [list(e) for e in evicted],
-            }
-        )
+        content: dict[str, Any] = {
+            "v": FORMAT_VERSION,
+            "gateway": gateway,
+            "epoch": epoch,
+            "batch": batch,
+            "readings": items,
+            "sealed": sealed_ns,
+            "evicted": [list(e) for e in evicted],
+        }
+        if evicted:
+            content["evicted_reasons"] = list(reasons) or [RETENTION] * len(evicted)
+        body = cbor2.dumps(content)
         payload = self._compressor.compress(body) if self._compressor else body
         to_sign = cbor2.dumps(["Signature1", self._protected, b"", payload])
         signature = self._key.sign(to_sign)
@@ -159,12 +179,21 @@ class Opener:
         seqs = [r["seq"] for r in readings]
         if seqs and seqs != list(range(seqs[0], seqs[0] + len(seqs))):
             raise EnvelopeError("readings' seq values are not consecutive")
+        evicted = [(int(a), int(b)) for a, b in body.get("evicted", [])]
+        reasons = body.get("evicted_reasons", [RETENTION] * len(evicted))
+        if (
+            not isinstance(reasons, list)
+            or len(reasons) != len(evicted)
+            or not all(isinstance(r, str) for r in reasons)
+        ):
+            raise EnvelopeError("evicted_reasons must be one text per evicted range")
         return Batch(
             gateway=str(body["gateway"]),
             epoch=str(body["epoch"]),
             batch=int(body["batch"]),
             readings=readings,
             sealed_ns=int(body["sealed"]),
-            evicted=[(int(a), int(b)) for a, b in body.get("evicted", [])],
+            evicted=evicted,
             kid=kid,
+            evicted_reasons=reasons,
         )

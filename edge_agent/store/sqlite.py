@@ -3,9 +3,11 @@
 Invariants (each holds after every committed transaction):
 1. A batch is written whole, with the sequence and batch counters that follow it, in one
    transaction; `seq` and `batch` never go backwards and are never reused within an epoch.
-2. A batch leaves the buffer only in two ways: deleted after the broker acknowledged it, or
-   evicted by retention, in which case its `[first_seq, last_seq]` is recorded in
-   `pending_evictions` in the same transaction.
+2. A batch leaves the buffer only in three ways: deleted after the broker acknowledged it,
+   evicted by retention, or evicted as undeliverable (the broker will never take it: too large
+   for its packet limit); an evicted batch's `[first_seq, last_seq]` is recorded in
+   `pending_evictions` in the same transaction, and an undeliverable one's reason in
+   `eviction_reasons` (no row there means retention).
 3. A pending eviction is removed only in the transaction that stores the signed batch that
    declares it; such declaring batches live in `notices`, are sent before older readings, and are
    never evicted themselves.
@@ -35,6 +37,7 @@ from typing import Any, TypeVar
 import aiosqlite
 
 from edge_agent.errors import StoreError
+from edge_agent.seal.envelope import RETENTION
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +54,8 @@ CREATE TABLE IF NOT EXISTS notices (
     sealed_ns INTEGER NOT NULL, data BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS pending_evictions (
     first_seq INTEGER PRIMARY KEY, last_seq INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS eviction_reasons (
+    first_seq INTEGER PRIMARY KEY, reason TEXT NOT NULL);
 """
 
 
@@ -201,6 +206,51 @@ class Store:
         )
         return [(int(a), int(b)) for a, b in rows]
 
+    async def pending_declarations(self) -> list[tuple[int, int, str]]:
+        """Pending evictions with their reasons: `(first_seq, last_seq, reason)`, oldest first."""
+        rows = await self._read(
+            "read pending evictions",
+            "SELECT p.first_seq, p.last_seq, coalesce(r.reason, ?) FROM pending_evictions p"
+            " LEFT JOIN eviction_reasons r USING (first_seq) ORDER BY p.first_seq",
+            (RETENTION,),
+        )
+        return [(int(a), int(b), str(reason)) for a, b, reason in rows]
+
+    async def evict_undeliverable(
+        self, key: tuple[str, int], reason: str
+    ) -> tuple[int, int, int] | None:
+        """Evict one batch the broker will never accept and record it for declaration.
+
+        Returns `(first_seq, last_seq, readings)`, or None when `key` is not a batch of readings
+        still buffered (declarations are never evicted: invariant 3).
+        """
+        table, row_id = key
+        if table != "batches":
+            return None
+
+        async def body(db: aiosqlite.Connection) -> tuple[int, int, int, int] | None:
+            rows = list(
+                await db.execute_fetchall(
+                    "DELETE FROM batches WHERE id = ?"
+                    " RETURNING first_seq, last_seq, readings, bytes",
+                    (row_id,),
+                )
+            )
+            if not rows:
+                return None
+            first, last, readings, size = (int(v) for v in rows[0])
+            if readings:
+                await db.execute("INSERT INTO pending_evictions VALUES (?, ?)", (first, last))
+                await db.execute("INSERT INTO eviction_reasons VALUES (?, ?)", (first, reason))
+            return first, last, readings, size
+
+        def on_commit(row: tuple[int, int, int, int] | None) -> None:
+            if row is not None:
+                self._forget([(row[2], row[3], 1)])
+
+        row = await self._atomically("evict an undeliverable batch", body, on_commit)
+        return None if row is None else row[:3]
+
     async def append(self, batches: Sequence[SealedBatch]) -> int:
         """Store sealed batches, advance the counters and apply retention, in one transaction.
 
@@ -259,6 +309,10 @@ class Store:
                 )
                 await db.executemany(
                     "DELETE FROM pending_evictions WHERE first_seq = ?",
+                    [(first,) for first, _ in b.declares],
+                )
+                await db.executemany(
+                    "DELETE FROM eviction_reasons WHERE first_seq = ?",
                     [(first,) for first, _ in b.declares],
                 )
         await db.executemany(
