@@ -268,6 +268,53 @@ async def test_batches_are_sealed_within_the_configured_packet_limit(
     assert run.batcher.max_bytes == 550 - publish_packet_size("t/gw/batch", 0, v5=False) - 3
 
 
+async def test_batches_sealed_while_the_broker_is_away_fit_its_last_advertised_limit(
+    tmp_path: Path,
+) -> None:
+    """The limit a broker advertised is kept in the store: after a restart with the link down,
+    batches are sealed to fit it before any CONNACK, and none is evicted once it is back."""
+    with broker_with(tmp_path, "max_packet_size 550\n") as broker:
+        config = MqttConfig(url=broker.url, topic_prefix="t", reconnect_min=0.1,
+                            reconnect_max=0.2)  # fmt: skip
+        store, sealed = await filled_store(tmp_path / "b.db", batches=1)
+        forwarder = Forwarder(config, "gw", store, sealed, Metrics())
+        task = asyncio.create_task(forwarder.run())
+        while store.stats.batches:
+            forwarder.acked.clear()
+            await asyncio.wait_for(forwarder.acked.wait(), 10)
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await store.close()
+        broker.stop()
+
+        store = Store(tmp_path / "b.db", max_bytes=64 * 1024 * 1024, max_age_s=86400)
+        await store.open()
+        metrics = Metrics()
+        batcher = Batcher(store, Sealer(Ed25519PrivateKey.generate()), metrics, gateway="gw",
+                          max_readings=10, max_delay=1, capacity=1000)  # fmt: skip
+        forwarder = Forwarder(config, "gw", store, batcher.sealed, metrics,
+                              on_evicted=batcher.declare_pending,
+                              on_payload_limit=batcher.set_max_bytes)  # fmt: skip
+        task = asyncio.create_task(forwarder.run())
+        try:
+            await batcher.emit(readings(10, 100, lambda i: random_text(40)))
+            await batcher.seal_pending()
+            assert metrics.mqtt_connects._value.get() == 0, "the broker is away"
+            assert batcher.max_bytes == 550 - publish_packet_size("t/gw/batch", 0, v5=True) - 3
+            assert all(len(b.data) <= batcher.max_bytes for b in await store.take(100))
+            broker.start()
+            while store.stats.batches:
+                forwarder.acked.clear()
+                await asyncio.wait_for(forwarder.acked.wait(), 10)
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            await store.close()
+    assert metrics.readings_sent._value.get() == 100
+    assert metrics.batches_undeliverable._value.get() == 0
+    assert "oversize" not in broker.log_path.read_text()
+
+
 async def test_a_message_over_the_brokers_size_limit_is_evicted_on_its_puback(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -81,6 +81,8 @@ DROPS_TO_EVICT = 3
 MIN_LEARNED_PAYLOAD = 256
 """Floor of the batch size learned from an undeliverable batch: a declaration still fits."""
 ACK_RETRY_S = 1.0
+ADVERTISED_LIMIT = "broker_max_packet_size"
+"""The store's `meta` key for the Maximum Packet Size the broker last advertised."""
 
 
 class PublishRejectedError(Exception):
@@ -174,7 +176,8 @@ class Forwarder:
         on_payload_limit: Callable[[int | None], None] | None = None,
     ) -> None:
         """`on_evicted` is called after a batch was evicted (the batcher declares it);
-        `on_payload_limit` with the largest batch, in bytes, the link takes (None: no limit)."""
+        `on_payload_limit` with the largest batch, in bytes, the link takes (None: no limit),
+        first from here. `store` must be open."""
         self._config = config
         self._store = store
         self._new_batches = new_batches
@@ -206,6 +209,9 @@ class Forwarder:
         self._payload_limit: int | None = None
         self._stalled = False
         """The last connection was accepted but moved nothing (its successor logs quietly)."""
+        # The broker's last advertised limit, kept in the (open) store: batches sealed before
+        # the first CONNACK, with the link down at boot, fit it as well.
+        self._report_payload_limit(BrokerLimits(max_packet_size=self._recalled_limit()))
 
     def _client(self) -> AckingClient:
         will = aiomqtt.Will(self.status_topic, json.dumps({"state": "offline"}), qos=1, retain=True)
@@ -226,7 +232,6 @@ class Forwarder:
 
     async def run(self) -> None:
         """Connect, forward, and reconnect with backoff, until cancelled."""
-        self._report_payload_limit(BrokerLimits())
         while True:
             client = self._client()
             session = _Session()
@@ -234,6 +239,7 @@ class Forwarder:
                 async with client:
                     session.connected = True
                     self._connected(client)
+                    await self._remember_limit(client.limits)
                     await client.publish(
                         self.status_topic, json.dumps({"state": "online"}), qos=1, retain=True
                     )
@@ -326,6 +332,18 @@ class Forwarder:
             if size is not None
         ]
         return min(known) if known else (None, "")
+
+    async def _remember_limit(self, limits: BrokerLimits) -> None:
+        if limits.max_packet_size == self._recalled_limit():
+            return
+        try:
+            await self._store.remember(ADVERTISED_LIMIT, limits.max_packet_size)
+        except StoreError as exc:  # only a guess for the next start is lost
+            log.debug("Could not keep the broker's packet limit error=%s", exc)
+
+    def _recalled_limit(self) -> int | None:
+        value = self._store.recall(ADVERTISED_LIMIT)
+        return int(value) if value is not None else None
 
     def _report_payload_limit(self, limits: BrokerLimits) -> None:
         """Tell the batcher the largest batch the link takes (payload bytes)."""

@@ -102,6 +102,7 @@ class Store:
         self.stats = BufferStats()
         self._db: aiosqlite.Connection | None = None
         self._lock = asyncio.Lock()
+        self._meta: dict[str, Any] = {}
 
     async def open(self) -> None:
         try:
@@ -121,6 +122,7 @@ class Store:
             await db.execute("COMMIT")
             self.epoch = str(meta["epoch"])
             self.next_seq, self.next_batch = int(meta["next_seq"]), int(meta["next_batch"])
+            self._meta = meta
             await self._load_stats()
         except (sqlite3.Error, OSError) as exc:
             raise StoreError(f"cannot open buffer {self.path}: {exc}") from exc
@@ -205,6 +207,18 @@ class Store:
             "SELECT first_seq, last_seq FROM pending_evictions ORDER BY first_seq",
         )
         return [(int(a), int(b)) for a, b in rows]
+
+    def recall(self, key: str) -> Any:
+        """A value `remember` kept, as of the last open or since; None if never."""
+        return self._meta.get(key)
+
+    async def remember(self, key: str, value: int | str | None) -> None:
+        """Keep a small fact across restarts (the broker's last advertised packet limit)."""
+
+        async def body(db: aiosqlite.Connection) -> None:
+            await db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, value))
+
+        await self._atomically(f"remember {key}", body, lambda _: self._meta.update({key: value}))
 
     async def pending_declarations(self) -> list[tuple[int, int, str]]:
         """Pending evictions with their reasons: `(first_seq, last_seq, reason)`, oldest first."""
