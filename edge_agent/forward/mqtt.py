@@ -10,8 +10,9 @@ consumer by `seq`).
 The broker's limits are honoured (MQTT 5 §3.2.2.3, from its CONNACK): no more publishes in
 flight than its Receive Maximum; no topic aliases at all, so any Topic Alias Maximum holds; and
 no PUBLISH larger than its Maximum Packet Size or `mqtt.max_packet_size`, whichever is smaller.
-The batcher is told that limit and seals batches within it; a batch sealed before the limit was
-known and too large for it is evicted before it is sent and declared with reason `too_large`.
+The batcher is told that limit and seals batches within it (the limit the broker last advertised
+is kept in the store, for batches sealed before the next CONNACK); a batch sealed before the
+limit was known and too large for it is evicted before it is sent, declared `too_large`.
 
 A broker may enforce a limit it does not advertise (MQTT 3.1.1 cannot advertise one): it closes
 the connection when the batch arrives, often with a TCP reset that also discards the PUBACKs of
@@ -377,17 +378,19 @@ class Forwarder:
                     skip = window.notices_sent | self._held
                     taken = await self._store.take(window.room(), after=window.cursor,
                                                    skip_notices=skip)  # fmt: skip
+                    evicted = False
                     for batch in taken:
                         size = publish_packet_size(self.batch_topic, len(batch.data), v5=v5)
                         if limit is not None and size > limit:
                             cause = f"packet of {size} bytes over the limit of {limit} ({source})"
                             await self._evict(batch, TOO_LARGE, cause, session)
+                            evicted = True
                             continue
                         window.start(batch, client.publish_acked(self.batch_topic, batch.data))
                     if not taken and not window.in_flight:
                         self._progress(session)  # caught up: nothing left to send
-                    elif window.room() and taken:
-                        continue  # some were evicted or held: take more before waiting
+                    elif evicted:
+                        continue  # its place in the window is free: take the next one first
                 wake = self._new_batches if window.room() else None
                 results, problem = await window.completed(wake, client.lost)
                 # Successes first: a rejection in the same round must not hold them back.
@@ -568,10 +571,6 @@ class _Window:
             self.cursor = max(self.cursor, row_id)
         task = asyncio.ensure_future(publish)
         self.in_flight[task] = batch
-
-    def oldest(self) -> StoredBatch | None:
-        """The batch sent first of those still unacknowledged."""
-        return next(iter(self.in_flight.values()), None)
 
     async def completed(
         self, wake: asyncio.Event | None, lost: asyncio.Event
