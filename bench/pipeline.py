@@ -230,7 +230,7 @@ class AgentProcess:
     def __post_init__(self) -> None:
         self.url = f"http://{self.config['health']['listen']}"
         self.config_path = self.directory / f"{self.name}.yaml"
-        # Flow style for the points: a config file may not exceed 1 MiB.
+        # Flow style for the points: a config file may not exceed 4 MiB.
         self.config_path.write_text(yaml.safe_dump(self.config, default_flow_style=None))
         self.log_path = self.directory / f"{self.name}.log"
 

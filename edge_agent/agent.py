@@ -23,11 +23,12 @@ from edge_agent.config import Config, load_config
 from edge_agent.errors import ConfigError, StoreError
 from edge_agent.forward.mqtt import Forwarder
 from edge_agent.health import Health, start_health_server
+from edge_agent.logs import configure_logging
 from edge_agent.metrics import Metrics, SourceCollector
 from edge_agent.seal.batcher import Batcher
 from edge_agent.seal.envelope import Sealer
 from edge_agent.seal.keys import load_private_key
-from edge_agent.sources import Emit, Source, build_source
+from edge_agent.sources import Emit, Source, SourceContext, build_source
 from edge_agent.store.sqlite import Store
 
 log = logging.getLogger(__name__)
@@ -35,16 +36,6 @@ log = logging.getLogger(__name__)
 DRAIN_TIMEOUT_S = 5.0
 GOODBYE_S = 3.0
 SOURCE_RESTART_S = 5.0
-
-
-def configure_logging(level: int = logging.INFO) -> None:
-    logging.basicConfig(
-        level=level,
-        stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    for noisy in ("asyncua", "pymodbus", "aiohttp.access"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
 def run_agent(path: Path) -> int:
@@ -85,7 +76,9 @@ class Agent:
         self.store = Store(
             config.store.path, max_bytes=int(config.store.max_bytes), max_age_s=config.store.max_age
         )
-        self.sources: list[Source] = [build_source(c) for c in config.sources]
+        self.source_context = SourceContext()
+        """What the sources share (the Modbus link pool); owned here, lent to each source."""
+        self.sources: list[Source] = [build_source(c, self.source_context) for c in config.sources]
         self.metrics.registry.register(SourceCollector({s.name: s.state for s in self.sources}))
         self.stopping = asyncio.Event()
         self.started = asyncio.Event()

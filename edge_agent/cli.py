@@ -1,4 +1,4 @@
-"""The `edge-agent` command line (docs/contract.md §1): argument parsing and exit codes, nothing more."""
+"""The `edge-agent` command line (docs/contract.md §1): argument parsing and exit codes, no more."""
 
 from __future__ import annotations
 
@@ -79,7 +79,9 @@ def _cmd_probe(args: argparse.Namespace) -> int:
 def _add_browse_arguments(browse: argparse.ArgumentParser) -> None:
     """`browse` options; the security ones mirror the OPC UA source's `security:` keys."""
     browse.add_argument("endpoint", help="opc.tcp://host:port[/path]")
-    browse.add_argument("--node", default="i=85", help="start node id (default: i=85, Objects)")
+    browse.add_argument(
+        "--node", default="i=85", help="start node id, ns= or nsu= form (default: i=85, Objects)"
+    )
     browse.add_argument("--depth", type=int, default=3, help="levels to descend (default: 3)")
     browse.add_argument(
         "--include-standard",

@@ -1,11 +1,14 @@
-"""The health endpoint of docs/contract.md §3: /healthz, /readyz, /status and /metrics on one server.
+"""The health endpoint of docs/contract.md §3: /healthz, /readyz, /status and /metrics, one server.
 
 prometheus-client's own server binds 0.0.0.0 by default; this one listens where `health.listen`
-says, 127.0.0.1 unless configured otherwise.
+says, 127.0.0.1 unless configured otherwise. Every JSON answer is strict JSON (RFC 8259): a NaN
+or infinity is never written as `NaN`/`Infinity`, which strict parsers reject.
 """
 
 from __future__ import annotations
 
+import functools
+import json
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -17,6 +20,9 @@ from edge_agent.forward.mqtt import ForwarderState
 from edge_agent.metrics import Metrics
 from edge_agent.sources.base import SourceState
 from edge_agent.store.sqlite import Store
+
+strict_dumps = functools.partial(json.dumps, allow_nan=False)
+"""json.dumps that raises ValueError on NaN or infinity instead of writing invalid JSON."""
 
 
 class Health:
@@ -50,10 +56,12 @@ class Health:
 
     async def _healthz(self, _: web.Request) -> web.Response:
         alive = self._alive()
-        return web.json_response({"alive": alive}, status=200 if alive else 503)
+        return web.json_response({"alive": alive}, status=200 if alive else 503, dumps=strict_dumps)
 
     async def _readyz(self, _: web.Request) -> web.Response:
-        return web.json_response({"ready": self.ready}, status=200 if self.ready else 503)
+        return web.json_response(
+            {"ready": self.ready}, status=200 if self.ready else 503, dumps=strict_dumps
+        )
 
     async def snapshot(self) -> dict[str, Any]:
         oldest = await self._store.oldest_sealed_ns()
@@ -93,7 +101,7 @@ class Health:
         }
 
     async def _status(self, _: web.Request) -> web.Response:
-        return web.json_response(await self.snapshot())
+        return web.json_response(await self.snapshot(), dumps=strict_dumps)
 
     async def _metrics_text(self, _: web.Request) -> web.Response:
         await self.snapshot()

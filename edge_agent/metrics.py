@@ -1,14 +1,17 @@
-"""The agent's Prometheus metrics, in a registry of its own (names prefixed `edge_agent_`)."""
+"""The agent's Prometheus metrics, in a registry of its own (names prefixed `edge_agent_`).
+
+A leaf: it imports nothing of the package; components update the metrics, or are read through
+the small protocol below at scrape time.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
+from typing import Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
-
-from edge_agent.sources.base import SourceState
 
 disable_created_metrics()  # type: ignore[no-untyped-call]
 
@@ -72,10 +75,26 @@ class Metrics:
         )
 
 
+class SourceCounts(Protocol):
+    """What the per-source series read of a source's state (`sources.base.SourceState` is one)."""
+
+    @property
+    def up(self) -> bool: ...
+
+    @property
+    def readings(self) -> int: ...
+
+    @property
+    def errors(self) -> int: ...
+
+    @property
+    def counts(self) -> Mapping[str, int]: ...
+
+
 class SourceCollector(Collector):
     """Per-source series, read from each source's own state at scrape time."""
 
-    def __init__(self, states: Mapping[str, SourceState]) -> None:
+    def __init__(self, states: Mapping[str, SourceCounts]) -> None:
         self._states = states
 
     def collect(self) -> Iterator[Metric]:

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
+
 from edge_agent.consumer.completeness import Completeness, Coverage
+
+pytestmark = pytest.mark.unit
 
 
 def readings(first: int, last: int) -> list[dict[str, int]]:

@@ -15,6 +15,8 @@ from edge_agent.reading import Quality, Reading
 from edge_agent.seal.envelope import Opener, Sealer
 from edge_agent.seal.keys import key_id, load_private_key, load_public_key, write_keypair
 
+pytestmark = pytest.mark.unit
+
 READINGS = [
     Reading("plc", "current", 1_700_000_000_000_000_000, 12.5, Quality.GOOD),
     Reading("plc", "running", 1_700_000_000_000_000_001, True, Quality.GOOD),

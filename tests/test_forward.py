@@ -15,28 +15,38 @@ from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from helpers.store import filled_store
+from helpers.wait import deadline
 
 from edge_agent.config.schema import MqttConfig
 from edge_agent.consumer.completeness import Stream
 from edge_agent.consumer.verify import Verifier, consume, consumer_client
 from edge_agent.demo.broker import Mosquitto
 from edge_agent.forward.client import AckingClient, publish_packet_size
-from edge_agent.forward.mqtt import DROPS_TO_EVICT, Backoff, Forwarder
+from edge_agent.forward.mqtt import DROPS_TO_EVICT, Forwarder
 from edge_agent.metrics import Metrics
 from edge_agent.reading import Quality, Reading
 from edge_agent.seal.batcher import Batcher
 from edge_agent.seal.envelope import Opener, Sealer
 from edge_agent.store.sqlite import Store
 
+pytestmark = pytest.mark.integration
 
-async def filled_store(path: Path, batches: int) -> tuple[Store, asyncio.Event]:
-    store = Store(path, max_bytes=64 * 1024 * 1024, max_age_s=86400)
-    await store.open()
-    batcher = Batcher(store, Sealer(Ed25519PrivateKey.generate()), Metrics(), gateway="gw",
-                      max_readings=10, max_delay=1, capacity=1000)  # fmt: skip
-    await batcher.emit([Reading("s", "p", i, i, Quality.GOOD) for i in range(10 * batches)])
-    await batcher.seal_pending()
-    return store, batcher.sealed
+
+def sample(metrics: Metrics, name: str) -> float:
+    """A counter's value as /metrics shows it (`name` without the `_total` suffix)."""
+    value = metrics.registry.get_sample_value(f"{name}_total")
+    assert value is not None, f"no metric {name}_total"
+    return value
+
+
+async def all_acknowledged(forwarder: Forwarder, store: Store, timeout: float = 30.0) -> None:
+    """Wait, on the forwarder's `acked` event, until the store holds no batch."""
+    async with deadline(timeout, f"every batch acknowledged ({store.stats.batches} left)"):
+        while store.stats.batches:
+            forwarder.acked.clear()
+            if store.stats.batches:  # an ack between the check and the clear is not missed
+                await forwarder.acked.wait()
 
 
 @pytest.mark.parametrize("protocol", ["5", "3.1.1"])
@@ -48,10 +58,8 @@ async def test_acknowledged_batches_are_deleted(
     config = MqttConfig(url=broker.url, topic_prefix="t", protocol=protocol)  # type: ignore[arg-type]
     forwarder = Forwarder(config, "gw", store, sealed, metrics)
     task = asyncio.create_task(forwarder.run())
-    while store.stats.batches:
-        forwarder.acked.clear()
-        await asyncio.wait_for(forwarder.acked.wait(), 10)
-    assert metrics.readings_sent._value.get() == 500
+    await all_acknowledged(forwarder, store)
+    assert sample(metrics, "edge_agent_readings_sent") == 500
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
@@ -71,18 +79,16 @@ async def test_a_small_window_sends_every_batch_with_declarations_first(
             [Reading("s", "p", i, i, Quality.GOOD) for i in range(start, start + 1000)]
         )
         await batcher.seal_pending()
-    declarations = len([b for b in await store.take(1000) if b.key[0] == "notices"])
+    declarations = len([b for b in await store.take(1000) if b.key.kind == "declaration"])
     assert declarations > 1
     batches = store.stats.batches
     metrics = Metrics()
     config = MqttConfig(url=broker.url, topic_prefix="t", max_inflight=2)
     forwarder = Forwarder(config, "gw", store, batcher.sealed, metrics)
     task = asyncio.create_task(forwarder.run())
-    while store.stats.batches:
-        forwarder.acked.clear()
-        await asyncio.wait_for(forwarder.acked.wait(), 10)
-    assert metrics.batches_sent._value.get() == batches
-    assert metrics.mqtt_connects._value.get() == 1, "no batch waited for a reconnect"
+    await all_acknowledged(forwarder, store)
+    assert sample(metrics, "edge_agent_batches_sent") == batches
+    assert sample(metrics, "edge_agent_mqtt_connects") == 1, "no batch waited for a reconnect"
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
@@ -120,7 +126,8 @@ class Pipeline:
         """Hand readings over as a source does; the running batcher seals them."""
         await self.batcher.emit(batch)
         self.batcher.sealed.clear()
-        await asyncio.wait_for(self.batcher.sealed.wait(), 10)
+        async with deadline(10, "the readings sealed"):
+            await self.batcher.sealed.wait()
 
     async def until_complete(self, timeout: float = 30) -> Stream:
         """Wait until the verifier accounts for every sealed seq and the buffer is empty."""
@@ -135,7 +142,7 @@ class Pipeline:
                 and not self.stream().holes()
             )
 
-        async with asyncio.timeout(timeout):
+        async with deadline(timeout, "every sealed seq verified or declared, the buffer empty"):
             while True:  # a batch verified, or one deleted after its PUBACK, may complete it
                 self.arrived.clear()
                 self.forwarder.acked.clear()
@@ -181,7 +188,8 @@ async def pipeline(
             subscribed=subscribed,
         )  # fmt: skip
     )
-    await asyncio.wait_for(subscribed.wait(), 10)
+    async with deadline(10, "the verifier subscribed"):
+        await subscribed.wait()
     batching = asyncio.create_task(batcher.run())
     forwarding = asyncio.create_task(forwarder.run())
     try:
@@ -233,8 +241,8 @@ async def test_a_batch_over_the_brokers_packet_limit_is_evicted_declared_and_the
     assert stream.evicted.ranges() == [[21, 30]]
     assert stream.evicted_by_reason == {reason: 10}
     assert stream.readings == 80, "everything but the evicted batch arrived"
-    assert run.metrics.batches_undeliverable._value.get() == 1
-    connects = run.metrics.mqtt_connects._value.get()
+    assert sample(run.metrics, "edge_agent_batches_undeliverable") == 1
+    connects = sample(run.metrics, "edge_agent_mqtt_connects")
     if protocol == "5":
         assert (connects, oversize) == (1, 0), "evicted before it was ever sent"
         assert "over the limit of 550 (advertised by the broker)" in caplog.text
@@ -262,8 +270,10 @@ async def test_batches_are_sealed_within_the_configured_packet_limit(
     assert sizes == []
     assert stream.readings == 100
     assert stream.evicted_count == 0
-    assert run.metrics.mqtt_connects._value.get() == 1
-    assert run.metrics.batches_sent._value.get() > 10, "batches held fewer than max_readings"
+    assert sample(run.metrics, "edge_agent_mqtt_connects") == 1
+    assert sample(run.metrics, "edge_agent_batches_sent") > 10, (
+        "batches held fewer than max_readings"
+    )
     assert "oversize" not in broker.log_path.read_text()
     assert run.batcher.max_bytes == 550 - publish_packet_size("t/gw/batch", 0, v5=False) - 3
 
@@ -279,9 +289,7 @@ async def test_batches_sealed_while_the_broker_is_away_fit_its_last_advertised_l
         store, sealed = await filled_store(tmp_path / "b.db", batches=1)
         forwarder = Forwarder(config, "gw", store, sealed, Metrics())
         task = asyncio.create_task(forwarder.run())
-        while store.stats.batches:
-            forwarder.acked.clear()
-            await asyncio.wait_for(forwarder.acked.wait(), 10)
+        await all_acknowledged(forwarder, store)
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
         await store.close()
@@ -299,19 +307,17 @@ async def test_batches_sealed_while_the_broker_is_away_fit_its_last_advertised_l
         try:
             await batcher.emit(readings(10, 100, lambda i: random_text(40)))
             await batcher.seal_pending()
-            assert metrics.mqtt_connects._value.get() == 0, "the broker is away"
+            assert sample(metrics, "edge_agent_mqtt_connects") == 0, "the broker is away"
             assert batcher.max_bytes == 550 - publish_packet_size("t/gw/batch", 0, v5=True) - 3
             assert all(len(b.data) <= batcher.max_bytes for b in await store.take(100))
             broker.start()
-            while store.stats.batches:
-                forwarder.acked.clear()
-                await asyncio.wait_for(forwarder.acked.wait(), 10)
+            await all_acknowledged(forwarder, store)
         finally:
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
             await store.close()
-    assert metrics.readings_sent._value.get() == 100
-    assert metrics.batches_undeliverable._value.get() == 0
+    assert sample(metrics, "edge_agent_readings_sent") == 100
+    assert sample(metrics, "edge_agent_batches_undeliverable") == 0
     assert "oversize" not in broker.log_path.read_text()
 
 
@@ -331,7 +337,7 @@ async def test_a_message_over_the_brokers_size_limit_is_evicted_on_its_puback(
     assert stream.evicted.ranges() == [[21, 30]]
     assert stream.evicted_by_reason == {"too_large": 10}
     assert stream.readings == 50
-    assert run.metrics.mqtt_connects._value.get() == 1
+    assert sample(run.metrics, "edge_agent_mqtt_connects") == 1
     assert "reason=too_large cause=PUBACK reason=0x95 Packet too large" in caplog.text
 
 
@@ -353,10 +359,10 @@ async def test_a_denied_topic_is_degraded_health_with_a_growing_backoff_not_a_ti
         task = asyncio.create_task(forwarder.run())
         try:
             await asyncio.sleep(3.0)  # the measured window: how often it retries in 3 s
-            connects = metrics.mqtt_connects._value.get()
+            connects = sample(metrics, "edge_agent_mqtt_connects")
             assert store.stats.batches == 3
-            assert metrics.readings_sent._value.get() == 0
-            assert connects - 1 <= metrics.publish_rejected._value.get() <= connects
+            assert sample(metrics, "edge_agent_readings_sent") == 0
+            assert connects - 1 <= sample(metrics, "edge_agent_publish_rejected") <= connects
             # 0.05 s doubling to 0.8 s, with jitter: at most 8 attempts in 3 s; a backoff reset
             # by every CONNACK would make about 80.
             assert 3 <= connects <= 8
@@ -365,9 +371,7 @@ async def test_a_denied_topic_is_degraded_health_with_a_growing_backoff_not_a_ti
 
             acl.write_text("topic readwrite t/gw/#\n")
             broker.reload()
-            while store.stats.batches:
-                forwarder.acked.clear()
-                await asyncio.wait_for(forwarder.acked.wait(), 10)
+            await all_acknowledged(forwarder, store)
             assert forwarder.state.degraded is None
             assert "Forwarding again" in caplog.text
         finally:
@@ -402,15 +406,13 @@ async def test_the_window_stays_within_the_brokers_receive_maximum(
                               metrics)  # fmt: skip
         task = asyncio.create_task(forwarder.run())
         try:
-            while store.stats.batches:
-                forwarder.acked.clear()
-                await asyncio.wait_for(forwarder.acked.wait(), 10)
+            await all_acknowledged(forwarder, store)
         finally:
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
             await store.close()
     assert forwarder.state.limits.receive_maximum == (broker_inflight or None)
-    assert metrics.batches_sent._value.get() == 200
+    assert sample(metrics, "edge_agent_batches_sent") == 200
     assert 1 < peak <= most
     if broker_inflight == 0:
         assert peak > 2, "without the broker's limit the window does fill"
@@ -434,7 +436,8 @@ async def test_the_first_batch_after_an_outage_waits_at_most_reconnect_max(
         forwarder.acked.clear()
         await batcher.emit(readings(0, 10))
         await batcher.seal_pending()
-        await asyncio.wait_for(forwarder.acked.wait(), 10)
+        async with deadline(10, "the first batch acknowledged"):
+            await forwarder.acked.wait()
         broker.stop()
         await batcher.emit(readings(10, 10))  # buffered during the outage
         await batcher.seal_pending()
@@ -442,22 +445,11 @@ async def test_the_first_batch_after_an_outage_waits_at_most_reconnect_max(
         forwarder.acked.clear()
         broker.start()
         back = loop.time()
-        await asyncio.wait_for(forwarder.acked.wait(), 10)
+        async with deadline(10, "the batch buffered during the outage acknowledged"):
+            await forwarder.acked.wait()
         assert loop.time() - back < 1.0, "within reconnect_max (0.5 s) and a connection"
         assert store.stats.batches == 0
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
         await store.close()
-
-
-def test_the_backoff_resets_only_on_progress_and_has_two_ceilings(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    monkeypatch.setattr("edge_agent.forward.mqtt.random.uniform", lambda a, b: b)  # no jitter
-    backoff = Backoff(1.0, 5.0, 60.0)
-    stalled = [backoff.next(stalled=True) for _ in range(8)]
-    assert stalled == [1, 2, 4, 8, 16, 32, 60, 60], "a broker that takes nothing: up to 60 s"
-    assert backoff.next(stalled=False) == 5, "one that does not answer: at most 5 s"
-    backoff.reset()
-    assert backoff.next(stalled=True) == 1

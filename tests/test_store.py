@@ -10,13 +10,16 @@ from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from helpers.wait import deadline
 
 from edge_agent.consumer.completeness import Completeness
 from edge_agent.metrics import Metrics
 from edge_agent.reading import Quality, Reading
 from edge_agent.seal.batcher import Batcher
 from edge_agent.seal.envelope import Opener, Sealer
-from edge_agent.store.sqlite import SealedBatch, Store
+from edge_agent.store.sqlite import BatchKey, SealedBatch, Store
+
+pytestmark = pytest.mark.unit
 
 MiB = 1024 * 1024
 
@@ -120,7 +123,7 @@ async def test_retention_evicts_oldest_and_the_next_batch_declares_it(tmp_path: 
     tracker = Completeness()
     opener = Opener([key.public_key()])
     taken = await store.take(1000)
-    assert taken[0].key[0] == "notices", "the declaration is sent before older readings"
+    assert taken[0].key.kind == "declaration", "the declaration is sent before older readings"
     for batch in taken:
         opened = opener.open(batch.data)
         tracker.accept(opened.gateway, opened.epoch, opened.readings, opened.evicted)
@@ -166,7 +169,7 @@ async def test_pending_eviction_survives_a_restart_until_declared(tmp_path: Path
     declaration = SealedBatch(6, 51, 0, now, b"declares", declares=tuple(pending))
     await store.append([declaration])
     assert await store.pending_evictions() == []
-    assert (await store.take(1))[0].key == ("notices", 6)
+    assert (await store.take(1))[0].key == ("declaration", 6)
     await store.close()
 
 
@@ -175,10 +178,12 @@ async def test_batcher_seals_on_delay_and_on_size(tmp_path: Path) -> None:
     batcher = make_batcher(store, Ed25519PrivateKey.generate(), max_readings=100)
     task = asyncio.create_task(batcher.run())
     await batcher.emit(readings(250))
-    await asyncio.wait_for(batcher.sealed.wait(), 5)
-    while store.stats.readings < 250:
-        batcher.sealed.clear()
-        await asyncio.wait_for(batcher.sealed.wait(), 5)
+    async with deadline(5, "250 readings sealed, the last 50 on the delay"):
+        await batcher.sealed.wait()
+        while store.stats.readings < 250:
+            batcher.sealed.clear()
+            if store.stats.readings < 250:  # a seal between the check and the clear counts
+                await batcher.sealed.wait()
     assert store.stats.batches == 3
     await batcher.emit(readings(5, 250))
     batcher.stop()
@@ -258,8 +263,10 @@ async def test_an_undeliverable_batch_is_evicted_and_declared_with_its_reason(
     batcher = make_batcher(store, key, max_readings=10)
     await batcher.emit(readings(30))
     await batcher.seal_pending()
-    assert await store.evict_undeliverable(("batches", 2), "too_large") == (11, 20, 10)
-    assert await store.evict_undeliverable(("batches", 2), "too_large") is None, "gone already"
+    assert await store.evict_undeliverable(BatchKey("readings", 2), "too_large") == (11, 20, 10)
+    assert await store.evict_undeliverable(BatchKey("readings", 2), "too_large") is None, (
+        "gone already"
+    )
     assert (store.stats.batches, store.stats.readings, store.stats.evicted_readings) == (2, 20, 10)
     await store.close()
 
@@ -269,11 +276,11 @@ async def test_an_undeliverable_batch_is_evicted_and_declared_with_its_reason(
     batcher.declare_pending()
     await batcher.seal_pending()
     assert await store.pending_declarations() == []
-    [notice] = [b for b in await store.take(10) if b.key[0] == "notices"]
-    opened = Opener([key.public_key()]).open(notice.data)
+    [declaration] = [b for b in await store.take(10) if b.key.kind == "declaration"]
+    opened = Opener([key.public_key()]).open(declaration.data)
     assert (opened.evicted, opened.evicted_reasons) == ([(11, 20)], ["too_large"])
-    assert await store.evict_undeliverable(notice.key, "too_large") is None
-    assert (await store.take(1))[0].key == notice.key, "a declaration is never evicted"
+    assert await store.evict_undeliverable(declaration.key, "too_large") is None
+    assert (await store.take(1))[0].key == declaration.key, "a declaration is never evicted"
     await store.close()
 
 
@@ -308,15 +315,15 @@ async def test_declarations_are_merged_and_split_to_fit_max_bytes(tmp_path: Path
     await batcher.emit(readings(120))
     await batcher.seal_pending()
     for batch_no in [*range(1, 11), *range(21, 120, 2)]:  # 1..10 touch; the rest do not
-        await store.evict_undeliverable(("batches", batch_no), "too_large")
+        await store.evict_undeliverable(BatchKey("readings", batch_no), "too_large")
     batcher.set_max_bytes(400)
     batcher.declare_pending()
     await batcher.seal_pending()
     opener = Opener([key.public_key()])
-    notices = [b for b in await store.take(1000) if b.key[0] == "notices"]
-    declared = [r for b in notices for r in opener.open(b.data).evicted]
-    assert len(notices) > 1
-    assert all(len(b.data) <= 400 for b in notices)
+    declarations = [b for b in await store.take(1000) if b.key.kind == "declaration"]
+    declared = [r for b in declarations for r in opener.open(b.data).evicted]
+    assert len(declarations) > 1
+    assert all(len(b.data) <= 400 for b in declarations)
     assert declared[0] == (1, 10)
     assert declared[1:] == [(n, n) for n in range(21, 120, 2)]
     assert await store.pending_declarations() == []

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import signal
 import ssl
 import sys
@@ -27,6 +28,7 @@ from paho.mqtt.properties import Properties
 
 from edge_agent.consumer.completeness import Completeness
 from edge_agent.errors import EnvelopeError
+from edge_agent.reading import RejectedValue, checked
 from edge_agent.seal.envelope import Batch, Opener
 from edge_agent.seal.keys import load_public_key
 
@@ -48,6 +50,9 @@ class VerifyResult:
     duplicates: int = 0
     rejected: int = 0
     last_error: str | None = None
+    nonconforming: int = 0
+    """Readings whose value broke the value rules of §4 (NaN, infinity...): shown as bad."""
+    first_nonconforming: str | None = None
     statuses: dict[str, str] = field(default_factory=dict)
 
 
@@ -78,7 +83,40 @@ class Verifier:
         self.result.batches += 1
         self.result.readings += len(fresh)
         self.result.duplicates += len(batch.readings) - len(fresh)
+        for reading in fresh:
+            self._conform(batch.gateway, reading)
         return batch, fresh
+
+    def _conform(self, gateway: str, reading: dict[str, Any]) -> None:
+        """Apply the producer's value rules (edge_agent.reading) to a reading from the wire.
+
+        A reading that breaks them (a NaN or infinite `v`, an integer beyond 64 bits, a value
+        of no reading type, a non-finite number under any key) is counted, reported, and kept
+        with `v` null and `q` bad, as the agent itself would have sent it: the output stays
+        strict JSON and no such value passes for good. The batch is still accepted, so
+        completeness is unaffected. Text is taken as it is (CBOR already refused invalid UTF-8);
+        cutting it at a NUL is the producer's job, and the consumer does not second-guess it.
+        """
+        value = reading.get("v")
+        reason = None
+        try:
+            if not isinstance(value, str):
+                checked(value)
+        except RejectedValue as exc:
+            reason = str(exc)
+        others = [k for k, v in reading.items() if isinstance(v, float) and not math.isfinite(v)]
+        if reason is None and not others:
+            return
+        self.result.nonconforming += 1
+        if self.result.first_nonconforming is None:
+            point = f"{reading.get('src')}.{reading.get('pt')}"
+            where = f"gateway={gateway} seq={reading.get('seq')} {point}"
+            why = reason or f"non-finite {', '.join(others)}"
+            self.result.first_nonconforming = f"{where}: {why}"
+        for key in others:
+            reading[key] = None
+        if reason is not None:
+            reading["v"], reading["q"] = None, "bad"
 
     def summary(self) -> tuple[int, list[str]]:
         """The exit status and the lines that explain it."""
@@ -100,8 +138,14 @@ class Verifier:
         elif self.tracker.holes():
             lines.append("INCOMPLETE: readings missing that no eviction explains")
             code = EXIT_GAP
-        else:
+        elif not self.result.nonconforming:
             lines.append(f"OK: {self.result.batches} batches verified, complete")
+        if self.result.nonconforming:  # readings not as §4 says: exit 3, like a rejection
+            lines.append(
+                f"NONCONFORMING {self.result.nonconforming} readings broke the value rules "
+                f"(shown as bad, v null); first: {self.result.first_nonconforming}"
+            )
+            code = EXIT_BAD_SIGNATURE
         return code, lines
 
 
@@ -225,8 +269,8 @@ def run_verify(args: argparse.Namespace) -> int:
         if args.quiet:
             return
         for r in fresh:
-            if args.json:
-                print(json.dumps({"gateway": batch.gateway, **r}), flush=False)
+            if args.json:  # strict JSON: values were conformed by the Verifier (no NaN)
+                print(json.dumps({"gateway": batch.gateway, **r}, allow_nan=False), flush=False)
             else:
                 print(
                     f"{batch.gateway} {r['seq']:>8} {r['src']}.{r['pt']} = {r['v']!r} "

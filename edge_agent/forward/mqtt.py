@@ -35,11 +35,12 @@ PUBACK reason codes >= 0x80 (MQTT 5 §3.4.2.1), decided per code:
   degraded (`mqtt.degraded` in /status) naming the code, and reconnects after a backoff that
   grows until a batch gets through.
 
-The backoff doubles (with jitter) from `reconnect_min` after every connection that moved no
-data, and resets only on progress: a batch acknowledged or evicted, or nothing left to send; a
-CONNACK alone proves nothing. While the broker cannot be reached it waits at most
-`reconnect_max`, so the first batch after an outage leaves within seconds; while the broker
-accepts connections but takes nothing, up to `reconnect_max_stalled`, sparing it a tight loop.
+The backoff (`schedule.Backoff`, with its second ceiling) doubles (with jitter) from
+`reconnect_min` after every connection that moved no data, and resets only on progress: a batch
+acknowledged or evicted, or nothing left to send; a CONNACK alone proves nothing. While the
+broker cannot be reached it waits at most `reconnect_max`, so the first batch after an outage
+leaves within seconds; while the broker accepts connections but takes nothing, up to
+`reconnect_max_stalled`, sparing it a tight loop.
 """
 
 from __future__ import annotations
@@ -48,7 +49,6 @@ import asyncio
 import contextlib
 import json
 import logging
-import random
 import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
@@ -59,7 +59,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.reasoncodes import ReasonCode
 
 from edge_agent.config.schema import MqttConfig
-from edge_agent.errors import StoreError
+from edge_agent.errors import EdgeAgentError, StoreError
 from edge_agent.forward.client import (
     PACKET_TOO_LARGE,
     AckingClient,
@@ -69,8 +69,9 @@ from edge_agent.forward.client import (
     tls_context,
 )
 from edge_agent.metrics import Metrics
+from edge_agent.schedule import Backoff
 from edge_agent.seal.envelope import TOO_LARGE, UNDELIVERABLE
-from edge_agent.store.sqlite import Store, StoredBatch
+from edge_agent.store.sqlite import BatchKey, Store, StoredBatch
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +87,7 @@ ADVERTISED_LIMIT = "broker_max_packet_size"
 """The store's `meta` key for the Maximum Packet Size the broker last advertised."""
 
 
-class PublishRejectedError(Exception):
+class PublishRejectedError(EdgeAgentError):
     """The broker refused a batch (PUBACK reason >= 0x80); it stays in the store."""
 
     def __init__(self, code: int, topic: str) -> None:
@@ -135,33 +136,8 @@ class _Session:
 
 @dataclass
 class _Suspect:
-    key: tuple[str, int]
+    key: BatchKey
     drops: int = 1
-
-
-class Backoff:
-    """Reconnect delays: doubling with jitter from `first`, reset only by `reset()`.
-
-    `next(stalled=False)` waits at most `unreachable_max` (the broker did not answer, which costs
-    it nothing); `next(stalled=True)` up to `stalled_max` (it answered but took nothing: every
-    attempt costs it a session). Never below `unreachable_max` either way.
-    """
-
-    def __init__(self, first: float, unreachable_max: float, stalled_max: float) -> None:
-        self.first = first
-        self.unreachable_max = unreachable_max
-        self.stalled_max = max(stalled_max, unreachable_max)
-        self.delay = first
-
-    def reset(self) -> None:
-        self.delay = self.first
-
-    def next(self, *, stalled: bool) -> float:
-        """The seconds to wait now; the delay doubles for the next time."""
-        ceiling = self.stalled_max if stalled else self.unreachable_max
-        wait = min(self.delay, ceiling) * random.uniform(0.5, 1.0)  # noqa: S311 - jitter
-        self.delay = min(self.delay * 2, self.stalled_max)
-        return wait
 
 
 class Forwarder:
@@ -194,14 +170,14 @@ class Forwarder:
         self.acked = asyncio.Event()
         """Set whenever acknowledged batches have been deleted from the store."""
         self._backoff = Backoff(
-            config.reconnect_min, config.reconnect_max, config.reconnect_max_stalled
+            config.reconnect_min, config.reconnect_max, stalled_cap=config.reconnect_max_stalled
         )
         self._suspect: _Suspect | None = None
         """The batch that was alone in flight when the connection was lost."""
-        self._probation: list[tuple[str, int]] = []
+        self._probation: list[BatchKey] = []
         """Batches in flight at a loss, re-sent one at a time until each is acknowledged."""
         self._held: set[int] = set()
-        """Declarations (notice ids) too large for the broker: kept, not sent."""
+        """Ids of declarations too large for the broker: kept, not sent."""
         self._learned_payload: int | None = None
         """Below the size of the last batch evicted as undeliverable: what new batches keep to."""
         self._failures = 0
@@ -320,7 +296,7 @@ class Forwarder:
         """What stays degraded after progress: declarations too large for the broker."""
         if not self._held:
             return None
-        return f"declarations held back, too large for the broker: notices={sorted(self._held)}"
+        return f"declarations too large for the broker held back: ids={sorted(self._held)}"
 
     def _packet_limit(self, limits: BrokerLimits) -> tuple[int | None, str]:
         """The smaller of the configured and the advertised Maximum Packet Size, and its source."""
@@ -375,9 +351,10 @@ class Forwarder:
                 window.size = self._window_size(client)
                 if window.room():
                     self._new_batches.clear()
-                    skip = window.notices_sent | self._held
-                    taken = await self._store.take(window.room(), after=window.cursor,
-                                                   skip_notices=skip)  # fmt: skip
+                    skip = window.declarations | self._held
+                    taken = await self._store.take(
+                        window.room(), after=window.cursor, skip_declarations=skip
+                    )
                     evicted = False
                     for batch in taken:
                         size = publish_packet_size(self.batch_topic, len(batch.data), v5=v5)
@@ -418,13 +395,13 @@ class Forwarder:
         self._cleared(batch.key)
         self._progress(session)
 
-    def _cleared(self, key: tuple[str, int]) -> None:
+    def _cleared(self, key: BatchKey) -> None:
         """`key` was delivered or evicted: it is no longer under suspicion."""
         if key in self._probation:
             self._probation.remove(key)
         if self._suspect is not None and self._suspect.key == key:
             log.info("Suspected batch delivered alone; the connection losses were not its doing"
-                     " batch=%s", key[1])  # fmt: skip
+                     " batch=%s", key.id)  # fmt: skip
             self._suspect = None
 
     async def _judge(self, session: _Session, client: AckingClient) -> None:
@@ -449,15 +426,15 @@ class Forwarder:
             cause = f"the connection was lost each time it was sent alone, {drops} times: {cause}"
             self._suspect = None
             await self._evict(batch, reason, cause, session)
-            if reason == UNDELIVERABLE and batch.key[0] == "batches":
+            if reason == UNDELIVERABLE and batch.key.kind == "readings":
                 self._learn_payload_limit(len(batch.data))
             return
-        what = "declaration" if batch.key[0] == "notices" else "batch"
-        self.state.degraded = f"the broker closes the connection when {what} {batch.key[1]} is sent"
+        what = "declaration" if batch.key.kind == "declaration" else "batch"
+        self.state.degraded = f"the broker closes the connection when {what} {batch.key.id} is sent"
         log.warning(
             "Connection lost with one %s alone in flight; it is evicted if that happens"
             " %d times in a row %s=%d drops=%d bytes=%d cause=%s",
-            what, DROPS_TO_EVICT, what, batch.key[1], drops, len(batch.data), cause,
+            what, DROPS_TO_EVICT, what, batch.key.id, drops, len(batch.data), cause,
         )  # fmt: skip
 
     def _learn_payload_limit(self, size: int) -> None:
@@ -475,13 +452,13 @@ class Forwarder:
         """Evict a batch the broker will never take, for the batcher to declare; or hold a
         declaration (never evicted) so that it no longer blocks the rest."""
         kind, row_id = batch.key
-        if kind == "notices":
+        if kind == "declaration":
             self._cleared(batch.key)
             if row_id not in self._held:
                 self._held.add(row_id)
                 log.error(
                     "Declaration too large for the broker held back (kept, not sent); raise the"
-                    " broker's limit to deliver it notice=%d bytes=%d cause=%s",
+                    " broker's limit to deliver it declaration=%d bytes=%d cause=%s",
                     row_id, len(batch.data), cause,
                 )  # fmt: skip
             self.state.degraded = self._held_back()
@@ -555,20 +532,19 @@ class _Window:
         self.size = size
         self.in_flight: dict[asyncio.Future[int], StoredBatch] = {}
         self.cursor = 0
-        """Highest `batches` row id published on this connection."""
-        self.notices_sent: set[int] = set()
-        """Declarations published on this connection (they are taken first on every call)."""
+        """Highest id of a batch of readings published on this connection."""
+        self.declarations: set[int] = set()
+        """Ids of declarations published on this connection (they are taken first on every call)."""
 
     def room(self) -> int:
         return max(0, self.size - len(self.in_flight))
 
     def start(self, batch: StoredBatch, publish: Coroutine[Any, Any, int]) -> None:
         """Publish `batch` (never one already published on this connection)."""
-        table, row_id = batch.key
-        if table == "notices":
-            self.notices_sent.add(row_id)
+        if batch.key.kind == "declaration":
+            self.declarations.add(batch.key.id)
         else:
-            self.cursor = max(self.cursor, row_id)
+            self.cursor = max(self.cursor, batch.key.id)
         task = asyncio.ensure_future(publish)
         self.in_flight[task] = batch
 

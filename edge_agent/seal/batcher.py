@@ -24,7 +24,7 @@ import cbor2
 
 from edge_agent.errors import StoreError
 from edge_agent.metrics import Metrics
-from edge_agent.reading import Quality, Reading
+from edge_agent.reading import Reading, conforming, needs_check
 from edge_agent.seal.envelope import Sealer
 from edge_agent.store.sqlite import SealedBatch, Store
 
@@ -34,7 +34,6 @@ MAX_BATCHES_PER_TRANSACTION = 32
 STORE_RETRY_S = 1.0
 STOP_RETRIES = 5
 """Failed writes after which a stop gives up on unsealed readings rather than hang."""
-ENCODABLE = (bool, int, float, str, type(None))
 
 
 class Batcher:
@@ -72,6 +71,8 @@ class Batcher:
         self._stopping = False
         self._failed_writes = 0
         self._last_store_error: str | None = None
+        self._refused: set[str] = set()
+        """Points already logged by `_conforming`."""
         self.sealed = asyncio.Event()
         """Set after every store write, for whoever waits for new batches (the forwarder)."""
 
@@ -214,16 +215,20 @@ class Batcher:
     ) -> tuple[int, bytes]:  # fmt: skip
         """Seal as many of `readings[start:]` as fit `max_bytes`: (how many, sealed bytes).
 
-        Too large, the batch is sealed again with proportionally fewer readings; `_fit`
-        remembers the count, so a binding limit costs about one extra seal per batch.
+        Values the rules refuse are made bad first (`_conforming`), in `readings` itself, so a
+        batch sealed again is not checked again. Too large, the batch is sealed again with
+        proportionally fewer readings; `_fit` remembers the count, so a binding limit costs
+        about one extra seal per batch.
         """
         count = min(len(readings) - start, self._max_readings, self._fit)
         while True:
             chunk = readings[start : start + count]
+            if needs_check(chunk):
+                readings[start : start + count] = chunk = self._conforming(chunk)
             try:
                 data = seal(batch=batch_no, first_seq=seq, readings=chunk)
-            except (TypeError, ValueError, cbor2.CBOREncodeError) as exc:
-                readings[start : start + count] = chunk = self._encodable(chunk, exc)
+            except (TypeError, ValueError, cbor2.CBOREncodeError):  # text CBOR cannot carry
+                readings[start : start + count] = chunk = self._conforming(chunk)
                 data = seal(batch=batch_no, first_seq=seq, readings=chunk)
             limit = self.max_bytes
             if limit is None or len(data) <= limit or count == 1:
@@ -258,15 +263,20 @@ class Batcher:
         self._space.set()
         self.sealed.set()
 
-    def _encodable(self, readings: list[Reading], exc: Exception) -> list[Reading]:
-        """A value CBOR cannot carry (a source bug) becomes a `bad` reading, never a crash."""
-        fixed = [
-            r if isinstance(r.value, ENCODABLE) else r._replace(value=None, quality=Quality.BAD)
-            for r in readings
-        ]
-        bad = sorted({f"{r.src}.{r.pt}" for r in readings if not isinstance(r.value, ENCODABLE)})
-        log.error("Readings with values that cannot be encoded marked bad points=%s error=%s",
-                  bad, exc)  # fmt: skip
+    def _conforming(self, readings: list[Reading]) -> list[Reading]:
+        """A value the rules refuse (a source bug) becomes a `bad` reading, never a crash.
+
+        Sources apply edge_agent.reading themselves; this is the last check before signing, so
+        that no NaN, infinity or unencodable text is ever sealed as a value. Logged once per
+        point (a source bug to report, not a device state to follow).
+        """
+        fixed, changed = conforming(readings)
+        for reading, reason in changed:
+            point = f"{reading.src}.{reading.pt}"
+            if point not in self._refused:
+                self._refused.add(point)
+                log.error("Reading refused by the value rules, sealed as bad point=%s error=%s",
+                          point, reason)  # fmt: skip
         return fixed
 
     async def _recover(self, exc: StoreError) -> None:

@@ -1,4 +1,4 @@
-"""The wire format of docs/contract.md §4: a batch as CBOR, zstd-compressed, in a COSE_Sign1 envelope.
+"""The wire format of docs/contract.md §4: a batch as CBOR, zstd-compressed, in COSE_Sign1.
 
 Signing uses cbor2 and cryptography directly (pycose is unmaintained and breaks with cbor2 6).
 The protected header is encoded once per key and reused: its bytes are what gets signed.
@@ -27,9 +27,9 @@ CONTENT_TYPE = "application/cbor"
 QUALITY_TEXT: Mapping[str, str] = {q: q.value for q in Quality}
 """The wire text of each quality (a dict lookup, not the enum's `.value` property per reading)."""
 RETENTION = "retention"
-"""Eviction reason: the buffer was full (`store.max_bytes`, or the disk) or the batch older than
-`store.max_age`. Also the reason of a range declared without one (agents before
-`evicted_reasons`)."""
+"""Eviction reason (docs/contract.md §4.7): the buffer was full (`store.max_bytes`, or the disk)
+or the batch older than `store.max_age`. Also the reason of a range declared without one (agents
+before `evicted_reasons`, contract 1.5)."""
 TOO_LARGE = "too_large"
 """Eviction reason: the batch's PUBLISH is larger than the broker's Maximum Packet Size (as it
 advertised, as `mqtt.max_packet_size` says, or as its DISCONNECT 0x95 said)."""

@@ -32,7 +32,7 @@ import uuid
 from collections.abc import Awaitable, Callable, Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, NamedTuple, TypeVar
 
 import aiosqlite
 
@@ -71,11 +71,25 @@ class SealedBatch:
     declares: tuple[tuple[int, int], ...] = ()
 
 
+BatchKind = Literal["declaration", "readings"]
+"""A declaration (a batch that declares evicted readings: sent first, never evicted) or an
+ordinary batch of readings."""
+
+_TABLES: dict[BatchKind, str] = {"declaration": "notices", "readings": "batches"}
+
+
+class BatchKey(NamedTuple):
+    """Which stored batch: its kind, and its id among batches of that kind (the batch number)."""
+
+    kind: BatchKind
+    id: int
+
+
 @dataclass(frozen=True)
 class StoredBatch:
     """A batch taken from the buffer for sending; `key` is what `ack` takes back."""
 
-    key: tuple[str, int]
+    key: BatchKey
     readings: int
     sealed_ns: int
     data: bytes
@@ -202,6 +216,7 @@ class Store:
                 await self.db.execute("ROLLBACK")
 
     async def pending_evictions(self) -> list[tuple[int, int]]:
+        """Evicted ranges not yet declared: `(first_seq, last_seq)`, oldest first."""
         rows = await self._read(
             "read pending evictions",
             "SELECT first_seq, last_seq FROM pending_evictions ORDER BY first_seq",
@@ -221,7 +236,8 @@ class Store:
         await self._atomically(f"remember {key}", body, lambda _: self._meta.update({key: value}))
 
     async def pending_declarations(self) -> list[tuple[int, int, str]]:
-        """Pending evictions with their reasons: `(first_seq, last_seq, reason)`, oldest first."""
+        """What the next declaration must say: the pending evictions with their reasons,
+        `(first_seq, last_seq, reason)`, oldest first (reason `retention` unless recorded)."""
         rows = await self._read(
             "read pending evictions",
             "SELECT p.first_seq, p.last_seq, coalesce(r.reason, ?) FROM pending_evictions p"
@@ -230,17 +246,16 @@ class Store:
         )
         return [(int(a), int(b), str(reason)) for a, b, reason in rows]
 
-    async def evict_undeliverable(
-        self, key: tuple[str, int], reason: str
-    ) -> tuple[int, int, int] | None:
-        """Evict one batch the broker will never accept and record it for declaration.
+    async def evict_undeliverable(self, key: BatchKey, reason: str) -> tuple[int, int, int] | None:
+        """Evict one batch of readings the broker will never accept, pending declaration with
+        `reason` (`too_large`, `undeliverable`: contract §4.7).
 
         Returns `(first_seq, last_seq, readings)`, or None when `key` is not a batch of readings
         still buffered (declarations are never evicted: invariant 3).
         """
-        table, row_id = key
-        if table != "batches":
+        if key.kind != "readings":
             return None
+        row_id = key.id
 
         async def body(db: aiosqlite.Connection) -> tuple[int, int, int, int] | None:
             rows = list(
@@ -269,8 +284,8 @@ class Store:
         """Store sealed batches, advance the counters and apply retention, in one transaction.
 
         The caller numbered them from `next_batch` and `next_seq`; batches that declare evictions
-        go to `notices`, and the evictions they declare stop being pending. Returns the number of
-        readings retention evicted (now pending declaration).
+        are kept as declarations, and the evictions they declare stop being pending. Returns the
+        number of readings retention evicted (now pending declaration).
         """
         if not batches:
             return 0
@@ -403,14 +418,14 @@ class Store:
         return sum(r[3] for r in chosen)
 
     async def take(
-        self, limit: int, after: int = 0, skip_notices: Collection[int] = ()
+        self, limit: int, after: int = 0, skip_declarations: Collection[int] = ()
     ) -> list[StoredBatch]:
-        """Up to `limit` batches to send: declarations first (but those in `skip_notices`),
-        then readings oldest first, past the batch id `after`."""
-        skip = list(skip_notices)
+        """Up to `limit` batches to send: declarations first (but those whose id is in
+        `skip_declarations`), then batches of readings oldest first, past the id `after`."""
+        skip = list(skip_declarations)
         marks = ",".join("?" * len(skip))
         taken = [
-            StoredBatch(("notices", row_id), readings, sealed_ns, data)
+            StoredBatch(BatchKey("declaration", row_id), readings, sealed_ns, data)
             for row_id, readings, sealed_ns, data in await self._read(
                 "read declarations",
                 f"SELECT id, readings, sealed_ns, data FROM notices WHERE id NOT IN ({marks})"  # noqa: S608 - placeholders only
@@ -420,7 +435,7 @@ class Store:
         ]
         if len(taken) < limit:
             taken.extend(
-                StoredBatch(("batches", row_id), readings, sealed_ns, data)
+                StoredBatch(BatchKey("readings", row_id), readings, sealed_ns, data)
                 for row_id, readings, sealed_ns, data in await self._read(
                     "read batches",
                     "SELECT id, readings, sealed_ns, data FROM batches WHERE id > ?"
@@ -430,15 +445,15 @@ class Store:
             )
         return taken
 
-    async def ack(self, keys: Sequence[tuple[str, int]]) -> None:
+    async def ack(self, keys: Sequence[BatchKey]) -> None:
         """Delete batches the broker acknowledged; unknown keys (already evicted) are ignored."""
         if not keys:
             return
 
         async def body(db: aiosqlite.Connection) -> list[tuple[int, int]]:
             removed: list[tuple[int, int]] = []
-            for table in ("batches", "notices"):
-                ids = [row_id for name, row_id in keys if name == table]
+            for kind, table in _TABLES.items():
+                ids = [key.id for key in keys if key.kind == kind]
                 for start in range(0, len(ids), 500):
                     chunk = ids[start : start + 500]
                     marks = ",".join("?" * len(chunk))
