@@ -92,7 +92,11 @@ class Agent:
             await self.store.close()  # also when start-up fails: its thread would keep us alive
 
     async def _run_with_store(self, key: Ed25519PrivateKey) -> int:
-        sealer = Sealer(key, compress=self.config.batch.compression == "zstd")
+        sealer = Sealer(
+            key,
+            compress=self.config.batch.compression == "zstd",
+            payload_format=self.config.batch.format,
+        )
         batcher = Batcher(
             self.store,
             sealer,

@@ -139,10 +139,11 @@ def test_malformed_messages_are_rejected_not_crashing(message: bytes) -> None:
         Opener([Ed25519PrivateKey.generate().public_key()]).open(message)
 
 
-def test_eviction_reasons_round_trip_and_default_to_retention() -> None:
+@pytest.mark.parametrize("payload_format", [1, 2])
+def test_eviction_reasons_round_trip_and_default_to_retention(payload_format: int) -> None:
     key = Ed25519PrivateKey.generate()
     opener = Opener([key.public_key()])
-    sealer = Sealer(key)
+    sealer = Sealer(key, payload_format=payload_format)
     common = {"gateway": "gw", "epoch": "ep", "batch": 1, "first_seq": 31, "readings": [],
               "sealed_ns": 1}  # fmt: skip
     said = opener.open(sealer.seal(**common, evicted=[(1, 10), (21, 30)],
@@ -151,6 +152,12 @@ def test_eviction_reasons_round_trip_and_default_to_retention() -> None:
     unsaid = opener.open(sealer.seal(**common, evicted=[(1, 10)]))
     assert unsaid.evicted_reasons == ["retention"]
     assert opener.open(sealer.seal(**common)).evicted_reasons == []
+    with_readings = {**common, "readings": [Reading("s", "p", 5, 1.5, Quality.GOOD)]}
+    opened = opener.open(sealer.seal(**with_readings, evicted=[(1, 10)], reasons=["undeliverable"]))
+    assert (opened.evicted_reasons, [r["seq"] for r in opened.readings]) == (
+        ["undeliverable"],
+        [31],
+    )
     with pytest.raises(ValueError, match="1 reasons for 2 evicted ranges"):
         sealer.seal(**common, evicted=[(1, 10), (21, 30)], reasons=["too_large"])
 

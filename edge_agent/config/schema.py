@@ -122,6 +122,8 @@ class BatchConfig(StrictModel):
     max_readings: int = Field(default=1000, ge=1, le=100_000)
     max_delay: Duration = 1.0
     compression: Literal["zstd", "none"] = "zstd"
+    format: Literal[1, 2] = 2
+    """Payload format (docs/contract.md §4.3, §4.9): 2 columns, 1 a CBOR map per reading."""
     queue_readings: int = Field(default=100_000, ge=1000)
 
 

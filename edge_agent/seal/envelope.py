@@ -1,5 +1,9 @@
 """The wire format of docs/contract.md §4: a batch as CBOR, zstd-compressed, in COSE_Sign1.
 
+The payload is format 1 (a CBOR map per reading, §4.3) or format 2 (columns, §4.9, in
+`columnar.py`); the envelope, the numbering and the declarations are the same for both, and the
+Opener reads either.
+
 Signing uses cbor2 and cryptography directly (pycose is unmaintained and breaks with cbor2 6).
 The protected header is encoded once per key and reused: its bytes are what gets signed.
 """
@@ -17,9 +21,11 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 
 from edge_agent.errors import EnvelopeError, UnknownKeyError
 from edge_agent.reading import Quality, Reading
+from edge_agent.seal import columnar
 from edge_agent.seal.keys import key_id
 
 FORMAT_VERSION = 1
+FORMATS = (1, 2)
 COSE_SIGN1_TAG = 18
 ALG_EDDSA = -8
 HDR_ALG, HDR_CONTENT_TYPE, HDR_KID = 1, 3, 4
@@ -29,7 +35,7 @@ QUALITY_TEXT: Mapping[str, str] = {q: q.value for q in Quality}
 RETENTION = "retention"
 """Eviction reason (docs/contract.md §4.7): the buffer was full (`store.max_bytes`, or the disk)
 or the batch older than `store.max_age`. Also the reason of a range declared without one (agents
-before `evicted_reasons`, contract 1.5)."""
+before `evicted_reasons`, contract 1.6)."""
 TOO_LARGE = "too_large"
 """Eviction reason: the batch's PUBLISH is larger than the broker's Maximum Packet Size (as it
 advertised, as `mqtt.max_packet_size` says, or as its DISCONNECT 0x95 said)."""
@@ -56,10 +62,20 @@ class Batch:
 
 
 class Sealer:
-    """Encodes, compresses and signs batches with one key."""
+    """Encodes, compresses and signs batches with one key, in payload format 1 or 2 (§4.3, §4.9).
 
-    def __init__(self, key: Ed25519PrivateKey, *, compress: bool = True) -> None:
+    A format-2 Sealer remembers the decimal places of each point's floats between batches (see
+    `columnar.ColumnEncoder`): use one Sealer per stream.
+    """
+
+    def __init__(
+        self, key: Ed25519PrivateKey, *, compress: bool = True, payload_format: int = 1
+    ) -> None:
+        if payload_format not in FORMATS:
+            raise ValueError(f"payload format {payload_format!r} is not one of {FORMATS}")
         self._key = key
+        self.payload_format = payload_format
+        self._columns = columnar.ColumnEncoder() if payload_format == 2 else None
         self.kid = key_id(key.public_key())
         header: dict[Any, Any] = {
             HDR_ALG: ALG_EDDSA,
@@ -86,10 +102,29 @@ class Sealer:
         """The COSE_Sign1 bytes for `readings`, numbered from `first_seq` in order.
 
         `reasons` says why each `evicted` range was dropped (empty: all by retention); it goes
-        out as `evicted_reasons`, an extension that consumers which do not know it ignore.
+        out as `evicted_reasons` (§4.3, in both formats), an extension that consumers which do
+        not know it ignore.
+
+        Raises TypeError, ValueError or cbor2.CBOREncodeError for a value that cannot be encoded
+        (the batcher then applies the value rules and seals again), and ValueError when
+        `reasons` is given but not one per range of `evicted`.
         """
         if reasons and len(reasons) != len(evicted):
             raise ValueError(f"{len(reasons)} reasons for {len(evicted)} evicted ranges")
+        declared = [list(e) for e in evicted]
+        why = {"evicted_reasons": list(reasons) or [RETENTION] * len(evicted)} if evicted else {}
+        if self._columns is not None:
+            columns = {
+                "v": columnar.FORMAT_VERSION,
+                "gateway": gateway,
+                "epoch": epoch,
+                "batch": batch,
+                "sealed": sealed_ns,
+                "evicted": declared,
+                **why,
+                **self._columns.encode(readings, first_seq),
+            }
+            return self._sign(cbor2.dumps(columns))
         # One comprehension with the reading unpacked: this runs once per reading, and attribute
         # lookups and the enum's `.value` property cost as much as building the map itself.
         text = QUALITY_TEXT
@@ -99,18 +134,21 @@ class Sealer:
             else {"seq": seq, "src": src, "pt": pt, "ts": ts, "v": v, "q": text[q], "sc": code}
             for seq, (src, pt, ts, v, q, code) in enumerate(readings, first_seq)
         ]
-        content: dict[str, Any] = {
-            "v": FORMAT_VERSION,
-            "gateway": gateway,
-            "epoch": epoch,
-            "batch": batch,
-            "readings": items,
-            "sealed": sealed_ns,
-            "evicted": [list(e) for e in evicted],
-        }
-        if evicted:
-            content["evicted_reasons"] = list(reasons) or [RETENTION] * len(evicted)
-        body = cbor2.dumps(content)
+        body = cbor2.dumps(
+            {
+                "v": FORMAT_VERSION,
+                "gateway": gateway,
+                "epoch": epoch,
+                "batch": batch,
+                "readings": items,
+                "sealed": sealed_ns,
+                "evicted": declared,
+                **why,
+            }
+        )
+        return self._sign(body)
+
+    def _sign(self, body: bytes) -> bytes:
         payload = self._compressor.compress(body) if self._compressor else body
         to_sign = cbor2.dumps(["Signature1", self._protected, b"", payload])
         signature = self._key.sign(to_sign)
@@ -173,12 +211,16 @@ class Opener:
         body = cbor2.loads(payload)
         if not isinstance(body, dict):
             raise EnvelopeError("payload is not a CBOR map")
-        if body.get("v") != FORMAT_VERSION:
-            raise EnvelopeError(f"unsupported payload version {body.get('v')!r}")
-        readings = list(body["readings"])
-        seqs = [r["seq"] for r in readings]
-        if seqs and seqs != list(range(seqs[0], seqs[0] + len(seqs))):
-            raise EnvelopeError("readings' seq values are not consecutive")
+        version = body.get("v")
+        if version == columnar.FORMAT_VERSION:
+            readings = columnar.decode(body)
+        elif version == FORMAT_VERSION:
+            readings = list(body["readings"])
+            seqs = [r["seq"] for r in readings]
+            if seqs and seqs != list(range(seqs[0], seqs[0] + len(seqs))):
+                raise EnvelopeError("readings' seq values are not consecutive")
+        else:
+            raise EnvelopeError(f"unsupported payload version {version!r}")
         evicted = [(int(a), int(b)) for a, b in body.get("evicted", [])]
         reasons = body.get("evicted_reasons", [RETENTION] * len(evicted))
         if (
