@@ -144,7 +144,13 @@ class Agent:
             capacity=self.config.batch.queue_readings,
         )
         forwarder = Forwarder(
-            self.config.mqtt, self.config.gateway.id, self.store, batcher.sealed, self.metrics
+            self.config.mqtt,
+            self.config.gateway.id,
+            self.store,
+            batcher.sealed,
+            self.metrics,
+            on_evicted=batcher.declare_pending,
+            on_payload_limit=batcher.set_max_bytes,
         )
         tasks: list[asyncio.Task[None]] = []
         health = Health(

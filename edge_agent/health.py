@@ -86,7 +86,12 @@ class Health:
         return {
             "gateway": self._gateway,
             "ready": self.ready,
-            "mqtt": {"connected": self._mqtt.connected, "last_error": self._mqtt.last_error},
+            "mqtt": {
+                "connected": self._mqtt.connected,
+                "last_error": self._mqtt.last_error,
+                "degraded": self._mqtt.degraded,
+                "broker_limits": vars(self._mqtt.limits),
+            },
             "buffer": {
                 "readings": stats.readings,
                 "bytes": stats.bytes,

@@ -29,7 +29,9 @@ class Metrics:
             "edge_agent_batches_sealed", "Batches sealed into the buffer.", registry=r
         )
         self.readings_evicted = Counter(
-            "edge_agent_readings_evicted", "Unsent readings dropped by retention.", registry=r
+            "edge_agent_readings_evicted",
+            "Unsent readings dropped by retention or as undeliverable.",
+            registry=r,
         )
         self.store_errors = Counter("edge_agent_store_errors", "Failed buffer writes.", registry=r)
         self.buffer_readings = Gauge(
@@ -52,6 +54,11 @@ class Metrics:
         self.publish_rejected = Counter(
             "edge_agent_publish_rejected",
             "Publishes the broker refused (reason code >= 0x80).",
+            registry=r,
+        )
+        self.batches_undeliverable = Counter(
+            "edge_agent_batches_undeliverable",
+            "Batches evicted because the broker will not take them (declared, with a reason).",
             registry=r,
         )
         self.mqtt_connected = Gauge(

@@ -20,10 +20,12 @@ def fetch_status(url: str, timeout: float = 5.0) -> dict[str, Any]:
 
 
 def problems(status: dict[str, Any]) -> list[str]:
-    """What makes the agent degraded: a source down or the broker unreachable."""
+    """What makes the agent degraded: a source down, the broker unreachable or refusing."""
     found = []
     if not status["mqtt"]["connected"]:
         found.append(f"broker not connected: {status['mqtt'].get('last_error') or 'connecting'}")
+    if status["mqtt"].get("degraded"):
+        found.append(f"batches not delivered: {status['mqtt']['degraded']}")
     for name, source in status["sources"].items():
         if not source["up"]:
             found.append(f"source {name} down: {source.get('last_error') or 'starting'}")

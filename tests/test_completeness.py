@@ -70,3 +70,27 @@ def test_state_round_trips_through_json() -> None:
     tracker.accept("gw", "e1", readings(1, 10), [(20, 30)])
     restored = Completeness.from_json(tracker.to_json())
     assert restored.holes() == {("gw", "e1"): [(11, 19)]}
+
+
+def test_evicted_readings_are_counted_by_declared_reason() -> None:
+    tracker = Completeness()
+    tracker.accept("gw", "e1", readings(1, 10), [])
+    tracker.accept("gw", "e1", [], [(11, 20), (21, 25)], ["retention", "too_large"])
+    tracker.accept("gw", "e1", [], [(21, 25)], ["too_large"])  # a duplicate declaration
+    tracker.accept("gw", "e1", readings(26, 30), [(31, 31)])  # no reasons: retention
+    stream = tracker.streams[("gw", "e1")]
+    assert tracker.holes() == {}
+    assert stream.evicted_count == 16
+    assert stream.evicted_by_reason == {"retention": 11, "too_large": 5}
+    restored = Completeness.from_json(tracker.to_json())
+    assert restored.streams[("gw", "e1")].evicted_by_reason == stream.evicted_by_reason
+
+
+def test_state_saved_before_reasons_reads_its_evictions_as_retention() -> None:
+    tracker = Completeness()
+    tracker.accept("gw", "e1", readings(1, 10), [(11, 20)])
+    saved = tracker.to_json()
+    for stream in saved.values():
+        del stream["evicted_by_reason"]
+    restored = Completeness.from_json(saved)
+    assert restored.streams[("gw", "e1")].evicted_by_reason == {"retention": 10}

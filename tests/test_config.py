@@ -52,6 +52,16 @@ def test_sizes_are_parsed() -> None:
     assert config.store.max_bytes == 512 * 1024**2
 
 
+def test_the_packet_limit_is_a_size_of_at_least_512_bytes() -> None:
+    assert parse_config(MINIMAL).mqtt.max_packet_size is None
+    assert parse_config(MINIMAL + "mqtt: {max_packet_size: 128KiB}\n").mqtt.max_packet_size == (
+        128 * 1024
+    )
+    assert parse_config(MINIMAL + "mqtt: {max_packet_size: 550}\n").mqtt.max_packet_size == 550
+    [problem] = problems_of(MINIMAL + "mqtt: {max_packet_size: 100}\n")
+    assert "mqtt.max_packet_size" in problem and "512" in problem
+
+
 def test_unknown_key_is_an_error_not_ignored() -> None:
     [problem] = problems_of(MINIMAL + "batch: {max_readingz: 10}\n")
     assert "batch.max_readingz: unknown key" in problem

@@ -104,6 +104,41 @@ def test_a_reason_code_gives_its_number_as_value() -> None:
     )
 
 
+async def test_aiomqtt_hands_paho_on_connect_to_the_method_a_subclass_overrides() -> None:
+    client = AckingClient(hostname="127.0.0.1")
+    on_connect = client._client.on_connect
+    assert getattr(on_connect, "__func__", None) is AckingClient._on_connect, (
+        f"paho's on_connect is not aiomqtt.Client._on_connect any more: {FORWARD} would never "
+        "see the CONNACK properties, so it would exceed the broker's Receive Maximum and "
+        "Maximum Packet Size"
+    )
+    on_connect_args = ["self", "client", "userdata", "flags", "reason_code", "properties"]
+    assert parameters(aiomqtt.Client._on_connect) == on_connect_args, (
+        f"aiomqtt.Client._on_connect changed its arguments, which {FORWARD} overrides"
+    )
+
+
+def test_paho_says_whether_the_broker_sent_the_disconnect() -> None:
+    assert "is_disconnect_packet_from_server" in paho.DisconnectFlags._fields, (
+        f"paho's DisconnectFlags lost is_disconnect_packet_from_server: {FORWARD} "
+        "(disconnect_cause) tells the broker's DISCONNECT reason (0x95 Packet too large evicts "
+        "a batch at once) from paho's guess by it"
+    )
+
+
+def test_paho_decodes_a_puback_packet_too_large_once_the_client_allows_it() -> None:
+    """Importing edge_agent.forward.client added PUBACK to the packets paho's ReasonCode.names
+    table allows for 0x95, a code Mosquitto sends in a PUBACK though MQTT 5 lists it not."""
+    code = ReasonCode(PacketTypes.PUBACK)
+    code.unpack(bytes([0x95]))  # how paho reads the reason code of a PUBACK it received
+    assert (code.value, code.getName()) == (0x95, "Packet too large"), (
+        "paho's ReasonCode.names table or its lookup changed: "
+        "edge_agent/forward/client.py (accept_puback_packet_too_large) no longer lets paho "
+        "decode PUBACK 0x95, so paho drops the connection on it and the batch over Mosquitto's "
+        "message_size_limit is re-sent forever instead of evicted as too_large"
+    )
+
+
 # asyncua 2.1: draining the subscription's queue in one go.
 
 

@@ -47,6 +47,10 @@ class TlsConfig(StrictModel):
         return self
 
 
+MQTT_MAX_PACKET = 268_435_460
+"""MQTT's own limit on a packet: a 1-byte header, 4 length bytes and 268,435,455 bytes (§2.2.3)."""
+
+
 class MqttConfig(StrictModel):
     url: str = "mqtt://127.0.0.1:1883"
     topic_prefix: str = Field(default="edge", pattern=r"^[^#+\s]+$")
@@ -58,8 +62,13 @@ class MqttConfig(StrictModel):
     tls: TlsConfig | None = None
     keepalive: Annotated[Duration, Field(ge=1, le=65535)] = 30.0
     max_inflight: int = Field(default=32, ge=1, le=1000)
+    max_packet_size: ByteSize | None = Field(default=None, ge=512, le=MQTT_MAX_PACKET)
+    """The largest PUBLISH packet the broker accepts, for one that does not advertise it."""
     reconnect_min: Duration = 1.0
-    reconnect_max: Duration = 60.0
+    reconnect_max: Duration = 5.0
+    """Ceiling of the delay while the broker cannot be reached (no CONNACK)."""
+    reconnect_max_stalled: Duration = 60.0
+    """Ceiling of the delay while the broker accepts connections but takes no batch."""
 
     @field_validator("protocol", mode="before")
     @classmethod

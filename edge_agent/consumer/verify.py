@@ -86,7 +86,9 @@ class Verifier:
             self.result.last_error = str(exc)
             return None, []
         try:
-            fresh = self.tracker.accept(batch.gateway, batch.epoch, batch.readings, batch.evicted)
+            fresh = self.tracker.accept(
+                batch.gateway, batch.epoch, batch.readings, batch.evicted, batch.evicted_reasons
+            )
         except (KeyError, TypeError, ValueError) as exc:  # signed, but not what §4 says
             self.result.rejected += 1
             self.result.last_error = f"malformed readings: {exc}"
@@ -137,7 +139,9 @@ class Verifier:
             lines.append(
                 f"gateway={gateway} epoch={epoch[:8]} readings={stream.readings} "
                 f"max_seq={stream.max_seq} duplicates={stream.duplicates} "
-                f"evicted={stream.evicted_count} holes={len(holes)}"
+                f"evicted={stream.evicted_count}"
+                + "".join(f" evicted_{r}={n}" for r, n in sorted(stream.evicted_by_reason.items()))
+                + f" holes={len(holes)}"
                 + (f" first_holes={holes[:5]}" if holes else "")
             )
         code = 0
@@ -298,7 +302,11 @@ def run_verify(args: argparse.Namespace) -> int:
             print(f"REJECTED: {verifier.result.last_error}", file=sys.stderr, flush=True)
             return
         if batch.evicted and not args.quiet:
-            print(f"# gateway={batch.gateway} declared evicted {batch.evicted}", flush=True)
+            declared = [
+                f"{first}..{last} ({reason})"
+                for (first, last), reason in zip(batch.evicted, batch.evicted_reasons, strict=True)
+            ]
+            print(f"# gateway={batch.gateway} declared evicted {', '.join(declared)}", flush=True)
         if args.quiet:
             return
         for r in fresh:

@@ -3,6 +3,12 @@
 Sources hand readings to `emit`, which waits when `capacity` readings are pending: back-pressure
 instead of unbounded memory. A batch is sealed when it reaches `max_readings` or when its first
 reading has waited `max_delay`; several ready batches go to the store in one transaction.
+
+A batch is also kept within `max_bytes` sealed bytes, the payload the link can carry (from
+`mqtt.max_packet_size` or the broker's advertised limit, as the forwarder reports it): a batch
+that would be larger holds fewer readings, so batches fit the link by construction. Only a
+single reading larger than the limit makes a batch that does not fit; the forwarder then evicts
+and declares it.
 """
 
 from __future__ import annotations
@@ -12,7 +18,7 @@ import contextlib
 import functools
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import cbor2
 
@@ -42,6 +48,7 @@ class Batcher:
         max_readings: int,
         max_delay: float,
         capacity: int,
+        max_bytes: int | None = None,
     ) -> None:
         self._store = store
         self._sealer = sealer
@@ -56,7 +63,12 @@ class Batcher:
         self._full = asyncio.Event()
         self._space = asyncio.Event()
         self._space.set()
-        self._declare: list[tuple[int, int]] = []
+        self._declare: list[tuple[int, int, str]] = []
+        self._redeclare = False
+        self.max_bytes = max_bytes
+        """Largest sealed batch in bytes (None: no limit); see `set_max_bytes`."""
+        self._fit = max_readings
+        """Readings that fitted in `max_bytes` last time: where the next batch starts trying."""
         self._stopping = False
         self._failed_writes = 0
         self._last_store_error: str | None = None
@@ -77,12 +89,24 @@ class Batcher:
         if len(self._pending) >= self._max_readings:
             self._full.set()
 
+    def set_max_bytes(self, limit: int | None) -> None:
+        """Seal later batches within `limit` bytes (the forwarder learns the link's limit)."""
+        if limit != self.max_bytes:
+            log.info("Batches sealed within max_bytes=%s", limit)
+            self.max_bytes = limit
+            self._fit = self._max_readings
+
+    def declare_pending(self) -> None:
+        """The store has new pending evictions (the forwarder evicted a batch): declare them."""
+        self._redeclare = True
+        self._arrived.set()
+
     async def run(self) -> None:
         """Seal batches until `stop()`; then seal what is pending and return.
 
         Stopping is a flag, not a cancellation, so that the final seal cannot be interrupted.
         """
-        self._declare = await self._store.pending_evictions()
+        self._declare = await self._store.pending_declarations()
         while not self._stopping:
             await self._wait_for_batch()
             await self.seal_pending()
@@ -109,7 +133,7 @@ class Batcher:
         self._full.set()
 
     async def _wait_for_batch(self) -> None:
-        if self._declare or self._stopping:
+        if self._declare or self._redeclare or self._stopping:
             return
         await self._arrived.wait()
         if self._stopping or self._first_at is None:
@@ -122,6 +146,13 @@ class Batcher:
 
     async def seal_pending(self) -> None:
         """Seal and store everything pending, retrying on store errors; readings are kept."""
+        if self._redeclare:
+            self._redeclare = False
+            try:
+                self._declare = await self._store.pending_declarations()
+            except StoreError as exc:
+                self._redeclare = True  # the next round tries again
+                log.debug("Could not read pending evictions error=%s", exc)
         while self._pending or self._declare:
             count = min(len(self._pending), self._max_readings * MAX_BATCHES_PER_TRANSACTION)
             batches = await self._seal(self._pending[:count])
@@ -142,7 +173,7 @@ class Batcher:
             self._after_store(batches)
             if evicted:
                 self._metrics.readings_evicted.inc(evicted)
-                self._declare = await self._store.pending_evictions()
+                self._declare = await self._store.pending_declarations()
                 audit("eviction", "success", readings=evicted, reason="retention",
                       epoch=self._store.epoch)  # fmt: skip
 
@@ -154,37 +185,82 @@ class Batcher:
         (sources keep their schedule, PUBACKs are handled). Only this task changes the counters
         and `_declare`, so they cannot move meanwhile.
 
-        Pending evictions are declared in a batch of their own, without readings: declarations
-        are sent first and never evicted, so they must stay small.
+        Pending evictions are declared in batches of their own, without readings, ahead of the
+        readings: declarations are sent first and never evicted, so they must stay small.
         """
         sealed_ns = time.time_ns()
         batch_no, seq = self._store.next_batch, self._store.next_seq
+        seal = functools.partial(
+            self._sealer.seal, gateway=self._gateway, epoch=self._store.epoch, sealed_ns=sealed_ns
+        )
         batches: list[SealedBatch] = []
-        declare = tuple(self._declare)
-        chunks = [readings[i : i + self._max_readings]
-                  for i in range(0, len(readings), self._max_readings)]  # fmt: skip
-        if declare:
-            chunks.insert(0, [])
-        for chunk in chunks:
+        runs = _merged(self._declare)
+        while runs:
+            count, data = self._declaration_within(seal, batch_no, seq, runs)
+            declares = tuple(pair for run in runs[:count] for pair in run[3])
+            batches.append(SealedBatch(batch_no, seq, 0, sealed_ns, data, declares))
+            batch_no, runs = batch_no + 1, runs[count:]
+        start = 0
+        while start < len(readings):
             if batches:
                 await asyncio.sleep(0)
-            seal = functools.partial(
-                self._sealer.seal,
-                gateway=self._gateway,
-                epoch=self._store.epoch,
-                batch=batch_no,
-                first_seq=seq,
-                sealed_ns=sealed_ns,
-                evicted=declare,
-            )
-            checked = self._conforming(chunk) if needs_check(chunk) else chunk
-            try:
-                data = seal(readings=checked)
-            except (TypeError, ValueError, cbor2.CBOREncodeError):  # text CBOR cannot carry
-                data = seal(readings=self._conforming(checked))
-            batches.append(SealedBatch(batch_no, seq, len(chunk), sealed_ns, data, declare))
-            batch_no, seq, declare = batch_no + 1, seq + len(chunk), ()
+            count, data = self._seal_within(seal, batch_no, seq, readings, start)
+            batches.append(SealedBatch(batch_no, seq, count, sealed_ns, data))
+            batch_no, seq, start = batch_no + 1, seq + count, start + count
         return batches
+
+    def _declaration_within(
+        self, seal: Callable[..., bytes], batch_no: int, seq: int, runs: list[_Run]
+    ) -> tuple[int, bytes]:
+        """Seal as many of `runs` as fit `max_bytes` in one declaration: (how many, bytes)."""
+        count = len(runs)
+        while True:
+            part = runs[:count]
+            evicted, reasons = [(r[0], r[1]) for r in part], [r[2] for r in part]
+            data = seal(batch=batch_no, first_seq=seq, readings=[], evicted=evicted,
+                        reasons=reasons)  # fmt: skip
+            if self._fits(data) or count == 1:
+                return count, data
+            count = max(1, count // 2)
+
+    def _fits(self, data: bytes) -> bool:
+        return self.max_bytes is None or len(data) <= self.max_bytes
+
+    def _seal_within(
+        self, seal: Callable[..., bytes], batch_no: int, seq: int, readings: list[Reading],
+        start: int,
+    ) -> tuple[int, bytes]:  # fmt: skip
+        """Seal as many of `readings[start:]` as fit `max_bytes`: (how many, sealed bytes).
+
+        Values the rules refuse are made bad first (`_conforming`), in `readings` itself, so a
+        batch sealed again is not checked again. Too large, the batch is sealed again with
+        proportionally fewer readings; `_fit` remembers the count, so a binding limit costs
+        about one extra seal per batch.
+        """
+        count = min(len(readings) - start, self._max_readings, self._fit)
+        while True:
+            chunk = readings[start : start + count]
+            if needs_check(chunk):
+                readings[start : start + count] = chunk = self._conforming(chunk)
+            try:
+                data = seal(batch=batch_no, first_seq=seq, readings=chunk)
+            except (TypeError, ValueError, cbor2.CBOREncodeError):  # text CBOR cannot carry
+                readings[start : start + count] = chunk = self._conforming(chunk)
+                data = seal(batch=batch_no, first_seq=seq, readings=chunk)
+            limit = self.max_bytes
+            if limit is None or len(data) <= limit or count == 1:
+                break
+            count = max(1, min(count - 1, count * limit * 9 // (len(data) * 10)))
+            self._fit = count
+        if not self._fits(data):
+            log.warning(
+                "A reading is larger than a batch may be; sealed alone, it will be evicted and"
+                " declared seq=%d point=%s.%s bytes=%d max_bytes=%s",
+                seq, chunk[0].src, chunk[0].pt, len(data), self.max_bytes,
+            )  # fmt: skip
+        elif self.max_bytes is not None and len(data) * 2 < self.max_bytes:
+            self._fit = min(self._max_readings, max(self._fit, count * 2))
+        return count, data
 
     def _after_store(self, batches: list[SealedBatch]) -> None:
         count = sum(b.readings for b in batches)
@@ -193,7 +269,7 @@ class Batcher:
         if any(b.declares for b in batches):
             log.info(
                 "Declared evicted readings ranges=%s",
-                [list(r) for b in batches for r in b.declares],
+                [[first, last, reason] for first, last, reason in _merged_ranges(self._declare)],
             )
             self._declare = []
         if not self._pending:
@@ -237,7 +313,31 @@ class Batcher:
                     log.warning("Disk full: evicted oldest readings count=%d", evicted)
                     audit("eviction", "success", readings=evicted, reason="disk full",
                           epoch=self._store.epoch)  # fmt: skip
-            self._declare = await self._store.pending_evictions()
+            self._declare = await self._store.pending_declarations()
         except StoreError as again:
             log.debug("Could not make room in the buffer error=%s", again)
         await asyncio.sleep(STORE_RETRY_S)
+
+
+_Run = tuple[int, int, str, list[tuple[int, int]]]
+"""Declared ranges merged: first seq, last seq, reason, and the pending pairs it covers."""
+
+
+def _merged(pending: Sequence[tuple[int, int, str]]) -> list[_Run]:
+    """Adjacent ranges with one reason as one: `(first, last, reason, the pending pairs)`.
+
+    Retention evicts oldest first, so its ranges usually touch: a thousand evicted batches are
+    declared as one range, not a thousand. The pairs are what the store clears once declared.
+    """
+    runs: list[_Run] = []
+    for first, last, reason in sorted(pending):
+        if runs and runs[-1][1] + 1 == first and runs[-1][2] == reason:
+            head, _, _, pairs = runs[-1]
+            runs[-1] = (head, last, reason, [*pairs, (first, last)])
+        else:
+            runs.append((first, last, reason, [(first, last)]))
+    return runs
+
+
+def _merged_ranges(pending: Sequence[tuple[int, int, str]]) -> list[tuple[int, int, str]]:
+    return [(first, last, reason) for first, last, reason, _ in _merged(pending)]

@@ -36,6 +36,16 @@ _PROTECTED_ONLY = frozenset({HDR_ALG, HDR_CRIT, HDR_CONTENT_TYPE, HDR_KID, "enc"
 CONTENT_TYPE = "application/cbor"
 QUALITY_TEXT: Mapping[str, str] = {q: q.value for q in Quality}
 """The wire text of each quality (a dict lookup, not the enum's `.value` property per reading)."""
+RETENTION = "retention"
+"""Eviction reason (docs/contract.md §4.7): the buffer was full (`store.max_bytes`, or the disk)
+or the batch older than `store.max_age`. Also the reason of a range declared without one (agents
+before `evicted_reasons`, contract 1.6)."""
+TOO_LARGE = "too_large"
+"""Eviction reason: the batch's PUBLISH is larger than the broker's Maximum Packet Size (as it
+advertised, as `mqtt.max_packet_size` says, or as its DISCONNECT 0x95 said)."""
+UNDELIVERABLE = "undeliverable"
+"""Eviction reason: the broker closed the connection every time the batch was sent alone,
+without saying it was too large (an MQTT 3.1.1 broker, or a limit it does not advertise)."""
 MAX_PAYLOAD_BYTES = 64 * 1024 * 1024
 """Decompression limit for consumers: a batch is never near this; a zstd bomb would be."""
 
@@ -51,6 +61,8 @@ class Batch:
     sealed_ns: int
     evicted: list[tuple[int, int]] = field(default_factory=list)
     kid: bytes = b""
+    evicted_reasons: list[str] = field(default_factory=list)
+    """Why each `evicted` range was dropped, in the same order (`retention` when unsaid)."""
 
 
 class Sealer:
@@ -89,12 +101,22 @@ class Sealer:
         readings: Sequence[Reading],
         sealed_ns: int,
         evicted: Sequence[tuple[int, int]] = (),
+        reasons: Sequence[str] = (),
     ) -> bytes:
         """The COSE_Sign1 bytes for `readings`, numbered from `first_seq` in order.
 
+        `reasons` says why each `evicted` range was dropped (empty: all by retention); it goes
+        out as `evicted_reasons` (§4.3, in both formats), an extension that consumers which do
+        not know it ignore.
+
         Raises TypeError, ValueError or cbor2.CBOREncodeError for a value that cannot be encoded
-        (the batcher then applies the value rules and seals again).
+        (the batcher then applies the value rules and seals again), and ValueError when
+        `reasons` is given but not one per range of `evicted`.
         """
+        if reasons and len(reasons) != len(evicted):
+            raise ValueError(f"{len(reasons)} reasons for {len(evicted)} evicted ranges")
+        declared = [list(e) for e in evicted]
+        why = {"evicted_reasons": list(reasons) or [RETENTION] * len(evicted)} if evicted else {}
         if self._columns is not None:
             columns = {
                 "v": columnar.FORMAT_VERSION,
@@ -102,7 +124,8 @@ class Sealer:
                 "epoch": epoch,
                 "batch": batch,
                 "sealed": sealed_ns,
-                "evicted": [list(e) for e in evicted],
+                "evicted": declared,
+                **why,
                 **self._columns.encode(readings, first_seq),
             }
             return self._sign(cbor2.dumps(columns))
@@ -123,7 +146,8 @@ class Sealer:
                 "batch": batch,
                 "readings": items,
                 "sealed": sealed_ns,
-                "evicted": [list(e) for e in evicted],
+                "evicted": declared,
+                **why,
             }
         )
         return self._sign(body)
@@ -133,6 +157,26 @@ class Sealer:
         to_sign = cbor2.dumps(["Signature1", self._protected, b"", payload])
         signature = self._key.sign(to_sign)
         return cbor2.dumps(cbor2.CBORTag(COSE_SIGN1_TAG, [self._protected, {}, payload, signature]))
+
+
+def _protected_header(protected: bytes) -> dict[Any, Any]:
+    """The protected header map, checked: no `crit`, EdDSA only, a byte-string key id.
+
+    Raises EnvelopeError naming what is wrong (RFC 9052 §3.1: `crit` parameters a consumer does
+    not understand make the message invalid).
+    """
+    header = cbor2.loads(protected) if protected else {}
+    if not isinstance(header, dict):
+        raise EnvelopeError("protected header is not a CBOR map")
+    if HDR_CRIT in header:
+        raise EnvelopeError("critical header parameters (crit) are not understood")
+    alg = header.get(HDR_ALG)
+    if type(alg) is not int or alg not in ALLOWED_ALGORITHMS:  # -8.0 or True are not -8
+        raise EnvelopeError(f"unsupported algorithm {alg!r} (only EdDSA, -8, is accepted)")
+    kid = header.get(HDR_KID)
+    if not isinstance(kid, bytes):
+        raise EnvelopeError(f"missing or malformed key id {kid!r}")
+    return header
 
 
 def _check_unprotected(unprotected: object) -> None:
@@ -175,17 +219,8 @@ class Opener:
         if not all(isinstance(part, bytes) for part in (protected, payload, signature)):
             raise EnvelopeError("protected header, payload and signature must be byte strings")
         _check_unprotected(unprotected)
-        header = cbor2.loads(protected) if protected else {}
-        if not isinstance(header, dict):
-            raise EnvelopeError("protected header is not a CBOR map")
-        if HDR_CRIT in header:
-            raise EnvelopeError("critical header parameters (crit) are not understood")
-        alg = header.get(HDR_ALG)
-        if type(alg) is not int or alg not in ALLOWED_ALGORITHMS:  # -8.0 or True are not -8
-            raise EnvelopeError(f"unsupported algorithm {alg!r} (only EdDSA, -8, is accepted)")
-        kid = header.get(HDR_KID)
-        if not isinstance(kid, bytes):
-            raise EnvelopeError(f"missing or malformed key id {kid!r}")
+        header = _protected_header(protected)
+        kid = header[HDR_KID]
         key = self._keys.get(kid)
         if key is None:
             raise UnknownKeyError(f"unknown key id {kid.hex()}")
@@ -214,12 +249,21 @@ class Opener:
                 raise EnvelopeError("readings' seq values are not consecutive")
         else:
             raise EnvelopeError(f"unsupported payload version {version!r}")
+        evicted = [(int(a), int(b)) for a, b in body.get("evicted", [])]
+        reasons = body.get("evicted_reasons", [RETENTION] * len(evicted))
+        if (
+            not isinstance(reasons, list)
+            or len(reasons) != len(evicted)
+            or not all(isinstance(r, str) for r in reasons)
+        ):
+            raise EnvelopeError("evicted_reasons must be one text per evicted range")
         return Batch(
             gateway=str(body["gateway"]),
             epoch=str(body["epoch"]),
             batch=int(body["batch"]),
             readings=readings,
             sealed_ns=int(body["sealed"]),
-            evicted=[(int(a), int(b)) for a, b in body.get("evicted", [])],
+            evicted=evicted,
             kid=kid,
+            evicted_reasons=reasons,
         )

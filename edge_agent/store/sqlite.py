@@ -3,9 +3,11 @@
 Invariants (each holds after every committed transaction):
 1. A batch is written whole, with the sequence and batch counters that follow it, in one
    transaction; `seq` and `batch` never go backwards and are never reused within an epoch.
-2. A batch leaves the buffer only in two ways: deleted after the broker acknowledged it, or
-   evicted by retention, in which case its `[first_seq, last_seq]` is recorded in
-   `pending_evictions` in the same transaction.
+2. A batch leaves the buffer only in three ways: deleted after the broker acknowledged it,
+   evicted by retention, or evicted as undeliverable (the broker will never take it: too large
+   for its packet limit); an evicted batch's `[first_seq, last_seq]` is recorded in
+   `pending_evictions` in the same transaction, and an undeliverable one's reason in
+   `eviction_reasons` (no row there means retention).
 3. A pending eviction is removed only in the transaction that stores the signed batch that
    declares it; such declaring batches live in `notices`, are sent before older readings, and are
    never evicted themselves.
@@ -35,6 +37,7 @@ from typing import Any, Literal, NamedTuple, TypeVar
 import aiosqlite
 
 from edge_agent.errors import StoreError
+from edge_agent.seal.envelope import RETENTION
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +54,8 @@ CREATE TABLE IF NOT EXISTS notices (
     sealed_ns INTEGER NOT NULL, data BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS pending_evictions (
     first_seq INTEGER PRIMARY KEY, last_seq INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS eviction_reasons (
+    first_seq INTEGER PRIMARY KEY, reason TEXT NOT NULL);
 """
 
 
@@ -111,6 +116,7 @@ class Store:
         self.stats = BufferStats()
         self._db: aiosqlite.Connection | None = None
         self._lock = asyncio.Lock()
+        self._meta: dict[str, Any] = {}
 
     async def open(self) -> None:
         try:
@@ -130,6 +136,7 @@ class Store:
             await db.execute("COMMIT")
             self.epoch = str(meta["epoch"])
             self.next_seq, self.next_batch = int(meta["next_seq"]), int(meta["next_batch"])
+            self._meta = meta
             await self._load_stats()
         except (sqlite3.Error, OSError) as exc:
             raise StoreError(f"cannot open buffer {self.path}: {exc}") from exc
@@ -209,11 +216,69 @@ class Store:
                 await self.db.execute("ROLLBACK")
 
     async def pending_evictions(self) -> list[tuple[int, int]]:
+        """Evicted ranges not yet declared: `(first_seq, last_seq)`, oldest first."""
         rows = await self._read(
             "read pending evictions",
             "SELECT first_seq, last_seq FROM pending_evictions ORDER BY first_seq",
         )
         return [(int(a), int(b)) for a, b in rows]
+
+    def recall(self, key: str) -> Any:
+        """A value `remember` kept, as of the last open or since; None if never."""
+        return self._meta.get(key)
+
+    async def remember(self, key: str, value: int | str | None) -> None:
+        """Keep a small fact across restarts (the broker's last advertised packet limit)."""
+
+        async def body(db: aiosqlite.Connection) -> None:
+            await db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, value))
+
+        await self._atomically(f"remember {key}", body, lambda _: self._meta.update({key: value}))
+
+    async def pending_declarations(self) -> list[tuple[int, int, str]]:
+        """What the next declaration must say: the pending evictions with their reasons,
+        `(first_seq, last_seq, reason)`, oldest first (reason `retention` unless recorded)."""
+        rows = await self._read(
+            "read pending evictions",
+            "SELECT p.first_seq, p.last_seq, coalesce(r.reason, ?) FROM pending_evictions p"
+            " LEFT JOIN eviction_reasons r USING (first_seq) ORDER BY p.first_seq",
+            (RETENTION,),
+        )
+        return [(int(a), int(b), str(reason)) for a, b, reason in rows]
+
+    async def evict_undeliverable(self, key: BatchKey, reason: str) -> tuple[int, int, int] | None:
+        """Evict one batch of readings the broker will never accept, pending declaration with
+        `reason` (`too_large`, `undeliverable`: contract §4.7).
+
+        Returns `(first_seq, last_seq, readings)`, or None when `key` is not a batch of readings
+        still buffered (declarations are never evicted: invariant 3).
+        """
+        if key.kind != "readings":
+            return None
+        row_id = key.id
+
+        async def body(db: aiosqlite.Connection) -> tuple[int, int, int, int] | None:
+            rows = list(
+                await db.execute_fetchall(
+                    "DELETE FROM batches WHERE id = ?"
+                    " RETURNING first_seq, last_seq, readings, bytes",
+                    (row_id,),
+                )
+            )
+            if not rows:
+                return None
+            first, last, readings, size = (int(v) for v in rows[0])
+            if readings:
+                await db.execute("INSERT INTO pending_evictions VALUES (?, ?)", (first, last))
+                await db.execute("INSERT INTO eviction_reasons VALUES (?, ?)", (first, reason))
+            return first, last, readings, size
+
+        def on_commit(row: tuple[int, int, int, int] | None) -> None:
+            if row is not None:
+                self._forget([(row[2], row[3], 1)])
+
+        row = await self._atomically("evict an undeliverable batch", body, on_commit)
+        return None if row is None else row[:3]
 
     async def append(self, batches: Sequence[SealedBatch]) -> int:
         """Store sealed batches, advance the counters and apply retention, in one transaction.
@@ -273,6 +338,10 @@ class Store:
                 )
                 await db.executemany(
                     "DELETE FROM pending_evictions WHERE first_seq = ?",
+                    [(first,) for first, _ in b.declares],
+                )
+                await db.executemany(
+                    "DELETE FROM eviction_reasons WHERE first_seq = ?",
                     [(first,) for first, _ in b.declares],
                 )
         await db.executemany(
