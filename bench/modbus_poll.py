@@ -24,6 +24,7 @@ from pymodbus.simulator import DataType, SimData, SimDevice
 
 from edge_agent.config.modbus import ModbusSourceConfig
 from edge_agent.reading import Reading
+from edge_agent.sources.modbus.link import LinkPool
 from edge_agent.sources.modbus.plan import naive_count
 from edge_agent.sources.modbus.source import ModbusSource
 
@@ -80,6 +81,7 @@ async def serve(devices: int, registers: int) -> None:
 
 async def bench(ports: list[int], points: int, seconds: float) -> None:
     specs = point_specs(points)
+    links = LinkPool()
     sources = [
         ModbusSource(
             ModbusSourceConfig.model_validate(
@@ -92,7 +94,8 @@ async def bench(ports: list[int], points: int, seconds: float) -> None:
                     "timeout": "1s",
                     "points": specs,
                 }
-            )
+            ),
+            links,
         )
         for i, port in enumerate(ports)
     ]

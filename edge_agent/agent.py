@@ -16,18 +16,19 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-
+from edge_agent import audit as audit_events
 from edge_agent import systemd
+from edge_agent.audit import audit
 from edge_agent.config import Config, load_config
 from edge_agent.errors import ConfigError, StoreError
 from edge_agent.forward.mqtt import Forwarder
 from edge_agent.health import Health, start_health_server
-from edge_agent.metrics import Metrics, SourceCollector
+from edge_agent.logs import configure_logging
+from edge_agent.metrics import AuditCollector, Metrics, SourceCollector
 from edge_agent.seal.batcher import Batcher
 from edge_agent.seal.envelope import Sealer
 from edge_agent.seal.keys import load_private_key
-from edge_agent.sources import Emit, Source, build_source
+from edge_agent.sources import Emit, Source, SourceContext, build_source
 from edge_agent.store.sqlite import Store
 
 log = logging.getLogger(__name__)
@@ -37,16 +38,6 @@ GOODBYE_S = 3.0
 SOURCE_RESTART_S = 5.0
 
 
-def configure_logging(level: int = logging.INFO) -> None:
-    logging.basicConfig(
-        level=level,
-        stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    for noisy in ("asyncua", "pymodbus", "aiohttp.access"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-
-
 def run_agent(path: Path) -> int:
     """`edge-agent run`: 0 after a clean stop, 1 when the config or the start-up fails."""
     configure_logging()
@@ -54,6 +45,7 @@ def run_agent(path: Path) -> int:
         config = load_config(path)
     except ConfigError as exc:
         print(exc, file=sys.stderr)  # one located line per problem
+        audit("config", "refused", file=str(path), problems=len(exc.problems))
         return 1
     except OSError as exc:
         print(f"{path}: cannot read: {exc.strerror or exc}", file=sys.stderr)
@@ -98,25 +90,67 @@ class Agent:
         self.store = Store(
             config.store.path, max_bytes=int(config.store.max_bytes), max_age_s=config.store.max_age
         )
-        self.sources: list[Source] = [build_source(c) for c in config.sources]
+        self.source_context = SourceContext()
+        """What the sources share (the Modbus link pool); owned here, lent to each source."""
+        self.sources: list[Source] = [build_source(c, self.source_context) for c in config.sources]
         self.metrics.registry.register(SourceCollector({s.name: s.state for s in self.sources}))
+        self.metrics.registry.register(AuditCollector(audit_events.COUNTS))
         self.stopping = asyncio.Event()
         self.started = asyncio.Event()
+        self.batcher: Batcher | None = None
+        """The batcher once running: `rotate_signing_key` switches its key."""
+
+    def load_sealer(self, key_file: Path) -> Sealer:
+        """A Sealer for the key in `key_file`, after the checks of seal/keys.py (blocking I/O).
+
+        Raises PermissionError (owner, mode, directory) or ValueError (not an Ed25519 PEM key),
+        each naming the file and never its content; the refusal is an audit event.
+        """
+        try:
+            key = load_private_key(key_file)
+        except (OSError, ValueError) as exc:
+            audit("key", "refused", file=str(key_file), error=str(exc))
+            raise
+        return Sealer(
+            key,
+            compress=self.config.batch.compression == "zstd",
+            payload_format=self.config.batch.format,
+        )
+
+    async def rotate_signing_key(self, key_file: Path) -> bytes:
+        """Sign every batch sealed from now on with the key in `key_file`; return its key id.
+
+        What a reload (SIGHUP) calls when `signing.key_file` names another file or the file now
+        holds another key. The new key is checked and loaded before anything changes: on
+        PermissionError or ValueError the running key stays in use. Batches sealed before keep
+        their signature (docs/security.md: consumers trust both keys while they drain). Logged
+        as a `key` audit event; a key id equal to the running one changes nothing.
+        """
+        if self.batcher is None:
+            raise RuntimeError("the agent is not running: nothing signs yet")
+        sealer = await asyncio.to_thread(self.load_sealer, key_file)
+        old = self.batcher.sealer.kid
+        if sealer.kid != old:
+            self.batcher.use_sealer(sealer)
+            audit("key", "success", action="rotated", kid=sealer.kid, previous_kid=old,
+                  file=str(key_file))  # fmt: skip
+        return sealer.kid
 
     async def run(self) -> int:
-        key = load_private_key(self.config.signing.key_file)
+        sealer = self.load_sealer(self.config.signing.key_file)
         try:
             allowance = _check_allowance_us(self.config.store.path)
             systemd.notify(f"STATUS=Checking the buffer\nEXTEND_TIMEOUT_USEC={allowance}")
             await self.store.open()
             self.metrics.store_quarantined.inc(len(self.store.quarantined))
-            return await self._run_with_store(key)
+            return await self._run_with_store(sealer)
         finally:
             await self.store.close()  # also when start-up fails: its thread would keep us alive
 
-    async def _run_with_store(self, key: Ed25519PrivateKey) -> int:
-        sealer = Sealer(key, compress=self.config.batch.compression == "zstd")
-        batcher = Batcher(
+    async def _run_with_store(self, sealer: Sealer) -> int:
+        audit("key", "success", action="loaded", kid=sealer.kid,
+              file=str(self.config.signing.key_file))  # fmt: skip
+        self.batcher = batcher = Batcher(
             self.store,
             sealer,
             self.metrics,
@@ -126,7 +160,13 @@ class Agent:
             capacity=self.config.batch.queue_readings,
         )
         forwarder = Forwarder(
-            self.config.mqtt, self.config.gateway.id, self.store, batcher.sealed, self.metrics
+            self.config.mqtt,
+            self.config.gateway.id,
+            self.store,
+            batcher.sealed,
+            self.metrics,
+            on_evicted=batcher.declare_pending,
+            on_payload_limit=batcher.set_max_bytes,
         )
         tasks: list[asyncio.Task[None]] = []
         health = Health(

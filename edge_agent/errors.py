@@ -1,13 +1,49 @@
-"""The exception tree of edge-agent.
+"""The exception tree of edge-agent: every exception class of the package is in it.
 
     EdgeAgentError
-    ├── ConfigError            the configuration is invalid; carries every problem found
-    ├── StoreError             the SQLite buffer cannot be opened or written
-    ├── EnvelopeError          a batch cannot be decoded or its signature does not verify
-    │   └── UnknownKeyError    the batch names a key id the verifier was not given
-    └── DeviceError            a device failed to answer a read (timeout, exception, garbage)
+    ├── ConfigError                the configuration is invalid; carries every problem found
+    ├── StoreError                 the SQLite buffer cannot be opened or written
+    ├── EnvelopeError              a batch cannot be decoded or its signature does not verify
+    │   ├── UnknownKeyError        the batch names a key id the verifier was not given
+    │   └── KeyNotValidError       signed by a retired key, or sealed outside the key's validity
+    ├── DeviceError                a device failed to answer a read (timeout, exception, garbage)
+    │   └── ReadError              a Modbus read failed; `reason` names its counter
+    │       ├── ReadTimeoutError       no answer within the timeout
+    │       ├── ShortResponseError     fewer registers or bits than asked for
+    │       ├── MalformedError         an answer that does not belong to the request
+    │       ├── FramingError           bytes on an RTU line with no valid frame in them
+    │       ├── LinkDownError          the connection or serial line is down
+    │       └── ExceptionReplyError    a Modbus exception response; carries its code
+    ├── FrameError                 Modbus bytes that are not the answer to the request in flight
+    │   ├── TcpFramingError (ValueError)       not an MBAP frame: the TCP stream is lost
+    │   ├── MismatchedAnswerError (ValueError) a frame that answers another request
+    │   ├── ExceptionAnswer            a Modbus exception response, before it names the device
+    │   └── GarbledAnswerError         no RTU frame with a valid CRC by the timeout
+    ├── ChannelLostError           a Modbus connection or port closed under a request
+    ├── PortError                  a serial port cannot be opened; says which setting or why
+    ├── RejectedValue (ValueError)  a device value the value rules refuse (NaN, text not UTF-8)
+    │   └── DecodeError            Modbus registers that hold no value the rules allow
+    ├── ConnectionLostError        an OPC UA session or its subscription is gone
+    ├── UnknownNamespaceError      an `nsu=` node id names a URI the OPC UA server does not have
+    ├── TakeOverError              the OPC UA server refused the takeover of a lost session
+    ├── SecurityError              an OPC UA connection refused on security grounds
+    │   └── UntrustedCertificateError  the server's certificate is not trusted
+    ├── PublishRejectedError       the broker refused a batch (PUBACK reason >= 0x80)
+    └── BrokerUnavailableError (RuntimeError)  the demo finds no MQTT broker to run
 
-Only ConfigError stops the daemon before start; DeviceError never leaves its source.
+Classes live next to the code that raises them: ConfigError, StoreError, EnvelopeError,
+UnknownKeyError and DeviceError here; the ReadError family, ChannelLostError,
+GarbledAnswerError and PortError in `sources/modbus/link.py`, FrameError and its other
+subclasses in `sources/modbus/frames.py`, RejectedValue in `reading.py`,
+DecodeError in `sources/modbus/decode.py`, KeyNotValidError in `seal/trust.py`,
+ConnectionLostError in `sources/opcua/source.py`, UnknownNamespaceError in
+`sources/opcua/namespaces.py`, TakeOverError in `sources/opcua/session.py`,
+SecurityError and UntrustedCertificateError in `sources/opcua/security.py`,
+PublishRejectedError in `forward/mqtt.py`, BrokerUnavailableError in `demo/embedded_broker.py`.
+A second base in parentheses is kept for callers that catch it.
+
+Only ConfigError stops the daemon before start; device and connection errors never leave their
+source; PublishRejectedError and StoreError make the forwarder reconnect and re-send.
 """
 
 from __future__ import annotations

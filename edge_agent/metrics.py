@@ -1,14 +1,17 @@
-"""The agent's Prometheus metrics, in a registry of its own (names prefixed `edge_agent_`)."""
+"""The agent's Prometheus metrics, in a registry of its own (names prefixed `edge_agent_`).
+
+A leaf: it imports nothing of the package; components update the metrics, or are read through
+the small protocol below at scrape time.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
+from typing import Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
-
-from edge_agent.sources.base import SourceState
 
 disable_created_metrics()  # type: ignore[no-untyped-call]
 
@@ -26,7 +29,9 @@ class Metrics:
             "edge_agent_batches_sealed", "Batches sealed into the buffer.", registry=r
         )
         self.readings_evicted = Counter(
-            "edge_agent_readings_evicted", "Unsent readings dropped by retention.", registry=r
+            "edge_agent_readings_evicted",
+            "Unsent readings dropped by retention or as undeliverable.",
+            registry=r,
         )
         self.store_errors = Counter("edge_agent_store_errors", "Failed buffer writes.", registry=r)
         self.store_disk_full = Gauge(
@@ -66,6 +71,11 @@ class Metrics:
             "Publishes the broker refused (reason code >= 0x80).",
             registry=r,
         )
+        self.batches_undeliverable = Counter(
+            "edge_agent_batches_undeliverable",
+            "Batches evicted because the broker will not take them (declared, with a reason).",
+            registry=r,
+        )
         self.mqtt_connected = Gauge(
             "edge_agent_mqtt_connected", "1 while connected to the broker.", registry=r
         )
@@ -80,10 +90,26 @@ class Metrics:
         )
 
 
+class SourceCounts(Protocol):
+    """What the per-source series read of a source's state (`sources.base.SourceState` is one)."""
+
+    @property
+    def up(self) -> bool: ...
+
+    @property
+    def readings(self) -> int: ...
+
+    @property
+    def errors(self) -> int: ...
+
+    @property
+    def counts(self) -> Mapping[str, int]: ...
+
+
 class SourceCollector(Collector):
     """Per-source series, read from each source's own state at scrape time."""
 
-    def __init__(self, states: Mapping[str, SourceState]) -> None:
+    def __init__(self, states: Mapping[str, SourceCounts]) -> None:
         self._states = states
 
     def collect(self) -> Iterator[Metric]:
@@ -110,3 +136,20 @@ class SourceCollector(Collector):
             for kind, count in sorted(state.counts.items()):
                 events.add_metric([name, kind], count)
         yield from (up, readings, errors, events)
+
+
+class AuditCollector(Collector):
+    """`edge_agent_audit_events_total{category,outcome}`, read from the audit counts at scrape."""
+
+    def __init__(self, counts: Mapping[tuple[str, str], int]) -> None:
+        self._counts = counts
+
+    def collect(self) -> Iterator[Metric]:
+        events = CounterMetricFamily(
+            "edge_agent_audit_events",
+            "Audit events (docs/security.md) by category and outcome.",
+            labels=["category", "outcome"],
+        )
+        for (category, outcome), count in sorted(self._counts.items()):
+            events.add_metric([category, outcome], count)
+        yield events

@@ -14,17 +14,19 @@ EXIT_HEALTHY, EXIT_DEGRADED, EXIT_UNREACHABLE = 0, 1, 2
 def fetch_status(url: str, timeout: float = 5.0) -> dict[str, Any]:
     if not url.startswith(("http://", "https://")):
         raise ValueError(f"status url must be http:// or https://, not {url!r}")
-    with urllib.request.urlopen(f"{url.rstrip('/')}/status", timeout=timeout) as response:  # noqa: S310 - scheme checked above
+    with urllib.request.urlopen(f"{url.rstrip('/')}/status", timeout=timeout) as response:  # noqa: S310  # nosec B310  # scheme checked above
         data: dict[str, Any] = json.load(response)
         return data
 
 
 def problems(status: dict[str, Any]) -> list[str]:
-    """What makes the agent degraded: the broker unreachable, the buffer in trouble (a full
-    disk, failing writes or deletes, sources held back), or a source down."""
+    """What makes the agent degraded: the broker unreachable or refusing batches, the buffer in
+    trouble (a full disk, failing writes or deletes, sources held back), or a source down."""
     found = []
     if not status["mqtt"]["connected"]:
         found.append(f"broker not connected: {status['mqtt'].get('last_error') or 'connecting'}")
+    if status["mqtt"].get("degraded"):
+        found.append(f"batches not delivered: {status['mqtt']['degraded']}")
     found.extend(status["buffer"].get("problems", []))
     for name, source in status["sources"].items():
         if not source["up"]:

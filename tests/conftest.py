@@ -1,25 +1,89 @@
-"""Shared fixtures: a private Mosquitto per test, signing keys, and the real agent process."""
+"""Shared fixtures (a private Mosquitto per test, signing keys, the agents a test started) and the
+test layers: every test carries exactly one layer marker, and a unit test stays in its process.
+
+Helpers that are not fixtures live in tests/helpers/; tests/README.md describes the layers.
+"""
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import json
-import os
-import signal
+import socket
 import subprocess
-import sys
-import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
+from helpers.agent import AgentProcess
 
-from edge_agent.demo.broker import Mosquitto, free_port
+from edge_agent.demo.broker import Mosquitto
 from edge_agent.seal.keys import write_keypair
+
+LAYERS = ("unit", "integration", "e2e", "faults", "system")
+"""The layer markers (registered in pyproject.toml); each test has exactly one."""
+
+
+def _layers(node: pytest.Item | pytest.Collector) -> list[str]:
+    return sorted({mark.name for mark in node.iter_markers() if mark.name in LAYERS})
+
+
+def _unlayered(nodes: list[Any]) -> list[str]:
+    """`nodeid: markers` of each collected test without exactly one layer marker."""
+    wrong = []
+    for node in nodes:
+        if isinstance(node, pytest.Item | pytest.Class):
+            layers = _layers(node)
+            if len(layers) != 1:
+                wrong.append(f"{node.nodeid}: {', '.join(layers) or 'no layer marker'}")
+    return wrong
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_make_collect_report(collector: pytest.Collector) -> Any:
+    """A module with a test that has no layer marker (or two) fails to collect."""
+    report = yield
+    if isinstance(collector, pytest.Module) and report.passed:
+        wrong = _unlayered(report.result)
+        if wrong:
+            report.outcome = "failed"
+            report.longrepr = (
+                f"each test needs exactly one layer marker ({', '.join(LAYERS)}), e.g. "
+                "`pytestmark = pytest.mark.unit` in the module (tests/README.md):\n  "
+                + "\n  ".join(wrong)
+            )
+    return report
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Backstop before `-m` deselects anything: no test runs without exactly one layer."""
+    wrong = _unlayered(list(items))
+    if wrong:
+        raise pytest.UsageError(
+            "each test needs exactly one layer marker (tests/README.md):\n  " + "\n  ".join(wrong)
+        )
+
+
+@pytest.fixture(autouse=True)
+def _unit_tests_stay_in_process(request: pytest.FixtureRequest) -> Iterator[None]:
+    """A unit test that starts a process, connects or listens fails, naming what it did."""
+    if request.node.get_closest_marker("unit") is None:
+        yield
+        return
+
+    def refuse(what: str) -> Any:
+        def refused(*args: Any, **kwargs: Any) -> None:
+            raise AssertionError(
+                f"a unit test may not {what}: mark it integration (tests/README.md)"
+            )
+
+        return refused
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(subprocess.Popen, "__init__", refuse("start a process"))
+        patch.setattr(socket.socket, "connect", refuse("open a network connection"))
+        patch.setattr(socket.socket, "connect_ex", refuse("open a network connection"))
+        patch.setattr(socket.socket, "listen", refuse("run a server"))
+        yield
 
 
 @pytest.fixture
@@ -39,77 +103,6 @@ def keys(tmp_path: Path) -> Path:
     return directory
 
 
-def agent_config(
-    tmp_path: Path, broker: Mosquitto, keys: Path, sources: list[dict[str, Any]], **overrides: Any
-) -> dict[str, Any]:
-    """A complete agent configuration for one test, as a dict (written by AgentProcess)."""
-    config: dict[str, Any] = {
-        "gateway": {"id": "test-gw"},
-        "store": {"path": str(tmp_path / "buffer.db")},
-        "mqtt": {
-            "url": broker.url,
-            "topic_prefix": "site/test",
-            "reconnect_min": "200ms",
-            "reconnect_max": "1s",
-        },
-        "batch": {"max_readings": 200, "max_delay": "200ms"},
-        "signing": {"key_file": str(keys / "signing.key")},
-        "health": {"listen": f"127.0.0.1:{free_port()}"},
-        "sources": sources,
-    }
-    for section, values in overrides.items():
-        config[section] = {**config.get(section, {}), **values}
-    return config
-
-
-class AgentProcess:
-    """The real `edge-agent run` process, started and stopped the way systemd would."""
-
-    def __init__(self, config: dict[str, Any], directory: Path) -> None:
-        self.config = config
-        self.path = directory / "agent.yaml"
-        self.path.write_text(yaml.safe_dump(config))
-        self.log_path = directory / "agent.log"
-        self.health_url = f"http://{config['health']['listen']}"
-        self.process: subprocess.Popen[bytes] | None = None
-
-    def start(self, timeout: float = 20.0) -> None:
-        log = self.log_path.open("ab")
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "edge_agent", "run", "--config", str(self.path)],
-            stdout=log,
-            stderr=log,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"agent exited at start:\n{self.log()}")
-            with (
-                contextlib.suppress(OSError),
-                urllib.request.urlopen(f"{self.health_url}/readyz", timeout=1) as response,
-            ):
-                if response.status == 200:
-                    return
-            time.sleep(0.05)
-        raise TimeoutError(f"agent not ready:\n{self.log()}")
-
-    def status(self) -> dict[str, Any]:
-        with urllib.request.urlopen(f"{self.health_url}/status", timeout=5) as response:
-            data: dict[str, Any] = json.load(response)
-            return data
-
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:
-        assert self.process is not None
-        self.process.send_signal(sig)
-        code = self.process.wait(timeout=timeout)
-        self.process = None
-        return code
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-
-
 @pytest.fixture
 def agents() -> Iterator[list[AgentProcess]]:
     """Collects started agents so that a failing test never leaves one running."""
@@ -119,12 +112,3 @@ def agents() -> Iterator[list[AgentProcess]]:
         if agent.process is not None:
             agent.process.kill()
             agent.process.wait()
-
-
-async def wait_until(predicate: Any, timeout: float, what: str) -> None:
-    """Poll a cheap condition of a real process we cannot get an event from."""
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not predicate():
-        if asyncio.get_running_loop().time() > deadline:
-            raise TimeoutError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.05)

@@ -23,9 +23,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import AgentProcess, agent_config, wait_until
-from test_e2e import running_verifier, status_command
-from test_store_faults import SmallDisk
+from helpers.agent import AgentProcess, agent_config
+from helpers.disk import MiB, SmallDisk
+from helpers.verifier import running_verifier, status_command
+from helpers.wait import wait_for
 
 from edge_agent.consumer.completeness import Stream
 from edge_agent.consumer.verify import Verifier
@@ -33,9 +34,7 @@ from edge_agent.demo.broker import Mosquitto
 from edge_agent.errors import StoreError
 from edge_agent.store.sqlite import Store
 
-pytestmark = [pytest.mark.faults, pytest.mark.e2e]
-
-MiB = 1024 * 1024
+pytestmark = pytest.mark.faults
 
 
 def random_source(points: int = 500, interval: str = "50ms") -> list[dict[str, Any]]:
@@ -87,20 +86,20 @@ async def test_full_disk_degrades_evicts_declares_and_resumes(
         agent.start()
         assert agent.process is not None
         pid = agent.process.pid
-        await wait_until(lambda: verifier.result.readings > 1000, 30, "first readings")
+        await wait_for(lambda: verifier.result.readings > 1000, 30, "first readings")
         broker.stop()
-        await wait_until(lambda: agent.status()["buffer"]["readings"] > 20_000, 30, "a backlog")
+        await wait_for(lambda: agent.status()["buffer"]["readings"] > 20_000, 30, "a backlog")
 
         filled_at = time.monotonic()
         filler = disk.fill()
-        await wait_until(lambda: agent.status()["buffer"]["disk_full"], 20, "degraded health")
+        await wait_for(lambda: agent.status()["buffer"]["disk_full"], 20, "degraded health")
         degraded_s = time.monotonic() - filled_at
         report = status_output(agent)
         assert report.returncode == 1 and "buffer disk full" in report.stderr
 
         # It keeps taking readings, evicting the oldest: declared, never a stall.
         sealed = agent.status()["buffer"]["next_seq"]
-        await wait_until(
+        await wait_for(
             lambda: agent.status()["buffer"]["next_seq"] > sealed + 30_000, 30, "more readings"
         )
         status = agent.status()
@@ -110,7 +109,7 @@ async def test_full_disk_degrades_evicts_declares_and_resumes(
 
         # The broker is back, the disk still full: acknowledged batches are deleted.
         broker.start()
-        await wait_until(
+        await wait_for(
             lambda: (
                 agent.status()["mqtt"]["connected"]
                 and agent.status()["buffer"]["readings"] < 10_000
@@ -125,13 +124,13 @@ async def test_full_disk_degrades_evicts_declares_and_resumes(
 
         freed_at = time.monotonic()
         filler.unlink()
-        await wait_until(lambda: status_command(agent) == 0, 20, "healthy again")
+        await wait_for(lambda: status_command(agent) == 0, 20, "healthy again")
         resumed_s = time.monotonic() - freed_at
         evicted = agent.status()["buffer"]["evicted_readings"]
         assert agent.process.pid == pid, "the agent never restarted"
         assert agent.stop() == 0, agent.log()
         sealed = committed_seq(disk.path / "buffer.db")
-        await wait_until(
+        await wait_for(
             lambda: accounted(verifier) >= sealed, 30, "every reading or its declaration"
         )
 
@@ -163,11 +162,11 @@ async def test_buffer_alone_fills_a_2mib_disk_with_the_broker_down(
         async with running_verifier(broker, keys) as verifier:
             broker.stop()
             agent.start()
-            await wait_until(lambda: agent.status()["buffer"]["disk_full"], 30, "a full disk")
+            await wait_for(lambda: agent.status()["buffer"]["disk_full"], 30, "a full disk")
             report = status_output(agent)
             assert report.returncode == 1 and "buffer disk full" in report.stderr
             sealed = agent.status()["buffer"]["next_seq"]
-            await wait_until(
+            await wait_for(
                 lambda: agent.status()["buffer"]["next_seq"] > sealed + 50_000,
                 30,
                 "readings taken on the full disk",
@@ -176,12 +175,12 @@ async def test_buffer_alone_fills_a_2mib_disk_with_the_broker_down(
             assert status["buffer"]["evicted_readings"] > 0
             assert status["buffer"]["held_back_s"] < 2.0, "the source is not stalled"
             disk.grow(16 * MiB)
-            await wait_until(lambda: not agent.status()["buffer"]["disk_full"], 20, "room")
+            await wait_for(lambda: not agent.status()["buffer"]["disk_full"], 20, "room")
             broker.start()
-            await wait_until(lambda: status_command(agent) == 0, 30, "healthy")
+            await wait_for(lambda: status_command(agent) == 0, 30, "healthy")
             assert agent.stop() == 0, agent.log()
             sealed = committed_seq(disk.path / "buffer.db")
-            await wait_until(
+            await wait_for(
                 lambda: accounted(verifier) >= sealed, 30, "every reading or its declaration"
             )
     finally:
@@ -215,9 +214,9 @@ async def test_wal_removed_after_sigkill_is_declared_lost(
     async with running_verifier(broker, keys) as verifier:
         first.start()
         old_epoch = first.status()["buffer"]["epoch"]
-        await wait_until(lambda: verifier.result.readings > 1000, 30, "first readings")
+        await wait_for(lambda: verifier.result.readings > 1000, 30, "first readings")
         broker.stop()
-        await wait_until(lambda: first.status()["buffer"]["readings"] > 30_000, 30, "a backlog")
+        await wait_for(lambda: first.status()["buffer"]["readings"] > 30_000, 30, "a backlog")
         assert first.stop(signal.SIGKILL) == -signal.SIGKILL
         last_seq = committed_seq(db_path)
         wal = Path(f"{db_path}-wal")
@@ -234,10 +233,10 @@ async def test_wal_removed_after_sigkill_is_declared_lost(
         new_epoch = second.status()["buffer"]["epoch"]
         assert new_epoch != old_epoch
         assert "moved aside" in status_output(second).stdout
-        await wait_until(
+        await wait_for(
             lambda: stream_of(verifier, old_epoch).ended is not None, 30, "the declaration"
         )
-        await wait_until(
+        await wait_for(
             lambda: (
                 ("test-gw", new_epoch) in verifier.tracker.streams
                 and stream_of(verifier, new_epoch).readings > 1000
@@ -247,7 +246,7 @@ async def test_wal_removed_after_sigkill_is_declared_lost(
         )
         assert second.stop() == 0, second.log()
         sealed = committed_seq(db_path)
-        await wait_until(
+        await wait_for(
             lambda: stream_of(verifier, new_epoch).readings >= sealed, 30, "every new reading"
         )
 
@@ -332,8 +331,15 @@ def test_a_store_that_cannot_be_opened_exits_1_with_one_line(
     finally:
         disk.unmount()
     assert result.returncode == 1, result.stderr
-    [line] = [line for line in result.stderr.splitlines() if line.strip()]
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    audits = [line for line in lines if " Audit " in line]
+    [line] = [line for line in lines if line not in audits]
     assert "Could not start" in line and re.search(expected, line) and "buffer.db" in line
+    if content is random_bytes:  # the quarantine was attempted: a security-relevant failure
+        [event] = audits
+        assert "category=store outcome=failure action=quarantined" in event
+    else:
+        assert audits == []
     assert took < 15, f"exited after {took:.1f}s"
 
 
@@ -358,7 +364,7 @@ async def test_a_failed_open_stops_the_stores_thread(tmp_path: Path) -> None:
         store = Store(disk.path / "buffer.db", max_bytes=MiB, max_age_s=60)
         with pytest.raises(StoreError, match="unable to open database file"):
             await store.open()
-        await wait_until(
+        await wait_for(
             lambda: not [t for t in threading.enumerate() if "connection_worker" in t.name],
             5,
             "the store's thread to end",

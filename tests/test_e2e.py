@@ -13,28 +13,22 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
-from conftest import AgentProcess, agent_config, wait_until
+import pytest
+from helpers.agent import AgentProcess, agent_config
+from helpers.verifier import running_verifier, status_command
+from helpers.wait import wait_for
 
 from edge_agent.consumer.completeness import Stream
-from edge_agent.consumer.verify import Verifier, consume, consumer_client
+from edge_agent.consumer.verify import Verifier
 from edge_agent.demo.broker import Mosquitto
 from edge_agent.demo.modbus_device import modbus_points, start_modbus_device
-from edge_agent.seal.envelope import Opener
-from edge_agent.seal.keys import load_public_key
+
+pytestmark = pytest.mark.e2e
 
 OUTAGE_S = 10.0
-
-
-def status_command(agent: AgentProcess) -> int:
-    return subprocess.run(
-        [sys.executable, "-m", "edge_agent", "status", "--url", agent.health_url],
-        capture_output=True, check=False,
-    ).returncode  # fmt: skip
 
 
 def sealed_count(db_path: Path) -> int:
@@ -42,28 +36,6 @@ def sealed_count(db_path: Path) -> int:
     with sqlite3.connect(db_path) as db:
         (next_seq,) = db.execute("SELECT value FROM meta WHERE key = 'next_seq'").fetchone()
     return int(next_seq) - 1
-
-
-@asynccontextmanager
-async def running_verifier(broker: Mosquitto, keys: Path) -> AsyncIterator[Verifier]:
-    verifier = Verifier(Opener([load_public_key(keys / "signing.pub")]))
-    stop, subscribed = asyncio.Event(), asyncio.Event()
-    task = asyncio.create_task(
-        consume(
-            verifier,
-            lambda: consumer_client(broker.url, f"verifier-{broker.port}"),
-            "site/test/#",
-            lambda batch, fresh: None,
-            stop,
-            subscribed=subscribed,
-        )
-    )
-    await asyncio.wait_for(subscribed.wait(), 10)
-    try:
-        yield verifier
-    finally:
-        stop.set()
-        await task
 
 
 def only_stream(verifier: Verifier) -> Stream:
@@ -91,18 +63,18 @@ async def test_broker_outage_loses_nothing(
     agents.append(agent)
     async with running_verifier(broker, keys) as verifier:
         agent.start()
-        await wait_until(lambda: verifier.result.readings > 300, 30, "first readings")
+        await wait_for(lambda: verifier.result.readings > 300, 30, "first readings")
         assert agent.status()["sources"]["plc"]["counts"]["requests"] > 0, "counted per device"
 
         broker.stop()
         outage_began = time.monotonic()
-        await wait_until(lambda: not agent.status()["mqtt"]["connected"], 10, "agent to notice")
+        await wait_for(lambda: not agent.status()["mqtt"]["connected"], 10, "agent to notice")
         await asyncio.sleep(OUTAGE_S - (time.monotonic() - outage_began))  # the fault's length
         buffered = agent.status()["buffer"]["readings"]
         assert buffered > 100, "readings are buffered while the broker is away"
         broker.start()
 
-        await wait_until(
+        await wait_for(
             lambda: (
                 agent.status()["mqtt"]["connected"]
                 and agent.status()["buffer"]["readings"] < buffered
@@ -112,8 +84,8 @@ async def test_broker_outage_loses_nothing(
         )
         assert agent.stop() == 0, agent.log()
         sealed = sealed_count(tmp_path / "buffer.db")
-        await wait_until(lambda: only_stream(verifier).readings >= sealed, 30, "every reading")
-        await wait_until(
+        await wait_for(lambda: only_stream(verifier).readings >= sealed, 30, "every reading")
+        await wait_for(
             lambda: (
                 verifier.result.statuses.get("site/test/test-gw/status") == '{"state": "offline"}'
             ),
@@ -139,10 +111,10 @@ async def test_sigkill_loses_nothing_that_was_sealed(
         first = AgentProcess(config, tmp_path)
         agents.append(first)
         first.start()
-        await wait_until(lambda: verifier.result.readings > 300, 30, "first readings")
+        await wait_for(lambda: verifier.result.readings > 300, 30, "first readings")
         assert first.stop(signal.SIGKILL) == -signal.SIGKILL
         sealed_before_kill = sealed_count(tmp_path / "buffer.db")
-        await wait_until(
+        await wait_for(
             lambda: (
                 verifier.result.statuses.get("site/test/test-gw/status") == '{"state": "offline"}'
             ),
@@ -153,12 +125,12 @@ async def test_sigkill_loses_nothing_that_was_sealed(
         second = AgentProcess(config, tmp_path)
         agents.append(second)
         second.start()
-        await wait_until(
+        await wait_for(
             lambda: only_stream(verifier).max_seq > sealed_before_kill + 100, 30, "new readings"
         )
         assert second.stop() == 0, second.log()
         sealed = sealed_count(tmp_path / "buffer.db")
-        await wait_until(lambda: only_stream(verifier).readings >= sealed, 30, "every reading")
+        await wait_for(lambda: only_stream(verifier).readings >= sealed, 30, "every reading")
 
     stream = only_stream(verifier)  # one stream: the epoch survived the kill
     assert verifier.result.rejected == 0
@@ -174,10 +146,9 @@ async def test_health_endpoints_and_clean_stop(
     agent = AgentProcess(agent_config(tmp_path, broker, keys, sources), tmp_path)
     agents.append(agent)
     agent.start()
-    assert agent.config["health"]["listen"].startswith("127.0.0.1:")
     with urllib.request.urlopen(f"{agent.health_url}/healthz", timeout=5) as response:
         assert response.status == 200
-    await wait_until(lambda: agent.status()["sources"]["sim"]["up"], 10, "source up")
+    await wait_for(lambda: agent.status()["sources"]["sim"]["up"], 10, "source up")
     status = agent.status()
     assert status["gateway"] == "test-gw"
     assert set(status["buffer"]) >= {"readings", "bytes", "oldest_age_s"}
@@ -190,7 +161,7 @@ async def test_health_endpoints_and_clean_stop(
     assert not any(name.endswith("_created") for name in names)
     assert status_command(agent) == 0
     broker.stop()
-    await wait_until(lambda: not agent.status()["mqtt"]["connected"], 10, "disconnect")
+    await wait_for(lambda: not agent.status()["mqtt"]["connected"], 10, "disconnect")
     assert status_command(agent) == 1, "degraded while the broker is away"
     assert agent.stop(signal.SIGTERM) == 0
     assert "Stopped cleanly" in agent.log()

@@ -7,11 +7,12 @@ are the value's bytes, most significant first, in the order they travel on the w
 
 from __future__ import annotations
 
-import math
 import struct
+from typing import Literal
 
 import pytest
 
+from edge_agent.config.modbus import ModbusPoint
 from edge_agent.sources.modbus.decode import (
     ORDERS,
     DecodeError,
@@ -19,6 +20,9 @@ from edge_agent.sources.modbus.decode import (
     scaled,
     shortest_float32,
 )
+from edge_agent.sources.modbus.plan import decode_response, plan_reads
+
+pytestmark = pytest.mark.unit
 
 # type, value, {order: registers as they arrive}
 GOLDEN = [
@@ -112,16 +116,61 @@ def test_float32_is_reported_as_its_shortest_decimal() -> None:
     assert shortest_float32(struct.unpack(">f", struct.pack(">f", 1 / 3))[0]) == 0.33333334
 
 
-@pytest.mark.parametrize("registers", [[0x7FC0, 0x0000], [0x7F80, 0x0000], [0xFF80, 0x0000]])
-def test_non_finite_floats_are_errors_not_values(registers: list[int]) -> None:
-    with pytest.raises(DecodeError):
-        decode_registers(registers, "float32")
-    assert math.isnan(struct.unpack(">f", bytes.fromhex("7fc00000"))[0])
+@pytest.mark.parametrize(
+    ("float32", "float64", "name"),
+    [
+        ([0x7FC0, 0], [0x7FF8, 0, 0, 0], "NaN"),
+        ([0x7F80, 0], [0x7FF0, 0, 0, 0], r"\+Infinity"),
+        ([0xFF80, 0], [0xFFF0, 0, 0, 0], "-Infinity"),
+    ],
+    ids=["nan", "+inf", "-inf"],
+)
+def test_non_finite_floats_are_errors_not_values(
+    float32: list[int], float64: list[int], name: str
+) -> None:
+    with pytest.raises(DecodeError, match=f"float32: value is {name}"):
+        decode_registers(float32, "float32")
+    with pytest.raises(DecodeError, match=f"float64: value is {name}"):
+        decode_registers(float64, "float64")
 
 
 def test_invalid_text_is_an_error() -> None:
-    with pytest.raises(DecodeError, match="UTF-8"):
+    with pytest.raises(DecodeError, match="string: text is not UTF-8: byte 0xFF at offset 0"):
         decode_registers([0xFFFE], "string")
+
+
+@pytest.mark.parametrize(
+    ("registers", "byte_order", "word_order", "text"),
+    [
+        ([0x4142, 0x00FF, 0xFFFF], "big", "big", "AB"),  # issue 8: read bad, with no log line
+        ([0x564E, 0x5345, 0x3300, 0x2D30], "big", "big", "VNSE3"),  # issue 8: "VNSE3\0-0"
+        ([0x4E56, 0x4553, 0x0033, 0x302D], "little", "big", "VNSE3"),  # the HMI byte swap
+        ([0x2D30, 0x3300, 0x5345, 0x564E], "big", "little", "VNSE3"),  # registers reversed
+        ([0x5055, 0x4D50, 0x3120, 0x2020], "big", "big", "PUMP1"),  # space padding
+        ([0x5055, 0x4D50, 0x31FF, 0xFFFF], "big", "big", "PUMP1"),  # erased-flash padding
+        ([0x0000, 0x4142], "big", "big", ""),  # an empty C string, whatever follows
+    ],
+)
+def test_text_ends_at_the_first_nul_and_loses_its_padding(
+    registers: list[int], byte_order: Literal["big", "little"],
+    word_order: Literal["big", "little"], text: str,
+) -> None:  # fmt: skip
+    assert decode_registers(registers, "string", byte_order, word_order) == text
+
+
+def test_a_scaled_value_that_overflows_is_an_error_not_infinity() -> None:
+    """A finite float64 near its limit times a scale is infinite: refused, not sent as good."""
+    near_max = list(struct.unpack(">4H", struct.pack(">d", 1.5e308)))
+    raw = decode_registers(near_max, "float64")
+    assert raw == 1.5e308
+    with pytest.raises(DecodeError, match=r"scaled value is \+Infinity"):
+        scaled(raw, 10.0, 0.0)
+    point = ModbusPoint.model_validate(
+        {"name": "flow", "register": "input", "address": 0, "type": "float64", "scale": 10}
+    )
+    request = plan_reads([point])[0]
+    ((index, value),) = decode_response(request, [point], near_max)
+    assert index == 0 and isinstance(value, DecodeError)
 
 
 def test_scale_and_offset() -> None:

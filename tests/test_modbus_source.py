@@ -3,21 +3,25 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import socket
-from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import pytest
-from modbus_devices import RECEIVED_CODES, WRITE_CODES, TestUnit, tcp_server
+from helpers.modbus_devices import (
+    MOTOR_POINTS,
+    RECEIVED_CODES,
+    WRITE_CODES,
+    MisbehavingTcpDevice,
+    TestUnit,
+    motor_unit,
+    tcp_server,
+)
+from helpers.modbus_sources import running, source_config
+from helpers.ports import free_port
 
-from edge_agent.config.modbus import ModbusSourceConfig
-from edge_agent.reading import Quality, Reading
-from edge_agent.sources.modbus.source import ModbusSource
+from edge_agent.reading import Quality
 
-pytestmark = pytest.mark.timeout(30)
-WAIT = 5.0  # seconds any single expected event may take before the test fails
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(30)]
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -25,76 +29,6 @@ def _never_a_write_code() -> Any:
     yield
     assert RECEIVED_CODES, "no Modbus request reached a test device"
     assert not WRITE_CODES & set(RECEIVED_CODES), sorted(set(RECEIVED_CODES))
-
-
-def source_config(port: int, points: list[dict[str, Any]], **extra: Any) -> ModbusSourceConfig:
-    data = {"type": "modbus", "name": extra.pop("name", "plc"), "host": "127.0.0.1",
-            "port": port, "poll_interval": "50ms", "timeout": "200ms", "points": points,
-            "reconnect_min": "50ms", "reconnect_max": "200ms", **extra}  # fmt: skip
-    return ModbusSourceConfig.model_validate(data)
-
-
-class Polls:
-    """The running source and the batches it emitted, one per poll with something to send."""
-
-    def __init__(self, source: ModbusSource) -> None:
-        self.source = source
-        self.queue: asyncio.Queue[list[Reading]] = asyncio.Queue()
-
-    async def emit(self, readings: Sequence[Reading]) -> None:
-        await self.queue.put(list(readings))
-
-    async def next(self) -> dict[str, Reading]:
-        batch = await asyncio.wait_for(self.queue.get(), WAIT)
-        return {r.pt: r for r in batch}
-
-    async def until(self, predicate: Any) -> dict[str, Reading]:
-        """The first poll whose readings satisfy `predicate`."""
-        async with asyncio.timeout(WAIT):
-            while True:
-                batch = await self.next()
-                if predicate(batch):
-                    return batch
-
-
-@contextlib.asynccontextmanager
-async def running(*configs: ModbusSourceConfig) -> AsyncIterator[list[Polls]]:
-    polls = [Polls(ModbusSource(c)) for c in configs]
-    tasks = [asyncio.create_task(p.source.run(p.emit), name=p.source.name) for p in polls]
-    try:
-        yield polls
-    finally:
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with pytest.raises(asyncio.CancelledError):
-                await task  # run ends only by cancellation, never by raising
-
-
-def motor_unit(unit: int = 1) -> TestUnit:
-    return TestUnit(
-        unit,
-        holding={0: [0xE979, 0x42F6, 42, 0xFF83]  # float32 CDAB 123.456, uint16, int16 -125
-                 + [0] * 6 + [0x5055, 0x4D50, 0x3100]  # 10: "PUMP1"
-                 + [0] * 7 + [0b1000]},                # 20: bit 3 set
-        input={0: [0xFFFF, 0xFFFE]},                # int32 -2
-        coils={0: [True, False, True]},
-        discrete={0: [True]},
-    )  # fmt: skip
-
-
-MOTOR_POINTS: list[dict[str, Any]] = [
-    {"name": "current", "register": "holding", "address": 0, "type": "float32",
-     "word_order": "little", "unit": "A"},
-    {"name": "counter", "register": "holding", "address": 2, "type": "uint16"},
-    {"name": "temp", "register": "holding", "address": 3, "type": "int16", "scale": 0.1},
-    {"name": "tag", "register": "holding", "address": 10, "type": "string", "length": 3},
-    {"name": "running", "register": "holding", "address": 20, "type": "bool", "bit": 3},
-    {"name": "power", "register": "input", "address": 0, "type": "int32"},
-    {"name": "c0", "register": "coil", "address": 0, "type": "bool"},
-    {"name": "c2", "register": "coil", "address": 2, "type": "bool"},
-    {"name": "door", "register": "discrete", "address": 0, "type": "bool"},
-]  # fmt: skip
 
 
 async def test_every_table_and_type_in_one_poll_of_four_requests() -> None:
@@ -219,12 +153,6 @@ async def test_units_behind_one_gateway_share_one_connection_and_a_dead_one_bloc
         assert server.connections == 1  # one connection, never reset by the silent unit
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 async def test_no_server_backs_off_then_connects_when_it_appears() -> None:
     port = free_port()
     config = source_config(port, MOTOR_POINTS)
@@ -290,3 +218,81 @@ async def test_deadband_reports_changes_and_a_heartbeat() -> None:
         beat = await polls.until(lambda b: "level" in b)  # unchanged: the heartbeat
         assert beat["level"].value == 106
         assert 0.3 <= loop.time() - sent_at <= 0.7
+
+
+async def test_device_text_is_cleaned_and_a_refused_value_is_logged_once_per_change(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Issue 8, strings: `0x4142 0x00FF 0xFFFF` is "AB" (it was bad, with no log line), and
+    "VNSE3\\0-0" is "VNSE3"; text that is not UTF-8 and a NaN are bad, logged once each."""
+    unit = TestUnit(
+        1,
+        holding={0: [0x4142, 0x00FF, 0xFFFF,           # 0: "AB", NUL, erased-flash bytes
+                     0x564E, 0x5345, 0x3300, 0x2D30,   # 3: "VNSE3\0-0"
+                     0x4F4B, 0xC328, 0x2020,           # 7: "OK", 0xC3 0x28 (not UTF-8), spaces
+                     0x7FC0, 0x0000]},                 # 10: float32 NaN
+    )  # fmt: skip
+    points = [
+        {"name": "tag", "register": "holding", "address": 0, "type": "string", "length": 3},
+        {"name": "serial", "register": "holding", "address": 3, "type": "string", "length": 4},
+        {"name": "label", "register": "holding", "address": 7, "type": "string", "length": 3},
+        {"name": "temp", "register": "holding", "address": 10, "type": "float32"},
+    ]
+    caplog.set_level(logging.INFO, logger="edge_agent")
+    async with tcp_server(unit) as server, running(source_config(server.port, points)) as (polls,):
+        first = await polls.next()
+        for _ in range(3):  # more polls of the same registers: no more log lines
+            later = await polls.next()
+            assert set(later) == {"tag", "serial"}  # a bad point is sent when it turns bad
+        unit.set_register("holding", 8, 0x2020)  # "OK" and padding
+        unit.set_register("holding", 10, 0x4148)  # 12.5
+        recovered = await polls.until(lambda b: "label" in b)
+        state = polls.source.state
+        assert state.up and state.counts["rejected"] >= 8
+    assert {k: (r.value, r.quality) for k, r in first.items()} == {
+        "tag": ("AB", Quality.GOOD),
+        "serial": ("VNSE3", Quality.GOOD),
+        "label": (None, Quality.BAD),
+        "temp": (None, Quality.BAD),
+    }
+    assert {k: (r.value, r.quality) for k, r in recovered.items()} == {
+        "tag": ("AB", Quality.GOOD),
+        "serial": ("VNSE3", Quality.GOOD),
+        "label": ("OK", Quality.GOOD),
+        "temp": (12.5, Quality.GOOD),
+    }
+    messages = [r.getMessage() for r in caplog.records if "Modbus point value" in r.getMessage()]
+    assert messages == [
+        "Modbus point value rejected device=plc unit=1 point=label "
+        "error=string: text is not UTF-8: byte 0xC3 at offset 2",
+        "Modbus point value rejected device=plc unit=1 point=temp error=float32: value is NaN",
+        "Modbus point value recovered device=plc unit=1 point=label failed_polls=4",
+        "Modbus point value recovered device=plc unit=1 point=temp failed_polls=4",
+    ]
+
+
+async def test_a_late_tcp_answer_has_a_stale_transaction_id_and_is_discarded(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Issue 8 case 1 over TCP: two reads of the same size, one answered after its timeout."""
+    caplog.set_level(logging.INFO, logger="edge_agent")
+    unit = TestUnit(1, holding={0: [0x42F6, 0xE979], 100: [0x4148, 0x0000]})
+    points = [
+        {"name": "level", "register": "holding", "address": 0, "type": "float32"},
+        {"name": "flow", "register": "holding", "address": 100, "type": "float32"},
+    ]
+    async with MisbehavingTcpDevice(unit) as device:
+        device.misbehave.latency = 0.02  # the next answer trails the late one
+        async with running(source_config(device.port, points)) as (polls,):
+            await polls.until(lambda b: b["flow"].quality == Quality.GOOD)
+            device.misbehave.late[(1, 0)] = 0.3  # timeout 0.2 s
+            await polls.until(lambda b: b["level"].quality == Quality.BAD)
+            batches = [await polls.next() for _ in range(5)]
+            state = polls.source.state
+    for batch in batches:
+        assert {k: r.value for k, r in batch.items()} == {"level": 123.456, "flow": 12.5}
+    assert state.counts["timeout"] == 1 and state.counts["late"] == 1
+    late = [r.getMessage() for r in caplog.records
+            if r.getMessage().startswith("Modbus late reply discarded")]  # fmt: skip
+    assert len(late) == 1
+    assert "function 3 answer of 4 bytes with transaction id" in late[0]

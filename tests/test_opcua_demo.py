@@ -5,12 +5,15 @@ from __future__ import annotations
 import stat
 from pathlib import Path
 
-from opcua_servers import Collector, running
+import pytest
+from helpers.opcua_servers import Collector, running
 
 from edge_agent.config.opcua import OpcuaSourceConfig
 from edge_agent.demo.opcua_device import DemoOpcuaServer
 from edge_agent.reading import Quality
 from edge_agent.sources.opcua.source import OpcuaSource
+
+pytestmark = pytest.mark.integration
 
 
 async def test_demo_server_feeds_the_source_over_a_pinned_secure_channel(tmp_path: Path) -> None:

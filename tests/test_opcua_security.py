@@ -10,18 +10,20 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from opcua_servers import (
+from helpers.opcua_servers import (
     Collector,
     PasswordUsers,
     UaTestServer,
     running,
     server_identity,
-    until,
 )
+from helpers.wait import wait_for
 
 from edge_agent.config.opcua import OpcuaSourceConfig
 from edge_agent.sources.opcua.security import thumbprints
 from edge_agent.sources.opcua.source import OpcuaSource
+
+pytestmark = pytest.mark.integration
 
 
 def secured(server: UaTestServer, pki: Path, security: dict[str, Any], **extra: Any) -> OpcuaSource:
@@ -107,7 +109,9 @@ async def test_an_untrusted_server_is_refused_once_with_its_thumbprints_until_tr
     der = server.certificate_path.read_bytes()
     with caplog.at_level(logging.INFO, logger="edge_agent"):
         async with running(source, got):
-            await until(lambda: source.state.errors >= 3)  # several attempts, one log line
+            await wait_for(  # several attempts, one log line
+                lambda: source.state.errors >= 3, 10, "three refused attempts"
+            )
             assert not source.state.up and not got.readings
             error = source.state.last_error or ""
             assert "rejected" in error and thumbprints(der) in error
@@ -117,8 +121,13 @@ async def test_an_untrusted_server_is_refused_once_with_its_thumbprints_until_tr
             (pki / "trusted").mkdir()
             shutil.copy(saved, pki / "trusted")  # what the message tells the operator to do
             await got.wait_for(lambda rs: any(r.pt == "speed" for r in rs))
-    lines = [r.getMessage() for r in caplog.records if "rejected" in r.getMessage()]
+    records = [r for r in caplog.records if "rejected" in r.getMessage()]
+    lines = [r.getMessage() for r in records if r.name != "edge_agent.audit"]
     assert len(lines) == 1 and "sha256=" in lines[0]
+    audits = [r.audit for r in records if r.name == "edge_agent.audit"]  # type: ignore[attr-defined]
+    assert len(audits) == 1, "one audit event for the episode, not one per attempt"
+    assert audits[0]["category"] == "certificate" and audits[0]["outcome"] == "refused"
+    assert audits[0]["source"] == source.name
 
 
 @pytest.mark.parametrize(("password", "up"), [("s3cret", True), ("wrong", False)])
@@ -139,7 +148,7 @@ async def test_username_and_password_from_a_file(tmp_path: Path, password: str, 
             if up:
                 await got.wait_for(lambda rs: any(r.pt == "speed" for r in rs))
             else:
-                await until(lambda: source.state.errors > 0)
+                await wait_for(lambda: source.state.errors > 0, 10, "a failed attempt")
                 assert "BadUserAccessDenied" in (source.state.last_error or "")
 
 
@@ -156,7 +165,7 @@ async def test_an_endpoint_the_server_does_not_offer_is_named(
         },
     )
     async with running(source, Collector()):
-        await until(lambda: source.state.errors > 0)
+        await wait_for(lambda: source.state.errors > 0, 10, "a failed attempt")
     error = source.state.last_error or ""
     assert "no endpoint with policy Aes128_Sha256_RsaOaep and mode Sign" in error
     assert "Basic256Sha256/SignAndEncrypt" in error
@@ -172,6 +181,6 @@ async def test_a_certificate_other_than_the_pinned_one_is_refused(
     )
     got = Collector()
     async with running(source, got):
-        await until(lambda: source.state.errors > 0)
+        await wait_for(lambda: source.state.errors > 0, 10, "a failed attempt")
     assert "not the pinned certificate" in (source.state.last_error or "")
     assert not got.readings

@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 from typing import Any
 
 import pytest
-from opcua_servers import Collector, UaTestServer, running, until
+from asyncua import ua
+from helpers.opcua_servers import Collector, UaTestServer, running
+from helpers.wait import wait_for
 
 from edge_agent.config.opcua import OpcuaSourceConfig
 from edge_agent.reading import Quality
 from edge_agent.sources.opcua.source import OpcuaSource
 from edge_agent.sources.opcua.values import BAD_NOT_CONNECTED, datetime_ns
+
+pytestmark = pytest.mark.integration
 
 BAD_NODE_ID_UNKNOWN = 0x80340000
 UNCERTAIN_LAST_USABLE = 0x40900000
@@ -207,7 +212,9 @@ async def test_a_server_that_is_down_at_start_is_retried(tmp_path: Path) -> None
     source, got = OpcuaSource(make_config(server)), Collector()
     try:
         async with running(source, got):
-            await until(lambda: source.state.errors > 0)  # no event exists for a failed attempt
+            await wait_for(  # no event exists for a failed attempt
+                lambda: source.state.errors > 0, 10, "a failed attempt"
+            )
             assert not source.state.up and source.state.last_error
             await server.start()
             await got.wait_for(lambda rs: any(r.pt == "speed" for r in rs))
@@ -215,3 +222,95 @@ async def test_a_server_that_is_down_at_start_is_retried(tmp_path: Path) -> None
     finally:
         await server.stop()
     assert not any(r.code == BAD_NOT_CONNECTED for r in got.readings)
+
+
+EXTRA = {
+    "Ratio": (0.5, ua.VariantType.Float),
+    "Serial": ("VNSE3", ua.VariantType.String),
+}
+
+
+@pytest.mark.parametrize("mode", ["subscribe", "poll"])
+async def test_nan_and_infinity_with_good_status_are_bad_and_logged_once(
+    tmp_path: Path, mode: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Issue 8: a Double NaN and a Float +Inf with Good status were delivered as good numbers."""
+    async with UaTestServer(tmp_path, extra=EXTRA) as server:
+        nodes = [
+            {"name": "speed", "node_id": server.node_id("Speed")},
+            {"name": "ratio", "node_id": server.node_id("Ratio")},
+        ]
+        source, got = OpcuaSource(make_config(server, mode=mode, nodes=nodes)), Collector()
+        with caplog.at_level(logging.INFO, logger="edge_agent"):
+            async with running(source, got):
+                await got.wait_for(lambda rs: {r.pt for r in rs} == {"speed", "ratio"})
+                await server.write("Speed", math.nan)  # status Good
+                await server.write("Ratio", math.inf)
+                await got.wait_for(
+                    lambda rs: {r.pt for r in rs if r.quality is Quality.BAD} == {"speed", "ratio"}
+                )
+                await server.write("Speed", math.nan)  # a new sample, still NaN: nothing new
+                await server.write("Ratio", -math.inf)  # a new reason: logged, nothing sent
+                await wait_for(  # a log line is all a refused value with the same code makes
+                    lambda: any("-Infinity" in m.getMessage() for m in caplog.records),
+                    10,
+                    "the -Infinity log line",
+                )
+                await server.write("Speed", 2.0)
+                await server.write("Ratio", 0.25)
+                await got.wait_for(lambda rs: any(r.value == 0.25 for r in rs))
+                await got.wait_for(lambda rs: any(r.value == 2.0 for r in rs))
+    assert not [
+        r for r in got.readings if isinstance(r.value, float) and not math.isfinite(r.value)
+    ]
+    speed = [(r.value, r.quality, r.code) for r in got.of("speed")]
+    assert speed == [(1.5, Quality.GOOD, 0), (None, Quality.BAD, 0), (2.0, Quality.GOOD, 0)]
+    ratio = got.of("ratio")
+    assert (ratio[0].value, ratio[-1].value) == (0.5, 0.25)
+    assert all((r.value, r.quality, r.code) == (None, Quality.BAD, 0) for r in ratio[1:-1])
+    messages = [r.getMessage() for r in caplog.records if "OPC UA node" in r.getMessage()]
+    rejected = "OPC UA node value rejected, sent as bad; source=plc"
+    status = "status=Good (0x00000000)"
+    speed_id, ratio_id = server.node_id("Speed"), server.node_id("Ratio")
+    assert sorted(messages) == sorted(
+        [
+            f"{rejected} node=speed node_id={speed_id} {status} error=Double value is NaN",
+            f"{rejected} node=ratio node_id={ratio_id} {status} error=Float value is +Infinity",
+            f"{rejected} node=ratio node_id={ratio_id} {status} error=Float value is -Infinity",
+            "OPC UA node recovered; source=plc node=speed",
+            "OPC UA node recovered; source=plc node=ratio",
+        ]
+    )
+
+
+@pytest.mark.parametrize("mode", ["subscribe", "poll"])
+async def test_server_text_is_cleaned_and_text_that_is_not_utf8_is_bad(
+    tmp_path: Path, mode: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A String with a C terminator and junk after it, then bytes that are not UTF-8 (asyncua
+    hands those on as lone surrogates, which CBOR cannot encode: sealing crashed on them)."""
+    async with UaTestServer(tmp_path, extra=EXTRA) as server:
+        nodes = [{"name": "serial", "node_id": server.node_id("Serial")}]
+        source, got = OpcuaSource(make_config(server, mode=mode, nodes=nodes)), Collector()
+        with caplog.at_level(logging.INFO, logger="edge_agent"):
+            async with running(source, got):
+                await got.wait_for(lambda rs: len(rs) == 1)
+                await server.write("Serial", "VNSE4\x00-0\x00\x00")
+                await got.wait_for(lambda rs: rs[-1].value == "VNSE4")
+                await server.write("Serial", "OK\udcc3(")  # the bytes 4F 4B C3 28 on the wire
+                await got.wait_for(lambda rs: rs[-1].quality is Quality.BAD)
+                await server.write("Serial", "PUMP1  \udcff\udcff")  # space and 0xFF padding
+                await got.wait_for(lambda rs: rs[-1].value == "PUMP1")
+    assert [(r.value, r.quality) for r in got.readings] == [
+        ("VNSE3", Quality.GOOD),
+        ("VNSE4", Quality.GOOD),
+        (None, Quality.BAD),
+        ("PUMP1", Quality.GOOD),
+    ]
+    messages = [r.getMessage() for r in caplog.records if "OPC UA node" in r.getMessage()]
+    assert messages == [
+        "OPC UA node value rejected, sent as bad; source=plc node=serial "
+        f"node_id={server.node_id('Serial')} status=Good (0x00000000) "
+        "error=String text is not UTF-8: byte 0xC3 at offset 2",
+        "OPC UA node recovered; source=plc node=serial",
+    ]

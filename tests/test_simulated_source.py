@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import struct
 
+import pytest
+
 from edge_agent.config.simulated import SimulatedPoint, SimulatedSourceConfig
 from edge_agent.reading import Quality, Reading
 from edge_agent.sources.simulated import SignalTable, SimulatedSource, signal_value
+
+pytestmark = pytest.mark.unit
 
 
 def exact(value: object) -> object:

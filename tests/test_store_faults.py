@@ -9,7 +9,7 @@ bad is moved aside, never reused, and its end declared.
 from __future__ import annotations
 
 import asyncio
-import os
+import logging
 import random
 import shutil
 import signal
@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from helpers.disk import MiB, SmallDisk
 
 from edge_agent.consumer.completeness import Completeness
 from edge_agent.metrics import Metrics
@@ -31,42 +32,6 @@ from edge_agent.seal.envelope import Opener, Sealer
 from edge_agent.store.sqlite import RESERVE_BYTES, SealedBatch, Store
 
 pytestmark = pytest.mark.faults
-
-MiB = 1024 * 1024
-
-
-class SmallDisk:
-    """A real tmpfs of `size` bytes at `path`, which the test can fill, grow and free."""
-
-    def __init__(self, path: Path, size: int) -> None:
-        self.path = path
-        path.mkdir()
-        subprocess.run(
-            ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], check=True
-        )
-
-    def free(self) -> int:
-        stat = os.statvfs(self.path)
-        return stat.f_bavail * stat.f_frsize
-
-    def fill(self, leave: int = 0) -> Path:
-        """A filler file taking all the free space but `leave` bytes."""
-        filler = self.path / f"filler-{time.monotonic_ns()}"
-        fd = os.open(filler, os.O_WRONLY | os.O_CREAT)
-        try:
-            os.posix_fallocate(fd, 0, max(4096, self.free() - leave))
-        finally:
-            os.close(fd)
-        return filler
-
-    def make_read_only(self) -> None:
-        subprocess.run(["mount", "-o", "remount,ro", str(self.path)], check=True)
-
-    def grow(self, size: int) -> None:
-        subprocess.run(["mount", "-o", f"remount,size={size}", str(self.path)], check=True)
-
-    def unmount(self) -> None:
-        subprocess.run(["umount", "-l", str(self.path)], check=False)
 
 
 @pytest.fixture
@@ -284,7 +249,7 @@ async def sealed_announcement(store: Store) -> dict[str, object]:
     batcher.stop()
     await task
     first = (await store.take(1))[0]
-    assert first.key[0] == "notices", "the announcement is sent before anything else"
+    assert first.key.kind == "declaration", "the announcement is sent before anything else"
     opened = Opener([key.public_key()]).open(first.data)
     assert opened.epoch == store.epoch and opened.batch == 1 and opened.readings == []
     assert opened.previous_epoch is not None
@@ -327,8 +292,9 @@ def truncate_half(path: Path) -> None:
     ],
 )
 async def test_a_bad_file_is_moved_aside_and_a_new_epoch_declares_the_old_end(
-    tmp_path: Path, fault: str, damage: Callable[[Path], object]
+    tmp_path: Path, fault: str, damage: Callable[[Path], object], caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.INFO, logger="edge_agent.audit")
     path = tmp_path / "buffer.db"
     store = await reopen(path)
     for n in range(1, 61):
@@ -345,6 +311,14 @@ async def test_a_bad_file_is_moved_aside_and_a_new_epoch_declares_the_old_end(
     [record] = store.quarantined
     assert record.moved_to == str(moved) and record.epoch == old_epoch
     assert record.last_seq == 6000, "the witness knew the last committed seq"
+    [event] = [r.audit for r in caplog.records if hasattr(r, "audit")]  # type: ignore[attr-defined]
+    assert event["category"] == "store" and event["outcome"] == "success"
+    assert (event["action"], event["moved_to"], event["epoch"]) == (
+        "quarantined",
+        str(moved),
+        old_epoch,
+    )
+    assert event["reason"] == record.reason
     ended = await sealed_announcement(store)
     assert ended["epoch"] == old_epoch and ended["last_seq"] == 6000
     assert ended["ended"] == "quarantined" and str(moved) in str(ended["detail"])

@@ -2,7 +2,8 @@
 
 For each (gateway, epoch), the received `seq` values and every declared `evicted` range must
 cover 1..max seq with no hole. Duplicates (at-least-once delivery) carry the same `seq` and are
-dropped here.
+dropped here. Evicted readings are counted by the reason declared with their range
+(`evicted_reasons`: `retention`, `too_large`, `undeliverable`; `retention` when unsaid).
 
 An epoch can also be declared ended (`previous_epoch` in the first batch of the next one): its
 buffer was quarantined, went missing or was replaced, so whatever of it up to `last_seq` has not
@@ -15,6 +16,8 @@ from __future__ import annotations
 import bisect
 from dataclasses import dataclass, field
 from typing import Any
+
+from edge_agent.seal.envelope import RETENTION
 
 
 class Coverage:
@@ -75,6 +78,7 @@ class Stream:
     readings: int = 0
     duplicates: int = 0
     evicted_count: int = 0
+    evicted_by_reason: dict[str, int] = field(default_factory=dict)
     ended: str | None = None
     """Why the gateway declared this epoch ended (`previous_epoch`), or None."""
 
@@ -100,6 +104,7 @@ class Stream:
             "readings": self.readings,
             "duplicates": self.duplicates,
             "evicted_count": self.evicted_count,
+            "evicted_by_reason": self.evicted_by_reason,
             "ended": self.ended,
         }
 
@@ -112,6 +117,9 @@ class Stream:
             data["readings"],
             data["duplicates"],
             data["evicted_count"],
+            # State files written before reasons were declared: all of it was retention.
+            data.get("evicted_by_reason")
+            or ({RETENTION: data["evicted_count"]} if data["evicted_count"] else {}),
             data.get("ended"),
         )
 
@@ -130,10 +138,16 @@ class Completeness:
         epoch: str,
         readings: list[dict[str, Any]],
         evicted: list[tuple[int, int]],
+        reasons: list[str] | None = None,
     ) -> list[dict[str, Any]]:
+        """Account for one batch; `reasons` says why each `evicted` range was dropped."""
         stream = self.streams.setdefault((gateway, epoch), Stream())
-        for first, last in evicted:
-            stream.evicted_count += sum(b - a + 1 for a, b in stream.evicted.add(first, last))
+        for index, (first, last) in enumerate(evicted):
+            count = sum(b - a + 1 for a, b in stream.evicted.add(first, last))
+            reason = reasons[index] if reasons else RETENTION
+            if count:
+                stream.evicted_count += count
+                stream.evicted_by_reason[reason] = stream.evicted_by_reason.get(reason, 0) + count
             stream.max_seq = max(stream.max_seq, last)
         fresh = readings
         if readings:

@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import signal
 import ssl
 import sys
@@ -23,6 +24,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import aiomqtt
 from paho.mqtt.packettypes import PacketTypes
@@ -30,11 +32,14 @@ from paho.mqtt.properties import Properties
 
 from edge_agent.consumer.completeness import Completeness
 from edge_agent.errors import EnvelopeError
+from edge_agent.reading import RejectedValue, checked
 from edge_agent.seal.envelope import Batch, Opener
 from edge_agent.seal.keys import load_public_key
+from edge_agent.seal.trust import TrustSet
 
 log = logging.getLogger(__name__)
 
+EXIT_BAD_ARGUMENTS = 2
 EXIT_BAD_SIGNATURE = 3
 EXIT_GAP = 4
 SESSION_EXPIRY_S = 7 * 86400
@@ -51,27 +56,42 @@ class VerifyResult:
     duplicates: int = 0
     rejected: int = 0
     last_error: str | None = None
+    nonconforming: int = 0
+    """Readings whose value broke the value rules of §4 (NaN, infinity...): shown as bad."""
+    first_nonconforming: str | None = None
     statuses: dict[str, str] = field(default_factory=dict)
 
 
 class Verifier:
     """Checks messages one at a time; no I/O, so tests and the demo can drive it directly."""
 
-    def __init__(self, opener: Opener, tracker: Completeness | None = None) -> None:
+    def __init__(
+        self, opener: Opener, tracker: Completeness | None = None, trust: TrustSet | None = None
+    ) -> None:
         self.opener = opener
         self.tracker = tracker or Completeness()
+        self.trust = trust
+        """Validity and retirement of the keys (seal/trust.py); None: every key the opener has."""
         self.result = VerifyResult()
 
     def check(self, payload: bytes) -> tuple[Batch | None, list[dict[str, Any]]]:
-        """Verify one batch message; return it and its readings not seen before."""
+        """Verify one batch message; return it and its readings not seen before.
+
+        A batch is refused (counted in `rejected`) when the envelope does not verify, or when
+        the trust set says its key is retired or was not valid when the batch was sealed.
+        """
         try:
             batch = self.opener.open(payload)
+            if self.trust is not None:
+                self.trust.check(batch.kid, batch.sealed_ns)
         except EnvelopeError as exc:
             self.result.rejected += 1
             self.result.last_error = str(exc)
             return None, []
         try:
-            fresh = self.tracker.accept(batch.gateway, batch.epoch, batch.readings, batch.evicted)
+            fresh = self.tracker.accept(
+                batch.gateway, batch.epoch, batch.readings, batch.evicted, batch.evicted_reasons
+            )
             if batch.previous_epoch is not None:
                 ended = batch.previous_epoch
                 self.tracker.end_epoch(
@@ -84,7 +104,40 @@ class Verifier:
         self.result.batches += 1
         self.result.readings += len(fresh)
         self.result.duplicates += len(batch.readings) - len(fresh)
+        for reading in fresh:
+            self._conform(batch.gateway, reading)
         return batch, fresh
+
+    def _conform(self, gateway: str, reading: dict[str, Any]) -> None:
+        """Apply the producer's value rules (edge_agent.reading) to a reading from the wire.
+
+        A reading that breaks them (a NaN or infinite `v`, an integer beyond 64 bits, a value
+        of no reading type, a non-finite number under any key) is counted, reported, and kept
+        with `v` null and `q` bad, as the agent itself would have sent it: the output stays
+        strict JSON and no such value passes for good. The batch is still accepted, so
+        completeness is unaffected. Text is taken as it is (CBOR already refused invalid UTF-8);
+        cutting it at a NUL is the producer's job, and the consumer does not second-guess it.
+        """
+        value = reading.get("v")
+        reason = None
+        try:
+            if not isinstance(value, str):
+                checked(value)
+        except RejectedValue as exc:
+            reason = str(exc)
+        others = [k for k, v in reading.items() if isinstance(v, float) and not math.isfinite(v)]
+        if reason is None and not others:
+            return
+        self.result.nonconforming += 1
+        if self.result.first_nonconforming is None:
+            point = f"{reading.get('src')}.{reading.get('pt')}"
+            where = f"gateway={gateway} seq={reading.get('seq')} {point}"
+            why = reason or f"non-finite {', '.join(others)}"
+            self.result.first_nonconforming = f"{where}: {why}"
+        for key in others:
+            reading[key] = None
+        if reason is not None:
+            reading["v"], reading["q"] = None, "bad"
 
     def summary(self) -> tuple[int, list[str]]:
         """The exit status and the lines that explain it."""
@@ -95,7 +148,9 @@ class Verifier:
             lines.append(
                 f"gateway={gateway} epoch={epoch[:8]} readings={stream.readings} "
                 f"max_seq={stream.max_seq} duplicates={stream.duplicates} "
-                f"evicted={stream.evicted_count} holes={len(holes)}"
+                f"evicted={stream.evicted_count}"
+                + "".join(f" evicted_{r}={n}" for r, n in sorted(stream.evicted_by_reason.items()))
+                + f" holes={len(holes)}"
                 + (f" first_holes={holes[:5]}" if holes else "")
             )
             lost = stream.lost()
@@ -119,6 +174,8 @@ class Verifier:
         elif self.tracker.holes():
             lines.append("INCOMPLETE: readings missing that no eviction explains")
             code = EXIT_GAP
+        elif self.result.nonconforming:
+            pass  # said below
         elif lost_count or self.tracker.unknown_ends:
             lines.append(
                 f"OK: {self.result.batches} batches verified, complete but for the readings "
@@ -126,6 +183,12 @@ class Verifier:
             )
         else:
             lines.append(f"OK: {self.result.batches} batches verified, complete")
+        if self.result.nonconforming:  # readings not as §4 says: exit 3, like a rejection
+            lines.append(
+                f"NONCONFORMING {self.result.nonconforming} readings broke the value rules "
+                f"(shown as bad, v null); first: {self.result.first_nonconforming}"
+            )
+            code = EXIT_BAD_SIGNATURE
         return code, lines
 
 
@@ -138,8 +201,6 @@ def consumer_client(
     password: str | None = None,
 ) -> aiomqtt.Client:
     """An MQTT 5 client with a persistent session, so nothing is missed across reconnects."""
-    from urllib.parse import urlsplit  # noqa: PLC0415
-
     parts = urlsplit(url)
     tls = None
     if parts.scheme == "mqtts":
@@ -221,19 +282,49 @@ async def _next_message(
         return None
 
 
+def _no_credentials_in(url: str) -> None:
+    """A password in `--url` would show in `ps` and in shell history: refused, never used."""
+    if urlsplit(url).username is not None:
+        raise ValueError(
+            "--url: credentials in the URL are not allowed; use --username and --password-file"
+        )
+
+
+def trusted_keys(key_files: list[str], trust_files: list[str]) -> TrustSet:
+    """The keys of `--key` (no limits) and of `--trust` files (validity, retirement), by kid.
+
+    A key named in a trust file keeps that file's limits even when also given with `--key`.
+    Raises ValueError (or OSError) naming the file when one cannot be used.
+    """
+    plain = TrustSet.of(load_public_key(Path(p)) for p in key_files)
+    keys = dict(plain.keys)
+    for name in trust_files:
+        keys.update(TrustSet.load(Path(name)).keys)
+    if not keys:
+        raise ValueError("give at least one --key or --trust")
+    return TrustSet(keys.values())
+
+
 def run_verify(args: argparse.Namespace) -> int:
     logging.basicConfig(
         level=logging.WARNING,
         stream=sys.stderr,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    keys = [load_public_key(Path(p)) for p in args.key]
+    try:
+        trust = trusted_keys(args.key or [], args.trust or [])
+        _no_credentials_in(args.url)
+        password = (
+            Path(args.password_file).read_text().rstrip("\r\n") if args.password_file else None
+        )
+    except (OSError, ValueError) as exc:
+        print(f"verify: {exc}", file=sys.stderr)
+        return EXIT_BAD_ARGUMENTS
     tracker = Completeness()
     state = Path(args.state) if args.state else None
     if state is not None and state.exists():
         tracker = Completeness.from_json(json.loads(state.read_text()))
-    verifier = Verifier(Opener(keys), tracker)
-    password = Path(args.password_file).read_text().strip() if args.password_file else None
+    verifier = Verifier(Opener(trust.public_keys()), tracker, trust)
     topic = args.topic
 
     def show(batch: Batch | None, fresh: list[dict[str, Any]]) -> None:
@@ -241,12 +332,16 @@ def run_verify(args: argparse.Namespace) -> int:
             print(f"REJECTED: {verifier.result.last_error}", file=sys.stderr, flush=True)
             return
         if batch.evicted and not args.quiet:
-            print(f"# gateway={batch.gateway} declared evicted {batch.evicted}", flush=True)
+            declared = [
+                f"{first}..{last} ({reason})"
+                for (first, last), reason in zip(batch.evicted, batch.evicted_reasons, strict=True)
+            ]
+            print(f"# gateway={batch.gateway} declared evicted {', '.join(declared)}", flush=True)
         if args.quiet:
             return
         for r in fresh:
-            if args.json:
-                print(json.dumps({"gateway": batch.gateway, **r}), flush=False)
+            if args.json:  # strict JSON: values were conformed by the Verifier (no NaN)
+                print(json.dumps({"gateway": batch.gateway, **r}, allow_nan=False), flush=False)
             else:
                 print(
                     f"{batch.gateway} {r['seq']:>8} {r['src']}.{r['pt']} = {r['v']!r} "

@@ -14,11 +14,12 @@ it starts listening again.
 from __future__ import annotations
 
 import asyncio
-import logging
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
 from edge_agent.demo.broker import Mosquitto, free_port, mosquitto_path
+from edge_agent.errors import EdgeAgentError
+from edge_agent.logs import EMBEDDED_BROKER_LEVELS, set_levels
 
 BrokerChoice = Literal["auto", "mosquitto", "embedded"]
 
@@ -28,7 +29,7 @@ INSTALL_HINT = (
 )
 
 
-class BrokerUnavailableError(RuntimeError):
+class BrokerUnavailableError(EdgeAgentError, RuntimeError):
     """Neither Mosquitto nor amqtt can be used; the message says what to install."""
 
 
@@ -78,8 +79,7 @@ class EmbeddedBroker:
         self.url = f"mqtt://127.0.0.1:{self.port}"
         self._broker: Any = None
         self._subscriptions: list[tuple[str, str]] = []
-        logging.getLogger("amqtt").setLevel(logging.ERROR)
-        logging.getLogger("transitions").setLevel(logging.WARNING)
+        set_levels(EMBEDDED_BROKER_LEVELS)
 
     def _config(self) -> dict[str, Any]:
         return {

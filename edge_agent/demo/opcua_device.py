@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
-import logging
 import math
 import socket
 import time
@@ -29,6 +28,8 @@ from asyncua.server.server import Server
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import ExtendedKeyUsageOID
+
+from edge_agent.logs import DEMO_OPCUA_SERVER_LEVELS, set_levels
 
 APPLICATION_URI = "urn:edge-agent:demo:mill"
 NAMESPACE = "urn:edge-agent:demo"
@@ -98,7 +99,7 @@ class DemoOpcuaServer:
         await self.stop()
 
     async def start(self) -> None:
-        logging.getLogger("asyncua").setLevel(logging.ERROR)
+        set_levels(DEMO_OPCUA_SERVER_LEVELS)
         cert_path, key_path = await asyncio.to_thread(ensure_server_identity, self.state_dir)
         server = Server()
         await server.init()
@@ -147,7 +148,7 @@ class DemoOpcuaServer:
             "interval": "500ms",
             "sampling_interval": "200ms",
             "nodes": [
-                {"name": f"mill_{name.lower()}", "node_id": f"ns=2;s=Mill.{name}"}
+                {"name": f"mill_{name.lower()}", "node_id": f"nsu={NAMESPACE};s=Mill.{name}"}
                 | ({"unit": unit} if unit else {})
                 for name, (_value, _vtype, unit) in _VARIABLES.items()
             ],

@@ -29,7 +29,7 @@ import aiohttp
 import aiomqtt
 import yaml
 
-from edge_agent.agent import Agent, configure_logging
+from edge_agent.agent import Agent
 from edge_agent.config import Config, parse_config
 from edge_agent.consumer.verify import Verifier, consume, consumer_client
 from edge_agent.demo.broker import free_port
@@ -41,6 +41,7 @@ from edge_agent.demo.embedded_broker import (
     choose_broker,
 )
 from edge_agent.demo.view import Screen, Snapshot, SourceRow, render, status_line
+from edge_agent.logs import LIBRARY_LEVELS, configure_logging, set_levels
 from edge_agent.seal.envelope import Batch, Opener
 from edge_agent.seal.keys import PRIVATE_NAME, PUBLIC_NAME, load_public_key, write_keypair
 
@@ -210,8 +211,7 @@ class Demo:
             root = logging.getLogger()
             root.handlers[:] = [_EventLog(self.events)]
             root.setLevel(logging.INFO)
-            for noisy in ("asyncua", "pymodbus", "aiohttp.access"):
-                logging.getLogger(noisy).setLevel(logging.WARNING)
+            set_levels(LIBRARY_LEVELS)
         else:
             configure_logging()
 

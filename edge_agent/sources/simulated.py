@@ -7,7 +7,6 @@ config lookup per reading: the benchmark offers hundreds of thousands of reading
 
 from __future__ import annotations
 
-import asyncio
 import math
 import random
 import time
@@ -15,6 +14,7 @@ from collections.abc import Sequence
 
 from edge_agent.config.simulated import SimulatedPoint, SimulatedSourceConfig
 from edge_agent.reading import Quality, Reading, Value
+from edge_agent.schedule import ticks
 from edge_agent.sources.base import Emit, SourceState
 
 
@@ -123,18 +123,10 @@ class SimulatedSource:
         ]
 
     async def run(self, emit: Emit) -> None:
-        loop = asyncio.get_running_loop()
-        start = loop.time()
-        tick = 0
         self.state.mark_up()
-        while True:
+        # Ticks are data here (the counter signal counts them): a tick up to one interval late
+        # still runs; one further behind (back-pressure) is skipped, never bunched.
+        async for tick in ticks(self._interval, grace=self._interval):
             readings = self.readings(tick, time.time_ns())
             await emit(readings)
             self.state.readings += len(readings)
-            tick += 1
-            delay = start + tick * self._interval - loop.time()
-            if delay < -self._interval:  # fell behind (back-pressure): skip, don't burst
-                skipped = int(-delay // self._interval)
-                tick += skipped
-                delay += skipped * self._interval
-            await asyncio.sleep(max(delay, 0.0))

@@ -3,9 +3,11 @@
 Invariants (each holds after every committed transaction):
 1. A batch is written whole, with the sequence and batch counters that follow it, in one
    transaction; `seq` and `batch` never go backwards and are never reused within an epoch.
-2. A batch leaves the buffer only in two ways: deleted after the broker acknowledged it, or
-   evicted by retention, in which case its `[first_seq, last_seq]` is recorded in
-   `pending_evictions` in the same transaction.
+2. A batch leaves the buffer only in three ways: deleted after the broker acknowledged it,
+   evicted by retention, or evicted as undeliverable (the broker will never take it: too large
+   for its packet limit); an evicted batch's `[first_seq, last_seq]` is recorded in
+   `pending_evictions` in the same transaction, and an undeliverable one's reason in
+   `eviction_reasons` (no row there means retention).
 3. A pending eviction is removed only in the transaction that stores the signed batch that
    declares it; such declaring batches live in `notices`, are sent before older readings, and are
    never evicted themselves.
@@ -62,11 +64,13 @@ import uuid
 from collections.abc import Awaitable, Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, NamedTuple, TypeVar
 
 import aiosqlite
 
+from edge_agent.audit import audit
 from edge_agent.errors import StoreError
+from edge_agent.seal.envelope import RETENTION
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +87,8 @@ CREATE TABLE IF NOT EXISTS notices (
     sealed_ns INTEGER NOT NULL, data BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS pending_evictions (
     first_seq INTEGER PRIMARY KEY, last_seq INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS eviction_reasons (
+    first_seq INTEGER PRIMARY KEY, reason TEXT NOT NULL);
 """
 
 RESERVE_BYTES = 512 * 1024
@@ -118,11 +124,25 @@ class SealedBatch:
     ends_previous: bool = False
 
 
+BatchKind = Literal["declaration", "readings"]
+"""A declaration (a batch that declares evicted readings: sent first, never evicted) or an
+ordinary batch of readings."""
+
+_TABLES: dict[BatchKind, str] = {"declaration": "notices", "readings": "batches"}
+
+
+class BatchKey(NamedTuple):
+    """Which stored batch: its kind, and its id among batches of that kind (the batch number)."""
+
+    kind: BatchKind
+    id: int
+
+
 @dataclass(frozen=True)
 class StoredBatch:
     """A batch taken from the buffer for sending; `key` is what `ack` takes back."""
 
-    key: tuple[str, int]
+    key: BatchKey
     readings: int
     sealed_ns: int
     data: bytes
@@ -229,6 +249,7 @@ class Store:
         self._eviction_reason = ""
         self._db: aiosqlite.Connection | None = None
         self._lock = asyncio.Lock()
+        self._meta: dict[str, Any] = {}
 
     async def open(self) -> None:
         """Open the buffer, or create it: check it first and quarantine it if it went bad.
@@ -294,6 +315,7 @@ class Store:
         await db.execute("COMMIT")
         self.epoch = str(meta["epoch"])
         self.next_seq, self.next_batch = int(meta["next_seq"]), int(meta["next_batch"])
+        self._meta = meta
         if mark is not None and mark.epoch != self.epoch and found and previous is None:
             await self._replaced(mark, meta)
         await self._load_stats()
@@ -342,7 +364,14 @@ class Store:
         if meta is not None and "epoch" in meta and (epoch is None or meta["epoch"] == epoch):
             epoch = str(meta["epoch"])
             last_seq = max(last_seq or 0, int(meta.get("next_seq", 1)) - 1)
-        moved_to = self._move_aside()
+        try:
+            moved_to = self._move_aside()
+        except StoreError as exc:
+            audit("store", "failure", action="quarantined", file=str(self.path), epoch=epoch,
+                  reason=problem, error=str(exc.__cause__ or exc))  # fmt: skip
+            raise
+        audit("store", "success", action="quarantined", moved_to=str(moved_to), epoch=epoch,
+              last_seq=last_seq, reason=problem)  # fmt: skip
         self.quarantined.append(Quarantine(str(moved_to), problem, epoch, last_seq, time.time()))
         log.error(
             "Quarantined a bad buffer, starting a new epoch path=%s moved_to=%s epoch=%s "
@@ -568,6 +597,7 @@ class Store:
                 await self.db.execute("ROLLBACK")
 
     async def pending_evictions(self) -> list[tuple[int, int]]:
+        """Evicted ranges not yet declared: `(first_seq, last_seq)`, oldest first."""
         rows = await self._read(
             "read pending evictions",
             "SELECT first_seq, last_seq FROM pending_evictions ORDER BY first_seq",
@@ -588,12 +618,69 @@ class Store:
         record: dict[str, Any] = json.loads(rows[0][0])
         return record
 
+    def recall(self, key: str) -> Any:
+        """A value `remember` kept, as of the last open or since; None if never."""
+        return self._meta.get(key)
+
+    async def remember(self, key: str, value: int | str | None) -> None:
+        """Keep a small fact across restarts (the broker's last advertised packet limit)."""
+
+        async def body(db: aiosqlite.Connection) -> None:
+            await db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, value))
+
+        await self._atomically(f"remember {key}", body, lambda _: self._meta.update({key: value}))
+
+    async def pending_declarations(self) -> list[tuple[int, int, str]]:
+        """What the next declaration must say: the pending evictions with their reasons,
+        `(first_seq, last_seq, reason)`, oldest first (reason `retention` unless recorded)."""
+        rows = await self._read(
+            "read pending evictions",
+            "SELECT p.first_seq, p.last_seq, coalesce(r.reason, ?) FROM pending_evictions p"
+            " LEFT JOIN eviction_reasons r USING (first_seq) ORDER BY p.first_seq",
+            (RETENTION,),
+        )
+        return [(int(a), int(b), str(reason)) for a, b, reason in rows]
+
+    async def evict_undeliverable(self, key: BatchKey, reason: str) -> tuple[int, int, int] | None:
+        """Evict one batch of readings the broker will never accept, pending declaration with
+        `reason` (`too_large`, `undeliverable`: contract §4.7).
+
+        Returns `(first_seq, last_seq, readings)`, or None when `key` is not a batch of readings
+        still buffered (declarations are never evicted: invariant 3).
+        """
+        if key.kind != "readings":
+            return None
+        row_id = key.id
+
+        async def body(db: aiosqlite.Connection) -> tuple[int, int, int, int] | None:
+            rows = list(
+                await db.execute_fetchall(
+                    "DELETE FROM batches WHERE id = ?"
+                    " RETURNING first_seq, last_seq, readings, bytes",
+                    (row_id,),
+                )
+            )
+            if not rows:
+                return None
+            first, last, readings, size = (int(v) for v in rows[0])
+            if readings:
+                await db.execute("INSERT INTO pending_evictions VALUES (?, ?)", (first, last))
+                await db.execute("INSERT INTO eviction_reasons VALUES (?, ?)", (first, reason))
+            return first, last, readings, size
+
+        def on_commit(row: tuple[int, int, int, int] | None) -> None:
+            if row is not None:  # no range: the caller logs and audits this eviction itself
+                self._forget(_Evicted(readings=row[2], bytes=row[3], batches=1), "Undeliverable")
+
+        row = await self._atomically("evict an undeliverable batch", body, on_commit)
+        return None if row is None else row[:3]
+
     async def append(self, batches: Sequence[SealedBatch]) -> int:
         """Store sealed batches, advance the counters and apply retention, in one transaction.
 
         The caller numbered them from `next_batch` and `next_seq`; batches that declare evictions
-        (or the previous epoch's end) go to `notices`, and what they declare stops being
-        pending. While the disk is full, the oldest batches are first evicted to make room.
+        (or the previous epoch's end) are kept as declarations, and what they declare stops
+        being pending. While the disk is full, the oldest batches are first evicted to make room.
         Returns the number of readings evicted (now pending declaration).
         """
         if not batches:
@@ -653,6 +740,10 @@ class Store:
                 )
                 await db.executemany(
                     "DELETE FROM pending_evictions WHERE first_seq = ?",
+                    [(first,) for first, _ in b.declares],
+                )
+                await db.executemany(
+                    "DELETE FROM eviction_reasons WHERE first_seq = ?",
                     [(first,) for first, _ in b.declares],
                 )
             if b.ends_previous:
@@ -777,24 +868,24 @@ class Store:
         return evicted.readings
 
     async def take(
-        self, limit: int, after: int = 0, skip_notices: Collection[int] = ()
+        self, limit: int, after: int = 0, skip_declarations: Collection[int] = ()
     ) -> list[StoredBatch]:
-        """Up to `limit` batches to send: declarations first (but those in `skip_notices`),
-        then readings oldest first, past the batch id `after`."""
-        skip = list(skip_notices)
+        """Up to `limit` batches to send: declarations first (but those whose id is in
+        `skip_declarations`), then batches of readings oldest first, past the id `after`."""
+        skip = list(skip_declarations)
         marks = ",".join("?" * len(skip))
         taken = [
-            StoredBatch(("notices", row_id), readings, sealed_ns, data)
+            StoredBatch(BatchKey("declaration", row_id), readings, sealed_ns, data)
             for row_id, readings, sealed_ns, data in await self._read(
                 "read declarations",
-                f"SELECT id, readings, sealed_ns, data FROM notices WHERE id NOT IN ({marks})"  # noqa: S608 - placeholders only
+                f"SELECT id, readings, sealed_ns, data FROM notices WHERE id NOT IN ({marks})"  # noqa: S608  # nosec B608  # placeholders only
                 " ORDER BY id LIMIT ?",
                 [*skip, limit],
             )
         ]
         if len(taken) < limit:
             taken.extend(
-                StoredBatch(("batches", row_id), readings, sealed_ns, data)
+                StoredBatch(BatchKey("readings", row_id), readings, sealed_ns, data)
                 for row_id, readings, sealed_ns, data in await self._read(
                     "read batches",
                     "SELECT id, readings, sealed_ns, data FROM batches WHERE id > ?"
@@ -804,20 +895,20 @@ class Store:
             )
         return taken
 
-    async def ack(self, keys: Sequence[tuple[str, int]]) -> None:
+    async def ack(self, keys: Sequence[BatchKey]) -> None:
         """Delete batches the broker acknowledged; unknown keys (already evicted) are ignored."""
         if not keys:
             return
 
         async def body(db: aiosqlite.Connection) -> list[tuple[int, int]]:
             removed: list[tuple[int, int]] = []
-            for table in ("batches", "notices"):
-                ids = [row_id for name, row_id in keys if name == table]
+            for kind, table in _TABLES.items():
+                ids = [key.id for key in keys if key.kind == kind]
                 for start in range(0, len(ids), 500):
                     chunk = ids[start : start + 500]
                     marks = ",".join("?" * len(chunk))
                     rows = await db.execute_fetchall(
-                        f"DELETE FROM {table} WHERE id IN ({marks})"  # noqa: S608 - literals
+                        f"DELETE FROM {table} WHERE id IN ({marks})"  # noqa: S608  # nosec B608  # table names are literals
                         " RETURNING readings, bytes",
                         chunk,
                     )

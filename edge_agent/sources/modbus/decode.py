@@ -12,14 +12,13 @@ pymodbus has no such option. Golden tests pin every type and order against known
 
 from __future__ import annotations
 
-import math
 import struct
 from collections.abc import Sequence
 from typing import Literal
 
 from pymodbus.client.mixin import ModbusClientMixin
 
-from edge_agent.reading import Value
+from edge_agent.reading import RejectedValue, Value, check_number, clean_text
 
 DataType = ModbusClientMixin.DATATYPE
 _DATATYPES: dict[str, DataType] = {
@@ -41,8 +40,8 @@ ORDERS: dict[str, tuple[Literal["big", "little"], Literal["big", "little"]]] = {
 NUMERIC_TYPES = ("int16", "uint16", "int32", "uint32", "int64", "uint64", "float32", "float64")
 
 
-class DecodeError(ValueError):
-    """The registers do not hold a value of the configured type (non-finite float, bad text)."""
+class DecodeError(RejectedValue):
+    """The registers hold no value the rules of edge_agent.reading allow (NaN, text not UTF-8)."""
 
 
 def swap_bytes(registers: Sequence[int]) -> list[int]:
@@ -59,22 +58,33 @@ def decode_registers(
 ) -> Value:
     """The raw value of `type_` held in `registers` (exactly the point's width).
 
-    Raises DecodeError for a float that is NaN or infinite (devices use these to flag a failed
-    sensor; passing them on as numbers would break consumers) or a string that is not UTF-8.
+    Text and numbers follow edge_agent.reading: a string ends at its first NUL, loses trailing
+    spaces and 0xFF padding, and must be UTF-8; a float must be finite (devices send NaN or
+    infinity to flag a failed sensor). Raises DecodeError, naming the type, otherwise.
     """
     regs = swap_bytes(registers) if byte_order == "little" else list(registers)
     if type_ == "bool":
         return bool((regs[0] >> bit) & 1) if bit is not None else regs[0] != 0
     try:
+        if type_ == "string":
+            return clean_text(string_bytes(regs, word_order))
         value = ModbusClientMixin.convert_from_registers(regs, _DATATYPES[type_], word_order)
-    except UnicodeDecodeError as exc:
-        raise DecodeError(f"registers are not UTF-8 text: {exc.reason}") from None
-    assert isinstance(value, int | float | str)
-    if isinstance(value, float) and not math.isfinite(value):
-        raise DecodeError(f"{type_} is {value}")
+        assert isinstance(value, int | float)
+        check_number(value)
+    except RejectedValue as exc:
+        raise DecodeError(f"{type_}: {exc}") from None
     if type_ == "float32" and isinstance(value, float):
         return shortest_float32(value)
     return value
+
+
+def string_bytes(registers: Sequence[int], word_order: Literal["big", "little"]) -> bytes:
+    """The bytes of a string point, high byte of each register first (as pymodbus orders them).
+
+    `word_order: little` reverses the registers, as pymodbus' own string conversion does.
+    """
+    ordered = reversed(registers) if word_order == "little" else registers
+    return b"".join(r.to_bytes(2, "big") for r in ordered)
 
 
 def shortest_float32(value: float) -> float:
@@ -91,7 +101,12 @@ def scaled(raw: Value, scale: float, offset: float) -> Value:
     """`raw * scale + offset`; integers stay integers when no scaling is configured.
 
     The result is rounded to 15 significant digits: 629 * 0.1 is 62.9, not 62.900000000000006.
+    Raises DecodeError when the result is not finite (a float64 near its limit, scaled up).
     """
     if (scale == 1.0 and offset == 0.0) or isinstance(raw, bool | str) or raw is None:
         return raw
-    return float(f"{raw * scale + offset:.15g}")
+    value = float(f"{raw * scale + offset:.15g}")
+    try:
+        return check_number(value)
+    except RejectedValue as exc:
+        raise DecodeError(f"scaled {exc} ({raw!r} * {scale!r} + {offset!r})") from None

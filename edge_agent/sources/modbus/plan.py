@@ -126,8 +126,7 @@ def decode_response(
             raw = decode_registers(
                 registers, point.type, point.byte_order, point.word_order, point.bit
             )
+            results.append((index, scaled(raw, point.scale, point.offset)))
         except DecodeError as exc:
             results.append((index, exc))
-            continue
-        results.append((index, scaled(raw, point.scale, point.offset)))
     return results

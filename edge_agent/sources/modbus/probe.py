@@ -17,7 +17,7 @@ from typing import TextIO
 
 from edge_agent.config.modbus import ModbusSourceConfig
 from edge_agent.sources.modbus.decode import ORDERS, DecodeError, decode_registers
-from edge_agent.sources.modbus.link import ModbusLink, ReadError, acquire_link, release_link
+from edge_agent.sources.modbus.link import LinkPool, ReadError
 from edge_agent.sources.modbus.plan import ReadRequest
 
 WIDE_TYPES = ("int32", "uint32", "float32", "int64", "uint64", "float64")
@@ -57,12 +57,13 @@ def run_probe(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
 
 
 async def _read(config: ModbusSourceConfig, request: ReadRequest) -> Sequence[int | bool]:
-    link: ModbusLink = acquire_link(config)
+    links = LinkPool()
+    link = links.acquire(config)
     try:
         return list(await link.read(request, unit=config.unit_id, wait=config.timeout,
                                     device=config.describe()))  # fmt: skip
     finally:
-        release_link(config, link)
+        links.release(config, link)
 
 
 def print_bits(address: int, bits: list[bool], out: TextIO) -> None:

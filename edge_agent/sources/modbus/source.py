@@ -5,7 +5,14 @@ bad (value None, the poll's timestamp), never a fabricated value:
 - an exception response affects that read only; exception 2 on a read that bridged points makes
   the plan split it into smaller reads for good (logged once);
 - a timeout or a lost connection means the unit is not answering: its remaining reads of this
-  poll are skipped (marked bad too), so a dead unit holds a shared line for one timeout per poll.
+  poll are skipped (marked bad too), so a dead unit holds a shared line for one timeout per poll;
+- an answer that does not match its request is never data (link.py); on a serial line it also
+  ends the unit's poll, since the unit is out of step, and the next poll waits until the link
+  has let the unit settle (`ModbusLink.settle`).
+What the link threw away instead of reading it (late answers, line noise) is counted (`late`,
+`framing`) and logged when it starts and when it stops. A value the value rules refuse
+(edge_agent.reading: NaN, text not UTF-8, ...) makes its point bad, is counted (`rejected`)
+and logged when it starts, changes reason and stops.
 Logs are one line per change of state (a read failing, failing differently, recovering; the
 device going down or up), with the number of failures in between.
 """
@@ -15,35 +22,44 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Sequence
 
 from edge_agent.config.modbus import ModbusSourceConfig
 from edge_agent.reading import Quality, Reading
+from edge_agent.schedule import ticks
 from edge_agent.sources.base import Emit, SourceState
 from edge_agent.sources.modbus.deadband import ReportFilter
 from edge_agent.sources.modbus.decode import DecodeError
 from edge_agent.sources.modbus.link import (
     ExceptionReplyError,
     LinkDownError,
+    LinkPool,
     ModbusLink,
     ReadError,
     ReadTimeoutError,
-    acquire_link,
-    release_link,
 )
 from edge_agent.sources.modbus.plan import ReadRequest, decode_response, plan_reads, split
 
 log = logging.getLogger(__name__)
 
+DISCARD_TEXT = {"late": "late reply discarded", "framing": "framing error, noise discarded"}
+"""Log wording per kind of discarded bytes (the counters of the same names)."""
+
 ReadKey = tuple[str, int, int]
 
 
 class ModbusSource:
-    """Polls one Modbus unit; `run` never raises except on cancellation."""
+    """Polls one Modbus unit; `run` never raises except on cancellation.
 
-    def __init__(self, config: ModbusSourceConfig) -> None:
+    `links` is the pool of the agent (or benchmark, or test) that runs the source: sources
+    built with the same pool share a link when their `link_key` is the same.
+    """
+
+    def __init__(self, config: ModbusSourceConfig, links: LinkPool) -> None:
         self.name = config.name
         self.state = SourceState()
         self._config = config
+        self._links = links
         self._unit = config.unit_id
         self._points = list(config.points)
         self.plan: list[ReadRequest] = plan_reads(
@@ -58,10 +74,13 @@ class ModbusSource:
             for p in self._points
         ]
         self._read_faults: dict[ReadKey, tuple[str, int]] = {}
+        self._point_faults: dict[int, tuple[str, int]] = {}
+        """Per point index: the value rule its last value broke, and how many polls in a row."""
+        self._discarding: dict[str, int] = {}
         self._device = f"{config.name} ({config.describe()})"
 
     async def run(self, emit: Emit) -> None:
-        link = acquire_link(self._config)
+        link = self._links.acquire(self._config)
         log.info(
             "Modbus source started device=%s unit=%d link=%s points=%d requests=%d",
             self.name, self._unit, link.settings.where, len(self._points), len(self.plan),
@@ -69,13 +88,10 @@ class ModbusSource:
         try:
             await self._loop(link, emit)
         finally:
-            release_link(self._config, link)
+            self._links.release(self._config, link)
 
     async def _loop(self, link: ModbusLink, emit: Emit) -> None:
-        loop = asyncio.get_running_loop()
-        interval = self._config.poll_interval
-        start, tick = loop.time(), 0
-        while True:
+        async for _ in ticks(self._config.poll_interval):  # an overrun skips ticks, no burst
             try:
                 readings = await self.poll(link)
             except Exception as exc:  # a bug must not stop the daemon: log it, carry on
@@ -85,25 +101,20 @@ class ModbusSource:
             if readings:
                 await emit(readings)
                 self.state.readings += len(readings)
-            tick += 1
-            delay = start + tick * interval - loop.time()
-            if delay < 0:  # the poll overran (timeouts): skip the missed ticks, don't burst
-                tick += int(-delay // interval) + 1
-                delay = start + tick * interval - loop.time()
-            await asyncio.sleep(delay)
 
     async def poll(self, link: ModbusLink) -> list[Reading]:
         """One pass over the plan; the readings worth sending (see deadband)."""
+        await link.settle(self._unit)  # after a failed RTU exchange: one timeout of quiet first
         ts_ns = time.time_ns()
         now = asyncio.get_running_loop().time()
         out: list[Reading] = []
-        answered = False
+        answered = skip = False
         unreachable: ReadError | None = None
         failures: list[str] = []
         i = 0
         while i < len(self.plan):
             request = self.plan[i]
-            if unreachable is not None:
+            if skip:
                 self._bad(request, ts_ns, now, out)
                 i += 1
                 continue
@@ -114,34 +125,54 @@ class ModbusSource:
                 )
             except ReadError as exc:
                 self.state.counts[exc.reason] += 1
-                if isinstance(exc, ExceptionReplyError):
-                    answered = True
-                    if exc.code == 2 and self._split(i, request):
-                        continue  # retry at once with the smaller reads
                 if isinstance(exc, ReadTimeoutError | LinkDownError):
-                    unreachable = exc
-                else:
+                    unreachable, skip = exc, True
+                else:  # it answered, if not with this read's values
+                    answered = True
+                    refused = isinstance(exc, ExceptionReplyError) and exc.code == 2
+                    if refused and self._split(i, request):
+                        continue  # retry at once with the smaller reads
                     self._note_fault(request, str(exc))
+                    skip = exc.desync
                 failures.append(str(exc))
                 self._bad(request, ts_ns, now, out)
                 i += 1
                 continue
             answered = True
             self._note_recovery(request)
-            for index, value in decode_response(request, self._points, values):
-                if isinstance(value, DecodeError):
-                    self._bad_point(index, ts_ns, now, out)
-                    failures.append(f"{self._device}: point {self._points[index].name}: {value}")
-                elif self._filters[index].admit(value, Quality.GOOD, now):
-                    out.append(Reading(self.name, self._points[index].name, ts_ns, value,
-                                       Quality.GOOD))  # fmt: skip
+            failures += self._take(request, values, ts_ns, now, out)
             i += 1
+        self._note_discarded(link.take_discarded(self._unit), answered)
         self.state.errors += len(failures)
         if answered:
             self._set_up(failures)
         elif unreachable is not None:
             self._set_down(str(unreachable))
         return out
+
+    def _take(
+        self,
+        request: ReadRequest,
+        values: Sequence[int] | Sequence[bool],
+        ts_ns: int,
+        now: float,
+        out: list[Reading],
+    ) -> list[str]:
+        """The points of an answered read into `out`: good values, or bad where the value rules
+        refuse them; returns a failure message per refused value."""
+        failures: list[str] = []
+        for index, value in decode_response(request, self._points, values):
+            if isinstance(value, DecodeError):
+                self.state.counts["rejected"] += 1
+                self._note_point_fault(index, str(value))
+                self._bad_point(index, ts_ns, now, out)
+                failures.append(f"{self._device}: point {self._points[index].name}: {value}")
+                continue
+            self._note_point_recovery(index)
+            if self._filters[index].admit(value, Quality.GOOD, now):
+                out.append(Reading(self.name, self._points[index].name, ts_ns, value,
+                                   Quality.GOOD))  # fmt: skip
+        return failures
 
     def _split(self, index: int, request: ReadRequest) -> bool:
         """Replace a bridging read refused with exception 2 by smaller ones; False if it can't."""
@@ -177,6 +208,37 @@ class ModbusSource:
         if fault is not None:
             log.info("Modbus read recovered device=%s unit=%d read=%s failed_polls=%d",
                      self.name, self._unit, request.describe(), fault[1])  # fmt: skip
+
+    def _note_point_fault(self, index: int, error: str) -> None:
+        """A value refused by edge_agent.reading: logged when it starts or its reason changes."""
+        previous, count = self._point_faults.get(index, ("", 0))
+        if error != previous:
+            log.warning("Modbus point value rejected device=%s unit=%d point=%s error=%s",
+                        self.name, self._unit, self._points[index].name, error)  # fmt: skip
+        self._point_faults[index] = (error, count + 1)
+
+    def _note_point_recovery(self, index: int) -> None:
+        fault = self._point_faults.pop(index, None) if self._point_faults else None
+        if fault is not None:
+            log.info("Modbus point value recovered device=%s unit=%d point=%s failed_polls=%d",
+                     self.name, self._unit, self._points[index].name, fault[1])  # fmt: skip
+
+    def _note_discarded(self, discarded: dict[str, tuple[int, str]], answered: bool) -> None:
+        """Count what the link threw away for this unit; log when it starts and when it stops."""
+        for kind, (count, detail) in discarded.items():
+            self.state.counts[kind] += count
+            if kind in self._discarding:
+                self._discarding[kind] += count
+                continue
+            self._discarding[kind] = count
+            log.warning("Modbus %s device=%s unit=%d link=%s detail=%s",
+                        DISCARD_TEXT.get(kind, kind), self.name, self._unit,
+                        self._config.link_key[1], detail)  # fmt: skip
+        if not answered:
+            return
+        for kind in [k for k in self._discarding if k not in discarded]:
+            log.info("Modbus line clean again device=%s unit=%d kind=%s discarded=%d",
+                     self.name, self._unit, kind, self._discarding.pop(kind))  # fmt: skip
 
     def _set_up(self, failures: list[str]) -> None:
         """The unit answered; last_error keeps the first partial failure, if any."""

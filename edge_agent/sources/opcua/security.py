@@ -32,6 +32,7 @@ from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from edge_agent.config.opcua import OpcuaAuth, OpcuaSecurity
+from edge_agent.errors import EdgeAgentError
 
 POLICIES: dict[str, type[security_policies.SecurityPolicy]] = {
     "Basic256Sha256": security_policies.SecurityPolicyBasic256Sha256,
@@ -46,7 +47,7 @@ MODES = {
 _CERT_SUFFIXES = {".der", ".cer", ".crt", ".pem"}
 
 
-class SecurityError(Exception):
+class SecurityError(EdgeAgentError):
     """The connection is refused on security grounds; the message tells the operator what to do."""
 
 

@@ -1,0 +1,101 @@
+"""The real `edge-agent run` process for the end-to-end tests, its configuration, strict JSON."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from edge_agent.demo.broker import Mosquitto
+from helpers.ports import free_port
+
+
+def agent_config(
+    tmp_path: Path, broker: Mosquitto, keys: Path, sources: list[dict[str, Any]], **overrides: Any
+) -> dict[str, Any]:
+    """A complete agent configuration for one test, as a dict (written by AgentProcess)."""
+    config: dict[str, Any] = {
+        "gateway": {"id": "test-gw"},
+        "store": {"path": str(tmp_path / "buffer.db")},
+        "mqtt": {
+            "url": broker.url,
+            "topic_prefix": "site/test",
+            "reconnect_min": "200ms",
+            "reconnect_max": "1s",
+        },
+        "batch": {"max_readings": 200, "max_delay": "200ms"},
+        "signing": {"key_file": str(keys / "signing.key")},
+        "health": {"listen": f"127.0.0.1:{free_port()}"},
+        "sources": sources,
+    }
+    for section, values in overrides.items():
+        config[section] = {**config.get(section, {}), **values}
+    return config
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"not strict JSON: {name}")
+
+
+def strict_json(text: str | bytes) -> Any:
+    """Parse JSON as strict parsers do (RFC 8259): `NaN`, `Infinity`, `-Infinity` are errors."""
+    return json.loads(text, parse_constant=_refuse_constant)
+
+
+class AgentProcess:
+    """The real `edge-agent run` process, started and stopped the way systemd would."""
+
+    def __init__(self, config: dict[str, Any], directory: Path) -> None:
+        self.config = config
+        self.path = directory / "agent.yaml"
+        self.path.write_text(yaml.safe_dump(config))
+        self.log_path = directory / "agent.log"
+        self.health_url = f"http://{config['health']['listen']}"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 20.0) -> None:
+        """Start the process and wait (polling /readyz, at most `timeout` s) until it is ready."""
+        log = self.log_path.open("ab")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "edge_agent", "run", "--config", str(self.path)],
+            stdout=log,
+            stderr=log,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"agent exited at start:\n{self.log()}")
+            with (
+                contextlib.suppress(OSError),
+                urllib.request.urlopen(f"{self.health_url}/readyz", timeout=1) as response,
+            ):
+                if response.status == 200:
+                    return
+            time.sleep(0.05)  # a separate process: /readyz is the only signal it gives
+        raise TimeoutError(f"agent not ready within {timeout:g}s:\n{self.log()}")
+
+    def status(self) -> dict[str, Any]:
+        """/status, parsed as strict JSON (NaN or Infinity fail the test)."""
+        with urllib.request.urlopen(f"{self.health_url}/status", timeout=5) as response:
+            data: dict[str, Any] = strict_json(response.read())
+            return data
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:
+        assert self.process is not None
+        self.process.send_signal(sig)
+        code = self.process.wait(timeout=timeout)
+        self.process = None
+        return code
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""

@@ -1,0 +1,50 @@
+"""Import boundaries, each checked in a fresh interpreter: what a module loads is what it costs."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = pytest.mark.integration
+
+
+def loaded_after(code: str) -> set[str]:
+    """The names in sys.modules after running `code` in a fresh interpreter."""
+    script = f"{code}\nimport json, sys\nprint(json.dumps(sorted(sys.modules)))"
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=True, timeout=60
+    )
+    return set(json.loads(done.stdout.splitlines()[-1]))
+
+
+@pytest.mark.parametrize("leaf", ["metrics", "logs", "schedule", "audit"])
+def test_a_leaf_module_imports_nothing_of_the_package(leaf: str) -> None:
+    loaded = loaded_after(f"import edge_agent.{leaf}")
+    assert {n for n in loaded if n.startswith("edge_agent")} == {"edge_agent", f"edge_agent.{leaf}"}
+
+
+BUILD = """
+from pydantic import TypeAdapter
+from edge_agent.config.schema import SourceConfig
+from edge_agent.sources import SourceContext, build_source
+config = TypeAdapter(SourceConfig).validate_python({source})
+assert build_source(config, SourceContext()).name == config.name
+"""
+SOURCES = {
+    "simulated": {"type": "simulated", "name": "sim", "points": 2},
+    "modbus": {"type": "modbus", "name": "plc", "host": "127.0.0.1",
+               "points": [{"name": "p", "register": "holding", "address": 0, "type": "uint16"}]},
+    "opcua": {"type": "opcua", "name": "ua", "endpoint": "opc.tcp://127.0.0.1:4840",
+              "security": {"policy": "None"}, "nodes": [{"name": "n", "node_id": "ns=2;i=1"}]},
+}  # fmt: skip
+
+
+def test_a_protocol_stack_is_imported_only_by_building_a_source_that_uses_it() -> None:
+    loaded = {kind: loaded_after(BUILD.format(source=s)) for kind, s in SOURCES.items()}
+    assert "asyncua" not in loaded["modbus"], "a Modbus-only gateway loaded asyncua"
+    assert "pymodbus" not in loaded["opcua"], "an OPC UA-only gateway loaded pymodbus"
+    assert not {"asyncua", "pymodbus"} & loaded["simulated"]
+    assert "pymodbus" in loaded["modbus"] and "asyncua" in loaded["opcua"]  # each was built
