@@ -237,7 +237,10 @@ class Forwarder:
                 self._audit_once(exc, str(exc))
                 self._lost(str(exc))
             except aiomqtt.MqttError as exc:
-                error = client.disconnect_cause or str(exc)
+                # A refused CONNACK says why in the error itself; paho's disconnect that
+                # follows it would only say "protocol error".
+                connect_refused = isinstance(exc, MqttConnectError)
+                error = str(exc) if connect_refused else client.disconnect_cause or str(exc)
                 self._audit_once(exc, error)
                 self._lost(error)
             except (StoreError, OSError) as exc:
@@ -266,8 +269,8 @@ class Forwarder:
 
     def _audit_once(self, exc: BaseException, error: str) -> None:
         """An audit event for a refusal on security grounds (credentials, certificate, ACL),
-        once per episode like its log line: not again while the same error repeats."""
-        if error == self.state.last_error:
+        once per episode like its log line (`_lost`): not again while the same error repeats."""
+        if error == self._logged_error:
             return
         broker = f"{self._config.host}:{self._config.port}"
         if isinstance(exc, PublishRejectedError):
