@@ -310,7 +310,7 @@ def test_a_runaway_file_is_refused_unread(tmp_path: Path) -> None:
 
 
 def test_a_50000_point_gateway_fits_in_blocks_and_written_out(tmp_path: Path) -> None:
-    """The limits leave room for 50,000 points either way, and loading stays well within 5 s."""
+    """The limits leave room for 50,000 points either way, and both forms give the same points."""
     blocks = "".join(
         f'      - {{name: "r{d}_{{n:03}}", register: holding, address: {d * 1000}, '
         "type: uint16, count: 1000, scale: 0.1}\n"
@@ -328,9 +328,7 @@ def test_a_50000_point_gateway_fits_in_blocks_and_written_out(tmp_path: Path) ->
         path.write_text(modbus(points) + f"signing: {{key_file: {path}}}\n")
         path.chmod(0o600)  # it stands in for the key file too: check-config checks its mode
         assert path.stat().st_size < config_loader.MAX_CONFIG_BYTES
-        started = time.process_time()
-        source = load_config(path).sources[0]
-        assert time.process_time() - started < 5.0
+        source = load_config(path).sources[0]  # its time: bench/config_load.py, not a test
         assert isinstance(source, ModbusSourceConfig)
         loaded.append(source.points)
     assert len(loaded[0]) == 50_000 <= MAX_POINTS
