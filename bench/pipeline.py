@@ -235,7 +235,7 @@ class AgentProcess:
     def __post_init__(self) -> None:
         self.url = f"http://{self.config['health']['listen']}"
         self.config_path = self.directory / f"{self.name}.yaml"
-        # Flow style for the points: a config file may not exceed 1 MiB.
+        # Flow style for the points: a config file may not exceed 4 MiB.
         self.config_path.write_text(yaml.safe_dump(self.config, default_flow_style=None))
         self.log_path = self.directory / f"{self.name}.log"
 
@@ -354,7 +354,11 @@ class Bench:
                 "reconnect_min": "100ms",
                 "reconnect_max": "200ms",
             },
-            "batch": {"max_readings": self.args.batch, "max_delay": "1s"},
+            "batch": {
+                "max_readings": self.args.batch,
+                "max_delay": "1s",
+                "format": self.args.format,
+            },
             "signing": {"key_file": str(self.keys / "signing.key")},
             "health": {"listen": f"127.0.0.1:{free_port()}"},
             "sources": [
@@ -647,6 +651,9 @@ def main() -> int:
         "list of varied points (~11 B/reading; use few points, short --interval)",
     )
     parser.add_argument("--batch", type=int, default=1000, help="batch.max_readings")
+    parser.add_argument(
+        "--format", type=int, choices=(1, 2), default=2, help="batch.format: the payload format"
+    )
     parser.add_argument("--inflight", type=int, default=32, help="mqtt.max_inflight")
     parser.add_argument("--drain-readings", type=int, help="backlog for the drain phase")
     parser.add_argument(
@@ -695,7 +702,8 @@ def main() -> int:
 
     print(
         f"edge-agent pipeline benchmark: {os.cpu_count()} CPUs, load {load()} (1/5 min), "
-        f"batch {args.batch}, window {args.window:.0f}s, in-flight {args.inflight}, "
+        f"batch {args.batch}, format {args.format}, window {args.window:.0f}s, "
+        f"in-flight {args.inflight}, "
         f"signals {args.signals}"
         + (f", EXPERIMENT gc threshold {args.gc_threshold} + freeze" if args.gc_threshold else "")
     )

@@ -13,7 +13,7 @@ import pytest
 from helpers.ports import free_port
 
 from edge_agent.forward.mqtt import ForwarderState
-from edge_agent.health import MAX_HEAD_BYTES, Health, start_health_server
+from edge_agent.health import MAX_LINE_BYTES, Health, start_health_server
 from edge_agent.metrics import Metrics
 from edge_agent.sources.base import SourceState
 from edge_agent.store.sqlite import Store
@@ -44,6 +44,11 @@ class Endpoint:
         answer = await asyncio.wait_for(reader.read(), 5)
         writer.close()
         return answer
+
+
+def refused(answer: bytes) -> bool:
+    """Whether `answer` is a 400 (aiohttp answers a request it cannot parse in HTTP/1.0)."""
+    return answer.startswith((b"HTTP/1.1 400 ", b"HTTP/1.0 400 "))
 
 
 @pytest.fixture
@@ -93,15 +98,15 @@ async def test_head_gives_the_headers_of_get_without_a_body(endpoint: Endpoint) 
 async def test_unknown_paths_and_other_methods_are_refused(endpoint: Endpoint) -> None:
     assert (await endpoint.fetch("/admin"))[0] == 404
     status, headers, _ = await endpoint.fetch("/status", "POST")
-    assert status == 405 and headers["Allow"] == "GET, HEAD"
-    assert (await endpoint.raw(b"nonsense\r\n\r\n")).startswith(b"HTTP/1.1 400 ")
+    assert status == 405 and {m.strip() for m in headers["Allow"].split(",")} == {"GET", "HEAD"}
+    assert refused(await endpoint.raw(b"nonsense\r\n\r\n"))
 
 
 async def test_an_oversized_or_unfinished_request_does_not_hold_the_server(
     endpoint: Endpoint,
 ) -> None:
-    huge = b"GET /status HTTP/1.1\r\nX: " + b"a" * MAX_HEAD_BYTES + b"\r\n\r\n"
-    assert (await endpoint.raw(huge)).startswith(b"HTTP/1.1 431 ")
+    huge = b"GET /status HTTP/1.1\r\nX: " + b"a" * MAX_LINE_BYTES + b"\r\n\r\n"
+    assert refused(await endpoint.raw(huge)), "a header line over MAX_LINE_BYTES is a 400"
     # a client that connects, sends half a request and leaves: the next one is answered
     _, writer = await asyncio.open_connection("127.0.0.1", endpoint.port)
     writer.write(b"GET /healthz HTTP/1.1\r\n")

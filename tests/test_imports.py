@@ -20,7 +20,7 @@ def loaded_after(code: str) -> set[str]:
     return set(json.loads(done.stdout.splitlines()[-1]))
 
 
-@pytest.mark.parametrize("leaf", ["metrics", "logs", "schedule"])
+@pytest.mark.parametrize("leaf", ["metrics", "logs", "schedule", "audit"])
 def test_a_leaf_module_imports_nothing_of_the_package(leaf: str) -> None:
     loaded = loaded_after(f"import edge_agent.{leaf}")
     assert {n for n in loaded if n.startswith("edge_agent")} == {"edge_agent", f"edge_agent.{leaf}"}
