@@ -30,7 +30,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from edge_agent.config.types import Loc, Problem
+from edge_agent.config.types import NAME_PATTERN, NAME_RULE, Loc, Problem
 
 MAX_POINTS = 100_000
 """Points (Modbus points, OPC UA nodes, simulated points) one configuration may declare."""
@@ -244,3 +244,22 @@ def _as_count(value: object) -> int:
         except ValueError:
             return 1
     return 1
+
+
+_NAME = re.compile(NAME_PATTERN)
+_NAME_TEXT = re.compile(r"^[A-Za-z0-9_.-]*$")
+
+
+def check_name_or_pattern(value: str, placeholders: Sequence[str]) -> str:
+    """`value` if it is a point name, or a name pattern whose text besides its placeholders is
+    what a name may hold; ValueError (pydantic's message for a name) otherwise."""
+    if not has_placeholder(value):
+        if not _NAME.match(value):
+            raise ValueError(NAME_RULE)
+        return value
+    if not _NAME_TEXT.match(parse_pattern(value, placeholders).literal):
+        raise ValueError(
+            f"name pattern {value!r}: besides placeholders, a name has only letters, "
+            "digits, '_', '.' and '-'"
+        )
+    return value

@@ -11,7 +11,6 @@ a single connection). `shared_link_problems` checks that such sources agree on t
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 from typing import Literal
 
@@ -21,6 +20,7 @@ from edge_agent.config.blocks import (
     MAX_BLOCK,
     MAX_POINTS,
     Expanded,
+    check_name_or_pattern,
     collapse,
     duplicates,
     has_placeholder,
@@ -29,8 +29,6 @@ from edge_agent.config.blocks import (
     where,
 )
 from edge_agent.config.types import (
-    NAME_PATTERN,
-    NAME_RULE,
     Duration,
     Finite,
     Loc,
@@ -56,9 +54,6 @@ MAX_BITS_PER_READ = 2000
 
 PLACEHOLDERS = ("n", "address")
 """What a point name pattern may use: the number in the block and the point's address."""
-
-_NAME = re.compile(NAME_PATTERN)
-_NAME_TEXT = re.compile(r"^[A-Za-z0-9_.-]*$")
 
 
 class ModbusPoint(StrictModel):
@@ -90,16 +85,7 @@ class ModbusPoint(StrictModel):
     @field_validator("name")
     @classmethod
     def _name_or_pattern(cls, value: str) -> str:
-        if not has_placeholder(value):
-            if not _NAME.match(value):
-                raise ValueError(NAME_RULE)
-            return value
-        if not _NAME_TEXT.match(parse_pattern(value, PLACEHOLDERS).literal):
-            raise ValueError(
-                f"name pattern {value!r}: besides placeholders, a name has only letters, "
-                "digits, '_', '.' and '-'"
-            )
-        return value
+        return check_name_or_pattern(value, PLACEHOLDERS)
 
     @model_validator(mode="after")
     def _type_fits_register(self) -> ModbusPoint:

@@ -30,6 +30,7 @@ from edge_agent.config.blocks import (
     MAX_BLOCK,
     MAX_POINTS,
     Expanded,
+    check_name_or_pattern,
     collapse,
     duplicates,
     has_placeholder,
@@ -37,8 +38,6 @@ from edge_agent.config.blocks import (
     where,
 )
 from edge_agent.config.types import (
-    NAME_PATTERN,
-    NAME_RULE,
     Duration,
     Name,
     StrictModel,
@@ -163,9 +162,6 @@ class Deadband(StrictModel):
 PLACEHOLDERS = ("n",)
 """What a node block's name and node id may use: the number in the block."""
 
-_NAME = re.compile(NAME_PATTERN)
-_NAME_TEXT = re.compile(r"^[A-Za-z0-9_.-]*$")
-
 
 class OpcuaNode(StrictModel):
     """One node, or with `count` a block of nodes whose name and node id differ in `{n}`."""
@@ -187,16 +183,7 @@ class OpcuaNode(StrictModel):
     @field_validator("name")
     @classmethod
     def _name_or_pattern(cls, value: str) -> str:
-        if not has_placeholder(value):
-            if not _NAME.match(value):
-                raise ValueError(NAME_RULE)
-            return value
-        if not _NAME_TEXT.match(parse_pattern(value, PLACEHOLDERS).literal):
-            raise ValueError(
-                f"name pattern {value!r}: besides placeholders, a name has only letters, "
-                "digits, '_', '.' and '-'"
-            )
-        return value
+        return check_name_or_pattern(value, PLACEHOLDERS)
 
     @model_validator(mode="after")
     def _block_fits(self) -> OpcuaNode:

@@ -20,7 +20,7 @@ from typing import Literal, NamedTuple, Protocol
 
 from edge_agent.config.modbus import ModbusPoint, RegisterKind
 from edge_agent.reading import Value
-from edge_agent.sources.modbus.decode import BlockDecoder, DecodeError
+from edge_agent.sources.modbus.decode import BlockDecoder, DecodeError, PointShape
 
 FUNCTION_CODES: dict[RegisterKind, int] = {"coil": 1, "discrete": 2, "holding": 3, "input": 4}
 """The only function codes the agent sends: reads. Writes (5, 6, 15, 16, 22, 23) never."""
@@ -63,29 +63,14 @@ class PointSpec(NamedTuple):
         )  # fmt: skip
 
 
-class PlannablePoint(Protocol):
-    """What planning needs of a point (ModbusPoint and PointSpec have it)."""
+class PlannablePoint(PointShape, Protocol):
+    """What planning needs of a point (ModbusPoint and PointSpec have it): what decoding needs,
+    and its name and table."""
 
     @property
     def name(self) -> str: ...
     @property
     def kind(self) -> RegisterKind: ...
-    @property
-    def address(self) -> int: ...
-    @property
-    def width(self) -> int: ...
-    @property
-    def type(self) -> str: ...
-    @property
-    def byte_order(self) -> Literal["big", "little"]: ...
-    @property
-    def word_order(self) -> Literal["big", "little"]: ...
-    @property
-    def bit(self) -> int | None: ...
-    @property
-    def scale(self) -> float: ...
-    @property
-    def offset(self) -> float: ...
     @property
     def is_bit_table(self) -> bool: ...
 
