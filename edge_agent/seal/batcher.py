@@ -64,6 +64,19 @@ class Batcher:
         self.sealed = asyncio.Event()
         """Set after every store write, for whoever waits for new batches (the forwarder)."""
 
+    def use_sealer(self, sealer: Sealer) -> None:
+        """Seal from now on with `sealer` (a new signing key on reload).
+
+        Batches already sealed keep the signature and key id they were sealed with; readings
+        still pending are sealed with the new key. Nothing is re-sealed or re-sent.
+        """
+        self._sealer = sealer
+
+    @property
+    def sealer(self) -> Sealer:
+        """The sealer in use (its `kid` names the signing key)."""
+        return self._sealer
+
     async def emit(self, readings: Sequence[Reading]) -> None:
         """Accept readings from a source; waits while the batcher is `capacity` behind."""
         while len(self._pending) >= self._capacity:
