@@ -102,7 +102,12 @@ def parse_config(text: str, name: str = "<config>", *, check_files: bool = False
     problems.extend(_locate(loc, msg, marks) for loc, msg in config.problems())
     if check_files:
         for loc, file in config.files_to_check():
-            if not file.is_file():
+            try:
+                found = file.is_file()
+            except PermissionError:  # a directory on the way that this user may not search
+                problems.append(_locate(loc, f"file not readable: {file}", marks))
+                continue
+            if not found:
                 problems.append(_locate(loc, f"file not found: {file}", marks))
             elif not os.access(file, os.R_OK):
                 problems.append(_locate(loc, f"file not readable: {file}", marks))
