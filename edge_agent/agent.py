@@ -117,8 +117,6 @@ class Agent:
         self.metrics.registry.register(SourceCollector(self.source_states))
         self.stopping = asyncio.Event()
         self.started = asyncio.Event()
-        self.reloaded = asyncio.Event()
-        """Set after each SIGHUP has been handled (applied or refused)."""
         self._group: asyncio.TaskGroup | None = None
         self._source_tasks: dict[str, asyncio.Task[None]] = {}
         self._batcher: Batcher | None = None
@@ -230,35 +228,29 @@ class Agent:
         async with self._reload_lock:
             systemd.notify(f"RELOADING=1\nMONOTONIC_USEC={time.monotonic_ns() // 1000}")
             try:
-                try:
-                    new = await asyncio.to_thread(load_config, path)
-                    key = await asyncio.to_thread(load_private_key, new.signing.key_file)
-                except ConfigError as exc:
-                    for line in str(exc).splitlines():
-                        log.error("Reload: invalid configuration problem=%s", line)
-                    log.error("Reload refused, running configuration kept file=%s problems=%d",
-                              path, len(exc.problems))  # fmt: skip
-                    self._refused(f"{len(exc.problems)} problem(s) in {path}")
-                    return
-                except (OSError, ValueError) as exc:
-                    log.error("Reload refused, running configuration kept file=%s error=%s",
-                              path, getattr(exc, "strerror", None) or exc)  # fmt: skip
-                    self._refused(str(exc))
-                    return
-                try:
-                    result = await self.reload(new, signing_key=key)
-                except Exception:  # a bug: keep running on what was applied, say so once
-                    log.exception("Reload failed part-way, a bug to report file=%s", path)
-                    self._refused("internal error, see the log")
-                    return
-                log.info(
-                    "Reloaded file=%s applied=%s",
-                    path,
-                    ",".join(result.applied) or "nothing changed",
-                )
-                systemd.notify(f"READY=1\nSTATUS={self._status}")
-            finally:
-                self.reloaded.set()
+                new = await asyncio.to_thread(load_config, path)
+                key = await asyncio.to_thread(load_private_key, new.signing.key_file)
+            except ConfigError as exc:
+                for line in str(exc).splitlines():
+                    log.error("Reload: invalid configuration problem=%s", line)
+                log.error("Reload refused, running configuration kept file=%s problems=%d",
+                          path, len(exc.problems))  # fmt: skip
+                self._refused(f"{len(exc.problems)} problem(s) in {path}")
+                return
+            except (OSError, ValueError) as exc:
+                log.error("Reload refused, running configuration kept file=%s error=%s",
+                          path, getattr(exc, "strerror", None) or exc)  # fmt: skip
+                self._refused(str(exc))
+                return
+            try:
+                result = await self.reload(new, signing_key=key)
+            except Exception:  # a bug: keep running on what was applied, say so once
+                log.exception("Reload failed part-way, a bug to report file=%s", path)
+                self._refused("internal error, see the log")
+                return
+            log.info("Reloaded file=%s applied=%s", path,
+                     ",".join(result.applied) or "nothing changed")  # fmt: skip
+            systemd.notify(f"READY=1\nSTATUS={self._status}")
 
     def _refused(self, why: str) -> None:
         systemd.notify(f"READY=1\nSTATUS={self._status} (last reload refused: {why})")

@@ -47,7 +47,7 @@ WATCHDOG_DROP_IN = "[Service]\nWatchdogSec=3s\nRestartSec=1s\n"
 SNAPSHOT_DIRS = ("/etc", "/opt", "/usr", "/var/lib", "/lib")
 SNAPSHOT_IGNORED = re.compile(
     r"^/var/lib/(apt|dpkg|systemd|dbus)/|^/etc/(ld\.so\.cache|machine-id)$|"
-    r"^/etc/(passwd|group|shadow|gshadow)-$|^/usr/lib/python3\.11/.*__pycache__"
+    r"^/etc/(passwd|group|shadow|gshadow)-$|^/etc/\.pwd\.lock$|^/usr/lib/python3\.11/.*__pycache__"
 )
 """Package-manager and systemd state, and the backups user tools keep: not the package's files."""
 
@@ -189,6 +189,7 @@ def test_a_stopped_agent_is_killed_by_the_watchdog_and_restarted_with_its_buffer
     assert after["next_seq"] >= before["next_seq"]
     assert after["readings"] >= before["readings"], "every sealed reading is still buffered"
     drop_in.unlink()
+    drop_in.parent.rmdir()
     machine.run(["systemctl", "daemon-reload"])
 
 
