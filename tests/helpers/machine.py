@@ -75,20 +75,33 @@ class Machine:
                 ["unshare", "-m", "sh", "-c", script], stdout=log, stderr=log
             )
         end = time.monotonic() + timeout
-        while not self.leader:
+        state = ""
+        while state not in ("running", "degraded"):
+            # A separate process tree: its processes and `systemctl` are the only signals. The
+            # container's PID 1 is nspawn's child named systemd; until it answers, try again.
             if self.process.poll() is not None or time.monotonic() > end:
-                raise RuntimeError(f"the container did not boot:\n{self.log()}")
-            children = subprocess.run(
-                ["pgrep", "-P", str(self.process.pid)], capture_output=True, text=True, check=False
-            ).stdout.split()
-            if children:
-                self.leader = int(children[0])
-            else:
-                time.sleep(0.1)  # a separate process tree: its pid is the only signal
-        wait = ["systemctl", "is-system-running", "--wait"]
-        state = self.run(wait, check=False, timeout=end - time.monotonic())
-        if state.stdout.strip() not in ("running", "degraded"):
-            raise RuntimeError(f"system state {state.stdout.strip()!r}:\n{self.log()}")
+                raise RuntimeError(f"the container did not boot (state {state!r}):\n{self.log()}")
+            if not self.leader:
+                self.leader = self._container_init()
+            if self.leader:
+                answer = self.run(["systemctl", "is-system-running", "--wait"], check=False,
+                                  timeout=max(1.0, end - time.monotonic()))  # fmt: skip
+                state = answer.stdout.strip()
+            if state not in ("running", "degraded"):
+                time.sleep(0.2)
+
+    def _container_init(self) -> int:
+        """The pid of the container's systemd (nspawn's child of that name), or 0 for not yet."""
+        assert self.process is not None
+        children = subprocess.run(
+            ["ps", "--ppid", str(self.process.pid), "-o", "pid=,comm="],
+            capture_output=True, text=True, check=False,
+        ).stdout.split("\n")  # fmt: skip
+        for line in children:
+            pid, _, comm = line.strip().partition(" ")
+            if comm.strip() == "systemd":
+                return int(pid)
+        return 0
 
     def run(
         self, command: list[str], *, check: bool = True, timeout: float = 120.0
