@@ -232,6 +232,21 @@ def test_an_invalid_edit_is_refused_and_the_service_keeps_running(machine: Machi
     machine.path("/etc/edge-agent/agent.yaml").write_text(good)
 
 
+def test_the_documented_online_backup_copies_the_buffer(machine: Machine) -> None:
+    """docs/operations.md, Back up the buffer: the command as written there, the agent running."""
+    doc = (REPO / "docs" / "operations.md").read_text()
+    command = doc.split("## Back up the buffer", 1)[1].split("```sh\n", 1)[1].split("```", 1)[0]
+    machine.sh(command.replace("$(date +%F)", "test"))
+    epoch = status(machine)["buffer"]["epoch"]
+    read = (
+        "import sqlite3; print(sqlite3.connect('/root/buffer-test.db').execute("
+        "\"SELECT value FROM meta WHERE key = 'epoch'\").fetchone()[0])"
+    )
+    assert machine.run(["python3.11", "-c", read]).stdout.strip() == epoch
+    left = machine.run(["find", "/var/lib/edge-agent", "!", "-user", "edge-agent"]).stdout
+    assert left == "", f"files the agent could not open: {left}"
+
+
 def test_security_inside_agrees_with_the_offline_score(machine: Machine) -> None:
     def score(*args: str) -> float:
         out = machine.run(["systemd-analyze", "security", "--no-pager", *args]).stdout
