@@ -69,7 +69,10 @@ async def serve(port: int, items: int, rounds: int, period: float, cert_dir: str
         published = 0
         loop = asyncio.get_running_loop()
         start = loop.time()
+        progress = os.environ.get("BENCH_PROGRESS_FILE")  # bench/modbus_load.py reads it
         for r in range(1, rounds + 1):
+            if progress:
+                Path(progress).write_text(str(published))  # noqa: ASYNC240 - a few bytes
             now = dt.datetime.now(dt.UTC)
             for node_id in ids:
                 value = ua.DataValue(

@@ -135,7 +135,7 @@ def analyse(
     options = options or {}
     window, upto = options.get("window"), options.get("upto_seq")
     latencies = array("q")
-    readings = fresh = 0
+    readings = fresh = bad = 0
     first_recv = last_recv = 0
     for recv_ns, payload in taken:
         batch = opener.open(payload)  # raises on a bad signature: the benchmark must not hide it
@@ -147,7 +147,9 @@ def analyse(
             last_recv = recv_ns
         if window is not None:
             lo, hi = window
-            latencies.extend(recv_ns - r["ts"] for r in got if lo <= r["ts"] < hi)
+            in_window = [r for r in got if lo <= r["ts"] < hi]
+            latencies.extend(recv_ns - r["ts"] for r in in_window)
+            bad += sum(r["q"] != "good" for r in in_window)
     holes = sum(len(s.holes()) for s in tracker.streams.values())
     ordered = sorted(latencies)
 
@@ -163,6 +165,7 @@ def analyse(
         "p99_ms": pct(0.99),
         "max_ms": pct(1.0),
         "latency_samples": len(ordered),
+        "bad": bad,
         "first_recv_ns": first_recv,
         "last_recv_ns": last_recv,
     }
@@ -224,13 +227,15 @@ class AgentProcess:
     config: dict[str, Any]
     name: str
     gc_threshold: int = 0
+    wrapper: str = ""
+    """Python code to run the agent with instead of `-m edge_agent` (it reads sys.argv[1:])."""
     process: subprocess.Popen[bytes] | None = None
     url: str = field(init=False)
 
     def __post_init__(self) -> None:
         self.url = f"http://{self.config['health']['listen']}"
         self.config_path = self.directory / f"{self.name}.yaml"
-        # Flow style for the points: a config file may not exceed 1 MiB.
+        # Flow style for the points: a config file may not exceed 4 MiB.
         self.config_path.write_text(yaml.safe_dump(self.config, default_flow_style=None))
         self.log_path = self.directory / f"{self.name}.log"
 
@@ -239,6 +244,8 @@ class AgentProcess:
         command = [sys.executable, "-m", "edge_agent"]
         if self.gc_threshold:
             command = [sys.executable, "-c", GC_WRAPPER.format(threshold=self.gc_threshold)]
+        if self.wrapper:
+            command = [sys.executable, "-c", self.wrapper]
         self.process = subprocess.Popen(
             [*command, "run", "--config", str(self.config_path)],
             stdout=log,
@@ -347,7 +354,11 @@ class Bench:
                 "reconnect_min": "100ms",
                 "reconnect_max": "200ms",
             },
-            "batch": {"max_readings": self.args.batch, "max_delay": "1s"},
+            "batch": {
+                "max_readings": self.args.batch,
+                "max_delay": "1s",
+                "format": self.args.format,
+            },
             "signing": {"key_file": str(self.keys / "signing.key")},
             "health": {"listen": f"127.0.0.1:{free_port()}"},
             "sources": [
@@ -640,6 +651,9 @@ def main() -> int:
         "list of varied points (~11 B/reading; use few points, short --interval)",
     )
     parser.add_argument("--batch", type=int, default=1000, help="batch.max_readings")
+    parser.add_argument(
+        "--format", type=int, choices=(1, 2), default=2, help="batch.format: the payload format"
+    )
     parser.add_argument("--inflight", type=int, default=32, help="mqtt.max_inflight")
     parser.add_argument("--drain-readings", type=int, help="backlog for the drain phase")
     parser.add_argument(
@@ -688,7 +702,8 @@ def main() -> int:
 
     print(
         f"edge-agent pipeline benchmark: {os.cpu_count()} CPUs, load {load()} (1/5 min), "
-        f"batch {args.batch}, window {args.window:.0f}s, in-flight {args.inflight}, "
+        f"batch {args.batch}, format {args.format}, window {args.window:.0f}s, "
+        f"in-flight {args.inflight}, "
         f"signals {args.signals}"
         + (f", EXPERIMENT gc threshold {args.gc_threshold} + freeze" if args.gc_threshold else "")
     )

@@ -39,9 +39,21 @@ def _cmd_check_config(args: argparse.Namespace) -> int:
 
 
 def _cmd_keygen(args: argparse.Namespace) -> int:
-    from edge_agent.seal.keys import write_keypair  # noqa: PLC0415
+    from edge_agent.seal.keys import write_keypair, write_next_keypair  # noqa: PLC0415
 
-    kid = write_keypair(Path(args.out), force=args.force)
+    if args.next:
+        if args.force:
+            print("keygen: --next never replaces a key; --force does not apply", file=sys.stderr)
+            return 2
+        kid, path = write_next_keypair(Path(args.out))
+        print(kid.hex())
+        print(f"keygen: wrote {path} and {path.with_suffix('.pub')}", file=sys.stderr)
+        return 0
+    try:
+        kid = write_keypair(Path(args.out), force=args.force)
+    except FileExistsError as exc:
+        print(f"keygen: {exc}", file=sys.stderr)
+        return 1
     print(kid.hex())
     return 0
 
@@ -85,7 +97,9 @@ def _cmd_probe(args: argparse.Namespace) -> int:
 def _add_browse_arguments(browse: argparse.ArgumentParser) -> None:
     """`browse` options; the security ones mirror the OPC UA source's `security:` keys."""
     browse.add_argument("endpoint", help="opc.tcp://host:port[/path]")
-    browse.add_argument("--node", default="i=85", help="start node id (default: i=85, Objects)")
+    browse.add_argument(
+        "--node", default="i=85", help="start node id, ns= or nsu= form (default: i=85, Objects)"
+    )
     browse.add_argument("--depth", type=int, default=3, help="levels to descend (default: 3)")
     browse.add_argument(
         "--include-standard",
@@ -124,9 +138,14 @@ def _add_verify_arguments(verify: argparse.ArgumentParser) -> None:
     verify.add_argument(
         "--key",
         action="append",
-        required=True,
         metavar="PUBFILE",
         help="a trusted public key (PEM); repeat for several gateways",
+    )
+    verify.add_argument(
+        "--trust",
+        action="append",
+        metavar="FILE",
+        help="a trust file: keys by kid with validity and retirement (docs/security.md)",
     )
     verify.add_argument("--ca-file", help="CA bundle for mqtts://")
     verify.add_argument("--username")
@@ -179,6 +198,11 @@ def build_parser() -> argparse.ArgumentParser:
     keygen = add("keygen", _cmd_keygen, "Create an Ed25519 signing key pair.")
     keygen.add_argument("--out", required=True, help="directory for signing.key and signing.pub")
     keygen.add_argument("--force", action="store_true", help="overwrite an existing key pair")
+    keygen.add_argument(
+        "--next",
+        action="store_true",
+        help="rotation: a new pair signing-KID.key/.pub beside the current one, which stays",
+    )
 
     _add_verify_arguments(
         add(

@@ -4,7 +4,8 @@
     ├── ConfigError                the configuration is invalid; carries every problem found
     ├── StoreError                 the SQLite buffer cannot be opened or written
     ├── EnvelopeError              a batch cannot be decoded or its signature does not verify
-    │   └── UnknownKeyError        the batch names a key id the verifier was not given
+    │   ├── UnknownKeyError        the batch names a key id the verifier was not given
+    │   └── KeyNotValidError       signed by a retired key, or sealed outside the key's validity
     ├── DeviceError                a device failed to answer a read (timeout, exception, garbage)
     │   └── ReadError              a Modbus read failed; `reason` names its counter
     │       ├── ReadTimeoutError       no answer within the timeout
@@ -23,6 +24,8 @@
     ├── RejectedValue (ValueError)  a device value the value rules refuse (NaN, text not UTF-8)
     │   └── DecodeError            Modbus registers that hold no value the rules allow
     ├── ConnectionLostError        an OPC UA session or its subscription is gone
+    ├── UnknownNamespaceError      an `nsu=` node id names a URI the OPC UA server does not have
+    ├── TakeOverError              the OPC UA server refused the takeover of a lost session
     ├── SecurityError              an OPC UA connection refused on security grounds
     │   └── UntrustedCertificateError  the server's certificate is not trusted
     ├── PublishRejectedError       the broker refused a batch (PUBACK reason >= 0x80)
@@ -32,7 +35,9 @@ Classes live next to the code that raises them: ConfigError, StoreError, Envelop
 UnknownKeyError and DeviceError here; the ReadError family, ChannelLostError,
 GarbledAnswerError and PortError in `sources/modbus/link.py`, FrameError and its other
 subclasses in `sources/modbus/frames.py`, RejectedValue in `reading.py`,
-DecodeError in `sources/modbus/decode.py`, ConnectionLostError in `sources/opcua/source.py`,
+DecodeError in `sources/modbus/decode.py`, KeyNotValidError in `seal/trust.py`,
+ConnectionLostError in `sources/opcua/source.py`, UnknownNamespaceError in
+`sources/opcua/namespaces.py`, TakeOverError in `sources/opcua/session.py`,
 SecurityError and UntrustedCertificateError in `sources/opcua/security.py`,
 PublishRejectedError in `forward/mqtt.py`, BrokerUnavailableError in `demo/embedded_broker.py`.
 A second base in parentheses is kept for callers that catch it.

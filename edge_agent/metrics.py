@@ -29,9 +29,26 @@ class Metrics:
             "edge_agent_batches_sealed", "Batches sealed into the buffer.", registry=r
         )
         self.readings_evicted = Counter(
-            "edge_agent_readings_evicted", "Unsent readings dropped by retention.", registry=r
+            "edge_agent_readings_evicted",
+            "Unsent readings dropped by retention or as undeliverable.",
+            registry=r,
         )
         self.store_errors = Counter("edge_agent_store_errors", "Failed buffer writes.", registry=r)
+        self.store_disk_full = Gauge(
+            "edge_agent_store_disk_full",
+            "1 while the buffer's disk is full (it keeps its size and evicts its oldest).",
+            registry=r,
+        )
+        self.store_quarantined = Counter(
+            "edge_agent_store_quarantined",
+            "Buffer files found bad at start and moved aside (a new epoch began).",
+            registry=r,
+        )
+        self.sources_held_back = Gauge(
+            "edge_agent_sources_held_back_seconds",
+            "How long sources have been waiting for the buffer to take readings; 0 when not.",
+            registry=r,
+        )
         self.buffer_readings = Gauge(
             "edge_agent_buffer_readings",
             "Readings in the buffer, not yet acknowledged.",
@@ -52,6 +69,11 @@ class Metrics:
         self.publish_rejected = Counter(
             "edge_agent_publish_rejected",
             "Publishes the broker refused (reason code >= 0x80).",
+            registry=r,
+        )
+        self.batches_undeliverable = Counter(
+            "edge_agent_batches_undeliverable",
+            "Batches evicted because the broker will not take them (declared, with a reason).",
             registry=r,
         )
         self.mqtt_connected = Gauge(
@@ -114,3 +136,20 @@ class SourceCollector(Collector):
             for kind, count in sorted(state.counts.items()):
                 events.add_metric([name, kind], count)
         yield from (up, readings, errors, events)
+
+
+class AuditCollector(Collector):
+    """`edge_agent_audit_events_total{category,outcome}`, read from the audit counts at scrape."""
+
+    def __init__(self, counts: Mapping[tuple[str, str], int]) -> None:
+        self._counts = counts
+
+    def collect(self) -> Iterator[Metric]:
+        events = CounterMetricFamily(
+            "edge_agent_audit_events",
+            "Audit events (docs/security.md) by category and outcome.",
+            labels=["category", "outcome"],
+        )
+        for (category, outcome), count in sorted(self._counts.items()):
+            events.add_metric([category, outcome], count)
+        yield events

@@ -23,6 +23,11 @@ The rules:
   a plain integer (major type 0 or 1); beyond it cbor2 would write a bignum tag that the contract
   does not allow. JSON output carries them exactly too; parsers that read every number as a
   double (JavaScript's JSON.parse) lose precision beyond ±2**53, which is theirs to handle.
+- **Text length**: text over MAX_TEXT_BYTES (UTF-8) is cut there, at a character boundary, and
+  the reading is sent `uncertain` (if it was `good`) and the source logs and counts it
+  (`truncated`): a device or server that sends megabytes of text cannot blow up a batch, and
+  a cut value never passes for the device's own. Modbus text is never that long (at most 125
+  registers); OPC UA strings, byte strings and arrays shown as text may be.
 - **Timestamps as values** (OPC UA DateTime) are Unix nanoseconds in a signed 64-bit integer,
   1677-09-21 .. 2262-04-11; OPC UA's "no date" (1601-01-01, encoded 0) and its maximum
   (9999-12-31) fall outside and are refused.
@@ -60,6 +65,8 @@ class Reading(NamedTuple):
     """The device's own status code where it has one (OPC UA StatusCode); sent as `sc`."""
 
 
+MAX_TEXT_BYTES = 4096
+"""Longest text value sent, in UTF-8 bytes; longer text is cut (see `limit_text`)."""
 INT_MIN = -(2**63)
 INT_MAX = 2**64 - 1
 TIME_NS_MIN = -(2**63)
@@ -98,6 +105,20 @@ def clean_text(raw: bytes | bytearray | str) -> str:
         raise RejectedValue(
             f"text is not UTF-8: byte 0x{data[exc.start]:02X} at offset {exc.start}"
         ) from None
+
+
+def limit_text(text: str, limit: int = MAX_TEXT_BYTES) -> tuple[str, bool]:
+    """`text` cut to at most `limit` UTF-8 bytes at a character boundary, and whether it was.
+
+    The caller sends a cut value as `uncertain` and says so (logged and counted), never
+    silently. Cheap for short text: only text that might be over the limit is encoded.
+    """
+    if len(text) * 4 <= limit:
+        return text, False
+    data = text.encode("utf-8", "surrogatepass")
+    if len(data) <= limit:
+        return text, False
+    return data[:limit].decode("utf-8", "ignore"), True
 
 
 def check_number(value: int | float) -> int | float:

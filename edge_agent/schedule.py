@@ -7,7 +7,9 @@ Every loop of the agent that repeats or retries uses these two, so there is one 
 - `Backoff`: the n-th wait after a success is min(cap, first * 2**n) times a random factor in
   [0.5, 1.0) ("equal jitter", AWS Architecture Blog, "Exponential Backoff And Jitter", 2015): never
   more than the cap, never less than half the nominal wait, and spread so that many gateways
-  that lost the same broker or device do not retry in step.
+  that lost the same broker or device do not retry in step. A second, higher cap may apply to
+  attempts that reached the other side but achieved nothing (the forwarder's
+  `mqtt.reconnect_max_stalled`).
 """
 
 from __future__ import annotations
@@ -62,17 +64,30 @@ class Backoff:
 
     `first` and `cap` are seconds. `next()` returns the wait before the next attempt: the n-th
     call since the last reset returns min(cap, first * 2**n) * uniform(0.5, 1.0).
+
+    A loop whose failures differ in cost may give a second, higher ceiling, `stalled_cap`
+    (seconds, never below `cap`): `next(stalled=True)` after an attempt that reached the other
+    side but achieved nothing (a broker that accepts the connection and takes no batch: every
+    attempt costs it a session) waits up to it, `next()` after one that reached nothing (which
+    costs nobody anything) still waits at most `cap`. The nominal wait doubles up to
+    `stalled_cap` with either kind of failure, so the delay keeps growing until `reset`, however
+    the failures alternate. Without `stalled_cap`, both kinds wait at most `cap`.
     """
 
-    def __init__(self, first: float, cap: float) -> None:
+    def __init__(self, first: float, cap: float, stalled_cap: float | None = None) -> None:
         self.first = first
         self.cap = cap
+        self.stalled_cap = cap if stalled_cap is None else max(stalled_cap, cap)
         self._nominal = first
 
-    def next(self) -> float:
-        """The wait (seconds) before the next attempt; the one after it is twice as long."""
-        wait = min(self._nominal, self.cap) * random.uniform(0.5, 1.0)  # noqa: S311 - jitter only
-        self._nominal = min(self._nominal * 2, self.cap)
+    def next(self, *, stalled: bool = False) -> float:
+        """The wait (seconds) before the next attempt; the one after it is twice as long.
+
+        `stalled`: the attempt reached the other side but made no progress (see the class).
+        """
+        ceiling = self.stalled_cap if stalled else self.cap
+        wait = min(self._nominal, ceiling) * random.uniform(0.5, 1.0)  # noqa: S311 - jitter only
+        self._nominal = min(self._nominal * 2, self.stalled_cap)
         return wait
 
     def reset(self) -> None:

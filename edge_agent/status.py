@@ -14,16 +14,20 @@ EXIT_HEALTHY, EXIT_DEGRADED, EXIT_UNREACHABLE = 0, 1, 2
 def fetch_status(url: str, timeout: float = 5.0) -> dict[str, Any]:
     if not url.startswith(("http://", "https://")):
         raise ValueError(f"status url must be http:// or https://, not {url!r}")
-    with urllib.request.urlopen(f"{url.rstrip('/')}/status", timeout=timeout) as response:  # noqa: S310 - scheme checked above
+    with urllib.request.urlopen(f"{url.rstrip('/')}/status", timeout=timeout) as response:  # noqa: S310  # nosec B310  # scheme checked above
         data: dict[str, Any] = json.load(response)
         return data
 
 
 def problems(status: dict[str, Any]) -> list[str]:
-    """What makes the agent degraded: a source down or the broker unreachable."""
+    """What makes the agent degraded: the broker unreachable or refusing batches, the buffer in
+    trouble (a full disk, failing writes or deletes, sources held back), or a source down."""
     found = []
     if not status["mqtt"]["connected"]:
         found.append(f"broker not connected: {status['mqtt'].get('last_error') or 'connecting'}")
+    if status["mqtt"].get("degraded"):
+        found.append(f"batches not delivered: {status['mqtt']['degraded']}")
+    found.extend(status["buffer"].get("problems", []))
     for name, source in status["sources"].items():
         if not source["up"]:
             found.append(f"source {name} down: {source.get('last_error') or 'starting'}")
@@ -38,6 +42,11 @@ def render(status: dict[str, Any]) -> str:
         f"buffer    {buffer['readings']} readings, {buffer['bytes']} bytes, "
         f"oldest {buffer['oldest_age_s']:.1f}s",
     ]
+    lines.extend(
+        f"buffer    a bad buffer was moved aside at start: {q['moved_to']} "
+        f"(epoch {q['epoch']}, last seq {q['last_seq']}): {q['reason']}"
+        for q in buffer.get("quarantined", [])
+    )
     for name, source in status["sources"].items():
         state = "up" if source["up"] else f"DOWN ({source.get('last_error')})"
         lines.append(f"source    {name}: {state}, {source.get('readings', 0)} readings")

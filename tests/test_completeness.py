@@ -70,3 +70,54 @@ def test_state_round_trips_through_json() -> None:
     tracker.accept("gw", "e1", readings(1, 10), [(20, 30)])
     restored = Completeness.from_json(tracker.to_json())
     assert restored.holes() == {("gw", "e1"): [(11, 19)]}
+
+
+def test_evicted_readings_are_counted_by_declared_reason() -> None:
+    tracker = Completeness()
+    tracker.accept("gw", "e1", readings(1, 10), [])
+    tracker.accept("gw", "e1", [], [(11, 20), (21, 25)], ["retention", "too_large"])
+    tracker.accept("gw", "e1", [], [(21, 25)], ["too_large"])  # a duplicate declaration
+    tracker.accept("gw", "e1", readings(26, 30), [(31, 31)])  # no reasons: retention
+    stream = tracker.streams[("gw", "e1")]
+    assert tracker.holes() == {}
+    assert stream.evicted_count == 16
+    assert stream.evicted_by_reason == {"retention": 11, "too_large": 5}
+    restored = Completeness.from_json(tracker.to_json())
+    assert restored.streams[("gw", "e1")].evicted_by_reason == stream.evicted_by_reason
+
+
+def test_state_saved_before_reasons_reads_its_evictions_as_retention() -> None:
+    tracker = Completeness()
+    tracker.accept("gw", "e1", readings(1, 10), [(11, 20)])
+    saved = tracker.to_json()
+    for stream in saved.values():
+        del stream["evicted_by_reason"]
+    restored = Completeness.from_json(saved)
+    assert restored.streams[("gw", "e1")].evicted_by_reason == {"retention": 10}
+
+
+def test_an_ended_epoch_reports_its_unreceived_tail_as_lost_not_as_holes() -> None:
+    """`previous_epoch` (contract §4.8, 1.8): the old epoch is complete up to `last_seq` but for
+    the readings lost with it; declared evictions stay evictions; the state survives a restart."""
+    tracker = Completeness()
+    tracker.accept("gw", "old", readings(1, 100), [(101, 150)], ["too_large"])
+    tracker.accept("gw", "old", readings(161, 170), [])
+    assert tracker.holes() == {("gw", "old"): [(151, 160)]}
+    tracker.end_epoch("gw", "old", 300, "quarantined: quick_check")
+    tracker.end_epoch("gw", None, None, "quarantined: not a database")
+    for state in (tracker, Completeness.from_json(tracker.to_json())):
+        assert state.holes() == {}
+        assert state.lost() == {("gw", "old"): [(151, 160), (171, 300)]}
+        [stream] = state.streams.values()
+        assert stream.evicted_by_reason == {"too_large": 50}
+        assert stream.ended == "quarantined: quick_check"
+        assert state.unknown_ends == [("gw", "quarantined: not a database")]
+
+
+def test_an_epoch_that_did_not_end_still_has_holes() -> None:
+    tracker = Completeness()
+    tracker.accept("gw", "e1", readings(1, 10), [])
+    tracker.accept("gw", "e1", readings(20, 30), [])
+    tracker.end_epoch("gw", "other", 5, "missing: gone")
+    assert tracker.holes() == {("gw", "e1"): [(11, 19)]}
+    assert tracker.lost() == {("gw", "other"): [(1, 5)]}

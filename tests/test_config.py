@@ -7,8 +7,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import yaml
 
 from edge_agent.config import load_config, parse_config
+from edge_agent.config import loader as config_loader
 from edge_agent.errors import ConfigError
 
 pytestmark = pytest.mark.unit
@@ -50,6 +52,16 @@ def test_sizes_are_parsed() -> None:
     assert config.store.max_bytes == 512 * 1024**2
 
 
+def test_the_packet_limit_is_a_size_of_at_least_512_bytes() -> None:
+    assert parse_config(MINIMAL).mqtt.max_packet_size is None
+    assert parse_config(MINIMAL + "mqtt: {max_packet_size: 128KiB}\n").mqtt.max_packet_size == (
+        128 * 1024
+    )
+    assert parse_config(MINIMAL + "mqtt: {max_packet_size: 550}\n").mqtt.max_packet_size == 550
+    [problem] = problems_of(MINIMAL + "mqtt: {max_packet_size: 100}\n")
+    assert "mqtt.max_packet_size" in problem and "512" in problem
+
+
 def test_unknown_key_is_an_error_not_ignored() -> None:
     [problem] = problems_of(MINIMAL + "batch: {max_readingz: 10}\n")
     assert "batch.max_readingz: unknown key" in problem
@@ -68,10 +80,10 @@ def test_yaml_aliases_are_refused() -> None:
     assert problem.startswith("cfg.yaml:2:")
 
 
-def test_files_over_one_mebibyte_are_refused(tmp_path: Path) -> None:
+def test_files_over_four_mebibytes_are_refused(tmp_path: Path) -> None:
     path = tmp_path / "big.yaml"
-    path.write_text(MINIMAL + "#" * (1024 * 1024))
-    with pytest.raises(ConfigError, match="larger than 1 MiB"):
+    path.write_text(MINIMAL + "#" * (4 * 1024 * 1024))
+    with pytest.raises(ConfigError, match="larger than 4 MiB"):
         load_config(path)
 
 
@@ -142,3 +154,30 @@ sources:
     assert found[0].startswith("cfg.yaml:4:") and "amplitude: Input should be a finite" in found[0]
     assert found[1].startswith("cfg.yaml:8:") and "sources[1].points[0].scale: " in found[1]
     assert found[2].startswith("cfg.yaml:8:") and "sources[1].points[0].offset: " in found[2]
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ('a: &a ["x","x"]\nb: [*a]\n', "cfg.yaml:2:5: (top): YAML aliases (*name) are not allowed"),
+        (MINIMAL + "? [a]\n: 1\n", "cfg.yaml:5:3: (top): keys must be plain text"),
+        (MINIMAL + "gateway: {id: g2}\n", "cfg.yaml:5:1: gateway: duplicate key"),
+        (MINIMAL + 'x: "\x01"\n', "cfg.yaml:5:5: (top): unacceptable character #x0001: "),
+        ("a: 1\n---\nb: 2\n", "cfg.yaml:2:1: (top): expected a single document in the stream"),
+        ("a:\n" + "".join(f"{'  ' * i}- \n" for i in range(1, 70)), "cfg.yaml:65:"),
+        (MINIMAL + "batch: {max_readings: 0}\n", "cfg.yaml:5:23: batch.max_readings: Input"),
+    ],
+)
+def test_libyaml_and_the_python_parser_report_the_same(
+    monkeypatch: pytest.MonkeyPatch, text: str, expected: str
+) -> None:
+    """The loader uses libyaml's parser when PyYAML has it, else PyYAML's own: same results."""
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", "/run/credentials/edge-agent.service")
+    example = (ROOT / "config" / "example.yaml").read_text()
+    found, config = problems_of(text), parse_config(example)
+    assert found[0].startswith(expected), found
+    monkeypatch.setattr(config_loader, "_PARSER", yaml.SafeLoader)
+    python = problems_of(text)
+    # the same place and key path; the parsers word some syntax errors differently
+    assert [p.split(": ")[:2] for p in python] == [p.split(": ")[:2] for p in found]
+    assert parse_config(example) == config

@@ -28,7 +28,8 @@ def test_auto_uses_mosquitto_when_installed(
 def test_auto_falls_back_to_embedded_without_mosquitto(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    pytest.importorskip("amqtt")
+    import amqtt  # noqa: F401 - the embedded broker; a test extra, so never skipped
+
     monkeypatch.setattr(embedded_broker, "mosquitto_path", lambda: None)
     broker = choose_broker("auto", tmp_path)
     assert isinstance(broker, EmbeddedBroker)

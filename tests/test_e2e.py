@@ -13,32 +13,22 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 import pytest
 from helpers.agent import AgentProcess, agent_config
-from helpers.wait import deadline, wait_for
+from helpers.verifier import running_verifier, status_command
+from helpers.wait import wait_for
 
 from edge_agent.consumer.completeness import Stream
-from edge_agent.consumer.verify import Verifier, consume, consumer_client
+from edge_agent.consumer.verify import Verifier
 from edge_agent.demo.broker import Mosquitto
 from edge_agent.demo.modbus_device import modbus_points, start_modbus_device
-from edge_agent.seal.envelope import Opener
-from edge_agent.seal.keys import load_public_key
 
 pytestmark = pytest.mark.e2e
 
 OUTAGE_S = 10.0
-
-
-def status_command(agent: AgentProcess) -> int:
-    return subprocess.run(
-        [sys.executable, "-m", "edge_agent", "status", "--url", agent.health_url],
-        capture_output=True, check=False,
-    ).returncode  # fmt: skip
 
 
 def sealed_count(db_path: Path) -> int:
@@ -46,30 +36,6 @@ def sealed_count(db_path: Path) -> int:
     with sqlite3.connect(db_path) as db:
         (next_seq,) = db.execute("SELECT value FROM meta WHERE key = 'next_seq'").fetchone()
     return int(next_seq) - 1
-
-
-@asynccontextmanager
-async def running_verifier(broker: Mosquitto, keys: Path) -> AsyncIterator[Verifier]:
-    verifier = Verifier(Opener([load_public_key(keys / "signing.pub")]))
-    stop, subscribed = asyncio.Event(), asyncio.Event()
-    task = asyncio.create_task(
-        consume(
-            verifier,
-            lambda: consumer_client(broker.url, f"verifier-{broker.port}"),
-            "site/test/#",
-            lambda batch, fresh: None,
-            stop,
-            subscribed=subscribed,
-        )
-    )
-    async with deadline(10, "the verifier's subscription"):
-        await subscribed.wait()
-    try:
-        yield verifier
-    finally:
-        stop.set()
-        async with deadline(10, "the verifier to stop"):
-            await task
 
 
 def only_stream(verifier: Verifier) -> Stream:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import random
 
 import cbor2
 import pytest
@@ -12,7 +13,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from edge_agent.errors import EnvelopeError, UnknownKeyError
 from edge_agent.reading import Quality, Reading
-from edge_agent.seal.envelope import Opener, Sealer
+from edge_agent.seal.envelope import Opener, PreviousEpoch, Sealer
 from edge_agent.seal.keys import key_id, load_private_key, load_public_key, write_keypair
 
 pytestmark = pytest.mark.unit
@@ -137,3 +138,165 @@ def test_private_key_readable_by_others_is_refused(tmp_path) -> None:
 def test_malformed_messages_are_rejected_not_crashing(message: bytes) -> None:
     with pytest.raises(EnvelopeError):
         Opener([Ed25519PrivateKey.generate().public_key()]).open(message)
+
+
+# The readings' array is written without cbor2.dumps per map: the bytes must be cbor2's.
+
+VALUES = [0, 1, 23, 24, 255, 256, 65535, 65536, 2**32 - 1, 2**32, 2**64 - 1, -1, -24, -25,
+          -(2**63), 1.5, -0.0, 0.1, 1e300, True, False, None, "", "é", "x" * 300, "a" * 70000,
+          "PUMP-7"]  # fmt: skip
+
+
+def cbor2_body(
+    readings: list[Reading], first_seq: int, evicted: list[list[int]], notes: dict[str, object]
+) -> bytes:
+    """The payload as cbor2 writes the map of docs/contract.md §4 (the reference)."""
+    items = [
+        {"seq": seq, "src": r.src, "pt": r.pt, "ts": r.ts_ns, "v": r.value, "q": r.quality.value}
+        | ({} if r.code is None else {"sc": r.code})
+        for seq, r in enumerate(readings, first_seq)
+    ]
+    body = {"v": 1, "gateway": "gw", "epoch": "ep", "batch": 7, "readings": items, "sealed": 42,
+            "evicted": evicted, **notes}  # fmt: skip
+    return bytes(cbor2.dumps(body))
+
+
+@pytest.mark.parametrize("first_seq", [1, 23, 24, 250, 65_530, 2**32 - 3, 2**40])
+def test_the_payload_is_byte_for_byte_what_cbor2_writes(first_seq: int) -> None:
+    rng = random.Random(first_seq)
+    readings = [
+        Reading(rng.choice(["plc", "é" * 30, "x" * 24]), f"p{i % 50}",
+                rng.choice([0, 23, 2**40, 1_700_000_000_000_000_000, -5]), rng.choice(VALUES),
+                rng.choice(list(Quality)), rng.choice([None, None, 0, 2**31 + 5, 2**40]))
+        for i in range(2000)
+    ]  # fmt: skip
+    sealer = Sealer(Ed25519PrivateKey.generate(), compress=False)
+    ended = {"epoch": "old", "last_seq": 6000, "ended": "quarantined", "detail": "quick_check"}
+    cases: list[tuple[list[list[int]], list[str], dict[str, object] | None]] = [
+        ([], [], None),
+        ([[1, 50], [70, 2**33]], [], None),
+        ([[1, 50]], ["too_large"], ended),
+        ([], [], ended),
+    ]
+    for evicted, reasons, previous in cases:
+        message = cbor2.loads(
+            sealer.seal(gateway="gw", epoch="ep", batch=7, first_seq=first_seq,
+                        readings=readings, sealed_ns=42, evicted=[(e[0], e[1]) for e in evicted],
+                        reasons=reasons, previous_epoch=previous)
+        )  # fmt: skip
+        notes: dict[str, object] = {}
+        if evicted:
+            notes["evicted_reasons"] = reasons or ["retention"] * len(evicted)
+        if previous is not None:
+            notes["previous_epoch"] = previous
+        assert message.value[2] == cbor2_body(readings, first_seq, evicted, notes)
+
+
+def test_text_that_cannot_be_encoded_fails_as_with_cbor2() -> None:
+    """A lone surrogate: both refuse it with a ValueError, which the batcher handles."""
+    bad = [Reading("plc", "tag", 1, "\udcff", Quality.GOOD)]
+    with pytest.raises(ValueError):  # noqa: PT011 - the type is the contract with the batcher
+        cbor2.dumps(bad[0].value)
+    with pytest.raises(ValueError):  # noqa: PT011
+        Sealer(Ed25519PrivateKey.generate()).seal(
+            gateway="gw", epoch="ep", batch=1, first_seq=1, readings=bad, sealed_ns=1
+        )
+
+
+@pytest.mark.parametrize("payload_format", [1, 2])
+def test_eviction_reasons_round_trip_and_default_to_retention(payload_format: int) -> None:
+    key = Ed25519PrivateKey.generate()
+    opener = Opener([key.public_key()])
+    sealer = Sealer(key, payload_format=payload_format)
+    common = {"gateway": "gw", "epoch": "ep", "batch": 1, "first_seq": 31, "readings": [],
+              "sealed_ns": 1}  # fmt: skip
+    said = opener.open(sealer.seal(**common, evicted=[(1, 10), (21, 30)],
+                                   reasons=["retention", "too_large"]))  # fmt: skip
+    assert said.evicted_reasons == ["retention", "too_large"]
+    unsaid = opener.open(sealer.seal(**common, evicted=[(1, 10)]))
+    assert unsaid.evicted_reasons == ["retention"]
+    assert opener.open(sealer.seal(**common)).evicted_reasons == []
+    with_readings = {**common, "readings": [Reading("s", "p", 5, 1.5, Quality.GOOD)]}
+    opened = opener.open(sealer.seal(**with_readings, evicted=[(1, 10)], reasons=["undeliverable"]))
+    assert (opened.evicted_reasons, [r["seq"] for r in opened.readings]) == (
+        ["undeliverable"],
+        [31],
+    )
+    with pytest.raises(ValueError, match="1 reasons for 2 evicted ranges"):
+        sealer.seal(**common, evicted=[(1, 10), (21, 30)], reasons=["too_large"])
+
+
+def test_a_batch_from_before_eviction_reasons_reads_as_retention() -> None:
+    """Older agents sent `evicted` without `evicted_reasons`: every range was retention."""
+    key = Ed25519PrivateKey.generate()
+    body = {"v": 1, "gateway": "gw", "epoch": "ep", "batch": 1, "readings": [], "sealed": 1,
+            "evicted": [[1, 10]]}  # fmt: skip
+    batch = Opener([key.public_key()]).open(signed(key, cbor2.dumps(body)))
+    assert (batch.evicted, batch.evicted_reasons) == ([(1, 10)], ["retention"])
+
+
+@pytest.mark.parametrize("reasons", [["too_large", "extra"], "too_large", [7]])
+def test_eviction_reasons_that_do_not_match_the_ranges_are_rejected(reasons: object) -> None:
+    key = Ed25519PrivateKey.generate()
+    body = {"v": 1, "gateway": "gw", "epoch": "ep", "batch": 1, "readings": [], "sealed": 1,
+            "evicted": [[1, 10]], "evicted_reasons": reasons}  # fmt: skip
+    with pytest.raises(EnvelopeError, match="one text per evicted range"):
+        Opener([key.public_key()]).open(signed(key, cbor2.dumps(body)))
+
+
+@pytest.mark.parametrize("payload_format", [1, 2])
+def test_previous_epoch_round_trips_in_both_formats(payload_format: int) -> None:
+    """A new epoch's first declaration says how the previous one ended (contract §4.3, 1.8)."""
+    key = Ed25519PrivateKey.generate()
+    opener = Opener([key.public_key()])
+    sealer = Sealer(key, payload_format=payload_format)
+    common = {"gateway": "gw", "epoch": "new", "batch": 1, "first_seq": 1, "readings": [],
+              "sealed_ns": 1}  # fmt: skip
+    ended = {"epoch": "old", "last_seq": 6000, "ended": "quarantined", "detail": "quick_check"}
+    alone = opener.open(sealer.seal(**common, previous_epoch=ended))
+    assert alone.previous_epoch == PreviousEpoch("old", 6000, "quarantined", "quick_check")
+    assert alone.evicted == [] and alone.readings == []
+    unknown = {"epoch": None, "last_seq": None, "ended": "quarantined", "detail": "not a database"}
+    with_evictions = opener.open(
+        sealer.seal(**common, evicted=[(1, 10)], reasons=["too_large"], previous_epoch=unknown)
+    )
+    assert with_evictions.previous_epoch == PreviousEpoch(
+        None, None, "quarantined", "not a database"
+    )
+    assert with_evictions.evicted_reasons == ["too_large"]
+    assert opener.open(sealer.seal(**common)).previous_epoch is None, "absent unless given"
+
+
+@pytest.mark.parametrize("payload_format", [1, 2])
+@pytest.mark.parametrize(
+    "previous",
+    [
+        "quarantined",
+        {"epoch": 7, "last_seq": 1, "ended": "missing", "detail": ""},
+        {"epoch": "old", "last_seq": -1, "ended": "missing", "detail": ""},
+        {"epoch": "old", "last_seq": True, "ended": "missing", "detail": ""},
+        {"epoch": "old", "last_seq": 1, "detail": ""},
+    ],
+)
+def test_a_malformed_previous_epoch_is_rejected(payload_format: int, previous: object) -> None:
+    key = Ed25519PrivateKey.generate()
+    body: dict[str, object] = {"v": payload_format, "gateway": "gw", "epoch": "ep", "batch": 1,
+                               "sealed": 1, "evicted": [], "previous_epoch": previous}  # fmt: skip
+    if payload_format == 1:
+        body["readings"] = []
+    else:
+        columns = cbor2.loads(zstandard.ZstdDecompressor().decompress(
+            cbor2.loads(Sealer(key, payload_format=2).seal(
+                gateway="gw", epoch="ep", batch=1, first_seq=1, readings=[], sealed_ns=1
+            )).value[2]
+        ))  # fmt: skip
+        body = {**columns, "previous_epoch": previous}
+    with pytest.raises(EnvelopeError, match="previous_epoch"):
+        Opener([key.public_key()]).open(signed(key, cbor2.dumps(body)))
+
+
+def signed(key: Ed25519PrivateKey, payload: bytes) -> bytes:
+    """A COSE_Sign1 message over `payload`, uncompressed, built by hand as §4 describes."""
+    protected = cbor2.dumps({1: -8, 4: key_id(key.public_key()), 3: "application/cbor"})
+    signature = key.sign(cbor2.dumps(["Signature1", protected, b"", payload]))
+    return cbor2.dumps(cbor2.CBORTag(18, [protected, {}, payload, signature]))

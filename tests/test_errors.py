@@ -68,7 +68,7 @@ def test_the_forwarders_and_opcua_errors_are_caught_as_edge_agent_errors() -> No
     from edge_agent.sources.opcua.source import ConnectionLostError
 
     for error in (
-        PublishRejectedError("refused"),
+        PublishRejectedError(0x87, "t/gw/batch"),
         ConnectionLostError("gone"),
         UntrustedCertificateError("sha1=..."),
     ):

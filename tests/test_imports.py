@@ -20,7 +20,7 @@ def loaded_after(code: str) -> set[str]:
     return set(json.loads(done.stdout.splitlines()[-1]))
 
 
-@pytest.mark.parametrize("leaf", ["metrics", "logs", "schedule"])
+@pytest.mark.parametrize("leaf", ["metrics", "logs", "schedule", "audit"])
 def test_a_leaf_module_imports_nothing_of_the_package(leaf: str) -> None:
     loaded = loaded_after(f"import edge_agent.{leaf}")
     assert {n for n in loaded if n.startswith("edge_agent")} == {"edge_agent", f"edge_agent.{leaf}"}
@@ -46,5 +46,12 @@ def test_a_protocol_stack_is_imported_only_by_building_a_source_that_uses_it() -
     loaded = {kind: loaded_after(BUILD.format(source=s)) for kind, s in SOURCES.items()}
     assert "asyncua" not in loaded["modbus"], "a Modbus-only gateway loaded asyncua"
     assert "pymodbus" not in loaded["opcua"], "an OPC UA-only gateway loaded pymodbus"
-    assert not {"asyncua", "pymodbus"} & loaded["simulated"]
-    assert "pymodbus" in loaded["modbus"] and "asyncua" in loaded["opcua"]  # each was built
+    assert not {"asyncua", "pymodbus", "serial"} & loaded["simulated"]
+    assert "asyncua" in loaded["opcua"]  # each was built
+    assert "edge_agent.sources.modbus.link" in loaded["modbus"]
+
+
+def test_a_modbus_gateway_runs_without_pymodbus() -> None:
+    """The agent's own frames and decoder: pymodbus (about 1 MB more) is for tests and tools."""
+    loaded = loaded_after(BUILD.format(source=SOURCES["modbus"]) + "import edge_agent.agent")
+    assert "pymodbus" not in loaded

@@ -18,7 +18,7 @@ import aiomqtt
 import paho.mqtt.client as paho
 import pytest
 from asyncua import Client, ua
-from asyncua.client.ua_client import UaClientState
+from asyncua.client.ua_client import UaClientState, UASocketProtocol
 from asyncua.common.subscription import (
     DataChangeEvent,
     OverflowPolicy,
@@ -37,8 +37,9 @@ pytestmark = pytest.mark.unit
 
 FORWARD = "edge_agent/forward/client.py (AckingClient)"
 OPCUA = "edge_agent/sources/opcua/source.py (_subscribe, _consume)"
+SESSION = "edge_agent/sources/opcua/session.py (SessionTicket, take_over, LossWatch)"
 LINK = "edge_agent/sources/modbus/link.py (ModbusLink)"
-DECODE = "edge_agent/sources/modbus/decode.py (decode_registers)"
+DECODE = "tests/test_modbus_decode.py (the independent check of the agent's decoder)"
 
 
 def parameters(function: Any) -> list[str]:
@@ -103,6 +104,41 @@ def test_a_reason_code_gives_its_number_as_value() -> None:
     )
 
 
+async def test_aiomqtt_hands_paho_on_connect_to_the_method_a_subclass_overrides() -> None:
+    client = AckingClient(hostname="127.0.0.1")
+    on_connect = client._client.on_connect
+    assert getattr(on_connect, "__func__", None) is AckingClient._on_connect, (
+        f"paho's on_connect is not aiomqtt.Client._on_connect any more: {FORWARD} would never "
+        "see the CONNACK properties, so it would exceed the broker's Receive Maximum and "
+        "Maximum Packet Size"
+    )
+    on_connect_args = ["self", "client", "userdata", "flags", "reason_code", "properties"]
+    assert parameters(aiomqtt.Client._on_connect) == on_connect_args, (
+        f"aiomqtt.Client._on_connect changed its arguments, which {FORWARD} overrides"
+    )
+
+
+def test_paho_says_whether_the_broker_sent_the_disconnect() -> None:
+    assert "is_disconnect_packet_from_server" in paho.DisconnectFlags._fields, (
+        f"paho's DisconnectFlags lost is_disconnect_packet_from_server: {FORWARD} "
+        "(disconnect_cause) tells the broker's DISCONNECT reason (0x95 Packet too large evicts "
+        "a batch at once) from paho's guess by it"
+    )
+
+
+def test_paho_decodes_a_puback_packet_too_large_once_the_client_allows_it() -> None:
+    """Importing edge_agent.forward.client added PUBACK to the packets paho's ReasonCode.names
+    table allows for 0x95, a code Mosquitto sends in a PUBACK though MQTT 5 lists it not."""
+    code = ReasonCode(PacketTypes.PUBACK)
+    code.unpack(bytes([0x95]))  # how paho reads the reason code of a PUBACK it received
+    assert (code.value, code.getName()) == (0x95, "Packet too large"), (
+        "paho's ReasonCode.names table or its lookup changed: "
+        "edge_agent/forward/client.py (accept_puback_packet_too_large) no longer lets paho "
+        "decode PUBACK 0x95, so paho drops the connection on it and the batch over Mosquitto's "
+        "message_size_limit is re-sent forever instead of evicted as too_large"
+    )
+
+
 # asyncua 2.1: draining the subscription's queue in one go.
 
 
@@ -164,6 +200,36 @@ def test_the_client_state_and_the_event_fields_the_source_reads() -> None:
     item = ua.MonitoredItemNotification()
     assert hasattr(item, "ClientHandle") and hasattr(item, "Value"), OPCUA
     assert hasattr(ua.StatusChangeNotification(), "Status"), OPCUA
+
+
+def test_the_client_internals_a_session_takeover_uses() -> None:
+    """The takeover after a lost connection re-activates the old session on a new channel with
+    the pieces asyncua's own auto-reconnect uses (asyncua has no public API for it)."""
+    client = Client("opc.tcp://127.0.0.1:4840")
+    for name in ("_server_nonce", "_policy_ids"):
+        assert hasattr(client, name), (
+            f"asyncua's Client.{name} is gone: {SESSION} keeps it in the ticket so the new "
+            "ActivateSession signs the right nonce with the right user token policy"
+        )
+    activate = getattr(client, "_activate_with_credentials", None)
+    assert inspect.iscoroutinefunction(activate) and parameters(activate) == [], (
+        f"asyncua's Client._activate_with_credentials changed ({activate!r}): {SESSION} calls "
+        "it to activate the old session; without it a one-session server refuses the agent "
+        "for a whole session timeout"
+    )
+    session = client.uaclient.session
+    for name in ("authentication_token", "restore_authentication_token"):
+        assert hasattr(session, name), f"asyncua's UaSession.{name} is gone: {SESSION}"
+    for name in ("connect_socket", "send_hello", "open_secure_channel", "disconnect_socket"):
+        assert inspect.isroutine(getattr(client, name, None)), f"Client.{name}: {SESSION}"
+    assert hasattr(client, "connection_lost_callback"), (
+        f"asyncua's Client.connection_lost_callback is gone: {SESSION} LossWatch takes the "
+        "supervisor's reason for a loss from it"
+    )
+    assert "on_connection_lost" in inspect.getsource(UASocketProtocol), (
+        f"asyncua's UASocketProtocol.on_connection_lost is gone: {SESSION} LossWatch takes the "
+        "socket's own error (a reset) from it, not the BadShutdown that follows"
+    )
 
 
 # pymodbus 3.16: one shared connection that only the link drops; word order and data types.

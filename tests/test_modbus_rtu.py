@@ -28,8 +28,13 @@ from edge_agent.reading import Quality, Reading
 pytestmark = [
     pytest.mark.integration,
     pytest.mark.timeout(30),
-    pytest.mark.skipif(shutil.which("socat") is None, reason="socat is not installed"),
 ]
+
+
+@pytest.fixture(autouse=True)
+def _socat_is_installed() -> None:
+    """A missing socat fails the RTU tests (scripts/setup --test installs it); never a skip."""
+    assert shutil.which("socat"), "socat is required for the RTU tests: run scripts/setup --test"
 
 
 async def test_three_units_on_one_line_and_a_dead_one_blocks_nobody() -> None:

@@ -296,3 +296,26 @@ async def test_a_late_tcp_answer_has_a_stale_transaction_id_and_is_discarded(
             if r.getMessage().startswith("Modbus late reply discarded")]  # fmt: skip
     assert len(late) == 1
     assert "function 3 answer of 4 bytes with transaction id" in late[0]
+
+
+async def test_a_bad_point_is_sent_when_it_turns_bad_then_once_per_heartbeat() -> None:
+    """With and without a deadband: an outage is not a bad reading per poll."""
+    unit = TestUnit(1, holding={0: [7, 8]})
+    points = [{"name": "plain", "register": "holding", "address": 0},
+              {"name": "banded", "register": "holding", "address": 1, "deadband": 0}]  # fmt: skip
+    async with tcp_server(unit) as server:
+        config = source_config(server.port, points, heartbeat="600ms")
+        async with running(config) as (polls,):
+            await polls.until(lambda b: b.get("plain") and b["plain"].quality == Quality.GOOD)
+            unit.set_silent(True)
+            first = await polls.until(lambda b: b["plain"].quality == Quality.BAD)
+            loop = asyncio.get_running_loop()
+            turned = loop.time()
+            assert first["banded"].quality == Quality.BAD
+            again = await polls.next()  # polls in between send nothing: this is the heartbeat
+            assert set(again) == {"plain", "banded"}
+            assert {r.quality for r in again.values()} == {Quality.BAD}
+            assert loop.time() - turned >= 0.5
+            unit.set_silent(False)
+            back = await polls.until(lambda b: b["plain"].quality == Quality.GOOD)
+            assert back["plain"].value == 7 and back["banded"].value == 8

@@ -107,3 +107,58 @@ def test_a_password_needs_a_username() -> None:
         "    nodes: [{name: a, node_id: i=1}]\n"
     )
     assert "a password needs a username" in message
+
+
+def test_node_ids_are_checked_in_both_forms() -> None:
+    """check-config parses `ns=` and `nsu=` node ids itself (issue 8, case 5): a malformed one
+    is refused with what is wrong, at its key path; the URI form is accepted as written."""
+    good = [
+        "nsu=urn:example:plant;s=Tank.Level",
+        "nsu=http://example.com/UA/;i=1001",
+        "nsu=urn:a%3Bb;s=x",
+        "ns=3;s=Tank.Level;with;semicolons",
+        "ns=1;g=09087e75-8e5e-499b-954f-f2a9603db28a",
+        "ns=1;b=M/RbKBsRVkePCePcx24oRA==",
+        "i=2258",
+    ]
+    bad = {
+        "nsu=;s=A": "the namespace URI after nsu= is empty",
+        "nsu=urn:x": "the namespace must be followed by ';' and an identifier",
+        "nsu=urn:x;Tank.Level": "the identifier must start with i=, s=, g= or b=",
+        "ns=three;s=A": "namespace index 'three' is not a number from 0 to 65535",
+        "ns=70000;i=1": "namespace index '70000' is not a number",
+        "ns=2;i=12x": "numeric identifier '12x' is not a number",
+        "ns=2;s=": "the string identifier after s= is empty",
+        "ns=2;g=not-a-guid": "GUID identifier 'not-a-guid' is not of the form",
+        "ns=2;b=***": "opaque identifier '***' is not base64",
+        "srv=1;ns=2;i=1": "a server index (srv=) is not supported",
+    }
+    nodes = [{"name": f"n{i}", "node_id": node_id} for i, node_id in enumerate([*good, *bad])]
+    config = OpcuaSourceConfig.model_validate(
+        {
+            "type": "opcua",
+            "name": "m",
+            "endpoint": "opc.tcp://plc:4840",
+            "security": {"policy": "None"},
+            "nodes": nodes,
+        }
+    )
+    found = dict(config.problems())
+    assert set(found) == {("nodes", len(good) + i, "node_id") for i in range(len(bad))}
+    for i, (node_id, reason) in enumerate(bad.items()):
+        message = found[("nodes", len(good) + i, "node_id")]
+        assert message.startswith(f"invalid node id {node_id!r}: {reason}"), message
+        assert "nsu=urn:example:plant;s=Tank.Level" in message  # the example shows the URI form
+
+
+def test_session_timeout_has_a_floor() -> None:
+    (message,) = problems(
+        "    security: {policy: None}\n"
+        "    session_timeout: 2s\n"
+        "    nodes: [{name: a, node_id: i=1}]\n"
+    )
+    assert message.startswith("sources[0].session_timeout:")
+    config = parse_config(
+        BASE + "    security: {policy: None}\n    nodes: [{name: a, node_id: i=1}]\n"
+    )
+    assert config.sources[0].session_timeout == 30.0  # type: ignore[union-attr]

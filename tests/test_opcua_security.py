@@ -121,8 +121,13 @@ async def test_an_untrusted_server_is_refused_once_with_its_thumbprints_until_tr
             (pki / "trusted").mkdir()
             shutil.copy(saved, pki / "trusted")  # what the message tells the operator to do
             await got.wait_for(lambda rs: any(r.pt == "speed" for r in rs))
-    lines = [r.getMessage() for r in caplog.records if "rejected" in r.getMessage()]
+    records = [r for r in caplog.records if "rejected" in r.getMessage()]
+    lines = [r.getMessage() for r in records if r.name != "edge_agent.audit"]
     assert len(lines) == 1 and "sha256=" in lines[0]
+    audits = [r.audit for r in records if r.name == "edge_agent.audit"]  # type: ignore[attr-defined]
+    assert len(audits) == 1, "one audit event for the episode, not one per attempt"
+    assert audits[0]["category"] == "certificate" and audits[0]["outcome"] == "refused"
+    assert audits[0]["source"] == source.name
 
 
 @pytest.mark.parametrize(("password", "up"), [("s3cret", True), ("wrong", False)])

@@ -96,6 +96,8 @@ async def test_reload_applies_sources_intervals_level_and_key_losing_nothing(
         assert "sources~=slow" in lines, "a changed interval restarts that source"
         assert "signing.key" in lines and "log.level" in lines
         assert "need a restart to apply keys=mqtt.keepalive" in lines
+        assert "category=key outcome=success action=rotated" in lines, "one audited key path"
+        assert "category=reload outcome=success" in lines
         assert "steady" not in lines.split("Reloaded", 1)[1], "an unchanged source runs on"
         status = agent.status()
         assert set(status["sources"]) == {"steady", "slow", "added"}
@@ -138,6 +140,8 @@ async def test_invalid_reload_is_refused_with_located_problems_and_the_agent_run
     problems = [line for line in lines.splitlines() if "problem=" in line]
     assert any("agent.yaml:" in p and "sources[0].interval" in p for p in problems), lines
     assert any("bogus: unknown key" in p for p in problems), lines
+    assert "category=config outcome=refused" in lines
+    assert "category=reload outcome=refused" in lines
     assert "Traceback" not in lines
     after = agent.status()
     assert after["sources"]["a"]["up"], "the running configuration is kept"
@@ -152,6 +156,7 @@ async def test_invalid_reload_is_refused_with_located_problems_and_the_agent_run
     agent.write_config(config)
     lines = agent.reload()
     assert "Reload refused" in lines and f"file not found: {missing}" in lines
+    assert "category=config outcome=refused" in lines, "the key's file is checked as at start"
     assert agent.status()["ready"]
     assert agent.stop() == 0, agent.log()
 

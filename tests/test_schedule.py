@@ -79,3 +79,22 @@ def test_backoff_stays_at_its_cap_after_any_number_of_failures() -> None:
     backoff = Backoff(1.0, 30.0)
     waits = [backoff.next() for _ in range(5000)]
     assert 15.0 <= waits[-1] <= 30.0
+
+
+def test_a_second_ceiling_for_stalled_attempts_and_growth_until_reset(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The forwarder's two ceilings (issue 8 case 7): a broker that accepts the connection but
+    takes no batch is retried up to `stalled_cap` apart, one that does not answer at most `cap`
+    apart, and the delay keeps growing across both kinds until a success resets it."""
+    monkeypatch.setattr("edge_agent.schedule.random.uniform", lambda a, b: b)  # no jitter
+    backoff = Backoff(1.0, 5.0, stalled_cap=60.0)
+    stalled = [backoff.next(stalled=True) for _ in range(8)]
+    assert stalled == [1, 2, 4, 8, 16, 32, 60, 60], "a broker that takes nothing: up to 60 s"
+    assert backoff.next() == 5, "one that does not answer: at most 5 s"
+    assert backoff.next(stalled=True) == 60, "the growth was not lost meanwhile"
+    backoff.reset()
+    assert backoff.next(stalled=True) == 1
+    assert Backoff(1.0, 5.0, stalled_cap=2.0).stalled_cap == 5.0, "never below the first cap"
+    without = Backoff(1.0, 5.0)
+    assert [without.next(stalled=True) for _ in range(5)] == [1, 2, 4, 5, 5]

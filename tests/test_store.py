@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import sqlite3
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -17,7 +18,7 @@ from edge_agent.metrics import Metrics
 from edge_agent.reading import Quality, Reading
 from edge_agent.seal.batcher import Batcher
 from edge_agent.seal.envelope import Opener, Sealer
-from edge_agent.store.sqlite import SealedBatch, Store
+from edge_agent.store.sqlite import MAX_TRANSACTION_BYTES, BatchKey, SealedBatch, Store
 
 pytestmark = pytest.mark.unit
 
@@ -250,4 +251,123 @@ async def test_a_cancelled_write_leaves_the_store_consistent(tmp_path: Path) -> 
     (next_seq,) = (await store.db.execute_fetchall(
         "SELECT value FROM meta WHERE key = 'next_seq'"))[0]  # fmt: skip
     assert store.next_seq == next_seq == total + 1
+    await store.close()
+
+
+async def test_an_undeliverable_batch_is_evicted_and_declared_with_its_reason(
+    tmp_path: Path,
+) -> None:
+    """The forwarder evicts a batch the broker will never take; the reason survives a restart
+    and goes out in the declaration, and declarations themselves are never evicted."""
+    key = Ed25519PrivateKey.generate()
+    store = await open_store(tmp_path / "b.db")
+    batcher = make_batcher(store, key, max_readings=10)
+    await batcher.emit(readings(30))
+    await batcher.seal_pending()
+    assert await store.evict_undeliverable(BatchKey("readings", 2), "too_large") == (11, 20, 10)
+    assert await store.evict_undeliverable(BatchKey("readings", 2), "too_large") is None, (
+        "gone already"
+    )
+    assert (store.stats.batches, store.stats.readings, store.stats.evicted_readings) == (2, 20, 10)
+    await store.close()
+
+    store = await open_store(tmp_path / "b.db")
+    assert await store.pending_declarations() == [(11, 20, "too_large")]
+    batcher = make_batcher(store, key, max_readings=10)
+    batcher.declare_pending()
+    await batcher.seal_pending()
+    assert await store.pending_declarations() == []
+    [declaration] = [b for b in await store.take(10) if b.key.kind == "declaration"]
+    opened = Opener([key.public_key()]).open(declaration.data)
+    assert (opened.evicted, opened.evicted_reasons) == ([(11, 20)], ["too_large"])
+    assert await store.evict_undeliverable(declaration.key, "too_large") is None
+    assert (await store.take(1))[0].key == declaration.key, "a declaration is never evicted"
+    await store.close()
+
+
+async def test_batches_are_sealed_within_max_bytes(tmp_path: Path) -> None:
+    """Fewer readings per batch when they would not fit; one reading too large alone is sealed
+    alone (the forwarder evicts and declares it); every seq is used once, in order."""
+    key = Ed25519PrivateKey.generate()
+    store = await open_store(tmp_path / "b.db")
+    batcher = make_batcher(store, key, max_readings=100)
+    batcher.set_max_bytes(600)
+    values = [f"{i:04d}" * 10 for i in range(250)]
+    values[120] = "x" * 1000
+    await batcher.emit([r._replace(value=v) for r, v in zip(readings(250), values, strict=True)])
+    await batcher.seal_pending()
+    opener = Opener([key.public_key()])
+    taken = [(len(b.data), opener.open(b.data)) for b in await store.take(1000)]
+    seqs = [r["seq"] for _, batch in taken for r in batch.readings]
+    assert seqs == list(range(1, 251))
+    too_large = [(size, batch.readings[0]["seq"]) for size, batch in taken if size > 600]
+    assert [seq for _, seq in too_large] == [121], "only the reading that cannot fit"
+    assert len(taken[0][1].readings) < 100
+    assert sum(size for size, _ in taken if size <= 600) / (len(taken) - 1) > 400, "well filled"
+    await store.close()
+
+
+async def test_declarations_are_merged_and_split_to_fit_max_bytes(tmp_path: Path) -> None:
+    """Adjacent ranges with one reason are declared as one; many ranges go out in several
+    declarations, each within max_bytes, together covering them all."""
+    key = Ed25519PrivateKey.generate()
+    store = await open_store(tmp_path / "b.db")
+    batcher = make_batcher(store, key, max_readings=1)
+    await batcher.emit(readings(120))
+    await batcher.seal_pending()
+    for batch_no in [*range(1, 11), *range(21, 120, 2)]:  # 1..10 touch; the rest do not
+        await store.evict_undeliverable(BatchKey("readings", batch_no), "too_large")
+    batcher.set_max_bytes(400)
+    batcher.declare_pending()
+    await batcher.seal_pending()
+    opener = Opener([key.public_key()])
+    declarations = [b for b in await store.take(1000) if b.key.kind == "declaration"]
+    declared = [r for b in declarations for r in opener.open(b.data).evicted]
+    assert len(declarations) > 1
+    assert all(len(b.data) <= 400 for b in declarations)
+    assert declared[0] == (1, 10)
+    assert declared[1:] == [(n, n) for n in range(21, 120, 2)]
+    assert await store.pending_declarations() == []
+    await store.close()
+
+
+async def test_the_payload_budget_and_the_transaction_cap_hold_together(tmp_path: Path) -> None:
+    """Every batch within the link's `max_bytes`, every transaction within the store's
+    MAX_TRANSACTION_BYTES (past it by one batch at most), the previous epoch's end in the first
+    declaration, and every seq once, in order."""
+    key = Ed25519PrivateKey.generate()
+    path = tmp_path / "b.db"
+    old = await open_store(path)
+    await old.append([SealedBatch(1, 1, 10, time.time_ns(), bytes(100))])
+    old_epoch = old.epoch
+    await old.close()
+    for suffix in ("", "-wal", "-shm"):  # the file lost, its witness left
+        Path(f"{path}{suffix}").unlink(missing_ok=True)
+    store = await open_store(path)
+    appended: list[int] = []
+    append = store.append
+
+    async def recording(batches: Sequence[SealedBatch]) -> int:
+        appended.append(sum(len(b.data) for b in batches))
+        return await append(batches)
+
+    store.append = recording  # type: ignore[method-assign]
+    batcher = make_batcher(store, key, max_readings=100)
+    batcher.set_max_bytes(4096)
+    texts = [f"value-{i:08d}-" * 4 for i in range(6000)]
+    await batcher.emit([r._replace(value=t) for r, t in zip(readings(6000), texts, strict=True)])
+    batcher.stop()
+    await batcher.run()
+
+    assert len(appended) > 2 and max(appended) <= MAX_TRANSACTION_BYTES + 4096
+    opener = Opener([key.public_key()])
+    taken = await store.take(10_000)
+    assert all(len(b.data) <= 4096 for b in taken)
+    first = opener.open(taken[0].data)
+    assert taken[0].key.kind == "declaration" and first.previous_epoch is not None
+    assert (first.previous_epoch.epoch, first.previous_epoch.last_seq) == (old_epoch, 10)
+    assert first.previous_epoch.ended == "missing"
+    seqs = [r["seq"] for b in taken[1:] for r in opener.open(b.data).readings]
+    assert seqs == list(range(1, 6001))
+    assert await store.previous_epoch() is None
     await store.close()

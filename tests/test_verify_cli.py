@@ -3,6 +3,7 @@ readings the contract does not allow; `--json` is strict JSON."""
 
 from __future__ import annotations
 
+import asyncio
 import math
 import signal
 import subprocess
@@ -10,7 +11,9 @@ import sys
 from pathlib import Path
 
 import aiomqtt
+import cbor2
 import pytest
+import zstandard
 from helpers.agent import AgentProcess, agent_config, strict_json
 from helpers.wait import wait_for
 
@@ -103,3 +106,49 @@ async def test_verify_json_is_strict_json_when_a_batch_carries_nan_or_infinity(
     assert "NONCONFORMING 3 readings broke the value rules (shown as bad, v null); " in err
     assert "first: gateway=test-gw seq=1 opc.speed: value is NaN" in err
     assert "holes=0" in err
+
+
+async def run_agent_until(agent: AgentProcess, agents: list[AgentProcess], readings: int) -> None:
+    """Start `agent`, wait until its source produced `readings`, stop it cleanly."""
+    agents.append(agent)
+    agent.start()
+    await wait_for(
+        lambda: agent.status()["sources"]["sim"]["readings"] > readings, 20, "readings produced"
+    )
+    assert agent.stop() == 0
+
+
+async def test_verify_proves_completeness_across_a_change_of_payload_format(
+    tmp_path: Path, broker: Mosquitto, keys: Path, agents: list[AgentProcess]
+) -> None:
+    """Issue 14: an operator changes `batch.format` from 1 to 2 and restarts the agent on the
+    same buffer. One epoch then holds batches of both formats; verify reads both and finds
+    the stream complete (a raw subscriber checks that both formats were on the wire)."""
+    verify = start_verify(broker, keys / "signing.pub", "verify-switch")
+    formats: list[int] = []
+
+    async def watch(client: aiomqtt.Client) -> None:
+        async for message in client.messages:
+            assert isinstance(message.payload, bytes)
+            payload = cbor2.loads(message.payload).value[2]
+            formats.append(cbor2.loads(zstandard.ZstdDecompressor().decompress(payload))["v"])
+
+    async with aiomqtt.Client("127.0.0.1", broker.port) as client:
+        await client.subscribe("site/test/test-gw/batch", qos=1)
+        watcher = asyncio.create_task(watch(client))
+        await wait_for(
+            lambda: "verify-switch 1 site/test/#" in broker.log_path.read_text(), 20, "subscription"
+        )
+        sources = [{"type": "simulated", "name": "sim", "interval": "50ms", "points": 10}]
+        config = agent_config(tmp_path, broker, keys, sources)
+        for payload_format in (1, 2):
+            config["batch"]["format"] = payload_format
+            await run_agent_until(AgentProcess(config, tmp_path), agents, readings=200)
+        await wait_for(lambda: 1 in formats and formats[-1] == 2, 20, "both formats received")
+        watcher.cancel()
+    verify.send_signal(signal.SIGINT)
+    _, err = verify.communicate(timeout=30)
+    assert verify.returncode == 0, err
+    assert "OK:" in err and "holes=0" in err
+    assert err.count("gateway=test-gw epoch=") == 1  # one epoch, both formats in it
+    assert sorted(set(formats)) == [1, 2]

@@ -1,5 +1,8 @@
 """Configuration of Modbus sources (TCP and RTU): devices, points, types, orders and read limits.
 
+A point entry with `count` is a block of consecutive points of one type (edge_agent.config.blocks):
+validation expands it, so `ModbusSourceConfig.points` always holds the points one by one.
+
 One source is one Modbus device (one unit id). Sources that name the same `serial_port` share one
 RS-485 line and are polled strictly one request at a time; sources that name the same TCP
 `host:port` share one connection (a gateway in front of several units, or a device that accepts
@@ -8,12 +11,32 @@ a single connection). `shared_link_problems` checks that such sources agree on t
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
-from edge_agent.config.types import Duration, Finite, Loc, Name, StrictModel, duplicate_problems
+from edge_agent.config.blocks import (
+    MAX_BLOCK,
+    MAX_POINTS,
+    Expanded,
+    collapse,
+    duplicates,
+    has_placeholder,
+    parse_pattern,
+    path_text,
+    where,
+)
+from edge_agent.config.types import (
+    NAME_PATTERN,
+    NAME_RULE,
+    Duration,
+    Finite,
+    Loc,
+    Name,
+    StrictModel,
+)
 
 RegisterKind = Literal["coil", "discrete", "input", "holding"]
 PointType = Literal[
@@ -31,9 +54,18 @@ MAX_REGISTERS_PER_READ = 125
 MAX_BITS_PER_READ = 2000
 """Modbus spec limit for function codes 1 and 2."""
 
+PLACEHOLDERS = ("n", "address")
+"""What a point name pattern may use: the number in the block and the point's address."""
+
+_NAME = re.compile(NAME_PATTERN)
+_NAME_TEXT = re.compile(r"^[A-Za-z0-9_.-]*$")
+
 
 class ModbusPoint(StrictModel):
-    name: Name
+    """One point, or with `count` a block of points that differ only in name and address."""
+
+    name: str
+    """A name; in a block, a pattern with `{n}` and/or `{address}` (edge_agent.config.blocks)."""
     kind: RegisterKind = Field(alias="register")
     address: int = Field(ge=0, le=65535)
     type: PointType = "uint16"
@@ -48,6 +80,26 @@ class ModbusPoint(StrictModel):
     """Report by exception: a value is sent only when it moved more than this (0: any change)."""
     heartbeat: Duration | None = None
     """With a deadband, an unchanged value is still sent at least this often (source default)."""
+    count: int | None = Field(default=None, ge=1, le=MAX_BLOCK)
+    """A block: this entry stands for `count` points from `address` on."""
+    stride: int | None = Field(default=None, ge=1, le=65535)
+    """In a block, addresses from one point to the next; the point's width by default."""
+    n_from: int | None = Field(default=None, ge=0)
+    """In a block, the `{n}` of its first point (1 by default)."""
+
+    @field_validator("name")
+    @classmethod
+    def _name_or_pattern(cls, value: str) -> str:
+        if not has_placeholder(value):
+            if not _NAME.match(value):
+                raise ValueError(NAME_RULE)
+            return value
+        if not _NAME_TEXT.match(parse_pattern(value, PLACEHOLDERS).literal):
+            raise ValueError(
+                f"name pattern {value!r}: besides placeholders, a name has only letters, "
+                "digits, '_', '.' and '-'"
+            )
+        return value
 
     @model_validator(mode="after")
     def _type_fits_register(self) -> ModbusPoint:
@@ -61,6 +113,30 @@ class ModbusPoint(StrictModel):
             raise ValueError("bit applies only to type bool in an input or holding register")
         if (self.scale != 1.0 or self.offset != 0.0) and self.type in ("bool", "string"):
             raise ValueError(f"scale and offset apply to numbers, not to type {self.type}")
+        return self._block_fits()
+
+    def _block_fits(self) -> ModbusPoint:
+        """The block keys agree with each other and with the name (edge_agent.config.blocks)."""
+        patterned = has_placeholder(self.name)
+        if self.count is None:
+            if patterned:
+                raise ValueError(
+                    "name has a placeholder but there is no count: give count for a block, "
+                    "or write the name out"
+                )
+            if self.stride is not None or self.n_from is not None:
+                raise ValueError("stride and n_from apply to a block: give count")
+            return self
+        if self.count > 1 and not patterned:
+            raise ValueError(
+                f"a block of {self.count} points needs {{n}} or {{address}} in its name"
+            )
+        if self.stride is not None and self.stride < self.width:
+            what = "bits" if self.is_bit_table else "registers"
+            raise ValueError(
+                f"stride {self.stride} is less than the {self.width} {what} of one {self.type}: "
+                "the points of the block would overlap"
+            )
         return self
 
     @property
@@ -104,6 +180,12 @@ class ModbusSourceConfig(StrictModel):
     heartbeat: Duration = 60.0
     """Default heartbeat of points with a deadband; also how often a bad point is re-reported."""
     points: list[ModbusPoint] = Field(min_length=1)
+    """The points one by one: blocks are expanded where they stand (`expand_points`)."""
+
+    @field_validator("points")
+    @classmethod
+    def _expand_blocks(cls, points: list[ModbusPoint]) -> list[ModbusPoint]:
+        return expand_points(points)
 
     @model_validator(mode="after")
     def _transport_has_its_address(self) -> ModbusSourceConfig:
@@ -129,19 +211,126 @@ class ModbusSourceConfig(StrictModel):
         return f"{self.transport} {where} unit {self.unit_id}"
 
     def problems(self) -> list[tuple[Loc, str]]:
-        """Cross-field problems, as (location relative to this source, message)."""
-        found = duplicate_problems([p.name for p in self.points], "points", "name")
-        for index, point in enumerate(self.points):
-            if point.address + point.width > 65536:
-                found.append((("points", index, "address"), "point runs past address 65535"))
+        """Cross-field problems, as (location relative to this source, message).
+
+        A point of a block is located at its entry and index, `("points", 3, 57, "address")`;
+        each problem of a block is reported once, with how many more points have it.
+        """
+        points = self.points
+        found = duplicates([p.name for p in points], points, "points", "name")
+        checks: list[tuple[Loc, str, str]] = []
+        for index, point in enumerate(points):
+            width = point.width
+            if point.address + width > 65536:
+                loc = where(points, "points", index)
+                checks.append(
+                    ((*loc, "address"), "point runs past address 65535" + _which(point, loc), "end")
+                )
+            if len(point.name) > 64:  # only a block's pattern can make one: names are checked
+                loc = where(points, "points", index)
+                checks.append(
+                    ((*loc, "name"), f"name {point.name!r} is longer than 64 characters", "long")
+                )
             limit = self.max_bits_per_read if point.is_bit_table else self.max_registers_per_read
-            if point.width > limit:
-                found.append(
-                    (("points", index, "length"),
-                     f"point needs {point.width} registers, more than one read may fetch "
-                     f"(max_registers_per_read is {limit})")
+            if width > limit:
+                checks.append(
+                    ((*where(points, "points", index), "length"),
+                     f"point needs {width} registers, more than one read may fetch "
+                     f"(max_registers_per_read is {limit})", "wide")
                 )  # fmt: skip
-        return found
+        for (_, later, key), message in overlap_problems(points):
+            at = int(later)
+            loc = where(points, "points", at)
+            checks.append(((*loc, key), message + _which(points[at], loc), "overlap"))
+        return found + collapse(checks)
+
+
+def _which(point: ModbusPoint, loc: Loc) -> str:
+    """For a point of a block, which one: its name and address are not written in the file."""
+    return f" ({point.name!r} at address {point.address})" if len(loc) == 3 else ""
+
+
+def expand_points(entries: list[ModbusPoint]) -> list[ModbusPoint]:
+    """The points `entries` stand for, in order: each block replaced by its points.
+
+    A block's point `i` is the entry with name `pattern(n_from + i, address)` at
+    `address + i * stride`, every other key the same. Returns `entries` itself when it has no
+    block, else an `Expanded` list that maps points back to entries. ValueError when the points
+    would number more than MAX_POINTS. Addresses past 65535 are kept, for `problems` to report
+    with their position.
+    """
+    if all(entry.count is None for entry in entries):
+        return entries
+    total = sum(entry.count or 1 for entry in entries)
+    if total > MAX_POINTS:
+        raise ValueError(f"{total:,} points, more than the {MAX_POINTS:,} a configuration may have")
+    points: list[ModbusPoint] = []
+    starts: list[int] = []
+    blocks: set[int] = set()
+    for index, entry in enumerate(entries):
+        starts.append(len(points))
+        if entry.count is None:
+            points.append(entry)
+            continue
+        blocks.add(index)
+        pattern = parse_pattern(entry.name, PLACEHOLDERS)
+        stride = entry.stride or entry.width
+        first = 1 if entry.n_from is None else entry.n_from
+        for i in range(entry.count):
+            address = entry.address + i * stride
+            update = {"name": pattern.fill(first + i, address), "address": address,
+                      "count": None, "stride": None, "n_from": None}  # fmt: skip
+            points.append(entry.model_copy(update=update))
+    return Expanded(points, starts, frozenset(blocks))
+
+
+def overlap_problems(points: Sequence[ModbusPoint]) -> list[tuple[Loc, str]]:
+    """One problem per point whose addresses overlap an earlier point's in the same table.
+
+    Two points reading the same register or bit are two names for one value (or, with
+    different types, one of them is wrong): a copy-paste mistake, never intended. The one
+    legitimate sharing is bits of one register: `type: bool` points with different `bit`s.
+    Reported at the later point (in file order), naming the earlier one.
+    """
+    found: list[tuple[Loc, str]] = []
+    order = sorted(range(len(points)), key=lambda i: (points[i].kind, points[i].address, i))
+    widest: int | None = None
+    """Index of the point reaching furthest among those seen in the current table."""
+    bits: dict[tuple[str, int, int], int] = {}
+    """(table, address, bit) -> the first point that reads that bit."""
+    for index in order:
+        point = points[index]
+        if point.bit is not None:
+            first = bits.setdefault((point.kind, point.address, point.bit), index)
+            if first != index:
+                found.append((("points", index, "bit"), _overlap_message(points, first)))
+        if widest is not None and points[widest].kind != point.kind:
+            widest = None
+        if widest is not None:
+            other = points[widest]
+            shared = point.bit is not None and other.bit is not None  # bits of one register
+            if point.address < other.address + other.width and not shared:
+                first, later = sorted((widest, index))
+                found.append((("points", later, "address"), _overlap_message(points, first)))
+        if widest is None or _end(point) > _end(points[widest]):
+            widest = index
+    return sorted(found)
+
+
+def _end(point: ModbusPoint) -> int:
+    return point.address + point.width
+
+
+def _overlap_message(points: Sequence[ModbusPoint], index: int) -> str:
+    other = points[index]
+    last = other.address + other.width - 1
+    span = f"{other.kind} {other.address}" + (f"..{last}" if last != other.address else "")
+    if other.bit is not None:
+        span += f" bit {other.bit}"
+    return (
+        f"overlaps {path_text(where(points, 'points', index))} ({other.name!r}, {span}); points "
+        "may share a register only as different bits of it (type bool with bit)"
+    )
 
 
 _LINE_KEYS = ("baudrate", "parity", "stopbits", "bytesize")

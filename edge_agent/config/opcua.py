@@ -3,16 +3,47 @@
 Security is explicit: `security.policy` is required, and `None` must be written to run without
 it. The deprecated policies (Basic128Rsa15, Basic256) are refused with the reason, so a config
 copied from an old client fails at check-config rather than at the plant.
+
+Node ids are parsed here, in both string forms of OPC 10000-6 §5.1.12 (`ns=<index>;<id>` and
+`nsu=<namespace URI>;<id>`), without the protocol library, so check-config stays light; the
+source resolves a URI to the server's current index at every connect.
+
+A node entry with `count` is a block of nodes whose name and node id differ only in a number,
+`{n}` (edge_agent.config.blocks): validation expands it, so `OpcuaSourceConfig.nodes` always
+holds the nodes one by one.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
+import re
+import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
+from urllib.parse import unquote
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 
-from edge_agent.config.types import Duration, Name, StrictModel, duplicate_problems, read_secret
+from edge_agent.config.blocks import (
+    MAX_BLOCK,
+    MAX_POINTS,
+    Expanded,
+    collapse,
+    duplicates,
+    has_placeholder,
+    parse_pattern,
+    where,
+)
+from edge_agent.config.types import (
+    NAME_PATTERN,
+    NAME_RULE,
+    Duration,
+    Name,
+    StrictModel,
+    read_secret,
+)
 
 DEFAULT_PKI_DIR = Path("/var/lib/edge-agent/opcua")
 """Where the client certificate, its key and the trust list live unless configured."""
@@ -129,14 +160,60 @@ class Deadband(StrictModel):
         return self
 
 
+PLACEHOLDERS = ("n",)
+"""What a node block's name and node id may use: the number in the block."""
+
+_NAME = re.compile(NAME_PATTERN)
+_NAME_TEXT = re.compile(r"^[A-Za-z0-9_.-]*$")
+
+
 class OpcuaNode(StrictModel):
-    name: Name
+    """One node, or with `count` a block of nodes whose name and node id differ in `{n}`."""
+
+    name: str
+    """A name; in a block, a pattern with `{n}` (edge_agent.config.blocks)."""
     node_id: str = Field(min_length=1)
+    """A node id; in a block, a pattern with `{n}` (`{{` and `}}` for literal braces)."""
     sampling_interval: Duration | None = None
     """Overrides the source's `sampling_interval` for this node (subscribe mode)."""
     queue_size: int | None = Field(default=None, ge=1, le=10_000)
     deadband: Deadband | None = None
     unit: str | None = None
+    count: int | None = Field(default=None, ge=1, le=MAX_BLOCK)
+    """A block: this entry stands for `count` nodes, `{n}` running from `n_from`."""
+    n_from: int | None = Field(default=None, ge=0)
+    """In a block, the `{n}` of its first node (1 by default)."""
+
+    @field_validator("name")
+    @classmethod
+    def _name_or_pattern(cls, value: str) -> str:
+        if not has_placeholder(value):
+            if not _NAME.match(value):
+                raise ValueError(NAME_RULE)
+            return value
+        if not _NAME_TEXT.match(parse_pattern(value, PLACEHOLDERS).literal):
+            raise ValueError(
+                f"name pattern {value!r}: besides placeholders, a name has only letters, "
+                "digits, '_', '.' and '-'"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _block_fits(self) -> OpcuaNode:
+        """Without count, the name is plain and the node id literal; with it, both vary in n."""
+        if self.count is None:
+            if has_placeholder(self.name):
+                raise ValueError(
+                    "name has a placeholder but there is no count: give count for a block, "
+                    "or write the name out"
+                )
+            if self.n_from is not None:
+                raise ValueError("n_from applies to a block: give count")
+            return self
+        node_id = parse_pattern(self.node_id, PLACEHOLDERS)  # ValueError names what is wrong
+        if self.count > 1 and not (has_placeholder(self.name) and node_id.fields):
+            raise ValueError(f"a block of {self.count} nodes needs {{n}} in its name and node_id")
+        return self
 
 
 class OpcuaSourceConfig(StrictModel):
@@ -157,9 +234,19 @@ class OpcuaSourceConfig(StrictModel):
     """Publishing intervals without data after which the server sends a keep-alive."""
     timeout: Duration = 10.0
     """Per-request timeout and connect timeout."""
+    session_timeout: Duration = Field(default=30.0, ge=10.0, le=3600.0)
+    """Requested session timeout: how long the server keeps our session once it hears nothing.
+    A session left by a lost connection holds a server session slot this long if it cannot be
+    taken over (servers that allow one session refuse the next with BadTooManySessions)."""
     reconnect_min: Duration = 1.0
     reconnect_max: Duration = 30.0
     nodes: list[OpcuaNode] = Field(min_length=1)
+    """The nodes one by one: blocks are expanded where they stand (`expand_nodes`)."""
+
+    @field_validator("nodes")
+    @classmethod
+    def _expand_blocks(cls, nodes: list[OpcuaNode]) -> list[OpcuaNode]:
+        return expand_nodes(nodes)
 
     @model_validator(mode="after")
     def _mode_specific_keys(self) -> OpcuaSourceConfig:
@@ -177,14 +264,23 @@ class OpcuaSourceConfig(StrictModel):
         return self
 
     def problems(self) -> list[tuple[tuple[str | int, ...], str]]:
-        """Cross-field problems, as (location relative to this source, message)."""
-        found = duplicate_problems([n.name for n in self.nodes], "nodes", "name")
-        found += duplicate_problems([n.node_id for n in self.nodes], "nodes", "node_id")
-        for index, node in enumerate(self.nodes):
+        """Cross-field problems, as (location relative to this source, message).
+
+        A node of a block is located at its entry and index, `("nodes", 2, 7, "node_id")`;
+        each problem of a block is reported once, with how many more nodes have it.
+        """
+        nodes = self.nodes
+        found = duplicates([n.name for n in nodes], nodes, "nodes", "name")
+        found += duplicates([n.node_id for n in nodes], nodes, "nodes", "node_id")
+        checks: list[tuple[tuple[str | int, ...], str, str]] = []
+        for index, node in enumerate(nodes):
             message = node_id_problem(node.node_id)
             if message is not None:
-                found.append((("nodes", index, "node_id"), message))
-        return found
+                checks.append(((*where(nodes, "nodes", index), "node_id"), message, "node_id"))
+            if len(node.name) > 64:  # only a block's pattern can make one: names are checked
+                long = f"name {node.name!r} is longer than 64 characters"
+                checks.append(((*where(nodes, "nodes", index), "name"), long, "long"))
+        return found + collapse(checks)
 
     def files_to_check(self) -> list[tuple[tuple[str | int, ...], Path]]:
         """Files that must exist before start; generated client keys and the trust dir are not."""
@@ -203,12 +299,110 @@ class OpcuaSourceConfig(StrictModel):
         return files
 
 
+IdentifierType = Literal["i", "s", "g", "b"]
+
+_EXAMPLES = "e.g. nsu=urn:example:plant;s=Tank.Level, ns=3;i=1001 or i=2258"
+_GUID = re.compile(r"^[0-9A-Fa-f]{8}(-[0-9A-Fa-f]{4}){3}-[0-9A-Fa-f]{12}$")
+_UINT32_MAX = 2**32 - 1
+_UINT16_MAX = 2**16 - 1
+
+
+@dataclass(frozen=True)
+class NodeIdText:
+    """A parsed node id string: its namespace (an index, or a URI to resolve) and identifier."""
+
+    namespace: int | str
+    """The namespace index (`ns=`, 0 when absent), or the namespace URI (`nsu=`)."""
+    kind: IdentifierType
+    identifier: int | str | uuid.UUID | bytes
+
+
+def parse_node_id(text: str) -> NodeIdText:
+    """Parse `[ns=<index>;|nsu=<uri>;]<i|s|g|b>=<identifier>` (OPC 10000-6 §5.1.12).
+
+    In `nsu=` the URI's `;` and `%` are percent-encoded (`%3B`, `%25`). A string identifier
+    takes the rest of the text, `;` included. Raises ValueError saying what is wrong.
+    """
+    namespace: int | str = 0
+    rest = text
+    if rest.startswith(("ns=", "nsu=")):
+        prefix, sep, rest = rest.partition(";")
+        if not sep:
+            raise ValueError("the namespace must be followed by ';' and an identifier")
+        key, _, value = prefix.partition("=")
+        if key == "ns":
+            if not (value.isascii() and value.isdigit()) or int(value) > _UINT16_MAX:
+                raise ValueError(f"namespace index {value!r} is not a number from 0 to 65535")
+            namespace = int(value)
+        else:
+            namespace = unquote(value, errors="strict")
+            if not namespace:
+                raise ValueError("the namespace URI after nsu= is empty")
+    elif rest.startswith("srv="):
+        raise ValueError("a server index (srv=) is not supported: give a node on this server")
+    kind, sep, value = rest.partition("=")
+    if not sep or kind not in ("i", "s", "g", "b"):
+        raise ValueError(f"the identifier must start with i=, s=, g= or b=, not {rest[:8]!r}")
+    return NodeIdText(namespace, kind, _identifier(kind, value))  # type: ignore[arg-type]
+
+
+def _identifier(kind: str, value: str) -> int | str | uuid.UUID | bytes:
+    if kind == "i":
+        if not value.isascii() or not value.isdigit() or int(value) > _UINT32_MAX:
+            raise ValueError(f"numeric identifier {value!r} is not a number from 0 to 2^32-1")
+        return int(value)
+    if kind == "s":
+        if not value:
+            raise ValueError("the string identifier after s= is empty")
+        return value
+    if kind == "g":
+        if not _GUID.match(value):
+            raise ValueError(f"GUID identifier {value!r} is not of the form 8-4-4-4-12 hex digits")
+        return uuid.UUID(value)
+    try:
+        decoded = base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        raise ValueError(f"opaque identifier {value!r} is not base64") from None
+    if not decoded:
+        raise ValueError("the opaque identifier after b= is empty")
+    return decoded
+
+
+def expand_nodes(entries: list[OpcuaNode]) -> list[OpcuaNode]:
+    """The nodes `entries` stand for, in order: each block replaced by its nodes.
+
+    A block's node `i` is the entry with name and node id filled in with `n = n_from + i`,
+    every other key the same. Returns `entries` itself when it has no block, else an `Expanded`
+    list that maps nodes back to entries; ValueError beyond MAX_POINTS nodes.
+    """
+    if all(entry.count is None for entry in entries):
+        return entries
+    total = sum(entry.count or 1 for entry in entries)
+    if total > MAX_POINTS:
+        raise ValueError(f"{total:,} nodes, more than the {MAX_POINTS:,} a configuration may have")
+    nodes: list[OpcuaNode] = []
+    starts: list[int] = []
+    blocks: set[int] = set()
+    for index, entry in enumerate(entries):
+        starts.append(len(nodes))
+        if entry.count is None:
+            nodes.append(entry)
+            continue
+        blocks.add(index)
+        name = parse_pattern(entry.name, PLACEHOLDERS)
+        node_id = parse_pattern(entry.node_id, PLACEHOLDERS)
+        first = 1 if entry.n_from is None else entry.n_from
+        for n in range(first, first + entry.count):
+            update = {"name": name.fill(n), "node_id": node_id.fill(n), "count": None,
+                      "n_from": None}  # fmt: skip
+            nodes.append(entry.model_copy(update=update))
+    return Expanded(nodes, starts, frozenset(blocks))
+
+
 def node_id_problem(text: str) -> str | None:
     """Why `text` is not an OPC UA node id string, or None when it parses."""
-    from asyncua import ua  # noqa: PLC0415 - keep check-config's import light until needed
-
     try:
-        ua.NodeId.from_string(text)
-    except Exception:  # noqa: BLE001 - asyncua raises several types for bad strings
-        return f"invalid node id {text!r}: expected e.g. ns=2;s=Tag, ns=3;i=1001 or i=2258"
+        parse_node_id(text)
+    except ValueError as exc:
+        return f"invalid node id {text!r}: {exc}; expected {_EXAMPLES}"
     return None

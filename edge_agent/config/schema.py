@@ -47,6 +47,10 @@ class TlsConfig(StrictModel):
         return self
 
 
+MQTT_MAX_PACKET = 268_435_460
+"""MQTT's own limit on a packet: a 1-byte header, 4 length bytes and 268,435,455 bytes (§2.2.3)."""
+
+
 class MqttConfig(StrictModel):
     url: str = "mqtt://127.0.0.1:1883"
     topic_prefix: str = Field(default="edge", pattern=r"^[^#+\s]+$")
@@ -58,8 +62,13 @@ class MqttConfig(StrictModel):
     tls: TlsConfig | None = None
     keepalive: Annotated[Duration, Field(ge=1, le=65535)] = 30.0
     max_inflight: int = Field(default=32, ge=1, le=1000)
+    max_packet_size: ByteSize | None = Field(default=None, ge=512, le=MQTT_MAX_PACKET)
+    """The largest PUBLISH packet the broker accepts, for one that does not advertise it."""
     reconnect_min: Duration = 1.0
-    reconnect_max: Duration = 60.0
+    reconnect_max: Duration = 5.0
+    """Ceiling of the delay while the broker cannot be reached (no CONNACK)."""
+    reconnect_max_stalled: Duration = 60.0
+    """Ceiling of the delay while the broker accepts connections but takes no batch."""
 
     @field_validator("protocol", mode="before")
     @classmethod
@@ -72,6 +81,12 @@ class MqttConfig(StrictModel):
         parts = urlsplit(value)
         if parts.scheme not in ("mqtt", "mqtts"):
             raise ValueError(f"scheme must be mqtt:// or mqtts://, not {parts.scheme or 'none'}")
+        if parts.username is not None or parts.password is not None:
+            # Refused, not used: a URL is printed in logs, /status and error messages.
+            raise ValueError(
+                "credentials in the url are refused (a url is logged and shown); "
+                "give mqtt.username and mqtt.password_file instead"
+            )
         if not parts.hostname:
             raise ValueError("url needs a host")
         try:
@@ -113,6 +128,8 @@ class BatchConfig(StrictModel):
     max_readings: int = Field(default=1000, ge=1, le=100_000)
     max_delay: Duration = 1.0
     compression: Literal["zstd", "none"] = "zstd"
+    format: Literal[1, 2] = 2
+    """Payload format (docs/contract.md §4.3, §4.9): 2 columns, 1 a CBOR map per reading."""
     queue_readings: int = Field(default=100_000, ge=1000)
 
 

@@ -6,6 +6,7 @@ from typing import Literal
 
 from pydantic import Field
 
+from edge_agent.config.blocks import MAX_POINTS
 from edge_agent.config.types import Duration, Finite, Name, StrictModel, duplicate_problems
 
 
@@ -28,6 +29,9 @@ class SimulatedSourceConfig(StrictModel):
         if isinstance(self.points, int):
             if self.points < 1:
                 return [(("points",), "must be at least 1")]
+            if self.points > MAX_POINTS:
+                return [(("points",), f"more than the {MAX_POINTS:,} points a configuration "
+                         "may have")]  # fmt: skip
             return []
         return duplicate_problems([p.name for p in self.points], "points", "name")
 

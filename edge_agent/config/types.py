@@ -32,7 +32,11 @@ Duration = Annotated[float, BeforeValidator(parse_duration), Field(gt=0, allow_i
 Finite = Annotated[float, Field(allow_inf_nan=False)]
 """A number that is not NaN or infinite: scales and offsets that go into readings."""
 
-Name = Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]
+NAME_PATTERN = r"^[A-Za-z0-9_.-]{1,64}$"
+NAME_RULE = f"String should match pattern '{NAME_PATTERN}'"
+"""The message pydantic gives for a `Name` that breaks the pattern, for validators that check it."""
+
+Name = Annotated[str, Field(pattern=NAME_PATTERN)]
 """Identifiers that end up in topics, metrics labels and the wire format."""
 
 

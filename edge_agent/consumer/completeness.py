@@ -2,7 +2,13 @@
 
 For each (gateway, epoch), the received `seq` values and every declared `evicted` range must
 cover 1..max seq with no hole. Duplicates (at-least-once delivery) carry the same `seq` and are
-dropped here.
+dropped here. Evicted readings are counted by the reason declared with their range
+(`evicted_reasons`: `retention`, `too_large`, `undeliverable`; `retention` when unsaid).
+
+An epoch can also be declared ended (`previous_epoch` in the first batch of the next one): its
+buffer was quarantined, went missing or was replaced, so whatever of it up to `last_seq` has not
+arrived never will. Those readings are lost, explained by the declaration: `lost()` lists them
+with the reason, and they are not holes.
 """
 
 from __future__ import annotations
@@ -10,6 +16,8 @@ from __future__ import annotations
 import bisect
 from dataclasses import dataclass, field
 from typing import Any
+
+from edge_agent.seal.envelope import RETENTION
 
 
 class Coverage:
@@ -70,9 +78,19 @@ class Stream:
     readings: int = 0
     duplicates: int = 0
     evicted_count: int = 0
+    evicted_by_reason: dict[str, int] = field(default_factory=dict)
+    ended: str | None = None
+    """Why the gateway declared this epoch ended (`previous_epoch`), or None."""
 
     def holes(self) -> list[tuple[int, int]]:
-        """Seq ranges neither received nor declared evicted."""
+        """Seq ranges neither received nor declared evicted nor lost with an ended epoch."""
+        return [] if self.ended is not None else self._missing()
+
+    def lost(self) -> list[tuple[int, int]]:
+        """Seq ranges lost with the epoch's end (not received, not declared evicted)."""
+        return self._missing() if self.ended is not None else []
+
+    def _missing(self) -> list[tuple[int, int]]:
         combined = Coverage(self.received.ranges())
         for first, last in self.evicted.ranges():
             combined.add(first, last)
@@ -86,6 +104,8 @@ class Stream:
             "readings": self.readings,
             "duplicates": self.duplicates,
             "evicted_count": self.evicted_count,
+            "evicted_by_reason": self.evicted_by_reason,
+            "ended": self.ended,
         }
 
     @classmethod
@@ -97,6 +117,10 @@ class Stream:
             data["readings"],
             data["duplicates"],
             data["evicted_count"],
+            # State files written before reasons were declared: all of it was retention.
+            data.get("evicted_by_reason")
+            or ({RETENTION: data["evicted_count"]} if data["evicted_count"] else {}),
+            data.get("ended"),
         )
 
 
@@ -105,6 +129,8 @@ class Completeness:
 
     def __init__(self) -> None:
         self.streams: dict[tuple[str, str], Stream] = {}
+        self.unknown_ends: list[tuple[str, str]] = []
+        """(gateway, reason) of ended epochs whose id the gateway no longer knew."""
 
     def accept(
         self,
@@ -112,10 +138,16 @@ class Completeness:
         epoch: str,
         readings: list[dict[str, Any]],
         evicted: list[tuple[int, int]],
+        reasons: list[str] | None = None,
     ) -> list[dict[str, Any]]:
+        """Account for one batch; `reasons` says why each `evicted` range was dropped."""
         stream = self.streams.setdefault((gateway, epoch), Stream())
-        for first, last in evicted:
-            stream.evicted_count += sum(b - a + 1 for a, b in stream.evicted.add(first, last))
+        for index, (first, last) in enumerate(evicted):
+            count = sum(b - a + 1 for a, b in stream.evicted.add(first, last))
+            reason = reasons[index] if reasons else RETENTION
+            if count:
+                stream.evicted_count += count
+                stream.evicted_by_reason[reason] = stream.evicted_by_reason.get(reason, 0) + count
             stream.max_seq = max(stream.max_seq, last)
         fresh = readings
         if readings:
@@ -130,16 +162,41 @@ class Completeness:
         stream.readings += len(fresh)
         return fresh
 
+    def end_epoch(self, gateway: str, epoch: str | None, last_seq: int | None, reason: str) -> None:
+        """The gateway declared `epoch` ended at `last_seq` (None: unknown) for `reason`.
+
+        Everything of it up to `last_seq` not received by now is lost, not a hole; with no
+        `last_seq`, what followed the highest seq received cannot be counted.
+        """
+        if epoch is None:
+            if (gateway, reason) not in self.unknown_ends:
+                self.unknown_ends.append((gateway, reason))
+            return
+        stream = self.streams.setdefault((gateway, epoch), Stream())
+        stream.ended = reason
+        if last_seq is not None:
+            stream.max_seq = max(stream.max_seq, last_seq)
+
+    def lost(self) -> dict[tuple[str, str], list[tuple[int, int]]]:
+        """Per ended (gateway, epoch): the seq ranges lost with it."""
+        return {key: lost for key, s in self.streams.items() if (lost := s.lost())}
+
     def holes(self) -> dict[tuple[str, str], list[tuple[int, int]]]:
         return {key: h for key, s in self.streams.items() if (h := s.holes())}
 
     def to_json(self) -> dict[str, Any]:
-        return {f"{g}\n{e}": s.to_json() for (g, e), s in self.streams.items()}
+        data: dict[str, Any] = {f"{g}\n{e}": s.to_json() for (g, e), s in self.streams.items()}
+        if self.unknown_ends:
+            data["unknown_ends"] = [list(end) for end in self.unknown_ends]
+        return data
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Completeness:
         tracker = cls()
         for key, value in data.items():
+            if key == "unknown_ends":  # no stream key: those have a newline
+                tracker.unknown_ends = [(g, reason) for g, reason in value]
+                continue
             gateway, epoch = key.split("\n", 1)
             tracker.streams[(gateway, epoch)] = Stream.from_json(value)
         return tracker

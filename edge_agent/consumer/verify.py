@@ -3,6 +3,9 @@
 Subscribes with a persistent session, verifies every batch against the trusted public keys (by
 key id), drops duplicates by `seq`, and at the end reports holes that no eviction explains.
 Exit status: 0 all verified and complete, 3 a bad signature or unknown key, 4 an unexplained gap.
+Readings lost with an epoch that the gateway declared ended (`previous_epoch`: its buffer was
+quarantined, went missing or was replaced) are reported as LOST with the reason; declared, they
+are not an unexplained gap, like declared evictions.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import aiomqtt
 from paho.mqtt.packettypes import PacketTypes
@@ -31,9 +35,11 @@ from edge_agent.errors import EnvelopeError
 from edge_agent.reading import RejectedValue, checked
 from edge_agent.seal.envelope import Batch, Opener
 from edge_agent.seal.keys import load_public_key
+from edge_agent.seal.trust import TrustSet
 
 log = logging.getLogger(__name__)
 
+EXIT_BAD_ARGUMENTS = 2
 EXIT_BAD_SIGNATURE = 3
 EXIT_GAP = 4
 SESSION_EXPIRY_S = 7 * 86400
@@ -59,21 +65,38 @@ class VerifyResult:
 class Verifier:
     """Checks messages one at a time; no I/O, so tests and the demo can drive it directly."""
 
-    def __init__(self, opener: Opener, tracker: Completeness | None = None) -> None:
+    def __init__(
+        self, opener: Opener, tracker: Completeness | None = None, trust: TrustSet | None = None
+    ) -> None:
         self.opener = opener
         self.tracker = tracker or Completeness()
+        self.trust = trust
+        """Validity and retirement of the keys (seal/trust.py); None: every key the opener has."""
         self.result = VerifyResult()
 
     def check(self, payload: bytes) -> tuple[Batch | None, list[dict[str, Any]]]:
-        """Verify one batch message; return it and its readings not seen before."""
+        """Verify one batch message; return it and its readings not seen before.
+
+        A batch is refused (counted in `rejected`) when the envelope does not verify, or when
+        the trust set says its key is retired or was not valid when the batch was sealed.
+        """
         try:
             batch = self.opener.open(payload)
+            if self.trust is not None:
+                self.trust.check(batch.kid, batch.sealed_ns)
         except EnvelopeError as exc:
             self.result.rejected += 1
             self.result.last_error = str(exc)
             return None, []
         try:
-            fresh = self.tracker.accept(batch.gateway, batch.epoch, batch.readings, batch.evicted)
+            fresh = self.tracker.accept(
+                batch.gateway, batch.epoch, batch.readings, batch.evicted, batch.evicted_reasons
+            )
+            if batch.previous_epoch is not None:
+                ended = batch.previous_epoch
+                self.tracker.end_epoch(
+                    batch.gateway, ended.epoch, ended.last_seq, f"{ended.ended}: {ended.detail}"
+                )
         except (KeyError, TypeError, ValueError) as exc:  # signed, but not what §4 says
             self.result.rejected += 1
             self.result.last_error = f"malformed readings: {exc}"
@@ -119,13 +142,30 @@ class Verifier:
     def summary(self) -> tuple[int, list[str]]:
         """The exit status and the lines that explain it."""
         lines = []
+        lost_count = 0
         for (gateway, epoch), stream in self.tracker.streams.items():
             holes = stream.holes()
             lines.append(
                 f"gateway={gateway} epoch={epoch[:8]} readings={stream.readings} "
                 f"max_seq={stream.max_seq} duplicates={stream.duplicates} "
-                f"evicted={stream.evicted_count} holes={len(holes)}"
+                f"evicted={stream.evicted_count}"
+                + "".join(f" evicted_{r}={n}" for r, n in sorted(stream.evicted_by_reason.items()))
+                + f" holes={len(holes)}"
                 + (f" first_holes={holes[:5]}" if holes else "")
+            )
+            lost = stream.lost()
+            if stream.ended is not None:
+                count = sum(last - first + 1 for first, last in lost)
+                lost_count += count
+                lines.append(
+                    f"LOST: gateway={gateway} epoch={epoch} readings={count} "
+                    f"ranges={lost[:5]}{' ...' if len(lost) > 5 else ''} "
+                    f"reason=the gateway declared the epoch ended ({stream.ended})"
+                )
+        for gateway, reason in self.tracker.unknown_ends:
+            lines.append(
+                f"LOST: gateway={gateway} epoch=unknown readings=unknown reason=the gateway "
+                f"declared an epoch ended whose id it no longer knew ({reason})"
             )
         code = 0
         if self.result.rejected:
@@ -134,7 +174,14 @@ class Verifier:
         elif self.tracker.holes():
             lines.append("INCOMPLETE: readings missing that no eviction explains")
             code = EXIT_GAP
-        elif not self.result.nonconforming:
+        elif self.result.nonconforming:
+            pass  # said below
+        elif lost_count or self.tracker.unknown_ends:
+            lines.append(
+                f"OK: {self.result.batches} batches verified, complete but for the readings "
+                "declared lost above"
+            )
+        else:
             lines.append(f"OK: {self.result.batches} batches verified, complete")
         if self.result.nonconforming:  # readings not as §4 says: exit 3, like a rejection
             lines.append(
@@ -154,8 +201,6 @@ def consumer_client(
     password: str | None = None,
 ) -> aiomqtt.Client:
     """An MQTT 5 client with a persistent session, so nothing is missed across reconnects."""
-    from urllib.parse import urlsplit  # noqa: PLC0415
-
     parts = urlsplit(url)
     tls = None
     if parts.scheme == "mqtts":
@@ -237,19 +282,49 @@ async def _next_message(
         return None
 
 
+def _no_credentials_in(url: str) -> None:
+    """A password in `--url` would show in `ps` and in shell history: refused, never used."""
+    if urlsplit(url).username is not None:
+        raise ValueError(
+            "--url: credentials in the URL are not allowed; use --username and --password-file"
+        )
+
+
+def trusted_keys(key_files: list[str], trust_files: list[str]) -> TrustSet:
+    """The keys of `--key` (no limits) and of `--trust` files (validity, retirement), by kid.
+
+    A key named in a trust file keeps that file's limits even when also given with `--key`.
+    Raises ValueError (or OSError) naming the file when one cannot be used.
+    """
+    plain = TrustSet.of(load_public_key(Path(p)) for p in key_files)
+    keys = dict(plain.keys)
+    for name in trust_files:
+        keys.update(TrustSet.load(Path(name)).keys)
+    if not keys:
+        raise ValueError("give at least one --key or --trust")
+    return TrustSet(keys.values())
+
+
 def run_verify(args: argparse.Namespace) -> int:
     logging.basicConfig(
         level=logging.WARNING,
         stream=sys.stderr,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    keys = [load_public_key(Path(p)) for p in args.key]
+    try:
+        trust = trusted_keys(args.key or [], args.trust or [])
+        _no_credentials_in(args.url)
+        password = (
+            Path(args.password_file).read_text().rstrip("\r\n") if args.password_file else None
+        )
+    except (OSError, ValueError) as exc:
+        print(f"verify: {exc}", file=sys.stderr)
+        return EXIT_BAD_ARGUMENTS
     tracker = Completeness()
     state = Path(args.state) if args.state else None
     if state is not None and state.exists():
         tracker = Completeness.from_json(json.loads(state.read_text()))
-    verifier = Verifier(Opener(keys), tracker)
-    password = Path(args.password_file).read_text().strip() if args.password_file else None
+    verifier = Verifier(Opener(trust.public_keys()), tracker, trust)
     topic = args.topic
 
     def show(batch: Batch | None, fresh: list[dict[str, Any]]) -> None:
@@ -257,7 +332,11 @@ def run_verify(args: argparse.Namespace) -> int:
             print(f"REJECTED: {verifier.result.last_error}", file=sys.stderr, flush=True)
             return
         if batch.evicted and not args.quiet:
-            print(f"# gateway={batch.gateway} declared evicted {batch.evicted}", flush=True)
+            declared = [
+                f"{first}..{last} ({reason})"
+                for (first, last), reason in zip(batch.evicted, batch.evicted_reasons, strict=True)
+            ]
+            print(f"# gateway={batch.gateway} declared evicted {', '.join(declared)}", flush=True)
         if args.quiet:
             return
         for r in fresh:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -84,6 +85,11 @@ class Mosquitto:
                 return
             time.sleep(0.02)
         raise TimeoutError(f"mosquitto did not listen on port {self.port}")
+
+    def reload(self) -> None:
+        """Re-read the configuration's reloadable parts (the ACL file, say), as SIGHUP does."""
+        if self._process is not None:
+            self._process.send_signal(signal.SIGHUP)
 
     def stop(self) -> None:
         if self._process is None:

@@ -148,7 +148,7 @@ class DemoOpcuaServer:
             "interval": "500ms",
             "sampling_interval": "200ms",
             "nodes": [
-                {"name": f"mill_{name.lower()}", "node_id": f"ns=2;s=Mill.{name}"}
+                {"name": f"mill_{name.lower()}", "node_id": f"nsu={NAMESPACE};s=Mill.{name}"}
                 | ({"unit": unit} if unit else {})
                 for name, (_value, _vtype, unit) in _VARIABLES.items()
             ],

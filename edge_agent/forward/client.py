@@ -1,20 +1,47 @@
-"""An aiomqtt client that reports each PUBACK's reason code.
+"""An aiomqtt client that reports each PUBACK's reason code, the broker's limits and why it left.
 
-aiomqtt 2.5 discards the reason code, but Mosquitto answers a publish its ACL denies (or one that
-is too large) with a PUBACK too, reason 0x87 under MQTT 5: a code >= 0x80 is a rejection, and a
-batch may be deleted only after a success.
+aiomqtt 2.5 discards the reason code, but Mosquitto answers a publish its ACL denies with a PUBACK
+too, reason 0x87 under MQTT 5: a code >= 0x80 is a rejection, and a batch may be deleted only
+after a success. aiomqtt also drops the CONNACK properties (the limits the broker advertises) and
+the reason code of the broker's DISCONNECT, which is the only place an MQTT 5 broker says why it
+closed the connection (0x95 Packet too large, say); this client keeps both.
 """
 
 from __future__ import annotations
 
 import asyncio
 import ssl
+from dataclasses import dataclass
 from typing import Any
 
 import aiomqtt
 import paho.mqtt.client as paho
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.reasoncodes import ReasonCode
 
 from edge_agent.config.schema import MqttConfig
+
+PACKET_TOO_LARGE = 0x95
+
+
+@dataclass(frozen=True)
+class BrokerLimits:
+    """What the broker advertised in its CONNACK (MQTT 5 §3.2.2.3); None where it said nothing.
+
+    Under MQTT 3.1.1 a broker advertises nothing, though it may still enforce limits.
+    """
+
+    max_packet_size: int | None = None
+    """Largest packet, in bytes, header included, that the broker accepts (Maximum Packet Size)."""
+    receive_maximum: int | None = None
+    """QoS 1 and 2 publishes the broker lets a client have unacknowledged (Receive Maximum)."""
+    topic_alias_maximum: int | None = None
+    """Topic aliases the broker accepts; the agent sends none, so any value is honoured."""
+
+    def describe(self) -> str:
+        """`max_packet_size=550 receive_maximum=2`, or `none advertised`."""
+        said = [f"{name}={value}" for name, value in vars(self).items() if value is not None]
+        return " ".join(said) or "none advertised"
 
 
 class AckingClient(aiomqtt.Client):
@@ -25,6 +52,12 @@ class AckingClient(aiomqtt.Client):
         self._acks: dict[int, asyncio.Future[int]] = {}
         self.lost = asyncio.Event()
         """Set when the connection drops, so an idle publisher notices at once."""
+        self.limits = BrokerLimits()
+        """The broker's limits from the last CONNACK."""
+        self.disconnect_cause: str | None = None
+        """Why the connection ended, in words (the broker's reason when it gave one)."""
+        self.disconnect_code: int | None = None
+        """The reason code of the broker's DISCONNECT (MQTT 5 only); None if it sent none."""
 
     async def publish_acked(self, topic: str, payload: bytes) -> int:
         """Publish at QoS 1 and return the broker's reason code (0 = success)."""
@@ -38,6 +71,21 @@ class AckingClient(aiomqtt.Client):
             return await future
         finally:
             self._acks.pop(info.mid, None)
+
+    def _on_connect(
+        self,
+        client: paho.Client,
+        userdata: Any,
+        flags: Any,
+        reason_code: Any,
+        properties: Any = None,
+    ) -> None:
+        self.limits = BrokerLimits(
+            max_packet_size=getattr(properties, "MaximumPacketSize", None),
+            receive_maximum=getattr(properties, "ReceiveMaximum", None),
+            topic_alias_maximum=getattr(properties, "TopicAliasMaximum", None),
+        )
+        super()._on_connect(client, userdata, flags, reason_code, properties)
 
     def _on_publish(
         self,
@@ -72,12 +120,58 @@ class AckingClient(aiomqtt.Client):
         reason_code: Any,
         properties: Any = None,
     ) -> None:
+        if self.disconnect_cause is None:
+            self.disconnect_cause = disconnect_cause(flags, reason_code, properties)
+            if getattr(flags, "is_disconnect_packet_from_server", False):
+                self.disconnect_code = int(getattr(reason_code, "value", reason_code))
         super()._on_disconnect(client, userdata, flags, reason_code, properties)
         for future in self._acks.values():
             if not future.done():
-                future.set_exception(aiomqtt.MqttError(f"Disconnected: {reason_code}"))
+                future.set_exception(aiomqtt.MqttError(f"Disconnected: {self.disconnect_cause}"))
         self._acks.clear()
         self.lost.set()
+
+
+PAHO_CAUSES = {
+    0x00: "disconnected",
+    0x82: "the broker sent a packet paho cannot decode (protocol error); paho closed the"
+    " connection",
+    0x8D: "no answer from the broker within the keep-alive",
+}
+"""What paho means by the codes it reports for a connection it saw end without a DISCONNECT."""
+
+
+def disconnect_cause(flags: Any, reason_code: Any, properties: Any) -> str:
+    """The broker's DISCONNECT reason (MQTT 5 §3.14.2.1) and reason string, or what paho saw.
+
+    paho reports a closed socket as "Unspecified error" (0x80) too; only
+    `is_disconnect_packet_from_server` tells the broker's word from paho's guess.
+    """
+    code = int(getattr(reason_code, "value", reason_code) or 0)
+    if getattr(flags, "is_disconnect_packet_from_server", False):
+        said = f"broker sent DISCONNECT reason=0x{code:02x} {reason_code}"
+        reason_string = getattr(properties, "ReasonString", None)
+        return f"{said} ({reason_string})" if reason_string else said
+    return PAHO_CAUSES.get(
+        code, "connection closed (by the broker or the network) without a DISCONNECT reason"
+    )
+
+
+def accept_puback_packet_too_large() -> None:
+    """Let paho decode a PUBACK with reason 0x95 Packet too large instead of dropping the link.
+
+    MQTT 5 §3.4.2.1 does not list 0x95 for PUBACK, but Mosquitto 2.0 answers a message over its
+    `message_size_limit` with exactly that. paho then rejects the PUBACK as malformed and closes
+    the connection, so the batch would be retried forever; decoded, it is evicted at once as too
+    large. paho copies this table per reason code shallowly, so adding the packet type to the
+    shared list is enough, and it is idempotent.
+    """
+    packets = ReasonCode.names[PACKET_TOO_LARGE]["Packet too large"]
+    if PacketTypes.PUBACK not in packets:
+        packets.append(PacketTypes.PUBACK)
+
+
+accept_puback_packet_too_large()
 
 
 def tls_context(config: MqttConfig) -> ssl.SSLContext | None:
@@ -95,3 +189,15 @@ def tls_context(config: MqttConfig) -> ssl.SSLContext | None:
 
 def protocol_version(config: MqttConfig) -> aiomqtt.ProtocolVersion:
     return aiomqtt.ProtocolVersion.V5 if config.protocol == "5" else aiomqtt.ProtocolVersion.V311
+
+
+def publish_packet_size(topic: str, payload: int, *, v5: bool) -> int:
+    """Bytes of a QoS 1 PUBLISH of `payload` bytes to `topic`, without properties.
+
+    MQTT 5 §3.3 (3.1.1 §3.3 without the property length): fixed header (1 byte and the remaining
+    length, 1-4 bytes), topic (2-byte length and UTF-8), packet id (2), property length (1, MQTT
+    5 only), payload. This is what Maximum Packet Size bounds (§3.2.2.3.6).
+    """
+    remaining = 2 + len(topic.encode()) + 2 + (1 if v5 else 0) + payload
+    length_bytes = 1 + (remaining >= 128) + (remaining >= 16_384) + (remaining >= 2_097_152)
+    return 1 + length_bytes + remaining

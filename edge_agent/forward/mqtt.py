@@ -1,10 +1,46 @@
 """Ships sealed batches from the store to the broker, oldest first, a window at a time.
 
 A batch is deleted from the store only after a PUBACK whose reason code is a success. A sliding
-window keeps `max_inflight` publishes outstanding: sending N and waiting for all N stalls on
-delayed TCP acknowledgements. On any connection problem the window is abandoned and the backlog is
-re-sent from the oldest unacknowledged batch after a backoff with jitter (duplicates are possible
-and are dropped by the consumer by `seq`).
+window keeps up to `max_inflight` publishes outstanding, never more than the broker's Receive
+Maximum: sending N and waiting for all N stalls on delayed TCP acknowledgements. On any
+connection problem the window is abandoned and the backlog is re-sent from the oldest
+unacknowledged batch after a backoff with jitter (duplicates are possible and are dropped by the
+consumer by `seq`).
+
+The broker's limits are honoured (MQTT 5 §3.2.2.3, from its CONNACK): no more publishes in
+flight than its Receive Maximum; no topic aliases at all, so any Topic Alias Maximum holds; and
+no PUBLISH larger than its Maximum Packet Size or `mqtt.max_packet_size`, whichever is smaller.
+The batcher is told that limit and seals batches within it (the limit the broker last advertised
+is kept in the store, for batches sealed before the next CONNACK); a batch sealed before the
+limit was known and too large for it is evicted before it is sent, declared `too_large`.
+
+A broker may enforce a limit it does not advertise (MQTT 3.1.1 cannot advertise one): it closes
+the connection when the batch arrives, often with a TCP reset that also discards the PUBACKs of
+the batches before it, so the oldest batch in flight is not necessarily the culprit. After a
+loss with several batches in flight, those batches are therefore re-sent one at a time (a
+window of one) until each is acknowledged; a loss with a single batch in flight names it. Named
+DROPS_TO_EVICT times in a row (or once with a DISCONNECT saying 0x95 Packet too large), it is
+evicted and declared, reason `undeliverable` (or `too_large`), the stream goes on, and new
+batches are sealed smaller than it was. Declarations are never evicted: one the broker will not
+take is held back and reported, and the rest flows.
+
+PUBACK reason codes >= 0x80 (MQTT 5 §3.4.2.1), decided per code:
+- 0x95 Packet too large (not a PUBACK code in the standard, but Mosquitto 2.0 sends it for a
+  message over its `message_size_limit`): permanent for that batch, whose size will not change.
+  It is evicted and declared, reason `too_large`, and the stream goes on without reconnecting.
+- 0x87 Not authorized, 0x90 Topic Name invalid, 0x99 Payload format invalid: the broker's
+  configuration, which an operator can fix. 0x80 Unspecified error, 0x83 Implementation specific
+  error, 0x91 Packet Identifier in use, 0x97 Quota exceeded, and any other: may pass. None of
+  these is the batch's fault, so it stays buffered (never deleted): the forwarder reports itself
+  degraded (`mqtt.degraded` in /status) naming the code, and reconnects after a backoff that
+  grows until a batch gets through.
+
+The backoff (`schedule.Backoff`, with its second ceiling) doubles (with jitter) from
+`reconnect_min` after every connection that moved no data, and resets only on progress: a batch
+acknowledged or evicted, or nothing left to send; a CONNACK alone proves nothing. While the
+broker cannot be reached it waits at most `reconnect_max`, so the first batch after an outage
+leaves within seconds; while the broker accepts connections but takes nothing, up to
+`reconnect_max_stalled`, sparing it a tight loop.
 """
 
 from __future__ import annotations
@@ -14,27 +50,67 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import Coroutine
-from dataclasses import dataclass
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass, field
 from typing import Any
 
 import aiomqtt
+from aiomqtt.exceptions import MqttConnectError
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.reasoncodes import ReasonCode
 
+from edge_agent.audit import audit
 from edge_agent.config.schema import MqttConfig
 from edge_agent.errors import EdgeAgentError, StoreError
-from edge_agent.forward.client import AckingClient, protocol_version, tls_context
+from edge_agent.forward.client import (
+    PACKET_TOO_LARGE,
+    AckingClient,
+    BrokerLimits,
+    protocol_version,
+    publish_packet_size,
+    tls_context,
+)
 from edge_agent.metrics import Metrics
 from edge_agent.schedule import Backoff
-from edge_agent.store.sqlite import Store, StoredBatch
+from edge_agent.seal.envelope import TOO_LARGE, UNDELIVERABLE
+from edge_agent.store.sqlite import BatchKey, Store, StoredBatch
 
 log = logging.getLogger(__name__)
 
 REJECTION = 0x80
+AUTH_REFUSALS = frozenset({4, 5, 0x86, 0x87, 0x8C})
+"""CONNACK codes refusing our identity: 3.1.1 bad user name or password (4), not authorised
+(5); MQTT 5 bad user name or password (0x86), not authorized (0x87), bad authentication
+method (0x8C)."""
+CONFIGURATION_REJECTIONS = frozenset({0x87, 0x90, 0x99})
+"""PUBACK codes that name the broker's configuration (ACL, topic rules), not a passing state."""
+DROPS_TO_EVICT = 3
+"""Connection losses in a row with one batch alone in flight that make it undeliverable."""
+MIN_LEARNED_PAYLOAD = 256
+"""Floor of the batch size learned from an undeliverable batch: a declaration still fits."""
 ACK_RETRY_S = 1.0
+ADVERTISED_LIMIT = "broker_max_packet_size"
+"""The store's `meta` key for the Maximum Packet Size the broker last advertised."""
 
 
 class PublishRejectedError(EdgeAgentError):
     """The broker refused a batch (PUBACK reason >= 0x80); it stays in the store."""
+
+    def __init__(self, code: int, topic: str) -> None:
+        self.code = code
+        kind = "configuration" if code in CONFIGURATION_REJECTIONS else "transient"
+        super().__init__(
+            f"broker rejected batch with PUBACK reason=0x{code:02x} {reason_name(code)}"
+            f" ({kind}) topic={topic}; it stays buffered"
+        )
+
+
+def reason_name(code: int, packet: int = PacketTypes.PUBACK) -> str:
+    """The MQTT 5 name of a reason code, or `unknown` for one the packet type does not define."""
+    try:
+        return ReasonCode(packet, identifier=code).getName()
+    except (KeyError, ValueError):
+        return "unknown"
 
 
 @dataclass
@@ -42,6 +118,32 @@ class ForwarderState:
     connected: bool = False
     last_error: str | None = None
     since: float = 0.0
+    degraded: str | None = None
+    """Why batches are not moving although the broker answers; None while they move."""
+    limits: BrokerLimits = field(default_factory=BrokerLimits)
+    """The limits the broker advertised on the last connection."""
+
+
+@dataclass
+class _Session:
+    """What one connection did, to judge it once it has ended."""
+
+    connected: bool = False
+    progressed: bool = False
+    rejected: bool = False
+    in_flight: list[StoredBatch] = field(default_factory=list)
+    """The batches unacknowledged when the connection was lost, in the order they were sent."""
+
+    @property
+    def stalled(self) -> bool:
+        """Connected, but batches were refused or lost in flight and none got through."""
+        return self.connected and not self.progressed and (self.rejected or bool(self.in_flight))
+
+
+@dataclass
+class _Suspect:
+    key: BatchKey
+    drops: int = 1
 
 
 class Forwarder:
@@ -52,11 +154,19 @@ class Forwarder:
         store: Store,
         new_batches: asyncio.Event,
         metrics: Metrics,
+        *,
+        on_evicted: Callable[[], None] | None = None,
+        on_payload_limit: Callable[[int | None], None] | None = None,
     ) -> None:
+        """`on_evicted` is called after a batch was evicted (the batcher declares it);
+        `on_payload_limit` with the largest batch, in bytes, the link takes (None: no limit),
+        first from here. `store` must be open."""
         self._config = config
         self._store = store
         self._new_batches = new_batches
         self._metrics = metrics
+        self._on_evicted = on_evicted
+        self._on_payload_limit = on_payload_limit
         self.batch_topic = f"{config.topic_prefix}/{gateway_id}/batch"
         self.status_topic = f"{config.topic_prefix}/{gateway_id}/status"
         self._client_id = config.client_id or f"edge-agent-{gateway_id}"
@@ -65,6 +175,26 @@ class Forwarder:
         self._ack_ready = asyncio.Event()
         self.acked = asyncio.Event()
         """Set whenever acknowledged batches have been deleted from the store."""
+        self._backoff = Backoff(
+            config.reconnect_min, config.reconnect_max, stalled_cap=config.reconnect_max_stalled
+        )
+        self._suspect: _Suspect | None = None
+        """The batch that was alone in flight when the connection was lost."""
+        self._probation: list[BatchKey] = []
+        """Batches in flight at a loss, re-sent one at a time until each is acknowledged."""
+        self._held: set[int] = set()
+        """Ids of declarations too large for the broker: kept, not sent."""
+        self._learned_payload: int | None = None
+        """Below the size of the last batch evicted as undeliverable: what new batches keep to."""
+        self._failures = 0
+        """Connections lost since the last progress."""
+        self._logged_error: str | None = None
+        self._payload_limit: int | None = None
+        self._stalled = False
+        """The last connection was accepted but moved nothing (its successor logs quietly)."""
+        # The broker's last advertised limit, kept in the (open) store: batches sealed before
+        # the first CONNACK, with the link down at boot, fit it as well.
+        self._report_payload_limit(BrokerLimits(max_packet_size=self._recalled_limit()))
 
     def _client(self) -> AckingClient:
         will = aiomqtt.Will(self.status_topic, json.dumps({"state": "offline"}), qos=1, retain=True)
@@ -85,25 +215,42 @@ class Forwarder:
 
     async def run(self) -> None:
         """Connect, forward, and reconnect with backoff, until cancelled."""
-        backoff = Backoff(self._config.reconnect_min, self._config.reconnect_max)
         while True:
+            client = self._client()
+            session = _Session()
             try:
-                async with self._client() as client:
-                    self._mark(connected=True, error=None)
-                    backoff.reset()
+                async with client:
+                    session.connected = True
+                    self._connected(client)
+                    await self._remember_limit(client.limits)
                     await client.publish(
                         self.status_topic, json.dumps({"state": "online"}), qos=1, retain=True
                     )
                     try:
-                        await _until_one_fails(self._pump(client), self._acker())
+                        await _until_one_fails(self._pump(client, session), self._acker())
                     except asyncio.CancelledError:
                         await self._goodbye(client)
                         raise
-            except (aiomqtt.MqttError, PublishRejectedError, StoreError, OSError) as exc:
-                self._mark(connected=False, error=str(exc) or type(exc).__name__)
+            except PublishRejectedError as exc:
+                session.rejected = True
+                self.state.degraded = str(exc)
+                self._audit_once(exc, str(exc))
+                self._lost(str(exc))
+            except aiomqtt.MqttError as exc:
+                # A refused CONNACK says why in the error itself; paho's disconnect that
+                # follows it would only say "protocol error".
+                connect_refused = isinstance(exc, MqttConnectError)
+                error = str(exc) if connect_refused else client.disconnect_cause or str(exc)
+                self._audit_once(exc, error)
+                self._lost(error)
+            except (StoreError, OSError) as exc:
+                self._lost(str(exc) or type(exc).__name__)
             await self._flush_acks()
-            wait = backoff.next()
-            log.debug("Reconnecting in %.1fs", wait)
+            with contextlib.suppress(StoreError):  # logged; the batch is judged again later
+                await self._judge(session, client)
+            self._stalled = session.stalled
+            wait = self._backoff.next(stalled=session.stalled)
+            log.debug("Reconnecting in %.1fs stalled=%s", wait, session.stalled)
             await asyncio.sleep(wait)
 
     async def _goodbye(self, client: AckingClient) -> None:
@@ -117,54 +264,253 @@ class Forwarder:
                 retain=True,
                 timeout=2.0,
             )
-        self._mark(connected=False, error=None)
+        self._set_connected(connected=False, error=None)
+        log.info("Disconnected from broker url=%s", self._config.url)
 
-    def _mark(self, *, connected: bool, error: str | None) -> None:
-        changed = connected != self.state.connected or error != self.state.last_error
+    def _audit_once(self, exc: BaseException, error: str) -> None:
+        """An audit event for a refusal on security grounds (credentials, certificate, ACL),
+        once per episode like its log line (`_lost`): not again while the same error repeats."""
+        if error == self._logged_error:
+            return
+        broker = f"{self._config.host}:{self._config.port}"
+        if isinstance(exc, PublishRejectedError):
+            audit("publish", "refused", broker=broker, topic=self.batch_topic, error=error)
+        elif isinstance(exc, MqttConnectError) and _code(exc.rc) in AUTH_REFUSALS:
+            audit("authentication", "failure", broker=broker, user=self._config.username,
+                  error=error)  # fmt: skip
+        elif "CERTIFICATE_VERIFY_FAILED" in error or "Hostname mismatch" in error:
+            audit("certificate", "refused", broker=broker, error=error)
+
+    def _set_connected(self, *, connected: bool, error: str | None) -> None:
+        if connected != self.state.connected or error != self.state.last_error:
+            self.state.since = time.time()
         self.state.connected, self.state.last_error = connected, error
         self._metrics.mqtt_connected.set(1 if connected else 0)
-        if not changed:
-            return
-        self.state.since = time.time()
-        if connected:
-            self._metrics.mqtt_connects.inc()
-            log.info("Connected to broker url=%s topic=%s", self._config.url, self.batch_topic)
-        elif error is None:
-            log.info("Disconnected from broker url=%s", self._config.url)
-        else:
-            log.warning("Broker connection lost url=%s error=%s", self._config.url, error)
 
-    async def _pump(self, client: AckingClient) -> None:
-        """Keep `max_inflight` batches published and unacknowledged, oldest first."""
-        window = _Window(self._config.max_inflight)
+    def _connected(self, client: AckingClient) -> None:
+        """A CONNACK: take the broker's limits; one log line, unless retrying the same failure."""
+        self._set_connected(connected=True, error=None)
+        self._metrics.mqtt_connects.inc()
+        self.state.limits = client.limits
+        self._report_payload_limit(client.limits)
+        level = logging.DEBUG if self._stalled else logging.INFO
+        log.log(level, "Connected to broker url=%s topic=%s limits=%s",
+                self._config.url, self.batch_topic, client.limits.describe())  # fmt: skip
+
+    def _lost(self, error: str) -> None:
+        """The connection ended: log the cause when it differs from the last one logged."""
+        self._set_connected(connected=False, error=error)
+        self._failures += 1
+        if error == self._logged_error:
+            log.debug("Broker connection lost again url=%s failed_attempts=%d error=%s",
+                      self._config.url, self._failures, error)  # fmt: skip
+            return
+        self._logged_error = error
+        log.warning("Broker connection lost url=%s error=%s", self._config.url, error)
+
+    def _progress(self, session: _Session) -> None:
+        """Data moved: the backoff starts over and the failures are history."""
+        session.progressed = True
+        self._backoff.reset()
+        if self._failures and self._logged_error is not None:
+            log.info("Forwarding again url=%s after failed_attempts=%d",
+                     self._config.url, self._failures)  # fmt: skip
+        self._failures, self._logged_error = 0, None
+        self.state.degraded = self._held_back()
+
+    def _held_back(self) -> str | None:
+        """What stays degraded after progress: declarations too large for the broker."""
+        if not self._held:
+            return None
+        return f"declarations too large for the broker held back: ids={sorted(self._held)}"
+
+    def _packet_limit(self, limits: BrokerLimits) -> tuple[int | None, str]:
+        """The smaller of the configured and the advertised Maximum Packet Size, and its source."""
+        known = [
+            (int(size), source)
+            for size, source in (
+                (self._config.max_packet_size, "mqtt.max_packet_size"),
+                (limits.max_packet_size, "advertised by the broker"),
+            )
+            if size is not None
+        ]
+        return min(known) if known else (None, "")
+
+    async def _remember_limit(self, limits: BrokerLimits) -> None:
+        if limits.max_packet_size == self._recalled_limit():
+            return
+        try:
+            await self._store.remember(ADVERTISED_LIMIT, limits.max_packet_size)
+        except StoreError as exc:  # only a guess for the next start is lost
+            log.debug("Could not keep the broker's packet limit error=%s", exc)
+
+    def _recalled_limit(self) -> int | None:
+        value = self._store.recall(ADVERTISED_LIMIT)
+        return int(value) if value is not None else None
+
+    def _report_payload_limit(self, limits: BrokerLimits) -> None:
+        """Tell the batcher the largest batch the link takes (payload bytes)."""
+        packet, _ = self._packet_limit(limits)
+        v5 = self._config.protocol == "5"
+        known = [self._learned_payload] if self._learned_payload is not None else []
+        if packet is not None:
+            # The remaining length may take up to 4 bytes; publish_packet_size counted 1.
+            known.append(packet - publish_packet_size(self.batch_topic, 0, v5=v5) - 3)
+        limit = min(known) if known else None
+        if limit != self._payload_limit and self._on_payload_limit is not None:
+            self._on_payload_limit(limit)
+        self._payload_limit = limit
+
+    def _window_size(self, client: AckingClient) -> int:
+        """`max_inflight` within the broker's Receive Maximum; 1 while a loss is unexplained."""
+        if self._suspect is not None or self._probation:
+            return 1
+        return min(self._config.max_inflight, client.limits.receive_maximum or 65535)
+
+    async def _pump(self, client: AckingClient, session: _Session) -> None:
+        """Keep the window of batches published and unacknowledged, oldest first."""
+        window = _Window(self._window_size(client))
+        v5 = self._config.protocol == "5"
+        limit, source = self._packet_limit(client.limits)
         try:
             while True:
+                window.size = self._window_size(client)
                 if window.room():
                     self._new_batches.clear()
+                    skip = window.declarations | self._held
                     taken = await self._store.take(
-                        window.room(), after=window.cursor, skip_declarations=window.declarations
+                        window.room(), after=window.cursor, skip_declarations=skip
                     )
+                    evicted = False
                     for batch in taken:
+                        size = publish_packet_size(self.batch_topic, len(batch.data), v5=v5)
+                        if limit is not None and size > limit:
+                            cause = f"packet of {size} bytes over the limit of {limit} ({source})"
+                            await self._evict(batch, TOO_LARGE, cause, session)
+                            evicted = True
+                            continue
                         window.start(batch, client.publish_acked(self.batch_topic, batch.data))
+                    if not taken and not window.in_flight:
+                        self._progress(session)  # caught up: nothing left to send
+                    elif evicted:
+                        continue  # its place in the window is free: take the next one first
                 wake = self._new_batches if window.room() else None
-                results = await window.completed(wake, client.lost)
+                results, problem = await window.completed(wake, client.lost)
                 # Successes first: a rejection in the same round must not hold them back.
                 for batch, code in sorted(results, key=lambda result: result[1] >= REJECTION):
-                    self._settle(batch, code)
+                    await self._settle(batch, code, session)
+                if problem is not None:
+                    session.in_flight = list(window.in_flight.values())
+                    raise aiomqtt.MqttError(client.disconnect_cause or problem)
         finally:
             window.cancel()
 
-    def _settle(self, batch: StoredBatch, code: int) -> None:
-        """A PUBACK arrived: queue the batch for deletion, or refuse to (reason >= 0x80)."""
+    async def _settle(self, batch: StoredBatch, code: int, session: _Session) -> None:
+        """A PUBACK arrived: queue the batch for deletion, evict it (0x95), or keep it (other
+        reasons >= 0x80, which end the connection)."""
+        if code == PACKET_TOO_LARGE:
+            cause = f"PUBACK reason=0x{code:02x} {reason_name(code)}"
+            await self._evict(batch, TOO_LARGE, cause, session)
+            return
         if code >= REJECTION:
             self._metrics.publish_rejected.inc()
-            raise PublishRejectedError(
-                f"broker rejected batch (reason code 0x{code:02x}) topic={self.batch_topic}"
-                "; it stays buffered"
-            )
+            raise PublishRejectedError(code, self.batch_topic)
         self._to_ack.append(batch)
         self._ack_ready.set()
         self._metrics.ack_latency.observe(max(0.0, time.time() - batch.sealed_ns / 1e9))
+        self._cleared(batch.key)
+        self._progress(session)
+
+    def _cleared(self, key: BatchKey) -> None:
+        """`key` was delivered or evicted: it is no longer under suspicion."""
+        if key in self._probation:
+            self._probation.remove(key)
+        if self._suspect is not None and self._suspect.key == key:
+            log.info("Suspected batch delivered alone; the connection losses were not its doing"
+                     " batch=%s", key.id)  # fmt: skip
+            self._suspect = None
+
+    async def _judge(self, session: _Session, client: AckingClient) -> None:
+        """After a loss with batches in flight: find the one it happens on, evict it if proven."""
+        cause = client.disconnect_cause or "connection lost"
+        if len(session.in_flight) > 1:
+            self._probation = [batch.key for batch in session.in_flight]
+            log.info("Connection lost with batches in flight; re-sending them one at a time"
+                     " batches=%d cause=%s", len(session.in_flight), cause)  # fmt: skip
+            return
+        if not session.in_flight:
+            return
+        [batch] = session.in_flight
+        if self._suspect is not None and self._suspect.key == batch.key:
+            self._suspect.drops += 1
+        else:
+            self._suspect = _Suspect(batch.key)
+        drops = self._suspect.drops
+        said_too_large = client.disconnect_code == PACKET_TOO_LARGE
+        if said_too_large or drops >= DROPS_TO_EVICT:
+            reason = TOO_LARGE if said_too_large else UNDELIVERABLE
+            cause = f"the connection was lost each time it was sent alone, {drops} times: {cause}"
+            self._suspect = None
+            await self._evict(batch, reason, cause, session)
+            if reason == UNDELIVERABLE and batch.key.kind == "readings":
+                self._learn_payload_limit(len(batch.data))
+            return
+        what = "declaration" if batch.key.kind == "declaration" else "batch"
+        self.state.degraded = f"the broker closes the connection when {what} {batch.key.id} is sent"
+        log.warning(
+            "Connection lost with one %s alone in flight; it is evicted if that happens"
+            " %d times in a row %s=%d drops=%d bytes=%d cause=%s",
+            what, DROPS_TO_EVICT, what, batch.key.id, drops, len(batch.data), cause,
+        )  # fmt: skip
+
+    def _learn_payload_limit(self, size: int) -> None:
+        learned = max(MIN_LEARNED_PAYLOAD, size - 1)
+        if self._learned_payload is None or learned < self._learned_payload:
+            self._learned_payload = learned
+            log.warning(
+                "New batches are sealed smaller than the undeliverable one max_bytes=%d; set"
+                " mqtt.max_packet_size to the broker's limit so none is sealed too large",
+                learned,
+            )
+            self._report_payload_limit(self.state.limits)
+
+    async def _evict(self, batch: StoredBatch, reason: str, cause: str, session: _Session) -> None:
+        """Evict a batch the broker will never take, for the batcher to declare; or hold a
+        declaration (never evicted) so that it no longer blocks the rest."""
+        kind, row_id = batch.key
+        if kind == "declaration":
+            self._cleared(batch.key)
+            if row_id not in self._held:
+                self._held.add(row_id)
+                log.error(
+                    "Declaration too large for the broker held back (kept, not sent); raise the"
+                    " broker's limit to deliver it declaration=%d bytes=%d cause=%s",
+                    row_id, len(batch.data), cause,
+                )  # fmt: skip
+            self.state.degraded = self._held_back()
+            return
+        try:
+            evicted = await self._store.evict_undeliverable(batch.key, reason)
+        except StoreError as exc:
+            self._metrics.store_errors.inc()
+            log.error("Could not evict an undeliverable batch, will retry error=%s", exc)
+            raise
+        self._cleared(batch.key)
+        if evicted is None:
+            return  # gone already (retention took it)
+        first, last, readings = evicted
+        self._metrics.readings_evicted.inc(readings)
+        self._metrics.batches_undeliverable.inc()
+        log.warning(
+            "Evicted a batch the broker will not take; its readings are declared evicted"
+            " batch=%d seq=%d..%d readings=%d bytes=%d reason=%s cause=%s",
+            row_id, first, last, readings, len(batch.data), reason, cause,
+        )  # fmt: skip
+        audit("eviction", "success", readings=readings, reason=reason, first_seq=first,
+              last_seq=last, epoch=self._store.epoch)  # fmt: skip
+        if self._on_evicted is not None:
+            self._on_evicted()
+        self._progress(session)
 
     async def _acker(self) -> None:
         """Deletes acknowledged batches in groups: one transaction per burst of PUBACKs."""
@@ -194,6 +540,12 @@ class Forwarder:
         return True
 
 
+def _code(rc: object) -> int | None:
+    """The number of a paho reason code or of a plain return code."""
+    value = getattr(rc, "value", rc)
+    return value if isinstance(value, int) else None
+
+
 async def _until_one_fails(*coroutines: Coroutine[Any, Any, None]) -> None:
     """Run forever-loops side by side; the first to raise cancels the others and is re-raised."""
     tasks = [asyncio.ensure_future(c) for c in coroutines]
@@ -208,7 +560,7 @@ async def _until_one_fails(*coroutines: Coroutine[Any, Any, None]) -> None:
 
 
 class _Window:
-    """The publishes of one connection that await their PUBACK."""
+    """The publishes of one connection that await their PUBACK, in the order they were sent."""
 
     def __init__(self, size: int) -> None:
         self.size = size
@@ -219,7 +571,7 @@ class _Window:
         """Ids of declarations published on this connection (they are taken first on every call)."""
 
     def room(self) -> int:
-        return self.size - len(self.in_flight)
+        return max(0, self.size - len(self.in_flight))
 
     def start(self, batch: StoredBatch, publish: Coroutine[Any, Any, int]) -> None:
         """Publish `batch` (never one already published on this connection)."""
@@ -232,27 +584,32 @@ class _Window:
 
     async def completed(
         self, wake: asyncio.Event | None, lost: asyncio.Event
-    ) -> list[tuple[StoredBatch, int]]:
-        """Wait for at least one PUBACK (or for `wake`); return (batch, reason code) pairs.
+    ) -> tuple[list[tuple[StoredBatch, int]], str | None]:
+        """Wait for a PUBACK, for `wake` or for `lost`: the (batch, reason code) pairs
+        acknowledged, oldest first, and what went wrong if the connection did.
 
-        Raises MqttError when `lost` is set: an idle window must notice a dropped connection.
+        PUBACKs read just before a loss are returned too, so that the batch the broker closed
+        the connection on, not one it acknowledged, is the oldest left in flight.
         """
         waiters: set[asyncio.Future[Any]] = set(self.in_flight)
         events = [asyncio.ensure_future(e.wait()) for e in (wake, lost) if e is not None]
         waiters.update(events)
         try:
-            done, _ = await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
         finally:
             for event in events:
                 event.cancel()
-        if lost.is_set():
-            raise aiomqtt.MqttError("Connection lost")
-        results = []
-        for future in done:
-            batch = self.in_flight.pop(future, None)
-            if batch is not None:
-                results.append((batch, future.result()))
-        return results
+        results: list[tuple[StoredBatch, int]] = []
+        problem = "Connection lost" if lost.is_set() else None
+        for future, batch in list(self.in_flight.items()):
+            if not future.done():
+                continue
+            if future.cancelled() or future.exception() is not None:
+                problem = problem or str(future.exception() or "publish cancelled")
+                continue
+            results.append((batch, future.result()))
+            del self.in_flight[future]
+        return results, problem
 
     def cancel(self) -> None:
         for future in self.in_flight:

@@ -1,11 +1,23 @@
 """The wire format of docs/contract.md §4: a batch as CBOR, zstd-compressed, in COSE_Sign1.
 
+The payload is format 1 (a CBOR map per reading, §4.3) or format 2 (columns, §4.9, in
+`columnar.py`); the envelope, the numbering and the declarations are the same for both, and the
+Opener reads either.
+
 Signing uses cbor2 and cryptography directly (pycose is unmaintained and breaks with cbor2 6).
 The protected header is encoded once per key and reused: its bytes are what gets signed.
+
+The readings of a batch are written by `ReadingEncoder`, not by `cbor2.dumps` of a map per
+reading: most of a reading's map is the same from one batch to the next (its keys, its source
+and point names, its quality), so those bytes are made once and copied, and only the numbers are
+encoded per reading. The bytes are exactly cbor2's (tests/test_envelope.py compares them on
+every value type), at about a third of the CPU (docs/performance.md).
 """
 
 from __future__ import annotations
 
+import math
+import struct
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,15 +29,29 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 
 from edge_agent.errors import EnvelopeError, UnknownKeyError
 from edge_agent.reading import Quality, Reading
+from edge_agent.seal import columnar
 from edge_agent.seal.keys import key_id
 
 FORMAT_VERSION = 1
+FORMATS = (1, 2)
 COSE_SIGN1_TAG = 18
 ALG_EDDSA = -8
-HDR_ALG, HDR_CONTENT_TYPE, HDR_KID = 1, 3, 4
+HDR_ALG, HDR_CRIT, HDR_CONTENT_TYPE, HDR_KID = 1, 2, 3, 4
+ALLOWED_ALGORITHMS = frozenset({ALG_EDDSA})
+"""The algorithm allow-list of consumers: EdDSA with Ed25519 keys, nothing else (no downgrade)."""
+_PROTECTED_ONLY = frozenset({HDR_ALG, HDR_CRIT, HDR_CONTENT_TYPE, HDR_KID, "enc"})
+"""Header labels that must be protected (signed) when present: never taken from `unprotected`."""
 CONTENT_TYPE = "application/cbor"
-QUALITY_TEXT: Mapping[str, str] = {q: q.value for q in Quality}
-"""The wire text of each quality (a dict lookup, not the enum's `.value` property per reading)."""
+RETENTION = "retention"
+"""Eviction reason (docs/contract.md §4.7): the buffer was full (`store.max_bytes`, or the disk)
+or the batch older than `store.max_age`. Also the reason of a range declared without one (agents
+before `evicted_reasons`, contract 1.6)."""
+TOO_LARGE = "too_large"
+"""Eviction reason: the batch's PUBLISH is larger than the broker's Maximum Packet Size (as it
+advertised, as `mqtt.max_packet_size` says, or as its DISCONNECT 0x95 said)."""
+UNDELIVERABLE = "undeliverable"
+"""Eviction reason: the broker closed the connection every time the batch was sent alone,
+without saying it was too large (an MQTT 3.1.1 broker, or a limit it does not advertise)."""
 MAX_PAYLOAD_BYTES = 64 * 1024 * 1024
 """Decompression limit for consumers: a batch is never near this; a zstd bomb would be."""
 
@@ -41,13 +67,192 @@ class Batch:
     sealed_ns: int
     evicted: list[tuple[int, int]] = field(default_factory=list)
     kid: bytes = b""
+    evicted_reasons: list[str] = field(default_factory=list)
+    """Why each `evicted` range was dropped, in the same order (`retention` when unsaid)."""
+    previous_epoch: PreviousEpoch | None = None
+    """How the gateway's previous epoch ended, in the first batch of a new epoch (§4)."""
+
+
+@dataclass(frozen=True)
+class PreviousEpoch:
+    """How this gateway's previous epoch ended (`previous_epoch`, docs/contract.md §4).
+
+    Sent in the first batch of a new epoch whose buffer did not carry on the old one: the
+    previous file was bad and quarantined, missing, or replaced. Its readings up to `last_seq`
+    that a consumer has not received are lost; `epoch` and `last_seq` are None when unknown.
+    """
+
+    epoch: str | None
+    last_seq: int | None
+    ended: str
+    detail: str
+
+    @classmethod
+    def parse(cls, value: Any) -> PreviousEpoch:
+        """Validate the map as signed; EnvelopeError when it is not what §4 says."""
+        if not isinstance(value, dict):
+            raise EnvelopeError("previous_epoch is not a map")
+        epoch, last_seq = value.get("epoch"), value.get("last_seq")
+        ended, detail = value.get("ended"), value.get("detail", "")
+        if epoch is not None and not isinstance(epoch, str):
+            raise EnvelopeError("previous_epoch.epoch is not text")
+        if last_seq is not None and (type(last_seq) is not int or last_seq < 0):
+            raise EnvelopeError("previous_epoch.last_seq is not a seq")
+        if not isinstance(ended, str) or not isinstance(detail, str):
+            raise EnvelopeError("previous_epoch.ended and .detail must be text")
+        return cls(epoch, last_seq, ended, detail)
+
+
+_PACK_U8 = struct.Struct(">BB").pack
+_PACK_U16 = struct.Struct(">BH").pack
+_PACK_U32 = struct.Struct(">BI").pack
+_PACK_U64 = struct.Struct(">BQ").pack
+_PACK_DOUBLE = struct.Struct(">Bd").pack
+_PACK_MAP_SEQ32 = struct.Struct(">5sBI").pack
+"""A reading's map head, its key "seq" and a 32-bit seq: one call for the usual case."""
+_SMALL = tuple(bytes((n,)) for n in range(24))
+MAX_CACHED_NAMES = 1_000_000
+"""Encoded (source, point) names kept at most; more (a bug, or names made per reading) starts
+the cache afresh rather than grow without bound."""
+
+
+def cbor_head(major: int, n: int) -> bytes:
+    """The CBOR head of major type `major` (0x00, 0x20, ... 0xA0) with argument `n` (RFC 8949
+    §3), in its shortest form, as cbor2 writes it."""
+    if n < 24:
+        return bytes((major | n,))
+    if n < 0x100:
+        return _PACK_U8(major | 24, n)
+    if n < 0x10000:
+        return _PACK_U16(major | 25, n)
+    if n < 0x100000000:
+        return _PACK_U32(major | 26, n)
+    return _PACK_U64(major | 27, n)
+
+
+def cbor_value(value: object) -> bytes:
+    """`cbor2.dumps(value)` for a reading's value, without its call overhead for the usual types.
+
+    Integers within 64 bits, finite floats (always as float64, as cbor2 writes them unless
+    canonical), text, bools and None are written here; anything else by cbor2 itself, which
+    raises for what it cannot encode, as before.
+    """
+    kind = type(value)
+    if kind is int:
+        assert isinstance(value, int)
+        if 0 <= value < 0x10000000000000000:
+            return cbor_head(0x00, value)
+        if -0x10000000000000000 <= value < 0:
+            return cbor_head(0x20, -1 - value)
+    elif kind is float:
+        assert isinstance(value, float)
+        if math.isfinite(value):
+            return _PACK_DOUBLE(0xFB, value)
+    elif kind is str:
+        assert isinstance(value, str)
+        data = value.encode("utf-8")  # UnicodeEncodeError (a ValueError) as cbor2 would raise
+        return cbor_head(0x60, len(data)) + data
+    elif value is None:
+        return b"\xf6"
+    elif kind is bool:
+        return b"\xf5" if value else b"\xf4"
+    return bytes(cbor2.dumps(value))
+
+
+_KEY_SEQ = b"\x63seq"
+_KEY_V = b"\x61v"
+_KEY_SC = b"\x62sc"
+_QUALITY_BYTES = {q: b"\x61q" + cbor_value(q.value) for q in Quality}
+
+
+class ReadingEncoder:
+    """The CBOR array of a batch's readings, byte for byte what cbor2 writes for the list of
+    maps {"seq", "src", "pt", "ts", "v", "q"[, "sc"]} in that key order (docs/contract.md §4).
+
+    Keeps the encoded names of the points it has seen (about 100 bytes a point).
+    """
+
+    def __init__(self) -> None:
+        self._names: dict[str, dict[str, bytes]] = {}
+        self._cached = 0
+
+    def encode(self, readings: Sequence[Reading], first_seq: int) -> bytes:
+        """The array of `readings`, numbered from `first_seq`.
+
+        Raises ValueError (text that is not UTF-8 encodable) or what cbor2 raises for a value
+        it cannot encode, as cbor2.dumps of the maps would.
+        """
+        parts = [cbor_head(0x80, len(readings))]
+        append = parts.append
+        head, qualities, small = cbor_head, _QUALITY_BYTES, _SMALL
+        pack_seq, pack_u8, pack_u16 = _PACK_MAP_SEQ32, _PACK_U8, _PACK_U16
+        pack_u64, pack_double, isfinite = _PACK_U64, _PACK_DOUBLE, math.isfinite
+        names = self._names
+        last_src: str | None = None
+        by_point: dict[str, bytes] = {}
+        last_ts = -1
+        ts_v = b""
+        seq = first_seq
+        for src, pt, ts, value, quality, code in readings:
+            start = b"\xa6\x63seq" if code is None else b"\xa7\x63seq"
+            if 0x10000 <= seq < 0x100000000:
+                append(pack_seq(start, 0x1A, seq))
+            else:
+                append(start)
+                append(head(0x00, seq))
+            if src is not last_src:
+                by_point = names.get(src) or names.setdefault(src, {})
+                last_src = src
+            name = by_point.get(pt)
+            append(name if name is not None else self._name(by_point, src, pt))
+            if ts != last_ts:  # the readings of one poll share their time
+                last_ts = ts
+                ts_v = (pack_u64(0x1B, ts) if ts >= 0x100000000 else cbor_value(ts)) + _KEY_V
+            append(ts_v)
+            kind = type(value)
+            if kind is int and 0 <= value < 0x10000:  # type: ignore[operator]
+                if value < 24:  # type: ignore[operator]
+                    append(small[value])  # type: ignore[index]
+                elif value < 0x100:  # type: ignore[operator]
+                    append(pack_u8(0x18, value))
+                else:
+                    append(pack_u16(0x19, value))
+            elif kind is float and isfinite(value):  # type: ignore[arg-type]
+                append(pack_double(0xFB, value))
+            else:
+                append(cbor_value(value))
+            append(qualities[quality])
+            if code is not None:
+                append(_KEY_SC)
+                append(cbor_value(code))
+            seq += 1
+        return b"".join(parts)
+
+    def _name(self, by_point: dict[str, bytes], src: str, pt: str) -> bytes:
+        if self._cached >= MAX_CACHED_NAMES:
+            self._names.clear()
+            self._cached = 0
+            by_point = self._names.setdefault(src, {})
+        name = by_point[pt] = b"\x63src" + cbor_value(src) + b"\x62pt" + cbor_value(pt) + b"\x62ts"
+        self._cached += 1
+        return name
 
 
 class Sealer:
-    """Encodes, compresses and signs batches with one key."""
+    """Encodes, compresses and signs batches with one key, in payload format 1 or 2 (§4.3, §4.9).
 
-    def __init__(self, key: Ed25519PrivateKey, *, compress: bool = True) -> None:
+    A format-2 Sealer remembers the decimal places of each point's floats between batches (see
+    `columnar.ColumnEncoder`): use one Sealer per stream.
+    """
+
+    def __init__(
+        self, key: Ed25519PrivateKey, *, compress: bool = True, payload_format: int = 1
+    ) -> None:
+        if payload_format not in FORMATS:
+            raise ValueError(f"payload format {payload_format!r} is not one of {FORMATS}")
         self._key = key
+        self.payload_format = payload_format
+        self._columns = columnar.ColumnEncoder() if payload_format == 2 else None
         self.kid = key_id(key.public_key())
         header: dict[Any, Any] = {
             HDR_ALG: ALG_EDDSA,
@@ -58,6 +263,7 @@ class Sealer:
             header["enc"] = "zstd"
         self._protected = cbor2.dumps(header, canonical=True)
         self._compressor = zstandard.ZstdCompressor(level=3) if compress else None
+        self._readings = ReadingEncoder()
 
     def seal(
         self,
@@ -69,32 +275,90 @@ class Sealer:
         readings: Sequence[Reading],
         sealed_ns: int,
         evicted: Sequence[tuple[int, int]] = (),
+        reasons: Sequence[str] = (),
+        previous_epoch: Mapping[str, Any] | None = None,
     ) -> bytes:
-        """The COSE_Sign1 bytes for `readings`, numbered from `first_seq` in order."""
-        # One comprehension with the reading unpacked: this runs once per reading, and attribute
-        # lookups and the enum's `.value` property cost as much as building the map itself.
-        text = QUALITY_TEXT
-        items = [
-            {"seq": seq, "src": src, "pt": pt, "ts": ts, "v": v, "q": text[q]}
-            if code is None
-            else {"seq": seq, "src": src, "pt": pt, "ts": ts, "v": v, "q": text[q], "sc": code}
-            for seq, (src, pt, ts, v, q, code) in enumerate(readings, first_seq)
-        ]
-        body = cbor2.dumps(
-            {
-                "v": FORMAT_VERSION,
+        """The COSE_Sign1 bytes for `readings`, numbered from `first_seq` in order.
+
+        `reasons` says why each `evicted` range was dropped (empty: all by retention); it goes
+        out as `evicted_reasons` (§4.3, in both formats), an extension that consumers which do
+        not know it ignore. `previous_epoch` (the map of `PreviousEpoch`) goes out as
+        `previous_epoch`, in both formats, only when given: every other batch is encoded
+        exactly as before.
+
+        Raises TypeError, ValueError or cbor2.CBOREncodeError for a value that cannot be encoded
+        (the batcher then applies the value rules and seals again), and ValueError when
+        `reasons` is given but not one per range of `evicted`.
+        """
+        if reasons and len(reasons) != len(evicted):
+            raise ValueError(f"{len(reasons)} reasons for {len(evicted)} evicted ranges")
+        declared = [list(e) for e in evicted]
+        notes: dict[str, Any] = {}  # the keys only declarations carry, the same in both formats
+        if evicted:
+            notes["evicted_reasons"] = list(reasons) or [RETENTION] * len(evicted)
+        if previous_epoch is not None:
+            notes["previous_epoch"] = dict(previous_epoch)
+        if self._columns is not None:
+            columns = {
+                "v": columnar.FORMAT_VERSION,
                 "gateway": gateway,
                 "epoch": epoch,
                 "batch": batch,
-                "readings": items,
                 "sealed": sealed_ns,
-                "evicted": [list(e) for e in evicted],
+                "evicted": declared,
+                **notes,
+                **self._columns.encode(readings, first_seq),
             }
-        )
+            return self._sign(cbor2.dumps(columns))
+        # The map of docs/contract.md §4 in this key order, as cbor2.dumps would write it, with
+        # the readings' array from the ReadingEncoder (see the module docstring).
+        body = b"".join((
+            cbor_head(0xA0, 7 + len(notes)),
+            b"\x61v", cbor_value(FORMAT_VERSION),
+            b"\x67gateway", cbor_value(gateway),
+            b"\x65epoch", cbor_value(epoch),
+            b"\x65batch", cbor_value(batch),
+            b"\x68readings", self._readings.encode(readings, first_seq),
+            b"\x66sealed", cbor_value(sealed_ns),
+            b"\x67evicted", cbor2.dumps(declared),
+            *(cbor_value(k) + cbor2.dumps(v) for k, v in notes.items()),
+        ))  # fmt: skip
+        return self._sign(body)
+
+    def _sign(self, body: bytes) -> bytes:
         payload = self._compressor.compress(body) if self._compressor else body
         to_sign = cbor2.dumps(["Signature1", self._protected, b"", payload])
         signature = self._key.sign(to_sign)
         return cbor2.dumps(cbor2.CBORTag(COSE_SIGN1_TAG, [self._protected, {}, payload, signature]))
+
+
+def _protected_header(protected: bytes) -> dict[Any, Any]:
+    """The protected header map, checked: no `crit`, EdDSA only, a byte-string key id.
+
+    Raises EnvelopeError naming what is wrong (RFC 9052 §3.1: `crit` parameters a consumer does
+    not understand make the message invalid).
+    """
+    header = cbor2.loads(protected) if protected else {}
+    if not isinstance(header, dict):
+        raise EnvelopeError("protected header is not a CBOR map")
+    if HDR_CRIT in header:
+        raise EnvelopeError("critical header parameters (crit) are not understood")
+    alg = header.get(HDR_ALG)
+    if type(alg) is not int or alg not in ALLOWED_ALGORITHMS:  # -8.0 or True are not -8
+        raise EnvelopeError(f"unsupported algorithm {alg!r} (only EdDSA, -8, is accepted)")
+    kid = header.get(HDR_KID)
+    if not isinstance(kid, bytes):
+        raise EnvelopeError(f"missing or malformed key id {kid!r}")
+    return header
+
+
+def _check_unprotected(unprotected: object) -> None:
+    """RFC 9052 §4.2: the unprotected header is a map; none of our labels may be in it."""
+    if not isinstance(unprotected, dict):
+        raise EnvelopeError(f"unprotected header is a {type(unprotected).__name__}, not a map")
+    unsigned = sorted(str(label) for label in unprotected if label in _PROTECTED_ONLY)
+    if unsigned:
+        raise EnvelopeError(f"header parameters {', '.join(unsigned)} must be protected")
 
 
 class Opener:
@@ -124,17 +388,12 @@ class Opener:
         parts = outer.value
         if not isinstance(parts, list | tuple) or len(parts) != 4:
             raise EnvelopeError("COSE_Sign1 must have four elements")
-        protected, _unprotected, payload, signature = parts
+        protected, unprotected, payload, signature = parts
         if not all(isinstance(part, bytes) for part in (protected, payload, signature)):
             raise EnvelopeError("protected header, payload and signature must be byte strings")
-        header = cbor2.loads(protected) if protected else {}
-        if not isinstance(header, dict):
-            raise EnvelopeError("protected header is not a CBOR map")
-        if header.get(HDR_ALG) != ALG_EDDSA:
-            raise EnvelopeError(f"unsupported algorithm {header.get(HDR_ALG)!r}")
-        kid = header.get(HDR_KID)
-        if not isinstance(kid, bytes):
-            raise EnvelopeError(f"missing or malformed key id {kid!r}")
+        _check_unprotected(unprotected)
+        header = _protected_header(protected)
+        kid = header[HDR_KID]
         key = self._keys.get(kid)
         if key is None:
             raise UnknownKeyError(f"unknown key id {kid.hex()}")
@@ -153,18 +412,33 @@ class Opener:
         body = cbor2.loads(payload)
         if not isinstance(body, dict):
             raise EnvelopeError("payload is not a CBOR map")
-        if body.get("v") != FORMAT_VERSION:
-            raise EnvelopeError(f"unsupported payload version {body.get('v')!r}")
-        readings = list(body["readings"])
-        seqs = [r["seq"] for r in readings]
-        if seqs and seqs != list(range(seqs[0], seqs[0] + len(seqs))):
-            raise EnvelopeError("readings' seq values are not consecutive")
+        version = body.get("v")
+        if version == columnar.FORMAT_VERSION:
+            readings = columnar.decode(body)
+        elif version == FORMAT_VERSION:
+            readings = list(body["readings"])
+            seqs = [r["seq"] for r in readings]
+            if seqs and seqs != list(range(seqs[0], seqs[0] + len(seqs))):
+                raise EnvelopeError("readings' seq values are not consecutive")
+        else:
+            raise EnvelopeError(f"unsupported payload version {version!r}")
+        evicted = [(int(a), int(b)) for a, b in body.get("evicted", [])]
+        reasons = body.get("evicted_reasons", [RETENTION] * len(evicted))
+        if (
+            not isinstance(reasons, list)
+            or len(reasons) != len(evicted)
+            or not all(isinstance(r, str) for r in reasons)
+        ):
+            raise EnvelopeError("evicted_reasons must be one text per evicted range")
+        previous = body.get("previous_epoch")
         return Batch(
             gateway=str(body["gateway"]),
             epoch=str(body["epoch"]),
             batch=int(body["batch"]),
             readings=readings,
             sealed_ns=int(body["sealed"]),
-            evicted=[(int(a), int(b)) for a, b in body.get("evicted", [])],
+            evicted=evicted,
             kid=kid,
+            evicted_reasons=reasons,
+            previous_epoch=None if previous is None else PreviousEpoch.parse(previous),
         )

@@ -1,7 +1,9 @@
 """Real OPC UA servers for the OPC UA tests: an asyncua `Server` on a free port that records the
 service requests it receives (through its permission-ruleset hook, a real extension point), can be
-secured with its own certificate, restarted on the same port, and told to change a value; and the
-`Collector` a source emits into, with bounded waits on what it collected."""
+secured with its own certificate, restarted on the same port (with its namespaces registered in
+another order, as a reconfigured server does), limited to a number of sessions, and told to change
+a value with any status and timestamps, including none; and the `Collector` a source emits into,
+with bounded waits on what it collected."""
 
 from __future__ import annotations
 
@@ -10,22 +12,26 @@ import contextlib
 import datetime as dt
 import functools
 import socket
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
 from asyncua import Server, ua
+from asyncua.common.utils import ServiceError
 from asyncua.crypto import cert_gen
 from asyncua.crypto.permission_rules import User, UserRole
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509 import DNSName, UniformResourceIdentifier
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
+from edge_agent.config.opcua import OpcuaSourceConfig
 from edge_agent.reading import Reading
 from helpers.ports import free_port
 from helpers.wait import describe
 
 NAMESPACE = "urn:edge-agent:test"
+OTHER_NAMESPACE = "urn:edge-agent:other"
 SERVER_URI = "urn:edge-agent:test-server"
 
 VARIABLES: dict[str, tuple[Any, ua.VariantType]] = {
@@ -100,8 +106,39 @@ class PasswordUsers:
         return None
 
 
+NOW: Any = object()
+"""`UaTestServer.write` timestamps: stamp with the current time (the default); None omits it."""
+
+
+def limit_sessions(server: Server, limit: int) -> None:
+    """Make CreateSession fail with BadTooManySessions while `limit` sessions exist.
+
+    Small embedded servers allow one or a few sessions and refuse more this way. asyncua's own
+    limit (`InternalSession.max_connections`) is a class attribute counted across every server in
+    the process and answers BadMaxConnectionsReached at ActivateSession, so this wraps the one
+    server's session factory instead: a session counts from CreateSession until it is closed or
+    expires (asyncua keeps a session that has subscriptions after its connection is lost, for the
+    client to take over, as the standard intends).
+    """
+    iserver = server.iserver
+    create = iserver.create_session
+
+    def limited(*args: Any, **kwargs: Any) -> Any:
+        if kwargs.get("external") and len(iserver._external_sessions) >= limit:
+            raise ServiceError(ua.StatusCodes.BadTooManySessions)
+        return create(*args, **kwargs)
+
+    iserver.create_session = limited  # type: ignore[method-assign]
+
+
 class UaTestServer:
-    """An asyncua server with the VARIABLES under ns=NAMESPACE, on a fixed port across restarts."""
+    """An asyncua server with the VARIABLES under each of its namespaces, on a fixed port.
+
+    `namespaces` are registered in this order at every start (index 2 onwards), each with the
+    same variables (VARIABLES and any `extra` ones); `Label` holds "mill" in NAMESPACE and the
+    namespace's URI elsewhere, so a node read in the wrong namespace shows. Change `namespaces`
+    between restarts to renumber them.
+    """
 
     def __init__(
         self,
@@ -111,6 +148,8 @@ class UaTestServer:
         identity: str = "server",
         users: PasswordUsers | None = None,
         extra: dict[str, tuple[Any, ua.VariantType]] | None = None,
+        namespaces: Sequence[str] = (NAMESPACE,),
+        max_sessions: int | None = None,
     ) -> None:
         self.port = free_port()
         self.variables = {**VARIABLES, **(extra or {})}
@@ -118,10 +157,13 @@ class UaTestServer:
         self.directory = directory
         self.secure = secure
         self.users = users
+        self.namespaces = tuple(namespaces)
+        self.max_sessions = max_sessions
         self.rules = RecordingRules()
         self.certificate_path = directory / f"{identity}-cert.der"
         self._identity = identity
         self._server: Server | None = None
+        self.indexes: dict[str, int] = {}
         self.ns = 2
 
     @property
@@ -152,10 +194,16 @@ class UaTestServer:
         if self.users:
             server.set_identity_tokens([ua.UserNameIdentityToken])
         server.set_security_policy(policies, permission_ruleset=self.rules)  # type: ignore[arg-type]
-        self.ns = await server.register_namespace(NAMESPACE)
-        plant = await server.nodes.objects.add_object(ua.NodeId("Plant", self.ns), "Plant")
-        for name, (value, vtype) in self.variables.items():
-            await plant.add_variable(ua.NodeId(name, self.ns), name, ua.Variant(value, vtype))
+        if self.max_sessions is not None:
+            limit_sessions(server, self.max_sessions)
+        self.indexes = {}
+        for uri in self.namespaces:
+            ns = self.indexes[uri] = await server.register_namespace(uri)
+            plant = await server.nodes.objects.add_object(ua.NodeId("Plant", ns), "Plant")
+            for name, (value, vtype) in self.variables.items():
+                own = uri if name == "Label" and uri != NAMESPACE else value
+                await plant.add_variable(ua.NodeId(name, ns), name, ua.Variant(own, vtype))
+        self.ns = self.indexes.get(NAMESPACE, 2)
         await server.start()
         self._server = server
 
@@ -168,21 +216,35 @@ class UaTestServer:
         await self.stop()
         await self.start()
 
+    @property
+    def sessions(self) -> int:
+        """Sessions the server holds now, including ones whose connection is gone."""
+        assert self._server is not None
+        return len(self._server.iserver._external_sessions)
+
     async def write(
-        self, name: str, value: Any, *, status: int = 0, source_ts: dt.datetime | None = None
-    ) -> dt.datetime:
-        """Change a value as the device would: with a status and a source timestamp."""
+        self,
+        name: str,
+        value: Any,
+        *,
+        status: int = 0,
+        source_ts: Any = NOW,
+        server_ts: Any = NOW,
+        namespace: str = NAMESPACE,
+    ) -> Any:
+        """Change a value as the device would: with a status and timestamps, each NOW, a
+        datetime or None (absent). Returns the source timestamp written."""
         assert self._server is not None
         vtype = self.variables[name][1]
-        stamp = source_ts or dt.datetime.now(dt.UTC)
+        source = dt.datetime.now(dt.UTC) if source_ts is NOW else source_ts
         data = ua.DataValue(
             ua.Variant(value, vtype),
             ua.StatusCode(status),
-            SourceTimestamp=stamp,
-            ServerTimestamp=dt.datetime.now(dt.UTC),
+            SourceTimestamp=source,
+            ServerTimestamp=dt.datetime.now(dt.UTC) if server_ts is NOW else server_ts,
         )
-        await self._server.write_attribute_value(ua.NodeId(name, self.ns), data)
-        return stamp
+        await self._server.write_attribute_value(ua.NodeId(name, self.indexes[namespace]), data)
+        return source
 
     async def __aenter__(self) -> UaTestServer:
         await self.start()
@@ -232,3 +294,21 @@ async def running(source: Any, emit: Collector) -> Any:
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task  # run ends only by cancellation, never by returning or raising
+
+
+def source_config(
+    endpoint: str, nodes: list[dict[str, Any]], **overrides: Any
+) -> OpcuaSourceConfig:
+    """An OPC UA source for tests: no security, 100 ms interval, quick timeouts and retries."""
+    data = {
+        "type": "opcua",
+        "name": "plc",
+        "endpoint": endpoint,
+        "security": {"policy": "None"},
+        "interval": "100ms",
+        "timeout": "2s",
+        "reconnect_min": "200ms",
+        "reconnect_max": "500ms",
+        "nodes": nodes,
+    } | overrides
+    return OpcuaSourceConfig.model_validate(data)

@@ -7,7 +7,7 @@ MBAP header: transaction id, protocol id 0, length, unit).
 
 An answer is data only when it is the exact answer to the request: the same function code and a
 byte count of exactly what was asked (2 per register, one per 8 bits). Anything else is an error
-that names what was wrong; `check_answer` is the one place that decides.
+that names what was wrong; `answer_data` is the one place that decides.
 """
 
 from __future__ import annotations
@@ -157,10 +157,23 @@ def describe_pdu(pdu: bytes) -> str:
 def check_answer(pdu: bytes, function: int, count: int) -> list[int] | list[bool]:
     """The registers or bits of `pdu` if it is exactly the answer to a read of `count`.
 
-    Raises ExceptionAnswer for an exception response to this function, MismatchedAnswerError with
-    reason "short" when the answer carries fewer values than asked, and with reason "malformed"
-    for any other difference: another function code, more bytes than asked, a byte count that
-    does not match the bytes that came, an odd register byte count.
+    Raises as `answer_data` does.
+    """
+    data = answer_data(pdu, function, count)
+    if function in (1, 2):
+        return [bool(data[i >> 3] >> (i & 7) & 1) for i in range(count)]
+    return list(struct.unpack(f">{count}H", data))
+
+
+def answer_data(pdu: bytes, function: int, count: int) -> bytes:
+    """The data bytes of `pdu` if it is exactly the answer to a read of `count`.
+
+    Registers are 2 bytes each, big-endian as on the wire; bits are packed 8 to a byte, the
+    lowest address in the lowest bit. Raises ExceptionAnswer for an exception response to this
+    function, MismatchedAnswerError with reason "short" when the answer carries fewer values
+    than asked, and with reason "malformed" for any other difference: another function code,
+    more bytes than asked, a byte count that does not match the bytes that came, an odd
+    register byte count.
     """
     if not pdu:
         raise _malformed("empty answer")
@@ -180,14 +193,14 @@ def check_answer(pdu: bytes, function: int, count: int) -> list[int] | list[bool
             raise _short(f"short response ({len(data) * 8} of {count} bits)")
         if len(data) > wanted:
             raise _malformed(f"{len(data)} bytes for {count} bits ({wanted} expected)")
-        return [bool(data[i >> 3] >> (i & 7) & 1) for i in range(count)]
+        return data
     if len(data) % 2:
         raise _malformed(f"odd byte count {len(data)} for registers")
     if len(data) < wanted:
         raise _short(f"short response ({len(data) // 2} of {count})")
     if len(data) > wanted:
         raise _malformed(f"{len(data) // 2} registers in the answer to a read of {count}")
-    return list(struct.unpack(f">{count}H", data))
+    return data
 
 
 def _malformed(message: str) -> MismatchedAnswerError:

@@ -12,7 +12,7 @@ pymodbus PR #2636); its RTU framer drops the whole buffer at the first bad CRC, 
 before an answer costs the request; and it takes about twice the CPU per request
 (bench/modbus_requests.py: about 200 us against 110 us for 60 registers over TCP).
 
-An answer is data only if it is the answer to the request in flight (frames.check_answer): same
+An answer is data only if it is the answer to the request in flight (frames.answer_data): same
 unit, same function code, exactly the byte count asked for, and on TCP the transaction id of the
 request. Everything else is thrown away or is an error, never data:
 - bytes waiting before a request is sent answer nothing that is asked: they are discarded and
@@ -46,6 +46,7 @@ import errno
 import logging
 import os
 import socket
+import struct
 import termios
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -62,7 +63,7 @@ from edge_agent.sources.modbus.frames import (
     FrameError,
     MismatchedAnswerError,
     TcpFramingError,
-    check_answer,
+    answer_data,
     describe_pdu,
     find_rtu_answer,
     next_tcp_frame,
@@ -462,6 +463,18 @@ class ModbusLink:
         self, request: ReadRequest, *, unit: int, wait: float, device: str
     ) -> Sequence[int] | Sequence[bool]:
         """Read the request's registers or bits; a ReadError names device, unit and addresses."""
+        data = await self.read_data(request, unit=unit, wait=wait, device=device)
+        if request.kind in ("coil", "discrete"):
+            return [bool(data[i >> 3] >> (i & 7) & 1) for i in range(request.count)]
+        return list(struct.unpack(f">{request.count}H", data))
+
+    async def read_data(
+        self, request: ReadRequest, *, unit: int, wait: float, device: str
+    ) -> bytes:
+        """The answer's data bytes (see frames.answer_data), checked against the request.
+
+        Raises ReadError as `read` does; what a source decodes with its read's BlockDecoder.
+        """
         what = f"unit {unit} {request.describe()}"
         await self.settle(unit)
         async with self._lock:
@@ -505,7 +518,7 @@ class ModbusLink:
 
     async def _exchange(
         self, channel: _Channel, request: ReadRequest, unit: int, wait: float
-    ) -> list[int] | list[bool]:
+    ) -> bytes:
         """Send one request and wait for its answer; internal exceptions say what went wrong."""
         self._discard_unasked(channel)
         pdu = read_pdu(request.function_code, request.address, request.count)
@@ -520,7 +533,7 @@ class ModbusLink:
             find = self._rtu_answer if self._rtu else self._tcp_answer
             answer = find(channel, unit)
             if answer is not None:
-                return check_answer(answer, request.function_code, request.count)
+                return answer_data(answer, request.function_code, request.count)
             if channel.lost is not None:
                 raise ChannelLostError(channel.lost)
             if not await channel.wait(deadline):

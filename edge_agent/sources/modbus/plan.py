@@ -13,15 +13,81 @@ overlap, such as bits of one register, still share one), and the source keeps th
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Literal, NamedTuple, Protocol
 
 from edge_agent.config.modbus import ModbusPoint, RegisterKind
 from edge_agent.reading import Value
-from edge_agent.sources.modbus.decode import DecodeError, decode_registers, scaled
+from edge_agent.sources.modbus.decode import BlockDecoder, DecodeError
 
 FUNCTION_CODES: dict[RegisterKind, int] = {"coil": 1, "discrete": 2, "holding": 3, "input": 4}
 """The only function codes the agent sends: reads. Writes (5, 6, 15, 16, 22, 23) never."""
+
+
+class PointSpec(NamedTuple):
+    """What a running source keeps of one configured point: a tuple, not a pydantic model.
+
+    About 200 bytes a point instead of about 750 (the model, its dict and field set), so a
+    gateway's memory grows little with its point count; the table, type and order names are
+    the config's Literal values, one object each, shared by every point.
+    """
+
+    name: str
+    kind: RegisterKind
+    address: int
+    width: int
+    type: str
+    byte_order: Literal["big", "little"]
+    word_order: Literal["big", "little"]
+    bit: int | None
+    scale: float
+    offset: float
+    deadband: float | None
+    heartbeat: float | None
+
+    @property
+    def is_bit_table(self) -> bool:
+        return self.kind in ("coil", "discrete")
+
+    @classmethod
+    def of(cls, point: ModbusPoint) -> PointSpec:
+        """The spec of a validated point."""
+        return cls(
+            point.name, point.kind, point.address, point.width, point.type,
+            point.byte_order, point.word_order, point.bit,
+            1.0 if point.scale == 1.0 else point.scale,
+            0.0 if point.offset == 0.0 else point.offset,
+            point.deadband, point.heartbeat,
+        )  # fmt: skip
+
+
+class PlannablePoint(Protocol):
+    """What planning needs of a point (ModbusPoint and PointSpec have it)."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def kind(self) -> RegisterKind: ...
+    @property
+    def address(self) -> int: ...
+    @property
+    def width(self) -> int: ...
+    @property
+    def type(self) -> str: ...
+    @property
+    def byte_order(self) -> Literal["big", "little"]: ...
+    @property
+    def word_order(self) -> Literal["big", "little"]: ...
+    @property
+    def bit(self) -> int | None: ...
+    @property
+    def scale(self) -> float: ...
+    @property
+    def offset(self) -> float: ...
+    @property
+    def is_bit_table(self) -> bool: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,7 +116,7 @@ class ReadRequest:
 
 
 def plan_reads(
-    points: Sequence[ModbusPoint],
+    points: Sequence[PlannablePoint],
     *,
     max_registers: int = 125,
     max_bits: int = 2000,
@@ -65,12 +131,12 @@ def plan_reads(
     return requests
 
 
-def split(request: ReadRequest, points: Sequence[ModbusPoint]) -> list[ReadRequest]:
+def split(request: ReadRequest, points: Sequence[PlannablePoint]) -> list[ReadRequest]:
     """The same points read without bridging: only overlapping points still share a read."""
     return _group(request.kind, list(request.points), points, request.count, -1)
 
 
-def naive_count(points: Sequence[ModbusPoint]) -> int:
+def naive_count(points: Sequence[PlannablePoint]) -> int:
     """Requests needed without coalescing: one per point (the baseline the planner beats)."""
     return len(points)
 
@@ -78,7 +144,7 @@ def naive_count(points: Sequence[ModbusPoint]) -> int:
 def _group(
     kind: RegisterKind,
     indexes: list[int],
-    points: Sequence[ModbusPoint],
+    points: Sequence[PlannablePoint],
     limit: int,
     max_gap: int,
 ) -> list[ReadRequest]:
@@ -106,27 +172,31 @@ def _group(
 
 def decode_response(
     request: ReadRequest,
-    points: Sequence[ModbusPoint],
+    points: Sequence[PlannablePoint],
     values: Sequence[int] | Sequence[bool],
 ) -> list[tuple[int, Value | DecodeError]]:
     """Each point's scaled value from a response, or the DecodeError that makes it bad.
 
     `values` must hold at least `request.count` registers or bits (the caller checks length:
-    a short response is a device fault, not a decoding one).
+    a short response is a device fault, not a decoding one). The values as ints or bools, for
+    tests and tools; a source decodes the answer's bytes with the read's `decoder` instead.
     """
-    results: list[tuple[int, Value | DecodeError]] = []
-    for index in request.points:
-        point = points[index]
-        offset = point.address - request.address
-        if point.is_bit_table:
-            results.append((index, bool(values[offset])))
-            continue
-        registers = [int(v) for v in values[offset : offset + point.width]]
-        try:
-            raw = decode_registers(
-                registers, point.type, point.byte_order, point.word_order, point.bit
-            )
-            results.append((index, scaled(raw, point.scale, point.offset)))
-        except DecodeError as exc:
-            results.append((index, exc))
-    return results
+    decoder = decoder_of(request, points)
+    if request.kind in ("coil", "discrete"):
+        packed = bytearray((len(values) + 7) // 8)
+        for i, bit in enumerate(values):
+            if bit:
+                packed[i >> 3] |= 1 << (i & 7)
+        data = bytes(packed)
+    else:
+        data = struct.pack(f">{len(values)}H", *(int(v) for v in values))
+    return list(zip(request.points, decoder.decode(data), strict=True))
+
+
+def decoder_of(request: ReadRequest, points: Sequence[PlannablePoint]) -> BlockDecoder:
+    """The decoder of the answer to `request` (built once per read, used on every poll)."""
+    return BlockDecoder(
+        request.address,
+        [points[i] for i in request.points],
+        bits=request.kind in ("coil", "discrete"),
+    )

@@ -22,14 +22,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable
+from itertools import repeat
+from typing import Any, NamedTuple, cast
 
 from edge_agent.config.modbus import ModbusSourceConfig
-from edge_agent.reading import Quality, Reading
+from edge_agent.reading import Quality, Reading, Value
 from edge_agent.schedule import ticks
 from edge_agent.sources.base import Emit, SourceState
 from edge_agent.sources.modbus.deadband import ReportFilter
-from edge_agent.sources.modbus.decode import DecodeError
+from edge_agent.sources.modbus.decode import BlockDecoder, DecodeError
 from edge_agent.sources.modbus.link import (
     ExceptionReplyError,
     LinkDownError,
@@ -38,7 +40,7 @@ from edge_agent.sources.modbus.link import (
     ReadError,
     ReadTimeoutError,
 )
-from edge_agent.sources.modbus.plan import ReadRequest, decode_response, plan_reads, split
+from edge_agent.sources.modbus.plan import PointSpec, ReadRequest, decoder_of, plan_reads, split
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +48,19 @@ DISCARD_TEXT = {"late": "late reply discarded", "framing": "framing error, noise
 """Log wording per kind of discarded bytes (the counters of the same names)."""
 
 ReadKey = tuple[str, int, int]
+
+_tuple_new = cast(Callable[[type[Reading], tuple[Any, ...]], Reading], tuple.__new__)
+"""`_tuple_new(Reading, fields)`: a Reading without NamedTuple's Python-level __new__."""
+
+
+class _Read(NamedTuple):
+    """What a planned read needs on every poll, built on its first poll."""
+
+    decoder: BlockDecoder
+    names: tuple[str, ...]
+    """The names of the read's points, in the read's order."""
+    filtered: bool
+    """Whether a point of the read has a deadband (its good values may be held back)."""
 
 
 class ModbusSource:
@@ -58,21 +73,28 @@ class ModbusSource:
     def __init__(self, config: ModbusSourceConfig, links: LinkPool) -> None:
         self.name = config.name
         self.state = SourceState()
-        self._config = config
+        self._points = [PointSpec.of(p) for p in config.points]
+        """The points as compact tuples: the source keeps no pydantic model of a point."""
+        self._config = config.model_copy(update={"points": []})
         self._links = links
         self._unit = config.unit_id
-        self._points = list(config.points)
         self.plan: list[ReadRequest] = plan_reads(
             self._points,
             max_registers=config.max_registers_per_read,
             max_bits=config.max_bits_per_read,
             max_gap=config.max_gap,
         )
+        self._reads: dict[ReadRequest, _Read] = {}
         slack = config.poll_interval / 2  # "at least every heartbeat", at poll granularity
-        self._filters = [
-            ReportFilter(p.deadband, max((p.heartbeat or config.heartbeat) - slack, 0.0))
-            for p in self._points
-        ]
+        self._slack = slack
+        self._filters = {
+            i: ReportFilter(p.deadband, max((p.heartbeat or config.heartbeat) - slack, 0.0))
+            for i, p in enumerate(self._points)
+            if p.deadband is not None
+        }
+        """Points with a deadband (report by exception): what each last sent, and when."""
+        self._bad_sent: dict[int, float] = {}
+        """Points without a deadband last sent as bad: when (re-sent once per heartbeat)."""
         self._read_faults: dict[ReadKey, tuple[str, int]] = {}
         self._point_faults: dict[int, tuple[str, int]] = {}
         """Per point index: the value rule its last value broke, and how many polls in a row."""
@@ -120,7 +142,7 @@ class ModbusSource:
                 continue
             self.state.counts["requests"] += 1
             try:
-                values = await link.read(
+                data = await link.read_data(
                     request, unit=self._unit, wait=self._config.timeout, device=self._device
                 )
             except ReadError as exc:
@@ -140,7 +162,7 @@ class ModbusSource:
                 continue
             answered = True
             self._note_recovery(request)
-            failures += self._take(request, values, ts_ns, now, out)
+            failures += self._take(request, data, ts_ns, now, out)
             i += 1
         self._note_discarded(link.take_discarded(self._unit), answered)
         self.state.errors += len(failures)
@@ -150,18 +172,44 @@ class ModbusSource:
             self._set_down(str(unreachable))
         return out
 
+    def _compiled(self, request: ReadRequest) -> _Read:
+        read = self._reads.get(request)
+        if read is None:
+            read = self._reads[request] = _Read(
+                decoder_of(request, self._points),
+                tuple(self._points[i].name for i in request.points),
+                any(i in self._filters for i in request.points),
+            )
+        return read
+
     def _take(
+        self, request: ReadRequest, data: bytes, ts_ns: int, now: float, out: list[Reading]
+    ) -> list[str]:
+        """The points of an answered read into `out`: good values, or bad where the value rules
+        refuse them; returns a failure message per refused value."""
+        read = self._compiled(request)
+        values = read.decoder.decode(data)
+        refused = read.decoder.may_refuse and any(type(v) is DecodeError for v in values)
+        if not (refused or read.filtered or self._bad_sent or self._point_faults):
+            # Every value good and sent: the readings are built in C, without a call per point.
+            out.extend(map(_tuple_new, repeat(Reading), zip(
+                repeat(self.name), read.names, repeat(ts_ns), values, repeat(Quality.GOOD),
+                repeat(None),
+            )))  # fmt: skip
+            return []
+        return self._take_each(request.points, values, ts_ns, now, out)
+
+    def _take_each(
         self,
-        request: ReadRequest,
-        values: Sequence[int] | Sequence[bool],
+        indexes: Iterable[int],
+        values: list[Value | DecodeError],
         ts_ns: int,
         now: float,
         out: list[Reading],
     ) -> list[str]:
-        """The points of an answered read into `out`: good values, or bad where the value rules
-        refuse them; returns a failure message per refused value."""
+        """`_take` point by point: refused values, deadbands, points recovering from bad."""
         failures: list[str] = []
-        for index, value in decode_response(request, self._points, values):
+        for index, value in zip(indexes, values, strict=True):
             if isinstance(value, DecodeError):
                 self.state.counts["rejected"] += 1
                 self._note_point_fault(index, str(value))
@@ -169,9 +217,12 @@ class ModbusSource:
                 failures.append(f"{self._device}: point {self._points[index].name}: {value}")
                 continue
             self._note_point_recovery(index)
-            if self._filters[index].admit(value, Quality.GOOD, now):
-                out.append(Reading(self.name, self._points[index].name, ts_ns, value,
-                                   Quality.GOOD))  # fmt: skip
+            filt = self._filters.get(index)
+            if filt is None:
+                self._bad_sent.pop(index, None)
+            elif not filt.admit(value, Quality.GOOD, now):
+                continue
+            out.append(Reading(self.name, self._points[index].name, ts_ns, value, Quality.GOOD))
         return failures
 
     def _split(self, index: int, request: ReadRequest) -> bool:
@@ -180,6 +231,7 @@ class ModbusSource:
         if len(smaller) <= 1:
             return False
         self.plan[index : index + 1] = smaller
+        self._reads.pop(request, None)
         log.warning(
             "Modbus device refused a coalesced read (exception 2, illegal data address); "
             "reading its points separately from now on device=%s unit=%d read=%s requests=%d",
@@ -192,8 +244,21 @@ class ModbusSource:
             self._bad_point(index, ts_ns, now, out)
 
     def _bad_point(self, index: int, ts_ns: int, now: float, out: list[Reading]) -> None:
-        if self._filters[index].admit(None, Quality.BAD, now):
-            out.append(Reading(self.name, self._points[index].name, ts_ns, None, Quality.BAD))
+        """A bad reading for the point when it turns bad, then once per heartbeat."""
+        filt = self._filters.get(index)
+        if filt is None:
+            sent = self._bad_sent.get(index)
+            if sent is not None and now - sent < self._bad_heartbeat(index):
+                return
+            self._bad_sent[index] = now
+        elif not filt.admit(None, Quality.BAD, now):
+            return
+        out.append(Reading(self.name, self._points[index].name, ts_ns, None, Quality.BAD))
+
+    def _bad_heartbeat(self, index: int) -> float:
+        """How often a bad point without a deadband is sent again (as ReportFilter would)."""
+        heartbeat = self._points[index].heartbeat or self._config.heartbeat
+        return max(heartbeat - self._slack, 0.0)
 
     def _note_fault(self, request: ReadRequest, error: str) -> None:
         key = (request.kind, request.address, request.count)

@@ -4,6 +4,10 @@ It connects exactly as the source would (same security, same certificate checks,
 server certificate is reported here first, with its thumbprints), follows hierarchical references
 down to `--depth`, and reads each variable's data type and current value in batched Read
 requests. Only Browse and Read are used: browsing never changes anything on the server.
+
+Node ids are printed with their namespace URI (`nsu=urn:example:plant;s=Tank.Level`), not the
+index: a server may number its namespaces differently after a restart, the URI stays. `--node`
+takes either form.
 """
 
 from __future__ import annotations
@@ -20,8 +24,9 @@ from asyncua.client.client import Client
 from asyncua.ua.attribute_ids import AttributeIds
 from asyncua.ua.object_ids import ObjectIdNames, ObjectIds
 
-from edge_agent.config.opcua import DEFAULT_PKI_DIR, OpcuaAuth, OpcuaSecurity
+from edge_agent.config.opcua import DEFAULT_PKI_DIR, OpcuaAuth, OpcuaSecurity, node_id_problem
 from edge_agent.reading import RejectedValue
+from edge_agent.sources.opcua.namespaces import namespace_table, resolve, uri_form
 from edge_agent.sources.opcua.security import configure_client
 from edge_agent.sources.opcua.values import convert, quality_of
 
@@ -34,7 +39,7 @@ class Variable:
     """One variable found: where it is, its id, and what it holds now."""
 
     path: str
-    node_id: str
+    node_id: ua.NodeId
     data_type: str = "?"
     value: Any = None
     status: int = 0
@@ -57,6 +62,10 @@ def run_browse(args: argparse.Namespace) -> int:
         )
     except ValueError as exc:
         print(f"browse: {exc}", file=sys.stderr)
+        return 2
+    problem = node_id_problem(args.node)
+    if problem is not None:
+        print(f"browse: --node: {problem}", file=sys.stderr)
         return 2
     try:
         text = asyncio.run(
@@ -87,17 +96,21 @@ async def browse(
     include_standard: bool = False,
     request_timeout: float = 10.0,
 ) -> str:
-    """The YAML `nodes:` list of the variables under `node`, with type and value comments."""
+    """The YAML `nodes:` list of the variables under `node` (either node id form), with type
+    and value comments; node ids in the `nsu=` form. Raises ValueError for a malformed `node`,
+    UnknownNamespaceError for a namespace URI the server does not have."""
     client = Client(endpoint, timeout=request_timeout)
     async with asyncio.timeout(request_timeout * 2):
         await configure_client(client, security, auth)
         await client.connect()
     try:
-        found = await _walk(client, ua.NodeId.from_string(node), depth, include_standard)
+        table = await namespace_table(client)
+        start = resolve(node, table)
+        found = await _walk(client, start, depth, include_standard)
         await _read(client, found)
     finally:
         await client.disconnect()
-    return render(endpoint, node, found)
+    return render(endpoint, node, found, table)
 
 
 async def _walk(client: Client, start: ua.NodeId, depth: int, standard: bool) -> list[Variable]:
@@ -117,7 +130,7 @@ async def _walk(client: Client, start: ua.NodeId, depth: int, standard: bool) ->
                 seen.add(child)
                 path = f"{prefix}.{ref.BrowseName.Name}" if prefix else str(ref.BrowseName.Name)
                 if ref.NodeClass == ua.NodeClass.Variable:
-                    found.append(Variable(path, child.to_string()))
+                    found.append(Variable(path, child))
                 if ref.NodeClass in (ua.NodeClass.Object, ua.NodeClass.Variable):
                     following.append((child, path))
         level = following
@@ -133,7 +146,7 @@ async def _read(client: Client, found: list[Variable]) -> None:
         for var in batch:
             for attribute in (AttributeIds.DataType, AttributeIds.Value):
                 item = ua.ReadValueId()
-                item.NodeId = ua.NodeId.from_string(var.node_id)
+                item.NodeId = var.node_id
                 item.AttributeId = attribute
                 params.NodesToRead.append(item)
         results = await client.uaclient.read(params)
@@ -153,8 +166,9 @@ def _type_name(type_id: ua.NodeId) -> str:
     return str(type_id.to_string())
 
 
-def render(endpoint: str, node: str, found: list[Variable]) -> str:
-    """YAML that pastes under a source: unique config names, type and value as comments."""
+def render(endpoint: str, node: str, found: list[Variable], table: list[str]) -> str:
+    """YAML that pastes under a source: unique config names, node ids with their namespace URI
+    (from the server's namespace `table`), type and value as comments."""
     lines = [f"# {len(found)} variables under {node} on {endpoint}", "nodes:"]
     used: set[str] = set()
     for var in found:
@@ -168,7 +182,7 @@ def render(endpoint: str, node: str, found: list[Variable]) -> str:
                 shown = repr(value) + (" (sent as text)" if flagged else "")
             except RejectedValue as exc:
                 shown = f"refused, sent as bad: {exc}"
-        node_id = var.node_id.replace('"', '\\"')
+        node_id = uri_form(var.node_id, table).replace("\\", "\\\\").replace('"', '\\"')
         lines.append(f'  - {{name: {name}, node_id: "{node_id}"}}  # {var.data_type} = {shown}')
     return "\n".join(lines) + "\n"
 

@@ -9,20 +9,33 @@ state. asyncua's supervisor is still used to *detect* a lost link: it probes the
 counts any publish response, data or keep-alive, as a sign of life (a busy server sends no
 keep-alives, and that must not look like a dead one).
 
+Each connect also reads the server's namespace table and resolves `nsu=` node ids against it
+(namespaces.py): indexes may change when the server restarts. Before connecting after a lost
+connection, the session that connection left on the server is taken over and closed
+(session.py), so a server that allows one session takes the agent back at once.
+
 What a consumer sees:
-- every DataValue as a Reading with the source timestamp (server timestamp, then local clock, as
-  fallbacks), the quality from the StatusCode's severity and the code itself in `Reading.code`;
-- a bad status with value None, never an old value passed off as good;
-- an exact repeat of a sample (same timestamp, same code) is not sent again, so a poll of a
-  value that has not changed, or the initial value a new subscription replays, is not re-sent as
-  fresh; a bad point is reported when it turns bad, not on every poll;
+- every DataValue that is news as a Reading (values.ChangeFilter: a changed value or status is
+  never dropped, an exact repeat is), with the source timestamp, or the server timestamp or the
+  receive time when the source timestamp is missing, frozen or went backwards (logged once per
+  node); the quality from the StatusCode's severity and the code itself in `Reading.code`;
+- a bad status with value None, never an old value passed off as good; a value the value rules
+  refuse (edge_agent.reading: NaN, text that is not UTF-8...) is bad with value None too, the
+  device's code kept, and logged once per reason; a bad point is reported when it turns bad, not
+  on every poll;
+- text over MAX_TEXT_BYTES (edge_agent.reading) cut there and sent `uncertain`, logged once per
+  node and counted (`truncated`);
+- a node whose namespace URI the server does not have: BadNodeIdUnknown, logged with the URI;
 - when the connection is lost, one `BadNotConnected` reading per point that had reported, so the
   last value is visibly no longer current; after the reconnect each point reports its current
   value again with its own (possibly older) source timestamp: order a point's readings by `seq`.
 
+A connection the server refuses on security grounds (our certificate, or our identity) or whose
+server certificate is not trusted is an audit event (edge_agent.audit), once per episode.
+
 Only discovery, session, subscription and Read services are used: no Write, Call, AddNodes or
-DeleteNodes request is ever sent (docs/contract.md §5; tests record the server's requests to prove
-it).
+DeleteNodes request is ever sent (docs/contract.md §5; tests record the server's requests to
+prove it).
 """
 
 from __future__ import annotations
@@ -31,8 +44,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Sequence
-from contextlib import suppress
-from typing import Any
+from typing import Any, Literal
 
 from asyncua import ua
 from asyncua.client.client import Client
@@ -45,18 +57,30 @@ from asyncua.common.subscription import (
 from asyncua.ua.attribute_ids import AttributeIds
 from asyncua.ua.uaerrors import UaStatusCodeError
 
-from edge_agent.config.opcua import Deadband, OpcuaSourceConfig
+from edge_agent.audit import audit
+from edge_agent.config.opcua import Deadband, OpcuaNode, OpcuaSourceConfig
 from edge_agent.errors import EdgeAgentError
 from edge_agent.logs import quiet_unless_configured
-from edge_agent.reading import Quality, Reading
+from edge_agent.reading import MAX_TEXT_BYTES, Quality, Reading
 from edge_agent.schedule import Backoff, ticks
 from edge_agent.sources.base import Emit, SourceState
-from edge_agent.sources.opcua.security import configure_client
+from edge_agent.sources.opcua.namespaces import UnknownNamespaceError, namespace_table, resolve
+from edge_agent.sources.opcua.security import UntrustedCertificateError, configure_client
+from edge_agent.sources.opcua.session import (
+    LossWatch,
+    SessionTicket,
+    TakeOverError,
+    close_session,
+    describe_error,
+    take_over,
+)
 from edge_agent.sources.opcua.values import (
     BAD_NOT_CONNECTED,
+    ChangeFilter,
+    TimestampIssue,
     bad_reading,
     code_name,
-    to_reading,
+    status_code,
 )
 
 log = logging.getLogger(__name__)
@@ -65,6 +89,19 @@ MAX_NODES_PER_READ = 1000
 """Reads are split at this size; servers commonly limit MaxNodesPerRead near it."""
 _DRAIN_MAX = 10_000
 """Notifications taken from the subscription queue per emit, so one emit carries a publish."""
+BAD_NODE_ID_UNKNOWN = 0x80340000
+"""Reported for a node whose namespace URI the server does not have."""
+_TIMESTAMP_LOG_NODES = 10
+"""Nodes logged per kind of timestamp issue; further ones are only counted (a gateway that
+freezes timestamps usually freezes them on every node)."""
+_TIMESTAMP_ISSUES: dict[TimestampIssue, tuple[str, str]] = {
+    "frozen": (
+        "OPC UA node's source timestamp did not change with its value",
+        "source timestamps that do not change with their values",
+    ),
+    "backwards": ("OPC UA node's source timestamp went backwards", "source timestamps going back"),
+    "missing": ("OPC UA node gives no source timestamp", "no source timestamps"),
+}
 
 
 class ConnectionLostError(EdgeAgentError):
@@ -78,11 +115,18 @@ class OpcuaSource:
         self.name = config.name
         self.state = SourceState()
         self._config = config
-        self._last: dict[str, tuple[int, int, bool]] = {}
-        """Per point: (ts_ns, code, bad) of the last reading sent, to drop exact repeats."""
+        self._nodes = {node.name: node for node in config.nodes}
+        self._changes = ChangeFilter()
         self._node_faults: dict[str, str] = {}
         """Per point: the last fault logged (bad code or refused value), logged once per change."""
         self._flagged: set[str] = set()
+        self._truncated: set[str] = set()
+        """Points whose text was cut (logged once each; every cut reading sent is counted)."""
+        self._timestamp_logged: set[tuple[str, TimestampIssue]] = set()
+        self._orphan: SessionTicket | None = None
+        """The session a lost connection left on the server, to take over at the next connect."""
+        self._loss: str | None = None
+        """Why the last session's connection was lost, when it was."""
         quiet_unless_configured("asyncua")  # it logs every publish response (edge_agent.logs)
 
     async def run(self, emit: Emit) -> None:
@@ -90,15 +134,23 @@ class OpcuaSource:
         cfg = self._config
         backoff = Backoff(cfg.reconnect_min, cfg.reconnect_max)
         while True:
+            self._loss = None
             try:
                 await self._session(emit)
                 error = "the session ended"
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # noqa: BLE001 - a failure must stay inside the source
-                error = describe(exc)
+                error = describe_error(exc)
+                refusal = security_refusal(exc)
+            else:
+                refusal = None
+            error = self._loss or error  # the cause, not asyncua's BadShutdown that follows it
             was_up, first = self.state.up, self.state.errors == 0
             if self.state.mark_down(error):
+                if refusal is not None:
+                    audit(refusal, "refused" if refusal == "certificate" else "failure",
+                          source=self.name, endpoint=cfg.endpoint, error=error)  # fmt: skip
                 state = "is down" if was_up or first else "is still down, for a new reason"
                 log.warning(
                     "OPC UA source %s; source=%s endpoint=%s error=%s",
@@ -114,24 +166,61 @@ class OpcuaSource:
 
     async def _session(self, emit: Emit) -> None:
         cfg = self._config
-        client = Client(
-            cfg.endpoint,
-            timeout=cfg.timeout,
-            watchdog_intervall=min(5.0, max(cfg.timeout / 2, 0.5)),
-        )
-        client.session_timeout = max(60_000, int(cfg.reconnect_max * 4000))
+        watchdog = min(5.0, max(cfg.timeout / 2, 0.5))
+        client = Client(cfg.endpoint, timeout=cfg.timeout, watchdog_intervall=watchdog)
+        client.session_timeout = int(cfg.session_timeout * 1000)
+        watch = LossWatch(probe_timeout=min(cfg.session_timeout / 2, watchdog))
+        ticket: SessionTicket | None = None
         try:
-            async with asyncio.timeout(cfg.timeout * 2):
-                await configure_client(client, cfg.security, cfg.auth)
-                await client.connect()
+            try:
+                async with asyncio.timeout(cfg.timeout * 3):
+                    await configure_client(client, cfg.security, cfg.auth)
+                    await self._take_over(client)
+                    await client.connect()
+            except TimeoutError:
+                raise ConnectionLostError(f"no answer for {cfg.timeout:g}s") from None
+            ticket = self._orphan = SessionTicket.of(client)
+            watch.attach(client)
+            table = await namespace_table(client)
             if cfg.mode == "subscribe":
-                await self._subscribe(client, emit)
+                await self._subscribe(client, table, emit)
             else:
-                await self._poll(client, emit)
+                await self._poll(client, table, emit)
         finally:
-            with suppress(Exception):
-                async with asyncio.timeout(2.0):
-                    await client.disconnect()
+            self._loss = watch.reason
+            watch.closing()
+            if ticket is not None:  # the session lives on at the server until it times out
+                self._orphan = ticket.renewed(client.session_timeout / 1000)
+            if await close_session(client, wait=2.0):
+                self._orphan = None
+
+    async def _take_over(self, client: Client) -> None:
+        """Close the session a lost connection left on the server, if it may still be there."""
+        orphan, self._orphan = self._orphan, None
+        if orphan is None or time.monotonic() > orphan.expires:
+            return
+        try:
+            taken = await take_over(client, orphan)
+        except TakeOverError as exc:
+            log.warning(
+                "OPC UA server refused to let the source take over the session its lost "
+                "connection left; the server keeps it until it expires; source=%s endpoint=%s "
+                "error=%s",
+                self.name,
+                self._config.endpoint,
+                exc,
+            )
+            return
+        except BaseException:
+            self._orphan = orphan  # not reached this time: try again on the next attempt
+            raise
+        if taken:
+            log.info(
+                "OPC UA source closed the session its lost connection left on the server; "
+                "source=%s endpoint=%s",
+                self.name,
+                self._config.endpoint,
+            )
 
     def _mark_up(self) -> None:
         if self.state.mark_up():
@@ -145,7 +234,7 @@ class OpcuaSource:
 
     # -- subscribe ---------------------------------------------------------------------------
 
-    async def _subscribe(self, client: Client, emit: Emit) -> None:
+    async def _subscribe(self, client: Client, table: list[str], emit: Emit) -> None:
         cfg = self._config
         params = ua.CreateSubscriptionParameters()
         params.RequestedPublishingInterval = cfg.interval * 1000
@@ -155,32 +244,63 @@ class OpcuaSource:
         params.PublishingEnabled = True
         params.Priority = 0
         queue_size = max(10_000, 4 * sum(n.queue_size or cfg.queue_size for n in cfg.nodes))
+        resolved, failed = self._resolve(table)
         # DISCONNECT, not DROP_OLDEST: if we fall that far behind, a visible reconnect beats
         # silently lost notifications.
         sub = await client.create_subscription(
             params, None, queue_maxsize=queue_size, overflow=OverflowPolicy.DISCONNECT
         )
-        requests = [self._item_request(index, node) for index, node in enumerate(cfg.nodes)]
-        names = {index + 1: node.name for index, node in enumerate(cfg.nodes)}
-        results = await sub.create_monitored_items(requests)
-        failed = [
-            bad_reading(self.name, cfg.nodes[i].name, int(r.value))
-            for i, r in enumerate(results)
-            if isinstance(r, ua.StatusCode)
-        ]
+        indexes = list(resolved)
+        requests = [self._item_request(i, cfg.nodes[i], resolved[i]) for i in indexes]
+        names = {i + 1: cfg.nodes[i].name for i in indexes}
+        results = await sub.create_monitored_items(requests) if requests else []
+        for i, result in zip(indexes, results, strict=True):
+            if isinstance(result, ua.StatusCode):
+                failed[i] = (int(result.value), None)
         if len(failed) == len(cfg.nodes):
-            raise ConnectionLostError(
-                f"no node could be monitored; first: {code_name(failed[0].code or 0)}"
-            )
+            raise ConnectionLostError(f"no node could be monitored; first: {self._why(failed)}")
         self._mark_up()
-        await self._emit([r for r in (self._accept(r) for r in failed) if r is not None], emit)
+        await self._emit(self._bad_nodes(failed), emit)
         await self._consume(client, sub, names, emit)
 
-    def _item_request(self, index: int, node: Any) -> ua.MonitoredItemCreateRequest:
+    def _resolve(
+        self, table: list[str]
+    ) -> tuple[dict[int, ua.NodeId], dict[int, tuple[int, str | None]]]:
+        """Per node index: its wire NodeId, or (bad code, reason) when its namespace is unknown."""
+        resolved: dict[int, ua.NodeId] = {}
+        failed: dict[int, tuple[int, str | None]] = {}
+        for index, node in enumerate(self._config.nodes):
+            try:
+                resolved[index] = resolve(node.node_id, table)
+            except UnknownNamespaceError as exc:
+                failed[index] = (BAD_NODE_ID_UNKNOWN, str(exc))
+        return resolved, failed
+
+    def _why(self, failed: dict[int, tuple[int, str | None]]) -> str:
+        index = min(failed)
+        code, reason = failed[index]
+        node = self._config.nodes[index]
+        text = f"node={node.name} node_id={node.node_id} status={code_name(code)}"
+        return f"{text} reason={reason}" if reason else text
+
+    def _bad_nodes(self, failed: dict[int, tuple[int, str | None]]) -> list[Reading]:
+        """Bad readings for the nodes that cannot be read at all, logged once per code."""
+        readings: list[Reading] = []
+        for index, (code, reason) in sorted(failed.items()):
+            name = self._config.nodes[index].name
+            reading = self._changes.accept_synthetic(bad_reading(self.name, name, code))
+            self._log_node(name, True, code, None, reason)
+            if reading is not None:
+                readings.append(reading)
+        return readings
+
+    def _item_request(
+        self, index: int, node: OpcuaNode, node_id: ua.NodeId
+    ) -> ua.MonitoredItemCreateRequest:
         cfg = self._config
         item = ua.MonitoredItemCreateRequest()
         item.ItemToMonitor = ua.ReadValueId()
-        item.ItemToMonitor.NodeId = ua.NodeId.from_string(node.node_id)
+        item.ItemToMonitor.NodeId = node_id
         item.ItemToMonitor.AttributeId = AttributeIds.Value
         item.MonitoringMode = ua.MonitoringMode.Reporting
         params = ua.MonitoringParameters()
@@ -238,25 +358,33 @@ class OpcuaSource:
 
     # -- poll --------------------------------------------------------------------------------
 
-    async def _poll(self, client: Client, emit: Emit) -> None:
+    async def _poll(self, client: Client, table: list[str], emit: Emit) -> None:
         cfg = self._config
+        resolved, failed = self._resolve(table)
+        if len(failed) == len(cfg.nodes):
+            raise ConnectionLostError(f"no node could be read; first: {self._why(failed)}")
+        indexes = list(resolved)
         chunks: list[tuple[list[str], ua.ReadParameters]] = []
-        for start in range(0, len(cfg.nodes), MAX_NODES_PER_READ):
-            nodes = cfg.nodes[start : start + MAX_NODES_PER_READ]
+        for start in range(0, len(indexes), MAX_NODES_PER_READ):
+            chunk = indexes[start : start + MAX_NODES_PER_READ]
             params = ua.ReadParameters()
             params.MaxAge = 0
             params.TimestampsToReturn = ua.TimestampsToReturn.Both
-            for node in nodes:
+            for index in chunk:
                 read = ua.ReadValueId()
-                read.NodeId = ua.NodeId.from_string(node.node_id)
+                read.NodeId = resolved[index]
                 read.AttributeId = AttributeIds.Value
                 params.NodesToRead.append(read)
-            chunks.append(([n.name for n in nodes], params))
+            chunks.append(([cfg.nodes[i].name for i in chunk], params))
+        bad = self._bad_nodes(failed)  # sent with the first tick's readings
         async for _ in ticks(cfg.interval):  # a slow read or back-pressure skips ticks, no burst
-            readings: list[Reading] = []
+            readings, bad = bad, []
             for names, params in chunks:
-                async with asyncio.timeout(cfg.timeout):
-                    values = await client.uaclient.read(params)
+                try:
+                    async with asyncio.timeout(cfg.timeout):
+                        values = await client.uaclient.read(params)
+                except TimeoutError:
+                    raise ConnectionLostError(f"no answer for {cfg.timeout:g}s") from None
                 for name, value in zip(names, values, strict=True):
                     reading = self._convert(name, value)
                     if reading is not None:
@@ -267,7 +395,18 @@ class OpcuaSource:
     # -- readings ----------------------------------------------------------------------------
 
     def _convert(self, name: str, value: ua.DataValue) -> Reading | None:
-        reading, flagged, rejected = to_reading(self.name, name, value)
+        reading, issue, flagged, rejected, truncated = self._changes.accept(self.name, name, value)
+        if truncated and reading is not None:  # a repeat is neither sent nor counted
+            self.state.counts["truncated"] += 1
+            if name not in self._truncated:
+                self._truncated.add(name)
+                log.warning(
+                    "OPC UA node text cut to its first %d bytes, sent as uncertain; source=%s "
+                    "node=%s",
+                    MAX_TEXT_BYTES,
+                    self.name,
+                    name,
+                )
         if flagged and name not in self._flagged:
             self._flagged.add(name)
             log.warning(
@@ -277,40 +416,63 @@ class OpcuaSource:
                 name,
                 value.Value.VariantType.name if value.Value is not None else "?",
             )
-        return self._accept(reading, rejected)
-
-    def _accept(self, reading: Reading, rejected: str | None = None) -> Reading | None:
-        """The reading if it is news: not an exact repeat, not a repeat of the same bad code.
-
-        `rejected` is why a value with a good or uncertain status was refused (the reading is
-        bad, with the device's code): logged once per change, like a bad status.
-        """
-        code = reading.code or 0
-        bad = reading.quality is Quality.BAD
-        self._log_node(reading.pt, bad, code, rejected)
-        last = self._last.get(reading.pt)
-        if last is not None:
-            if last == (reading.ts_ns, code, bad):
-                return None
-            if bad and last[1:] == (code, True):
-                return None
-        self._last[reading.pt] = (reading.ts_ns, code, bad)
+        if reading is None:
+            if rejected is not None:  # refused again, maybe for a new reason: logged, not sent
+                self._log_node(name, True, status_code(value), rejected)
+            return None
+        if issue is not None:
+            self._timestamp_issue(name, issue, value)
+        self._log_node(name, reading.quality is Quality.BAD, reading.code or 0, rejected)
         return reading
 
-    def _log_node(self, name: str, bad: bool, code: int, rejected: str | None) -> None:
+    def _timestamp_issue(self, name: str, issue: TimestampIssue, value: ua.DataValue) -> None:
+        """Count a reading that carries a substitute timestamp; log the first of each kind."""
+        self.state.counts[f"timestamp_{issue}"] += 1
+        if (name, issue) in self._timestamp_logged:
+            return
+        logged = sum(1 for _, kind in self._timestamp_logged if kind == issue)
+        self._timestamp_logged.add((name, issue))
+        if logged > _TIMESTAMP_LOG_NODES:
+            return
+        if logged == _TIMESTAMP_LOG_NODES:
+            log.warning(
+                "More OPC UA nodes have %s; they are counted as timestamp_%s in /status, "
+                "not logged; source=%s",
+                _TIMESTAMP_ISSUES[issue][1],
+                issue,
+                self.name,
+            )
+            return
+        stamp = value.SourceTimestamp
+        log.warning(
+            "%s; its readings carry the server timestamp, else the receive time, when that "
+            "happens; source=%s node=%s node_id=%s source_ts=%s",
+            _TIMESTAMP_ISSUES[issue][0],
+            self.name,
+            name,
+            self._nodes[name].node_id,
+            "none" if stamp is None else stamp.isoformat(),
+        )
+
+    def _log_node(
+        self, name: str, bad: bool, code: int, rejected: str | None, reason: str | None = None
+    ) -> None:
+        """Log a node turning bad, once per fault (a bad code, or why a value was refused), and
+        its recovery. `reason` adds why the node cannot be read at all (its namespace URI)."""
         previous = self._node_faults.get(name)
         fault = rejected or (code_name(code) if bad and code != BAD_NOT_CONNECTED else None)
         if fault is not None:
             if previous != fault:
                 self._node_faults[name] = fault
-                node_id = next(n.node_id for n in self._config.nodes if n.name == name)
+                node_id = self._nodes[name].node_id
                 if rejected is None:
                     log.warning(
-                        "OPC UA node is bad; source=%s node=%s node_id=%s status=%s",
+                        "OPC UA node is bad; source=%s node=%s node_id=%s status=%s%s",
                         self.name,
                         name,
                         node_id,
                         fault,
+                        f" reason={reason}" if reason else "",
                     )
                 else:
                     log.warning(
@@ -335,13 +497,11 @@ class OpcuaSource:
         """One BadNotConnected per point that had reported, so no old value looks current."""
         now = time.time_ns()
         readings = [
-            bad_reading(self.name, name, BAD_NOT_CONNECTED, now)
-            for name, (_, code, _) in self._last.items()
+            self._changes.accept_synthetic(bad_reading(self.name, name, BAD_NOT_CONNECTED, now))
+            for name, code in self._changes.codes().items()
             if code != BAD_NOT_CONNECTED
         ]
-        for reading in readings:
-            self._last[reading.pt] = (now, BAD_NOT_CONNECTED, True)
-        await self._emit(readings, emit)
+        await self._emit([r for r in readings if r is not None], emit)
 
 
 def data_change_filter(deadband: Deadband) -> ua.DataChangeFilter:
@@ -353,13 +513,25 @@ def data_change_filter(deadband: Deadband) -> ua.DataChangeFilter:
     return flt
 
 
-def describe(exc: BaseException) -> str:
-    """A one-line reason for logs and /status: the status name for OPC UA errors."""
+AUTH_FAILURES = frozenset({
+    0x801F0000,  # BadUserAccessDenied
+    0x80200000,  # BadIdentityTokenInvalid
+    0x80210000,  # BadIdentityTokenRejected
+})  # fmt: skip
+"""Status codes with which a server refuses our identity (OPC 10000-4 §5.6.3 ActivateSession)."""
+CERTIFICATE_FAILURES = frozenset(range(0x80120000, 0x801F0000, 0x10000))
+"""BadCertificateInvalid (0x8012) .. BadCertificateIssuerRevoked (0x801E), with
+BadSecurityChecksFailed (0x8013): the server refused our certificate or its chain."""
+
+
+def security_refusal(exc: BaseException) -> Literal["certificate", "authentication"] | None:
+    """The audit category of a connection refused on security grounds, else None."""
+    if isinstance(exc, UntrustedCertificateError):
+        return "certificate"
     if isinstance(exc, UaStatusCodeError):
-        return code_name(int(exc.code))
-    if isinstance(exc, TimeoutError):
-        return "timed out"
-    text = str(exc) or type(exc).__name__
-    if isinstance(exc, OSError) and exc.strerror:
-        text = exc.strerror
-    return text
+        code = int(exc.code)
+        if code in AUTH_FAILURES:
+            return "authentication"
+        if code in CERTIFICATE_FAILURES:
+            return "certificate"
+    return None

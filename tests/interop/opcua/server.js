@@ -1,6 +1,9 @@
-// An independent OPC UA server (node-opcua) for edge-agent's interoperability test.
-// Usage: node server.js PORT   — prints "READY <certificate file>" once listening.
+// An independent OPC UA server (node-opcua) for edge-agent's interoperability tests.
+// Usage: node server.js PORT [MAX_SESSIONS]
+// Prints `READY {"certificate": <file>, "namespace": <its own namespace URI>}` once listening.
 // Its PKI goes under $HOME: the test gives it a temporary HOME.
+// Frozen: a Double that goes up by 1 every 100 ms while its source timestamp never changes,
+// as some PLC gateways and simulators do.
 "use strict";
 const { OPCUAServer, Variant, DataType, StatusCodes, OPCUACertificateManager } = require("node-opcua");
 const path = require("path");
@@ -8,6 +11,7 @@ const os = require("os");
 
 async function main() {
   const port = parseInt(process.argv[2], 10);
+  const maxSessions = parseInt(process.argv[3] || "10", 10);
   const pkiRoot = path.join(os.homedir(), "pki");
   const serverCertificateManager = new OPCUACertificateManager({
     rootFolder: pkiRoot,
@@ -18,6 +22,7 @@ async function main() {
     resourcePath: "/interop",
     serverCertificateManager,
     buildInfo: { productName: "edge-agent-interop" },
+    serverCapabilities: { maxSessions },
   });
   await server.initialize();
   const ns = server.engine.addressSpace.getOwnNamespace();
@@ -30,14 +35,21 @@ async function main() {
   countVar.setValueFromSource(new Variant({ dataType: DataType.Int32, value: count }), StatusCodes.Good, new Date());
   ns.addVariable({ componentOf: plant, browseName: "Label", nodeId: "s=Label", dataType: "String",
     value: new Variant({ dataType: DataType.String, value: "interop" }) });
+  const frozenAt = new Date();
+  let frozen = 0;
+  const frozenVar = ns.addVariable({ componentOf: plant, browseName: "Frozen", nodeId: "s=Frozen", dataType: "Double" });
+  frozenVar.setValueFromSource(new Variant({ dataType: DataType.Double, value: frozen }), StatusCodes.Good, frozenAt);
   setInterval(() => {
     speed += 0.5;
     count += 1;
+    frozen += 1;
     countVar.setValueFromSource(new Variant({ dataType: DataType.Int32, value: count }), StatusCodes.Good, new Date());
+    frozenVar.setValueFromSource(new Variant({ dataType: DataType.Double, value: frozen }), StatusCodes.Good, frozenAt);
     speedVar.touchValue();
   }, 100);
   await server.start();
-  process.stdout.write(`READY ${server.certificateFile}\n`);
+  const ready = { certificate: server.certificateFile, namespace: ns.namespaceUri };
+  process.stdout.write(`READY ${JSON.stringify(ready)}\n`);
   const stop = async () => { await server.shutdown(0); process.exit(0); };
   process.on("SIGTERM", stop);
   process.on("SIGINT", stop);
