@@ -3,6 +3,12 @@
 It never polls, runs SQL or publishes itself. Shutdown order keeps the promise of no loss: stop
 the sources, seal what they produced, give in-flight publishes a moment to be acknowledged, close
 the store.
+
+Reload (SIGHUP, `systemctl reload`; docs/contract.md §1): the file is read and validated again;
+an invalid one is refused, its problems logged, and the running configuration kept. A valid one
+goes to `Agent.reload`, which applies sources (added, removed, changed: their intervals too), the
+log level and the signing key while the buffer, the batcher and the forwarder keep running, so
+nothing buffered is dropped or sent twice; keys that need a restart are named in the log.
 """
 
 from __future__ import annotations
@@ -10,25 +16,29 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import hashlib
 import logging
 import signal
-import sys
+import time
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from edge_agent import audit as audit_events
 from edge_agent import systemd
 from edge_agent.audit import audit
 from edge_agent.config import Config, load_config
+from edge_agent.config.schema import SourceConfig
 from edge_agent.errors import ConfigError, StoreError
 from edge_agent.forward.mqtt import Forwarder
 from edge_agent.health import Health, start_health_server
-from edge_agent.logs import configure_logging
+from edge_agent.logs import LEVELS, LogFormat, configure_logging, set_level
 from edge_agent.metrics import AuditCollector, Metrics, SourceCollector
 from edge_agent.seal.batcher import Batcher
 from edge_agent.seal.envelope import Sealer
 from edge_agent.seal.keys import load_private_key
-from edge_agent.sources import Emit, Source, SourceContext, build_source
+from edge_agent.sources import Emit, Source, SourceContext, SourceState, build_source
 from edge_agent.store.sqlite import Store
 
 log = logging.getLogger(__name__)
@@ -36,22 +46,29 @@ log = logging.getLogger(__name__)
 DRAIN_TIMEOUT_S = 5.0
 GOODBYE_S = 3.0
 SOURCE_RESTART_S = 5.0
+STATUS_EVERY_S = 5.0
+"""How often the systemd STATUS= line is recomputed (sent only when its text changes)."""
+
+RESTART_SECTIONS = ("gateway", "store", "mqtt", "batch", "health")
+"""Config sections a reload cannot apply to a running agent: a change is named, not applied."""
 
 
-def run_agent(path: Path) -> int:
+def run_agent(path: Path, log_format: LogFormat = "auto") -> int:
     """`edge-agent run`: 0 after a clean stop, 1 when the config or the start-up fails."""
-    configure_logging()
+    configure_logging(log_format=log_format)
     try:
         config = load_config(path)
     except ConfigError as exc:
-        print(exc, file=sys.stderr)  # one located line per problem
+        for line in str(exc).splitlines():  # one located line per problem
+            log.error("Invalid configuration, not starting problem=%s", line)
         audit("config", "refused", file=str(path), problems=len(exc.problems))
         return 1
     except OSError as exc:
-        print(f"{path}: cannot read: {exc.strerror or exc}", file=sys.stderr)
+        log.error("Cannot read the configuration file=%s error=%s", path, exc.strerror or exc)
         return 2
+    set_level(LEVELS[config.log.level])
     try:
-        agent = Agent(config)
+        agent = Agent(config, config_path=path)
         del config  # what the agent does not keep of the validated file is freed now
         return asyncio.run(agent.run())
     except (StoreError, OSError, ValueError) as exc:
@@ -85,9 +102,26 @@ def tune_garbage_collector() -> None:
     gc.set_threshold(10_000, 10, 10)
 
 
+@dataclass
+class ReloadResult:
+    """What `Agent.reload` did: parts applied, and keys that take effect only after a restart."""
+
+    applied: list[str] = field(default_factory=list)
+    """`sources+=NAME`, `sources-=NAME`, `sources~=NAME` (changed), `log.level`, `signing.key`."""
+    needs_restart: list[str] = field(default_factory=list)
+    """Dotted keys (`mqtt.url`, `batch.max_delay`) whose new values wait for a restart."""
+
+
 class Agent:
-    def __init__(self, config: Config) -> None:
+    """The running agent: builds the components from `config` and runs them until stopped.
+
+    `config_path` is the file a SIGHUP re-reads (none: SIGHUP is ignored). `reload` applies a
+    new validated config to the running agent.
+    """
+
+    def __init__(self, config: Config, *, config_path: Path | None = None) -> None:
         self.config = config
+        self.config_path = config_path
         self.metrics = Metrics()
         self.store = Store(
             config.store.path, max_bytes=int(config.store.max_bytes), max_age_s=config.store.max_age
@@ -95,16 +129,24 @@ class Agent:
         self.source_context = SourceContext()
         """What the sources share (the Modbus link pool); owned here, lent to each source."""
         self.sources: list[Source] = [build_source(c, self.source_context) for c in config.sources]
+        self.source_states: dict[str, SourceState] = {s.name: s.state for s in self.sources}
+        """Each running source's state by name, shared with health and metrics (kept current)."""
+        self.metrics.registry.register(SourceCollector(self.source_states))
+        self.metrics.registry.register(AuditCollector(audit_events.COUNTS))
         # Each source keeps what it needs of its config (a Modbus source: its points as compact
         # tuples), so the validated models of the sources, thousands of points on a large
-        # gateway, are not kept here too: `config.sources` is empty from now on.
+        # gateway, are not kept here too: `config.sources` is empty from now on. A reload
+        # tells a changed source by the digest of its config (`_source_digests`).
+        self._source_digests = {c.name: _digest(c) for c in config.sources}
         self.config = config.model_copy(update={"sources": []})
-        self.metrics.registry.register(SourceCollector({s.name: s.state for s in self.sources}))
-        self.metrics.registry.register(AuditCollector(audit_events.COUNTS))
         self.stopping = asyncio.Event()
         self.started = asyncio.Event()
+        self._group: asyncio.TaskGroup | None = None
+        self._source_tasks: dict[str, asyncio.Task[None]] = {}
         self.batcher: Batcher | None = None
         """The batcher once running: `rotate_signing_key` switches its key."""
+        self._reload_lock = asyncio.Lock()
+        self._status = ""
 
     def load_sealer(self, key_file: Path) -> Sealer:
         """A Sealer for the key in `key_file`, after the checks of seal/keys.py (blocking I/O).
@@ -179,9 +221,9 @@ class Agent:
             gateway=self.config.gateway.id,
             store=self.store,
             mqtt=forwarder.state,
-            sources={s.name: s.state for s in self.sources},
+            sources=self.source_states,
             metrics=self.metrics,
-            alive=lambda: all(not t.done() for t in tasks),
+            alive=lambda: all(not t.done() for t in [*tasks, *self._source_tasks.values()]),
             held_back_since=lambda: batcher.held_back_since,
         )
         runner = await start_health_server(health, self.config.health.host, self.config.health.port)
@@ -197,24 +239,25 @@ class Agent:
         )
         try:
             async with asyncio.TaskGroup() as group:
-                source_tasks = [
-                    group.create_task(self._guard(s, batcher.emit), name=f"source-{s.name}")
-                    for s in self.sources
-                ]
+                self._group = group
+                for source in self.sources:
+                    self._start_source(source)
                 batcher_task = group.create_task(batcher.run(), name="batcher")
                 forwarder_task = group.create_task(forwarder.run(), name="forwarder")
-                tasks.extend([*source_tasks, batcher_task, forwarder_task])
+                tasks.extend([batcher_task, forwarder_task])
                 watchdog = systemd.watchdog_interval()
                 if watchdog:
                     tasks.append(group.create_task(self._watchdog(watchdog), name="watchdog"))
                 health.ready = True
-                systemd.notify("READY=1\nSTATUS=Forwarding")
+                self._status = self._status_text(forwarder)
+                systemd.notify(f"READY=1\nSTATUS={self._status}")
+                tasks.append(group.create_task(self._status_loop(forwarder), name="status"))
                 self.started.set()
                 await self.stopping.wait()
                 health.ready = False
-                systemd.notify("STOPPING=1\nSTATUS=Draining")
+                systemd.notify("STOPPING=1\nSTATUS=Stopping: sealing pending readings")
                 log.info("Stopping: sealing pending readings and draining in-flight batches")
-                await _cancel(source_tasks)
+                await _cancel(list(self._source_tasks.values()))
                 batcher.stop()
                 await batcher_task
                 await self._drain(forwarder)
@@ -236,6 +279,148 @@ class Agent:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stopping.set)
+        loop.add_signal_handler(signal.SIGHUP, self._on_hangup)
+
+    def _start_source(self, source: Source) -> None:
+        assert self._group is not None and self.batcher is not None
+        self._source_tasks[source.name] = self._group.create_task(
+            self._guard(source, self.batcher.emit), name=f"source-{source.name}"
+        )
+
+    def _on_hangup(self) -> None:
+        if self.config_path is None or self._group is None or self.stopping.is_set():
+            log.warning("Reload ignored: the agent is not running from a file")
+            return
+        self._group.create_task(self._reload_from_file(self.config_path), name="reload")
+
+    async def _reload_from_file(self, path: Path) -> None:
+        """SIGHUP: read and validate `path`; refuse it (logged, audited) or apply it (`reload`)."""
+        async with self._reload_lock:
+            systemd.notify(f"RELOADING=1\nMONOTONIC_USEC={time.monotonic_ns() // 1000}")
+            try:
+                new = await asyncio.to_thread(load_config, path)
+            except ConfigError as exc:
+                for line in str(exc).splitlines():
+                    log.error("Reload: invalid configuration problem=%s", line)
+                audit("config", "refused", file=str(path), problems=len(exc.problems))
+                self._refused(path, f"{len(exc.problems)} problem(s) in {path}")
+                return
+            except OSError as exc:
+                self._refused(path, exc.strerror or str(exc))
+                return
+            try:
+                result = await self.reload(new)
+            except (OSError, ValueError) as exc:  # the signing key refused: nothing changed
+                self._refused(path, str(exc))
+                return
+            except Exception:  # a bug: keep running on what was applied, say so once
+                log.exception("Reload failed part-way, a bug to report file=%s", path)
+                self._refused(path, "internal error, see the log")
+                return
+            applied = ",".join(result.applied) or "nothing changed"
+            audit("reload", "success", file=str(path), applied=applied,
+                  needs_restart=",".join(result.needs_restart) or None)  # fmt: skip
+            log.info("Reloaded file=%s applied=%s", path, applied)
+            systemd.notify(f"READY=1\nSTATUS={self._status}")
+
+    def _refused(self, path: Path, why: str) -> None:
+        """A reload refused: audited, logged (the outcome line last), and in systemd's STATUS=."""
+        audit("reload", "refused", file=str(path), error=why)
+        log.error("Reload refused, running configuration kept file=%s error=%s", path, why)
+        systemd.notify(f"READY=1\nSTATUS={self._status} (last reload refused: {why})")
+
+    async def reload(self, new: Config) -> ReloadResult:
+        """Apply a validated config to the running agent; return what was applied.
+
+        Applied now: the signing key first, through `rotate_signing_key` (checked and audited;
+        raises PermissionError, OSError or ValueError before anything changes, and the running
+        configuration stays whole), then `log.level` and sources (a source whose config changed
+        is stopped and started again with the new one; others keep running undisturbed).
+        Everything buffered stays: readings a stopped source produced are sealed with the rest,
+        and nothing is re-sealed or re-sent. Keys under RESTART_SECTIONS that changed are logged
+        as needing a restart and keep their running values (so a later reload names them again
+        until the restart); a new key is sealed with the running `batch` settings (format,
+        compression).
+        """
+        assert self.batcher is not None, "reload needs a running agent"
+        previous_kid = self.batcher.sealer.kid
+        kid = await self.rotate_signing_key(new.signing.key_file)
+        result = ReloadResult()
+        kept: dict[str, Any] = {}
+        for section in RESTART_SECTIONS:
+            old_value, new_value = getattr(self.config, section), getattr(new, section)
+            if old_value != new_value:
+                result.needs_restart.extend(
+                    f"{section}.{key}" if key else section
+                    for key in _changed_keys(old_value.model_dump(), new_value.model_dump())
+                )
+                kept[section] = old_value
+        if kid != previous_kid:  # logged by rotate_signing_key as a `key` audit event
+            result.applied.append("signing.key")
+        if new.log.level != self.config.log.level:
+            set_level(LEVELS[new.log.level])
+            result.applied.append("log.level")
+        result.applied.extend(await self._apply_sources(new.sources))
+        self.config = new.model_copy(update={**kept, "sources": []})
+        if result.needs_restart:
+            log.warning(
+                "Reload: these changes need a restart to apply keys=%s",
+                ",".join(result.needs_restart),
+            )
+        return result
+
+    async def _apply_sources(self, configs: Sequence[SourceConfig]) -> list[str]:
+        """Stop removed and changed sources, start added and changed ones; the rest run on."""
+        running = {s.name: s for s in self.sources}
+        wanted = {c.name: c for c in configs}
+        digests = {name: _digest(c) for name, c in wanted.items()}
+        changed = [n for n in wanted if n in running and digests[n] != self._source_digests.get(n)]
+        removed = [n for n in running if n not in wanted]
+        added = [n for n in wanted if n not in running]
+        stopping = [*removed, *changed]
+        await _cancel([self._source_tasks.pop(n) for n in stopping if n in self._source_tasks])
+        for name in stopping:
+            self.source_states.pop(name, None)
+        sources: list[Source] = []
+        for config in configs:
+            source = running.get(config.name)
+            if source is None or config.name in changed:
+                source = build_source(config, self.source_context)
+                self.source_states[source.name] = source.state
+                self._start_source(source)
+            sources.append(source)
+        self.sources = sources
+        self._source_digests = digests
+        for name in removed:
+            log.info("Source removed by reload source=%s", name)
+        for name in changed:
+            log.info("Source restarted with its new configuration source=%s", name)
+        for name in added:
+            log.info("Source added by reload source=%s", name)
+        return (
+            [f"sources+={n}" for n in added]
+            + [f"sources-={n}" for n in removed]
+            + [f"sources~={n}" for n in changed]
+        )
+
+    def _status_text(self, forwarder: Forwarder) -> str:
+        """The STATUS= line: what a person needs from `systemctl status` at a glance."""
+        up = sum(1 for s in self.source_states.values() if s.up)
+        stats = self.store.stats
+        head = "Forwarding" if forwarder.state.connected else "Buffering (broker not connected)"
+        return (
+            f"{head}; {up} of {len(self.source_states)} sources up; "
+            f"{stats.readings} readings in {stats.batches} batches buffered"
+        )
+
+    async def _status_loop(self, forwarder: Forwarder) -> None:
+        """Send STATUS= when its text changes, checked every STATUS_EVERY_S."""
+        while True:
+            await asyncio.sleep(STATUS_EVERY_S)
+            text = self._status_text(forwarder)
+            if text != self._status:
+                self._status = text
+                systemd.notify(f"STATUS={text}")
 
     async def _guard(self, source: Source, emit: Emit) -> None:
         """A source that crashes (a bug, not a device fault) is logged and restarted alone."""
@@ -251,6 +436,23 @@ class Agent:
         while True:
             systemd.notify("WATCHDOG=1")
             await asyncio.sleep(interval)
+
+
+def _digest(config: SourceConfig) -> str:
+    """A source config's fingerprint: equal for equal configs, without keeping the model."""
+    return hashlib.sha256(config.model_dump_json().encode()).hexdigest()
+
+
+def _changed_keys(old: Any, new: Any, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two `model_dump()`s ("" for the whole value)."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        found: list[str] = []
+        for key in sorted(set(old) | set(new), key=str):
+            name = f"{prefix}.{key}" if prefix else str(key)
+            if old.get(key) != new.get(key):
+                found.extend(_changed_keys(old.get(key), new.get(key), name))
+        return found
+    return [prefix]
 
 
 async def _cancel(tasks: Sequence[asyncio.Task[None]], *, patience: float = 0.2) -> None:

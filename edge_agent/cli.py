@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -13,6 +14,7 @@ from edge_agent import __version__
 def _cmd_check_config(args: argparse.Namespace) -> int:
     from edge_agent.config import load_config  # noqa: PLC0415 - keep `--help` fast
     from edge_agent.errors import ConfigError  # noqa: PLC0415
+    from edge_agent.logs import journal_prefix  # noqa: PLC0415
 
     try:
         config = load_config(Path(args.file))
@@ -20,9 +22,13 @@ def _cmd_check_config(args: argparse.Namespace) -> int:
         print(f"{args.file}: cannot read: {exc.strerror or exc}", file=sys.stderr)
         return 2
     except ConfigError as exc:
-        print(exc, file=sys.stderr)  # one located line per problem
+        # One located line per problem; under journald (ExecStartPre=, ExecReload=) each line
+        # carries the error priority.
+        error = journal_prefix(logging.ERROR)
+        for line in str(exc).splitlines():
+            print(f"{error}{line}", file=sys.stderr)
         count = len(exc.problems)
-        print(f"{args.file}: {count} problem{'s' if count != 1 else ''}", file=sys.stderr)
+        print(f"{error}{args.file}: {count} problem{'s' if count != 1 else ''}", file=sys.stderr)
         return 1
     print(f"{args.file}: valid ({len(config.sources)} sources)")
     if getattr(args, "plan", False):
@@ -55,7 +61,7 @@ def _cmd_keygen(args: argparse.Namespace) -> int:
 def _cmd_run(args: argparse.Namespace) -> int:
     from edge_agent.agent import run_agent  # noqa: PLC0415
 
-    return run_agent(Path(args.config))
+    return run_agent(Path(args.config), log_format=args.log_format)
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
@@ -174,6 +180,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = add("run", _cmd_run, "Run the agent in the foreground.")
     run.add_argument("--config", "-c", required=True, help="the YAML configuration file")
+    run.add_argument(
+        "--log-format",
+        choices=["auto", "text", "journal", "json"],
+        default="auto",
+        help="auto (default): journal under systemd's journal, else text; json: one object a line",
+    )
 
     check = add("check-config", _cmd_check_config, "Validate a configuration file.")
     check.add_argument("file")

@@ -116,3 +116,32 @@ def test_a_fifo_is_refused_without_hanging(tmp_path: Path) -> None:
     )  # fmt: skip
     assert result.returncode == 2
     assert "not a regular file" in result.stderr
+
+
+@pytest.mark.parametrize("key", ["signing.key_file", "mqtt.password_file"])
+def test_a_file_behind_a_folder_this_user_may_not_enter_is_a_problem(
+    tmp_path: Path, keys: Path, key: str
+) -> None:
+    """Field case (issue 12): under systemd, `check-config` met a secret in a directory it could
+    not search (root-only /etc/edge-agent/credentials) and reported the config file itself as
+    unreadable. It is a located problem of the key that names the file. Root without its
+    permission-bypassing capabilities plays the unprivileged user here."""
+    secret = tmp_path / "secret"
+    secret.mkdir(mode=0o700)
+    os.chown(secret, 65534, 65534)  # nobody's: root without CAP_DAC_* may not enter it
+    files = {"signing.key_file": str(keys / "signing.key"), "mqtt.password_file": None}
+    section, name = key.split(".")
+    files[key] = str(secret / "the-file")
+    text = MINIMAL + f"signing: {{key_file: {files['signing.key_file']}}}\n"
+    if section == "mqtt":
+        text += f"mqtt: {{password_file: {files[key]}}}\n"
+    path = tmp_path / "agent.yaml"
+    path.write_text(text)
+    result = subprocess.run(
+        ["setpriv", "--bounding-set", "-dac_override,-dac_read_search",
+         sys.executable, "-m", "edge_agent", "check-config", str(path)],
+        capture_output=True, text=True, check=False, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 1, result.stderr
+    assert f"{key}: file not readable: {secret / 'the-file'}" in result.stderr
+    assert "cannot read" not in result.stderr and "Traceback" not in result.stderr

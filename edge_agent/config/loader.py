@@ -132,15 +132,27 @@ def parse_config(text: str, name: str = "<config>", *, check_files: bool = False
 
     problems.extend(_locate(loc, msg, marks) for loc, msg in config.problems())
     if check_files:
-        for loc, file in config.files_to_check():
-            if not file.is_file():
-                problems.append(_locate(loc, f"file not found: {file}", marks))
-            elif not os.access(file, os.R_OK):
-                problems.append(_locate(loc, f"file not readable: {file}", marks))
+        problems.extend(_file_problems(config, marks))
         problems.extend(_signing_key_problems(config, marks))
     if problems:
         raise ConfigError(name, _sorted(problems))
     return config
+
+
+def _file_problems(config: Config, marks: Marks) -> list[ConfigProblem]:
+    """The files the config names (keys, certificates, secrets) that are missing or unreadable."""
+    problems: list[ConfigProblem] = []
+    for loc, file in config.files_to_check():
+        try:
+            found = file.is_file()
+        except PermissionError:  # a directory on the way that this user may not search
+            problems.append(_locate(loc, f"file not readable: {file}", marks))
+            continue
+        if not found:
+            problems.append(_locate(loc, f"file not found: {file}", marks))
+        elif not os.access(file, os.R_OK):
+            problems.append(_locate(loc, f"file not readable: {file}", marks))
+    return problems
 
 
 def _flow_nesting_line(text: str) -> int | None:
@@ -168,10 +180,12 @@ def _signing_key_problems(config: Config, marks: Marks) -> list[ConfigProblem]:
     from edge_agent.seal.keys import key_file_problems  # noqa: PLC0415 - only with files
 
     path = config.signing.key_file
-    if not path.is_file():
-        return []  # reported above as not found
     try:
+        if not path.is_file():
+            return []  # reported above as not found
         found = key_file_problems(path)
+    except PermissionError:  # a directory on the way this user may not search
+        return []  # reported above as not readable (`_file_problems`)
     except OSError as exc:
         found = [f"cannot examine {path}: {exc.strerror or exc}"]
     return [_locate(("signing", "key_file"), message, marks) for message in found]

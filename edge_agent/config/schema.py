@@ -156,6 +156,12 @@ class HealthConfig(StrictModel):
         return int(self.listen.rsplit(":", 1)[1])
 
 
+class LogConfig(StrictModel):
+    """`log:`: the agent's own level; a reload applies it (docs/contract.md §2)."""
+
+    level: Literal["debug", "info", "warning", "error"] = "info"
+
+
 class Config(StrictModel):
     gateway: GatewayConfig
     store: StoreConfig = StoreConfig()
@@ -163,6 +169,7 @@ class Config(StrictModel):
     batch: BatchConfig = BatchConfig()
     signing: SigningConfig = SigningConfig()
     health: HealthConfig = HealthConfig()
+    log: LogConfig = LogConfig()
     sources: list[SourceConfig] = Field(min_length=1)
 
     @model_validator(mode="after")

@@ -18,6 +18,9 @@ import yaml
 from edge_agent.demo.broker import Mosquitto
 from helpers.ports import free_port
 
+RELOAD_OUTCOMES = ("Reloaded", "Reload refused", "Reload failed")
+"""The last line the agent logs for a SIGHUP (edge_agent/agent.py)."""
+
 
 def agent_config(
     tmp_path: Path, broker: Mosquitto, keys: Path, sources: list[dict[str, Any]], **overrides: Any
@@ -54,22 +57,37 @@ def strict_json(text: str | bytes) -> Any:
 class AgentProcess:
     """The real `edge-agent run` process, started and stopped the way systemd would."""
 
-    def __init__(self, config: dict[str, Any], directory: Path) -> None:
+    def __init__(
+        self,
+        config: dict[str, Any],
+        directory: Path,
+        *,
+        args: tuple[str, ...] = (),
+        env: dict[str, str] | None = None,
+    ) -> None:
         self.config = config
         self.path = directory / "agent.yaml"
-        self.path.write_text(yaml.safe_dump(config))
+        self.write_config(config)
         self.log_path = directory / "agent.log"
         self.health_url = f"http://{config['health']['listen']}"
         self.process: subprocess.Popen[bytes] | None = None
+        self.args = args
+        """Extra arguments of `edge-agent run` (e.g. `--log-format json`)."""
+        self.env = env or {}
+        """Extra environment for the process (e.g. `JOURNAL_STREAM`)."""
+
+    def write_config(self, config: dict[str, Any] | str) -> None:
+        """Write the config file the agent reads (a dict as YAML, or text as it is)."""
+        self.path.write_text(config if isinstance(config, str) else yaml.safe_dump(config))
 
     def start(self, timeout: float = 20.0) -> None:
         """Start the process and wait (polling /readyz, at most `timeout` s) until it is ready."""
         log = self.log_path.open("ab")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "edge_agent", "run", "--config", str(self.path)],
+            [sys.executable, "-m", "edge_agent", "run", "--config", str(self.path), *self.args],
             stdout=log,
             stderr=log,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            env={**os.environ, "PYTHONUNBUFFERED": "1", **self.env},
         )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -96,6 +114,26 @@ class AgentProcess:
         code = self.process.wait(timeout=timeout)
         self.process = None
         return code
+
+    def reload(self, timeout: float = 20.0) -> str:
+        """Send SIGHUP and wait until the agent logs the outcome; return the log lines it added.
+
+        The outcome is `Reloaded ...` or `Reload refused ...` (the agent's own log is the only
+        signal a separate process gives).
+        """
+        assert self.process is not None
+        before = self.log()
+        self.process.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            added = self.log()[len(before) :]
+            for line in added.splitlines(keepends=True):
+                if line.endswith("\n") and any(o in line for o in RELOAD_OUTCOMES):
+                    return added
+            if self.process.poll() is not None:
+                raise RuntimeError(f"agent exited on reload:\n{self.log()}")
+            time.sleep(0.05)
+        raise TimeoutError(f"no reload outcome logged within {timeout:g}s:\n{self.log()}")
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
