@@ -26,9 +26,9 @@ agent build millions of points.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from edge_agent.config.types import NAME_PATTERN, NAME_RULE, Loc, Problem
 
@@ -138,6 +138,41 @@ class Expanded(list[T]):
             else:
                 high = middle - 1
         return low, (index - self.starts[low] if low in self.blocks else None)
+
+
+class BlockEntry(Protocol):
+    """An entry of a point or node list: a block when `count` is set."""
+
+    @property
+    def count(self) -> int | None: ...
+
+
+E = TypeVar("E", bound=BlockEntry)
+
+
+def expand(entries: list[E], noun: str, members: Callable[[E], Iterable[E]]) -> list[E]:
+    """The items `entries` stand for, in order: each block replaced by `members(block)`.
+
+    Returns `entries` itself when it has no block, else an `Expanded` list that maps items back
+    to entries. ValueError when the items would number more than MAX_POINTS (counted before
+    anything is built), naming them as `noun` ("points", "nodes").
+    """
+    if all(entry.count is None for entry in entries):
+        return entries
+    total = sum(entry.count or 1 for entry in entries)
+    if total > MAX_POINTS:
+        raise ValueError(f"{total:,} {noun}, more than the {MAX_POINTS:,} a configuration may have")
+    items: list[E] = []
+    starts: list[int] = []
+    blocks: set[int] = set()
+    for index, entry in enumerate(entries):
+        starts.append(len(items))
+        if entry.count is None:
+            items.append(entry)
+        else:
+            blocks.add(index)
+            items.extend(members(entry))
+    return Expanded(items, starts, frozenset(blocks))
 
 
 def where(points: Sequence[Any], list_key: str, index: int) -> Loc:

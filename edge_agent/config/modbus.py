@@ -18,11 +18,10 @@ from pydantic import Field, field_validator, model_validator
 
 from edge_agent.config.blocks import (
     MAX_BLOCK,
-    MAX_POINTS,
-    Expanded,
     check_name_or_pattern,
     collapse,
     duplicates,
+    expand,
     has_placeholder,
     parse_pattern,
     path_text,
@@ -245,29 +244,22 @@ def expand_points(entries: list[ModbusPoint]) -> list[ModbusPoint]:
     would number more than MAX_POINTS. Addresses past 65535 are kept, for `problems` to report
     with their position.
     """
-    if all(entry.count is None for entry in entries):
-        return entries
-    total = sum(entry.count or 1 for entry in entries)
-    if total > MAX_POINTS:
-        raise ValueError(f"{total:,} points, more than the {MAX_POINTS:,} a configuration may have")
-    points: list[ModbusPoint] = []
-    starts: list[int] = []
-    blocks: set[int] = set()
-    for index, entry in enumerate(entries):
-        starts.append(len(points))
-        if entry.count is None:
-            points.append(entry)
-            continue
-        blocks.add(index)
-        pattern = parse_pattern(entry.name, PLACEHOLDERS)
-        stride = entry.stride or entry.width
-        first = 1 if entry.n_from is None else entry.n_from
-        for i in range(entry.count):
-            address = entry.address + i * stride
-            update = {"name": pattern.fill(first + i, address), "address": address,
-                      "count": None, "stride": None, "n_from": None}  # fmt: skip
-            points.append(entry.model_copy(update=update))
-    return Expanded(points, starts, frozenset(blocks))
+    return expand(entries, "points", _block_points)
+
+
+def _block_points(entry: ModbusPoint) -> list[ModbusPoint]:
+    """The points of one block entry, addresses `stride` apart, names from its pattern."""
+    assert entry.count is not None
+    pattern = parse_pattern(entry.name, PLACEHOLDERS)
+    stride = entry.stride or entry.width
+    first = 1 if entry.n_from is None else entry.n_from
+    points = []
+    for i in range(entry.count):
+        address = entry.address + i * stride
+        update = {"name": pattern.fill(first + i, address), "address": address,
+                  "count": None, "stride": None, "n_from": None}  # fmt: skip
+        points.append(entry.model_copy(update=update))
+    return points
 
 
 def overlap_problems(points: Sequence[ModbusPoint]) -> list[tuple[Loc, str]]:

@@ -28,11 +28,10 @@ from pydantic import Field, SecretStr, field_validator, model_validator
 
 from edge_agent.config.blocks import (
     MAX_BLOCK,
-    MAX_POINTS,
-    Expanded,
     check_name_or_pattern,
     collapse,
     duplicates,
+    expand,
     has_placeholder,
     parse_pattern,
     where,
@@ -362,28 +361,20 @@ def expand_nodes(entries: list[OpcuaNode]) -> list[OpcuaNode]:
     every other key the same. Returns `entries` itself when it has no block, else an `Expanded`
     list that maps nodes back to entries; ValueError beyond MAX_POINTS nodes.
     """
-    if all(entry.count is None for entry in entries):
-        return entries
-    total = sum(entry.count or 1 for entry in entries)
-    if total > MAX_POINTS:
-        raise ValueError(f"{total:,} nodes, more than the {MAX_POINTS:,} a configuration may have")
-    nodes: list[OpcuaNode] = []
-    starts: list[int] = []
-    blocks: set[int] = set()
-    for index, entry in enumerate(entries):
-        starts.append(len(nodes))
-        if entry.count is None:
-            nodes.append(entry)
-            continue
-        blocks.add(index)
-        name = parse_pattern(entry.name, PLACEHOLDERS)
-        node_id = parse_pattern(entry.node_id, PLACEHOLDERS)
-        first = 1 if entry.n_from is None else entry.n_from
-        for n in range(first, first + entry.count):
-            update = {"name": name.fill(n), "node_id": node_id.fill(n), "count": None,
-                      "n_from": None}  # fmt: skip
-            nodes.append(entry.model_copy(update=update))
-    return Expanded(nodes, starts, frozenset(blocks))
+    return expand(entries, "nodes", _block_nodes)
+
+
+def _block_nodes(entry: OpcuaNode) -> list[OpcuaNode]:
+    """The nodes of one block entry, name and node id filled in with each `n`."""
+    assert entry.count is not None
+    name = parse_pattern(entry.name, PLACEHOLDERS)
+    node_id = parse_pattern(entry.node_id, PLACEHOLDERS)
+    first = 1 if entry.n_from is None else entry.n_from
+    nodes = []
+    for n in range(first, first + entry.count):
+        update = {"name": name.fill(n), "node_id": node_id.fill(n), "count": None, "n_from": None}
+        nodes.append(entry.model_copy(update=update))
+    return nodes
 
 
 def node_id_problem(text: str) -> str | None:
