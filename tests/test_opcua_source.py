@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 from asyncua import ua
-from helpers.opcua_servers import Collector, UaTestServer, running
+from helpers.opcua_servers import Collector, UaTestServer, running, source_config
 from helpers.wait import wait_for
 
 from edge_agent.config.opcua import OpcuaSourceConfig
@@ -29,18 +29,7 @@ def make_config(server: UaTestServer, **overrides: Any) -> OpcuaSourceConfig:
         {"name": name.lower(), "node_id": server.node_id(name)}
         for name in ("Speed", "Count", "Running", "Label", "Stamp", "Raw", "Series")
     ]
-    data = {
-        "type": "opcua",
-        "name": "plc",
-        "endpoint": server.endpoint,
-        "security": {"policy": "None"},
-        "interval": "100ms",
-        "timeout": "2s",
-        "reconnect_min": "200ms",
-        "reconnect_max": "500ms",
-        "nodes": nodes,
-    } | overrides
-    return OpcuaSourceConfig.model_validate(data)
+    return source_config(server.endpoint, nodes, **overrides)
 
 
 @pytest.fixture
