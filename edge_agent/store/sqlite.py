@@ -373,7 +373,9 @@ class Store:
             await self._rollback()
             raise
         if missing:
-            log.info("Buffer upgraded path=%s added=sent_ns tables=%s", self.path, ",".join(missing))
+            log.info(
+                "Buffer upgraded path=%s added=sent_ns tables=%s", self.path, ",".join(missing)
+            )
 
     async def _replaced(self, mark: CommittedMark, meta: dict[str, Any]) -> None:
         """The file holds another epoch than the witness: declare the witness's epoch ended."""
