@@ -179,8 +179,10 @@ async def test_a_thousand_forged_acknowledgements_delete_nothing(
         if kind == "unknown_key":  # a key of its own
             return kind, seal_ack(stranger, gateway="test-gw", epoch=epoch, **everything)
         if kind == "bad_signature":  # the consumer's key id, signed by another key
-            body = cbor2.dumps({"v": 1, "kind": "ack", "gateway": "test-gw", "epoch": epoch,
-                                "seqs": [[0, top]], "batches": [[0, top]], "issued": 2**62})  # fmt: skip
+            body = cbor2.dumps({
+                "v": 1, "kind": "ack", "gateway": "test-gw", "epoch": epoch,
+                "seqs": [[0, top]], "batches": [[0, top]], "issued": 2**62,
+            })  # fmt: skip
             kid = key_id(consumer_key.public_key())
             return kind, sign1(stranger, protected_header_bytes(kid, compress=False), body)
         if kind == "malformed":  # unsigned, or junk
@@ -214,9 +216,7 @@ async def test_a_thousand_forged_acknowledgements_delete_nothing(
     metrics = agent_metrics(agent)
     assert 'edge_agent_consumer_acks_refused_total{reason="stale"} 200.0' in metrics
     assert agent.stop() == 0
-    print(
-        f"forged acknowledgements: 1000 sent, 0 accepted, 0 batches deleted, refused {ack['refused']}"
-    )
+    print(f"forged acknowledgements: 1000 sent, 0 accepted, 0 deleted, refused {ack['refused']}")
 
 
 def agent_metrics(agent: AgentProcess) -> str:
