@@ -78,6 +78,7 @@ import aiosqlite
 
 from edge_agent.audit import audit
 from edge_agent.errors import StoreError
+from edge_agent.seal.ack import contains
 from edge_agent.seal.envelope import RETENTION
 
 log = logging.getLogger(__name__)
@@ -1035,8 +1036,6 @@ class Store:
         only. The walk reads batches in id order and stops past the highest seq and batch
         acknowledged, so an acknowledgement costs what it covers, not the buffer's size.
         """
-        from edge_agent.seal.ack import contains  # noqa: PLC0415 - the store's one use of it
-
         top_seq = seqs[-1][1] if seqs else -1
         top_batch = batches[-1][1] if batches else -1
         seq_ranges, batch_ranges = tuple(seqs), tuple(batches)
