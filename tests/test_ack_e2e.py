@@ -8,7 +8,10 @@ real `edge-agent run` process and the real `edge-agent verify --ack-key` process
 from __future__ import annotations
 
 import copy
+import re
 import signal
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -71,6 +74,11 @@ async def test_batches_leave_the_buffer_only_once_the_consumer_acknowledged_them
     assert status["mqtt"]["ack"]["deleted_batches"] == deleted
     assert status["buffer"]["batches"] >= status["mqtt"]["ack"]["unacked_batches"] >= 10
     assert status["mqtt"]["ack"]["unacked_oldest_age_s"] > 0
+    shown = subprocess.run(
+        [sys.executable, "-m", "edge_agent", "status", "--url", agent.health_url],
+        capture_output=True, text=True, check=False,
+    ).stdout  # fmt: skip
+    assert re.search(r"consumer  \d+ batches sent, not yet acknowledged", shown), shown
 
     # No new readings; the consumer comes back, acknowledges, and the buffer drains to 0.
     agent.write_config(quiet(config))
