@@ -24,7 +24,7 @@ import cbor2
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from helpers.agent import AgentProcess, agent_config
-from helpers.verifier import VerifyProcess, ledger
+from helpers.verifier import VerifyProcess, ledger, settled
 from helpers.wait import wait_for
 
 from edge_agent.demo.broker import Mosquitto
@@ -74,19 +74,6 @@ def sent_readings(status: dict[str, Any]) -> int:
     return int(status["buffer"]["next_seq"] - 1 - status["buffer"]["readings"])
 
 
-async def settle(agent: AgentProcess, verify: VerifyProcess, epoch: str) -> int:
-    """No new readings; wait until the buffer is empty and the consumer has saved up to the
-    last seq. Returns that seq (taken)."""
-    await wait_for(lambda: agent.status()["buffer"]["batches"] == 0, 40, "the buffer to drain")
-
-    def caught_up() -> bool:
-        stream = verify.stream(epoch)
-        return stream.max_seq == agent.status()["buffer"]["next_seq"] - 1 and stream.max_seq > 0
-
-    await wait_for(caught_up, 15, "the consumer's state to reach the last seq")
-    return int(agent.status()["buffer"]["next_seq"] - 1)
-
-
 @pytest.mark.parametrize("mode", ["end_to_end", "broker"])
 async def test_broker_killed_after_puback_consumer_offline(
     mode: str, tmp_path: Path, keys: Path, agents: list[AgentProcess]
@@ -113,7 +100,7 @@ async def test_broker_killed_after_puback_consumer_offline(
         verify.start()
         agent.write_config(quiet(config))
         assert "Reloaded" in agent.reload()
-        taken = await settle(agent, verify, epoch)
+        taken = await settled(agent, verify, epoch)
         code = verify.stop()
         assert agent.stop() == 0
     finally:
@@ -149,7 +136,7 @@ async def test_consumer_killed_before_saving_gets_everything_again(
     verify.start()
     agent.write_config(quiet(config))
     assert "Reloaded" in agent.reload()
-    taken = await settle(agent, verify, epoch)
+    taken = await settled(agent, verify, epoch)
     assert verify.stop() == 0, verify.log()
     assert agent.stop() == 0
     print(f"consumer killed with its state at seq {saved}, the agent at seq {sent}")

@@ -39,12 +39,15 @@ End-to-end acknowledgement (`mqtt.ack: end_to_end`, docs/contract.md §4.10). A 
 the broker holds the batch, in memory: a broker killed before its next autosave loses it. In
 this mode a PUBACKed batch is marked sent, not deleted, and is deleted only once a consumer's
 signed acknowledgement covers it; one not covered within `mqtt.ack_timeout` of its PUBACK is sent
-again, oldest first, through the same window. The forwarder subscribes to `{prefix}/{gw}/ack` at
-QoS 1 on every connect; the retained acknowledgement arrives at once, so an agent that restarts
-learns what the consumer already holds without sending it all again. An acknowledgement is
-accepted only when it verifies against a key of `mqtt.ack_keys`, names this gateway and the
-buffer's epoch, and is not older than the newest accepted from its key (`seal/ack.py`); any other
-is refused, counted by reason, logged and audited once per reason, and changes nothing.
+again, oldest first, through the same window. Sending again is paced so that a consumer away for
+long does not multiply the traffic by its backlog: at most `max_inflight` batches are sent again
+per `ack_timeout`, and the next ones as soon as an acknowledgement shows the consumer keeping up.
+The forwarder subscribes to `{prefix}/{gw}/ack` at QoS 1 on every connect; the retained
+acknowledgement arrives at once, so an agent that restarts learns what the consumer already holds
+without sending it all again. An acknowledgement is accepted only when it verifies against a key
+of `mqtt.ack_keys`, names this gateway and the buffer's epoch, and is not older than the newest
+accepted from its key (`seal/ack.py`); any other is refused, counted by reason, logged and
+audited once per reason, and changes nothing.
 
 The backoff (`schedule.Backoff`, with its second ceiling) doubles (with jitter) from
 `reconnect_min` after every connection that moved no data, and resets only on progress: a batch
@@ -212,6 +215,9 @@ class Forwarder:
         self._ack_judge = AckJudge(gateway_id)
         self._refusals_logged: set[str] = set()
         self._settling: set[BatchKey] = set()
+        self._resend_budget = config.max_inflight
+        """Batches that may still be sent again until the next refill (`_refill_resends`)."""
+        self._resend_refill_at = 0.0
         for reason in REASONS:  # every reason shows in /metrics, at 0 until it happens
             metrics.acks_refused.labels(reason=reason)
         """end_to_end: batches PUBACKed whose mark is not yet committed (not to be taken)."""
@@ -468,12 +474,25 @@ class Forwarder:
             )
         exclude = {b.key for b in window.in_flight.values()} | self._settling
         exclude.update(BatchKey("declaration", held) for held in self._held)
+        now = time.monotonic()
+        if now >= self._resend_refill_at:
+            self._refill_resends()
         due_ns = time.time_ns() - int(self._config.ack_timeout * 1e9)
-        taken = await self._store.take_unacked(window.room(), due_ns, exclude)
-        again = sum(1 for batch in taken if batch.key.id <= window.cursor)
+        taken = await self._store.take_unacked(
+            window.room(), due_ns, exclude, max_due=self._resend_budget
+        )
+        again = sum(1 for batch in taken if batch.resend)
         if again:
-            log.debug("Sending again batches the consumer has not acknowledged count=%d", again)
+            self._resend_budget -= again
+            self._metrics.batches_resent.inc(again)
+            log.debug("Sending again batches no consumer has acknowledged count=%d", again)
         return taken
+
+    def _refill_resends(self) -> None:
+        """Allow another `max_inflight` batches to be sent again: once per `ack_timeout`, or
+        as soon as a consumer's acknowledgement deleted something (it is there, and keeps up)."""
+        self._resend_budget = self._config.max_inflight
+        self._resend_refill_at = time.monotonic() + self._config.ack_timeout
 
     async def _settle(self, batch: StoredBatch, code: int, session: _Session) -> None:
         """A PUBACK arrived: queue the batch for deletion, evict it (0x95), or keep it (other
@@ -653,6 +672,8 @@ class Forwarder:
             self._metrics.store_errors.inc()
             raise
         ack_state.deleted_batches += len(removed)
+        if removed:
+            self._refill_resends()
         self._metrics.batches_consumer_acked.inc(len(removed))
         log.debug(
             "Consumer acknowledgement accepted consumer=%s kid=%s epoch=%s deleted=%d",

@@ -18,7 +18,7 @@ from edge_agent.demo.broker import Mosquitto
 from edge_agent.seal.envelope import Opener
 from edge_agent.seal.keys import load_public_key
 from helpers.agent import AgentProcess
-from helpers.wait import deadline
+from helpers.wait import deadline, wait_for
 
 
 def status_command(agent: AgentProcess) -> int:
@@ -130,3 +130,25 @@ def ledger(name: str, taken: int, stream: Stream) -> int:
         f"duplicates={stream.duplicates} declared={stream.evicted_count} lost={lost}"
     )
     return lost
+
+
+async def settled(
+    agent: AgentProcess, verify: VerifyProcess, epoch: str, timeout: float = 40
+) -> int:
+    """With the sources quiet: wait until the agent's last seq has not moved for a second (the
+    batcher's delay and a restarted source's first poll are behind us), its buffer is empty,
+    and the consumer's state holds up to that seq. Returns the seq (readings taken)."""
+    last = [-1, 0.0]
+
+    def done() -> bool:
+        status = agent.status()
+        seq = int(status["buffer"]["next_seq"]) - 1
+        now = time.monotonic()
+        if seq != last[0]:
+            last[:] = [seq, now]
+            return False
+        quiet = now - last[1] >= 1.0
+        return quiet and status["buffer"]["batches"] == 0 and verify.stream(epoch).max_seq == seq
+
+    await wait_for(done, timeout, "the buffer to drain and the consumer to hold the last seq")
+    return int(last[0])
