@@ -89,18 +89,26 @@ class AckPublisher:
             self._ready.set()
 
     async def run(self, client: aiomqtt.Client) -> None:
-        """Publish rounds while connected, at most one per interval; cancelled on disconnect."""
+        """Publish rounds while connected, at most one per interval; cancelled on disconnect.
+
+        A failed round (state not saved, a publish not acknowledged) is logged and tried again
+        at the next one: what it would have said stays pending.
+        """
         while True:
             await self._ready.wait()
-            await self.flush(client)
+            try:
+                await self.flush(client)
+            except aiomqtt.MqttError as exc:
+                log.debug("Acknowledgement not published, will retry error=%s", exc)
+                self._ready.set()
             await asyncio.sleep(self._interval_s)
 
     async def flush(self, client: aiomqtt.Client) -> int:
         """Save the state durably, then publish the pending acknowledgements; return how many.
 
-        Raises OSError when the state cannot be saved (nothing is published: an ack must never
-        claim what is not on disk) and aiomqtt.MqttError when a publish fails (they stay
-        pending for the next round).
+        When the state cannot be saved, nothing is published (an ack must never claim what is
+        not on disk): the error is logged, the acknowledgements stay pending, and 0 is returned.
+        Raises aiomqtt.MqttError when a publish fails (they stay pending for the next round).
         """
         self._ready.clear()
         if not self._dirty:
@@ -111,6 +119,13 @@ class AckPublisher:
         self._dirty.clear()
         try:
             await asyncio.to_thread(save_state, self._state, snapshot)
+        except OSError as exc:
+            for stream in pending:
+                self._dirty.setdefault(stream, None)
+            log.error("Cannot save the state, so nothing is acknowledged path=%s error=%s",
+                      self._state, exc)  # fmt: skip
+            return 0
+        try:
             for topic, payload in messages:
                 await client.publish(topic, payload, qos=1, retain=True)
                 self.published += 1
