@@ -215,6 +215,7 @@ class Forwarder:
         self._ack_judge = AckJudge(gateway_id)
         self._refusals_logged: set[str] = set()
         self._settling: set[BatchKey] = set()
+        self._subscription_refused = False
         self._resend_budget = config.max_inflight
         """Batches that may still be sent again until the next refill (`_refill_resends`)."""
         self._resend_refill_at = 0.0
@@ -281,7 +282,8 @@ class Forwarder:
                     )
                     loops = [self._pump(client, session), self._acker()]
                     if self.end_to_end:
-                        await client.subscribe(self.ack_topic, qos=1)
+                        granted = await client.subscribe(self.ack_topic, qos=1)
+                        self._check_subscription(granted)
                         loops.append(self._consumer_acks(client))
                     try:
                         await _until_one_fails(*loops)
@@ -641,6 +643,24 @@ class Forwarder:
         if not self.end_to_end:
             return self._store.stats.batches
         return self._store.stats.batches - (await self._store.unacked()).batches
+
+    def _check_subscription(self, granted: object) -> None:
+        """The broker refused the ack topic's subscription (its ACL): no acknowledgement can
+        arrive, so batches stay buffered until evicted. Said once, loudly, not silently."""
+        codes = [_code(code) for code in granted] if isinstance(granted, list | tuple) else []
+        refused = [c for c in codes if c is not None and c >= REJECTION]
+        if not refused:
+            self._subscription_refused = False
+            return
+        if not self._subscription_refused:
+            self._subscription_refused = True
+            log.error(
+                "The broker refused the subscription to the acknowledgement topic; no batch can"
+                " be acknowledged by a consumer topic=%s reason=0x%02x",
+                self.ack_topic, refused[0],
+            )  # fmt: skip
+            audit("acknowledgement", "refused", topic=self.ack_topic,
+                  reason=f"subscribe 0x{refused[0]:02x}")  # fmt: skip
 
     async def _consumer_acks(self, client: AckingClient) -> None:
         """end_to_end: verify each message on the ack topic and apply the accepted ones."""
