@@ -12,18 +12,26 @@ import re
 import signal
 import subprocess
 import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from helpers.agent import AgentProcess, agent_config
-from helpers.verifier import VerifyProcess, ledger, settled
+from helpers.verifier import VerifyProcess, ledger, settled, verify_processes
 from helpers.wait import wait_for
 
 from edge_agent.demo.broker import Mosquitto
 from edge_agent.seal.keys import write_keypair
 
 pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture
+def started() -> Iterator[Callable[[VerifyProcess], VerifyProcess]]:
+    """Wraps each VerifyProcess of a test: killed at the end if still running."""
+    with verify_processes() as register:
+        yield register
 
 
 def source(interval: str = "100ms") -> list[dict[str, Any]]:
@@ -53,10 +61,14 @@ def consumer_keys(tmp_path: Path) -> Path:
 
 
 async def test_batches_leave_the_buffer_only_once_the_consumer_acknowledged_them(
-    tmp_path: Path, broker: Mosquitto, keys: Path, agents: list[AgentProcess]
+    tmp_path: Path,
+    broker: Mosquitto,
+    keys: Path,
+    agents: list[AgentProcess],
+    started: Callable[[VerifyProcess], VerifyProcess],
 ) -> None:
     consumer = consumer_keys(tmp_path)
-    verify = VerifyProcess(broker, keys, tmp_path, ack_key=consumer / "signing.key")
+    verify = started(VerifyProcess(broker, keys, tmp_path, ack_key=consumer / "signing.key"))
     verify.start()
     config = end_to_end_config(tmp_path, broker, keys, consumer / "signing.pub")
     agent = AgentProcess(config, tmp_path)
@@ -95,7 +107,11 @@ async def test_batches_leave_the_buffer_only_once_the_consumer_acknowledged_them
 
 
 async def test_a_restarted_agent_learns_from_the_retained_acknowledgement(
-    tmp_path: Path, broker: Mosquitto, keys: Path, agents: list[AgentProcess]
+    tmp_path: Path,
+    broker: Mosquitto,
+    keys: Path,
+    agents: list[AgentProcess],
+    started: Callable[[VerifyProcess], VerifyProcess],
 ) -> None:
     """The agent first trusts the wrong consumer key (an operator's mistake): it keeps every
     batch. Restarted with the right key, the retained acknowledgement empties the buffer at once,
@@ -103,7 +119,7 @@ async def test_a_restarted_agent_learns_from_the_retained_acknowledgement(
     consumer = consumer_keys(tmp_path)
     stranger = tmp_path / "stranger"
     write_keypair(stranger)
-    verify = VerifyProcess(broker, keys, tmp_path, ack_key=consumer / "signing.key")
+    verify = started(VerifyProcess(broker, keys, tmp_path, ack_key=consumer / "signing.key"))
     verify.start()
     config = end_to_end_config(tmp_path, broker, keys, stranger / "signing.pub", timeout="60s")
     agent = AgentProcess(config, tmp_path)

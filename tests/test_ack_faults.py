@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 import os
 import signal
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,7 @@ import cbor2
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from helpers.agent import AgentProcess, agent_config
-from helpers.verifier import VerifyProcess, ledger, settled
+from helpers.verifier import VerifyProcess, ledger, settled, verify_processes
 from helpers.wait import wait_for
 
 from edge_agent.demo.broker import Mosquitto
@@ -33,6 +34,14 @@ from edge_agent.seal.envelope import protected_header_bytes, sign1
 from edge_agent.seal.keys import key_id, load_private_key, write_keypair
 
 pytestmark = pytest.mark.faults
+
+
+@pytest.fixture
+def started() -> Iterator[Callable[[VerifyProcess], VerifyProcess]]:
+    """Wraps each VerifyProcess of a test: killed at the end if still running."""
+    with verify_processes() as register:
+        yield register
+
 
 EXIT_GAP = 4
 
@@ -76,7 +85,11 @@ def sent_readings(status: dict[str, Any]) -> int:
 
 @pytest.mark.parametrize("mode", ["end_to_end", "broker"])
 async def test_broker_killed_after_puback_consumer_offline(
-    mode: str, tmp_path: Path, keys: Path, agents: list[AgentProcess]
+    mode: str,
+    tmp_path: Path,
+    keys: Path,
+    agents: list[AgentProcess],
+    started: Callable[[VerifyProcess], VerifyProcess],
 ) -> None:
     consumer = tmp_path / "consumer"
     write_keypair(consumer)
@@ -85,7 +98,7 @@ async def test_broker_killed_after_puback_consumer_offline(
     broker = Mosquitto(directory=tmp_path / "mosquitto", extra_config="autosave_interval 1800\n")
     broker.start()
     try:
-        verify = VerifyProcess(broker, keys, tmp_path, ack_key=consumer / "signing.key")
+        verify = started(VerifyProcess(broker, keys, tmp_path, ack_key=consumer / "signing.key"))
         verify.start()  # the consumer's session and subscription exist ...
         assert verify.stop() == 0  # ... and it goes offline: the broker queues for it
         config = config_for(mode, tmp_path, broker, keys, consumer)
@@ -115,14 +128,18 @@ async def test_broker_killed_after_puback_consumer_offline(
 
 
 async def test_consumer_killed_before_saving_gets_everything_again(
-    tmp_path: Path, broker: Mosquitto, keys: Path, agents: list[AgentProcess]
+    tmp_path: Path,
+    broker: Mosquitto,
+    keys: Path,
+    agents: list[AgentProcess],
+    started: Callable[[VerifyProcess], VerifyProcess],
 ) -> None:
     """A consumer SIGKILLed mid-stream: the broker already handed it batches (gone from the
     broker's queue) that its state file does not hold. No ack said it held them, so the agent
     sends them again after the ack timeout."""
     consumer = tmp_path / "consumer"
     write_keypair(consumer)
-    verify = VerifyProcess(broker, keys, tmp_path, ack_key=consumer / "signing.key")
+    verify = started(VerifyProcess(broker, keys, tmp_path, ack_key=consumer / "signing.key"))
     verify.start()
     config = config_for("end_to_end", tmp_path, broker, keys, consumer)
     agent = AgentProcess(config, tmp_path)

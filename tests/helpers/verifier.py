@@ -8,8 +8,8 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 
 from edge_agent.consumer.completeness import Completeness, Stream
@@ -152,3 +152,22 @@ async def settled(
 
     await wait_for(done, timeout, "the buffer to drain and the consumer to hold the last seq")
     return int(last[0])
+
+
+@contextmanager
+def verify_processes() -> Iterator[Callable[[VerifyProcess], VerifyProcess]]:
+    """Registers VerifyProcess objects; any still running at the end is killed (a failing test
+    never leaves one behind)."""
+    started: list[VerifyProcess] = []
+
+    def register(verify: VerifyProcess) -> VerifyProcess:
+        started.append(verify)
+        return verify
+
+    try:
+        yield register
+    finally:
+        for verify in started:
+            if verify.process is not None:
+                verify.process.kill()
+                verify.process.wait()
