@@ -250,18 +250,11 @@ class Sealer:
     ) -> None:
         if payload_format not in FORMATS:
             raise ValueError(f"payload format {payload_format!r} is not one of {FORMATS}")
-        self._key = key
         self.payload_format = payload_format
         self._columns = columnar.ColumnEncoder() if payload_format == 2 else None
-        self.kid = key_id(key.public_key())
-        header: dict[Any, Any] = {
-            HDR_ALG: ALG_EDDSA,
-            HDR_KID: self.kid,
-            HDR_CONTENT_TYPE: CONTENT_TYPE,
-        }
-        if compress:
-            header["enc"] = "zstd"
-        self._protected = cbor2.dumps(header, canonical=True)
+        self.signer = Signer(key)
+        """Signs with the same key, uncompressed: the high-water mark (seal/hwm.py) uses it."""
+        self.kid = self.signer.kid
         self._compressor = zstandard.ZstdCompressor(level=3) if compress else None
         self._readings = ReadingEncoder()
 
@@ -326,10 +319,79 @@ class Sealer:
         return self._sign(body)
 
     def _sign(self, body: bytes) -> bytes:
-        payload = self._compressor.compress(body) if self._compressor else body
-        to_sign = cbor2.dumps(["Signature1", self._protected, b"", payload])
-        signature = self._key.sign(to_sign)
-        return cbor2.dumps(cbor2.CBORTag(COSE_SIGN1_TAG, [self._protected, {}, payload, signature]))
+        if self._compressor is None:
+            return self.signer.sign(body)
+        return self.signer.sign(self._compressor.compress(body), encoding="zstd")
+
+
+class Signer:
+    """Signs payloads as COSE_Sign1 with one Ed25519 key (docs/contract.md §4.2).
+
+    The protected header `{1: -8, 4: kid, 3: "application/cbor"}` (with `"enc"` when the payload
+    is compressed) is encoded once, canonically: its bytes are what gets signed. The unprotected
+    header is always the empty map.
+    """
+
+    def __init__(self, key: Ed25519PrivateKey) -> None:
+        self._key = key
+        self.kid = key_id(key.public_key())
+        """First 8 bytes of SHA-256 of the raw public key (seal/keys.py)."""
+        header: dict[Any, Any] = {
+            HDR_ALG: ALG_EDDSA,
+            HDR_KID: self.kid,
+            HDR_CONTENT_TYPE: CONTENT_TYPE,
+        }
+        self._protected = {
+            None: cbor2.dumps(header, canonical=True),
+            "zstd": cbor2.dumps({**header, "enc": "zstd"}, canonical=True),
+        }
+
+    def sign(self, payload: bytes, *, encoding: str | None = None) -> bytes:
+        """The tagged COSE_Sign1 bytes of `payload`; `encoding` ("zstd" or None) is only
+        declared in the header (the caller compressed). KeyError for another encoding."""
+        protected = self._protected[encoding]
+        signature = self._key.sign(cbor2.dumps(["Signature1", protected, b"", payload]))
+        return cbor2.dumps(cbor2.CBORTag(COSE_SIGN1_TAG, [protected, {}, payload, signature]))
+
+
+@dataclass(frozen=True)
+class Signed:
+    """A COSE_Sign1 message whose signature verified: its key id, header and payload (as sent,
+    still compressed when the header says `enc`)."""
+
+    kid: bytes
+    header: dict[Any, Any]
+    payload: bytes
+
+
+def open_signed(message: bytes, keys: Mapping[bytes, Ed25519PublicKey]) -> Signed:
+    """Check the COSE_Sign1 structure and headers of `message` and its signature by the key
+    its kid names in `keys`.
+
+    Raises UnknownKeyError for a kid not in `keys`, EnvelopeError for anything else wrong (not
+    a tagged COSE_Sign1, a header that is not as §4.2 says, a bad signature), and whatever
+    cbor2 raises for bytes that are not CBOR (callers turn that into EnvelopeError).
+    """
+    outer = cbor2.loads(message)
+    if not isinstance(outer, cbor2.CBORTag) or outer.tag != COSE_SIGN1_TAG:
+        raise EnvelopeError("not a tagged COSE_Sign1 message")
+    parts = outer.value
+    if not isinstance(parts, list | tuple) or len(parts) != 4:
+        raise EnvelopeError("COSE_Sign1 must have four elements")
+    protected, unprotected, payload, signature = parts
+    if not all(isinstance(part, bytes) for part in (protected, payload, signature)):
+        raise EnvelopeError("protected header, payload and signature must be byte strings")
+    _check_unprotected(unprotected)
+    header = _protected_header(protected)
+    kid = header[HDR_KID]
+    key = keys.get(kid)
+    if key is None:
+        raise UnknownKeyError(f"unknown key id {kid.hex()}")
+    try:
+        key.verify(signature, cbor2.dumps(["Signature1", protected, b"", payload]))
+    except InvalidSignature:
+        raise EnvelopeError(f"bad signature (key id {kid.hex()})") from None
+    return Signed(kid, header, payload)
 
 
 def _protected_header(protected: bytes) -> dict[Any, Any]:
@@ -381,26 +443,14 @@ class Opener:
         except (cbor2.CBORError, ValueError, TypeError, KeyError, AttributeError) as exc:
             raise EnvelopeError(f"malformed batch: {type(exc).__name__}: {exc}") from None
 
+    @property
+    def keys(self) -> Mapping[bytes, Ed25519PublicKey]:
+        """The trusted public keys by key id."""
+        return self._keys
+
     def _open(self, message: bytes) -> Batch:
-        outer = cbor2.loads(message)
-        if not isinstance(outer, cbor2.CBORTag) or outer.tag != COSE_SIGN1_TAG:
-            raise EnvelopeError("not a tagged COSE_Sign1 message")
-        parts = outer.value
-        if not isinstance(parts, list | tuple) or len(parts) != 4:
-            raise EnvelopeError("COSE_Sign1 must have four elements")
-        protected, unprotected, payload, signature = parts
-        if not all(isinstance(part, bytes) for part in (protected, payload, signature)):
-            raise EnvelopeError("protected header, payload and signature must be byte strings")
-        _check_unprotected(unprotected)
-        header = _protected_header(protected)
-        kid = header[HDR_KID]
-        key = self._keys.get(kid)
-        if key is None:
-            raise UnknownKeyError(f"unknown key id {kid.hex()}")
-        try:
-            key.verify(signature, cbor2.dumps(["Signature1", protected, b"", payload]))
-        except InvalidSignature:
-            raise EnvelopeError(f"bad signature (key id {kid.hex()})") from None
+        signed = open_signed(message, self._keys)
+        kid, header, payload = signed.kid, signed.header, signed.payload
         encoding = header.get("enc")
         if encoding == "zstd":
             try:
