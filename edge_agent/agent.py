@@ -215,6 +215,7 @@ class Agent:
             self.metrics,
             on_evicted=batcher.declare_pending,
             on_payload_limit=batcher.set_max_bytes,
+            mark=batcher.high_water_mark,
         )
         tasks: list[asyncio.Task[None]] = []
         health = Health(

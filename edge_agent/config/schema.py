@@ -69,6 +69,8 @@ class MqttConfig(StrictModel):
     """Ceiling of the delay while the broker cannot be reached (no CONNACK)."""
     reconnect_max_stalled: Duration = 60.0
     """Ceiling of the delay while the broker accepts connections but takes no batch."""
+    heartbeat: Annotated[Duration, Field(ge=1, le=3600)] = 10.0
+    """How often the signed high-water mark is published (and on every connect)."""
 
     @field_validator("protocol", mode="before")
     @classmethod
