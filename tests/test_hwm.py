@@ -11,7 +11,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from edge_agent.errors import EnvelopeError, UnknownKeyError
+from edge_agent.config import parse_config
+from edge_agent.errors import ConfigError, EnvelopeError, UnknownKeyError
 from edge_agent.seal.envelope import Sealer, Signer
 from edge_agent.seal.hwm import MAX_MARK_BYTES, HighWaterMark, open_mark, topic
 from edge_agent.seal.trust import KeyNotValidError, TrustedKey, TrustSet
@@ -183,3 +184,16 @@ def test_fuzz_validly_signed_payloads_are_judged_by_their_content(body: object) 
         assert isinstance(opened.gateway, str) and isinstance(opened.epoch, str)
         for value in (opened.seq, opened.batch, opened.sealed_ns):
             assert type(value) is int and 0 <= value < 2**63
+
+
+MINIMAL_CONFIG = "gateway: {id: gw1}\nsources:\n  - {type: simulated, name: sim}\n"
+
+
+def test_the_heartbeat_defaults_to_10s_and_is_validated() -> None:
+    assert parse_config(MINIMAL_CONFIG).mqtt.heartbeat == 10.0
+    assert parse_config(MINIMAL_CONFIG + "mqtt: {heartbeat: 1m}\n").mqtt.heartbeat == 60.0
+    for wrong in ("500ms", "2h", "soon"):
+        with pytest.raises(ConfigError) as caught:
+            parse_config(MINIMAL_CONFIG + f"mqtt: {{heartbeat: {wrong}}}\n", "cfg.yaml")
+        [problem] = caught.value.problems
+        assert problem.path == "mqtt.heartbeat", problem
