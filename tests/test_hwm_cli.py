@@ -139,5 +139,5 @@ async def test_a_seq_sealed_twice_with_other_readings_is_a_conflict_a_resend_a_d
     code, err = verify.stop()
     assert code == 3, err
     assert "duplicates=3 evicted=0 hwm=0 conflicts=3 holes=0" in err, err
-    assert "CONFLICT 3 readings" in err and "seq 1..3: other readings than batch 1 had" in err
+    assert "CONFLICT 3 readings" in err and "seq 1..3: other content than batch 1 had" in err
     assert " 1 plc.p0 = 99.0" not in verify.out.read_text(), "a conflicting reading is not output"

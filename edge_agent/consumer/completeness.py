@@ -19,11 +19,12 @@ mark raises the epoch's max seq and the LOST rule applies.
 Batch numbers received are kept per epoch as ranges (`Stream.batches`); their gaps are counted
 but are not holes by themselves (an evicted batch's number is never seen; its readings are
 declared). A seq received twice is a duplicate when the batch is the same (same seq range, same
-batch number, same readings), and a CONFLICT otherwise: the producer seals every seq once, in
-one batch, and re-sends it byte for byte. To judge that, each stream keeps a 16-byte digest of
-the readings of its last MAX_DIGESTS batches (by first seq): memory per (gateway, epoch) is
-bounded by that, about 0.25 MB, whatever the run's length; a seq received again whose batch is
-older than that window is counted as a duplicate, and as `unchecked`.
+batch number, same content: the verifier digests the signed payload, so a byte-identical
+re-send), and a CONFLICT otherwise: the producer seals every seq once, in one batch, and
+re-sends it byte for byte. To judge that, each stream keeps a 16-byte digest of its last
+MAX_DIGESTS batches with readings (by first seq): memory per (gateway, epoch) is bounded by
+that, about 0.25 MB, whatever the run's length; a seq received again whose batch is older than
+that window is counted as a duplicate, and as `unchecked`.
 """
 
 from __future__ import annotations
@@ -141,7 +142,7 @@ class Digests:
             if (start, end) != (first, last):
                 return f"seq {first}..{last} overlaps batch {seen_batch} seq {start}..{end}"
             if seen_digest != digest:
-                return f"seq {first}..{last}: other readings than batch {seen_batch} had"
+                return f"seq {first}..{last}: other content than batch {seen_batch} had"
             if None not in (batch, seen_batch) and batch != seen_batch:
                 return f"seq {first}..{last} sealed as batch {batch}, before as batch {seen_batch}"
             index -= 1
@@ -300,12 +301,15 @@ class Completeness:
         *,
         batch: int | None = None,
         sealed_ns: int | None = None,
+        digest: bytes | None = None,
     ) -> list[dict[str, Any]]:
         """Account for one batch; `reasons` says why each `evicted` range was dropped.
 
-        `batch` (its number) and `sealed_ns` (its `sealed`) are recorded when given. Returns the
-        readings whose seq was not received before; those that were are counted as duplicates,
-        or as conflicts when the batch is not the one received before (see the module doc).
+        `batch` (its number) and `sealed_ns` (its `sealed`) are recorded when given; `digest`
+        identifies the batch's content (`Batch.digest`, of its signed payload; when None, one is
+        made of the readings). Returns the readings whose seq was not received before; those
+        that were are counted as duplicates, or as conflicts when the batch is not the one
+        received before (see the module doc).
         """
         stream = self.streams.setdefault((gateway, epoch), Stream())
         if batch is not None:
@@ -324,7 +328,7 @@ class Completeness:
             first, last = readings[0]["seq"], readings[-1]["seq"]
             if last - first + 1 != len(readings):
                 raise ValueError(f"batch seq {first}..{last} is not consecutive")
-            digest = readings_digest(readings)
+            digest = digest or readings_digest(readings)
             new = stream.received.add(first, last)
             if new == [(first, last)]:
                 stream.digests.add(first, last, batch, digest)

@@ -109,6 +109,7 @@ class Verifier:
                 batch.evicted_reasons,
                 batch=batch.batch,
                 sealed_ns=batch.sealed_ns,
+                digest=batch.digest,
             )
             if batch.previous_epoch is not None:
                 ended = batch.previous_epoch

@@ -16,6 +16,7 @@ every value type), at about a third of the CPU (docs/performance.md).
 
 from __future__ import annotations
 
+import hashlib
 import math
 import struct
 from collections.abc import Mapping, Sequence
@@ -71,6 +72,9 @@ class Batch:
     """Why each `evicted` range was dropped, in the same order (`retention` when unsaid)."""
     previous_epoch: PreviousEpoch | None = None
     """How the gateway's previous epoch ended, in the first batch of a new epoch (§4)."""
+    digest: bytes = b""
+    """16 bytes of BLAKE2b over the signed payload: the same for a byte-identical re-send,
+    different for any other content (consumer/completeness.py tells conflicts by it)."""
 
 
 @dataclass(frozen=True)
@@ -491,4 +495,5 @@ class Opener:
             kid=kid,
             evicted_reasons=reasons,
             previous_epoch=None if previous is None else PreviousEpoch.parse(previous),
+            digest=hashlib.blake2b(signed.payload, digest_size=16).digest(),
         )
