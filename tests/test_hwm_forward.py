@@ -7,6 +7,7 @@ Receive Maximum holds while a backlog drains.
 from __future__ import annotations
 
 import asyncio
+import logging
 from pathlib import Path
 
 import aiomqtt
@@ -138,3 +139,37 @@ async def test_marks_hold_a_place_in_the_window_within_the_receive_maximum(
     # Whether both places are ever taken at once is the local broker's timing (test_forward.py
     # shows the window fills); what must hold is the limit, marks included.
     assert 1 <= peak <= 2, "marks and batches together never beyond the broker's limit"
+
+
+async def test_a_broker_that_refuses_the_mark_never_holds_the_batches_back(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An ACL that denies `.../hwm` (MQTT 5: PUBACK 0x87 for the mark): every batch still goes,
+    the forwarder is not degraded, and the refusal is logged once, not per heartbeat."""
+    caplog.set_level(logging.INFO, logger="edge_agent")
+    acl = tmp_path / "acl"
+    acl.write_text("topic readwrite t/gw/status\ntopic readwrite t/gw/batch\n")
+    (tmp_path / "broker").mkdir()
+    with Mosquitto(directory=tmp_path / "broker", extra_config=f"acl_file {acl}\n") as mq:
+        store, batcher = await sealed_store(tmp_path / "b.db", batches=50)
+        metrics = Metrics()
+        config = MqttConfig(url=mq.url, topic_prefix="t", heartbeat=1)
+        forwarder = Forwarder(config, "gw", store, batcher.sealed, metrics,
+                              mark=batcher.high_water_mark)  # fmt: skip
+        task = asyncio.create_task(forwarder.run())
+        try:
+            await wait_for(lambda: store.stats.batches == 0, 30, "the backlog sent")
+            refused = "Broker refused the high-water mark"
+            await wait_for(lambda: refused in caplog.text, 10, "the refusal logged")
+            connects = sample(metrics, "edge_agent_mqtt_connects")
+            await asyncio.sleep(2.5)  # two more heartbeats, measured: no new line, no reconnect
+            assert caplog.text.count(refused) == 1
+            assert "reason=0x87" in caplog.text
+            assert sample(metrics, "edge_agent_mqtt_connects") == connects == 1
+            assert forwarder.state.degraded is None and forwarder.state.connected
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            await store.close()
+    assert sample(metrics, "edge_agent_batches_sent") == 50
+    assert sample(metrics, "edge_agent_hwm_published") == 0

@@ -312,10 +312,6 @@ class Completeness:
         received before (see the module doc).
         """
         stream = self.streams.setdefault((gateway, epoch), Stream())
-        if batch is not None:
-            stream.batches.add(batch, batch)
-        if sealed_ns is not None:
-            stream.saw(sealed_ns)
         for index, (first, last) in enumerate(evicted):
             count = sum(b - a + 1 for a, b in stream.evicted.add(first, last))
             reason = reasons[index] if reasons else RETENTION
@@ -347,6 +343,10 @@ class Completeness:
             stream.max_seq = max(stream.max_seq, last)
         stream.duplicates += len(readings) - len(fresh) - conflicting
         stream.readings += len(fresh)
+        if batch is not None:
+            stream.batches.add(batch, batch)
+        if sealed_ns is not None:
+            stream.saw(sealed_ns)
         return fresh
 
     def mark(self, gateway: str, epoch: str, seq: int, batch: int, sealed_ns: int) -> None:
