@@ -41,9 +41,15 @@ def lines_starting(lines: list[str], prefix: str) -> list[str]:
     return [line for line in lines if line.startswith(prefix)]
 
 
+@pytest.mark.parametrize("witness_survives", [False, True], ids=["disk-burned", "db-deleted"])
 async def test_a_gateway_that_burns_with_its_disk_leaves_a_pending_tail_then_a_hole(
-    tmp_path: Path, keys: Path, agents: list[AgentProcess]
+    tmp_path: Path, keys: Path, agents: list[AgentProcess], witness_survives: bool
 ) -> None:
+    """The tail the consumer never received is PENDING with its exact count while the epoch
+    lives. Then the buffer is deleted: with everything beside it (the disk burned), the new
+    epoch cannot say anything of the old one and the tail becomes a hole (ENDED, exit 4); with
+    the witness `buffer.db-committed` left, the new epoch declares the old one missing and the
+    tail is LOST, explained (exit 0)."""
     acl = tmp_path / "acl"
     acl.write_text(OPEN)
     (tmp_path / "broker").mkdir()
@@ -90,7 +96,8 @@ async def test_a_gateway_that_burns_with_its_disk_leaves_a_pending_tail_then_a_h
             # The disk burns: the buffer and its witness are gone; a new disk, a new epoch,
             # and no declaration of the old one can be made.
             for path in tmp_path.glob("buffer.db*"):
-                path.unlink()
+                if not (witness_survives and path.name == "buffer.db-committed"):
+                    path.unlink()
             acl.write_text(OPEN)
             broker.reload()
             agent.start()
@@ -103,8 +110,18 @@ async def test_a_gateway_that_burns_with_its_disk_leaves_a_pending_tail_then_a_h
             assert agent.stop() == 0
 
         code, lines = verifier.summary()
-        assert code == 4, lines
         assert not lines_starting(lines, "PENDING:")
+        if witness_survives:
+            assert code == 0, lines
+            [lost] = lines_starting(lines, "LOST:")
+            assert lost.startswith(
+                f"LOST: gateway=test-gw epoch={epoch} readings={sealed - got} "
+                f"ranges=[({got + 1}, {sealed})] reason=the gateway declared the epoch ended "
+                "(missing:"
+            ), lost
+            assert not lines_starting(lines, "ENDED:")
+            return
+        assert code == 4, lines
         [ended] = lines_starting(lines, "ENDED:")
         assert ended.startswith(
             f"ENDED: gateway=test-gw epoch={epoch} readings={sealed - got} "
