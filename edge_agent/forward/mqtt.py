@@ -282,9 +282,10 @@ class Forwarder:
         """On a clean stop: delete what was acknowledged, publish a last high-water mark (after
         the last seal: exact), and say "offline" (the will would not)."""
         await self._flush_acks()
+        if self._mark is not None:  # within the agent's GOODBYE_S with the status below
+            with contextlib.suppress(aiomqtt.MqttError, TimeoutError):
+                await client.publish(self.hwm_topic, self._mark(), qos=1, retain=True, timeout=1.0)
         with contextlib.suppress(aiomqtt.MqttError, TimeoutError):
-            if self._mark is not None:
-                await client.publish(self.hwm_topic, self._mark(), qos=1, retain=True, timeout=2.0)
             await client.publish(
                 self.status_topic,
                 json.dumps({"state": "offline"}),
