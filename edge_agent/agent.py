@@ -221,6 +221,7 @@ class Agent:
             on_evicted=batcher.declare_pending,
             on_payload_limit=batcher.set_max_bytes,
             ack_keys=self._ack_keys,
+            mark=batcher.high_water_mark,
         )
         tasks: list[asyncio.Task[None]] = []
         health = Health(

@@ -79,6 +79,11 @@ class Metrics:
         self.mqtt_connected = Gauge(
             "edge_agent_mqtt_connected", "1 while connected to the broker.", registry=r
         )
+        self.hwm_published = Counter(
+            "edge_agent_hwm_published",
+            "Signed high-water marks the broker acknowledged.",
+            registry=r,
+        )
         self.mqtt_connects = Counter(
             "edge_agent_mqtt_connects", "Successful broker connections.", registry=r
         )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from edge_agent.consumer.completeness import Completeness, Coverage
+from edge_agent.consumer.completeness import MAX_DIGESTS, Completeness, Coverage
 
 pytestmark = pytest.mark.unit
 
@@ -33,10 +33,112 @@ def test_in_order_stream_is_complete() -> None:
 
 def test_duplicates_are_dropped_by_seq() -> None:
     tracker = Completeness()
-    tracker.accept("gw", "e1", readings(1, 100), [])
-    fresh = tracker.accept("gw", "e1", readings(51, 150), [])
+    tracker.accept("gw", "e1", readings(1, 100), [], batch=1)
+    fresh = tracker.accept("gw", "e1", readings(101, 150), [], batch=2)
+    assert tracker.accept("gw", "e1", readings(1, 100), [], batch=1) == []  # a re-send
     assert [r["seq"] for r in fresh] == list(range(101, 151))
-    assert tracker.streams[("gw", "e1")].duplicates == 50
+    stream = tracker.streams[("gw", "e1")]
+    assert (stream.duplicates, stream.conflicts, stream.readings) == (100, 0, 150)
+
+
+def test_a_seq_sealed_again_in_another_batch_or_with_other_content_is_a_conflict() -> None:
+    """The producer seals every seq once, in one batch, and re-sends it as it is: the same seq
+    in a batch of other bounds, another number or other readings is a CONFLICT, not a
+    duplicate; its new seqs are still taken."""
+    tracker = Completeness()
+    tracker.accept("gw", "e1", readings(1, 100), [], batch=1)
+    fresh = tracker.accept("gw", "e1", readings(51, 150), [], batch=2)  # other bounds
+    assert [r["seq"] for r in fresh] == list(range(101, 151))
+    other = [{**r, "v": 1} for r in readings(101, 150)]
+    assert tracker.accept("gw", "e1", other, [], batch=2) == []  # other content
+    assert tracker.accept("gw", "e1", readings(1, 100), [], batch=9) == []  # other number
+    stream = tracker.streams[("gw", "e1")]
+    assert (stream.duplicates, stream.conflicts) == (0, 50 + 50 + 100)
+    assert stream.first_conflict == "gateway=gw epoch=e1 seq 51..150 overlaps batch 1 seq 1..100"
+    assert tracker.conflicts() == 200
+    assert tracker.holes() == {}
+
+
+def test_conflict_memory_is_bounded_and_older_resends_count_as_unchecked() -> None:
+    tracker = Completeness()
+    total = MAX_DIGESTS + 10
+    for n in range(1, total + 1):
+        tracker.accept("gw", "e1", readings(2 * n - 1, 2 * n), [], batch=n)
+    stream = tracker.streams[("gw", "e1")]
+    assert len(stream.digests.to_json()) == MAX_DIGESTS
+    assert stream.digests.floor == 20
+    tracker.accept("gw", "e1", [{"seq": 1, "v": 5}, {"seq": 2}], [], batch=1)  # too old to judge
+    tracker.accept("gw", "e1", [{"seq": 21, "v": 5}, {"seq": 22}], [], batch=11)  # kept
+    assert (stream.duplicates, stream.unchecked, stream.conflicts) == (2, 2, 2)
+    restored = Completeness.from_json(tracker.to_json()).streams[("gw", "e1")]
+    assert restored.digests.to_json() == stream.digests.to_json()
+    assert restored.digests.floor == 20
+
+
+def test_a_high_water_mark_makes_the_tail_pending_not_a_hole_while_the_epoch_lives() -> None:
+    tracker = Completeness()
+    tracker.accept("gw", "e1", readings(1, 100), [], batch=1, sealed_ns=1000)
+    tracker.mark("gw", "e1", 130, 4, 2000)
+    tracker.mark("gw", "e1", 110, 2, 1500)  # an older mark, replayed: changes nothing
+    assert tracker.pending() == {("gw", "e1"): (101, 130)}
+    assert tracker.holes() == {}
+    stream = tracker.streams[("gw", "e1")]
+    assert (stream.hwm_seq, stream.hwm_batch) == (130, 4)
+    tracker.accept("gw", "e1", readings(101, 130), [], batch=2, sealed_ns=2500)
+    assert tracker.pending() == {}
+
+
+def test_the_pending_tail_becomes_a_hole_when_a_later_epoch_begins_undeclared() -> None:
+    tracker = Completeness()
+    tracker.accept("gw", "e1", readings(1, 100), [], batch=1, sealed_ns=1000)
+    tracker.mark("gw", "e1", 130, 2, 2000)
+    tracker.accept("gw", "e2", readings(1, 10), [], batch=1, sealed_ns=500)  # earlier: older
+    assert tracker.superseded("gw", "e1") is None
+    assert tracker.superseded("gw", "e2") == "e1"
+    assert tracker.holes() == {}
+    tracker.accept("other", "e3", readings(1, 10), [], batch=1, sealed_ns=9000)
+    assert tracker.pending() == {("gw", "e1"): (101, 130)}, "another gateway ends nothing"
+    tracker.accept("gw", "e4", readings(1, 10), [], batch=1, sealed_ns=3000)
+    for state in (tracker, Completeness.from_json(tracker.to_json())):
+        assert state.pending() == {}
+        assert state.holes() == {("gw", "e1"): [(101, 130)]}
+
+
+def test_a_declared_end_makes_the_marked_tail_lost() -> None:
+    tracker = Completeness()
+    tracker.accept("gw", "e1", readings(1, 100), [], batch=1, sealed_ns=1000)
+    tracker.mark("gw", "e1", 130, 2, 2000)
+    tracker.accept("gw", "e2", [], [], batch=1, sealed_ns=3000)
+    tracker.end_epoch("gw", "e1", None, "missing: gone")
+    assert tracker.holes() == {}
+    assert tracker.pending() == {}
+    assert tracker.lost() == {("gw", "e1"): [(101, 130)]}
+
+
+def test_batch_numbers_are_kept_as_ranges_and_their_gaps_counted() -> None:
+    tracker = Completeness()
+    for number in (1, 2, 3, 7, 8, 10):
+        tracker.accept("gw", "e1", [], [], batch=number)
+    stream = tracker.streams[("gw", "e1")]
+    assert stream.batches.ranges() == [[1, 3], [7, 8], [10, 10]]
+    assert stream.batch_gaps() == [(4, 6), (9, 9)]
+    assert Completeness.from_json(tracker.to_json()).streams[("gw", "e1")].batch_gaps() == [
+        (4, 6),
+        (9, 9),
+    ]
+
+
+def test_a_state_file_of_an_earlier_version_still_loads() -> None:
+    old = {
+        "gw\ne1": {
+            "received": [[1, 10]], "evicted": [], "max_seq": 10, "readings": 10,
+            "duplicates": 0, "evicted_count": 0, "evicted_by_reason": {}, "ended": None,
+        }
+    }  # fmt: skip
+    tracker = Completeness.from_json(old)
+    stream = tracker.streams[("gw", "e1")]
+    assert (stream.hwm_seq, stream.conflicts, stream.batches.ranges()) == (0, 0, [])
+    assert tracker.holes() == {} and tracker.pending() == {}
 
 
 def test_a_missing_batch_is_a_hole_until_declared_evicted() -> None:

@@ -76,6 +76,8 @@ class MqttConfig(StrictModel):
     """The consumers' Ed25519 public keys (PEM) whose acknowledgements are accepted."""
     ack_timeout: Duration = 30.0
     """A batch PUBACKed but not acknowledged by a consumer within this is sent again."""
+    heartbeat: Annotated[Duration, Field(ge=1, le=3600)] = 10.0
+    """How often the signed high-water mark is published (and on every connect)."""
 
     @field_validator("protocol", mode="before")
     @classmethod

@@ -8,6 +8,13 @@ consumer's key, for agents in `mqtt.ack: end_to_end` mode (consumer/acks.py, con
 Readings lost with an epoch that the gateway declared ended (`previous_epoch`: its buffer was
 quarantined, went missing or was replaced) are reported as LOST with the reason; declared, they
 are not an unexplained gap, like declared evictions.
+
+Signed high-water marks (`/hwm` topics, seal/hwm.py) are verified like batches (a refused one
+is REJECTED, exit 3) and say how far each epoch was sealed: the tail not received yet is
+reported PENDING (exit 0) while the epoch is alive, and is a hole (exit 4) once a later epoch of
+the gateway began without declaring this one ended. A seq received again in another batch or
+with other readings is a CONFLICT (exit 3), counted apart from duplicates. Batch-number gaps
+are reported (BATCHES), not judged: an evicted batch's number never arrives.
 """
 
 from __future__ import annotations
@@ -34,10 +41,11 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from edge_agent.consumer.acks import AckPublisher, save_state
-from edge_agent.consumer.completeness import Completeness
+from edge_agent.consumer.completeness import Completeness, Stream
 from edge_agent.errors import EnvelopeError
 from edge_agent.reading import RejectedValue, checked
 from edge_agent.seal.envelope import Batch, Opener
+from edge_agent.seal.hwm import TOPIC_SUFFIX, HighWaterMark, open_mark
 from edge_agent.seal.keys import load_private_key, load_public_key
 from edge_agent.seal.trust import TrustSet
 
@@ -64,6 +72,10 @@ class VerifyResult:
     """Readings whose value broke the value rules of §4 (NaN, infinity...): shown as bad."""
     first_nonconforming: str | None = None
     statuses: dict[str, str] = field(default_factory=dict)
+    marks: int = 0
+    """High-water marks verified."""
+    rejected_marks: int = 0
+    """Of `rejected`, how many were high-water marks."""
 
 
 class Verifier:
@@ -100,6 +112,8 @@ class Verifier:
                 batch.evicted,
                 batch.evicted_reasons,
                 batch=batch.batch,
+                sealed_ns=batch.sealed_ns,
+                digest=batch.digest,
             )
             if batch.previous_epoch is not None:
                 ended = batch.previous_epoch
@@ -116,6 +130,21 @@ class Verifier:
         for reading in fresh:
             self._conform(batch.gateway, reading)
         return batch, fresh
+
+    def check_mark(self, payload: bytes) -> HighWaterMark | None:
+        """Verify one high-water mark and record it; None when refused (counted in `rejected`,
+        like a batch: an unknown, retired or out-of-date key, a bad signature, not a mark)."""
+        trust = self.trust or TrustSet.of(self.opener.keys.values())
+        try:
+            mark = open_mark(payload, trust)
+        except EnvelopeError as exc:
+            self.result.rejected += 1
+            self.result.rejected_marks += 1
+            self.result.last_error = str(exc)
+            return None
+        self.tracker.mark(mark.gateway, mark.epoch, mark.seq, mark.batch, mark.sealed_ns)
+        self.result.marks += 1
+        return mark
 
     def _conform(self, gateway: str, reading: dict[str, Any]) -> None:
         """Apply the producer's value rules (edge_agent.reading) to a reading from the wire.
@@ -152,16 +181,22 @@ class Verifier:
         """The exit status and the lines that explain it."""
         lines = []
         lost_count = 0
+        pending_count = 0
         for (gateway, epoch), stream in self.tracker.streams.items():
-            holes = stream.holes()
+            later = self.tracker.superseded(gateway, epoch)
+            holes = stream.holes(superseded=later is not None)
             lines.append(
                 f"gateway={gateway} epoch={epoch[:8]} readings={stream.readings} "
                 f"max_seq={stream.max_seq} duplicates={stream.duplicates} "
                 f"evicted={stream.evicted_count}"
                 + "".join(f" evicted_{r}={n}" for r, n in sorted(stream.evicted_by_reason.items()))
+                + f" hwm={stream.hwm_seq} conflicts={stream.conflicts}"
                 + f" holes={len(holes)}"
                 + (f" first_holes={holes[:5]}" if holes else "")
             )
+            lines.extend(_tail_lines(gateway, epoch, stream, later))
+            pending = stream.pending(superseded=later is not None)
+            pending_count += 0 if pending is None else pending[1] - pending[0] + 1
             lost = stream.lost()
             if stream.ended is not None:
                 count = sum(last - first + 1 for first, last in lost)
@@ -177,9 +212,23 @@ class Verifier:
                 f"declared an epoch ended whose id it no longer knew ({reason})"
             )
         code = 0
+        conflicts = self.tracker.conflicts()
         if self.result.rejected:
-            lines.append(f"REJECTED {self.result.rejected} batches: {self.result.last_error}")
+            marks = self.result.rejected_marks
+            batches = self.result.rejected - marks
+            what = f"{batches} batches" + (f" and {marks} high-water marks" if marks else "")
+            lines.append(f"REJECTED {what}: {self.result.last_error}")
             code = EXIT_BAD_SIGNATURE
+        if conflicts:
+            first = next(s.first_conflict for s in self.tracker.streams.values() if s.conflicts)
+            lines.append(
+                f"CONFLICT {conflicts} readings: a seq received before came again in another "
+                f"batch or with other content (a replay, a tamper by a holder of the key, or a "
+                f"bug); first: {first}"
+            )
+            code = EXIT_BAD_SIGNATURE
+        if code:
+            pass
         elif self.tracker.holes():
             lines.append("INCOMPLETE: readings missing that no eviction explains")
             code = EXIT_GAP
@@ -190,6 +239,11 @@ class Verifier:
                 f"OK: {self.result.batches} batches verified, complete but for the readings "
                 "declared lost above"
             )
+        elif pending_count:
+            lines.append(
+                f"OK: {self.result.batches} batches verified, complete but for the "
+                f"{pending_count} readings pending above (sealed, not yet received)"
+            )
         else:
             lines.append(f"OK: {self.result.batches} batches verified, complete")
         if self.result.nonconforming:  # readings not as §4 says: exit 3, like a rejection
@@ -199,6 +253,33 @@ class Verifier:
             )
             code = EXIT_BAD_SIGNATURE
         return code, lines
+
+
+def _tail_lines(gateway: str, epoch: str, stream: Stream, later: str | None) -> list[str]:
+    """The PENDING line (the sealed tail not received, while the epoch lives), the ENDED line
+    (that tail made a hole by a later epoch) and the BATCHES line (batch-number gaps)."""
+    lines = []
+    tail = stream.tail()
+    if tail is not None and stream.ended is None:
+        first, last = tail
+        where = f"gateway={gateway} epoch={epoch} readings={last - first + 1} seq={first}..{last}"
+        if later is None:
+            lines.append(f"PENDING: {where} (sealed, not yet received; the epoch is alive)")
+        else:
+            lines.append(
+                f"ENDED: {where} sealed and never received: epoch {later} began after it "
+                "without declaring it ended (a hole)"
+            )
+    gaps = stream.batch_gaps()
+    above = max(0, stream.hwm_batch - stream.batches.highest())
+    if gaps or above:
+        missing = sum(b - a + 1 for a, b in gaps)
+        lines.append(
+            f"BATCHES: gateway={gateway} epoch={epoch} received={stream.batches.count()} "
+            f"missing={missing} ranges={gaps[:5]}{' ...' if len(gaps) > 5 else ''} "
+            f"pending={above} (an evicted batch's number never arrives: the seq check decides)"
+        )
+    return lines
 
 
 def consumer_client(
@@ -250,7 +331,8 @@ async def consume(
     while not stop.is_set():
         try:
             async with client_factory() as client:
-                await client.subscribe(topic, qos=1)
+                for name in subscriptions(topic):
+                    await client.subscribe(name, qos=1)
                 if subscribed is not None:
                     subscribed.set()
                 acking = None
@@ -269,6 +351,11 @@ async def consume(
                             if batch is not None and acks is not None:
                                 acks.accepted(batch, name)
                             on_batch(batch, fresh)
+                        elif (
+                            name.endswith(f"/{TOPIC_SUFFIX}")
+                            and verifier.check_mark(payload) is None
+                        ):
+                            on_batch(None, [])  # refused: reported like a refused batch
                 finally:
                     if acking is not None:
                         acking.cancel()
@@ -280,6 +367,14 @@ async def consume(
             log.debug("Verifier lost the broker error=%s", exc)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), 0.5)
+
+
+def subscriptions(topic: str) -> list[str]:
+    """The filters to subscribe to: `topic`, and beside a filter of batches (`.../batch`) the
+    gateways' high-water marks (`.../hwm`) it would otherwise miss."""
+    if topic.endswith("/batch"):
+        return [topic, topic.removesuffix("batch") + TOPIC_SUFFIX]
+    return [topic]
 
 
 async def _next_message(

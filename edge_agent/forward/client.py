@@ -59,9 +59,10 @@ class AckingClient(aiomqtt.Client):
         self.disconnect_code: int | None = None
         """The reason code of the broker's DISCONNECT (MQTT 5 only); None if it sent none."""
 
-    async def publish_acked(self, topic: str, payload: bytes) -> int:
-        """Publish at QoS 1 and return the broker's reason code (0 = success)."""
-        info = self._client.publish(topic, payload, qos=1)
+    async def publish_acked(self, topic: str, payload: bytes, *, retain: bool = False) -> int:
+        """Publish at QoS 1 (retained if asked) and return the broker's reason code (0 =
+        success)."""
+        info = self._client.publish(topic, payload, qos=1, retain=retain)
         if info.rc != paho.MQTT_ERR_SUCCESS:
             raise aiomqtt.MqttCodeError(info.rc, "Could not publish batch")
         # PUBACKs are read only in loop callbacks, so none can arrive before this line.

@@ -55,6 +55,12 @@ acknowledged or evicted, or nothing left to send; a CONNACK alone proves nothing
 broker cannot be reached it waits at most `reconnect_max`, so the first batch after an outage
 leaves within seconds; while the broker accepts connections but takes nothing, up to
 `reconnect_max_stalled`, sparing it a tight loop.
+
+The signed high-water mark (seal/hwm.py) goes out retained on `{prefix}/{gateway}/hwm` at every
+connect and every `mqtt.heartbeat`, through the same window as the batches: it takes one place
+in it for one round trip, so the broker's Receive Maximum holds and no batch waits for it beyond
+that. A refusal of the mark (PUBACK >= 0x80, an ACL say) is logged once and never ends the
+connection: the batches are what must flow.
 """
 
 from __future__ import annotations
@@ -64,7 +70,7 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -87,6 +93,7 @@ from edge_agent.forward.client import (
 )
 from edge_agent.metrics import Metrics
 from edge_agent.schedule import Backoff
+from edge_agent.seal import hwm
 from edge_agent.seal.ack import REASONS, AckError, AckJudge, AckOpener, Reason
 from edge_agent.seal.envelope import TOO_LARGE, UNDELIVERABLE
 from edge_agent.store.sqlite import BatchKey, Store, StoredBatch
@@ -194,11 +201,13 @@ class Forwarder:
         on_evicted: Callable[[], None] | None = None,
         on_payload_limit: Callable[[int | None], None] | None = None,
         ack_keys: list[Ed25519PublicKey] | None = None,
+        mark: Callable[[], bytes] | None = None,
     ) -> None:
         """`on_evicted` is called after a batch was evicted (the batcher declares it);
         `on_payload_limit` with the largest batch, in bytes, the link takes (None: no limit),
-        first from here. `store` must be open. `ack_keys` are the consumer public keys of
-        `mqtt.ack_keys` (end_to_end mode; ValueError when that mode has none)."""
+        first from here; `mark` makes the signed high-water mark to publish (None: none is).
+        `store` must be open. `ack_keys` are the consumer public keys of `mqtt.ack_keys`
+        (end_to_end mode; ValueError when that mode has none)."""
         self._config = config
         self._store = store
         self._new_batches = new_batches
@@ -207,21 +216,13 @@ class Forwarder:
         self._on_payload_limit = on_payload_limit
         self.batch_topic = f"{config.topic_prefix}/{gateway_id}/batch"
         self.status_topic = f"{config.topic_prefix}/{gateway_id}/status"
-        self.ack_topic = f"{config.topic_prefix}/{gateway_id}/ack"
-        self.end_to_end = config.ack == "end_to_end"
-        if self.end_to_end and not ack_keys:
-            raise ValueError("mqtt.ack: end_to_end needs the consumer keys of mqtt.ack_keys")
-        self._ack_opener = AckOpener(ack_keys or [])
-        self._ack_judge = AckJudge(gateway_id)
-        self._refusals_logged: set[str] = set()
-        self._settling: set[BatchKey] = set()
-        self._subscription_refused = False
-        self._resend_budget = config.max_inflight
-        """Batches that may still be sent again until the next refill (`_refill_resends`)."""
-        self._resend_refill_at = 0.0
-        for reason in REASONS:  # every reason shows in /metrics, at 0 until it happens
-            metrics.acks_refused.labels(reason=reason)
-        """end_to_end: batches PUBACKed whose mark is not yet committed (not to be taken)."""
+        self._init_consumer_acks(gateway_id, ack_keys)
+        self.hwm_topic = hwm.topic(config.topic_prefix, gateway_id)
+        self._mark = mark
+        self._mark_due = asyncio.Event()
+        """Set when a high-water mark is to be published (at connect, at every heartbeat)."""
+        self._mark_refused: int | None = None
+        """The reason code of the broker's last refusal of a mark, logged once."""
         self._client_id = config.client_id or f"edge-agent-{gateway_id}"
         self.state = ForwarderState(ack=AckState(mode=config.ack))
         self._to_ack: list[StoredBatch] = []
@@ -248,6 +249,26 @@ class Forwarder:
         # The broker's last advertised limit, kept in the (open) store: batches sealed before
         # the first CONNACK, with the link down at boot, fit it as well.
         self._report_payload_limit(BrokerLimits(max_packet_size=self._recalled_limit()))
+
+    def _init_consumer_acks(self, gateway_id: str, ack_keys: list[Ed25519PublicKey] | None) -> None:
+        """The end_to_end acknowledgement's state (§4.10); ValueError when that mode has no
+        consumer keys."""
+        config = self._config
+        self.ack_topic = f"{config.topic_prefix}/{gateway_id}/ack"
+        self.end_to_end = config.ack == "end_to_end"
+        if self.end_to_end and not ack_keys:
+            raise ValueError("mqtt.ack: end_to_end needs the consumer keys of mqtt.ack_keys")
+        self._ack_opener = AckOpener(ack_keys or [])
+        self._ack_judge = AckJudge(gateway_id)
+        self._refusals_logged: set[str] = set()
+        self._settling: set[BatchKey] = set()
+        """end_to_end: batches PUBACKed whose mark is not yet committed (not to be taken)."""
+        self._subscription_refused = False
+        self._resend_budget = config.max_inflight
+        """Batches that may still be sent again until the next refill (`_refill_resends`)."""
+        self._resend_refill_at = 0.0
+        for reason in REASONS:  # every reason shows in /metrics, at 0 until it happens
+            self._metrics.acks_refused.labels(reason=reason)
 
     def _client(self) -> AckingClient:
         will = aiomqtt.Will(self.status_topic, json.dumps({"state": "offline"}), qos=1, retain=True)
@@ -285,6 +306,9 @@ class Forwarder:
                         granted = await client.subscribe(self.ack_topic, qos=1)
                         self._check_subscription(granted)
                         loops.append(self._consumer_acks(client))
+                    if self._mark is not None:
+                        self._mark_due.set()  # on every connect
+                        loops.append(self._heartbeat())
                     try:
                         await _until_one_fails(*loops)
                     except asyncio.CancelledError:
@@ -312,9 +336,19 @@ class Forwarder:
             log.debug("Reconnecting in %.1fs stalled=%s", wait, session.stalled)
             await asyncio.sleep(wait)
 
+    async def _heartbeat(self) -> None:
+        """Ask for a high-water mark every `mqtt.heartbeat` seconds (the pump publishes it)."""
+        while True:
+            await asyncio.sleep(self._config.heartbeat)
+            self._mark_due.set()
+
     async def _goodbye(self, client: AckingClient) -> None:
-        """On a clean stop: delete what was acknowledged and say "offline" (the will would not)."""
+        """On a clean stop: delete what was acknowledged, publish a last high-water mark (after
+        the last seal: exact), and say "offline" (the will would not)."""
         await self._flush_acks()
+        if self._mark is not None:  # within the agent's GOODBYE_S with the status below
+            with contextlib.suppress(aiomqtt.MqttError, TimeoutError):
+                await client.publish(self.hwm_topic, self._mark(), qos=1, retain=True, timeout=1.0)
         with contextlib.suppress(aiomqtt.MqttError, TimeoutError):
             await client.publish(
                 self.status_topic,
@@ -429,14 +463,18 @@ class Forwarder:
     async def _pump(self, client: AckingClient, session: _Session) -> None:
         """Keep the window of batches published and unacknowledged, oldest first."""
         window = _Window(self._window_size(client))
+        look = True  # whether the store may hold batches to send that the window has not
         v5 = self._config.protocol == "5"
         limit, source = self._packet_limit(client.limits)
         try:
             while True:
                 window.size = self._window_size(client)
-                if window.room():
+                self._publish_mark(client, window, limit, v5=v5)
+                if window.room() and look:
                     self._new_batches.clear()
+                    wanted = window.room()
                     taken = await self._take(window)
+                    look = len(taken) == wanted  # a full take: there may be more
                     evicted = False
                     for batch in taken:
                         size = publish_packet_size(self.batch_topic, len(batch.data), v5=v5)
@@ -450,9 +488,14 @@ class Forwarder:
                         self._progress(session)  # caught up: nothing left to send
                     elif evicted:
                         continue  # its place in the window is free: take the next one first
-                wake = self._new_batches if window.room() else None
+                wakes = [self._new_batches, self._mark_due] if window.room() else []
                 idle = RESEND_CHECK_S if self.end_to_end and window.room() else None
-                results, problem = await window.completed(wake, client.lost, idle_s=idle)
+                results, problem = await window.completed(wakes, client.lost, idle_s=idle)
+                self._marks_settled(window)
+                # Woken only by a mark (a heartbeat, a mark's PUBACK) after the store was found
+                # empty: no query, the store has nothing new. end_to_end: batches come due to be
+                # sent again with time alone, so the store is looked at after every wake.
+                look = look or bool(results) or self._new_batches.is_set() or self.end_to_end
                 # Successes first: a rejection in the same round must not hold them back.
                 for batch, code in sorted(results, key=lambda result: result[1] >= REJECTION):
                     await self._settle(batch, code, session)
@@ -495,6 +538,35 @@ class Forwarder:
         as soon as a consumer's acknowledgement deleted something (it is there, and keeps up)."""
         self._resend_budget = self._config.max_inflight
         self._resend_refill_at = time.monotonic() + self._config.ack_timeout
+
+    def _publish_mark(
+        self, client: AckingClient, window: _Window, limit: int | None, *, v5: bool
+    ) -> None:
+        """Start publishing the high-water mark if one is due and the window has room."""
+        if self._mark is None or not self._mark_due.is_set() or not window.room():
+            return
+        self._mark_due.clear()
+        data = self._mark()
+        size = publish_packet_size(self.hwm_topic, len(data), v5=v5)
+        if limit is not None and size > limit:  # about 250 bytes: only an absurd limit
+            log.debug("High-water mark larger than the packet limit bytes=%d limit=%d",
+                      size, limit)  # fmt: skip
+            return
+        window.start_mark(client.publish_acked(self.hwm_topic, data, retain=True))
+
+    def _marks_settled(self, window: _Window) -> None:
+        """Count the marks acknowledged; log a refusal once per reason code."""
+        for code in window.settled_marks():
+            if code < REJECTION:
+                self._metrics.hwm_published.inc()
+                self._mark_refused = None
+            elif code != self._mark_refused:
+                self._mark_refused = code
+                log.warning(
+                    "Broker refused the high-water mark; consumers cannot see what is sealed"
+                    " and not yet sent reason=0x%02x %s topic=%s",
+                    code, reason_name(code), self.hwm_topic,
+                )  # fmt: skip
 
     async def _settle(self, batch: StoredBatch, code: int, session: _Session) -> None:
         """A PUBACK arrived: queue the batch for deletion, evict it (0x95), or keep it (other
@@ -744,9 +816,25 @@ class _Window:
         """Highest id of a batch of readings published on this connection."""
         self.declarations: set[int] = set()
         """Ids of declarations published on this connection (they are taken first on every call)."""
+        self.marks: set[asyncio.Future[int]] = set()
+        """High-water marks awaiting their PUBACK."""
 
     def room(self) -> int:
-        return max(0, self.size - len(self.in_flight))
+        return max(0, self.size - len(self.in_flight) - len(self.marks))
+
+    def start_mark(self, publish: Coroutine[Any, Any, int]) -> None:
+        """Publish a high-water mark: it holds a place in the window until its PUBACK."""
+        self.marks.add(asyncio.ensure_future(publish))
+
+    def settled_marks(self) -> list[int]:
+        """The reason codes of the marks acknowledged since the last call (a mark lost with the
+        connection is forgotten: the next connect publishes a new one)."""
+        codes = []
+        for future in [f for f in self.marks if f.done()]:
+            self.marks.discard(future)
+            if not future.cancelled() and future.exception() is None:
+                codes.append(future.result())
+        return codes
 
     def start(self, batch: StoredBatch, publish: Coroutine[Any, Any, int]) -> None:
         """Publish `batch` (never one already published on this connection)."""
@@ -758,17 +846,21 @@ class _Window:
         self.in_flight[task] = batch
 
     async def completed(
-        self, wake: asyncio.Event | None, lost: asyncio.Event, *, idle_s: float | None = None
+        self,
+        wakes: Sequence[asyncio.Event],
+        lost: asyncio.Event,
+        *,
+        idle_s: float | None = None,
     ) -> tuple[list[tuple[StoredBatch, int]], str | None]:
-        """Wait for a PUBACK, for `wake` or for `lost` (at most `idle_s` seconds, when given):
-        the (batch, reason code) pairs acknowledged, oldest first, and what went wrong if the
-        connection did.
+        """Wait for a PUBACK (of a batch or a mark), for one of `wakes` or for `lost` (at most
+        `idle_s` seconds, when given): the (batch, reason code) pairs acknowledged, oldest
+        first, and what went wrong if the connection did.
 
         PUBACKs read just before a loss are returned too, so that the batch the broker closed
         the connection on, not one it acknowledged, is the oldest left in flight.
         """
-        waiters: set[asyncio.Future[Any]] = set(self.in_flight)
-        events = [asyncio.ensure_future(e.wait()) for e in (wake, lost) if e is not None]
+        waiters: set[asyncio.Future[Any]] = set(self.in_flight) | self.marks
+        events = [asyncio.ensure_future(e.wait()) for e in (*wakes, lost)]
         waiters.update(events)
         try:
             await asyncio.wait(waiters, timeout=idle_s, return_when=asyncio.FIRST_COMPLETED)
@@ -788,6 +880,7 @@ class _Window:
         return results, problem
 
     def cancel(self) -> None:
-        for future in self.in_flight:
+        for future in [*self.in_flight, *self.marks]:
             future.cancel()
         self.in_flight.clear()
+        self.marks.clear()

@@ -28,8 +28,8 @@ from typing import Any, Literal
 import cbor2
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from edge_agent.errors import EdgeAgentError, EnvelopeError
-from edge_agent.seal.envelope import Sign1, protected_header_bytes, sign1
+from edge_agent.errors import EdgeAgentError, EnvelopeError, UnknownKeyError
+from edge_agent.seal.envelope import Sign1, Signer
 from edge_agent.seal.keys import key_id
 
 ACK_VERSION = 1
@@ -155,8 +155,7 @@ def seal_ack(
     }
     if consumer is not None:
         body["consumer"] = consumer
-    protected = protected_header_bytes(key_id(key.public_key()), compress=False)
-    return sign1(key, protected, cbor2.dumps(body))
+    return Signer(key).sign(cbor2.dumps(body))
 
 
 class AckOpener:
@@ -187,11 +186,12 @@ class AckOpener:
         kid = signed.kid
         if "enc" in signed.header:
             raise AckError("malformed", "an acknowledgement is never compressed (enc)", kid=kid)
-        key = self._keys.get(kid)
-        if key is None:
-            raise AckError("unknown_key", f"unknown consumer key id {kid.hex()}", kid=kid)
-        if not signed.verifies(key):
-            raise AckError("bad_signature", f"bad signature (key id {kid.hex()})", kid=kid)
+        try:
+            signed.check(self._keys)
+        except UnknownKeyError:
+            raise AckError("unknown_key", f"unknown consumer key id {kid.hex()}", kid=kid) from None
+        except EnvelopeError as exc:
+            raise AckError("bad_signature", str(exc), kid=kid) from None
         try:
             body = cbor2.loads(signed.payload)
         except (cbor2.CBORError, ValueError, TypeError, KeyError, AttributeError) as exc:

@@ -32,6 +32,7 @@ from edge_agent.audit import audit
 from edge_agent.errors import StoreError
 from edge_agent.metrics import Metrics
 from edge_agent.reading import Reading, conforming, needs_check
+from edge_agent.seal import hwm
 from edge_agent.seal.envelope import Sealer
 from edge_agent.store.sqlite import MAX_TRANSACTION_BYTES, SealedBatch, Store
 
@@ -133,6 +134,22 @@ class Batcher:
             await self.seal_pending()
         await self.seal_pending()
         self._log_declared(now=True)
+
+    def high_water_mark(self) -> bytes:
+        """The signed high-water mark (seal/hwm.py) of what the store holds committed now: its
+        epoch, the highest seq and batch number sealed (0: none), signed with the current key.
+
+        Read from the store's counters in memory (set at open, advanced at every commit): no
+        query, and right after a restart too.
+        """
+        mark = hwm.HighWaterMark(
+            gateway=self._gateway,
+            epoch=self._store.epoch,
+            seq=self._store.next_seq - 1,
+            batch=self._store.next_batch - 1,
+            sealed_ns=time.time_ns(),
+        )
+        return mark.seal(self._sealer.signer)
 
     @property
     def sealer(self) -> Sealer:

@@ -16,6 +16,7 @@ every value type), at about a third of the CPU (docs/performance.md).
 
 from __future__ import annotations
 
+import hashlib
 import math
 import struct
 from collections.abc import Mapping, Sequence
@@ -71,6 +72,9 @@ class Batch:
     """Why each `evicted` range was dropped, in the same order (`retention` when unsaid)."""
     previous_epoch: PreviousEpoch | None = None
     """How the gateway's previous epoch ended, in the first batch of a new epoch (§4)."""
+    digest: bytes = b""
+    """16 bytes of BLAKE2b over the signed payload: the same for a byte-identical re-send,
+    different for any other content (consumer/completeness.py tells conflicts by it)."""
 
 
 @dataclass(frozen=True)
@@ -250,11 +254,11 @@ class Sealer:
     ) -> None:
         if payload_format not in FORMATS:
             raise ValueError(f"payload format {payload_format!r} is not one of {FORMATS}")
-        self._key = key
         self.payload_format = payload_format
         self._columns = columnar.ColumnEncoder() if payload_format == 2 else None
-        self.kid = key_id(key.public_key())
-        self._protected = protected_header_bytes(self.kid, compress=compress)
+        self.signer = Signer(key)
+        """Signs with the same key, uncompressed: the high-water mark (seal/hwm.py) uses it."""
+        self.kid = self.signer.kid
         self._compressor = zstandard.ZstdCompressor(level=3) if compress else None
         self._readings = ReadingEncoder()
 
@@ -319,24 +323,39 @@ class Sealer:
         return self._sign(body)
 
     def _sign(self, body: bytes) -> bytes:
-        payload = self._compressor.compress(body) if self._compressor else body
-        return sign1(self._key, self._protected, payload)
+        if self._compressor is None:
+            return self.signer.sign(body)
+        return self.signer.sign(self._compressor.compress(body), encoding="zstd")
 
 
-def protected_header_bytes(kid: bytes, *, compress: bool) -> bytes:
-    """The protected header of §4.2 for key id `kid`, as signed: `{1: -8, 4: kid, 3:
-    "application/cbor"}` plus `"enc": "zstd"` when `compress` (canonical CBOR)."""
-    header: dict[Any, Any] = {HDR_ALG: ALG_EDDSA, HDR_KID: kid, HDR_CONTENT_TYPE: CONTENT_TYPE}
-    if compress:
-        header["enc"] = "zstd"
-    return bytes(cbor2.dumps(header, canonical=True))
+class Signer:
+    """Signs payloads as COSE_Sign1 with one Ed25519 key (docs/contract.md §4.2).
 
+    The protected header `{1: -8, 4: kid, 3: "application/cbor"}` (with `"enc"` when the payload
+    is compressed) is encoded once, canonically: its bytes are what gets signed. The unprotected
+    header is always the empty map.
+    """
 
-def sign1(key: Ed25519PrivateKey, protected: bytes, payload: bytes) -> bytes:
-    """A tagged COSE_Sign1 message (RFC 9052 §4.2): `payload` signed with `key` over the
-    Sig_structure with empty external AAD, `protected` as given, the unprotected header `{}`."""
-    signature = key.sign(cbor2.dumps(["Signature1", protected, b"", payload]))
-    return bytes(cbor2.dumps(cbor2.CBORTag(COSE_SIGN1_TAG, [protected, {}, payload, signature])))
+    def __init__(self, key: Ed25519PrivateKey) -> None:
+        self._key = key
+        self.kid = key_id(key.public_key())
+        """First 8 bytes of SHA-256 of the raw public key (seal/keys.py)."""
+        header: dict[Any, Any] = {
+            HDR_ALG: ALG_EDDSA,
+            HDR_KID: self.kid,
+            HDR_CONTENT_TYPE: CONTENT_TYPE,
+        }
+        self._protected = {
+            None: cbor2.dumps(header, canonical=True),
+            "zstd": cbor2.dumps({**header, "enc": "zstd"}, canonical=True),
+        }
+
+    def sign(self, payload: bytes, *, encoding: str | None = None) -> bytes:
+        """The tagged COSE_Sign1 bytes of `payload`; `encoding` ("zstd" or None) is only
+        declared in the header (the caller compressed). KeyError for another encoding."""
+        protected = self._protected[encoding]
+        signature = self._key.sign(cbor2.dumps(["Signature1", protected, b"", payload]))
+        return cbor2.dumps(cbor2.CBORTag(COSE_SIGN1_TAG, [protected, {}, payload, signature]))
 
 
 @dataclass(frozen=True)
@@ -373,15 +392,21 @@ class Sign1:
         header = _protected_header(protected)
         return cls(protected, header, header[HDR_KID], payload, signature)
 
-    def verifies(self, key: Ed25519PublicKey) -> bool:
-        """Whether the signature is `key`'s over the Sig_structure (empty external AAD)."""
+    def check(self, keys: Mapping[bytes, Ed25519PublicKey]) -> None:
+        """Check the signature by the key `keys` holds for this kid (over the Sig_structure,
+        empty external AAD).
+
+        Raises UnknownKeyError for a kid not in `keys`, EnvelopeError for a bad signature.
+        """
+        key = keys.get(self.kid)
+        if key is None:
+            raise UnknownKeyError(f"unknown key id {self.kid.hex()}")
         try:
             key.verify(
                 self.signature, cbor2.dumps(["Signature1", self.protected, b"", self.payload])
             )
         except InvalidSignature:
-            return False
-        return True
+            raise EnvelopeError(f"bad signature (key id {self.kid.hex()})") from None
 
 
 def _protected_header(protected: bytes) -> dict[Any, Any]:
@@ -433,14 +458,15 @@ class Opener:
         except (cbor2.CBORError, ValueError, TypeError, KeyError, AttributeError) as exc:
             raise EnvelopeError(f"malformed batch: {type(exc).__name__}: {exc}") from None
 
+    @property
+    def keys(self) -> Mapping[bytes, Ed25519PublicKey]:
+        """The trusted public keys by key id."""
+        return self._keys
+
     def _open(self, message: bytes) -> Batch:
         signed = Sign1.parse(message)
-        header, kid, payload = signed.header, signed.kid, signed.payload
-        key = self._keys.get(kid)
-        if key is None:
-            raise UnknownKeyError(f"unknown key id {kid.hex()}")
-        if not signed.verifies(key):
-            raise EnvelopeError(f"bad signature (key id {kid.hex()})")
+        signed.check(self._keys)
+        kid, header, payload = signed.kid, signed.header, signed.payload
         encoding = header.get("enc")
         if encoding == "zstd":
             try:
@@ -481,4 +507,5 @@ class Opener:
             kid=kid,
             evicted_reasons=reasons,
             previous_epoch=None if previous is None else PreviousEpoch.parse(previous),
+            digest=hashlib.blake2b(signed.payload, digest_size=16).digest(),
         )
