@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers import ledger
 from helpers.agent import AgentProcess
 
 from edge_agent.demo.broker import Mosquitto
@@ -84,6 +85,14 @@ def _unit_tests_stay_in_process(request: pytest.FixtureRequest) -> Iterator[None
         patch.setattr(socket.socket, "connect_ex", refuse("open a network connection"))
         patch.setattr(socket.socket, "listen", refuse("run a server"))
         yield
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    """Every fault case's LEDGER line (helpers/ledger.py), at the end, whatever the capture."""
+    if ledger.LINES:
+        terminalreporter.section("fault ledgers")
+        for line in ledger.LINES:
+            terminalreporter.write_line(line)
 
 
 @pytest.fixture
