@@ -32,7 +32,7 @@ Example (a case of the `faults` layer; `broker`, `keys`, `agents` are conftest f
         agents.append(agent)
         agent.start()
         ...                                   # the fault
-        assert agent.stop() == 0
+        await stop_drained(agent)             # clean stop, nothing left in the buffer
         taken = Taken.from_store(tmp_path / "buffer.db")
         await verify.collect(taken)           # until everything taken is accounted for
     verify.ledger("broker stopped 30s", taken, clean_stops=[agent]).check()
@@ -40,6 +40,7 @@ Example (a case of the `faults` layer; `broker`, `keys`, `agents` are conftest f
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import re
@@ -54,6 +55,7 @@ from types import TracebackType
 from typing import Any, Protocol
 
 from edge_agent.demo.broker import Mosquitto
+from helpers.agent import AgentProcess
 from helpers.wait import wait_for
 
 LINES: list[str] = []
@@ -75,7 +77,10 @@ def sealed_in_store(db_path: Path) -> tuple[str, int]:
     Read it after the agent process has ended: what a commit made durable, nothing pending.
     Raises sqlite3.Error when the file is not a readable buffer.
     """
-    with sqlite3.connect(f"{db_path.as_uri()}?mode=ro", uri=True) as db:
+    # Closed at once (a `with` on a connection only ends a transaction): a connection left open
+    # keeps SQLite's shared-memory lock, and the next process to crash would not be recovered
+    # by the next reader, which would read the state before the last commit.
+    with contextlib.closing(sqlite3.connect(f"{db_path.as_uri()}?mode=ro", uri=True)) as db:
         rows = dict(db.execute("SELECT key, value FROM meta WHERE key IN ('epoch', 'next_seq')"))
     return str(rows["epoch"]), int(rows["next_seq"]) - 1
 
@@ -109,6 +114,35 @@ def clean_stop_counts(log: str) -> list[tuple[int, int]]:
     """(taken, sealed) of each clean stop the agent logged: readings its batcher accepted from
     the sources in that run, readings it sealed in that run."""
     return [(int(a), int(b)) for a, b in _STOPPED.findall(log)]
+
+
+async def stop_drained(agent: AgentProcess, attempts: int = 3) -> int:
+    """Stop the agent cleanly (SIGTERM, exit 0), leaving nothing in its buffer.
+
+    A clean stop seals what is pending and waits (a bounded time) for the broker to acknowledge
+    what is buffered. When it stopped with readings still buffered (they are durable, not lost:
+    the next start sends them), it is started again, given the time to send them, and stopped
+    again, at most `attempts` times, so that the ledger is taken over a final state. Returns
+    how many restarts that took.
+    """
+    for restarts in range(attempts):
+        code = agent.stop()
+        assert code == 0, f"the agent exited {code}:\n{agent.log()[-3000:]}"
+        left = _BUFFERED.findall(agent.log())[-1]
+        if int(left) == 0:
+            return restarts
+        await asyncio.to_thread(agent.start)
+        await wait_for(
+            lambda: (
+                agent.status()["mqtt"]["connected"] and agent.status()["buffer"]["readings"] < 2000
+            ),
+            60,
+            "the agent to send its buffer",
+        )
+    raise AssertionError(f"the agent kept readings buffered after {attempts} clean stops")
+
+
+_BUFFERED = re.compile(r"Stopped cleanly buffered_readings=(\d+)")
 
 
 @dataclass
@@ -262,26 +296,32 @@ class VerifyProcess:
                 total += _covered(stream, last)
         return total
 
-    async def collect(self, taken: Taken, timeout: float = 60) -> None:
-        """Wait until verify accounted for everything `taken`, then stop it.
+    async def collect(self, taken: Taken, timeout: float = 60, quiet: float = 3.0) -> None:
+        """Wait until verify accounted for everything `taken`, then stop it (state written).
 
-        Waits on its output, stops it (writing the state) and checks the state; when something
-        is missing still (its output over-counts re-declared ranges) it is started again on the
-        same state and session, once, and waited for the rest. What is still missing then is
-        left for `ledger()` to report as lost.
+        Waits on its output until it printed or saw declared as many readings as were missing
+        when this run started, or printed nothing for `quiet` s (a tail declared lost with an
+        ended epoch prints nothing); then stops it and reads its state. While something is
+        still missing and `timeout` s have not passed, it is started again on the same state
+        and session (as an operator would) and waited for the rest. What is missing at the
+        end is left for `ledger()` to report as lost.
         """
-        before = self.accounted(taken) if self.state.exists() else 0
-        with contextlib.suppress(TimeoutError):  # the ledger says what is missing
-            await wait_for(
-                lambda: self.progress() >= taken.total - before, timeout, "verify to account"
-            )
-        self.stop()
-        missing = taken.total - self.accounted(taken)
-        if missing > 0:
-            await self.start()
-            with contextlib.suppress(TimeoutError):
-                await wait_for(lambda: self.progress() >= missing, timeout / 2, "the rest")
+        loop = asyncio.get_running_loop()
+        end = loop.time() + timeout
+        while True:
+            missing = taken.total - self.accounted(taken)  # the state as this run started
+            if self.process is None:
+                await self.start()
+            last, changed = self.progress(), loop.time()
+            while self.progress() < missing and loop.time() < end:
+                if self.progress() != last:
+                    last, changed = self.progress(), loop.time()
+                elif loop.time() - changed > quiet:
+                    break
+                await asyncio.sleep(0.1)  # a separate process: its output is the only signal
             self.stop()
+            if self.accounted(taken) >= taken.total or loop.time() >= end:
+                return
 
     def ledger(
         self,
