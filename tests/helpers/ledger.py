@@ -36,6 +36,10 @@ Example (a case of the `faults` layer; `broker`, `keys`, `agents` are conftest f
         taken = Taken.from_store(tmp_path / "buffer.db")
         await verify.collect(taken)           # until everything taken is accounted for
     verify.ledger("broker stopped 30s", taken, clean_stops=[agent]).check()
+
+A case with a consumer of its own (an in-process Verifier, another verify process) can still
+report through here: `Ledger.of_stream("case", taken, stream).check()` (one epoch), or
+`.record()` alone where the loss is the point (a mode shown to lose data).
 """
 
 from __future__ import annotations
@@ -54,6 +58,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Protocol
 
+from edge_agent.consumer.completeness import Stream
 from edge_agent.demo.broker import Mosquitto
 from helpers.agent import AgentProcess
 from helpers.wait import wait_for
@@ -126,7 +131,7 @@ async def stop_drained(agent: AgentProcess, attempts: int = 3) -> int:
     how many restarts that took.
     """
     for restarts in range(attempts):
-        code = agent.stop()
+        code = await asyncio.to_thread(agent.stop)  # the test's loop may run a proxy
         assert code == 0, f"the agent exited {code}:\n{agent.log()[-3000:]}"
         left = _BUFFERED.findall(agent.log())[-1]
         if int(left) == 0:
@@ -162,6 +167,9 @@ class Ledger:
     rejected: int
     exit_code: int | None
     notes: str = ""
+    declared_received: int = 0
+    """Readings declared evicted that had been received all the same (counted as verified,
+    not in `declared`): delivered, but not deleted (say on a full disk), then evicted."""
 
     @property
     def lost(self) -> int:
@@ -173,14 +181,41 @@ class Ledger:
             f"LEDGER {self.case}: taken={self.taken} verified={self.verified} "
             f"duplicates={self.duplicates} declared={self.declared} lost={self.lost}"
             + (extra if self.declared_lost else "")
+            + (
+                f" (declared after delivery={self.declared_received}: counted as verified)"
+                if self.declared_received
+                else ""
+            )
             + (f" [{self.notes}]" if self.notes else "")
         )
 
-    def check(self) -> Ledger:
-        """Print and record the LEDGER line, then assert lost == 0 in all and per epoch."""
+    def record(self) -> str:
+        """Print the LEDGER line and keep it for the session's summary; return it. Alone (not
+        through `check`) only where a loss is the point: a mode that is shown to lose data."""
         line = self.line()
         print(f"\n{line}")
         LINES.append(line)
+        return line
+
+    @classmethod
+    def of_stream(
+        cls, case: str, taken: int, stream: Stream, exit_code: int | None = 0, notes: str = ""
+    ) -> Ledger:
+        """The ledger of one epoch from a consumer's `Stream` (edge_agent.consumer.completeness,
+        e.g. read from a verify state file or an in-process Verifier), `taken` its sealed count."""
+        lost_with_end = sum(b - a + 1 for a, b in stream.lost())
+        received = stream.received.ranges()
+        evicted = _count(_merge(received + stream.evicted.ranges())) - _count(received)
+        declared = evicted + lost_with_end
+        return cls(
+            case, taken, stream.readings, stream.duplicates, declared, lost_with_end,
+            {"": (taken, stream.readings, declared)}, len(stream.holes()), 0, exit_code, notes,
+            declared_received=stream.evicted_count - evicted,
+        )  # fmt: skip
+
+    def check(self) -> Ledger:
+        """Print and record the LEDGER line, then assert lost == 0 in all and per epoch."""
+        line = self.record()
         assert self.taken > 0, f"{line}: the agent took nothing"
         for epoch, (taken, verified, declared) in self.per_epoch.items():
             assert taken - verified - declared == 0, (
@@ -345,11 +380,14 @@ class VerifyProcess:
                     f"{case}: the batcher accepted {accepted} readings but sealed {sealed}"
                 )
         streams = self.streams()
-        verified = duplicates = declared = declared_lost = holes = 0
+        verified = duplicates = declared = declared_lost = holes = declared_received = 0
         per_epoch = {}
         for epoch, stream in streams.items():
             received = _count(stream["received"])
-            evicted = _count(stream["evicted"])
+            # A reading both received and declared evicted (delivered, but its delete failed,
+            # e.g. on a full disk, and it was evicted later) counts once, as verified.
+            evicted = _count(_merge(stream["received"] + stream["evicted"])) - received
+            declared_received += _count(stream["evicted"]) - evicted
             verified += received
             duplicates += stream["duplicates"]
             lost_with_end = 0
@@ -365,6 +403,7 @@ class VerifyProcess:
         return Ledger(
             case, taken.total, verified, duplicates, declared, declared_lost, per_epoch,
             holes, rejected=_rejected(self.err), exit_code=self.exit_code, notes=notes,
+            declared_received=declared_received,
         )  # fmt: skip
 
 
