@@ -6,6 +6,7 @@ Helpers that are not fixtures live in tests/helpers/; tests/README.md describes 
 
 from __future__ import annotations
 
+import re
 import socket
 import subprocess
 from collections.abc import Iterator
@@ -87,8 +88,20 @@ def _unit_tests_stay_in_process(request: pytest.FixtureRequest) -> Iterator[None
         yield
 
 
+_LEDGER_LINE = re.compile(r"^\s*ledger\b.*\blost\b", re.IGNORECASE)
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    """Ledger lines a test printed without helpers/ledger.py (`ledger <case>: ... lost=...`),
+    from its captured output, for the summary below; those it recorded are there already."""
+    if report.when == "call":
+        for line in report.capstdout.splitlines():
+            if _LEDGER_LINE.match(line) and line.strip() not in ledger.LINES:
+                ledger.LINES.append(line.strip())
+
+
 def pytest_terminal_summary(terminalreporter: Any) -> None:
-    """Every fault case's LEDGER line (helpers/ledger.py), at the end, whatever the capture."""
+    """Every fault case's ledger line (helpers/ledger.py), at the end, whatever the capture."""
     if ledger.LINES:
         terminalreporter.section("fault ledgers")
         for line in ledger.LINES:

@@ -64,7 +64,8 @@ from helpers.agent import AgentProcess
 from helpers.wait import wait_for
 
 LINES: list[str] = []
-"""Every LEDGER line checked in this session, in order; conftest.py prints them at the end."""
+"""Every ledger line of this session, in order; conftest.py prints them at the end. It also
+collects lines a test printed itself (`ledger <case>: ... lost=...`) from its captured output."""
 
 GATEWAY = "test-gw"
 """The gateway id of `helpers.agent.agent_config`."""
