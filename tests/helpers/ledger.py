@@ -16,8 +16,13 @@ One ledger per case, from two independent witnesses:
   `quarantined` entry of /status or the witness read before the damage).
 - `verified`, `duplicates`, `declared`, from the real `edge-agent verify` process
   (`VerifyProcess`): readings it accepted (distinct `seq` per epoch, signature checked),
-  readings it received again, and readings the agent declared: evicted (§4.7) or lost with an
-  epoch declared ended (`previous_epoch`, counted apart as `declared_lost`).
+  readings it received again, and readings the agent declared and that did not arrive: evicted
+  (§4.7) or lost with an epoch declared ended (`previous_epoch`, counted apart as
+  `declared_lost`). A reading that arrived and was declared evicted too (a batch in flight
+  evicted from a full disk) counts once, as verified (`declared_received`).
+
+The ledger is taken over a final state: `stop_drained` stops the agent cleanly with nothing left
+in its buffer (readings still buffered are durable and unsent, neither delivered nor lost).
 
 `lost = taken - verified - declared`, per epoch and in all, and `Ledger.check()` asserts it is 0
 (and that verify found no hole and rejected nothing). Each checked ledger prints
