@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -132,8 +133,9 @@ STRACE = shutil.which("strace")
 def killed_in_sync(agent: AgentProcess, n: int, trace: Path) -> str:
     """Run the agent under strace until its `n`th fdatasync of the buffer's WAL, which is
     answered with SIGKILL. Returns where it landed: `commit` when WAL frames were written just
-    before it (the sync that ends a commit), `checkpoint` when it follows another sync (SQLite
-    syncs the WAL again before a checkpoint copies it)."""
+    before it (the sync that ends a commit), `wal-header` when only the 32-byte header of a
+    restarted WAL was (synced before the first commit's frames), `checkpoint` when it follows
+    another sync (SQLite syncs the WAL again before a checkpoint copies it)."""
     assert STRACE is not None, "strace is not installed (scripts/setup --test)"
     wal = f"{agent.config['store']['path']}-wal"
     inject = f"inject=fdatasync:signal=KILL:when={n}"
@@ -145,12 +147,17 @@ def killed_in_sync(agent: AgentProcess, n: int, trace: Path) -> str:
              if "fdatasync(" in line or "pwrite64(" in line]  # fmt: skip
     syncs = [i for i, call in enumerate(calls) if call.startswith("fdatasync(")]
     assert len(syncs) == n, calls[-3:]
-    return "commit" if calls[syncs[-1] - 1].startswith("pwrite64(") else "checkpoint"
+    before = calls[syncs[-1] - 1]
+    if not before.startswith("pwrite64("):
+        return "checkpoint"
+    size = re.search(r", (\d+), \d+\)\s+= ", before)
+    return "wal-header" if size is not None and size[1] == "32" else "commit"
 
 
 def killed_in_commit(agent: AgentProcess, n: int, trace: Path, landed: list[str]) -> None:
-    """`killed_in_sync` at `n`, and again one sync later while it lands in a checkpoint (a
-    checkpoint's sync follows a commit's); every landing is appended to `landed`."""
+    """`killed_in_sync` at `n`, and again one sync later while it lands elsewhere than in a
+    commit (a commit's sync follows a WAL header's and precedes a checkpoint's); every landing is
+    appended to `landed`."""
     for attempt in range(3):
         where = killed_in_sync(agent, n + attempt, trace.with_suffix(f".{attempt}.strace"))
         landed.append(f"{where}@{n + attempt}")
@@ -175,8 +182,10 @@ async def test_agent_killed_inside_a_commit(
     kill is shown to have landed inside one (the file holds a seq its witness, written when a
     commit returns, does not). In the ack delete: the source polls once an hour and one batch
     is in flight at a time, so after the open and the first poll (the first 3 or 4 syncs) each
-    commit deletes a batch the broker acknowledged. (A WAL sync may also belong to an automatic
-    checkpoint, once per 1,000 pages of WAL; it comes right after a commit.)
+    commit deletes a batch the broker acknowledged. A WAL sync may also be a restarted WAL's
+    header (before a commit's frames) or a checkpoint's (after them); strace's record tells
+    them apart, and such a kill is followed by one at the next sync (`killed_in_commit`). The
+    ledger line lists where each kill landed.
     """
     config = agent_config(tmp_path, broker, keys, simulated(), mqtt={"keepalive": "1s"})
     agent = AgentProcess(config, tmp_path)
