@@ -271,7 +271,10 @@ class Agent:
                 await _cancel(tasks, patience=GOODBYE_S)
         finally:
             await runner.cleanup()
-        log.info("Stopped cleanly buffered_readings=%d", self.store.stats.readings)
+        log.info(
+            "Stopped cleanly buffered_readings=%d taken=%d sealed=%d",
+            self.store.stats.readings, batcher.taken, batcher.sealed_readings,
+        )  # fmt: skip
         return 0
 
     async def _drain(self, forwarder: Forwarder) -> None:

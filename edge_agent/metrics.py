@@ -22,6 +22,11 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
+        self.readings_taken = Counter(
+            "edge_agent_readings_taken",
+            "Readings the batcher accepted from the sources (sealed next, within batch.max_delay).",
+            registry=r,
+        )
         self.readings_sealed = Counter(
             "edge_agent_readings_sealed", "Readings sealed into the buffer.", registry=r
         )

@@ -6,6 +6,7 @@ Helpers that are not fixtures live in tests/helpers/; tests/README.md describes 
 
 from __future__ import annotations
 
+import re
 import socket
 import subprocess
 from collections.abc import Iterator
@@ -13,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers import ledger
 from helpers.agent import AgentProcess
 
 from edge_agent.demo.broker import Mosquitto
@@ -84,6 +86,26 @@ def _unit_tests_stay_in_process(request: pytest.FixtureRequest) -> Iterator[None
         patch.setattr(socket.socket, "connect_ex", refuse("open a network connection"))
         patch.setattr(socket.socket, "listen", refuse("run a server"))
         yield
+
+
+_LEDGER_LINE = re.compile(r"^\s*ledger\b.*\blost\b", re.IGNORECASE)
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    """Ledger lines a test printed without helpers/ledger.py (`ledger <case>: ... lost=...`),
+    from its captured output, for the summary below; those it recorded are there already."""
+    if report.when == "call":
+        for line in report.capstdout.splitlines():
+            if _LEDGER_LINE.match(line) and line.strip() not in ledger.LINES:
+                ledger.LINES.append(line.strip())
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    """Every fault case's ledger line (helpers/ledger.py), at the end, whatever the capture."""
+    if ledger.LINES:
+        terminalreporter.section("fault ledgers")
+        for line in ledger.LINES:
+            terminalreporter.write_line(line)
 
 
 @pytest.fixture

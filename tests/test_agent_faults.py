@@ -1,8 +1,10 @@
 """The real `edge-agent run` process under store faults: a full disk, a removed -wal, a bad file.
 
-Real parts throughout: the agent process, a private Mosquitto, the verifier, a tmpfs mounted by
-the test (root; unmounted in teardown), SIGKILL. The figures the issue asks for (time to degrade
-after the disk fills, time to resume after room returns) are printed by the disk-full test.
+Real parts throughout: the agent process, a private Mosquitto, the real `edge-agent verify`
+process, a tmpfs mounted by the test (root; unmounted in teardown), SIGKILL. The cases that
+carry readings end with their ledger (helpers/ledger.py: lost = 0; what a full disk evicts is
+declared, what a bad store loses is declared lost). The figures the issue asks for (time to
+degrade after the disk fills, time to resume after room returns) are in the disk-full ledger.
 """
 
 from __future__ import annotations
@@ -12,7 +14,6 @@ import os
 import random
 import re
 import signal
-import sqlite3
 import subprocess
 import sys
 import threading
@@ -25,11 +26,10 @@ from typing import Any
 import pytest
 from helpers.agent import AgentProcess, agent_config
 from helpers.disk import MiB, SmallDisk
-from helpers.verifier import running_verifier, status_command
+from helpers.ledger import Taken, VerifyProcess, sealed_in_store, stop_drained
+from helpers.verifier import status_command
 from helpers.wait import wait_for
 
-from edge_agent.consumer.completeness import Stream
-from edge_agent.consumer.verify import Verifier
 from edge_agent.demo.broker import Mosquitto
 from edge_agent.errors import StoreError
 from edge_agent.store.sqlite import Store
@@ -47,17 +47,6 @@ def random_source(points: int = 500, interval: str = "50ms") -> list[dict[str, A
             "points": [{"name": f"p{i}", "signal": "random"} for i in range(points)],
         }
     ]
-
-
-def committed_seq(db_path: Path) -> int:
-    """The last seq the agent committed, read without checkpointing (read-only)."""
-    with sqlite3.connect(f"{db_path.as_uri()}?mode=ro", uri=True) as db:
-        (next_seq,) = db.execute("SELECT value FROM meta WHERE key = 'next_seq'").fetchone()
-    return int(next_seq) - 1
-
-
-def stream_of(verifier: Verifier, epoch: str) -> Stream:
-    return verifier.tracker.streams[("test-gw", epoch)]
 
 
 def status_output(agent: AgentProcess) -> subprocess.CompletedProcess[str]:
@@ -82,11 +71,11 @@ async def test_full_disk_degrades_evicts_declares_and_resumes(
     )
     agent = AgentProcess(config, tmp_path)
     agents.append(agent)
-    async with running_verifier(broker, keys) as verifier:
+    async with VerifyProcess(broker, keys, tmp_path) as verify:
         agent.start()
         assert agent.process is not None
         pid = agent.process.pid
-        await wait_for(lambda: verifier.result.readings > 1000, 30, "first readings")
+        await wait_for(lambda: verify.progress() > 1000, 30, "first readings")
         broker.stop()
         await wait_for(lambda: agent.status()["buffer"]["readings"] > 20_000, 30, "a backlog")
 
@@ -128,24 +117,23 @@ async def test_full_disk_degrades_evicts_declares_and_resumes(
         resumed_s = time.monotonic() - freed_at
         evicted = agent.status()["buffer"]["evicted_readings"]
         assert agent.process.pid == pid, "the agent never restarted"
-        assert agent.stop() == 0, agent.log()
-        sealed = committed_seq(disk.path / "buffer.db")
-        await wait_for(
-            lambda: accounted(verifier) >= sealed, 30, "every reading or its declaration"
-        )
+        restarts = await stop_drained(agent)
+        taken = Taken.from_store(disk.path / "buffer.db")
+        await verify.collect(taken)
 
-    stream = only(verifier)
-    assert verifier.result.rejected == 0
-    assert stream.holes() == [], "every reading arrived or was declared evicted"
-    assert stream.evicted_count == evicted > 0
+    ledger = verify.ledger(
+        "disk full (4 MiB tmpfs, broker down)",
+        taken,
+        clean_stops=[agent],
+        notes=f"degraded after {degraded_s:.2f}s, healthy {resumed_s:.2f}s after room returned;"
+        f" restarts={restarts}",
+    ).check()
+    assert ledger.declared + ledger.declared_received == evicted > 0, "declared, not lost"
+    assert ledger.declared_lost == 0
     log = agent.log()
     assert "Traceback" not in log
     assert log.count("Disk full: using the reserve") == 1, "one line per change of state"
     assert "Disk space available again" in log
-    print(
-        f"\nfull disk: degraded after {degraded_s:.2f}s, healthy {resumed_s:.2f}s after room "
-        f"returned; sealed={sealed} evicted and declared={evicted}"
-    )
 
 
 async def test_buffer_alone_fills_a_2mib_disk_with_the_broker_down(
@@ -159,7 +147,7 @@ async def test_buffer_alone_fills_a_2mib_disk_with_the_broker_down(
         )
         agent = AgentProcess(config, tmp_path)
         agents.append(agent)
-        async with running_verifier(broker, keys) as verifier:
+        async with VerifyProcess(broker, keys, tmp_path) as verify:
             broker.stop()
             agent.start()
             await wait_for(lambda: agent.status()["buffer"]["disk_full"], 30, "a full disk")
@@ -178,47 +166,41 @@ async def test_buffer_alone_fills_a_2mib_disk_with_the_broker_down(
             await wait_for(lambda: not agent.status()["buffer"]["disk_full"], 20, "room")
             broker.start()
             await wait_for(lambda: status_command(agent) == 0, 30, "healthy")
-            assert agent.stop() == 0, agent.log()
-            sealed = committed_seq(disk.path / "buffer.db")
-            await wait_for(
-                lambda: accounted(verifier) >= sealed, 30, "every reading or its declaration"
-            )
+            await stop_drained(agent)
+            taken = Taken.from_store(disk.path / "buffer.db")
+            await verify.collect(taken)
     finally:
         disk.unmount()
-    stream = only(verifier)
-    assert stream.holes() == [] and stream.evicted_count > 0
-    assert verifier.result.rejected == 0
+    ledger = verify.ledger("disk full (2 MiB tmpfs alone)", taken, clean_stops=[agent]).check()
+    assert ledger.declared > 0 and ledger.declared_lost == 0, "evicted and declared, not lost"
     assert agent.log().count("Buffer full or expired") + agent.log().count("Disk full:") < 30, (
         "evictions are summed up, not one line each"
     )
 
 
-def accounted(verifier: Verifier) -> int:
-    """Readings received or declared evicted, over every stream seen so far."""
-    return sum(s.readings + s.evicted_count for s in verifier.tracker.streams.values())
-
-
-def only(verifier: Verifier) -> Stream:
-    [stream] = verifier.tracker.streams.values()
-    return stream
-
-
 async def test_wal_removed_after_sigkill_is_declared_lost(
     tmp_path: Path, broker: Mosquitto, keys: Path, agents: list[AgentProcess]
 ) -> None:
-    """The issue's case: broker down, SIGKILL, `rm buffer.db-wal`, start again."""
+    """The issue's case: broker down, SIGKILL, `rm buffer.db-wal`, start again.
+
+    The ledger counts the old epoch's readings that never left as declared lost (the new
+    epoch's first batch declares the old one ended), apart from evictions.
+    """
     config = agent_config(tmp_path, broker, keys, random_source(), mqtt={"keepalive": "1s"})
     db_path = tmp_path / "buffer.db"
     first = AgentProcess(config, tmp_path)
     agents.append(first)
-    async with running_verifier(broker, keys) as verifier:
+    async with VerifyProcess(broker, keys, tmp_path) as verify:
         first.start()
         old_epoch = first.status()["buffer"]["epoch"]
-        await wait_for(lambda: verifier.result.readings > 1000, 30, "first readings")
+        await wait_for(lambda: verify.progress() > 1000, 30, "first readings")
         broker.stop()
         await wait_for(lambda: first.status()["buffer"]["readings"] > 30_000, 30, "a backlog")
         assert first.stop(signal.SIGKILL) == -signal.SIGKILL
-        last_seq = committed_seq(db_path)
+        epoch, last_seq = sealed_in_store(db_path)
+        assert epoch == old_epoch
+        taken = Taken()
+        taken.add(old_epoch, last_seq)
         wal = Path(f"{db_path}-wal")
         assert wal.stat().st_size > 0
         wal.unlink()
@@ -233,32 +215,22 @@ async def test_wal_removed_after_sigkill_is_declared_lost(
         new_epoch = second.status()["buffer"]["epoch"]
         assert new_epoch != old_epoch
         assert "moved aside" in status_output(second).stdout
-        await wait_for(
-            lambda: stream_of(verifier, old_epoch).ended is not None, 30, "the declaration"
-        )
-        await wait_for(
-            lambda: (
-                ("test-gw", new_epoch) in verifier.tracker.streams
-                and stream_of(verifier, new_epoch).readings > 1000
-            ),
-            30,
-            "the new epoch's readings",
-        )
-        assert second.stop() == 0, second.log()
-        sealed = committed_seq(db_path)
-        await wait_for(
-            lambda: stream_of(verifier, new_epoch).readings >= sealed, 30, "every new reading"
-        )
+        before = verify.progress()
+        await wait_for(lambda: verify.progress() > before + 1000, 30, "the new epoch's readings")
+        await stop_drained(second)
+        taken.add(*sealed_in_store(db_path))
+        await verify.collect(taken)
 
-    old = stream_of(verifier, old_epoch)
-    lost = sum(b - a + 1 for a, b in old.lost())
-    assert old.max_seq == last_seq
-    assert lost == last_seq - old.readings > 10_000, "the unreceived tail is reported lost"
-    assert old.holes() == [] and stream_of(verifier, new_epoch).holes() == []
-    code, lines = verifier.summary()
-    assert code == 0
-    [line] = [line for line in lines if line.startswith("LOST:")]
-    assert f"epoch={old_epoch}" in line and f"readings={lost}" in line
+    ledger = verify.ledger(
+        "corrupt store at start (-wal removed after SIGKILL)", taken, clean_stops=[second]
+    ).check()
+    old_taken, old_received, old_declared = ledger.per_epoch[old_epoch]
+    assert ledger.declared_lost == old_declared == last_seq - old_received > 10_000, (
+        "the unreceived tail is declared lost"
+    )
+    summary = verify.err.read_text().split("verify ran")[-2]  # its last run's summary
+    [line] = [line for line in summary.splitlines() if line.startswith("LOST:")]
+    assert f"epoch={old_epoch}" in line and f"readings={old_declared}" in line
     assert "quarantined" in line and "went backwards" in line
     assert "Quarantined a bad buffer" in second.log()
     assert list(tmp_path.glob("buffer.db.corrupt-*")), "the old file is kept"

@@ -7,6 +7,7 @@ killed with SIGKILL. The promise under test: every sealed reading arrives, signe
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
 import sqlite3
 import subprocess
@@ -33,7 +34,9 @@ OUTAGE_S = 10.0
 
 def sealed_count(db_path: Path) -> int:
     """How many readings the agent sealed: its persisted next seq, minus one."""
-    with sqlite3.connect(db_path) as db:
+    # Closed at once: a connection left to the garbage collector keeps SQLite's shared-memory
+    # lock, so the crash of the next agent would not be recovered by the next reader.
+    with contextlib.closing(sqlite3.connect(db_path)) as db:
         (next_seq,) = db.execute("SELECT value FROM meta WHERE key = 'next_seq'").fetchone()
     return int(next_seq) - 1
 

@@ -91,6 +91,10 @@ class Batcher:
         """Set after every store write, for whoever waits for new batches (the forwarder)."""
         self.held_back_since: float | None = None
         """Wall time since which sources wait for room (the buffer is not taking readings)."""
+        self.taken = 0
+        """Readings accepted from the sources since this start (`emit`)."""
+        self.sealed_readings = 0
+        """Readings sealed into the store since this start: equals `taken` after a clean stop."""
 
     async def emit(self, readings: Sequence[Reading]) -> None:
         """Accept readings from a source; waits while the batcher is `capacity` behind."""
@@ -107,6 +111,8 @@ class Batcher:
             self._first_at = asyncio.get_running_loop().time()
             self._arrived.set()
         self._pending.extend(readings)
+        self.taken += len(readings)
+        self._metrics.readings_taken.inc(len(readings))
         if len(self._pending) >= self._max_readings:
             self._full.set()
 
@@ -316,6 +322,7 @@ class Batcher:
 
     def _after_store(self, batches: list[SealedBatch]) -> None:
         count = sum(b.readings for b in batches)
+        self.sealed_readings += count
         self._metrics.readings_sealed.inc(count)
         self._metrics.batches_sealed.inc(len(batches))
         if any(b.declares for b in batches):

@@ -18,6 +18,7 @@ from edge_agent.demo.broker import Mosquitto
 from edge_agent.seal.envelope import Opener
 from edge_agent.seal.keys import load_public_key
 from helpers.agent import AgentProcess
+from helpers.ledger import Ledger
 from helpers.wait import deadline, wait_for
 
 
@@ -122,14 +123,12 @@ def ledger(name: str, taken: int, stream: Stream) -> int:
     """Print `taken / verified / duplicates / declared / lost` for one case; return lost.
 
     taken: readings the agent sealed (its last seq); verified: distinct readings the consumer
-    holds; declared: readings declared evicted; lost = taken - verified - declared.
+    holds; declared: readings declared evicted; lost = taken - verified - declared. The line is
+    helpers/ledger.py's (`Ledger.of_stream`), kept for the session's fault ledgers summary.
     """
-    lost = taken - stream.readings - stream.evicted_count
-    print(
-        f"LEDGER {name}: taken={taken} verified={stream.readings} "
-        f"duplicates={stream.duplicates} declared={stream.evicted_count} lost={lost}"
-    )
-    return lost
+    account = Ledger.of_stream(name, taken, stream)
+    account.record()
+    return account.lost
 
 
 async def settled(
