@@ -346,9 +346,13 @@ class Worker:
         for key in due:
             ledger = self._dirty.pop(key)
             self._last_ack[key] = now
-            payload = self._signer.sign(
-                ledger.gateway, ledger.epoch, ledger.seqs, ledger.batches, time.time_ns()
-            )
+            try:
+                payload = self._signer.sign(
+                    ledger.gateway, ledger.epoch, ledger.seqs, ledger.batches, time.time_ns()
+                )
+            except ValueError as exc:  # a name the codec refuses: stored, not acknowledgeable
+                log.warning("Ingest cannot acknowledge gateway=%s error=%s", ledger.gateway, exc)
+                continue
             topic = f"{self.settings.topic_prefix}/{ledger.gateway}/ack"
             sends.append(client.publish(topic, payload, qos=1, retain=True))
         await asyncio.gather(*sends)
