@@ -7,6 +7,7 @@ that change nothing, refused batches recorded and never stored, a report that sa
 from __future__ import annotations
 
 import math
+import re
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -230,3 +231,36 @@ async def test_keys_retired_refuse_and_report_shows_holes(
         30, "the retired key's batch refused",
     )  # fmt: skip
     assert count(database, "SELECT count(*) FROM readings") == 20
+
+
+async def test_two_workers_share_the_stream_and_merge_one_ledger(
+    tmp_path: Path, broker: Mosquitto, database: str, fleet: Fleet
+) -> None:
+    """Batches of one epoch reach either worker, replays too: every reading once, ledger whole."""
+    common = ("--dsn", database, "--url", broker.url, "--topic-prefix", PREFIX, "--max-group", "4")
+    with (
+        IngestWorker(tmp_path, *common, "--client-id", "w1", name="w1") as one,
+        IngestWorker(tmp_path, *common, "--client-id", "w2", name="w2") as two,
+    ):
+        messages = fleet.seal_rounds(40, 50)
+        publish(broker.url, messages + messages[::-1])  # each batch twice, in both orders
+        expected = taken(messages)
+        total = sum(len(s) for s in expected.values())
+        await wait_for(
+            lambda: count(database, "SELECT sum(readings + duplicates) FROM coverage") >= 2 * total,
+            60, "every batch and its replay written",
+        )  # fmt: skip
+    logs = one.log() + two.log()  # each says what it did when it stops
+    handled = [int(m) for m in re.findall(r"Ingest stopped messages=(\d+)", logs)]
+    assert len(handled) == 2 and all(handled), logs  # the group was shared
+    assert sum(handled) == 2 * len(messages)
+    assert count(database, "SELECT count(*) FROM readings") == total
+    assert count(database, "SELECT sum(readings) FROM coverage") == total
+    for (gateway, epoch), seqs in expected.items():
+        ledger = rows(
+            database, "SELECT received::text, batches::text FROM coverage"
+            " WHERE gateway = %s AND epoch = %s", gateway, epoch,
+        )  # fmt: skip
+        assert ledger == [(f"{{[1,{max(seqs) + 1})}}", "{[1,41)}")]
+    assert ingest("report", "--dsn", database).returncode == 0
+    assert "Traceback" not in logs
