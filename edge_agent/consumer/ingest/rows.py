@@ -29,8 +29,9 @@ COLUMNS = (
     "q",
     "sc",
 )
-"""The columns of each row, in order."""
-COPY_SQL = f"COPY readings ({', '.join(COLUMNS)}) FROM STDIN"
+"""The columns of each row made here, in order."""
+COPY_SQL = f"COPY readings (stream, {', '.join(COLUMNS)}) FROM STDIN"
+"""Each line is the stream number (known once the ledger row is locked), a tab, and a row."""
 QUALITIES = frozenset(q.value for q in Quality)
 INT8 = 2**63
 NULL = "\\N"

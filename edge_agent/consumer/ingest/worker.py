@@ -72,7 +72,9 @@ class WorkerStats:
     acks: int = 0
     groups: int = 0
     db_retries: int = 0
-    seconds: dict[str, float] = field(default_factory=lambda: {"decode": 0.0, "write": 0.0})
+    seconds: dict[str, float] = field(default_factory=dict)
+    """Wall time by stage: `open` (verify and decode envelopes), `rows` (value rules and COPY
+    rows), `copy` (the COPY statements), `write` (whole transactions, COPY included)."""
 
 
 @dataclass
@@ -234,7 +236,6 @@ class Worker:
 
     async def _decode(self, messages: list[aiomqtt.Message]) -> _Group:
         assert self._decoder is not None
-        began = time.perf_counter()
         try:
             generation = await self._db.keys_generation()
         except psycopg.Error:
@@ -258,7 +259,7 @@ class Worker:
                 item = self._decoder.decode(str(message.topic), payload)
             if item is not None:
                 items.append(item)
-        self.stats.seconds["decode"] += time.perf_counter() - began
+        self.stats.seconds.update(self._decoder.seconds)
         return _Group(messages, items)
 
     async def _reload_keys(self) -> None:
@@ -275,7 +276,9 @@ class Worker:
         while (group := await groups.get()) is not None:
             began = time.perf_counter()
             written = await self._write(group.items)
-            self.stats.seconds["write"] += time.perf_counter() - began
+            seconds = self.stats.seconds
+            seconds["write"] = seconds.get("write", 0.0) + time.perf_counter() - began
+            seconds["copy"] = seconds.get("copy", 0.0) + written.copy_s
             for message in group.messages:  # only now: everything they carried is committed
                 if message.qos > 0:
                     client._client.ack(message.mid, message.qos)
@@ -417,8 +420,9 @@ def run_worker(settings: IngestSettings) -> int:
     s = worker.stats
     log.warning(
         "Ingest stopped messages=%d readings=%d duplicates=%d rejected=%d acks=%d "
-        "decode_s=%.2f write_s=%.2f",
+        "open_s=%.2f rows_s=%.2f copy_s=%.2f write_s=%.2f cpu_s=%.2f",
         s.messages, s.readings, s.duplicates, s.rejected, s.acks,
-        s.seconds["decode"], s.seconds["write"],
+        *(s.seconds.get(k, 0.0) for k in ("open", "rows", "copy", "write")),
+        time.process_time(),
     )  # fmt: skip
     return 0

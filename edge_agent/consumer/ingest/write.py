@@ -14,6 +14,7 @@ Returns the ledger of every (gateway, epoch) written, as committed, for the ackn
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -40,6 +41,7 @@ def multirange(ranges: Sequence[tuple[int, int]]) -> str:
 
 @dataclass
 class _Stream:
+    number: int
     received: Coverage
     new: list[tuple[int, int]] = field(default_factory=list)
     evicted: list[tuple[int, int]] = field(default_factory=list)
@@ -67,6 +69,8 @@ class Written:
     readings: int = 0
     duplicates: int = 0
     rejected: int = 0
+    copy_s: float = 0.0
+    """Time the COPY of the readings took."""
 
 
 async def write_group(conn: AConn, items: Sequence[Item], rejected_keep: int) -> Written:
@@ -85,14 +89,14 @@ async def write_group(conn: AConn, items: Sequence[Item], rejected_keep: int) ->
                 (gateways, epochs),
             )
             cursor = await conn.execute(
-                "SELECT gateway, epoch, received::text FROM coverage"
+                "SELECT gateway, epoch, stream, received::text FROM coverage"
                 " WHERE (gateway, epoch) IN (SELECT * FROM unnest(%s::text[], %s::text[]))"
                 " ORDER BY gateway, epoch FOR UPDATE",
                 (gateways, epochs),
             )
-            for gateway, epoch, received in await cursor.fetchall():
+            for gateway, epoch, number, received in await cursor.fetchall():
                 ranges = [list(r) for r in parse_multirange(str(received))]
-                streams[(str(gateway), str(epoch))] = _Stream(Coverage(ranges))
+                streams[(str(gateway), str(epoch))] = _Stream(int(str(number)), Coverage(ranges))
         copy: list[str] = []
         evictions: list[tuple[str, str, int, int, str, int]] = []
         ends: list[tuple[str, str, str | None, int | None, str, str]] = []
@@ -105,11 +109,9 @@ async def write_group(conn: AConn, items: Sequence[Item], rejected_keep: int) ->
                 last = first + len(item.rows) - 1
                 new = stream.received.add(first, last)
                 stream.new.extend(new)
-                if new == [(first, last)]:
-                    copy.extend(item.rows)
-                else:
-                    for a, b in new:
-                        copy.extend(item.rows[a - first : b - first + 1])
+                head = f"{stream.number}\t"
+                for a, b in new:
+                    copy.extend(head + row for row in item.rows[a - first : b - first + 1])
                 fresh = sum(b - a + 1 for a, b in new)
                 stream.readings += fresh
                 stream.duplicates += len(item.rows) - fresh
@@ -123,8 +125,10 @@ async def write_group(conn: AConn, items: Sequence[Item], rejected_keep: int) ->
                     ended.detail,
                 ))  # fmt: skip
         if copy:
+            began = time.perf_counter()
             async with conn.cursor().copy(COPY_SQL) as pipe:
                 await pipe.write("".join(copy).encode())
+            done.copy_s = time.perf_counter() - began
         if streams:
             await _update_ledger(conn, streams, done)
         if evictions:
