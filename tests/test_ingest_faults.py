@@ -1,5 +1,5 @@
 """`edge-agent ingest` while its PostgreSQL goes away: it waits, acknowledges nothing it did not
-commit, and resumes by itself with nothing lost and nothing twice."""
+commit, stops promptly when told, and resumes with nothing lost and nothing twice."""
 
 from __future__ import annotations
 
@@ -78,7 +78,11 @@ async def test_database_down_nothing_acknowledged_then_everything_stored_once(
         )
         assert retained_ack(broker, ack_topic, opener).seqs == ((1, 100),)  # nothing more
 
+        # Stopped meanwhile, it ends at once; back with the same session, it is sent again
+        # what it never acknowledged.
+        assert worker.stop(timeout=10) == 0
         server.start()
+        worker.start()
         await wait_for(lambda: stored(dsn) == 600, 60, "every batch stored after the outage")
         await wait_for(
             lambda: retained_ack(broker, ack_topic, opener).seqs == ((1, 600),), 30,

@@ -157,11 +157,24 @@ class Worker:
         self._decoder: Decoder | None = None
         self._keys_loaded = 0.0
         self._generation = -1
+        self._stop = asyncio.Event()
         self._dirty: dict[tuple[str, str], Ledger] = {}
         self._last_ack: dict[tuple[str, str], float] = {}
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Consume until `stop`; raise RuntimeError when the database's schema is not ours."""
+        """Consume until `stop`; raise RuntimeError when the database's schema is not ours.
+
+        A stop while PostgreSQL is away returns at once: what was not committed was not
+        acknowledged, and the broker keeps it.
+        """
+        self._stop = stop
+        try:
+            await self._start()
+        except _Stopping:
+            return
+        await self._consume(stop)
+
+    async def _start(self) -> None:
         version = await self._retrying(self._db.version)
         if version != schema.VERSION:
             raise RuntimeError(
@@ -175,6 +188,8 @@ class Worker:
             await self._retrying(self._db.load_trust), self.settings.topic_prefix
         )
         self._keys_loaded = time.monotonic()
+
+    async def _consume(self, stop: asyncio.Event) -> None:
         s = self.settings
         password = _read_password(s.password_file)
         try:
@@ -273,9 +288,16 @@ class Worker:
     async def _write_loop(
         self, client: aiomqtt.Client, groups: asyncio.Queue[_Group | None]
     ) -> None:
+        abandoned = False
         while (group := await groups.get()) is not None:
+            if abandoned:
+                continue  # stopping while the database is away: never acknowledged, kept
             began = time.perf_counter()
-            written = await self._write(group.items)
+            try:
+                written = await self._write(group.items)
+            except _Stopping:
+                abandoned = True
+                continue
             seconds = self.stats.seconds
             seconds["write"] = seconds.get("write", 0.0) + time.perf_counter() - began
             seconds["copy"] = seconds.get("copy", 0.0) + written.copy_s
@@ -319,18 +341,29 @@ class Worker:
             raise _Retry(str(exc)) from exc
 
     async def _retrying(self, attempt: Callable[[], Awaitable[T]]) -> T:
+        """`attempt()` until it does not fail for the connection or for concurrency; raise
+        _Stopping when the worker is told to stop meanwhile."""
         delay = 0.2
+        failed = False
         while True:
             try:
-                return await attempt()
+                result = await attempt()
             except (psycopg.OperationalError, psycopg.InterfaceError, _Retry) as exc:
                 self.stats.db_retries += 1
-                if self.stats.db_retries == 1 or delay >= RETRY_MAX_S:
-                    log.warning("Ingest waits for PostgreSQL error=%s", str(exc).strip())
                 if not isinstance(exc, _Retry):
+                    if not failed or delay >= RETRY_MAX_S:
+                        log.warning("Ingest waits for PostgreSQL error=%s", str(exc).strip())
+                    failed = True
                     await self._db.reset()
-                await asyncio.sleep(delay)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stop.wait(), delay)
+                if self._stop.is_set():
+                    raise _Stopping from exc
                 delay = min(RETRY_MAX_S, delay * 2)
+            else:
+                if failed:
+                    log.warning("Ingest reached PostgreSQL again")
+                return result
 
     async def _ack_loop(self, client: aiomqtt.Client, stop: asyncio.Event) -> None:
         interval = max(self.settings.ack_interval, 0.05)
@@ -365,6 +398,10 @@ class Worker:
         self.stats.acks += len(sends)
         if len(self._last_ack) > 100_000:
             self._last_ack = {k: t for k, t in self._last_ack.items() if now - t < 60}
+
+
+class _Stopping(Exception):  # noqa: N818 - internal signal, never leaves the worker
+    """Told to stop while waiting for PostgreSQL."""
 
 
 class _Retry(Exception):  # noqa: N818 - internal signal, never leaves the worker
