@@ -93,3 +93,25 @@ async def test_database_down_nothing_acknowledged_then_everything_stored_once(
             "SELECT count(DISTINCT seq), min(seq), max(seq) FROM readings"
         ).fetchone() == (600, 1, 600)
     assert ingest("report", "--dsn", dsn).returncode == 0
+
+
+async def test_broker_restarted_under_the_worker(
+    tmp_path: Path, broker: Mosquitto, postgres_dsn: str
+) -> None:
+    dsn = postgres_dsn
+    assert ingest("migrate", "--dsn", dsn).returncode == 0
+    gateway = Fleet(tmp_path / "fleet", gateways=1, points=5).members[0]
+    key = str(gateway.public_key_path)
+    added = ingest("keys", "add", "--dsn", dsn, "--gateway", gateway.gateway_id, "--key", key)
+    assert added.returncode == 0
+    common = ("--dsn", dsn, "--url", broker.url, "--topic-prefix", PREFIX, "--client-id", "w")
+    with IngestWorker(tmp_path, *common) as worker:
+        publish(broker.url, [gateway.seal(50)])
+        await wait_for(lambda: stored(dsn) == 50, 30, "the first batch stored")
+        broker.stop()
+        await wait_for(lambda: "Ingest lost the broker" in worker.log(), 30, "the loss noticed")
+        broker.start()  # the same port and persistence: the worker's session is there
+        await wait_for(lambda: worker.log().count("Ingest subscribed") == 2, 30, "resubscribed")
+        publish(broker.url, [gateway.seal(50)])
+        await wait_for(lambda: stored(dsn) == 100, 30, "the batch after the restart stored")
+    assert "Traceback" not in worker.log()

@@ -201,9 +201,14 @@ class Worker:
                 try:
                     async with client:
                         await self._session(client, stop)
-                except aiomqtt.MqttError as exc:
-                    log.warning("Ingest lost the broker error=%s; reconnecting", exc)
+                except* aiomqtt.MqttError as group:
+                    log.warning(
+                        "Ingest lost the broker error=%s; reconnecting", group.exceptions[0]
+                    )
                     self.ready.clear()
+                    # A transaction cut short by the teardown leaves its connection unusable:
+                    # start afresh (it was rolled back; its messages were never acknowledged).
+                    await self._db.reset()
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(stop.wait(), 1.0)
         finally:
