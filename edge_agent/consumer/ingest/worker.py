@@ -196,7 +196,8 @@ class Worker:
             while not stop.is_set():
                 client = mqtt_client(s, password)
                 # PUBACK only after COMMIT (paho's manual acknowledgement; aiomqtt does not
-                # expose it, so it is set on its paho client before connecting).
+                # expose it, so it is set on its paho client before connecting; pinned in
+                # tests/test_library_internals.py).
                 client._client.manual_ack_set(True)
                 try:
                     async with client:
