@@ -1,0 +1,109 @@
+"""`edge-agent ingest` at fleet scale, with faults: a worker SIGKILLed, the database stopped.
+
+All real: Mosquitto, PostgreSQL (initdb of the tests' own), `edge-agent ingest run` worker
+processes of one shared subscription, and 20 simulated gateways (helpers/fleet.py: each its own
+key and real Sealer, formats 1 and 2 mixed) publishing at QoS 1. Each case prints its ledger:
+taken (readings published) / verified (distinct rows) / duplicates (rows stored twice) /
+declared (seqs declared evicted) / lost (taken, neither stored nor declared), and asserts
+duplicates and lost are 0 and `edge-agent ingest report` is clean (exit 0).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+import pytest
+from helpers.fleet import Fleet, Message, Publisher, taken
+from helpers.ingest import (
+    AckCollector,
+    IngestWorker,
+    covered,
+    ledger,
+    prepare_database,
+    report,
+    stored_readings,
+)
+from helpers.postgres import PostgresServer
+from helpers.wait import wait_for
+
+from edge_agent.demo.broker import Mosquitto
+from edge_agent.seal.keys import load_public_key, write_keypair
+
+pytestmark = pytest.mark.faults
+
+GATEWAYS = 20
+READINGS = 200
+"""Readings per batch."""
+
+
+def workers(
+    broker: Mosquitto, dsn: str, directory: Path, count: int, ack_key: Path, prefix: str
+) -> list[IngestWorker]:
+    return [
+        IngestWorker(
+            broker, dsn, directory, client_id=f"ingest-{n}", topic_prefix=prefix, ack_key=ack_key
+        )
+        for n in range(count)
+    ]
+
+
+async def publish_rounds(publisher: Publisher, fleet: Fleet, rounds: int) -> list[Message]:
+    """`rounds` rounds of one batch per gateway, each acknowledged by the broker."""
+    sent: list[Message] = []
+    for _ in range(rounds):
+        messages = fleet.seal_round(READINGS)
+        await asyncio.to_thread(publisher.publish, messages)
+        sent.extend(messages)
+    return sent
+
+
+async def test_three_workers_twenty_gateways_one_worker_killed_and_restarted(
+    tmp_path: Path, broker: Mosquitto, postgres_dsn: str
+) -> None:
+    fleet = Fleet(tmp_path / "fleet", gateways=GATEWAYS, payload_format=0, points=20)
+    prepare_database(postgres_dsn, fleet)
+    write_keypair(tmp_path / "consumer")
+    acks = AckCollector(broker, fleet.prefix, load_public_key(tmp_path / "consumer/signing.pub"))
+    group = workers(broker, postgres_dsn, tmp_path / "w", 3, tmp_path / "consumer/signing.key",
+                    fleet.prefix)  # fmt: skip
+    try:
+        for worker in group:
+            worker.start()
+        sent: list[Message] = []
+        with Publisher(broker.url) as publisher:
+            # Worker 1 is SIGKILLed while batches flow: the fleet publishes meanwhile.
+            flowing = asyncio.create_task(publish_rounds(publisher, fleet, 16))
+            await wait_for(
+                lambda: stored_readings(postgres_dsn) >= 4 * GATEWAYS * READINGS,
+                30,
+                "the workers to store the first rounds",
+            )
+            assert not flowing.done(), "the fleet stopped publishing before the kill"
+            group[1].kill()
+            sent += await flowing
+            group[1].start()  # its session kept its share and its unacknowledged messages
+            sent += await publish_rounds(publisher, fleet, 8)
+        expected = taken(sent)
+        total = sum(len(s) for s in expected.values())
+        await wait_for(
+            lambda: stored_readings(postgres_dsn) >= total, 60, f"{total} readings stored"
+        )
+        account = ledger("3 workers x 20 gateways, worker 1 SIGKILLed", postgres_dsn, expected)
+        print(f"\n{account.line()}")
+        assert account.taken == GATEWAYS * 24 * READINGS
+        assert (account.lost, account.duplicates, account.verified) == (0, 0, account.taken)
+        outcome = report(postgres_dsn)
+        assert outcome.returncode == 0, outcome.stdout + outcome.stderr
+        assert all(w.alive() for w in group)
+        # Every acknowledgement names only seqs the database holds.
+        stored = {(g, e): s for (g, e), s in expected.items()}
+        for ack in acks.acks:
+            assert covered(ack.seqs) <= stored[(ack.gateway, ack.epoch)], ack
+        assert acks.refused == 0
+    finally:
+        for worker in group:
+            if worker.alive():
+                worker.stop()
+        acks.close()
