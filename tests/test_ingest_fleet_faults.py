@@ -86,11 +86,9 @@ async def test_three_workers_twenty_gateways_one_worker_killed_and_restarted(
             group[1].start()  # its session kept its share and its unacknowledged messages
             sent += await publish_rounds(publisher, fleet, 8)
         expected = taken(sent)
-        total = sum(len(s) for s in expected.values())
-        await wait_for(
-            lambda: stored_readings(postgres_dsn) >= total, 60, f"{total} readings stored"
-        )
-        account = ledger("3 workers x 20 gateways, worker 1 SIGKILLed", postgres_dsn, expected)
+        case = "3 workers x 20 gateways, worker 1 SIGKILLed"
+        await all_stored(case, postgres_dsn, expected, 60)
+        account = ledger(case, postgres_dsn, expected)
         print(f"\n{account.line()}")
         assert account.taken == GATEWAYS * 24 * READINGS
         assert (account.lost, account.duplicates, account.verified) == (0, 0, account.taken)
@@ -107,3 +105,87 @@ async def test_three_workers_twenty_gateways_one_worker_killed_and_restarted(
             if worker.alive():
                 worker.stop()
         acks.close()
+
+
+OUTAGE_S = 10.0
+
+
+async def test_database_stopped_for_10s_ingest_waits_acknowledges_only_what_it_committed(
+    tmp_path: Path, broker: Mosquitto
+) -> None:
+    fleet = Fleet(tmp_path / "fleet", gateways=GATEWAYS, payload_format=0, points=20)
+    write_keypair(tmp_path / "consumer")
+    consumer_key = load_public_key(tmp_path / "consumer/signing.pub")
+    acks = AckCollector(broker, fleet.prefix, consumer_key)
+    with PostgresServer() as server:
+        dsn = server.create_database("ingest")
+        prepare_database(dsn, fleet)
+        group = workers(broker, dsn, tmp_path / "w", 2, tmp_path / "consumer/signing.key",
+                        fleet.prefix)  # fmt: skip
+        try:
+            for worker in group:
+                worker.start()
+            with Publisher(broker.url) as publisher:
+                before = taken(await publish_rounds(publisher, fleet, 5))
+                total_before = sum(len(s) for s in before.values())
+                await wait_for(
+                    lambda: stored_readings(dsn) == total_before, 30, "the first rounds stored"
+                )
+                await wait_for(
+                    lambda: acknowledged(acks) == before, 10, "the first rounds acknowledged"
+                )
+
+                stopped = time.monotonic()
+                server.stop(mode="immediate")  # as a crash: no shutdown checkpoint
+                during = taken(await publish_rounds(publisher, fleet, 5))
+                # A worker killed during the outage: had it PUBACKed what it held but could not
+                # commit, those batches would be gone; the broker must send them again.
+                group[0].kill()
+                group[0].start(wait=False)
+                await asyncio.sleep(OUTAGE_S - (time.monotonic() - stopped))  # the outage
+                assert all(w.alive() for w in group), "a worker exited while PostgreSQL was down"
+                late = acks.since(stopped)
+                for ack in late:  # nothing acknowledged end to end that was not committed
+                    assert covered(ack.seqs) <= before[(ack.gateway, ack.epoch)], ack
+                server.start()
+                restarted = time.monotonic()
+
+            expected = {k: before[k] | during[k] for k in before}
+            case = f"PostgreSQL stopped {OUTAGE_S:g} s"
+            await all_stored(case, dsn, expected, 60)
+            resumed = time.monotonic() - restarted
+            await wait_for(lambda: acknowledged(acks) == expected, 20, "everything acknowledged")
+            account = ledger(case, dsn, expected)
+            print(
+                f"\n{account.line()}; {len(late)} acknowledgements during the outage, none "
+                f"beyond what was committed; all stored {resumed:.1f} s after the restart"
+            )
+            assert (account.lost, account.duplicates, account.verified) == (0, 0, account.taken)
+            outcome = report(dsn)
+            assert outcome.returncode == 0, outcome.stdout + outcome.stderr
+            assert acks.refused == 0
+            assert "waits for PostgreSQL" in group[1].log()
+        finally:
+            for worker in group:
+                if worker.alive():
+                    worker.stop()
+            acks.close()
+
+
+async def all_stored(
+    case: str, dsn: str, expected: dict[tuple[str, str], set[int]], timeout: float
+) -> None:
+    """Wait until every reading of `expected` is stored; on timeout fail with the ledger."""
+    total = sum(len(s) for s in expected.values())
+    try:
+        await wait_for(lambda: stored_readings(dsn) >= total, timeout, f"{total} readings stored")
+    except TimeoutError as exc:
+        raise AssertionError(f"{exc}: {ledger(case, dsn, expected).line()}") from None
+
+
+def acknowledged(acks: AckCollector) -> dict[tuple[str, str], set[int]]:
+    """The seqs acknowledged per (gateway, epoch), by the newest acknowledgement of each."""
+    newest: dict[tuple[str, str], set[int]] = {}
+    for ack in sorted(acks.acks, key=lambda a: a.issued):
+        newest[(ack.gateway, ack.epoch)] = covered(ack.seqs)
+    return newest

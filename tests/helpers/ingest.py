@@ -75,29 +75,31 @@ class IngestWorker:
             *self.extra,
         ]  # fmt: skip
 
-    def start(self, timeout: float = 20.0) -> None:
-        """Start the process; return once the broker has logged its subscription.
+    def start(self, timeout: float = 20.0, *, wait: bool = True) -> None:
+        """Start the process; return once the broker has logged its subscription (`wait`).
 
-        The broker's log (log_type subscribe) is the one signal a separate process gives.
+        The broker's log (log_type subscribe) is the one signal a separate process gives. A
+        worker subscribes only once its database answers: `wait=False` while it is down.
         Raises RuntimeError with the worker's log if it exits, TimeoutError after `timeout`.
         """
         marker = f" {self.client_id} 1 $share/{self.group}/"
         before = self.broker.log_path.read_text(errors="replace").count(marker)
-        log = self.log_path.open("ab")
-        self.process = subprocess.Popen(
-            self.command(),
-            stdout=log,
-            stderr=log,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        )
+        with self.log_path.open("ab") as log:
+            self.process = subprocess.Popen(
+                self.command(),
+                stdout=log,
+                stderr=log,
+                env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            )
         end = time.monotonic() + timeout
-        while time.monotonic() < end:
+        while wait and time.monotonic() < end:
             if self.process.poll() is not None:
                 raise RuntimeError(f"ingest worker {self.client_id} exited:\n{self.log()}")
             if self.broker.log_path.read_text(errors="replace").count(marker) > before:
                 return
             time.sleep(0.05)  # another process: its subscription in the broker's log
-        raise TimeoutError(f"ingest worker {self.client_id} not subscribed:\n{self.log()}")
+        if wait:
+            raise TimeoutError(f"ingest worker {self.client_id} not subscribed:\n{self.log()}")
 
     def kill(self) -> None:
         """SIGKILL: the worker dies wherever it is (mid-transaction, mid-acknowledgement)."""
@@ -127,7 +129,9 @@ class IngestWorker:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
 
-def prepare_database(dsn: str, fleet: Fleet | None = None, keys: Iterable[tuple[str, Path]] = ()) -> None:
+def prepare_database(
+    dsn: str, fleet: Fleet | None = None, keys: Iterable[tuple[str, Path]] = ()
+) -> None:
     """Migrate the database and enrol the fleet's keys (and `keys`: (gateway, PEM) pairs)."""
     with psycopg.connect(dsn) as conn:
         schema.migrate(conn)
