@@ -43,7 +43,7 @@ sys.path.insert(0, str(ROOT / "tests"))  # the tests' helpers: one fleet, one Po
 
 import psycopg  # noqa: E402
 from helpers.fleet import Fleet, Message, Publisher, persistent_session  # noqa: E402
-from helpers.ingest import IngestWorker, prepare_database, stored_readings  # noqa: E402
+from helpers.ingest_fleet import FleetWorker, prepare_database, stored_readings  # noqa: E402
 from helpers.postgres import PostgresServer  # noqa: E402
 
 from edge_agent.demo.broker import Mosquitto  # noqa: E402
@@ -123,7 +123,7 @@ def drain(
     total = sum(m.count for m in messages)
 
     procs = [
-        IngestWorker(
+        FleetWorker(
             broker, dsn, directory, client_id=cid, group=group, topic_prefix=PREFIX,
             python_args=("-m", "cProfile", "-o", str(directory / f"{cid}.prof")) if profile else (),
         )
@@ -220,10 +220,11 @@ def main() -> int:
     print("\nsummary (median (min-max) over runs):")
     for workers in counts:
         mine = [r for r in runs if r.workers == workers]
+        worker_cpu = statistics.median(r.per_100k(r.worker_cpu_s) for r in mine)
+        db_cpu = statistics.median(r.per_100k(r.db_cpu_s) for r in mine)
         print(
             f"  {workers} worker(s): {spread([r.rate for r in mine])} readings/s; CPU per "
-            f"100,000 readings: workers {statistics.median(r.per_100k(r.worker_cpu_s) for r in mine):.2f} s, "
-            f"PostgreSQL {statistics.median(r.per_100k(r.db_cpu_s) for r in mine):.2f} s"
+            f"100,000 readings: workers {worker_cpu:.2f} s, PostgreSQL {db_cpu:.2f} s"
         )
     if len(counts) > 1:
         one = statistics.median(r.rate for r in runs if r.workers == counts[0])

@@ -6,6 +6,7 @@
     ├── EnvelopeError              a batch cannot be decoded or its signature does not verify
     │   ├── UnknownKeyError        the batch names a key id the verifier was not given
     │   └── KeyNotValidError       signed by a retired key, or sealed outside the key's validity
+    ├── AckError                   a consumer acknowledgement refused; `reason` says why (§4.10)
     ├── DeviceError                a device failed to answer a read (timeout, exception, garbage)
     │   └── ReadError              a Modbus read failed; `reason` names its counter
     │       ├── ReadTimeoutError       no answer within the timeout
@@ -36,8 +37,8 @@ UnknownKeyError and DeviceError here; the ReadError family, ChannelLostError,
 GarbledAnswerError and PortError in `sources/modbus/link.py`, FrameError and its other
 subclasses in `sources/modbus/frames.py`, RejectedValue in `reading.py`,
 DecodeError in `sources/modbus/decode.py`, KeyNotValidError in `seal/trust.py`,
-ConnectionLostError in `sources/opcua/source.py`, UnknownNamespaceError in
-`sources/opcua/namespaces.py`, TakeOverError in `sources/opcua/session.py`,
+AckError in `seal/ack.py`, ConnectionLostError in `sources/opcua/source.py`,
+UnknownNamespaceError in `sources/opcua/namespaces.py`, TakeOverError in `sources/opcua/session.py`,
 SecurityError and UntrustedCertificateError in `sources/opcua/security.py`,
 PublishRejectedError in `forward/mqtt.py`, BrokerUnavailableError in `demo/embedded_broker.py`.
 A second base in parentheses is kept for callers that catch it.

@@ -18,7 +18,7 @@ from pathlib import Path
 import psycopg
 import pytest
 from helpers.fleet import Fleet, Message
-from helpers.ingest import prepare_database
+from helpers.ingest_fleet import prepare_database
 from helpers.wait import wait_for
 
 from edge_agent.consumer.ingest import keystore

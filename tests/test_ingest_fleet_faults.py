@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 from helpers.fleet import Fleet, Message, Publisher, taken
-from helpers.ingest import (
+from helpers.ingest_fleet import (
     AckCollector,
-    IngestWorker,
+    FleetWorker,
     covered,
     ledger,
     prepare_database,
@@ -40,9 +40,9 @@ READINGS = 200
 
 def workers(
     broker: Mosquitto, dsn: str, directory: Path, count: int, ack_key: Path, prefix: str
-) -> list[IngestWorker]:
+) -> list[FleetWorker]:
     return [
-        IngestWorker(
+        FleetWorker(
             broker, dsn, directory, client_id=f"ingest-{n}", topic_prefix=prefix, ack_key=ack_key
         )
         for n in range(count)

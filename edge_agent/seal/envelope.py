@@ -254,14 +254,7 @@ class Sealer:
         self.payload_format = payload_format
         self._columns = columnar.ColumnEncoder() if payload_format == 2 else None
         self.kid = key_id(key.public_key())
-        header: dict[Any, Any] = {
-            HDR_ALG: ALG_EDDSA,
-            HDR_KID: self.kid,
-            HDR_CONTENT_TYPE: CONTENT_TYPE,
-        }
-        if compress:
-            header["enc"] = "zstd"
-        self._protected = cbor2.dumps(header, canonical=True)
+        self._protected = protected_header_bytes(self.kid, compress=compress)
         self._compressor = zstandard.ZstdCompressor(level=3) if compress else None
         self._readings = ReadingEncoder()
 
@@ -327,9 +320,68 @@ class Sealer:
 
     def _sign(self, body: bytes) -> bytes:
         payload = self._compressor.compress(body) if self._compressor else body
-        to_sign = cbor2.dumps(["Signature1", self._protected, b"", payload])
-        signature = self._key.sign(to_sign)
-        return cbor2.dumps(cbor2.CBORTag(COSE_SIGN1_TAG, [self._protected, {}, payload, signature]))
+        return sign1(self._key, self._protected, payload)
+
+
+def protected_header_bytes(kid: bytes, *, compress: bool) -> bytes:
+    """The protected header of §4.2 for key id `kid`, as signed: `{1: -8, 4: kid, 3:
+    "application/cbor"}` plus `"enc": "zstd"` when `compress` (canonical CBOR)."""
+    header: dict[Any, Any] = {HDR_ALG: ALG_EDDSA, HDR_KID: kid, HDR_CONTENT_TYPE: CONTENT_TYPE}
+    if compress:
+        header["enc"] = "zstd"
+    return bytes(cbor2.dumps(header, canonical=True))
+
+
+def sign1(key: Ed25519PrivateKey, protected: bytes, payload: bytes) -> bytes:
+    """A tagged COSE_Sign1 message (RFC 9052 §4.2): `payload` signed with `key` over the
+    Sig_structure with empty external AAD, `protected` as given, the unprotected header `{}`."""
+    signature = key.sign(cbor2.dumps(["Signature1", protected, b"", payload]))
+    return bytes(cbor2.dumps(cbor2.CBORTag(COSE_SIGN1_TAG, [protected, {}, payload, signature])))
+
+
+@dataclass(frozen=True)
+class Sign1:
+    """A COSE_Sign1 message whose structure and headers are checked, its signature not yet.
+
+    `header` is the protected header map (EdDSA, a byte-string `kid`, no `crit`); `payload` is
+    as carried (still compressed when `header` says `enc`).
+    """
+
+    protected: bytes
+    header: dict[Any, Any]
+    kid: bytes
+    payload: bytes
+    signature: bytes
+
+    @classmethod
+    def parse(cls, message: bytes) -> Sign1:
+        """Check the structure of `message` (§4.2); EnvelopeError says what is wrong.
+
+        May also raise what cbor2.loads raises for bytes that are not CBOR (cbor2.CBORError,
+        ValueError, TypeError...): callers turn those into their own error.
+        """
+        outer = cbor2.loads(message)
+        if not isinstance(outer, cbor2.CBORTag) or outer.tag != COSE_SIGN1_TAG:
+            raise EnvelopeError("not a tagged COSE_Sign1 message")
+        parts = outer.value
+        if not isinstance(parts, list | tuple) or len(parts) != 4:
+            raise EnvelopeError("COSE_Sign1 must have four elements")
+        protected, unprotected, payload, signature = parts
+        if not all(isinstance(part, bytes) for part in (protected, payload, signature)):
+            raise EnvelopeError("protected header, payload and signature must be byte strings")
+        _check_unprotected(unprotected)
+        header = _protected_header(protected)
+        return cls(protected, header, header[HDR_KID], payload, signature)
+
+    def verifies(self, key: Ed25519PublicKey) -> bool:
+        """Whether the signature is `key`'s over the Sig_structure (empty external AAD)."""
+        try:
+            key.verify(
+                self.signature, cbor2.dumps(["Signature1", self.protected, b"", self.payload])
+            )
+        except InvalidSignature:
+            return False
+        return True
 
 
 def _protected_header(protected: bytes) -> dict[Any, Any]:
@@ -382,25 +434,13 @@ class Opener:
             raise EnvelopeError(f"malformed batch: {type(exc).__name__}: {exc}") from None
 
     def _open(self, message: bytes) -> Batch:
-        outer = cbor2.loads(message)
-        if not isinstance(outer, cbor2.CBORTag) or outer.tag != COSE_SIGN1_TAG:
-            raise EnvelopeError("not a tagged COSE_Sign1 message")
-        parts = outer.value
-        if not isinstance(parts, list | tuple) or len(parts) != 4:
-            raise EnvelopeError("COSE_Sign1 must have four elements")
-        protected, unprotected, payload, signature = parts
-        if not all(isinstance(part, bytes) for part in (protected, payload, signature)):
-            raise EnvelopeError("protected header, payload and signature must be byte strings")
-        _check_unprotected(unprotected)
-        header = _protected_header(protected)
-        kid = header[HDR_KID]
+        signed = Sign1.parse(message)
+        header, kid, payload = signed.header, signed.kid, signed.payload
         key = self._keys.get(kid)
         if key is None:
             raise UnknownKeyError(f"unknown key id {kid.hex()}")
-        try:
-            key.verify(signature, cbor2.dumps(["Signature1", protected, b"", payload]))
-        except InvalidSignature:
-            raise EnvelopeError(f"bad signature (key id {kid.hex()})") from None
+        if not signed.verifies(key):
+            raise EnvelopeError(f"bad signature (key id {kid.hex()})")
         encoding = header.get("enc")
         if encoding == "zstd":
             try:

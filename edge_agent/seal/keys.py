@@ -15,6 +15,7 @@ import pwd
 import stat
 from pathlib import Path
 
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
@@ -150,6 +151,35 @@ def load_public_key(path: Path) -> Ed25519PublicKey:
         if isinstance(private, Ed25519PrivateKey):
             return private.public_key()
     key = serialization.load_pem_public_key(data)
+    if not isinstance(key, Ed25519PublicKey):
+        raise ValueError(f"{path} is not an Ed25519 public key")
+    return key
+
+
+MAX_KEY_FILE_BYTES = 64 * 1024
+
+
+def load_consumer_key(path: Path) -> Ed25519PublicKey:
+    """Load a consumer's public key (`mqtt.ack_keys`, PEM SPKI) for acknowledgements.
+
+    A private key is refused, not reduced: the consumer's private key belongs to the consumer
+    alone (docs/security.md), and a copy on every gateway would be a copy to steal. Raises
+    OSError when the file cannot be read, ValueError naming the file otherwise (never quoting
+    its content).
+    """
+    with path.open("rb") as handle:
+        data = handle.read(MAX_KEY_FILE_BYTES + 1)
+    if len(data) > MAX_KEY_FILE_BYTES:
+        raise ValueError(f"{path} is larger than a key file")
+    if b"PRIVATE KEY" in data:
+        raise ValueError(
+            f"{path} is a private key: give the consumer's public key (the .pub that "
+            "`edge-agent keygen` wrote); the private key stays with the consumer"
+        )
+    try:
+        key = serialization.load_pem_public_key(data)
+    except (ValueError, TypeError, UnsupportedAlgorithm):
+        raise ValueError(f"{path} is not a PEM public key") from None
     if not isinstance(key, Ed25519PublicKey):
         raise ValueError(f"{path} is not an Ed25519 public key")
     return key

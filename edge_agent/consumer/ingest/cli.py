@@ -115,6 +115,7 @@ def run_ingest(args: argparse.Namespace) -> int:
         stream=sys.stderr,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    logging.getLogger("edge_agent.consumer.ingest").setLevel(logging.INFO)
     try:
         import psycopg  # noqa: PLC0415 - only with the cloud extra
     except ImportError:

@@ -21,6 +21,9 @@ from edge_agent.seal.keys import key_id, load_public_key
 from edge_agent.seal.trust import TrustedKey, TrustSet
 
 Conn = psycopg.Connection[tuple[object, ...]]
+BUMP_SQL = "SELECT nextval('gateway_keys_generation')"
+"""Run in the transaction of every change to `gateway_keys`: workers reload on a new value."""
+GENERATION_SQL = "SELECT last_value FROM gateway_keys_generation"
 
 
 @dataclass(frozen=True)
@@ -71,6 +74,7 @@ def add_key(
             " retired_at = NULL",
             (kid, gateway, raw_public(key), not_before, not_after),
         )
+        conn.execute(BUMP_SQL)
     return kid
 
 
@@ -91,6 +95,7 @@ def retire_key(conn: Conn, kid_hex: str) -> str:
             " WHERE kid = %s RETURNING gateway",
             (kid,),
         ).fetchone()
+        conn.execute(BUMP_SQL)
     if row is None:
         raise ValueError(f"key id {kid_hex} is not enrolled")
     return str(row[0])

@@ -7,7 +7,9 @@ whose version is not `VERSION` (older: run `migrate`; newer: upgrade the worker)
 
 Tables (docs/cloud.md describes each column for people who query them):
 
-- `gateway_keys`   the gateways' public keys, several per gateway, with validity and retirement
+- `gateway_keys`   the gateways' public keys, several per gateway, with validity and retirement;
+                   every change takes the next value of the sequence `gateway_keys_generation`,
+                   which workers read before each group of messages (a change applies at once)
 - `readings`       one row per reading, unique by (gateway, epoch, seq)
 - `coverage`       the ledger: per (gateway, epoch) the seqs stored (`received`), those declared
                    evicted (`evicted`), the batch numbers held (`batches`), as int8multirange
@@ -56,6 +58,7 @@ CREATE TABLE gateway_keys (
     added_at    timestamptz NOT NULL DEFAULT now()
 );
 CREATE INDEX gateway_keys_gateway ON gateway_keys (gateway);
+CREATE SEQUENCE gateway_keys_generation;
 
 CREATE TABLE readings (
     gateway  text NOT NULL,

@@ -1,9 +1,10 @@
 """The small signed messages beside batches (docs/contract.md): the high-water mark that ingest
 reads, and the consumer acknowledgement it writes.
 
-Both are COSE_Sign1 exactly as a batch envelope (§4.2), never compressed. The codecs of record
-are `edge_agent.seal.hwm` and `edge_agent.seal.ack` once those land; this module follows the same
-wire format and keeps ingest's use of them in one place.
+Both are COSE_Sign1 exactly as a batch envelope (§4.2), never compressed. The acknowledgement
+is made by its codec, `edge_agent.seal.ack`. The mark is read here to the same wire format until
+its codec (`edge_agent.seal.hwm`, branch fix-hwm) is on main; then `open_mark` replaces
+`open_signed` + `HighWater.parse`.
 """
 
 from __future__ import annotations
@@ -17,20 +18,14 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from edge_agent.errors import EnvelopeError, UnknownKeyError
+from edge_agent.seal.ack import seal_ack
 from edge_agent.seal.envelope import (
-    ALG_EDDSA,
-    CONTENT_TYPE,
     COSE_SIGN1_TAG,
-    HDR_ALG,
-    HDR_CONTENT_TYPE,
     HDR_KID,
     _check_unprotected,  # the envelope's own header rules, shared on purpose
     _protected_header,
 )
 from edge_agent.seal.keys import key_id
-
-MAX_ACK_RANGES = 4096
-"""Ranges an acknowledgement carries at most (the highest)."""
 
 
 def open_signed(message: bytes, keys: Mapping[bytes, Ed25519PublicKey]) -> tuple[bytes, Any]:
@@ -98,16 +93,12 @@ class HighWater:
 
 
 class AckSigner:
-    """Signs consumer acknowledgements with the consumer's own Ed25519 key (issue 9 item 1)."""
+    """Signs consumer acknowledgements with the consumer's own key (`seal.ack.seal_ack`)."""
 
     def __init__(self, key: Ed25519PrivateKey, consumer: str) -> None:
         self._key = key
         self.kid = key_id(key.public_key())
         self.consumer = consumer
-        self._protected = cbor2.dumps(
-            {HDR_ALG: ALG_EDDSA, HDR_KID: self.kid, HDR_CONTENT_TYPE: CONTENT_TYPE},
-            canonical=True,
-        )
 
     def sign(
         self,
@@ -117,23 +108,15 @@ class AckSigner:
         batches: Sequence[tuple[int, int]],
         issued_ns: int,
     ) -> bytes:
-        """The COSE_Sign1 bytes of an acknowledgement.
-
-        `seqs` and `batches` are ascending, disjoint, non-adjacent inclusive ranges; only the
-        highest MAX_ACK_RANGES of each are sent.
-        """
-        body = {
-            "v": 1,
-            "kind": "ack",
-            "gateway": gateway,
-            "epoch": epoch,
-            "seqs": [list(r) for r in seqs[-MAX_ACK_RANGES:]],
-            "batches": [list(r) for r in batches[-MAX_ACK_RANGES:]],
-            "issued": issued_ns,
-            "consumer": self.consumer,
-        }
-        payload = cbor2.dumps(body)
-        signature = self._key.sign(cbor2.dumps(["Signature1", self._protected, b"", payload]))
-        return bytes(
-            cbor2.dumps(cbor2.CBORTag(COSE_SIGN1_TAG, [self._protected, {}, payload, signature]))
+        """The COSE_Sign1 bytes of an acknowledgement of `seqs` and `batches` (inclusive
+        ranges; the highest MAX_RANGES of each are sent). ValueError for names the codec
+        refuses (longer than 256 characters)."""
+        return seal_ack(
+            self._key,
+            gateway=gateway,
+            epoch=epoch,
+            seqs=seqs,
+            batches=batches,
+            issued_ns=issued_ns,
+            consumer=self.consumer[:256],
         )

@@ -81,6 +81,23 @@ class _Database:
     def __init__(self, dsn: str) -> None:
         self.dsn = dsn
         self._write: psycopg.AsyncConnection[tuple[object, ...]] | None = None
+        self._keys: psycopg.AsyncConnection[tuple[object, ...]] | None = None
+
+    async def keys_generation(self) -> int:
+        """The value of `gateway_keys_generation`: it changes with every key change."""
+        try:
+            if self._keys is None or self._keys.closed:
+                self._keys = await psycopg.AsyncConnection.connect(
+                    self.dsn, connect_timeout=10, autocommit=True
+                )
+            cursor = await self._keys.execute(keystore.GENERATION_SQL)
+            row = await cursor.fetchone()
+        except psycopg.Error:
+            if self._keys is not None:
+                await self._keys.close()
+            self._keys = None
+            raise
+        return int(str(row[0])) if row else 0
 
     async def writer(self) -> psycopg.AsyncConnection[tuple[object, ...]]:
         if self._write is None or self._write.closed:
@@ -88,10 +105,11 @@ class _Database:
         return self._write
 
     async def reset(self) -> None:
-        if self._write is not None:
-            with contextlib.suppress(psycopg.Error):
-                await self._write.close()
-        self._write = None
+        for conn in (self._write, self._keys):
+            if conn is not None:
+                with contextlib.suppress(psycopg.Error):
+                    await conn.close()
+        self._write = self._keys = None
 
     async def load_trust(self) -> keystore.GatewayTrust:
         async with await psycopg.AsyncConnection.connect(
@@ -130,6 +148,7 @@ class Worker:
         )
         self._decoder: Decoder | None = None
         self._keys_loaded = 0.0
+        self._generation = -1
         self._dirty: dict[tuple[str, str], Ledger] = {}
         self._last_ack: dict[tuple[str, str], float] = {}
 
@@ -175,6 +194,10 @@ class Worker:
         for kind in ("batch", "hwm", "status"):
             await client.subscribe(f"$share/{group}/{prefix}/+/{kind}", qos=1)
         self.ready.set()
+        log.info(
+            "Ingest subscribed group=%s client_id=%s topics=%s/+/batch|hwm|status",
+            group, self.settings.mqtt_client_id(), prefix,
+        )  # fmt: skip
         groups: asyncio.Queue[_Group | None] = asyncio.Queue(maxsize=1)
         async with asyncio.TaskGroup() as tasks:
             writer = tasks.create_task(self._write_loop(client, groups))
@@ -209,7 +232,15 @@ class Worker:
     async def _decode(self, messages: list[aiomqtt.Message]) -> _Group:
         assert self._decoder is not None
         began = time.perf_counter()
-        if time.monotonic() - self._keys_loaded > self.settings.keys_refresh:
+        try:
+            generation = await self._db.keys_generation()
+        except psycopg.Error:
+            generation = self._generation  # the write below waits for the database
+        if (
+            generation != self._generation
+            or time.monotonic() - self._keys_loaded > self.settings.keys_refresh
+        ):
+            self._generation = generation
             await self._reload_keys()
         items: list[Item] = []
         for message in messages:
@@ -315,9 +346,13 @@ class Worker:
         for key in due:
             ledger = self._dirty.pop(key)
             self._last_ack[key] = now
-            payload = self._signer.sign(
-                ledger.gateway, ledger.epoch, ledger.seqs, ledger.batches, time.time_ns()
-            )
+            try:
+                payload = self._signer.sign(
+                    ledger.gateway, ledger.epoch, ledger.seqs, ledger.batches, time.time_ns()
+                )
+            except ValueError as exc:  # a name the codec refuses: stored, not acknowledgeable
+                log.warning("Ingest cannot acknowledge gateway=%s error=%s", ledger.gateway, exc)
+                continue
             topic = f"{self.settings.topic_prefix}/{ledger.gateway}/ack"
             sends.append(client.publish(topic, payload, qos=1, retain=True))
         await asyncio.gather(*sends)
