@@ -29,6 +29,7 @@ Results and their reading: docs/performance.md, "Ingest".
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import statistics
@@ -46,7 +47,11 @@ from helpers.fleet import Fleet, Message, Publisher, persistent_session  # noqa:
 from helpers.ingest_fleet import FleetWorker, prepare_database, stored_readings  # noqa: E402
 from helpers.postgres import PostgresServer  # noqa: E402
 
+from edge_agent.consumer.ingest import keystore  # noqa: E402
+from edge_agent.consumer.ingest.decode import Accepted, Decoder  # noqa: E402
+from edge_agent.consumer.ingest.write import write_group  # noqa: E402
 from edge_agent.demo.broker import Mosquitto  # noqa: E402
+from edge_agent.seal.envelope import Opener, Sign1  # noqa: E402
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PREFIX = "bench/ingest"
@@ -157,6 +162,60 @@ def drain(
     )  # fmt: skip
 
 
+def cost_split(
+    server: PostgresServer, fleet: Fleet, messages: list[Message], max_group: int
+) -> list[str]:
+    """The worker's costs one after the other, in this process, on `messages`: CPU seconds per
+    100,000 readings of verify (COSE parse + Ed25519), decode (zstd, CBOR, the readings' maps;
+    format 2: the columns), rows (COPY text lines), and COPY (`write_group`: one transaction
+    per `max_group` messages, as the worker writes, wall time; PostgreSQL's CPU beside it)."""
+    dsn = server.create_database("bench_split")
+    prepare_database(dsn, fleet)
+    with psycopg.connect(dsn) as conn:
+        trust = keystore.load_trust(conn)
+    keys = {k.kid: k.key for k in trust.trust.keys.values()}
+    decoder = Decoder(trust, PREFIX)
+    opener = Opener(trust.trust.public_keys())
+    total = sum(m.count for m in messages)
+    per = 100_000 / total
+
+    began = time.process_time()
+    for m in messages:
+        signed = Sign1.parse(m.payload)
+        assert signed.verifies(keys[signed.kid])
+    verify = time.process_time() - began
+
+    began = time.process_time()
+    batches = [opener.open(m.payload) for m in messages]
+    opened = time.process_time() - began
+
+    began = time.process_time()
+    rows = [decoder.rows.rows(b.gateway, b.epoch, b.readings) for b in batches]
+    made = time.process_time() - began
+    items = [Accepted(b, r) for b, r in zip(batches, rows, strict=True)]
+
+    async def write() -> float:
+        async with await psycopg.AsyncConnection.connect(dsn) as conn:
+            began = time.perf_counter()
+            for start in range(0, len(items), max_group):
+                await write_group(conn, items[start : start + max_group], 1000)
+            return time.perf_counter() - began
+
+    db_before = server_cpu_s(server.postmaster_pid() or 0)
+    cpu_before = time.process_time()
+    wall = asyncio.run(write())
+    client_cpu = time.process_time() - cpu_before
+    db_cpu = server_cpu_s(server.postmaster_pid() or 0) - db_before
+    return [
+        f"\ncost split, one process, {total:,} readings, per 100,000 readings:",
+        f"  verify (COSE parse, Ed25519)       {verify * per:.3f} s CPU",
+        f"  decode (zstd, CBOR, reading maps)  {(opened - verify) * per:.3f} s CPU",
+        f"  rows (COPY text lines)             {made * per:.3f} s CPU",
+        f"  COPY + ledger, {max_group} messages a transaction: {wall * per:.3f} s wall "
+        f"(client CPU {client_cpu * per:.3f} s, PostgreSQL CPU {db_cpu * per:.3f} s)",
+    ]
+
+
 def spread(values: list[float]) -> str:
     """`median (min-max)` of a series."""
     if len(values) == 1:
@@ -175,6 +234,7 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="fewer batches, one run each")
     parser.add_argument("--profile", action="store_true", help="cProfile the workers")
     parser.add_argument("--split", action="store_true", help="time verify, decode, COPY apart")
+    parser.add_argument("--max-group", type=int, default=64, help="messages per transaction")
     parser.add_argument("--json", type=Path, help="write the runs here")
     args = parser.parse_args()
     if args.quick:
@@ -214,9 +274,8 @@ def main() -> int:
                     flush=True,
                 )
         if args.split:
-            from split import cost_split  # noqa: PLC0415 - only with --split
-
-            cost_split(server, fleet, messages)
+            for line in cost_split(server, fleet, messages, args.max_group):
+                print(line)
     print("\nsummary (median (min-max) over runs):")
     for workers in counts:
         mine = [r for r in runs if r.workers == workers]
