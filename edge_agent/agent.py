@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
 from edge_agent import audit as audit_events
 from edge_agent import systemd
 from edge_agent.audit import audit
@@ -37,7 +39,7 @@ from edge_agent.logs import LEVELS, LogFormat, configure_logging, set_level
 from edge_agent.metrics import AuditCollector, Metrics, SourceCollector
 from edge_agent.seal.batcher import Batcher
 from edge_agent.seal.envelope import Sealer
-from edge_agent.seal.keys import load_private_key
+from edge_agent.seal.keys import load_consumer_key, load_private_key
 from edge_agent.sources import Emit, Source, SourceContext, SourceState, build_source
 from edge_agent.store.sqlite import Store
 
@@ -147,6 +149,7 @@ class Agent:
         """The batcher once running: `rotate_signing_key` switches its key."""
         self._reload_lock = asyncio.Lock()
         self._status = ""
+        self._ack_keys: list[Ed25519PublicKey] = []
 
     def load_sealer(self, key_file: Path) -> Sealer:
         """A Sealer for the key in `key_file`, after the checks of seal/keys.py (blocking I/O).
@@ -186,6 +189,8 @@ class Agent:
 
     async def run(self) -> int:
         sealer = self.load_sealer(self.config.signing.key_file)
+        # Consumer keys whose acknowledgements are trusted (end_to_end; ValueError names a bad one).
+        self._ack_keys = [load_consumer_key(path) for path in self.config.mqtt.ack_keys]
         try:
             allowance = _check_allowance_us(self.config.store.path)
             systemd.notify(f"STATUS=Checking the buffer\nEXTEND_TIMEOUT_USEC={allowance}")
@@ -215,6 +220,7 @@ class Agent:
             self.metrics,
             on_evicted=batcher.declare_pending,
             on_payload_limit=batcher.set_max_bytes,
+            ack_keys=self._ack_keys,
         )
         tasks: list[asyncio.Task[None]] = []
         health = Health(
@@ -271,7 +277,7 @@ class Agent:
         """Wait until the buffer is empty or the grace period ends, whichever comes first."""
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(DRAIN_TIMEOUT_S):
-                while forwarder.state.connected and self.store.stats.batches > 0:
+                while forwarder.state.connected and await forwarder.unsent_batches() > 0:
                     forwarder.acked.clear()
                     await forwarder.acked.wait()
 

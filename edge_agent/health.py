@@ -96,6 +96,29 @@ class Health:
         self._metrics.buffer_oldest_age.set(age)
         self._metrics.store_disk_full.set(1 if self._store.disk_full else 0)
         self._metrics.sources_held_back.set(held_back)
+        ack = self._mqtt.ack
+        ack_json: dict[str, Any] = {
+            "mode": ack.mode,
+            "accepted": ack.accepted,
+            "refused": dict(ack.refused),
+            "deleted_batches": ack.deleted_batches,
+            "last_accepted_age_s": (
+                None if ack.last_accepted is None else round(time.time() - ack.last_accepted, 3)
+            ),
+            "consumer": ack.consumer,
+        }
+        if ack.mode == "end_to_end":
+            unacked = await self._store.unacked()
+            oldest_unacked = (
+                0.0
+                if unacked.oldest_sent_ns is None
+                else max(0.0, time.time() - unacked.oldest_sent_ns / 1e9)
+            )
+            ack_json["unacked_batches"] = unacked.batches
+            ack_json["unacked_readings"] = unacked.readings
+            ack_json["unacked_oldest_age_s"] = round(oldest_unacked, 3)
+            self._metrics.unacked_batches.set(unacked.batches)
+            self._metrics.unacked_oldest_age.set(oldest_unacked)
         return {
             "gateway": self._gateway,
             "ready": self.ready,
@@ -104,6 +127,7 @@ class Health:
                 "last_error": self._mqtt.last_error,
                 "degraded": self._mqtt.degraded,
                 "broker_limits": vars(self._mqtt.limits),
+                "ack": ack_json,
             },
             "buffer": {
                 "readings": stats.readings,

@@ -82,6 +82,32 @@ class Metrics:
         self.mqtt_connects = Counter(
             "edge_agent_mqtt_connects", "Successful broker connections.", registry=r
         )
+        self.acks_accepted = Counter(
+            "edge_agent_consumer_acks_accepted",
+            "Consumer acknowledgements accepted (mqtt.ack: end_to_end).",
+            registry=r,
+        )
+        self.acks_refused = Counter(
+            "edge_agent_consumer_acks_refused",
+            "Consumer acknowledgements refused, by reason (malformed, unknown_key, ...).",
+            ["reason"],
+            registry=r,
+        )
+        self.batches_consumer_acked = Counter(
+            "edge_agent_batches_consumer_acked",
+            "Batches deleted because a consumer acknowledged them.",
+            registry=r,
+        )
+        self.unacked_batches = Gauge(
+            "edge_agent_unacked_batches",
+            "Batches PUBACKed by the broker, not yet acknowledged by a consumer.",
+            registry=r,
+        )
+        self.unacked_oldest_age = Gauge(
+            "edge_agent_unacked_oldest_age_seconds",
+            "Age of the oldest PUBACK not yet followed by a consumer's acknowledgement.",
+            registry=r,
+        )
         self.ack_latency = Histogram(
             "edge_agent_ack_latency_seconds",
             "From sealing a batch to its PUBACK.",

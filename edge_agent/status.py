@@ -42,6 +42,14 @@ def render(status: dict[str, Any]) -> str:
         f"buffer    {buffer['readings']} readings, {buffer['bytes']} bytes, "
         f"oldest {buffer['oldest_age_s']:.1f}s",
     ]
+    ack = status["mqtt"].get("ack") or {}
+    if ack.get("mode") == "end_to_end":
+        refused = sum(ack.get("refused", {}).values())
+        lines.append(
+            f"consumer  {ack.get('unacked_batches', 0)} batches sent, not yet acknowledged "
+            f"(oldest {ack.get('unacked_oldest_age_s', 0.0):.1f}s); acknowledgements "
+            f"{ack.get('accepted', 0)} accepted, {refused} refused"
+        )
     lines.extend(
         f"buffer    a bad buffer was moved aside at start: {q['moved_to']} "
         f"(epoch {q['epoch']}, last seq {q['last_seq']}): {q['reason']}"

@@ -1,4 +1,5 @@
-"""A model-based test of the store: random histories of append, take, ack, evict, crash, reopen.
+"""A model-based test of the store: random histories of append, take, ack, evict, crash, reopen,
+and the end_to_end mode's mark-sent and consumer acknowledgements (docs/contract.md §4.10).
 
 Hypothesis drives a real Store on a real SQLite file. A crash is a copy of the files as a
 SIGKILL leaves them (the database, its -wal, the witness; not the -shm), taken between two
@@ -28,6 +29,7 @@ from hypothesis import HealthCheck, event, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
+from edge_agent.seal.ack import contains, normalize
 from edge_agent.store.sqlite import BatchKey, SealedBatch, Store, StoredBatch
 
 pytestmark = pytest.mark.faults
@@ -54,6 +56,8 @@ class StoreModel(RuleBasedStateMachine):
         self.loop = asyncio.new_event_loop()
         self.root = Path(tempfile.mkdtemp(prefix="store-model-"))
         self.generation = 0
+        self.clock = 0
+        """The model's time, in ns, for `sent_ns`."""
         self.store = self.run(self.open(self.path()))
         self.reset_model()
 
@@ -124,14 +128,61 @@ class StoreModel(RuleBasedStateMachine):
         chosen = data.draw(st.lists(st.sampled_from(taken), unique_by=lambda b: b.key))
         self.run(self.store.ack([batch.key for batch in chosen]))
         for batch in chosen:
-            content = contents(batch)
-            self.acked_keys.add(batch.key)
-            if content["declares"]:
-                for first, last in content["declares"]:
-                    self.declared_and_delivered.update(range(first, last + 1))
-            else:
-                first = content["first"]
-                self.acked.update(range(first, first + content["readings"]))
+            self.acknowledged(batch)
+
+    @rule(data=st.data())
+    def take_and_mark_sent(self, data: st.DataObject) -> None:
+        """end_to_end: the broker PUBACKs some batches; they stay, and are due again only after
+        the ack timeout."""
+        self.clock += 1_000
+        taken = self.run(self.store.take_unacked(data.draw(st.integers(1, 20)), self.clock - 500))
+        if not taken:
+            return
+        chosen = data.draw(st.lists(st.sampled_from(taken), unique_by=lambda b: b.key))
+        keys = {batch.key for batch in chosen}
+        self.run(self.store.mark_sent(sorted(keys), self.clock))
+        before = {b.key for b in self.run(self.store.take_unacked(100_000, self.clock - 1))}
+        assert not before & keys, "a batch sent just now is not due again"
+        due = {b.key for b in self.run(self.store.take_unacked(100_000, self.clock))}
+        assert keys <= due, "kept, and due once the timeout has passed"
+
+    @rule(data=st.data())
+    def consumer_acknowledges(self, data: st.DataObject) -> None:
+        """A consumer's verified acknowledgement: exactly the batches it covers are deleted."""
+        top = max(self.sealed, 1)
+        spans = data.draw(st.lists(st.tuples(st.integers(1, top), st.integers(0, 30)), max_size=4))
+        numbers = data.draw(
+            st.lists(
+                st.tuples(st.integers(0, self.store.next_batch), st.integers(0, 3)), max_size=3
+            )
+        )
+        seqs = normalize([a, a + w] for a, w in spans)
+        batches = normalize([a, a + w] for a, w in numbers)
+        expected = [
+            batch
+            for batch in self.everything()
+            if contains(batches, batch.key.id, batch.key.id)
+            or (
+                batch.key.kind == "readings"
+                and contains(seqs, contents(batch)["first"],
+                             contents(batch)["first"] + batch.readings - 1)
+            )
+        ]  # fmt: skip
+        removed = self.run(self.store.consumer_ack(seqs, batches))
+        assert sorted(removed) == sorted(batch.key for batch in expected)
+        for batch in expected:
+            self.acknowledged(batch)
+        event("a consumer ack deleted batches" if removed else "a consumer ack deleted none")
+
+    def acknowledged(self, batch: StoredBatch) -> None:
+        content = contents(batch)
+        self.acked_keys.add(batch.key)
+        if content["declares"]:
+            for first, last in content["declares"]:
+                self.declared_and_delivered.update(range(first, last + 1))
+        else:
+            first = content["first"]
+            self.acked.update(range(first, first + content["readings"]))
 
     @rule()
     def ack_again(self) -> None:

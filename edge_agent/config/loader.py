@@ -134,6 +134,7 @@ def parse_config(text: str, name: str = "<config>", *, check_files: bool = False
     if check_files:
         problems.extend(_file_problems(config, marks))
         problems.extend(_signing_key_problems(config, marks))
+        problems.extend(_ack_key_problems(config, marks))
     if problems:
         raise ConfigError(name, _sorted(problems))
     return config
@@ -189,6 +190,21 @@ def _signing_key_problems(config: Config, marks: Marks) -> list[ConfigProblem]:
     except OSError as exc:
         found = [f"cannot examine {path}: {exc.strerror or exc}"]
     return [_locate(("signing", "key_file"), message, marks) for message in found]
+
+
+def _ack_key_problems(config: Config, marks: Marks) -> list[ConfigProblem]:
+    """Each `mqtt.ack_keys` file must be an Ed25519 public key (a private key is refused)."""
+    from edge_agent.seal.keys import load_consumer_key  # noqa: PLC0415 - only with files
+
+    problems = []
+    for index, path in enumerate(config.mqtt.ack_keys):
+        try:
+            if not path.is_file() or not os.access(path, os.R_OK):
+                continue  # reported above as not found or not readable
+            load_consumer_key(path)
+        except (OSError, ValueError) as exc:
+            problems.append(_locate(("mqtt", "ack_keys", index), str(exc), marks))
+    return problems
 
 
 _EMPTY = object()

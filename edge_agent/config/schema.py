@@ -69,6 +69,13 @@ class MqttConfig(StrictModel):
     """Ceiling of the delay while the broker cannot be reached (no CONNACK)."""
     reconnect_max_stalled: Duration = 60.0
     """Ceiling of the delay while the broker accepts connections but takes no batch."""
+    ack: Literal["broker", "end_to_end"] = "broker"
+    """When a batch leaves the buffer: at the broker's PUBACK, or once a consumer's signed
+    acknowledgement covers it (docs/contract.md §4.10)."""
+    ack_keys: list[Path] = Field(default_factory=list, max_length=64)
+    """The consumers' Ed25519 public keys (PEM) whose acknowledgements are accepted."""
+    ack_timeout: Duration = 30.0
+    """A batch PUBACKed but not acknowledged by a consumer within this is sent again."""
 
     @field_validator("protocol", mode="before")
     @classmethod
@@ -104,6 +111,12 @@ class MqttConfig(StrictModel):
         if self.tls is not None and not self.url.startswith("mqtts://"):
             raise ValueError("tls needs an mqtts:// url")
         return self
+
+    def problems(self) -> list[tuple[tuple[str | int, ...], str]]:
+        """Cross-field problems of `mqtt:`, as (key path below mqtt, message)."""
+        if self.ack == "end_to_end" and not self.ack_keys:
+            return [(("ack_keys",), "ack: end_to_end needs at least one consumer public key file")]
+        return []
 
     @property
     def host(self) -> str:
@@ -196,6 +209,7 @@ class Config(StrictModel):
         for index, source in enumerate(self.sources):
             found.extend((("sources", index, *loc), msg) for loc, msg in source.problems())
         found.extend(shared_link_problems(self.sources))
+        found.extend((("mqtt", *loc), msg) for loc, msg in self.mqtt.problems())
         return found
 
     def files_to_check(self) -> list[tuple[tuple[str | int, ...], Path]]:
@@ -210,6 +224,7 @@ class Config(StrictModel):
                 path = getattr(self.mqtt.tls, key)
                 if path is not None:
                     files.append((("mqtt", "tls", key), path))
+        files.extend((("mqtt", "ack_keys", i), path) for i, path in enumerate(self.mqtt.ack_keys))
         for index, source in enumerate(self.sources):
             extra = getattr(source, "files_to_check", None)
             if extra is not None:

@@ -35,6 +35,17 @@ PUBACK reason codes >= 0x80 (MQTT 5 §3.4.2.1), decided per code:
   degraded (`mqtt.degraded` in /status) naming the code, and reconnects after a backoff that
   grows until a batch gets through.
 
+End-to-end acknowledgement (`mqtt.ack: end_to_end`, docs/contract.md §4.10). A PUBACK only says
+the broker holds the batch, in memory: a broker killed before its next autosave loses it. In
+this mode a PUBACKed batch is marked sent, not deleted, and is deleted only once a consumer's
+signed acknowledgement covers it; one not covered within `mqtt.ack_timeout` of its PUBACK is sent
+again, oldest first, through the same window. The forwarder subscribes to `{prefix}/{gw}/ack` at
+QoS 1 on every connect; the retained acknowledgement arrives at once, so an agent that restarts
+learns what the consumer already holds without sending it all again. An acknowledgement is
+accepted only when it verifies against a key of `mqtt.ack_keys`, names this gateway and the
+buffer's epoch, and is not older than the newest accepted from its key (`seal/ack.py`); any other
+is refused, counted by reason, logged and audited once per reason, and changes nothing.
+
 The backoff (`schedule.Backoff`, with its second ceiling) doubles (with jitter) from
 `reconnect_min` after every connection that moved no data, and resets only on progress: a batch
 acknowledged or evicted, or nothing left to send; a CONNACK alone proves nothing. While the
@@ -56,6 +67,7 @@ from typing import Any
 
 import aiomqtt
 from aiomqtt.exceptions import MqttConnectError
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.reasoncodes import ReasonCode
 
@@ -72,6 +84,7 @@ from edge_agent.forward.client import (
 )
 from edge_agent.metrics import Metrics
 from edge_agent.schedule import Backoff
+from edge_agent.seal.ack import REASONS, AckError, AckJudge, AckOpener, Reason
 from edge_agent.seal.envelope import TOO_LARGE, UNDELIVERABLE
 from edge_agent.store.sqlite import BatchKey, Store, StoredBatch
 
@@ -89,6 +102,10 @@ DROPS_TO_EVICT = 3
 MIN_LEARNED_PAYLOAD = 256
 """Floor of the batch size learned from an undeliverable batch: a declaration still fits."""
 ACK_RETRY_S = 1.0
+RESEND_CHECK_S = 1.0
+"""end_to_end: how often, at most, batches due to be sent again are looked for while idle."""
+MAX_QUEUED_ACKS = 1000
+"""Acknowledgements waiting to be verified; a flood beyond this is dropped by the client."""
 ADVERTISED_LIMIT = "broker_max_packet_size"
 """The store's `meta` key for the Maximum Packet Size the broker last advertised."""
 
@@ -114,6 +131,21 @@ def reason_name(code: int, packet: int = PacketTypes.PUBACK) -> str:
 
 
 @dataclass
+class AckState:
+    """Consumer acknowledgements (docs/contract.md §4.10), for /status and /metrics."""
+
+    mode: str = "broker"
+    accepted: int = 0
+    refused: dict[str, int] = field(default_factory=lambda: dict.fromkeys(REASONS, 0))
+    deleted_batches: int = 0
+    """Batches deleted because a consumer acknowledged them."""
+    last_accepted: float | None = None
+    """Unix time of the last acknowledgement accepted."""
+    consumer: str | None = None
+    """The `consumer` name of the last acknowledgement accepted."""
+
+
+@dataclass
 class ForwarderState:
     connected: bool = False
     last_error: str | None = None
@@ -122,6 +154,7 @@ class ForwarderState:
     """Why batches are not moving although the broker answers; None while they move."""
     limits: BrokerLimits = field(default_factory=BrokerLimits)
     """The limits the broker advertised on the last connection."""
+    ack: AckState = field(default_factory=AckState)
 
 
 @dataclass
@@ -157,10 +190,12 @@ class Forwarder:
         *,
         on_evicted: Callable[[], None] | None = None,
         on_payload_limit: Callable[[int | None], None] | None = None,
+        ack_keys: list[Ed25519PublicKey] | None = None,
     ) -> None:
         """`on_evicted` is called after a batch was evicted (the batcher declares it);
         `on_payload_limit` with the largest batch, in bytes, the link takes (None: no limit),
-        first from here. `store` must be open."""
+        first from here. `store` must be open. `ack_keys` are the consumer public keys of
+        `mqtt.ack_keys` (end_to_end mode; ValueError when that mode has none)."""
         self._config = config
         self._store = store
         self._new_batches = new_batches
@@ -169,8 +204,19 @@ class Forwarder:
         self._on_payload_limit = on_payload_limit
         self.batch_topic = f"{config.topic_prefix}/{gateway_id}/batch"
         self.status_topic = f"{config.topic_prefix}/{gateway_id}/status"
+        self.ack_topic = f"{config.topic_prefix}/{gateway_id}/ack"
+        self.end_to_end = config.ack == "end_to_end"
+        if self.end_to_end and not ack_keys:
+            raise ValueError("mqtt.ack: end_to_end needs the consumer keys of mqtt.ack_keys")
+        self._ack_opener = AckOpener(ack_keys or [])
+        self._ack_judge = AckJudge(gateway_id)
+        self._refusals_logged: set[str] = set()
+        self._settling: set[BatchKey] = set()
+        for reason in REASONS:  # every reason shows in /metrics, at 0 until it happens
+            metrics.acks_refused.labels(reason=reason)
+        """end_to_end: batches PUBACKed whose mark is not yet committed (not to be taken)."""
         self._client_id = config.client_id or f"edge-agent-{gateway_id}"
-        self.state = ForwarderState()
+        self.state = ForwarderState(ack=AckState(mode=config.ack))
         self._to_ack: list[StoredBatch] = []
         self._ack_ready = asyncio.Event()
         self.acked = asyncio.Event()
@@ -211,6 +257,7 @@ class Forwarder:
             max_inflight_messages=self._config.max_inflight,
             timeout=max(self._config.keepalive, 10),
             logger=logging.getLogger("edge_agent.forward.paho"),
+            max_queued_incoming_messages=MAX_QUEUED_ACKS,
         )
 
     async def run(self) -> None:
@@ -226,8 +273,12 @@ class Forwarder:
                     await client.publish(
                         self.status_topic, json.dumps({"state": "online"}), qos=1, retain=True
                     )
+                    loops = [self._pump(client, session), self._acker()]
+                    if self.end_to_end:
+                        await client.subscribe(self.ack_topic, qos=1)
+                        loops.append(self._consumer_acks(client))
                     try:
-                        await _until_one_fails(self._pump(client, session), self._acker())
+                        await _until_one_fails(*loops)
                     except asyncio.CancelledError:
                         await self._goodbye(client)
                         raise
@@ -377,10 +428,7 @@ class Forwarder:
                 window.size = self._window_size(client)
                 if window.room():
                     self._new_batches.clear()
-                    skip = window.declarations | self._held
-                    taken = await self._store.take(
-                        window.room(), after=window.cursor, skip_declarations=skip
-                    )
+                    taken = await self._take(window)
                     evicted = False
                     for batch in taken:
                         size = publish_packet_size(self.batch_topic, len(batch.data), v5=v5)
@@ -395,7 +443,8 @@ class Forwarder:
                     elif evicted:
                         continue  # its place in the window is free: take the next one first
                 wake = self._new_batches if window.room() else None
-                results, problem = await window.completed(wake, client.lost)
+                idle = RESEND_CHECK_S if self.end_to_end and window.room() else None
+                results, problem = await window.completed(wake, client.lost, idle_s=idle)
                 # Successes first: a rejection in the same round must not hold them back.
                 for batch, code in sorted(results, key=lambda result: result[1] >= REJECTION):
                     await self._settle(batch, code, session)
@@ -404,6 +453,27 @@ class Forwarder:
                     raise aiomqtt.MqttError(client.disconnect_cause or problem)
         finally:
             window.cancel()
+
+    async def _take(self, window: _Window) -> list[StoredBatch]:
+        """The next batches to publish, oldest first, declarations before readings.
+
+        broker mode: those not yet published on this connection. end_to_end mode: those not in
+        flight and either never PUBACKed or PUBACKed more than `ack_timeout` ago without a
+        consumer's acknowledgement since (sent again).
+        """
+        if not self.end_to_end:
+            skip = window.declarations | self._held
+            return await self._store.take(
+                window.room(), after=window.cursor, skip_declarations=skip
+            )
+        exclude = {b.key for b in window.in_flight.values()} | self._settling
+        exclude.update(BatchKey("declaration", held) for held in self._held)
+        due_ns = time.time_ns() - int(self._config.ack_timeout * 1e9)
+        taken = await self._store.take_unacked(window.room(), due_ns, exclude)
+        again = sum(1 for batch in taken if batch.key.id <= window.cursor)
+        if again:
+            log.debug("Sending again batches the consumer has not acknowledged count=%d", again)
+        return taken
 
     async def _settle(self, batch: StoredBatch, code: int, session: _Session) -> None:
         """A PUBACK arrived: queue the batch for deletion, evict it (0x95), or keep it (other
@@ -416,6 +486,8 @@ class Forwarder:
             self._metrics.publish_rejected.inc()
             raise PublishRejectedError(code, self.batch_topic)
         self._to_ack.append(batch)
+        if self.end_to_end:
+            self._settling.add(batch.key)
         self._ack_ready.set()
         self._metrics.ack_latency.observe(max(0.0, time.time() - batch.sealed_ns / 1e9))
         self._cleared(batch.key)
@@ -525,8 +597,12 @@ class Forwarder:
         acked, self._to_ack = self._to_ack, []
         if not acked:
             return True
+        keys = [batch.key for batch in acked]
         try:
-            await self._store.ack([batch.key for batch in acked])
+            if self.end_to_end:
+                await self._store.mark_sent(keys, time.time_ns())
+            else:
+                await self._store.ack(keys)
         except StoreError as exc:
             # Not deleting only means re-sending later (a duplicate); never a loss.
             self._to_ack = acked + self._to_ack
@@ -534,10 +610,68 @@ class Forwarder:
             self._metrics.store_errors.inc()
             log.error("Could not delete acknowledged batches, will retry error=%s", exc)
             return False
+        self._settling.difference_update(keys)
         self._metrics.batches_sent.inc(len(acked))
         self._metrics.readings_sent.inc(sum(batch.readings for batch in acked))
         self.acked.set()
         return True
+
+    async def unsent_batches(self) -> int:
+        """Batches still to be published: all buffered ones in broker mode; in end_to_end mode
+        those not yet PUBACKed (the others wait for the consumer, not for us)."""
+        if not self.end_to_end:
+            return self._store.stats.batches
+        return self._store.stats.batches - (await self._store.unacked()).batches
+
+    async def _consumer_acks(self, client: AckingClient) -> None:
+        """end_to_end: verify each message on the ack topic and apply the accepted ones."""
+        async for message in client.messages:
+            if message.topic.matches(self.ack_topic):
+                await self.consumer_ack(message.payload)
+
+    async def consumer_ack(self, payload: object) -> int:
+        """Judge one message of the ack topic; delete what an accepted one covers.
+
+        Returns the number of batches deleted (0 for a refusal). Raises StoreError when the
+        deletion fails (the connection is made again, and the retained acknowledgement with
+        it).
+        """
+        ack_state = self.state.ack
+        try:
+            ack = self._ack_opener.open(payload)
+            self._ack_judge.judge(ack, self._store.epoch)
+        except AckError as exc:
+            self._refused(exc.reason, str(exc), exc.kid)
+            return 0
+        ack_state.accepted += 1
+        ack_state.last_accepted = time.time()
+        ack_state.consumer = ack.consumer
+        self._metrics.acks_accepted.inc()
+        try:
+            removed = await self._store.consumer_ack(ack.seqs, ack.batches)
+        except StoreError:
+            self._metrics.store_errors.inc()
+            raise
+        ack_state.deleted_batches += len(removed)
+        self._metrics.batches_consumer_acked.inc(len(removed))
+        log.debug(
+            "Consumer acknowledgement accepted consumer=%s kid=%s epoch=%s deleted=%d",
+            ack.consumer, ack.kid.hex(), ack.epoch, len(removed),
+        )  # fmt: skip
+        if removed:
+            self.acked.set()
+        return len(removed)
+
+    def _refused(self, reason: Reason, error: str, kid: bytes | None) -> None:
+        """Count a refused acknowledgement; the first of each reason is logged and audited."""
+        self.state.ack.refused[reason] = self.state.ack.refused.get(reason, 0) + 1
+        self._metrics.acks_refused.labels(reason=reason).inc()
+        if reason in self._refusals_logged:
+            log.debug("Consumer acknowledgement refused again reason=%s error=%s", reason, error)
+            return
+        self._refusals_logged.add(reason)
+        audit("acknowledgement", "refused", reason=reason, kid=kid, topic=self.ack_topic,
+              error=error)  # fmt: skip
 
 
 def _code(rc: object) -> int | None:
@@ -583,10 +717,11 @@ class _Window:
         self.in_flight[task] = batch
 
     async def completed(
-        self, wake: asyncio.Event | None, lost: asyncio.Event
+        self, wake: asyncio.Event | None, lost: asyncio.Event, *, idle_s: float | None = None
     ) -> tuple[list[tuple[StoredBatch, int]], str | None]:
-        """Wait for a PUBACK, for `wake` or for `lost`: the (batch, reason code) pairs
-        acknowledged, oldest first, and what went wrong if the connection did.
+        """Wait for a PUBACK, for `wake` or for `lost` (at most `idle_s` seconds, when given):
+        the (batch, reason code) pairs acknowledged, oldest first, and what went wrong if the
+        connection did.
 
         PUBACKs read just before a loss are returned too, so that the batch the broker closed
         the connection on, not one it acknowledged, is the oldest left in flight.
@@ -595,7 +730,7 @@ class _Window:
         events = [asyncio.ensure_future(e.wait()) for e in (wake, lost) if e is not None]
         waiters.update(events)
         try:
-            await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait(waiters, timeout=idle_s, return_when=asyncio.FIRST_COMPLETED)
         finally:
             for event in events:
                 event.cancel()

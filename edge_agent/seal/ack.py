@@ -165,8 +165,8 @@ class AckOpener:
     def __init__(self, keys: Iterable[Ed25519PublicKey]) -> None:
         self._keys = {key_id(k): k for k in keys}
 
-    def open(self, message: bytes) -> Ack:
-        """Verify `message` and return its Ack.
+    def open(self, message: object) -> Ack:
+        """Verify `message` (bytes; anything else is `malformed`) and return its Ack.
 
         Raises AckError: `malformed` (not a COSE_Sign1 as §4.10 says, compressed, a bad
         header, a payload that is not the map of §4.10), `unknown_key` (a kid not among the

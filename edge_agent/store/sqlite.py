@@ -3,9 +3,12 @@
 Invariants (each holds after every committed transaction):
 1. A batch is written whole, with the sequence and batch counters that follow it, in one
    transaction; `seq` and `batch` never go backwards and are never reused within an epoch.
-2. A batch leaves the buffer only in three ways: deleted after the broker acknowledged it,
-   evicted by retention, or evicted as undeliverable (the broker will never take it: too large
-   for its packet limit); an evicted batch's `[first_seq, last_seq]` is recorded in
+2. A batch leaves the buffer only in four ways: deleted after the broker acknowledged it
+   (`ack`, mqtt.ack: broker), deleted once a consumer's verified acknowledgement covers it
+   (`consumer_ack`, either mode; docs/contract.md §4.10), evicted by retention, or evicted as
+   undeliverable (the broker will never take it: too large for its packet limit). Marking a
+   batch sent (`mark_sent`, mqtt.ack: end_to_end) keeps it, and retention and eviction treat it
+   as any other batch. An evicted batch's `[first_seq, last_seq]` is recorded in
    `pending_evictions` in the same transaction, and an undeliverable one's reason in
    `eviction_reasons` (no row there means retention).
 3. A pending eviction is removed only in the transaction that stores the signed batch that
@@ -14,6 +17,11 @@ Invariants (each holds after every committed transaction):
 4. The epoch is made once, when the file is created; losing the file means a new epoch, and the
    new epoch's first batch says how the previous one ended (`previous_epoch`, kept in `meta`
    until a sealed batch carries it, like a pending eviction).
+
+5. `sent_ns` (both tables) is NULL until the broker acknowledged the batch in end_to_end mode,
+   then the time of its last PUBACK: `take_unacked` returns it again only once that is older
+   than the ack timeout. Files made before the column existed get it at open (ALTER TABLE,
+   NULL for every row: nothing counts as sent, so everything is sent once more).
 
 The file runs in WAL mode with synchronous=FULL: with NORMAL, a power cut can roll back
 transactions that were reported committed. When full, retention evicts the oldest batches first.
@@ -81,15 +89,23 @@ CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS batches (
     id INTEGER PRIMARY KEY, first_seq INTEGER NOT NULL, last_seq INTEGER NOT NULL,
     readings INTEGER NOT NULL, bytes INTEGER NOT NULL, sealed_ns INTEGER NOT NULL,
-    data BLOB NOT NULL);
+    data BLOB NOT NULL, sent_ns INTEGER);
 CREATE TABLE IF NOT EXISTS notices (
     id INTEGER PRIMARY KEY, readings INTEGER NOT NULL, bytes INTEGER NOT NULL,
-    sealed_ns INTEGER NOT NULL, data BLOB NOT NULL);
+    sealed_ns INTEGER NOT NULL, data BLOB NOT NULL, sent_ns INTEGER);
 CREATE TABLE IF NOT EXISTS pending_evictions (
     first_seq INTEGER PRIMARY KEY, last_seq INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS eviction_reasons (
     first_seq INTEGER PRIMARY KEY, reason TEXT NOT NULL);
 """
+
+INDEXES = """
+CREATE INDEX IF NOT EXISTS batches_unsent ON batches (id) WHERE sent_ns IS NULL;
+CREATE INDEX IF NOT EXISTS batches_sent ON batches (sent_ns) WHERE sent_ns IS NOT NULL;
+"""
+"""For `take_unacked`: batches never sent, and the oldest sent, without a scan of the buffer."""
+ACK_WALK = 512
+"""Batches read at a time while a consumer acknowledgement is applied."""
 
 RESERVE_BYTES = 512 * 1024
 """Room kept in `PATH-reserve` for the first checkpoint and eviction on a full disk."""
@@ -146,6 +162,15 @@ class StoredBatch:
     readings: int
     sealed_ns: int
     data: bytes
+
+
+@dataclass(frozen=True)
+class Unacked:
+    """Batches the broker acknowledged that no consumer has yet (end_to_end mode)."""
+
+    batches: int
+    readings: int
+    oldest_sent_ns: int | None
 
 
 @dataclass
@@ -303,6 +328,7 @@ class Store:
         pages = max(1, WAL_CHECKPOINT_BYTES // self._page_size)
         await db.execute(f"PRAGMA wal_autocheckpoint={pages}")
         await db.executescript(SCHEMA)
+        await self._migrate(db)
         await db.execute("BEGIN IMMEDIATE")
         rows = await db.execute_fetchall("SELECT key, value FROM meta")
         meta: dict[str, Any] = {row[0]: row[1] for row in rows}
@@ -327,6 +353,29 @@ class Store:
                 "Disk full at start: no room for the buffer's reserve path=%s free=%d",
                 self.reserve_path, _free_bytes(self.path),
             )  # fmt: skip
+
+    async def _migrate(self, db: aiosqlite.Connection) -> None:
+        """Bring a file of an older version up to SCHEMA: `sent_ns` (NULL: not sent) and the
+        indexes on it, in one transaction; a file already current is left as it is."""
+        missing = []
+        for table in _TABLES.values():
+            columns = {row[1] for row in await db.execute_fetchall(f"PRAGMA table_info({table})")}
+            if "sent_ns" not in columns:
+                missing.append(table)
+        await db.execute("BEGIN IMMEDIATE")
+        try:
+            for table in missing:
+                await db.execute(f"ALTER TABLE {table} ADD COLUMN sent_ns INTEGER")
+            for statement in filter(str.strip, INDEXES.split(";")):
+                await db.execute(statement)
+            await db.execute("COMMIT")
+        except BaseException:
+            await self._rollback()
+            raise
+        if missing:
+            log.info(
+                "Buffer upgraded path=%s added=sent_ns tables=%s", self.path, ",".join(missing)
+            )
 
     async def _replaced(self, mark: CommittedMark, meta: dict[str, Any]) -> None:
         """The file holds another epoch than the witness: declare the witness's epoch ended."""
@@ -731,11 +780,16 @@ class Store:
             if not (b.declares or b.ends_previous)
         ]
         if plain:
-            await db.executemany("INSERT INTO batches VALUES (?, ?, ?, ?, ?, ?, ?)", plain)
+            await db.executemany(
+                "INSERT INTO batches (id, first_seq, last_seq, readings, bytes, sealed_ns, data)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                plain,
+            )
         for b in batches:
             if b.declares or b.ends_previous:
                 await db.execute(
-                    "INSERT INTO notices VALUES (?, ?, ?, ?, ?)",
+                    "INSERT INTO notices (id, readings, bytes, sealed_ns, data)"
+                    " VALUES (?, ?, ?, ?, ?)",
                     (b.batch, b.readings, len(b.data), b.sealed_ns, b.data),
                 )
                 await db.executemany(
@@ -921,6 +975,123 @@ class Store:
             self.stats.batches -= len(removed)
 
         await self._atomically("delete acknowledged batches", body, on_commit)
+
+    async def mark_sent(self, keys: Sequence[BatchKey], sent_ns: int) -> None:
+        """end_to_end mode: the broker acknowledged these batches at `sent_ns` (Unix ns); keep
+        them until a consumer does. Unknown keys (deleted or evicted since) are ignored."""
+        if not keys:
+            return
+
+        async def body(db: aiosqlite.Connection) -> None:
+            for kind, table in _TABLES.items():
+                ids = [(sent_ns, key.id) for key in keys if key.kind == kind]
+                await db.executemany(
+                    f"UPDATE {table} SET sent_ns = ? WHERE id = ?",  # noqa: S608  # nosec B608  # table names are literals
+                    ids,
+                )
+
+        await self._atomically("mark batches sent", body, lambda _: None)
+
+    async def take_unacked(
+        self, limit: int, due_ns: int, exclude: Collection[BatchKey] = ()
+    ) -> list[StoredBatch]:
+        """end_to_end mode: up to `limit` batches to send, declarations first, then batches of
+        readings oldest first; each never sent, or sent at or before `due_ns` (Unix ns) and not
+        acknowledged by a consumer since. Batches in `exclude` (in flight) are left out."""
+        skip = {kind: [k.id for k in exclude if k.kind == kind] for kind in _TABLES}
+        taken: list[StoredBatch] = []
+        for kind, table in _TABLES.items():
+            room = limit - len(taken)
+            if room <= 0:
+                break
+            marks = ",".join("?" * len(skip[kind]))
+            found: list[tuple[int, int, int, bytes]] = []
+            for where in ("sent_ns IS NULL", "sent_ns IS NOT NULL AND sent_ns <= ?"):
+                args: list[Any] = [] if "?" not in where else [due_ns]
+                found.extend(
+                    await self._read(
+                        "read batches to send",
+                        f"SELECT id, readings, sealed_ns, data FROM {table} WHERE {where}"  # noqa: S608  # nosec B608  # literals and placeholders only
+                        f" AND id NOT IN ({marks}) ORDER BY id LIMIT ?",
+                        [*args, *skip[kind], room],
+                    )
+                )
+            found.sort(key=lambda row: row[0])
+            taken.extend(
+                StoredBatch(BatchKey(kind, row_id), readings, sealed_ns, data)
+                for row_id, readings, sealed_ns, data in found[:room]
+            )
+        return taken
+
+    async def consumer_ack(
+        self, seqs: Sequence[tuple[int, int]], batches: Sequence[tuple[int, int]]
+    ) -> list[BatchKey]:
+        """Delete every batch a consumer's verified acknowledgement covers (§4.10): its batch
+        number in `batches`, or, for a batch of readings, first_seq..last_seq whole in `seqs`
+        (ranges sorted, disjoint, not adjacent). Returns the keys deleted, oldest first.
+
+        Sent or not: a consumer that holds a batch never needs it again (an agent restarted
+        learns so from the retained acknowledgement). Declarations are matched by batch number
+        only. The walk reads batches in id order and stops past the highest seq and batch
+        acknowledged, so an acknowledgement costs what it covers, not the buffer's size.
+        """
+        from edge_agent.seal.ack import contains  # noqa: PLC0415 - the store's one use of it
+
+        top_seq = seqs[-1][1] if seqs else -1
+        top_batch = batches[-1][1] if batches else -1
+        seq_ranges, batch_ranges = tuple(seqs), tuple(batches)
+        if top_seq < 0 and top_batch < 0:
+            return []
+
+        async def body(db: aiosqlite.Connection) -> list[tuple[BatchKey, int, int]]:
+            removed: list[tuple[BatchKey, int, int]] = []
+            for row_id, readings, size in await db.execute_fetchall(
+                "SELECT id, readings, bytes FROM notices WHERE id <= ? ORDER BY id", (top_batch,)
+            ):
+                if contains(batch_ranges, row_id, row_id):
+                    removed.append((BatchKey("declaration", row_id), readings, size))
+            after = -1
+            while True:
+                rows = list(
+                    await db.execute_fetchall(
+                        "SELECT id, first_seq, last_seq, readings, bytes FROM batches"
+                        " WHERE id > ? ORDER BY id LIMIT ?",
+                        (after, ACK_WALK),
+                    )
+                )
+                for row_id, first, last, readings, size in rows:
+                    if contains(batch_ranges, row_id, row_id) or (
+                        readings > 0 and contains(seq_ranges, first, last)
+                    ):
+                        removed.append((BatchKey("readings", row_id), readings, size))
+                if len(rows) < ACK_WALK:
+                    break
+                after, first_seq = rows[-1][0], rows[-1][1]
+                if after > top_batch and first_seq > top_seq:
+                    break
+            for kind, table in _TABLES.items():
+                ids = [(key.id,) for key, _, _ in removed if key.kind == kind]
+                await db.executemany(f"DELETE FROM {table} WHERE id = ?", ids)  # noqa: S608  # nosec B608  # table names are literals
+            return removed
+
+        def on_commit(removed: list[tuple[BatchKey, int, int]]) -> None:
+            self.stats.readings -= sum(r for _, r, _ in removed)
+            self.stats.bytes -= sum(b for _, _, b in removed)
+            self.stats.batches -= len(removed)
+
+        removed = await self._atomically("delete batches a consumer holds", body, on_commit)
+        return [key for key, _, _ in removed]
+
+    async def unacked(self) -> Unacked:
+        """The batches marked sent and not yet acknowledged by a consumer, for health."""
+        rows = await self._read(
+            "count unacknowledged batches",
+            "SELECT count(*), coalesce(sum(readings), 0), min(sent_ns) FROM ("
+            " SELECT readings, sent_ns FROM batches WHERE sent_ns IS NOT NULL"
+            " UNION ALL SELECT readings, sent_ns FROM notices WHERE sent_ns IS NOT NULL)",
+        )
+        batches, readings, oldest = rows[0]
+        return Unacked(int(batches), int(readings), None if oldest is None else int(oldest))
 
     async def oldest_sealed_ns(self) -> int | None:
         rows = await self._read(

@@ -21,6 +21,10 @@ Tables (docs/cloud.md describes each column for people who query them):
 
 Views: `ingest_gaps` (completeness, see `report.py`).
 
+Names (gateway, epoch, src, pt) are `text COLLATE "C"`: compared as bytes, which makes the
+unique index about 1.4 times faster to fill than under a language's collation, and sorts them
+in code-point order.
+
 `readings.ts` is a `timestamptz` (microseconds; what Grafana's time macros expect), and
 `readings.ts_ns` the reading's exact time in Unix nanoseconds as sealed. The value is in one of
 `v_num` (numeric: integers of 64 bits and floats exactly), `v_bool`, `v_text`; all three are
@@ -50,7 +54,7 @@ class Migration:
 _V1 = """
 CREATE TABLE gateway_keys (
     kid         bytea PRIMARY KEY CHECK (length(kid) = 8),
-    gateway     text NOT NULL,
+    gateway     text COLLATE "C" NOT NULL,
     public_key  bytea NOT NULL UNIQUE CHECK (length(public_key) = 32),
     not_before  timestamptz,
     not_after   timestamptz,
@@ -61,11 +65,11 @@ CREATE INDEX gateway_keys_gateway ON gateway_keys (gateway);
 CREATE SEQUENCE gateway_keys_generation;
 
 CREATE TABLE readings (
-    gateway  text NOT NULL,
-    epoch    text NOT NULL,
+    gateway  text COLLATE "C" NOT NULL,
+    epoch    text COLLATE "C" NOT NULL,
     seq      int8 NOT NULL,
-    src      text NOT NULL,
-    pt       text NOT NULL,
+    src      text COLLATE "C" NOT NULL,
+    pt       text COLLATE "C" NOT NULL,
     ts       timestamptz NOT NULL,
     ts_ns    int8 NOT NULL,
     v_num    numeric,
@@ -76,8 +80,8 @@ CREATE TABLE readings (
 );
 
 CREATE TABLE coverage (
-    gateway   text NOT NULL,
-    epoch     text NOT NULL,
+    gateway   text COLLATE "C" NOT NULL,
+    epoch     text COLLATE "C" NOT NULL,
     received  int8multirange NOT NULL DEFAULT '{}',
     evicted   int8multirange NOT NULL DEFAULT '{}',
     batches   int8multirange NOT NULL DEFAULT '{}',
@@ -89,8 +93,8 @@ CREATE TABLE coverage (
 );
 
 CREATE TABLE evictions (
-    gateway   text NOT NULL,
-    epoch     text NOT NULL,
+    gateway   text COLLATE "C" NOT NULL,
+    epoch     text COLLATE "C" NOT NULL,
     first_seq int8 NOT NULL,
     last_seq  int8 NOT NULL,
     reason    text NOT NULL,
@@ -99,9 +103,9 @@ CREATE TABLE evictions (
 );
 
 CREATE TABLE epoch_ends (
-    gateway        text NOT NULL,
-    declared_epoch text NOT NULL,
-    ended_epoch    text,
+    gateway        text COLLATE "C" NOT NULL,
+    declared_epoch text COLLATE "C" NOT NULL,
+    ended_epoch    text COLLATE "C",
     last_seq       int8,
     ended          text NOT NULL,
     detail         text NOT NULL,
@@ -109,8 +113,8 @@ CREATE TABLE epoch_ends (
 );
 
 CREATE TABLE hwm (
-    gateway   text NOT NULL,
-    epoch     text NOT NULL,
+    gateway   text COLLATE "C" NOT NULL,
+    epoch     text COLLATE "C" NOT NULL,
     seq       int8 NOT NULL,
     batch     int8 NOT NULL,
     sealed_ns int8 NOT NULL,
@@ -119,7 +123,7 @@ CREATE TABLE hwm (
 );
 
 CREATE TABLE gateway_status (
-    gateway  text PRIMARY KEY,
+    gateway  text COLLATE "C" PRIMARY KEY,
     status   text NOT NULL,
     received timestamptz NOT NULL DEFAULT now()
 );
@@ -130,7 +134,7 @@ CREATE TABLE rejected (
     topic         text NOT NULL,
     reason        text NOT NULL,
     detail        text NOT NULL,
-    gateway       text,
+    gateway       text COLLATE "C",
     kid           text,
     payload_bytes int8 NOT NULL,
     payload       bytea NOT NULL
