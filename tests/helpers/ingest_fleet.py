@@ -148,11 +148,17 @@ def report(dsn: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-def stored_readings(dsn: str) -> int:
-    """Readings the ledger says are stored (sum over `coverage`): cheap to poll."""
+def stored_readings(dsn: str, gateways: Iterable[str] | None = None) -> int:
+    """Readings the ledger says are stored (sum over `coverage`, of `gateways` only if given):
+    cheap to poll."""
+    names = None if gateways is None else list(gateways)
     with psycopg.connect(dsn, connect_timeout=5) as conn:
-        row = conn.execute("SELECT coalesce(sum(readings), 0) FROM coverage").fetchone()
-        return int(row[0]) if row else 0
+        row = conn.execute(
+            "SELECT coalesce(sum(readings), 0) FROM coverage"
+            " WHERE %(names)s::text[] IS NULL OR gateway = ANY(%(names)s::text[])",
+            {"names": names},
+        ).fetchone()
+        return int(row[0]) if row else 0  # type: ignore[call-overload]
 
 
 @dataclass
@@ -164,6 +170,7 @@ class Ledger:
     verified: int
     duplicates: int
     declared: int
+    """Seqs declared evicted by the gateways (never taken: no reading carried them)."""
     lost: int
     redelivered: int = 0
     """Readings the workers received again and recognised as already stored (the ledger's
@@ -179,32 +186,36 @@ class Ledger:
         )
 
 
-def ledger(
-    case: str, dsn: str, taken: Mapping[tuple[str, str], set[int]], declared: int = 0
-) -> Ledger:
-    """Compare what the fleet took (seqs per (gateway, epoch)) with the database's rows."""
+def ledger(case: str, dsn: str, taken: Mapping[tuple[str, str], set[int]]) -> Ledger:
+    """Compare what was taken (seqs per (gateway, epoch)) with the database's rows of those
+    streams: `verified` counts the taken seqs stored, `duplicates` the rows stored twice,
+    `declared` the seqs the ledger holds as declared evicted."""
+    stored: dict[tuple[str, str], set[int]] = {}
+    total = redelivered = declared = 0
     with psycopg.connect(dsn) as conn:
-        rows = conn.execute(
-            "SELECT gateway, epoch, count(*), count(DISTINCT seq) FROM readings GROUP BY 1, 2"
-        ).fetchall()
-        redelivered = conn.execute("SELECT coalesce(sum(duplicates), 0) FROM coverage").fetchone()
-        stored: dict[tuple[str, str], set[int]] = {}
         for gateway, epoch in taken:
             seqs = conn.execute(
                 "SELECT seq FROM readings WHERE gateway = %s AND epoch = %s", (gateway, epoch)
             ).fetchall()
+            total += len(seqs)
             stored[(gateway, epoch)] = {int(s) for (s,) in seqs}  # type: ignore[call-overload]
-    total = sum(int(r[2]) for r in rows)  # type: ignore[call-overload]
-    distinct = sum(int(r[3]) for r in rows)  # type: ignore[call-overload]
-    missing = {k: len(seqs - stored.get(k, set())) for k, seqs in taken.items()}
+            row = conn.execute(
+                "SELECT duplicates, (SELECT coalesce(sum(upper(r) - lower(r)), 0)"
+                " FROM unnest(evicted) AS r) FROM coverage WHERE gateway = %s AND epoch = %s",
+                (gateway, epoch),
+            ).fetchone()
+            if row is not None:
+                redelivered += int(row[0])  # type: ignore[call-overload]
+                declared += int(row[1])  # type: ignore[call-overload]
+    missing = {k: len(seqs - stored[k]) for k, seqs in taken.items()}
     return Ledger(
         case=case,
         taken=sum(len(s) for s in taken.values()),
-        verified=distinct,
-        duplicates=total - distinct,
+        verified=sum(len(seqs & stored[k]) for k, seqs in taken.items()),
+        duplicates=total - sum(len(s) for s in stored.values()),
         declared=declared,
         lost=sum(missing.values()),
-        redelivered=int(redelivered[0]) if redelivered else 0,  # type: ignore[call-overload]
+        redelivered=redelivered,
         missing={k: n for k, n in missing.items() if n},
     )
 
