@@ -7,21 +7,24 @@ that change nothing, refused batches recorded and never stored, a report that sa
 from __future__ import annotations
 
 import math
+import re
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import cbor2
 import psycopg
 import pytest
-from helpers.fleet import Fleet, Message, publish, taken
+from helpers.fleet import Fleet, Message, Publisher, SimulatedGateway, publish, taken
 from helpers.ingest import IngestWorker, ingest
 from helpers.wait import wait_for
 
 from edge_agent.demo.broker import Mosquitto
 from edge_agent.reading import Quality, Reading
 from edge_agent.seal.ack import Ack, AckOpener
+from edge_agent.seal.envelope import protected_header_bytes, sign1
 from edge_agent.seal.keys import key_id, load_public_key, write_keypair
 
 pytestmark = pytest.mark.integration
@@ -115,7 +118,7 @@ async def test_every_reading_lands_once_and_replays_change_nothing(
     before = rows(database, "SELECT count(*), sum(seq), max(ts_ns) FROM readings")
     publish(broker.url, messages)
     await wait_for(
-        lambda: count(database, "SELECT sum(duplicates) FROM coverage") >= total,
+        lambda: count(database, "SELECT coalesce(sum(duplicates), 0) FROM coverage") >= total,
         30, "the replays counted as duplicates",
     )  # fmt: skip
     assert rows(database, "SELECT count(*), sum(seq), max(ts_ns) FROM readings") == before
@@ -230,3 +233,103 @@ async def test_keys_retired_refuse_and_report_shows_holes(
         30, "the retired key's batch refused",
     )  # fmt: skip
     assert count(database, "SELECT count(*) FROM readings") == 20
+
+
+async def test_two_workers_share_the_stream_and_merge_one_ledger(
+    tmp_path: Path, broker: Mosquitto, database: str, fleet: Fleet
+) -> None:
+    """Batches of one epoch reach either worker, replays too: every reading once, ledger whole."""
+    common = ("--dsn", database, "--url", broker.url, "--topic-prefix", PREFIX, "--max-group", "4")
+    with (
+        IngestWorker(tmp_path, *common, "--client-id", "w1", name="w1") as one,
+        IngestWorker(tmp_path, *common, "--client-id", "w2", name="w2") as two,
+    ):
+        messages = fleet.seal_rounds(40, 50)
+        publish(broker.url, messages + messages[::-1])  # each batch twice, in both orders
+        expected = taken(messages)
+        total = sum(len(s) for s in expected.values())
+        await wait_for(
+            lambda: count(database, "SELECT coalesce(sum(readings + duplicates), 0) FROM coverage") >= 2 * total,
+            60, "every batch and its replay written",
+        )  # fmt: skip
+    logs = one.log() + two.log()  # each says what it did when it stops
+    handled = [int(m) for m in re.findall(r"Ingest stopped messages=(\d+)", logs)]
+    assert len(handled) == 2 and all(handled), logs  # the group was shared
+    assert sum(handled) == 2 * len(messages)
+    assert count(database, "SELECT count(*) FROM readings") == total
+    assert count(database, "SELECT sum(readings) FROM coverage") == total
+    for (gateway, epoch), seqs in expected.items():
+        ledger = rows(
+            database, "SELECT received::text, batches::text FROM coverage"
+            " WHERE gateway = %s AND epoch = %s", gateway, epoch,
+        )  # fmt: skip
+        assert ledger == [(f"{{[1,{max(seqs) + 1})}}", "{[1,41)}")]
+    assert ingest("report", "--dsn", database).returncode == 0
+    assert "Traceback" not in logs
+
+
+def signed_mark(gateway: SimulatedGateway, seq: int, batch: int) -> bytes:
+    """A high-water mark as the agent publishes it (issue 9's wire format), signed by `gateway`."""
+    body = {
+        "v": 1, "kind": "hwm", "gateway": gateway.gateway_id, "epoch": gateway.epoch,
+        "seq": seq, "batch": batch, "sealed": time.time_ns(),
+    }  # fmt: skip
+    protected = protected_header_bytes(gateway.kid, compress=False)
+    return sign1(gateway.key, protected, cbor2.dumps(body))
+
+
+async def test_the_report_tells_holes_from_declared_evictions_tails_and_ended_epochs(
+    tmp_path: Path, broker: Mosquitto, database: str, fleet: Fleet, worker: IngestWorker
+) -> None:
+    gateway = fleet.members[0]
+    sent = [gateway.seal(10)]  # 1..10
+    evicted = gateway.skip(10)  # 11..20, declared below
+    sent.append(gateway.seal(10))  # 21..30
+    sent.append(gateway.declare([evicted], ["retention"]))
+    ended_epoch = gateway.epoch
+    gateway.skip(5)  # 31..35: sealed, never arrives; the epoch then ends
+    mark = signed_mark(gateway, 35, gateway.next_batch - 1)
+    publish(broker.url, sent)
+    with Publisher(broker.url) as publisher:
+        publisher.publish([Message(f"{PREFIX}/{gateway.gateway_id}/hwm", mark, "", "", 0, 0, 0)])
+    await wait_for(
+        lambda: count(database, "SELECT count(*) FROM hwm") == 1
+        and count(database, "SELECT count(*) FROM evictions") == 1,
+        30, "the mark and the eviction stored",
+    )  # fmt: skip
+    report = ingest("report", "--dsn", database)
+    assert report.returncode == 0, report.stdout  # a tail is not a hole while the epoch lives
+    assert "NOT YET RECEIVED" in report.stdout and "31..35" in report.stdout
+    assert rows(database, "SELECT first_seq, last_seq, reason FROM evictions") == [
+        (11, 20, "retention")
+    ]
+
+    # The gateway's buffer is replaced: the next epoch declares the old one ended at 35.
+    gateway.new_epoch()
+    first_of_new = gateway.sealer.seal(
+        gateway=gateway.gateway_id, epoch=gateway.epoch, batch=1, first_seq=1,
+        readings=gateway.readings(5, time.time_ns()), sealed_ns=time.time_ns(),
+        previous_epoch={"epoch": ended_epoch, "last_seq": 35, "ended": "replaced",
+                        "detail": "test"},
+    )  # fmt: skip
+    publish(
+        broker.url,
+        [Message(gateway.topic, first_of_new, gateway.gateway_id, gateway.epoch, 1, 1, 5)],
+    )
+    await wait_for(
+        lambda: count(database, "SELECT count(*) FROM epoch_ends") == 1, 30, "the epoch's end"
+    )
+    report = ingest("report", "--dsn", database)
+    assert report.returncode == 0, report.stdout
+    assert "LOST:" in report.stdout and "31..35" in report.stdout and "replaced" in report.stdout
+
+    # A plain hole (a batch that never arrived, undeclared) fails the report.
+    gateway.next_seq, gateway.next_batch = 6, 2  # after the batch sealed by hand above
+    gateway.skip(5)
+    publish(broker.url, [gateway.seal(5)])
+    await wait_for(
+        lambda: count(database, "SELECT count(*) FROM ingest_gaps WHERE kind = 'hole'") == 1,
+        30, "the hole seen",
+    )  # fmt: skip
+    report = ingest("report", "--dsn", database)
+    assert report.returncode == 4 and "HOLE:" in report.stdout and "6..10" in report.stdout

@@ -28,14 +28,18 @@ import asyncio
 import contextlib
 import logging
 import signal
+import ssl
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
+from urllib.parse import urlsplit
 
 import aiomqtt
 import psycopg
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 from psycopg import errors as pg_errors
 
 from edge_agent.consumer.ingest import keystore, schema
@@ -43,13 +47,15 @@ from edge_agent.consumer.ingest.decode import Accepted, Decoder, Item, Rejection
 from edge_agent.consumer.ingest.settings import IngestSettings
 from edge_agent.consumer.ingest.signed import AckSigner
 from edge_agent.consumer.ingest.write import Ledger, Written, write_group
-from edge_agent.consumer.verify import consumer_client
 from edge_agent.seal.keys import load_private_key
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 RETRY_MAX_S = 5.0
+SESSION_EXPIRY_S = 7 * 86400
+"""The worker's session outlives a restart by this much: what was sent to it and not
+acknowledged is sent again when it comes back with the same client id."""
 UNKNOWN_KEY_RELOAD_S = 1.0
 """An unknown key id reloads the keys at most this often."""
 
@@ -171,10 +177,7 @@ class Worker:
         password = _read_password(s.password_file)
         try:
             while not stop.is_set():
-                client = consumer_client(
-                    s.url, s.mqtt_client_id(), ca_file=s.ca_file, username=s.username,
-                    password=password,
-                )  # fmt: skip
+                client = mqtt_client(s, password)
                 # PUBACK only after COMMIT (paho's manual acknowledgement; aiomqtt does not
                 # expose it, so it is set on its paho client before connecting).
                 client._client.manual_ack_set(True)
@@ -363,6 +366,28 @@ class Worker:
 
 class _Retry(Exception):  # noqa: N818 - internal signal, never leaves the worker
     """A transaction the server aborted for concurrency (deadlock, serialisation): retry it."""
+
+
+def mqtt_client(settings: IngestSettings, password: str | None) -> aiomqtt.Client:
+    """The worker's MQTT 5 client: persistent session, TLS for mqtts:// (verified), and a
+    Receive Maximum of 4 groups, which bounds the messages held unacknowledged in memory."""
+    parts = urlsplit(settings.url)
+    tls = ssl.create_default_context(cafile=settings.ca_file) if parts.scheme == "mqtts" else None
+    properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+    properties.SessionExpiryInterval = SESSION_EXPIRY_S
+    properties.ReceiveMaximum = min(65535, 4 * settings.max_group)
+    return aiomqtt.Client(
+        parts.hostname or "127.0.0.1",
+        parts.port or (8883 if tls else 1883),
+        identifier=settings.mqtt_client_id(),
+        protocol=aiomqtt.ProtocolVersion.V5,
+        clean_start=False,
+        properties=properties,
+        tls_context=tls,
+        username=settings.username,
+        password=password,
+        max_queued_incoming_messages=0,  # bounded by Receive Maximum, never dropped
+    )
 
 
 def _read_password(path: str | None) -> str | None:
