@@ -43,6 +43,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))  # the tests' helpers: one fleet, one PostgreSQL
 
 import psycopg  # noqa: E402
+import psycopg.sql  # noqa: E402
 from helpers.fleet import Fleet, Message, Publisher, persistent_session  # noqa: E402
 from helpers.ingest_fleet import FleetWorker, prepare_database, stored_readings  # noqa: E402
 from helpers.postgres import PostgresServer  # noqa: E402
@@ -92,6 +93,8 @@ class Run:
     startup_s: float
     worker_cpu_s: float
     db_cpu_s: float
+    load: float
+    """The machine's 1-minute load average after the run (2 cores: above 2, others competed)."""
 
     @property
     def rate(self) -> float:
@@ -111,11 +114,16 @@ def drain(
     directory: Path,
     *,
     profile: bool = False,
+    max_group: int = 64,
+    drop_index: str | None = None,
     timeout: float = 300.0,
 ) -> Run:
     """Steps 1-3 of the module docstring, once; raises when a reading is missing or twice."""
     dsn = server.create_database(name)
     prepare_database(dsn, fleet)
+    if drop_index:  # an experiment (--drop-index): what one index costs the ingest
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute(f"DROP INDEX {psycopg.sql.Identifier(drop_index).as_string(conn)}")
     group = name
     ids = [f"{name}-w{i}" for i in range(workers)]
     for client_id in ids:
@@ -130,6 +138,7 @@ def drain(
     procs = [
         FleetWorker(
             broker, dsn, directory, client_id=cid, group=group, topic_prefix=PREFIX,
+            extra=("--max-group", str(max_group)),
             python_args=("-m", "cProfile", "-o", str(directory / f"{cid}.prof")) if profile else (),
         )
         for cid in ids
@@ -158,7 +167,7 @@ def drain(
         raise AssertionError(f"{count} rows, {distinct} distinct, {total} published")
     return Run(
         workers, total, len(messages), publish_s, finished - subscribed, subscribed - spawned,
-        worker_cpu, db_cpu,
+        worker_cpu, db_cpu, os.getloadavg()[0],
     )  # fmt: skip
 
 
@@ -228,13 +237,18 @@ def main() -> int:
     parser.add_argument("--gateways", type=int, default=20)
     parser.add_argument("--batches", type=int, default=40, help="per gateway")
     parser.add_argument("--readings", type=int, default=1000, help="per batch")
-    parser.add_argument("--format", type=int, default=1, choices=(0, 1, 2), help="0: mixed")
+    parser.add_argument(
+        "--format", type=int, default=2, choices=(0, 1, 2), help="payload format; 0: mixed"
+    )
     parser.add_argument("--workers", default="1,2")
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="fewer batches, one run each")
     parser.add_argument("--profile", action="store_true", help="cProfile the workers")
     parser.add_argument("--split", action="store_true", help="time verify, decode, COPY apart")
     parser.add_argument("--max-group", type=int, default=64, help="messages per transaction")
+    parser.add_argument(
+        "--drop-index", help="experiment: drop this index of the schema before the run"
+    )
     parser.add_argument("--json", type=Path, help="write the runs here")
     args = parser.parse_args()
     if args.quick:
@@ -263,14 +277,15 @@ def main() -> int:
             for n in range(args.repeat):
                 run = drain(
                     server, broker, fleet, messages, workers, f"bench_w{workers}_r{n}",
-                    directory / "workers", profile=args.profile,
+                    directory / "workers", profile=args.profile, max_group=args.max_group,
+                    drop_index=args.drop_index,
                 )  # fmt: skip
                 runs.append(run)
                 print(
                     f"  {workers} worker(s), run {n + 1}: {run.rate:,.0f} readings/s "
                     f"({run.readings:,} in {run.drain_s:.2f} s; start-up {run.startup_s:.2f} s), "
                     f"CPU per 100,000 readings: workers {run.per_100k(run.worker_cpu_s):.2f} s, "
-                    f"PostgreSQL {run.per_100k(run.db_cpu_s):.2f} s",
+                    f"PostgreSQL {run.per_100k(run.db_cpu_s):.2f} s; load {run.load:.1f}",
                     flush=True,
                 )
         if args.split:
