@@ -1,12 +1,23 @@
 """A group of decoded messages into PostgreSQL, in one transaction.
 
-Why no reading is ever stored twice, with several workers at once: the ledger row of each
-(gateway, epoch) in the group is locked (`SELECT ... FOR UPDATE`, in key order so that two
-workers never wait on each other in a cycle) before anything is written, and its `received`
-multirange says exactly which seqs `readings` holds. Only the readings outside it are copied
-(COPY, no per-row INSERT), and `received` grows by them in the same transaction. A replay finds
-its seqs already received and writes nothing; a worker killed before COMMIT wrote nothing. The
-primary key on (gateway, epoch, seq) stays as the last safeguard.
+Why no reading is ever stored twice, with several workers at once: the `received` multirange of
+each (gateway, epoch) says exactly which seqs `readings` holds, and grows in the same
+transaction as the rows. A group reads it, copies only the readings outside it (COPY, no
+per-row INSERT), then locks the ledger rows (`SELECT ... FOR UPDATE`, in key order so that two
+workers never wait on each other in a cycle) and adds what it copied. The lock is taken *after*
+the COPY, so that workers copy in parallel and hold the ledger only for its update and the
+COMMIT: locked before the COPY, every group of a fleet (each holds batches of most gateways)
+would wait for the previous one's whole COPY, and a second worker would add no throughput
+(bench/ingest.py). The primary key, (stream, seq) with `stream` one to one with (gateway,
+epoch), makes this exact: a reading that
+another worker committed after our read makes our COPY fail (a unique violation; one still
+uncommitted makes it wait for that worker's COMMIT first), and the group is written again from
+a fresh read of the ledger (OVERLAP_RETRIES times at most). A replay finds its seqs already
+received and writes nothing; a worker killed before COMMIT wrote nothing.
+
+The ledger rows of new (gateway, epoch)s are created, empty, in a transaction of their own
+before the group's: created in it, a second worker's first group of the same epoch would wait
+for the whole of the first's. An empty row means nothing stored yet, as no row does.
 
 Returns the ledger of every (gateway, epoch) written, as committed, for the acknowledgements.
 """
@@ -19,6 +30,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import psycopg
+from psycopg import errors as pg_errors
 
 from edge_agent.consumer.completeness import Coverage
 from edge_agent.consumer.ingest.decode import Accepted, Item, Rejection, Status
@@ -27,6 +39,8 @@ from edge_agent.consumer.ingest.signed import HighWater
 
 AConn = psycopg.AsyncConnection[tuple[object, ...]]
 _RANGE = re.compile(r"\[(-?\d+),(-?\d+)\)")
+OVERLAP_RETRIES = 5
+"""Times a group is written again because another worker stored some of its readings first."""
 
 
 def parse_multirange(text: str) -> list[tuple[int, int]]:
@@ -74,25 +88,47 @@ class Written:
 
 
 async def write_group(conn: AConn, items: Sequence[Item], rejected_keep: int) -> Written:
-    """Write `items` in one transaction and commit; raise psycopg.Error (nothing written)."""
+    """Write `items` in one transaction and commit; raise psycopg.Error (nothing written).
+
+    Written again from a fresh read of the ledger when another worker committed some of the
+    same readings meanwhile (or a deadlock between overlapping groups was broken), at most
+    OVERLAP_RETRIES times; then the error is raised.
+    """
     accepted = [i for i in items if isinstance(i, Accepted)]
     keys = sorted({(a.batch.gateway, a.batch.epoch) for a in accepted})
-    done = Written()
-    async with conn.transaction():
-        streams: dict[tuple[str, str], _Stream] = {}
-        if keys:
-            gateways, epochs = [k[0] for k in keys], [k[1] for k in keys]
+    if keys:
+        async with conn.transaction():
             await conn.execute(
                 "INSERT INTO coverage (gateway, epoch)"
                 " SELECT g, e FROM unnest(%s::text[], %s::text[]) AS k(g, e) ORDER BY g, e"
                 " ON CONFLICT DO NOTHING",
-                (gateways, epochs),
+                ([k[0] for k in keys], [k[1] for k in keys]),
             )
+    attempt = 0
+    while True:
+        try:
+            return await _write_once(conn, items, accepted, keys, rejected_keep)
+        except (pg_errors.UniqueViolation, pg_errors.DeadlockDetected):
+            attempt += 1
+            if attempt > OVERLAP_RETRIES:
+                raise
+
+
+async def _write_once(
+    conn: AConn,
+    items: Sequence[Item],
+    accepted: list[Accepted],
+    keys: list[tuple[str, str]],
+    rejected_keep: int,
+) -> Written:
+    done = Written()
+    async with conn.transaction():
+        streams: dict[tuple[str, str], _Stream] = {}
+        if keys:
             cursor = await conn.execute(
                 "SELECT gateway, epoch, stream, received::text FROM coverage"
-                " WHERE (gateway, epoch) IN (SELECT * FROM unnest(%s::text[], %s::text[]))"
-                " ORDER BY gateway, epoch FOR UPDATE",
-                (gateways, epochs),
+                " WHERE (gateway, epoch) IN (SELECT * FROM unnest(%s::text[], %s::text[]))",
+                ([k[0] for k in keys], [k[1] for k in keys]),
             )
             for gateway, epoch, number, received in await cursor.fetchall():
                 ranges = [list(r) for r in parse_multirange(str(received))]
@@ -130,6 +166,12 @@ async def write_group(conn: AConn, items: Sequence[Item], rejected_keep: int) ->
                 await pipe.write("".join(copy).encode())
             done.copy_s = time.perf_counter() - began
         if streams:
+            await conn.execute(
+                "SELECT 1 FROM coverage"
+                " WHERE (gateway, epoch) IN (SELECT * FROM unnest(%s::text[], %s::text[]))"
+                " ORDER BY gateway, epoch FOR UPDATE",
+                ([k[0] for k in keys], [k[1] for k in keys]),
+            )
             await _update_ledger(conn, streams, done)
         if evictions:
             await conn.cursor().executemany(
