@@ -235,7 +235,7 @@ class Worker:
                 await groups.put(None)
             await writer
             acker.cancel()
-            await self._flush_acks(client)
+            await self._flush_acks(client, every=True)
 
     async def _read_loop(
         self, client: aiomqtt.Client, groups: asyncio.Queue[_Group | None], stop: asyncio.Event
@@ -378,7 +378,8 @@ class Worker:
             await asyncio.sleep(interval)
             await self._flush_acks(client)
 
-    async def _flush_acks(self, client: aiomqtt.Client) -> None:
+    async def _flush_acks(self, client: aiomqtt.Client, *, every: bool = False) -> None:
+        """Publish the acknowledgements due (`every`: all pending, at a stop)."""
         if self._signer is None or not self._dirty:
             self._dirty.clear()
             return
@@ -386,7 +387,7 @@ class Worker:
         due = [
             key
             for key in self._dirty
-            if now - self._last_ack.get(key, -1e9) >= self.settings.ack_interval
+            if every or now - self._last_ack.get(key, -1e9) >= self.settings.ack_interval
         ]
         sends = []
         for key in due:
