@@ -185,3 +185,10 @@ def test_the_report_fails_on_holes_only() -> None:
     code, lines = render({"streams": [stream], "gaps": [hole, gap], "rejected": {}})
     assert code == 4 and lines[-1].startswith("INCOMPLETE")
     assert any("HOLE: gateway=gw epoch=e1 readings=5 seq 3..7" in line for line in lines)
+
+
+def test_the_example_configuration_loads() -> None:
+    example = Path(__file__).parent.parent / "config" / "ingest.example.yaml"
+    settings = load_settings(args(config=str(example)))
+    assert settings.client_id == "ingest-db1-1" and settings.url.startswith("mqtts://")
+    assert settings.keys_refresh == 10 and settings.ack_key is not None
