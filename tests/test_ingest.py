@@ -19,6 +19,7 @@ import psycopg
 import pytest
 from helpers.fleet import Fleet, Message, Publisher, SimulatedGateway, publish, taken
 from helpers.ingest import IngestWorker, ingest
+from helpers.ports import free_port
 from helpers.wait import wait_for
 
 from edge_agent.demo.broker import Mosquitto
@@ -333,3 +334,15 @@ async def test_the_report_tells_holes_from_declared_evictions_tails_and_ended_ep
     )  # fmt: skip
     report = ingest("report", "--dsn", database)
     assert report.returncode == 4 and "HOLE:" in report.stdout and "6..10" in report.stdout
+
+
+def test_a_worker_refuses_a_database_it_was_not_migrated_for(
+    tmp_path: Path, broker: Mosquitto, postgres_dsn: str
+) -> None:
+    worker = ingest("run", "--dsn", postgres_dsn, "--url", broker.url, timeout=60)
+    assert worker.returncode == 1
+    assert "schema version 0" in worker.stderr and "ingest migrate" in worker.stderr
+    missing = ingest("run", "--url", broker.url)
+    assert missing.returncode == 2 and "--dsn" in missing.stderr
+    down = ingest("migrate", "--dsn", f"host=127.0.0.1 port={free_port()} user=x dbname=x")
+    assert down.returncode == 1 and "cannot reach PostgreSQL" in down.stderr
