@@ -147,7 +147,8 @@ async def _write_once(
                 stream.new.extend(new)
                 head = f"{stream.number}\t"
                 for a, b in new:
-                    copy.extend(head + row for row in item.rows[a - first : b - first + 1])
+                    # Every row ends with a newline: the stream number joins them in C.
+                    copy.append(head + head.join(item.rows[a - first : b - first + 1]))
                 fresh = sum(b - a + 1 for a, b in new)
                 stream.readings += fresh
                 stream.duplicates += len(item.rows) - fresh
