@@ -6,6 +6,7 @@ that change nothing, refused batches recorded and never stored, a report that sa
 
 from __future__ import annotations
 
+import json
 import math
 import re
 import time
@@ -93,6 +94,11 @@ async def test_every_reading_lands_once_and_replays_change_nothing(
     report = ingest("report", "--dsn", database)
     assert report.returncode == 0, report.stdout + report.stderr
     assert "OK:" in report.stdout
+    as_json = json.loads(ingest("report", "--dsn", database, "--json").stdout)
+    assert sorted(s["readings"] for s in as_json["streams"]) == sorted(
+        len(s) for s in expected.values()
+    )
+    assert as_json["gaps"] == [] and as_json["rejected"] == {}
 
     # The values, as sealed, queryable without our code.
     sample = fleet.members[0].readings(20, 1_700_000_000_123_456_789)
