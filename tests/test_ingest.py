@@ -352,3 +352,13 @@ def test_a_worker_refuses_a_database_it_was_not_migrated_for(
     assert missing.returncode == 2 and "--dsn" in missing.stderr
     down = ingest("migrate", "--dsn", f"host=127.0.0.1 port={free_port()} user=x dbname=x")
     assert down.returncode == 1 and "cannot reach PostgreSQL" in down.stderr
+
+
+async def test_known_epochs_draw_no_new_stream_numbers(
+    broker: Mosquitto, database: str, fleet: Fleet, worker: IngestWorker
+) -> None:
+    """Every group names the epochs it writes; only a new one takes a number (no exhaustion)."""
+    publish(broker.url, fleet.seal_rounds(30, 10))
+    await stored(database, 600, "every batch")
+    numbers = rows(database, "SELECT max(stream), count(*) FROM coverage")
+    assert numbers == [(2, 2)]

@@ -74,7 +74,7 @@ CREATE INDEX gateway_keys_gateway ON gateway_keys (gateway);
 CREATE SEQUENCE gateway_keys_generation;
 
 CREATE TABLE readings (
-    stream   int4 NOT NULL,
+    stream   int8 NOT NULL,
     gateway  text COLLATE "C" NOT NULL,
     epoch    text COLLATE "C" NOT NULL,
     seq      int8 NOT NULL,
@@ -92,7 +92,7 @@ CREATE TABLE readings (
 CREATE TABLE coverage (
     gateway   text COLLATE "C" NOT NULL,
     epoch     text COLLATE "C" NOT NULL,
-    stream    int4 GENERATED ALWAYS AS IDENTITY UNIQUE,
+    stream    int8 GENERATED ALWAYS AS IDENTITY UNIQUE,
     received  int8multirange NOT NULL DEFAULT '{}',
     evicted   int8multirange NOT NULL DEFAULT '{}',
     batches   int8multirange NOT NULL DEFAULT '{}',
