@@ -70,6 +70,12 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     return run_verify(args)
 
 
+def _cmd_ingest(args: argparse.Namespace) -> int:
+    from edge_agent.consumer.ingest.cli import run_ingest  # noqa: PLC0415 - psycopg only here
+
+    return run_ingest(args)
+
+
 def _cmd_status(args: argparse.Namespace) -> int:
     from edge_agent.status import show_status  # noqa: PLC0415
 
@@ -215,6 +221,16 @@ def build_parser() -> argparse.ArgumentParser:
             "verify",
             _cmd_verify,
             "Subscribe to batches, verify signatures and completeness, print readings.",
+        )
+    )
+
+    from edge_agent.consumer.ingest.cli import add_arguments  # noqa: PLC0415
+
+    add_arguments(
+        add(
+            "ingest",
+            _cmd_ingest,
+            "The fleet's consumer: batches from the broker into PostgreSQL (docs/cloud.md).",
         )
     )
 

@@ -1,11 +1,13 @@
-"""Shared fixtures (a private Mosquitto per test, signing keys, the agents a test started) and the
-test layers: every test carries exactly one layer marker, and a unit test stays in its process.
+"""Shared fixtures (a private Mosquitto per test, a private PostgreSQL per session with a fresh
+database per test, signing keys, the agents a test started) and the test layers: every test
+carries exactly one layer marker, and a unit test stays in its process.
 
 Helpers that are not fixtures live in tests/helpers/; tests/README.md describes the layers.
 """
 
 from __future__ import annotations
 
+import itertools
 import re
 import socket
 import subprocess
@@ -16,12 +18,16 @@ from typing import Any
 import pytest
 from helpers import ledger
 from helpers.agent import AgentProcess
+from helpers.postgres import PostgresServer
 
 from edge_agent.demo.broker import Mosquitto
 from edge_agent.seal.keys import write_keypair
 
 LAYERS = ("unit", "integration", "e2e", "faults", "system")
 """The layer markers (registered in pyproject.toml); each test has exactly one."""
+
+_DATABASES = itertools.count(1)
+"""Numbers the per-test databases on the session's PostgreSQL (`postgres_dsn`)."""
 
 
 def _layers(node: pytest.Item | pytest.Collector) -> list[str]:
@@ -116,6 +122,24 @@ def broker(tmp_path: Path) -> Iterator[Mosquitto]:
     mosquitto.start()
     yield mosquitto
     mosquitto.stop()
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresServer]:
+    """The session's own PostgreSQL (tests/helpers/postgres.py), started on first use.
+
+    Shared by the tests of a session, each with its own database (`postgres_dsn`); a test that
+    stops or crashes the server makes its own `PostgresServer` instead.
+    """
+    with PostgresServer() as server:
+        yield server
+
+
+@pytest.fixture
+def postgres_dsn(postgres_server: PostgresServer, request: pytest.FixtureRequest) -> str:
+    """A libpq DSN to a new, empty database of this test's own on the session's server."""
+    name = f"t{next(_DATABASES)}_{request.node.name}"
+    return postgres_server.create_database("".join(c if c.isalnum() else "_" for c in name)[:60])
 
 
 @pytest.fixture

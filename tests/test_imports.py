@@ -55,3 +55,27 @@ def test_a_modbus_gateway_runs_without_pymodbus() -> None:
     """The agent's own frames and decoder: pymodbus (about 1 MB more) is for tests and tools."""
     loaded = loaded_after(BUILD.format(source=SOURCES["modbus"]) + "import edge_agent.agent")
     assert "pymodbus" not in loaded
+
+
+def test_a_gateway_never_loads_the_database_driver() -> None:
+    """psycopg comes with the `cloud` extra, for `edge-agent ingest`: a gateway's agent, its
+    command line and `verify` run without it."""
+    loaded = loaded_after(
+        BUILD.format(source=SOURCES["modbus"])
+        + "import edge_agent.agent, edge_agent.cli, edge_agent.consumer.verify\n"
+        + "edge_agent.cli.build_parser()"
+    )
+    assert not {n for n in loaded if n.startswith("psycopg")}
+    assert not {n for n in loaded if n.startswith("edge_agent.consumer.ingest.")} - {
+        "edge_agent.consumer.ingest.cli"
+    }
+
+
+def test_ingest_depends_on_the_seal_not_on_the_agent() -> None:
+    """The cloud side reads and deploys alone: no agent, store, forwarder or source in it."""
+    loaded = loaded_after(
+        "import edge_agent.consumer.ingest.worker, edge_agent.consumer.ingest.report"
+    )
+    ours = {n.split(".")[1] for n in loaded if n.startswith("edge_agent.")}
+    assert ours <= {"consumer", "seal", "errors", "reading"}, ours
+    assert "psycopg" in loaded

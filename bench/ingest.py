@@ -1,0 +1,321 @@
+"""Benchmark of `edge-agent ingest`: agent batches already at the broker -> rows committed.
+
+All parts real: a private Mosquitto (edge_agent.demo.broker, persistence on), a private
+PostgreSQL 15 (tests/helpers/postgres.py, `fsync=on`: commits are durable), the fleet of
+tests/helpers/fleet.py (each gateway its own Ed25519 key and real Sealer: byte for byte what
+agents send), and 1 or 2 `edge-agent ingest run` worker processes of one shared subscription.
+
+One run, per worker count:
+  1. a fresh database, migrated, the fleet's keys enrolled;
+  2. the shared subscription's sessions made first, one per worker (MQTT 5, Session Expiry one
+     hour), so that the broker queues what the fleet publishes: GATEWAYS x BATCHES batches of
+     READINGS readings each, published at QoS 1 and acknowledged by the broker;
+  3. the workers started; timed from the moment the broker logs their subscriptions to the
+     moment the ledger (`coverage`) holds every reading; each reading is checked stored once.
+
+Measured: readings/s (drain), CPU seconds per 100,000 readings of the workers
+(utime+stime, /proc/PID/stat) and of PostgreSQL (all its processes), repeated `--repeat` times
+(the machine is shared: the spread is reported). `--split` then times, in this process on the
+same batches, the worker's three costs one after the other: verify (signature), decode
+(decompress, CBOR, rows) and COPY (one transaction per group, as the worker writes).
+
+    .venv/bin/python bench/ingest.py                   # 1 and 2 workers, 3 runs each, ~2 min
+    .venv/bin/python bench/ingest.py --quick           # a smoke run, ~20 s
+    .venv/bin/python bench/ingest.py --workers 1 --repeat 1 --profile   # cProfile of a worker
+
+Results and their reading: docs/performance.md, "Ingest".
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))  # the tests' helpers: one fleet, one PostgreSQL
+
+import psycopg  # noqa: E402
+import psycopg.sql  # noqa: E402
+from helpers.fleet import Fleet, Message, Publisher, persistent_session  # noqa: E402
+from helpers.ingest_fleet import FleetWorker, prepare_database, stored_readings  # noqa: E402
+from helpers.postgres import PostgresServer  # noqa: E402
+
+from edge_agent.consumer.ingest import keystore  # noqa: E402
+from edge_agent.consumer.ingest.decode import Accepted, Decoder  # noqa: E402
+from edge_agent.consumer.ingest.write import write_group  # noqa: E402
+from edge_agent.demo.broker import Mosquitto  # noqa: E402
+from edge_agent.seal.envelope import Opener, Sign1  # noqa: E402
+
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+PREFIX = "bench/ingest"
+
+
+def cpu_s(pid: int) -> float:
+    """utime + stime of process `pid` in seconds (0 once it is gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def server_cpu_s(postmaster: int) -> float:
+    """CPU seconds of the PostgreSQL server: the postmaster and every process it started."""
+    total = cpu_s(postmaster)
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(stat[1]) == postmaster:
+                total += (int(stat[11]) + int(stat[12])) / CLK_TCK
+    return total
+
+
+@dataclass
+class Run:
+    """One drain: the broker's queue of batches into the database by `workers` workers."""
+
+    workers: int
+    readings: int
+    batches: int
+    publish_s: float
+    drain_s: float
+    startup_s: float
+    worker_cpu_s: float
+    db_cpu_s: float
+    load: float
+    """The machine's 1-minute load average after the run (2 cores: above 2, others competed)."""
+
+    @property
+    def rate(self) -> float:
+        return self.readings / self.drain_s
+
+    def per_100k(self, cpu: float) -> float:
+        return cpu / self.readings * 100_000
+
+
+def drain(
+    server: PostgresServer,
+    broker: Mosquitto,
+    fleet: Fleet,
+    messages: list[Message],
+    workers: int,
+    name: str,
+    directory: Path,
+    *,
+    profile: bool = False,
+    max_group: int = 64,
+    drop_index: str | None = None,
+    timeout: float = 300.0,
+) -> Run:
+    """Steps 1-3 of the module docstring, once; raises when a reading is missing or twice."""
+    dsn = server.create_database(name)
+    prepare_database(dsn, fleet)
+    if drop_index:  # an experiment (--drop-index): what one index costs the ingest
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute(f"DROP INDEX {psycopg.sql.Identifier(drop_index).as_string(conn)}")
+    group = name
+    ids = [f"{name}-w{i}" for i in range(workers)]
+    for client_id in ids:
+        persistent_session(broker.url, client_id, f"$share/{group}/{PREFIX}/+/batch")
+    began = time.monotonic()
+    with Publisher(broker.url) as publisher:
+        for start in range(0, len(messages), 500):
+            publisher.publish(messages[start : start + 500], timeout=timeout)
+    publish_s = time.monotonic() - began
+    total = sum(m.count for m in messages)
+
+    procs = [
+        FleetWorker(
+            broker, dsn, directory, client_id=cid, group=group, topic_prefix=PREFIX,
+            extra=("--max-group", str(max_group)),
+            python_args=("-m", "cProfile", "-o", str(directory / f"{cid}.prof")) if profile else (),
+        )
+        for cid in ids
+    ]  # fmt: skip
+    db_before = server_cpu_s(server.postmaster_pid() or 0)
+    spawned = time.monotonic()
+    for proc in procs:
+        proc.start(timeout=60)
+    subscribed = time.monotonic()
+    end = subscribed + timeout
+    while (stored := stored_readings(dsn)) < total:
+        if time.monotonic() > end:
+            raise TimeoutError(f"{stored} of {total} readings stored after {timeout:g}s")
+        if not all(p.alive() for p in procs):
+            raise RuntimeError("a worker died:\n" + "\n".join(p.log()[-3000:] for p in procs))
+        time.sleep(0.02)  # the database's ledger: no event to await from here
+    finished = time.monotonic()
+    worker_cpu = sum(cpu_s(p.process.pid) for p in procs if p.process is not None)
+    db_cpu = server_cpu_s(server.postmaster_pid() or 0) - db_before
+    for proc in procs:
+        proc.stop()
+    with psycopg.connect(dsn) as conn:
+        row = conn.execute("SELECT count(*), count(DISTINCT (gateway, epoch, seq)) FROM readings")
+        count, distinct = row.fetchone() or (0, 0)
+    if count != total or distinct != total:
+        raise AssertionError(f"{count} rows, {distinct} distinct, {total} published")
+    return Run(
+        workers, total, len(messages), publish_s, finished - subscribed, subscribed - spawned,
+        worker_cpu, db_cpu, os.getloadavg()[0],
+    )  # fmt: skip
+
+
+def cost_split(
+    server: PostgresServer, fleet: Fleet, messages: list[Message], max_group: int
+) -> list[str]:
+    """The worker's costs one after the other, in this process, on `messages`: CPU seconds per
+    100,000 readings of verify (COSE parse + Ed25519), decode (zstd, CBOR, the readings' maps;
+    format 2: the columns), rows (COPY text lines), and COPY (`write_group`: one transaction
+    per `max_group` messages, as the worker writes, wall time; PostgreSQL's CPU beside it)."""
+    dsn = server.create_database("bench_split")
+    prepare_database(dsn, fleet)
+    with psycopg.connect(dsn) as conn:
+        trust = keystore.load_trust(conn)
+    keys = {k.kid: k.key for k in trust.trust.keys.values()}
+    decoder = Decoder(trust, PREFIX)
+    opener = Opener(trust.trust.public_keys())
+    total = sum(m.count for m in messages)
+    per = 100_000 / total
+
+    began = time.process_time()
+    for m in messages:
+        signed = Sign1.parse(m.payload)
+        assert signed.verifies(keys[signed.kid])
+    verify = time.process_time() - began
+
+    began = time.process_time()
+    batches = [opener.open(m.payload) for m in messages]
+    opened = time.process_time() - began
+
+    began = time.process_time()
+    rows = [decoder.rows.rows(b.gateway, b.epoch, b.readings) for b in batches]
+    made = time.process_time() - began
+    items = [Accepted(b, r) for b, r in zip(batches, rows, strict=True)]
+
+    async def write() -> float:
+        async with await psycopg.AsyncConnection.connect(dsn) as conn:
+            began = time.perf_counter()
+            for start in range(0, len(items), max_group):
+                await write_group(conn, items[start : start + max_group], 1000)
+            return time.perf_counter() - began
+
+    db_before = server_cpu_s(server.postmaster_pid() or 0)
+    cpu_before = time.process_time()
+    wall = asyncio.run(write())
+    client_cpu = time.process_time() - cpu_before
+    db_cpu = server_cpu_s(server.postmaster_pid() or 0) - db_before
+    return [
+        f"\ncost split, one process, {total:,} readings, per 100,000 readings:",
+        f"  verify (COSE parse, Ed25519)       {verify * per:.3f} s CPU",
+        f"  decode (zstd, CBOR, reading maps)  {(opened - verify) * per:.3f} s CPU",
+        f"  rows (COPY text lines)             {made * per:.3f} s CPU",
+        f"  COPY + ledger, {max_group} messages a transaction: {wall * per:.3f} s wall "
+        f"(client CPU {client_cpu * per:.3f} s, PostgreSQL CPU {db_cpu * per:.3f} s)",
+    ]
+
+
+def spread(values: list[float]) -> str:
+    """`median (min-max)` of a series."""
+    if len(values) == 1:
+        return f"{values[0]:,.0f}"
+    return f"{statistics.median(values):,.0f} ({min(values):,.0f}-{max(values):,.0f})"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--gateways", type=int, default=20)
+    parser.add_argument("--batches", type=int, default=40, help="per gateway")
+    parser.add_argument("--readings", type=int, default=1000, help="per batch")
+    parser.add_argument(
+        "--format", type=int, default=2, choices=(0, 1, 2), help="payload format; 0: mixed"
+    )
+    parser.add_argument("--workers", default="1,2")
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--quick", action="store_true", help="fewer batches, one run each")
+    parser.add_argument("--profile", action="store_true", help="cProfile the workers")
+    parser.add_argument("--split", action="store_true", help="time verify, decode, COPY apart")
+    parser.add_argument("--max-group", type=int, default=64, help="messages per transaction")
+    parser.add_argument(
+        "--drop-index", help="experiment: drop this index of the schema before the run"
+    )
+    parser.add_argument("--json", type=Path, help="write the runs here")
+    args = parser.parse_args()
+    if args.quick:
+        args.batches, args.repeat = 10, 1
+    counts = [int(n) for n in args.workers.split(",")]
+
+    directory = Path(tempfile.mkdtemp(prefix="bench-ingest-"))
+    fleet = Fleet(
+        directory / "fleet", gateways=args.gateways, payload_format=args.format, prefix=PREFIX
+    )
+    began = time.monotonic()
+    messages = fleet.seal_rounds(args.batches, args.readings)
+    sealed_s = time.monotonic() - began
+    size = sum(len(m.payload) for m in messages)
+    print(
+        f"fleet: {args.gateways} gateways x {args.batches} batches x {args.readings} readings "
+        f"(format {args.format or 'mixed'}) = {sum(m.count for m in messages):,} readings, "
+        f"{size / len(messages):,.0f} bytes a batch, sealed in {sealed_s:.1f} s"
+    )
+    runs: list[Run] = []
+    with (
+        PostgresServer(durable=True) as server,
+        Mosquitto(directory=_mkdir(directory / "broker")) as broker,
+    ):
+        for workers in counts:
+            for n in range(args.repeat):
+                run = drain(
+                    server, broker, fleet, messages, workers, f"bench_w{workers}_r{n}",
+                    directory / "workers", profile=args.profile, max_group=args.max_group,
+                    drop_index=args.drop_index,
+                )  # fmt: skip
+                runs.append(run)
+                print(
+                    f"  {workers} worker(s), run {n + 1}: {run.rate:,.0f} readings/s "
+                    f"({run.readings:,} in {run.drain_s:.2f} s; start-up {run.startup_s:.2f} s), "
+                    f"CPU per 100,000 readings: workers {run.per_100k(run.worker_cpu_s):.2f} s, "
+                    f"PostgreSQL {run.per_100k(run.db_cpu_s):.2f} s; load {run.load:.1f}",
+                    flush=True,
+                )
+        if args.split:
+            for line in cost_split(server, fleet, messages, args.max_group):
+                print(line)
+    print("\nsummary (median (min-max) over runs):")
+    for workers in counts:
+        mine = [r for r in runs if r.workers == workers]
+        worker_cpu = statistics.median(r.per_100k(r.worker_cpu_s) for r in mine)
+        db_cpu = statistics.median(r.per_100k(r.db_cpu_s) for r in mine)
+        print(
+            f"  {workers} worker(s): {spread([r.rate for r in mine])} readings/s; CPU per "
+            f"100,000 readings: workers {worker_cpu:.2f} s, PostgreSQL {db_cpu:.2f} s"
+        )
+    if len(counts) > 1:
+        one = statistics.median(r.rate for r in runs if r.workers == counts[0])
+        for workers in counts[1:]:
+            more = statistics.median(r.rate for r in runs if r.workers == workers)
+            print(f"  {workers} workers / {counts[0]}: {more / one:.2f}x")
+    if args.profile:
+        print(f"profiles: {directory / 'workers'}/*.prof")
+    if args.json:
+        args.json.write_text(json.dumps([asdict(r) | {"rate": r.rate} for r in runs], indent=1))
+    return 0
+
+
+def _mkdir(path: Path) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

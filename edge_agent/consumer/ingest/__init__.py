@@ -1,0 +1,19 @@
+"""`edge-agent ingest`: the fleet's consumer, from an MQTT broker into PostgreSQL (docs/cloud.md).
+
+One module per job:
+
+- `settings`  the worker's settings, from the command line and an optional YAML file
+- `schema`    the tables, views and versioned migrations (`ingest migrate`)
+- `keystore`  gateway public keys in the database (`ingest keys add|retire|list`), loaded as a
+              TrustSet by the worker
+- `decode`    one MQTT message to an accepted batch or a rejection with its reason
+- `signed`    the small signed messages beside batches: the high-water mark read, the consumer
+              acknowledgement written
+- `write`     a group of decoded messages into PostgreSQL in one transaction (COPY, ledger)
+- `worker`    the MQTT 5 loop: shared subscription, manual PUBACK after COMMIT, acknowledgements
+- `report`    completeness from the database (`ingest report`)
+- `cli`       the `ingest` subcommands
+
+It needs the `cloud` extra (psycopg 3): nothing of the agent imports it, and it imports nothing
+of the agent but `edge_agent.seal`, `edge_agent.reading` and `edge_agent.errors`.
+"""

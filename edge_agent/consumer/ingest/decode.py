@@ -1,0 +1,193 @@
+"""One MQTT message as ingest takes it: an accepted item to write, or a rejection with its reason.
+
+Topics (`{prefix}/{gateway}/batch|hwm|status`) give the gateway the message claims to come from;
+a batch or mark whose signed `gateway` differs, or whose key is enrolled for another gateway, is
+refused (`wrong_gateway`). Rejection reasons, as stored in `rejected.reason`:
+
+- `unknown_key`     the key id is not enrolled (`ingest keys add`)
+- `key_not_valid`   the key is retired, or the batch was sealed outside its validity
+- `bad_signature`   the signature does not verify (tampered, or signed by another key)
+- `malformed`       not a COSE_Sign1 batch or mark as the contract says
+- `wrong_gateway`   signed for, or by a key of, another gateway than the topic names
+- `nonconforming`   signed, but its readings break the value rules of §4.4
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from edge_agent.consumer.ingest.keystore import GatewayTrust
+from edge_agent.consumer.ingest.rows import NonconformingError, RowMaker
+from edge_agent.consumer.ingest.signed import HighWater, open_signed
+from edge_agent.errors import EnvelopeError, UnknownKeyError
+from edge_agent.seal.envelope import Batch, Opener
+from edge_agent.seal.trust import KeyNotValidError
+
+MAX_REJECTED_PAYLOAD = 4096
+"""Bytes of a rejected message's payload kept for forensics."""
+INT8 = 2**63
+
+
+@dataclass(frozen=True)
+class Accepted:
+    """A verified batch and its readings as COPY rows (one per reading, in seq order)."""
+
+    batch: Batch
+    rows: list[str]
+
+
+@dataclass(frozen=True)
+class Status:
+    """A gateway's status message (§3), kept as text."""
+
+    gateway: str
+    text: str
+
+
+@dataclass(frozen=True)
+class Rejection:
+    """A refused message: why, and what it was (the payload cut to MAX_REJECTED_PAYLOAD)."""
+
+    topic: str
+    reason: str
+    detail: str
+    gateway: str | None
+    kid: str | None
+    payload_bytes: int
+    payload: bytes
+
+
+Item = Accepted | HighWater | Status | Rejection
+
+
+def split_topic(topic: str, prefix: str) -> tuple[str, str] | None:
+    """(gateway, kind) of `{prefix}/{gateway}/{kind}`, or None for another topic."""
+    head = prefix + "/"
+    if not topic.startswith(head):
+        return None
+    rest = topic[len(head) :].split("/")
+    if len(rest) != 2 or not rest[0]:
+        return None
+    return rest[0], rest[1]
+
+
+class Decoder:
+    """Verifies and decodes messages against the enrolled keys (replace `trust` to refresh)."""
+
+    def __init__(self, trust: GatewayTrust, prefix: str) -> None:
+        self.prefix = prefix
+        self.rows = RowMaker()
+        self.seconds = {"open": 0.0, "rows": 0.0}
+        """Time spent verifying and decoding envelopes (`open`), and making rows (`rows`)."""
+        self.trust = trust
+        self._opener = Opener(trust.trust.public_keys())
+        self._keys = {k.kid: k.key for k in trust.trust.keys.values()}
+
+    def set_trust(self, trust: GatewayTrust) -> None:
+        """Use these keys from now on."""
+        self.trust = trust
+        self._opener = Opener(trust.trust.public_keys())
+        self._keys = {k.kid: k.key for k in trust.trust.keys.values()}
+
+    def decode(self, topic: str, payload: bytes) -> Item | None:
+        """The item of one message; None for a topic ingest does not take."""
+        where = split_topic(topic, self.prefix)
+        if where is None:
+            return None
+        gateway, kind = where
+        if kind == "batch":
+            return self._batch(topic, gateway, payload)
+        if kind == "hwm":
+            return self._hwm(topic, gateway, payload)
+        if kind == "status":
+            return Status(
+                gateway, payload[:4096].decode("utf-8", errors="replace").replace("\0", "")
+            )
+        return None
+
+    def _reject(
+        self, topic: str, gateway: str, payload: bytes, *reason_detail: str, kid: bytes = b""
+    ) -> Rejection:
+        reason, detail = reason_detail
+        return Rejection(
+            topic,
+            reason,
+            detail,
+            gateway,
+            kid.hex() or None,
+            len(payload),
+            payload[:MAX_REJECTED_PAYLOAD],
+        )
+
+    def _batch(self, topic: str, gateway: str, payload: bytes) -> Item:
+        began = time.perf_counter()
+        try:
+            batch = self._opener.open(payload)
+        except UnknownKeyError as exc:
+            return self._reject(topic, gateway, payload, "unknown_key", str(exc))
+        except EnvelopeError as exc:
+            reason = "bad_signature" if str(exc).startswith("bad signature") else "malformed"
+            return self._reject(topic, gateway, payload, reason, str(exc))
+        try:
+            self.trust.trust.check(batch.kid, batch.sealed_ns)
+        except KeyNotValidError as exc:
+            return self._reject(topic, gateway, payload, "key_not_valid", str(exc), kid=batch.kid)
+        owner = self.trust.owners.get(batch.kid)
+        if batch.gateway != gateway or owner != gateway:
+            detail = (
+                f"topic names gateway {gateway!r}, the batch says {batch.gateway!r}, "
+                f"key id {batch.kid.hex()} is enrolled for {owner!r}"
+            )
+            return self._reject(topic, gateway, payload, "wrong_gateway", detail, kid=batch.kid)
+        opened = time.perf_counter()
+        self.seconds["open"] += opened - began
+        problem = _shape_problem(batch)
+        if problem:
+            return self._reject(topic, gateway, payload, "malformed", problem, kid=batch.kid)
+        try:
+            rows = self.rows.rows(batch.gateway, batch.epoch, batch.readings)
+        except NonconformingError as exc:
+            return self._reject(topic, gateway, payload, "nonconforming", str(exc), kid=batch.kid)
+        finally:
+            self.seconds["rows"] += time.perf_counter() - opened
+        return Accepted(batch, rows)
+
+    def _hwm(self, topic: str, gateway: str, payload: bytes) -> Item:
+        kid = b""
+        try:
+            kid, body = open_signed(payload, self._keys)
+            mark = HighWater.parse(body)
+            self.trust.trust.check(kid, mark.sealed_ns)
+        except UnknownKeyError as exc:
+            return self._reject(topic, gateway, payload, "unknown_key", str(exc))
+        except KeyNotValidError as exc:
+            return self._reject(topic, gateway, payload, "key_not_valid", str(exc), kid=kid)
+        except EnvelopeError as exc:
+            reason = "bad_signature" if str(exc).startswith("bad signature") else "malformed"
+            return self._reject(topic, gateway, payload, reason, str(exc), kid=kid)
+        if mark.gateway != gateway or self.trust.owners.get(kid) != gateway:
+            detail = f"high-water mark for {mark.gateway!r} on the topic of {gateway!r}"
+            return self._reject(topic, gateway, payload, "wrong_gateway", detail, kid=kid)
+        return mark
+
+
+def _shape_problem(batch: Batch) -> str | None:
+    """What in a verified batch no table can hold as the contract means it, or None."""
+    if not batch.epoch or "\0" in batch.epoch or "\0" in batch.gateway:
+        return "epoch empty, or gateway or epoch holding NUL"
+    if not 0 <= batch.batch < INT8:
+        return f"batch number {batch.batch} out of range"
+    if batch.readings:
+        first, last = batch.readings[0].get("seq"), batch.readings[-1].get("seq")
+        if type(first) is not int or type(last) is not int or not 1 <= first <= last < INT8:
+            return f"seq {first!r}..{last!r} out of range"
+        if last - first + 1 != len(batch.readings):
+            return f"seq {first}..{last} is not consecutive"
+    for first, last in batch.evicted:
+        if not 1 <= first <= last < INT8:
+            return f"evicted range {first}..{last} out of range"
+    ended = batch.previous_epoch
+    if ended is not None and "\0" in f"{ended.epoch}{ended.ended}{ended.detail}":
+        return "previous_epoch holds NUL"
+    return None

@@ -1,0 +1,474 @@
+"""One `ingest run` worker: MQTT 5 shared subscription in, PostgreSQL out, acknowledgements back.
+
+The loop, for each group of messages (as many as are waiting, at most `max_group`):
+
+1. decode: verify each batch against the enrolled keys (refreshed every `keys_refresh`, and at
+   once when an unknown key id shows up), decode it, make its COPY rows;
+2. write: everything of the group in one transaction (write.py), COMMIT;
+3. PUBACK each message of the group (paho's manual acknowledgement: a message is acknowledged to
+   the broker only once what it carried is committed, so a worker killed before that loses
+   nothing, the broker sends the message again);
+4. publish the end-to-end acknowledgement of each (gateway, epoch) written, from the committed
+   ledger, retained, QoS 1, at most once per `ack_interval` for each.
+
+Decoding the next group overlaps with writing the previous one. Refused messages (decode.py)
+are recorded in `rejected` and acknowledged to the broker like the others, so that they are not
+delivered again forever; they are never acknowledged end to end.
+
+While PostgreSQL is unreachable the worker retries the group (backoff up to 5 s), acknowledges
+nothing, and takes no more messages: the broker holds them (its in-flight window is full), and
+agents in end_to_end mode keep their batches. A group the database refuses for its content
+(a constraint, a value it cannot store) is written message by message; a message that still
+fails is recorded as rejected (`unstorable`) so that it cannot block the stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import ssl
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TypeVar
+from urllib.parse import urlsplit
+
+import aiomqtt
+import psycopg
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from psycopg import errors as pg_errors
+
+from edge_agent.consumer.ingest import keystore, schema
+from edge_agent.consumer.ingest.decode import Accepted, Decoder, Item, Rejection
+from edge_agent.consumer.ingest.settings import IngestSettings
+from edge_agent.consumer.ingest.signed import AckSigner
+from edge_agent.consumer.ingest.write import Ledger, Written, write_group
+from edge_agent.errors import EdgeAgentError
+from edge_agent.seal.keys import load_private_key
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+RETRY_MAX_S = 5.0
+SESSION_EXPIRY_S = 7 * 86400
+"""The worker's session outlives a restart by this much: what was sent to it and not
+acknowledged is sent again when it comes back with the same client id."""
+UNKNOWN_KEY_RELOAD_S = 1.0
+"""An unknown key id reloads the keys at most this often."""
+
+
+@dataclass
+class WorkerStats:
+    """Running totals of one worker (logged on exit, read by tests and the benchmark)."""
+
+    messages: int = 0
+    batches: int = 0
+    readings: int = 0
+    duplicates: int = 0
+    rejected: int = 0
+    acks: int = 0
+    groups: int = 0
+    db_retries: int = 0
+    seconds: dict[str, float] = field(default_factory=dict)
+    """Wall time by stage: `open` (verify and decode envelopes), `rows` (value rules and COPY
+    rows), `copy` (the COPY statements), `write` (whole transactions, COPY included)."""
+
+
+@dataclass
+class _Group:
+    messages: list[aiomqtt.Message]
+    items: list[Item]
+
+
+class _Database:
+    """The worker's PostgreSQL connections: one for writing, one for keys; remade when lost."""
+
+    def __init__(self, dsn: str) -> None:
+        self.dsn = dsn
+        self._write: psycopg.AsyncConnection[tuple[object, ...]] | None = None
+        self._keys: psycopg.AsyncConnection[tuple[object, ...]] | None = None
+
+    async def keys_generation(self) -> int:
+        """The value of `gateway_keys_generation`: it changes with every key change."""
+        try:
+            if self._keys is None or self._keys.closed:
+                self._keys = await psycopg.AsyncConnection.connect(
+                    self.dsn, connect_timeout=10, autocommit=True
+                )
+            cursor = await self._keys.execute(keystore.GENERATION_SQL)
+            row = await cursor.fetchone()
+        except psycopg.Error:
+            if self._keys is not None:
+                await self._keys.close()
+            self._keys = None
+            raise
+        return int(str(row[0])) if row else 0
+
+    async def writer(self) -> psycopg.AsyncConnection[tuple[object, ...]]:
+        if self._write is None or self._write.closed:
+            self._write = await psycopg.AsyncConnection.connect(self.dsn, connect_timeout=10)
+        return self._write
+
+    async def reset(self) -> None:
+        for conn in (self._write, self._keys):
+            if conn is not None:
+                with contextlib.suppress(psycopg.Error):
+                    await conn.close()
+        self._write = self._keys = None
+
+    async def load_trust(self) -> keystore.GatewayTrust:
+        async with await psycopg.AsyncConnection.connect(
+            self.dsn, connect_timeout=10, autocommit=True
+        ) as conn:
+            cursor = await conn.execute(keystore.KEYS_SQL)
+            return keystore.trust_from_rows(await cursor.fetchall())
+
+    async def version(self) -> int:
+        async with await psycopg.AsyncConnection.connect(
+            self.dsn, connect_timeout=10, autocommit=True
+        ) as conn:
+            cursor = await conn.execute("SELECT to_regclass('schema_version') IS NOT NULL")
+            row = await cursor.fetchone()
+            if not row or not row[0]:
+                return 0
+            cursor = await conn.execute("SELECT coalesce(max(version), 0) FROM schema_version")
+            row = await cursor.fetchone()
+            return int(str(row[0])) if row else 0
+
+
+class Worker:
+    """One worker. `run(stop)` returns once `stop` is set and the group in hand is written."""
+
+    def __init__(self, settings: IngestSettings) -> None:
+        self.settings = settings
+        self.stats = WorkerStats()
+        self.ready = asyncio.Event()
+        """Set once subscribed (a test or the benchmark may then publish)."""
+        self._db = _Database(settings.dsn)
+        self._signer = (
+            AckSigner(
+                load_private_key(Path(settings.ack_key)), f"ingest:{settings.mqtt_client_id()}"
+            )
+            if settings.ack_key
+            else None
+        )
+        self._decoder: Decoder | None = None
+        self._keys_loaded = 0.0
+        self._generation = -1
+        self._stop = asyncio.Event()
+        self._dirty: dict[tuple[str, str], Ledger] = {}
+        self._last_ack: dict[tuple[str, str], float] = {}
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Consume until `stop`; raise RuntimeError when the database's schema is not ours.
+
+        A stop while PostgreSQL is away returns at once: what was not committed was not
+        acknowledged, and the broker keeps it.
+        """
+        self._stop = stop
+        try:
+            await self._start()
+        except StoppedWaitingError:
+            return
+        await self._consume(stop)
+
+    async def _start(self) -> None:
+        version = await self._retrying(self._db.version)
+        if version != schema.VERSION:
+            raise RuntimeError(
+                f"database schema version {version}, this worker needs {schema.VERSION}: "
+                "run `edge-agent ingest migrate`"
+                if version < schema.VERSION
+                else f"database schema version {version} is newer than this worker's "
+                f"{schema.VERSION}: upgrade edge-agent"
+            )
+        self._decoder = Decoder(
+            await self._retrying(self._db.load_trust), self.settings.topic_prefix
+        )
+        self._keys_loaded = time.monotonic()
+
+    async def _consume(self, stop: asyncio.Event) -> None:
+        s = self.settings
+        password = _read_password(s.password_file)
+        try:
+            while not stop.is_set():
+                client = mqtt_client(s, password)
+                # PUBACK only after COMMIT (paho's manual acknowledgement; aiomqtt does not
+                # expose it, so it is set on its paho client before connecting; pinned in
+                # tests/test_library_internals.py).
+                client._client.manual_ack_set(True)
+                try:
+                    async with client:
+                        await self._session(client, stop)
+                except* aiomqtt.MqttError as group:
+                    log.warning(
+                        "Ingest lost the broker error=%s; reconnecting", group.exceptions[0]
+                    )
+                    self.ready.clear()
+                    # A transaction cut short by the teardown leaves its connection unusable:
+                    # start afresh (it was rolled back; its messages were never acknowledged).
+                    await self._db.reset()
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(stop.wait(), 1.0)
+        finally:
+            await self._db.reset()
+
+    async def _session(self, client: aiomqtt.Client, stop: asyncio.Event) -> None:
+        prefix, group = self.settings.topic_prefix, self.settings.group
+        for kind in ("batch", "hwm", "status"):
+            await client.subscribe(f"$share/{group}/{prefix}/+/{kind}", qos=1)
+        self.ready.set()
+        log.info(
+            "Ingest subscribed group=%s client_id=%s topics=%s/+/batch|hwm|status",
+            group, self.settings.mqtt_client_id(), prefix,
+        )  # fmt: skip
+        groups: asyncio.Queue[_Group | None] = asyncio.Queue(maxsize=1)
+        async with asyncio.TaskGroup() as tasks:
+            writer = tasks.create_task(self._write_loop(client, groups))
+            acker = tasks.create_task(self._ack_loop(client, stop))
+            try:
+                await self._read_loop(client, groups, stop)
+            finally:
+                await groups.put(None)
+            await writer
+            acker.cancel()
+            await self._flush_acks(client, every=True)
+
+    async def _read_loop(
+        self, client: aiomqtt.Client, groups: asyncio.Queue[_Group | None], stop: asyncio.Event
+    ) -> None:
+        messages = client.messages
+        while not stop.is_set():
+            getter = asyncio.ensure_future(anext(messages))
+            stopper = asyncio.ensure_future(stop.wait())
+            try:
+                await asyncio.wait({getter, stopper}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                stopper.cancel()
+            if not getter.done():
+                getter.cancel()
+                return
+            batch = [getter.result()]
+            while len(messages) and len(batch) < self.settings.max_group:
+                batch.append(await anext(messages))
+            await groups.put(await self._decode(batch))
+
+    async def _decode(self, messages: list[aiomqtt.Message]) -> _Group:
+        assert self._decoder is not None
+        try:
+            generation = await self._db.keys_generation()
+        except psycopg.Error:
+            generation = self._generation  # the write below waits for the database
+        if (
+            generation != self._generation
+            or time.monotonic() - self._keys_loaded > self.settings.keys_refresh
+        ):
+            self._generation = generation
+            await self._reload_keys()
+        items: list[Item] = []
+        for message in messages:
+            payload = message.payload if isinstance(message.payload, bytes) else b""
+            item = self._decoder.decode(str(message.topic), payload)
+            if (
+                isinstance(item, Rejection)
+                and item.reason == "unknown_key"
+                and time.monotonic() - self._keys_loaded > UNKNOWN_KEY_RELOAD_S
+            ):
+                await self._reload_keys()
+                item = self._decoder.decode(str(message.topic), payload)
+            if item is not None:
+                items.append(item)
+        self.stats.seconds.update(self._decoder.seconds)
+        return _Group(messages, items)
+
+    async def _reload_keys(self) -> None:
+        assert self._decoder is not None
+        try:
+            self._decoder.set_trust(await self._db.load_trust())
+        except psycopg.Error as exc:
+            log.warning("Ingest could not reload the gateway keys error=%s", exc)
+        self._keys_loaded = time.monotonic()
+
+    async def _write_loop(
+        self, client: aiomqtt.Client, groups: asyncio.Queue[_Group | None]
+    ) -> None:
+        abandoned = False
+        while (group := await groups.get()) is not None:
+            if abandoned:
+                continue  # stopping while the database is away: never acknowledged, kept
+            began = time.perf_counter()
+            try:
+                written = await self._write(group.items)
+            except StoppedWaitingError:
+                abandoned = True
+                continue
+            seconds = self.stats.seconds
+            seconds["write"] = seconds.get("write", 0.0) + time.perf_counter() - began
+            seconds["copy"] = seconds.get("copy", 0.0) + written.copy_s
+            for message in group.messages:  # only now: everything they carried is committed
+                if message.qos > 0:
+                    client._client.ack(message.mid, message.qos)
+            self.stats.messages += len(group.messages)
+            self.stats.groups += 1
+            self.stats.readings += written.readings
+            self.stats.duplicates += written.duplicates
+            self.stats.rejected += written.rejected
+            self.stats.batches += sum(1 for i in group.items if isinstance(i, Accepted))
+            for ledger in written.ledgers:
+                self._dirty[(ledger.gateway, ledger.epoch)] = ledger
+
+    async def _write(self, items: Sequence[Item]) -> Written:
+        """Write the group, retrying while the database is away; split it when it refuses."""
+        try:
+            return await self._retrying(lambda: self._write_once(items))
+        except psycopg.Error as exc:  # the content, not the connection: one message at a time
+            if len(items) > 1:
+                log.warning("Ingest group refused error=%s; writing its messages one by one", exc)
+                total = Written()
+                for item in items:
+                    one = await self._write([item])
+                    total.ledgers.extend(one.ledgers)
+                    total.readings += one.readings
+                    total.duplicates += one.duplicates
+                    total.rejected += one.rejected
+                return total
+            log.error("Ingest cannot store a message error=%s; recorded as rejected", exc)
+            topic = getattr(items[0], "topic", "") if items else ""
+            refusal = Rejection(str(topic), "unstorable", str(exc)[:2000], None, None, 0, b"")
+            return await self._retrying(lambda: self._write_once([refusal]))
+
+    async def _write_once(self, items: Sequence[Item]) -> Written:
+        conn = await self._db.writer()
+        try:
+            return await write_group(conn, items, self.settings.rejected_keep)
+        except (pg_errors.DeadlockDetected, pg_errors.SerializationFailure) as exc:
+            raise TransactionRetryError(str(exc)) from exc
+
+    async def _retrying(self, attempt: Callable[[], Awaitable[T]]) -> T:
+        """`attempt()` until it does not fail for the connection or for concurrency; raise
+        StoppedWaitingError when the worker is told to stop meanwhile."""
+        delay = 0.2
+        failed = False
+        while True:
+            try:
+                result = await attempt()
+            except (psycopg.OperationalError, psycopg.InterfaceError, TransactionRetryError) as exc:
+                self.stats.db_retries += 1
+                if not isinstance(exc, TransactionRetryError):
+                    if not failed or delay >= RETRY_MAX_S:
+                        log.warning("Ingest waits for PostgreSQL error=%s", str(exc).strip())
+                    failed = True
+                    await self._db.reset()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stop.wait(), delay)
+                if self._stop.is_set():
+                    raise StoppedWaitingError from exc
+                delay = min(RETRY_MAX_S, delay * 2)
+            else:
+                if failed:
+                    log.warning("Ingest reached PostgreSQL again")
+                return result
+
+    async def _ack_loop(self, client: aiomqtt.Client, stop: asyncio.Event) -> None:
+        interval = max(self.settings.ack_interval, 0.05)
+        while True:
+            await asyncio.sleep(interval)
+            await self._flush_acks(client)
+
+    async def _flush_acks(self, client: aiomqtt.Client, *, every: bool = False) -> None:
+        """Publish the acknowledgements due (`every`: all pending, at a stop)."""
+        if self._signer is None or not self._dirty:
+            self._dirty.clear()
+            return
+        now = time.monotonic()
+        due = [
+            key
+            for key in self._dirty
+            if every or now - self._last_ack.get(key, -1e9) >= self.settings.ack_interval
+        ]
+        sends = []
+        for key in due:
+            ledger = self._dirty.pop(key)
+            self._last_ack[key] = now
+            try:
+                payload = self._signer.sign(
+                    ledger.gateway, ledger.epoch, ledger.seqs, ledger.batches, time.time_ns()
+                )
+            except ValueError as exc:  # a name the codec refuses: stored, not acknowledgeable
+                log.warning("Ingest cannot acknowledge gateway=%s error=%s", ledger.gateway, exc)
+                continue
+            topic = f"{self.settings.topic_prefix}/{ledger.gateway}/ack"
+            sends.append(client.publish(topic, payload, qos=1, retain=True))
+        await asyncio.gather(*sends)
+        self.stats.acks += len(sends)
+        if len(self._last_ack) > 100_000:
+            self._last_ack = {k: t for k, t in self._last_ack.items() if now - t < 60}
+
+
+class StoppedWaitingError(EdgeAgentError):
+    """Told to stop while waiting for PostgreSQL."""
+
+
+class TransactionRetryError(EdgeAgentError):
+    """A transaction the server aborted for concurrency (deadlock, serialisation): retry it."""
+
+
+def mqtt_client(settings: IngestSettings, password: str | None) -> aiomqtt.Client:
+    """The worker's MQTT 5 client: persistent session, TLS for mqtts:// (verified), and a
+    Receive Maximum of 4 groups, which bounds the messages held unacknowledged in memory."""
+    parts = urlsplit(settings.url)
+    tls = ssl.create_default_context(cafile=settings.ca_file) if parts.scheme == "mqtts" else None
+    properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+    properties.SessionExpiryInterval = SESSION_EXPIRY_S
+    properties.ReceiveMaximum = min(65535, 4 * settings.max_group)
+    return aiomqtt.Client(
+        parts.hostname or "127.0.0.1",
+        parts.port or (8883 if tls else 1883),
+        identifier=settings.mqtt_client_id(),
+        protocol=aiomqtt.ProtocolVersion.V5,
+        clean_start=False,
+        properties=properties,
+        tls_context=tls,
+        username=settings.username,
+        password=password,
+        max_queued_incoming_messages=0,  # bounded by Receive Maximum, never dropped
+    )
+
+
+def _read_password(path: str | None) -> str | None:
+    """The MQTT password from its file (read once, at start), or None."""
+    return Path(path).read_text().rstrip("\r\n") if path else None
+
+
+def run_worker(settings: IngestSettings) -> int:
+    """`edge-agent ingest run`: a worker until SIGTERM or SIGINT; the exit status.
+
+    0 after a clean stop, 1 when the database is not migrated to this version.
+    """
+    worker = Worker(settings)
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await worker.run(stop)
+
+    try:
+        asyncio.run(main())
+    except RuntimeError as exc:
+        log.error("%s", exc)
+        return 1
+    s = worker.stats
+    log.warning(
+        "Ingest stopped messages=%d readings=%d duplicates=%d rejected=%d acks=%d "
+        "open_s=%.2f rows_s=%.2f copy_s=%.2f write_s=%.2f cpu_s=%.2f",
+        s.messages, s.readings, s.duplicates, s.rejected, s.acks,
+        *(s.seconds.get(k, 0.0) for k in ("open", "rows", "copy", "write")),
+        time.process_time(),
+    )  # fmt: skip
+    return 0
