@@ -17,6 +17,7 @@ from edge_agent.consumer.ingest.settings import load_settings
 from edge_agent.consumer.ingest.write import multirange, parse_multirange
 from edge_agent.reading import Quality, Reading
 from edge_agent.seal.envelope import Sealer
+from edge_agent.seal.hwm import HighWaterMark
 from edge_agent.seal.keys import key_id, load_private_key, write_keypair
 from edge_agent.seal.trust import TrustedKey, TrustSet
 
@@ -119,7 +120,7 @@ def trust_for(
     sealer_kid: tuple[Sealer, bytes], owner: str, *, retired: bool = False
 ) -> GatewayTrust:
     sealer, kid = sealer_kid
-    public = sealer._key.public_key()
+    public = sealer.signer._key.public_key()
     return GatewayTrust(TrustSet([TrustedKey(public, kid, retired=retired)]), {kid: owner})
 
 
@@ -172,6 +173,49 @@ def test_decoding_refuses_tampered_malformed_and_unknown(gateway: tuple[Sealer, 
     assert len(junk.payload) == 4096 and junk.payload_bytes == 5000
     mark = decoder.decode("edge/gw/hwm", b"junk")
     assert isinstance(mark, Rejection) and mark.reason == "malformed"
+
+
+def mark(sealer: Sealer, gateway: str = "gw", epoch: str = "e1") -> bytes:
+    """A high-water mark as the agent seals it (seal/hwm.py), signed with `sealer`'s key."""
+    return HighWaterMark(gateway, epoch, 35, 4, time.time_ns()).seal(sealer.signer)
+
+
+def test_decoding_accepts_the_mark_of_the_enrolled_gateway(gateway: tuple[Sealer, bytes]) -> None:
+    item = Decoder(trust_for(gateway, "gw"), "edge").decode("edge/gw/hwm", mark(gateway[0]))
+    assert isinstance(item, HighWaterMark), item
+    assert (item.gateway, item.epoch, item.seq, item.batch, item.kid) == (
+        "gw", "e1", 35, 4, gateway[1],
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("owner", "retired", "mark_gateway", "epoch", "reason"),
+    [
+        ("gw", False, "gw2", "e1", "wrong_gateway"),  # a mark for another gateway
+        ("gw2", False, "gw", "e1", "wrong_gateway"),  # signed by a key of another gateway
+        ("gw", True, "gw", "e1", "key_not_valid"),
+        ("gw", False, "gw", "e\0", "malformed"),  # no PostgreSQL text holds a NUL
+    ],
+)
+def test_decoding_refuses_a_mark_with_the_reason(
+    gateway: tuple[Sealer, bytes], owner: str, retired: bool, mark_gateway: str, epoch: str,
+    reason: str,
+) -> None:  # fmt: skip
+    decoder = Decoder(trust_for(gateway, owner, retired=retired), "edge")
+    item = decoder.decode("edge/gw/hwm", mark(gateway[0], mark_gateway, epoch))
+    assert isinstance(item, Rejection) and item.reason == reason, item
+    assert item.kid == gateway[1].hex() and "high-water mark" in item.detail
+
+
+def test_decoding_refuses_a_tampered_or_unknown_mark(gateway: tuple[Sealer, bytes]) -> None:
+    unknown = Decoder(GatewayTrust(TrustSet([]), {}), "edge").decode(
+        "edge/gw/hwm", mark(gateway[0])
+    )
+    assert isinstance(unknown, Rejection) and unknown.reason == "unknown_key", unknown
+    tampered = bytearray(mark(gateway[0]))
+    tampered[-3] ^= 1
+    bad = Decoder(trust_for(gateway, "gw"), "edge").decode("edge/gw/hwm", bytes(tampered))
+    assert isinstance(bad, Rejection) and bad.reason == "bad_signature", bad
 
 
 def test_the_report_fails_on_holes_only() -> None:

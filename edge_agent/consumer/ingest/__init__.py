@@ -6,9 +6,9 @@ One module per job:
 - `schema`    the tables, views and versioned migrations (`ingest migrate`)
 - `keystore`  gateway public keys in the database (`ingest keys add|retire|list`), loaded as a
               TrustSet by the worker
-- `decode`    one MQTT message to an accepted batch or a rejection with its reason
-- `signed`    the small signed messages beside batches: the high-water mark read, the consumer
-              acknowledgement written
+- `decode`    one MQTT message to an accepted batch or a rejection with its reason (batches and
+              high-water marks opened by `edge_agent.seal`'s own codecs)
+- `signed`    the consumer acknowledgement, signed with `edge_agent.seal.ack`
 - `write`     a group of decoded messages into PostgreSQL in one transaction (COPY, ledger)
 - `worker`    the MQTT 5 loop: shared subscription, manual PUBACK after COMMIT, acknowledgements
 - `report`    completeness from the database (`ingest report`)

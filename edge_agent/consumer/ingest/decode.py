@@ -19,9 +19,9 @@ from dataclasses import dataclass
 
 from edge_agent.consumer.ingest.keystore import GatewayTrust
 from edge_agent.consumer.ingest.rows import NonconformingError, RowMaker
-from edge_agent.consumer.ingest.signed import HighWater, open_signed
 from edge_agent.errors import EnvelopeError, UnknownKeyError
-from edge_agent.seal.envelope import Batch, Opener
+from edge_agent.seal.envelope import Batch, Opener, Sign1
+from edge_agent.seal.hwm import HighWaterMark, open_mark
 from edge_agent.seal.trust import KeyNotValidError
 
 MAX_REJECTED_PAYLOAD = 4096
@@ -58,7 +58,7 @@ class Rejection:
     payload: bytes
 
 
-Item = Accepted | HighWater | Status | Rejection
+Item = Accepted | HighWaterMark | Status | Rejection
 
 
 def split_topic(topic: str, prefix: str) -> tuple[str, str] | None:
@@ -82,13 +82,11 @@ class Decoder:
         """Time spent verifying and decoding envelopes (`open`), and making rows (`rows`)."""
         self.trust = trust
         self._opener = Opener(trust.trust.public_keys())
-        self._keys = {k.kid: k.key for k in trust.trust.keys.values()}
 
     def set_trust(self, trust: GatewayTrust) -> None:
         """Use these keys from now on."""
         self.trust = trust
         self._opener = Opener(trust.trust.public_keys())
-        self._keys = {k.kid: k.key for k in trust.trust.keys.values()}
 
     def decode(self, topic: str, payload: bytes) -> Item | None:
         """The item of one message; None for a topic ingest does not take."""
@@ -127,18 +125,13 @@ class Decoder:
         except UnknownKeyError as exc:
             return self._reject(topic, gateway, payload, "unknown_key", str(exc))
         except EnvelopeError as exc:
-            reason = "bad_signature" if str(exc).startswith("bad signature") else "malformed"
-            return self._reject(topic, gateway, payload, reason, str(exc))
+            return self._reject(topic, gateway, payload, _reason(exc), str(exc))
         try:
             self.trust.trust.check(batch.kid, batch.sealed_ns)
         except KeyNotValidError as exc:
             return self._reject(topic, gateway, payload, "key_not_valid", str(exc), kid=batch.kid)
-        owner = self.trust.owners.get(batch.kid)
-        if batch.gateway != gateway or owner != gateway:
-            detail = (
-                f"topic names gateway {gateway!r}, the batch says {batch.gateway!r}, "
-                f"key id {batch.kid.hex()} is enrolled for {owner!r}"
-            )
+        detail = self._foreign(gateway, "the batch", batch.gateway, batch.kid)
+        if detail:
             return self._reject(topic, gateway, payload, "wrong_gateway", detail, kid=batch.kid)
         opened = time.perf_counter()
         self.seconds["open"] += opened - began
@@ -154,22 +147,43 @@ class Decoder:
         return Accepted(batch, rows)
 
     def _hwm(self, topic: str, gateway: str, payload: bytes) -> Item:
-        kid = b""
+        """The mark, opened as verify opens it (`seal.hwm.open_mark` against the enrolled keys),
+        then held to what only ingest asks: the key is enrolled for the topic's gateway, and no
+        NUL is in a name (a PostgreSQL text cannot hold one)."""
         try:
-            kid, body = open_signed(payload, self._keys)
-            mark = HighWater.parse(body)
-            self.trust.trust.check(kid, mark.sealed_ns)
+            mark = open_mark(payload, self.trust.trust)
         except UnknownKeyError as exc:
             return self._reject(topic, gateway, payload, "unknown_key", str(exc))
-        except KeyNotValidError as exc:
+        except KeyNotValidError as exc:  # verified, so its structure parses: the kid for the row
+            kid = Sign1.parse(payload).kid
             return self._reject(topic, gateway, payload, "key_not_valid", str(exc), kid=kid)
         except EnvelopeError as exc:
-            reason = "bad_signature" if str(exc).startswith("bad signature") else "malformed"
-            return self._reject(topic, gateway, payload, reason, str(exc), kid=kid)
-        if mark.gateway != gateway or self.trust.owners.get(kid) != gateway:
-            detail = f"high-water mark for {mark.gateway!r} on the topic of {gateway!r}"
-            return self._reject(topic, gateway, payload, "wrong_gateway", detail, kid=kid)
+            return self._reject(topic, gateway, payload, _reason(exc), str(exc))
+        if "\0" in mark.gateway or "\0" in mark.epoch:
+            detail = "high-water mark: gateway or epoch holding NUL"
+            return self._reject(topic, gateway, payload, "malformed", detail, kid=mark.kid)
+        foreign = self._foreign(gateway, "the high-water mark", mark.gateway, mark.kid)
+        if foreign:
+            return self._reject(topic, gateway, payload, "wrong_gateway", foreign, kid=mark.kid)
         return mark
+
+    def _foreign(self, gateway: str, what: str, signed_for: str, kid: bytes) -> str | None:
+        """Why a verified message on `gateway`'s topic is not that gateway's (`wrong_gateway`):
+        signed for another gateway, or by a key enrolled for another; None when it is its own."""
+        owner = self.trust.owners.get(kid)
+        if signed_for == gateway and owner == gateway:
+            return None
+        return (
+            f"topic names gateway {gateway!r}, {what} says {signed_for!r}, "
+            f"key id {kid.hex()} is enrolled for {owner!r}"
+        )
+
+
+def _reason(exc: EnvelopeError) -> str:
+    """`bad_signature` or `malformed` for a refused batch or mark (`open_mark` prefixes its
+    errors with "high-water mark: ")."""
+    detail = str(exc).removeprefix("high-water mark: ")
+    return "bad_signature" if detail.startswith("bad signature") else "malformed"
 
 
 def _shape_problem(batch: Batch) -> str | None:

@@ -35,7 +35,7 @@ from psycopg import errors as pg_errors
 from edge_agent.consumer.completeness import Coverage
 from edge_agent.consumer.ingest.decode import Accepted, Item, Rejection, Status
 from edge_agent.consumer.ingest.rows import COPY_SQL
-from edge_agent.consumer.ingest.signed import HighWater
+from edge_agent.seal.hwm import HighWaterMark
 
 AConn = psycopg.AsyncConnection[tuple[object, ...]]
 _RANGE = re.compile(r"\[(-?\d+),(-?\d+)\)")
@@ -248,11 +248,11 @@ async def _small_items(
     conn: AConn, items: Sequence[Item], rejected_keep: int, done: Written
 ) -> None:
     """High-water marks, statuses and rejections of the group."""
-    marks: dict[tuple[str, str], HighWater] = {}
+    marks: dict[tuple[str, str], HighWaterMark] = {}
     statuses: dict[str, str] = {}
     rejections = []
     for item in items:
-        if isinstance(item, HighWater):
+        if isinstance(item, HighWaterMark):
             key = (item.gateway, item.epoch)
             if key not in marks or marks[key].seq <= item.seq:
                 marks[key] = item
