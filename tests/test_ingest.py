@@ -15,7 +15,6 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-import cbor2
 import psycopg
 import pytest
 from helpers.fleet import Fleet, Message, Publisher, SimulatedGateway, publish, taken
@@ -26,7 +25,7 @@ from helpers.wait import wait_for
 from edge_agent.demo.broker import Mosquitto
 from edge_agent.reading import Quality, Reading
 from edge_agent.seal.ack import Ack, AckOpener
-from edge_agent.seal.envelope import protected_header_bytes, sign1
+from edge_agent.seal.hwm import HighWaterMark
 from edge_agent.seal.keys import key_id, load_public_key, write_keypair
 
 pytestmark = pytest.mark.integration
@@ -276,13 +275,9 @@ async def test_two_workers_share_the_stream_and_merge_one_ledger(
 
 
 def signed_mark(gateway: SimulatedGateway, seq: int, batch: int) -> bytes:
-    """A high-water mark as the agent publishes it (issue 9's wire format), signed by `gateway`."""
-    body = {
-        "v": 1, "kind": "hwm", "gateway": gateway.gateway_id, "epoch": gateway.epoch,
-        "seq": seq, "batch": batch, "sealed": time.time_ns(),
-    }  # fmt: skip
-    protected = protected_header_bytes(gateway.kid, compress=False)
-    return sign1(gateway.key, protected, cbor2.dumps(body))
+    """A high-water mark as the agent publishes it (seal/hwm.py), signed by `gateway`."""
+    mark = HighWaterMark(gateway.gateway_id, gateway.epoch, seq, batch, time.time_ns())
+    return mark.seal(gateway.sealer.signer)
 
 
 async def test_the_report_tells_holes_from_declared_evictions_tails_and_ended_epochs(
