@@ -162,6 +162,12 @@ def _add_verify_arguments(verify: argparse.ArgumentParser) -> None:
         help="persistent session id (default: edge-agent-verify)",
     )
     verify.add_argument("--state", help="file that keeps completeness state across restarts")
+    verify.add_argument(
+        "--ack-key",
+        metavar="KEYFILE",
+        help="the consumer's private key (edge-agent keygen): acknowledge what --state holds, "
+        "for agents in mqtt.ack: end_to_end mode (needs --state)",
+    )
     verify.add_argument("--duration", type=float, help="stop after this many seconds")
     verify.add_argument("--count", type=int, help="stop after this many readings")
     verify.add_argument("--quiet", "-q", action="store_true", help="print only the summary")

@@ -98,6 +98,11 @@ class Metrics:
             "Batches deleted because a consumer acknowledged them.",
             registry=r,
         )
+        self.batches_resent = Counter(
+            "edge_agent_batches_resent",
+            "Batches sent again because no consumer acknowledged them within mqtt.ack_timeout.",
+            registry=r,
+        )
         self.unacked_batches = Gauge(
             "edge_agent_unacked_batches",
             "Batches PUBACKed by the broker, not yet acknowledged by a consumer.",

@@ -96,6 +96,23 @@ def test_state_saved_before_reasons_reads_its_evictions_as_retention() -> None:
     assert restored.streams[("gw", "e1")].evicted_by_reason == {"retention": 10}
 
 
+def test_batch_numbers_are_kept_and_old_state_files_still_load() -> None:
+    """For the consumer acknowledgement (contract §4.10): `batches` and `held()` (received or
+    declared evicted); a state file saved before batch numbers were kept knows none."""
+    tracker = Completeness()
+    tracker.accept("gw", "e1", readings(1, 10), [], batch=1)
+    tracker.accept("gw", "e1", [], [(11, 20)], batch=2)
+    tracker.accept("gw", "e1", readings(21, 30), [], batch=3)
+    stream = Completeness.from_json(tracker.to_json()).streams[("gw", "e1")]
+    assert stream.batches.ranges() == [[1, 3]]
+    assert stream.held() == [[1, 30]]
+    saved = tracker.to_json()
+    for value in saved.values():
+        del value["batches"]
+    old = Completeness.from_json(saved).streams[("gw", "e1")]
+    assert old.batches.ranges() == [] and old.held() == [[1, 30]]
+
+
 def test_an_ended_epoch_reports_its_unreceived_tail_as_lost_not_as_holes() -> None:
     """`previous_epoch` (contract §4.8, 1.8): the old epoch is complete up to `last_seq` but for
     the readings lost with it; declared evictions stay evictions; the state survives a restart."""

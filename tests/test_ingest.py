@@ -248,10 +248,10 @@ async def test_two_workers_share_the_stream_and_merge_one_ledger(
         publish(broker.url, messages + messages[::-1])  # each batch twice, in both orders
         expected = taken(messages)
         total = sum(len(s) for s in expected.values())
+        written = "SELECT coalesce(sum(readings + duplicates), 0) FROM coverage"
         await wait_for(
-            lambda: count(database, "SELECT coalesce(sum(readings + duplicates), 0) FROM coverage") >= 2 * total,
-            60, "every batch and its replay written",
-        )  # fmt: skip
+            lambda: count(database, written) >= 2 * total, 60, "every batch and its replay written"
+        )
     logs = one.log() + two.log()  # each says what it did when it stops
     handled = [int(m) for m in re.findall(r"Ingest stopped messages=(\d+)", logs)]
     assert len(handled) == 2 and all(handled), logs  # the group was shared

@@ -74,6 +74,28 @@ async def test_aiomqtt_hands_paho_callbacks_to_methods_a_subclass_overrides() ->
     )
 
 
+INGEST = "edge_agent/consumer/ingest/worker.py (Worker: PUBACK only after COMMIT)"
+
+
+async def test_aiomqtt_lets_ingest_acknowledge_a_message_itself() -> None:
+    """paho's manual acknowledgement, on the paho client aiomqtt wraps: a message is PUBACKed by
+    `ack(mid, qos)` once it is committed, not when it is queued."""
+    client = aiomqtt.Client("127.0.0.1")
+    inner = getattr(client, "_client", None)
+    assert isinstance(inner, paho.Client), (
+        f"aiomqtt.Client._client is no longer the paho client: {INGEST} sets manual_ack on it"
+    )
+    assert parameters(inner.manual_ack_set) == ["on"], f"paho manual_ack_set changed: {INGEST}"
+    assert parameters(inner.ack) == ["mid", "qos"], f"paho Client.ack changed: {INGEST}"
+    inner.manual_ack_set(True)
+    assert inner._manual_ack is True, (
+        f"paho no longer keeps manual_ack: {INGEST} would PUBACK before COMMIT (loss on a crash)"
+    )
+    assert hasattr(aiomqtt.Message, "mid") or "mid" in parameters(aiomqtt.Message), (
+        f"aiomqtt.Message carries no mid: {INGEST} acknowledges by it"
+    )
+
+
 def test_the_overridden_aiomqtt_callbacks_keep_their_arguments() -> None:
     on_publish = ["self", "client", "userdata", "mid", "reason_code", "properties"]
     assert parameters(aiomqtt.Client._on_publish) == on_publish, (

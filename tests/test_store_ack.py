@@ -59,6 +59,9 @@ async def test_sent_batches_wait_for_the_consumer_and_come_back_after_the_timeou
     assert ids(await store.take_unacked(10, 50, exclude=[BatchKey("readings", 4)])) == [5, 6]
     # Past the timeout, the sent ones are due again, oldest first, within the limit.
     assert ids(await store.take_unacked(4, 100, exclude=[BatchKey("readings", 4)])) == [1, 2, 3, 5]
+    # At most `max_due` of them again at once: the fresh ones still come.
+    paced = await store.take_unacked(4, 100, exclude=[BatchKey("readings", 4)], max_due=1)
+    assert [(b.key.id, b.resend) for b in paced] == [(1, True), (5, False), (6, False)]
     assert store.stats.batches == 6  # nothing deleted by marking
     unacked = await store.unacked()
     assert (unacked.batches, unacked.readings, unacked.oldest_sent_ns) == (3, 30, 100)

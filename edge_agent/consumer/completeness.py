@@ -81,6 +81,15 @@ class Stream:
     evicted_by_reason: dict[str, int] = field(default_factory=dict)
     ended: str | None = None
     """Why the gateway declared this epoch ended (`previous_epoch`), or None."""
+    batches: Coverage = field(default_factory=Coverage)
+    """The batch numbers received (for the consumer acknowledgement's `batches`, §4.10)."""
+
+    def held(self) -> list[list[int]]:
+        """The seqs this consumer holds: received or declared evicted (§4.10 `seqs`)."""
+        combined = Coverage(self.received.ranges())
+        for first, last in self.evicted.ranges():
+            combined.add(first, last)
+        return combined.ranges()
 
     def holes(self) -> list[tuple[int, int]]:
         """Seq ranges neither received nor declared evicted nor lost with an ended epoch."""
@@ -106,6 +115,7 @@ class Stream:
             "evicted_count": self.evicted_count,
             "evicted_by_reason": self.evicted_by_reason,
             "ended": self.ended,
+            "batches": self.batches.ranges(),
         }
 
     @classmethod
@@ -121,6 +131,8 @@ class Stream:
             data.get("evicted_by_reason")
             or ({RETENTION: data["evicted_count"]} if data["evicted_count"] else {}),
             data.get("ended"),
+            # State files written before batch numbers were kept: none known.
+            Coverage(data.get("batches") or []),
         )
 
 
@@ -139,8 +151,11 @@ class Completeness:
         readings: list[dict[str, Any]],
         evicted: list[tuple[int, int]],
         reasons: list[str] | None = None,
+        *,
+        batch: int | None = None,
     ) -> list[dict[str, Any]]:
-        """Account for one batch; `reasons` says why each `evicted` range was dropped."""
+        """Account for one batch; `reasons` says why each `evicted` range was dropped; `batch`
+        is its batch number, when known."""
         stream = self.streams.setdefault((gateway, epoch), Stream())
         for index, (first, last) in enumerate(evicted):
             count = sum(b - a + 1 for a, b in stream.evicted.add(first, last))
@@ -160,6 +175,8 @@ class Completeness:
             stream.max_seq = max(stream.max_seq, last)
         stream.duplicates += len(readings) - len(fresh)
         stream.readings += len(fresh)
+        if batch is not None:
+            stream.batches.add(batch, batch)
         return fresh
 
     def end_epoch(self, gateway: str, epoch: str | None, last_seq: int | None, reason: str) -> None:

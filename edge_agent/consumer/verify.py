@@ -3,6 +3,8 @@
 Subscribes with a persistent session, verifies every batch against the trusted public keys (by
 key id), drops duplicates by `seq`, and at the end reports holes that no eviction explains.
 Exit status: 0 all verified and complete, 3 a bad signature or unknown key, 4 an unexplained gap.
+With `--ack-key` (and `--state`) it also acknowledges what it durably holds, signed with the
+consumer's key, for agents in `mqtt.ack: end_to_end` mode (consumer/acks.py, contract §4.10).
 Readings lost with an epoch that the gateway declared ended (`previous_epoch`: its buffer was
 quarantined, went missing or was replaced) are reported as LOST with the reason; declared, they
 are not an unexplained gap, like declared evictions.
@@ -27,14 +29,16 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import aiomqtt
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from edge_agent.consumer.acks import AckPublisher, save_state
 from edge_agent.consumer.completeness import Completeness
 from edge_agent.errors import EnvelopeError
 from edge_agent.reading import RejectedValue, checked
 from edge_agent.seal.envelope import Batch, Opener
-from edge_agent.seal.keys import load_public_key
+from edge_agent.seal.keys import load_private_key, load_public_key
 from edge_agent.seal.trust import TrustSet
 
 log = logging.getLogger(__name__)
@@ -90,7 +94,12 @@ class Verifier:
             return None, []
         try:
             fresh = self.tracker.accept(
-                batch.gateway, batch.epoch, batch.readings, batch.evicted, batch.evicted_reasons
+                batch.gateway,
+                batch.epoch,
+                batch.readings,
+                batch.evicted,
+                batch.evicted_reasons,
+                batch=batch.batch,
             )
             if batch.previous_epoch is not None:
                 ended = batch.previous_epoch
@@ -229,11 +238,14 @@ async def consume(
     stop: asyncio.Event,
     *,
     subscribed: asyncio.Event | None = None,
+    acks: AckPublisher | None = None,
 ) -> None:
     """Receive batches until `stop` is set, reconnecting (quickly) when the broker goes away.
 
     `subscribed` is set once the first subscription is in place: from then on the persistent
-    session holds every batch for this consumer, even while it is disconnected.
+    session holds every batch for this consumer, even while it is disconnected. `acks`, when
+    given, acknowledges accepted batches while connected, on every connect, and once more
+    before the consumer stops.
     """
     while not stop.is_set():
         try:
@@ -241,14 +253,29 @@ async def consume(
                 await client.subscribe(topic, qos=1)
                 if subscribed is not None:
                     subscribed.set()
-                messages = aiter(client.messages)
-                while (message := await _next_message(messages, stop)) is not None:
-                    name = str(message.topic)
-                    payload = message.payload if isinstance(message.payload, bytes) else b""
-                    if name.endswith("/status"):
-                        verifier.result.statuses[name] = payload.decode(errors="replace")
-                    elif name.endswith("/batch"):
-                        on_batch(*verifier.check(payload))
+                acking = None
+                if acks is not None:
+                    acks.reconnected()
+                    acking = asyncio.create_task(acks.run(client))
+                try:
+                    messages = aiter(client.messages)
+                    while (message := await _next_message(messages, stop)) is not None:
+                        name = str(message.topic)
+                        payload = message.payload if isinstance(message.payload, bytes) else b""
+                        if name.endswith("/status"):
+                            verifier.result.statuses[name] = payload.decode(errors="replace")
+                        elif name.endswith("/batch"):
+                            batch, fresh = verifier.check(payload)
+                            if batch is not None and acks is not None:
+                                acks.accepted(batch, name)
+                            on_batch(batch, fresh)
+                finally:
+                    if acking is not None:
+                        acking.cancel()
+                        with contextlib.suppress(asyncio.CancelledError):
+                            await acking
+                if acks is not None:
+                    await acks.flush(client)  # the final one, before the session ends
         except aiomqtt.MqttError as exc:
             log.debug("Verifier lost the broker error=%s", exc)
             with contextlib.suppress(TimeoutError):
@@ -305,6 +332,16 @@ def trusted_keys(key_files: list[str], trust_files: list[str]) -> TrustSet:
     return TrustSet(keys.values())
 
 
+def _ack_key(args: argparse.Namespace) -> Ed25519PrivateKey | None:
+    """The consumer key of `--ack-key`, checked as a signing key is; ValueError without
+    `--state` (an acknowledgement says what the state file holds)."""
+    if not getattr(args, "ack_key", None):
+        return None
+    if not args.state:
+        raise ValueError("--ack-key needs --state: an acknowledgement says what the state holds")
+    return load_private_key(Path(args.ack_key))
+
+
 def run_verify(args: argparse.Namespace) -> int:
     logging.basicConfig(
         level=logging.WARNING,
@@ -317,6 +354,7 @@ def run_verify(args: argparse.Namespace) -> int:
         password = (
             Path(args.password_file).read_text().rstrip("\r\n") if args.password_file else None
         )
+        ack_key = _ack_key(args)
     except (OSError, ValueError) as exc:
         print(f"verify: {exc}", file=sys.stderr)
         return EXIT_BAD_ARGUMENTS
@@ -326,6 +364,9 @@ def run_verify(args: argparse.Namespace) -> int:
         tracker = Completeness.from_json(json.loads(state.read_text()))
     verifier = Verifier(Opener(trust.public_keys()), tracker, trust)
     topic = args.topic
+    acks = None
+    if ack_key is not None and state is not None:
+        acks = AckPublisher(ack_key, tracker, state)
 
     def show(batch: Batch | None, fresh: list[dict[str, Any]]) -> None:
         if batch is None:
@@ -370,15 +411,14 @@ def run_verify(args: argparse.Namespace) -> int:
             topic,
             show,
             stop,
+            acks=acks,
         )
 
     stop = asyncio.Event()
     started = time.monotonic()
     asyncio.run(main())
-    if state is not None:
-        partial = state.with_name(state.name + ".tmp")
-        partial.write_text(json.dumps(tracker.to_json()))
-        partial.replace(state)  # atomic: a crash leaves the old state or the new, never half
+    if state is not None:  # atomic and durable: a crash leaves the old state or the new
+        save_state(state, json.dumps(tracker.to_json()))
     code, lines = verifier.summary()
     for line in lines:
         print(line, file=sys.stderr)

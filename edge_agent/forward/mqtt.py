@@ -39,12 +39,15 @@ End-to-end acknowledgement (`mqtt.ack: end_to_end`, docs/contract.md §4.10). A 
 the broker holds the batch, in memory: a broker killed before its next autosave loses it. In
 this mode a PUBACKed batch is marked sent, not deleted, and is deleted only once a consumer's
 signed acknowledgement covers it; one not covered within `mqtt.ack_timeout` of its PUBACK is sent
-again, oldest first, through the same window. The forwarder subscribes to `{prefix}/{gw}/ack` at
-QoS 1 on every connect; the retained acknowledgement arrives at once, so an agent that restarts
-learns what the consumer already holds without sending it all again. An acknowledgement is
-accepted only when it verifies against a key of `mqtt.ack_keys`, names this gateway and the
-buffer's epoch, and is not older than the newest accepted from its key (`seal/ack.py`); any other
-is refused, counted by reason, logged and audited once per reason, and changes nothing.
+again, oldest first, through the same window. Sending again is paced so that a consumer away for
+long does not multiply the traffic by its backlog: at most `max_inflight` batches are sent again
+per `ack_timeout`, and the next ones as soon as an acknowledgement shows the consumer keeping up.
+The forwarder subscribes to `{prefix}/{gw}/ack` at QoS 1 on every connect; the retained
+acknowledgement arrives at once, so an agent that restarts learns what the consumer already holds
+without sending it all again. An acknowledgement is accepted only when it verifies against a key
+of `mqtt.ack_keys`, names this gateway and the buffer's epoch, and is not older than the newest
+accepted from its key (`seal/ack.py`); any other is refused, counted by reason, logged and
+audited once per reason, and changes nothing.
 
 The backoff (`schedule.Backoff`, with its second ceiling) doubles (with jitter) from
 `reconnect_min` after every connection that moved no data, and resets only on progress: a batch
@@ -212,6 +215,10 @@ class Forwarder:
         self._ack_judge = AckJudge(gateway_id)
         self._refusals_logged: set[str] = set()
         self._settling: set[BatchKey] = set()
+        self._subscription_refused = False
+        self._resend_budget = config.max_inflight
+        """Batches that may still be sent again until the next refill (`_refill_resends`)."""
+        self._resend_refill_at = 0.0
         for reason in REASONS:  # every reason shows in /metrics, at 0 until it happens
             metrics.acks_refused.labels(reason=reason)
         """end_to_end: batches PUBACKed whose mark is not yet committed (not to be taken)."""
@@ -275,7 +282,8 @@ class Forwarder:
                     )
                     loops = [self._pump(client, session), self._acker()]
                     if self.end_to_end:
-                        await client.subscribe(self.ack_topic, qos=1)
+                        granted = await client.subscribe(self.ack_topic, qos=1)
+                        self._check_subscription(granted)
                         loops.append(self._consumer_acks(client))
                     try:
                         await _until_one_fails(*loops)
@@ -468,12 +476,25 @@ class Forwarder:
             )
         exclude = {b.key for b in window.in_flight.values()} | self._settling
         exclude.update(BatchKey("declaration", held) for held in self._held)
+        now = time.monotonic()
+        if now >= self._resend_refill_at:
+            self._refill_resends()
         due_ns = time.time_ns() - int(self._config.ack_timeout * 1e9)
-        taken = await self._store.take_unacked(window.room(), due_ns, exclude)
-        again = sum(1 for batch in taken if batch.key.id <= window.cursor)
+        taken = await self._store.take_unacked(
+            window.room(), due_ns, exclude, max_due=self._resend_budget
+        )
+        again = sum(1 for batch in taken if batch.resend)
         if again:
-            log.debug("Sending again batches the consumer has not acknowledged count=%d", again)
+            self._resend_budget -= again
+            self._metrics.batches_resent.inc(again)
+            log.debug("Sending again batches no consumer has acknowledged count=%d", again)
         return taken
+
+    def _refill_resends(self) -> None:
+        """Allow another `max_inflight` batches to be sent again: once per `ack_timeout`, or
+        as soon as a consumer's acknowledgement deleted something (it is there, and keeps up)."""
+        self._resend_budget = self._config.max_inflight
+        self._resend_refill_at = time.monotonic() + self._config.ack_timeout
 
     async def _settle(self, batch: StoredBatch, code: int, session: _Session) -> None:
         """A PUBACK arrived: queue the batch for deletion, evict it (0x95), or keep it (other
@@ -623,6 +644,24 @@ class Forwarder:
             return self._store.stats.batches
         return self._store.stats.batches - (await self._store.unacked()).batches
 
+    def _check_subscription(self, granted: object) -> None:
+        """The broker refused the ack topic's subscription (its ACL): no acknowledgement can
+        arrive, so batches stay buffered until evicted. Said once, loudly, not silently."""
+        codes = [_code(code) for code in granted] if isinstance(granted, list | tuple) else []
+        refused = [c for c in codes if c is not None and c >= REJECTION]
+        if not refused:
+            self._subscription_refused = False
+            return
+        if not self._subscription_refused:
+            self._subscription_refused = True
+            log.error(
+                "The broker refused the subscription to the acknowledgement topic; no batch can"
+                " be acknowledged by a consumer topic=%s reason=0x%02x",
+                self.ack_topic, refused[0],
+            )  # fmt: skip
+            audit("acknowledgement", "refused", topic=self.ack_topic,
+                  reason=f"subscribe 0x{refused[0]:02x}")  # fmt: skip
+
     async def _consumer_acks(self, client: AckingClient) -> None:
         """end_to_end: verify each message on the ack topic and apply the accepted ones."""
         async for message in client.messages:
@@ -653,6 +692,8 @@ class Forwarder:
             self._metrics.store_errors.inc()
             raise
         ack_state.deleted_batches += len(removed)
+        if removed:
+            self._refill_resends()
         self._metrics.batches_consumer_acked.inc(len(removed))
         log.debug(
             "Consumer acknowledgement accepted consumer=%s kid=%s epoch=%s deleted=%d",

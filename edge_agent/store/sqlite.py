@@ -78,6 +78,7 @@ import aiosqlite
 
 from edge_agent.audit import audit
 from edge_agent.errors import StoreError
+from edge_agent.seal.ack import contains
 from edge_agent.seal.envelope import RETENTION
 
 log = logging.getLogger(__name__)
@@ -162,6 +163,8 @@ class StoredBatch:
     readings: int
     sealed_ns: int
     data: bytes
+    resend: bool = False
+    """end_to_end mode: PUBACKed before, and not acknowledged by a consumer since."""
 
 
 @dataclass(frozen=True)
@@ -993,33 +996,44 @@ class Store:
         await self._atomically("mark batches sent", body, lambda _: None)
 
     async def take_unacked(
-        self, limit: int, due_ns: int, exclude: Collection[BatchKey] = ()
+        self,
+        limit: int,
+        due_ns: int,
+        exclude: Collection[BatchKey] = (),
+        max_due: int | None = None,
     ) -> list[StoredBatch]:
         """end_to_end mode: up to `limit` batches to send, declarations first, then batches of
         readings oldest first; each never sent, or sent at or before `due_ns` (Unix ns) and not
-        acknowledged by a consumer since. Batches in `exclude` (in flight) are left out."""
+        acknowledged by a consumer since (`resend` True; at most `max_due` of those, None: no
+        limit). Batches in `exclude` (in flight) are left out."""
         skip = {kind: [k.id for k in exclude if k.kind == kind] for kind in _TABLES}
+        due_left = limit if max_due is None else max(0, max_due)
         taken: list[StoredBatch] = []
         for kind, table in _TABLES.items():
             room = limit - len(taken)
             if room <= 0:
                 break
             marks = ",".join("?" * len(skip[kind]))
-            found: list[tuple[int, int, int, bytes]] = []
-            for where in ("sent_ns IS NULL", "sent_ns IS NOT NULL AND sent_ns <= ?"):
-                args: list[Any] = [] if "?" not in where else [due_ns]
-                found.extend(
-                    await self._read(
-                        "read batches to send",
-                        f"SELECT id, readings, sealed_ns, data FROM {table} WHERE {where}"  # noqa: S608  # nosec B608  # literals and placeholders only
-                        f" AND id NOT IN ({marks}) ORDER BY id LIMIT ?",
-                        [*args, *skip[kind], room],
-                    )
+            columns = f"SELECT id, readings, sealed_ns, data FROM {table} WHERE"  # noqa: S608  # nosec B608  # table names are literals
+            tail = f" AND id NOT IN ({marks}) ORDER BY id LIMIT ?"
+            fresh = await self._read(
+                "read batches to send", f"{columns} sent_ns IS NULL{tail}", [*skip[kind], room]
+            )
+            due = []
+            if due_left > 0:
+                due = await self._read(
+                    "read batches to send again",
+                    f"{columns} sent_ns IS NOT NULL AND sent_ns <= ?{tail}",
+                    [due_ns, *skip[kind], min(room, due_left)],
                 )
-            found.sort(key=lambda row: row[0])
+            found = sorted(
+                [(row, False) for row in fresh] + [(row, True) for row in due],
+                key=lambda item: item[0][0],
+            )[:room]
+            due_left -= sum(1 for _, again in found if again)
             taken.extend(
-                StoredBatch(BatchKey(kind, row_id), readings, sealed_ns, data)
-                for row_id, readings, sealed_ns, data in found[:room]
+                StoredBatch(BatchKey(kind, row_id), readings, sealed_ns, data, resend=again)
+                for (row_id, readings, sealed_ns, data), again in found
             )
         return taken
 
@@ -1035,8 +1049,6 @@ class Store:
         only. The walk reads batches in id order and stops past the highest seq and batch
         acknowledged, so an acknowledgement costs what it covers, not the buffer's size.
         """
-        from edge_agent.seal.ack import contains  # noqa: PLC0415 - the store's one use of it
-
         top_seq = seqs[-1][1] if seqs else -1
         top_batch = batches[-1][1] if batches else -1
         seq_ranges, batch_ranges = tuple(seqs), tuple(batches)

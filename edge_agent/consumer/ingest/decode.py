@@ -14,6 +14,7 @@ refused (`wrong_gateway`). Rejection reasons, as stored in `rejected.reason`:
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 from edge_agent.consumer.ingest.keystore import GatewayTrust
@@ -77,6 +78,8 @@ class Decoder:
     def __init__(self, trust: GatewayTrust, prefix: str) -> None:
         self.prefix = prefix
         self.rows = RowMaker()
+        self.seconds = {"open": 0.0, "rows": 0.0}
+        """Time spent verifying and decoding envelopes (`open`), and making rows (`rows`)."""
         self.trust = trust
         self._opener = Opener(trust.trust.public_keys())
         self._keys = {k.kid: k.key for k in trust.trust.keys.values()}
@@ -118,6 +121,7 @@ class Decoder:
         )
 
     def _batch(self, topic: str, gateway: str, payload: bytes) -> Item:
+        began = time.perf_counter()
         try:
             batch = self._opener.open(payload)
         except UnknownKeyError as exc:
@@ -136,6 +140,8 @@ class Decoder:
                 f"key id {batch.kid.hex()} is enrolled for {owner!r}"
             )
             return self._reject(topic, gateway, payload, "wrong_gateway", detail, kid=batch.kid)
+        opened = time.perf_counter()
+        self.seconds["open"] += opened - began
         problem = _shape_problem(batch)
         if problem:
             return self._reject(topic, gateway, payload, "malformed", problem, kid=batch.kid)
@@ -143,6 +149,8 @@ class Decoder:
             rows = self.rows.rows(batch.gateway, batch.epoch, batch.readings)
         except Nonconforming as exc:
             return self._reject(topic, gateway, payload, "nonconforming", str(exc), kid=batch.kid)
+        finally:
+            self.seconds["rows"] += time.perf_counter() - opened
         return Accepted(batch, rows)
 
     def _hwm(self, topic: str, gateway: str, payload: bytes) -> Item:

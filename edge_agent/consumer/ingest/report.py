@@ -8,7 +8,8 @@ does not hold, of three kinds:
 - `tail`  above the highest seq held, up to the gateway's signed high-water mark: sealed, not yet
           received (normal while the gateway is catching up; a loss if it never comes).
 - `lost`  the gateway declared the epoch ended (`previous_epoch`: its buffer was quarantined,
-          missing or replaced): explained, reported with the reason, not a failure.
+          missing or replaced): explained, reported with the reason, not a failure. An epoch
+          declared ended whose id the gateway no longer knew is reported as LOST, unknown.
 
 Readings declared evicted (retention, too large, undeliverable) are explained and counted.
 """
@@ -36,6 +37,10 @@ SELECT gateway, epoch, kind, first_seq, last_seq, detail FROM ingest_gaps
 ORDER BY gateway, epoch, first_seq
 """
 _REJECTED = "SELECT reason, count(*), max(received) FROM rejected GROUP BY reason ORDER BY reason"
+_UNKNOWN_ENDS = """
+SELECT gateway, declared_epoch, ended, detail FROM epoch_ends WHERE ended_epoch IS NULL
+ORDER BY gateway, declared_epoch
+"""
 
 
 def collect(conn: psycopg.Connection[tuple[Any, ...]]) -> dict[str, Any]:
@@ -44,6 +49,7 @@ def collect(conn: psycopg.Connection[tuple[Any, ...]]) -> dict[str, Any]:
         streams = conn.execute(_STREAMS).fetchall()
         gaps = conn.execute(_GAPS).fetchall()
         rejected = conn.execute(_REJECTED).fetchall()
+        unknown = conn.execute(_UNKNOWN_ENDS).fetchall()
     return {
         "streams": [
             {
@@ -58,6 +64,9 @@ def collect(conn: psycopg.Connection[tuple[Any, ...]]) -> dict[str, Any]:
             for g, e, k, a, b, x in gaps
         ],
         "rejected": {reason: int(n) for reason, n, _ in rejected},
+        "unknown_ends": [
+            {"gateway": g, "declared_in": e, "ended": x, "detail": d} for g, e, x, d in unknown
+        ],
     }  # fmt: skip
 
 
@@ -87,6 +96,11 @@ def render(data: dict[str, Any]) -> tuple[int, list[str]]:
                 f"{word}: gateway={gateway} epoch={epoch} readings={count} seq {shown}{more}: "
                 f"{ranges[0]['detail']}"
             )
+    lines.extend(
+        f"LOST: gateway={end['gateway']} epoch=unknown readings=unknown: the gateway declared "
+        f"an epoch ended whose id it no longer knew ({end['ended']}: {end['detail']})"
+        for end in data.get("unknown_ends", [])
+    )
     for reason, count in sorted(data["rejected"].items()):
         lines.append(f"REJECTED {count} messages: {reason} (see the table `rejected`)")
     if any(g["kind"] == "hole" for g in data["gaps"]):

@@ -13,7 +13,7 @@ import time
 from typing import Any
 
 from edge_agent.errors import EnvelopeError
-from edge_agent.reading import Quality, RejectedValue, checked
+from edge_agent.reading import INT_MAX, INT_MIN, Quality, RejectedValue
 
 COLUMNS = (
     "gateway",
@@ -29,8 +29,9 @@ COLUMNS = (
     "q",
     "sc",
 )
-"""The columns of each row, in order."""
-COPY_SQL = f"COPY readings ({', '.join(COLUMNS)}) FROM STDIN"
+"""The columns of each row made here, in order."""
+COPY_SQL = f"COPY readings (stream, {', '.join(COLUMNS)}) FROM STDIN"
+"""Each line is the stream number (known once the ledger row is locked), a tab, and a row."""
 QUALITIES = frozenset(q.value for q in Quality)
 INT8 = 2**63
 NULL = "\\N"
@@ -102,7 +103,8 @@ class RowMaker:
                 raise RejectedValue(f"seq {seq}: {value!r} is not a finite number")
             v = f"{value!r}\t{NULL}\t{NULL}"
         elif kind is int:
-            checked(value)
+            if not INT_MIN <= value <= INT_MAX:
+                raise RejectedValue(f"seq {seq}: integer {value} is outside -2**63..2**64-1")
             v = f"{value}\t{NULL}\t{NULL}"
         elif kind is bool:
             v = f"{NULL}\t{'t' if value else 'f'}\t{NULL}"

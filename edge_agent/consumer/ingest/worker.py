@@ -72,7 +72,9 @@ class WorkerStats:
     acks: int = 0
     groups: int = 0
     db_retries: int = 0
-    seconds: dict[str, float] = field(default_factory=lambda: {"decode": 0.0, "write": 0.0})
+    seconds: dict[str, float] = field(default_factory=dict)
+    """Wall time by stage: `open` (verify and decode envelopes), `rows` (value rules and COPY
+    rows), `copy` (the COPY statements), `write` (whole transactions, COPY included)."""
 
 
 @dataclass
@@ -155,11 +157,24 @@ class Worker:
         self._decoder: Decoder | None = None
         self._keys_loaded = 0.0
         self._generation = -1
+        self._stop = asyncio.Event()
         self._dirty: dict[tuple[str, str], Ledger] = {}
         self._last_ack: dict[tuple[str, str], float] = {}
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Consume until `stop`; raise RuntimeError when the database's schema is not ours."""
+        """Consume until `stop`; raise RuntimeError when the database's schema is not ours.
+
+        A stop while PostgreSQL is away returns at once: what was not committed was not
+        acknowledged, and the broker keeps it.
+        """
+        self._stop = stop
+        try:
+            await self._start()
+        except _Stopping:
+            return
+        await self._consume(stop)
+
+    async def _start(self) -> None:
         version = await self._retrying(self._db.version)
         if version != schema.VERSION:
             raise RuntimeError(
@@ -173,20 +188,28 @@ class Worker:
             await self._retrying(self._db.load_trust), self.settings.topic_prefix
         )
         self._keys_loaded = time.monotonic()
+
+    async def _consume(self, stop: asyncio.Event) -> None:
         s = self.settings
         password = _read_password(s.password_file)
         try:
             while not stop.is_set():
                 client = mqtt_client(s, password)
                 # PUBACK only after COMMIT (paho's manual acknowledgement; aiomqtt does not
-                # expose it, so it is set on its paho client before connecting).
+                # expose it, so it is set on its paho client before connecting; pinned in
+                # tests/test_library_internals.py).
                 client._client.manual_ack_set(True)
                 try:
                     async with client:
                         await self._session(client, stop)
-                except aiomqtt.MqttError as exc:
-                    log.warning("Ingest lost the broker error=%s; reconnecting", exc)
+                except* aiomqtt.MqttError as group:
+                    log.warning(
+                        "Ingest lost the broker error=%s; reconnecting", group.exceptions[0]
+                    )
                     self.ready.clear()
+                    # A transaction cut short by the teardown leaves its connection unusable:
+                    # start afresh (it was rolled back; its messages were never acknowledged).
+                    await self._db.reset()
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(stop.wait(), 1.0)
         finally:
@@ -234,7 +257,6 @@ class Worker:
 
     async def _decode(self, messages: list[aiomqtt.Message]) -> _Group:
         assert self._decoder is not None
-        began = time.perf_counter()
         try:
             generation = await self._db.keys_generation()
         except psycopg.Error:
@@ -258,7 +280,7 @@ class Worker:
                 item = self._decoder.decode(str(message.topic), payload)
             if item is not None:
                 items.append(item)
-        self.stats.seconds["decode"] += time.perf_counter() - began
+        self.stats.seconds.update(self._decoder.seconds)
         return _Group(messages, items)
 
     async def _reload_keys(self) -> None:
@@ -272,10 +294,19 @@ class Worker:
     async def _write_loop(
         self, client: aiomqtt.Client, groups: asyncio.Queue[_Group | None]
     ) -> None:
+        abandoned = False
         while (group := await groups.get()) is not None:
+            if abandoned:
+                continue  # stopping while the database is away: never acknowledged, kept
             began = time.perf_counter()
-            written = await self._write(group.items)
-            self.stats.seconds["write"] += time.perf_counter() - began
+            try:
+                written = await self._write(group.items)
+            except _Stopping:
+                abandoned = True
+                continue
+            seconds = self.stats.seconds
+            seconds["write"] = seconds.get("write", 0.0) + time.perf_counter() - began
+            seconds["copy"] = seconds.get("copy", 0.0) + written.copy_s
             for message in group.messages:  # only now: everything they carried is committed
                 if message.qos > 0:
                     client._client.ack(message.mid, message.qos)
@@ -316,18 +347,29 @@ class Worker:
             raise _Retry(str(exc)) from exc
 
     async def _retrying(self, attempt: Callable[[], Awaitable[T]]) -> T:
+        """`attempt()` until it does not fail for the connection or for concurrency; raise
+        _Stopping when the worker is told to stop meanwhile."""
         delay = 0.2
+        failed = False
         while True:
             try:
-                return await attempt()
+                result = await attempt()
             except (psycopg.OperationalError, psycopg.InterfaceError, _Retry) as exc:
                 self.stats.db_retries += 1
-                if self.stats.db_retries == 1 or delay >= RETRY_MAX_S:
-                    log.warning("Ingest waits for PostgreSQL error=%s", str(exc).strip())
                 if not isinstance(exc, _Retry):
+                    if not failed or delay >= RETRY_MAX_S:
+                        log.warning("Ingest waits for PostgreSQL error=%s", str(exc).strip())
+                    failed = True
                     await self._db.reset()
-                await asyncio.sleep(delay)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stop.wait(), delay)
+                if self._stop.is_set():
+                    raise _Stopping from exc
                 delay = min(RETRY_MAX_S, delay * 2)
+            else:
+                if failed:
+                    log.warning("Ingest reached PostgreSQL again")
+                return result
 
     async def _ack_loop(self, client: aiomqtt.Client, stop: asyncio.Event) -> None:
         interval = max(self.settings.ack_interval, 0.05)
@@ -362,6 +404,10 @@ class Worker:
         self.stats.acks += len(sends)
         if len(self._last_ack) > 100_000:
             self._last_ack = {k: t for k, t in self._last_ack.items() if now - t < 60}
+
+
+class _Stopping(Exception):  # noqa: N818 - internal signal, never leaves the worker
+    """Told to stop while waiting for PostgreSQL."""
 
 
 class _Retry(Exception):  # noqa: N818 - internal signal, never leaves the worker
@@ -417,8 +463,9 @@ def run_worker(settings: IngestSettings) -> int:
     s = worker.stats
     log.warning(
         "Ingest stopped messages=%d readings=%d duplicates=%d rejected=%d acks=%d "
-        "decode_s=%.2f write_s=%.2f",
+        "open_s=%.2f rows_s=%.2f copy_s=%.2f write_s=%.2f cpu_s=%.2f",
         s.messages, s.readings, s.duplicates, s.rejected, s.acks,
-        s.seconds["decode"], s.seconds["write"],
+        *(s.seconds.get(k, 0.0) for k in ("open", "rows", "copy", "write")),
+        time.process_time(),
     )  # fmt: skip
     return 0

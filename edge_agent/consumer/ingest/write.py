@@ -8,7 +8,8 @@ workers never wait on each other in a cycle) and adds what it copied. The lock i
 the COPY, so that workers copy in parallel and hold the ledger only for its update and the
 COMMIT: locked before the COPY, every group of a fleet (each holds batches of most gateways)
 would wait for the previous one's whole COPY, and a second worker would add no throughput
-(bench/ingest.py). The primary key on (gateway, epoch, seq) makes this exact: a reading that
+(bench/ingest.py). The primary key, (stream, seq) with `stream` one to one with (gateway,
+epoch), makes this exact: a reading that
 another worker committed after our read makes our COPY fail (a unique violation; one still
 uncommitted makes it wait for that worker's COMMIT first), and the group is written again from
 a fresh read of the ledger (OVERLAP_RETRIES times at most). A replay finds its seqs already
@@ -24,6 +25,7 @@ Returns the ledger of every (gateway, epoch) written, as committed, for the ackn
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -53,6 +55,7 @@ def multirange(ranges: Sequence[tuple[int, int]]) -> str:
 
 @dataclass
 class _Stream:
+    number: int
     received: Coverage
     new: list[tuple[int, int]] = field(default_factory=list)
     evicted: list[tuple[int, int]] = field(default_factory=list)
@@ -80,6 +83,8 @@ class Written:
     readings: int = 0
     duplicates: int = 0
     rejected: int = 0
+    copy_s: float = 0.0
+    """Time the COPY of the readings took."""
 
 
 async def write_group(conn: AConn, items: Sequence[Item], rejected_keep: int) -> Written:
@@ -121,13 +126,13 @@ async def _write_once(
         streams: dict[tuple[str, str], _Stream] = {}
         if keys:
             cursor = await conn.execute(
-                "SELECT gateway, epoch, received::text FROM coverage"
+                "SELECT gateway, epoch, stream, received::text FROM coverage"
                 " WHERE (gateway, epoch) IN (SELECT * FROM unnest(%s::text[], %s::text[]))",
                 ([k[0] for k in keys], [k[1] for k in keys]),
             )
-            for gateway, epoch, received in await cursor.fetchall():
+            for gateway, epoch, number, received in await cursor.fetchall():
                 ranges = [list(r) for r in parse_multirange(str(received))]
-                streams[(str(gateway), str(epoch))] = _Stream(Coverage(ranges))
+                streams[(str(gateway), str(epoch))] = _Stream(int(str(number)), Coverage(ranges))
         copy: list[str] = []
         evictions: list[tuple[str, str, int, int, str, int]] = []
         ends: list[tuple[str, str, str | None, int | None, str, str]] = []
@@ -140,11 +145,9 @@ async def _write_once(
                 last = first + len(item.rows) - 1
                 new = stream.received.add(first, last)
                 stream.new.extend(new)
-                if new == [(first, last)]:
-                    copy.extend(item.rows)
-                else:
-                    for a, b in new:
-                        copy.extend(item.rows[a - first : b - first + 1])
+                head = f"{stream.number}\t"
+                for a, b in new:
+                    copy.extend(head + row for row in item.rows[a - first : b - first + 1])
                 fresh = sum(b - a + 1 for a, b in new)
                 stream.readings += fresh
                 stream.duplicates += len(item.rows) - fresh
@@ -158,8 +161,10 @@ async def _write_once(
                     ended.detail,
                 ))  # fmt: skip
         if copy:
+            began = time.perf_counter()
             async with conn.cursor().copy(COPY_SQL) as pipe:
                 await pipe.write("".join(copy).encode())
+            done.copy_s = time.perf_counter() - began
         if streams:
             await conn.execute(
                 "SELECT 1 FROM coverage"

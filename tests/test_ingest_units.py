@@ -1,0 +1,187 @@
+"""The pieces of `edge-agent ingest` that need no server: settings, rows, decoding, the report."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import time
+from pathlib import Path
+
+import pytest
+
+from edge_agent.consumer.ingest.decode import Accepted, Decoder, Rejection, split_topic
+from edge_agent.consumer.ingest.keystore import GatewayTrust
+from edge_agent.consumer.ingest.report import render
+from edge_agent.consumer.ingest.rows import Nonconforming, RowMaker, text_field, ts_field
+from edge_agent.consumer.ingest.settings import load_settings
+from edge_agent.consumer.ingest.write import multirange, parse_multirange
+from edge_agent.reading import Quality, Reading
+from edge_agent.seal.envelope import Sealer
+from edge_agent.seal.keys import key_id, load_private_key, write_keypair
+from edge_agent.seal.trust import TrustedKey, TrustSet
+
+pytestmark = pytest.mark.unit
+
+
+def args(**given: object) -> argparse.Namespace:
+    names = ("config", "url", "dsn", "group", "ack_key", "topic_prefix", "client_id", "ca_file",
+             "username", "password_file", "max_group", "ack_interval")  # fmt: skip
+    return argparse.Namespace(**{n: given.get(n) for n in names})
+
+
+def test_settings_come_from_the_file_and_options_win(tmp_path: Path) -> None:
+    path = tmp_path / "ingest.yaml"
+    path.write_text("dsn: host=db\ngroup: plant\nmax_group: 16\nurl: mqtt://b:1883\n")
+    settings = load_settings(args(config=str(path), group="other"))
+    assert (settings.dsn, settings.group, settings.max_group) == ("host=db", "other", 16)
+    assert settings.mqtt_client_id().startswith("edge-agent-ingest-other-")
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("dsn: x\nbogus: 1\n", "unknown key bogus"),
+        ("dsn: x\nmax_group: many\n", "max_group: expected an integer"),
+        ("- a\n", "expected a mapping"),
+        ("url: mqtt://b\n", "no --dsn"),
+        ("dsn: x\nurl: mqtt://user:pw@b\n", "credentials in the URL"),
+        ("dsn: x\ngroup: 'a/b'\n", "group"),
+    ],
+)
+def test_bad_settings_name_what_is_wrong(tmp_path: Path, text: str, message: str) -> None:
+    path = tmp_path / "ingest.yaml"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=message):
+        load_settings(args(config=str(path)))
+
+
+def test_copy_text_escapes_what_copy_would_misread() -> None:
+    assert text_field("a\tb\nc\\d\re") == "a\\tb\\nc\\\\d\\re"
+    with pytest.raises(ValueError, match="NUL"):
+        text_field("a\0b")
+    assert ts_field(1_700_000_000_123_456_789) == "2023-11-14 22:13:20.123456+00"
+
+
+def reading(**over: object) -> dict[str, object]:
+    return {"seq": 1, "src": "s", "pt": "p", "ts": 10**18, "v": 1.5, "q": "good", **over}
+
+
+def test_rows_carry_every_value_type_in_its_column() -> None:
+    maker = RowMaker()
+    lines = maker.rows("gw", "ep", [
+        reading(v=1.5), reading(seq=2, v=-(2**63)), reading(seq=3, v=True),
+        reading(seq=4, v="on\tline"), reading(seq=5, v=None, q="bad", sc=2147483648),
+    ])  # fmt: skip
+    fields = [line.rstrip("\n").split("\t") for line in lines]
+    assert [f[7:10] for f in fields] == [
+        ["1.5", "\\N", "\\N"], [str(-(2**63)), "\\N", "\\N"], ["\\N", "t", "\\N"],
+        ["\\N", "\\N", "on\\tline"], ["\\N", "\\N", "\\N"],
+    ]  # fmt: skip
+    assert fields[4][10:] == ["bad", "2147483648"]
+    assert fields[0][:7] == [
+        "gw",
+        "ep",
+        "1",
+        "s",
+        "p",
+        "2001-09-09 01:46:40.000000+00",
+        str(10**18),
+    ]
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        reading(v=math.nan), reading(v=math.inf), reading(v=2**64), reading(v=[1]),
+        reading(v="a\0b"), reading(q="excellent"), reading(sc=1.5), reading(ts=-1),
+        reading(src=3), {"seq": 1},
+    ],
+)  # fmt: skip
+def test_a_reading_that_breaks_the_value_rules_refuses_the_batch(bad: dict[str, object]) -> None:
+    with pytest.raises(Nonconforming):
+        RowMaker().rows("gw", "ep", [reading(), bad])
+
+
+def test_multiranges_round_trip() -> None:
+    assert parse_multirange("{[1,11),[21,31)}") == [(1, 10), (21, 30)]
+    assert parse_multirange("{}") == []
+    assert multirange([(1, 10), (21, 30)]) == "{[1,11),[21,31)}"
+
+
+@pytest.fixture
+def gateway(tmp_path: Path) -> tuple[Sealer, bytes]:
+    write_keypair(tmp_path)
+    key = load_private_key(tmp_path / "signing.key")
+    return Sealer(key), key_id(key.public_key())
+
+
+def trust_for(
+    sealer_kid: tuple[Sealer, bytes], owner: str, *, retired: bool = False
+) -> GatewayTrust:
+    sealer, kid = sealer_kid
+    public = sealer._key.public_key()
+    return GatewayTrust(TrustSet([TrustedKey(public, kid, retired=retired)]), {kid: owner})
+
+
+def sealed(sealer: Sealer, gateway: str = "gw", value: object = 1.0) -> bytes:
+    return sealer.seal(
+        gateway=gateway, epoch="e1", batch=1, first_seq=1, sealed_ns=time.time_ns(),
+        readings=[Reading("s", "p", time.time_ns(), value, Quality.GOOD)],  # type: ignore[arg-type]
+    )  # fmt: skip
+
+
+def test_decoding_accepts_a_batch_of_the_enrolled_gateway(gateway: tuple[Sealer, bytes]) -> None:
+    decoder = Decoder(trust_for(gateway, "gw"), "edge")
+    item = decoder.decode("edge/gw/batch", sealed(gateway[0]))
+    assert isinstance(item, Accepted) and len(item.rows) == 1
+    assert decoder.decode("other/gw/batch", b"") is None
+    assert split_topic("edge/gw/hwm", "edge") == ("gw", "hwm")
+    assert split_topic("edge/a/b/batch", "edge") is None
+
+
+@pytest.mark.parametrize(
+    ("topic", "owner", "retired", "payload_gateway", "value", "reason"),
+    [
+        ("edge/gw/batch", "gw", False, "gw2", 1.0, "wrong_gateway"),  # signed for another
+        ("edge/gw/batch", "gw2", False, "gw", 1.0, "wrong_gateway"),  # key of another gateway
+        ("edge/gw/batch", "gw", True, "gw", 1.0, "key_not_valid"),
+        ("edge/gw/batch", "gw", False, "gw", math.nan, "nonconforming"),
+    ],
+)
+def test_decoding_refuses_with_the_reason(
+    gateway: tuple[Sealer, bytes], topic: str, owner: str, retired: bool,
+    payload_gateway: str, value: float, reason: str,
+) -> None:  # fmt: skip
+    decoder = Decoder(trust_for(gateway, owner, retired=retired), "edge")
+    item = decoder.decode(topic, sealed(gateway[0], payload_gateway, value))
+    assert isinstance(item, Rejection) and item.reason == reason, item
+    assert item.kid == gateway[1].hex() and item.payload_bytes > 0
+
+
+def test_decoding_refuses_tampered_malformed_and_unknown(gateway: tuple[Sealer, bytes]) -> None:
+    decoder = Decoder(GatewayTrust(TrustSet([]), {}), "edge")
+    unknown = decoder.decode("edge/gw/batch", sealed(gateway[0]))
+    assert isinstance(unknown, Rejection) and unknown.reason == "unknown_key"
+    decoder.set_trust(trust_for(gateway, "gw"))
+    tampered = bytearray(sealed(gateway[0]))
+    tampered[-3] ^= 1
+    bad = decoder.decode("edge/gw/batch", bytes(tampered))
+    assert isinstance(bad, Rejection) and bad.reason == "bad_signature"
+    junk = decoder.decode("edge/gw/batch", b"\xff" * 5000)
+    assert isinstance(junk, Rejection) and junk.reason == "malformed"
+    assert len(junk.payload) == 4096 and junk.payload_bytes == 5000
+    mark = decoder.decode("edge/gw/hwm", b"junk")
+    assert isinstance(mark, Rejection) and mark.reason == "malformed"
+
+
+def test_the_report_fails_on_holes_only() -> None:
+    stream = {"gateway": "gw", "epoch": "e1", "readings": 10, "duplicates": 0, "max_seq": 20,
+              "hwm": 25, "evicted": 5}  # fmt: skip
+    gap = {"gateway": "gw", "epoch": "e1", "first": 21, "last": 25, "kind": "tail", "detail": "x"}
+    code, lines = render({"streams": [stream], "gaps": [gap], "rejected": {"bad_signature": 2}})
+    assert code == 0 and any(line.startswith("NOT YET RECEIVED") for line in lines)
+    assert "REJECTED 2 messages: bad_signature (see the table `rejected`)" in lines
+    hole = {**gap, "first": 3, "last": 7, "kind": "hole"}
+    code, lines = render({"streams": [stream], "gaps": [hole, gap], "rejected": {}})
+    assert code == 4 and lines[-1].startswith("INCOMPLETE")
+    assert any("HOLE: gateway=gw epoch=e1 readings=5 seq 3..7" in line for line in lines)
