@@ -123,7 +123,7 @@ def drain(
     prepare_database(dsn, fleet)
     if drop_index:  # an experiment (--drop-index): what one index costs the ingest
         with psycopg.connect(dsn, autocommit=True) as conn:
-            conn.execute(f"DROP INDEX {psycopg.sql.Identifier(drop_index).as_string(conn)}")
+            conn.execute(f"DROP INDEX {psycopg.sql.Identifier(drop_index).as_string(conn)}")  # noqa: S608
     group = name
     ids = [f"{name}-w{i}" for i in range(workers)]
     for client_id in ids:
