@@ -5,7 +5,8 @@
     ├── StoreError                 the SQLite buffer cannot be opened or written
     ├── EnvelopeError              a batch cannot be decoded or its signature does not verify
     │   ├── UnknownKeyError        the batch names a key id the verifier was not given
-    │   └── KeyNotValidError       signed by a retired key, or sealed outside the key's validity
+    │   ├── KeyNotValidError       signed by a retired key, or sealed outside the key's validity
+    │   └── NonconformingError     signed, but a reading breaks the value rules (ingest refuses it)
     ├── AckError                   a consumer acknowledgement refused; `reason` says why (§4.10)
     ├── DeviceError                a device failed to answer a read (timeout, exception, garbage)
     │   └── ReadError              a Modbus read failed; `reason` names its counter
@@ -30,6 +31,8 @@
     ├── SecurityError              an OPC UA connection refused on security grounds
     │   └── UntrustedCertificateError  the server's certificate is not trusted
     ├── PublishRejectedError       the broker refused a batch (PUBACK reason >= 0x80)
+    ├── TransactionRetryError      ingest: PostgreSQL aborted a transaction for concurrency; again
+    ├── StoppedWaitingError        ingest: told to stop while waiting for PostgreSQL
     └── BrokerUnavailableError (RuntimeError)  the demo finds no MQTT broker to run
 
 Classes live next to the code that raises them: ConfigError, StoreError, EnvelopeError,
@@ -40,7 +43,9 @@ DecodeError in `sources/modbus/decode.py`, KeyNotValidError in `seal/trust.py`,
 AckError in `seal/ack.py`, ConnectionLostError in `sources/opcua/source.py`,
 UnknownNamespaceError in `sources/opcua/namespaces.py`, TakeOverError in `sources/opcua/session.py`,
 SecurityError and UntrustedCertificateError in `sources/opcua/security.py`,
-PublishRejectedError in `forward/mqtt.py`, BrokerUnavailableError in `demo/embedded_broker.py`.
+PublishRejectedError in `forward/mqtt.py`, BrokerUnavailableError in `demo/embedded_broker.py`,
+NonconformingError in `consumer/ingest/rows.py`, TransactionRetryError and StoppedWaitingError in
+`consumer/ingest/worker.py` (they never leave the worker).
 A second base in parentheses is kept for callers that catch it.
 
 Only ConfigError stops the daemon before start; device and connection errors never leave their

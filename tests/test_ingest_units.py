@@ -12,7 +12,7 @@ import pytest
 from edge_agent.consumer.ingest.decode import Accepted, Decoder, Rejection, split_topic
 from edge_agent.consumer.ingest.keystore import GatewayTrust
 from edge_agent.consumer.ingest.report import render
-from edge_agent.consumer.ingest.rows import Nonconforming, RowMaker, text_field, ts_field
+from edge_agent.consumer.ingest.rows import NonconformingError, RowMaker, text_field, ts_field
 from edge_agent.consumer.ingest.settings import load_settings
 from edge_agent.consumer.ingest.write import multirange, parse_multirange
 from edge_agent.reading import Quality, Reading
@@ -98,7 +98,7 @@ def test_rows_carry_every_value_type_in_its_column() -> None:
     ],
 )  # fmt: skip
 def test_a_reading_that_breaks_the_value_rules_refuses_the_batch(bad: dict[str, object]) -> None:
-    with pytest.raises(Nonconforming):
+    with pytest.raises(NonconformingError):
         RowMaker().rows("gw", "ep", [reading(), bad])
 
 
@@ -185,3 +185,10 @@ def test_the_report_fails_on_holes_only() -> None:
     code, lines = render({"streams": [stream], "gaps": [hole, gap], "rejected": {}})
     assert code == 4 and lines[-1].startswith("INCOMPLETE")
     assert any("HOLE: gateway=gw epoch=e1 readings=5 seq 3..7" in line for line in lines)
+
+
+def test_the_example_configuration_loads() -> None:
+    example = Path(__file__).parent.parent / "config" / "ingest.example.yaml"
+    settings = load_settings(args(config=str(example)))
+    assert settings.client_id == "ingest-db1-1" and settings.url.startswith("mqtts://")
+    assert settings.keys_refresh == 10 and settings.ack_key is not None

@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass
 
 from edge_agent.consumer.ingest.keystore import GatewayTrust
-from edge_agent.consumer.ingest.rows import Nonconforming, RowMaker
+from edge_agent.consumer.ingest.rows import NonconformingError, RowMaker
 from edge_agent.consumer.ingest.signed import HighWater, open_signed
 from edge_agent.errors import EnvelopeError, UnknownKeyError
 from edge_agent.seal.envelope import Batch, Opener
@@ -147,7 +147,7 @@ class Decoder:
             return self._reject(topic, gateway, payload, "malformed", problem, kid=batch.kid)
         try:
             rows = self.rows.rows(batch.gateway, batch.epoch, batch.readings)
-        except Nonconforming as exc:
+        except NonconformingError as exc:
             return self._reject(topic, gateway, payload, "nonconforming", str(exc), kid=batch.kid)
         finally:
             self.seconds["rows"] += time.perf_counter() - opened

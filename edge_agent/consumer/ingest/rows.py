@@ -3,7 +3,7 @@
 The rows are made in one pass that also applies the value rules of docs/contract.md §4.4: a
 reading that breaks them (a NaN or infinite number, an integer beyond 64 bits, a value of no
 reading type, a quality not in §4, text holding NUL, which PostgreSQL text cannot store) makes
-the whole batch refused (`Nonconforming`), never stored as data.
+the whole batch refused (`NonconformingError`), never stored as data.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ INT8 = 2**63
 NULL = "\\N"
 
 
-class Nonconforming(EnvelopeError):  # noqa: N818 - named for the verifier's word for it
+class NonconformingError(EnvelopeError):
     """A signed batch whose readings break the value rules of §4.4; says which and why."""
 
 
@@ -67,11 +67,11 @@ class RowMaker:
         self._times: dict[int, str] = {}
 
     def rows(self, gateway: str, epoch: str, readings: list[dict[str, Any]]) -> list[str]:
-        """One line (with its newline) per reading, in order. Raises Nonconforming."""
+        """One line (with its newline) per reading, in order. Raises NonconformingError."""
         try:
             head = f"{text_field(gateway)}\t{text_field(epoch)}\t"
         except ValueError as exc:
-            raise Nonconforming(f"gateway or epoch: {exc}") from None
+            raise NonconformingError(f"gateway or epoch: {exc}") from None
         if len(self._names) > 100_000:
             self._names.clear()
         if len(self._times) > 10_000:
@@ -82,7 +82,7 @@ class RowMaker:
         except (RejectedValue, ValueError, KeyError, TypeError, OverflowError, OSError) as exc:
             seqs = [r.get("seq") for r in readings if isinstance(r, dict)]
             where = f"readings seq {seqs[0]}..{seqs[-1]}" if seqs else "readings"
-            raise Nonconforming(f"{where}: {type(exc).__name__}: {exc}") from None
+            raise NonconformingError(f"{where}: {type(exc).__name__}: {exc}") from None
 
     def _line(self, head: str, reading: dict[str, Any]) -> str:
         seq, src, pt, ts = reading["seq"], reading["src"], reading["pt"], reading["ts"]

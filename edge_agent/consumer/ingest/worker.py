@@ -47,6 +47,7 @@ from edge_agent.consumer.ingest.decode import Accepted, Decoder, Item, Rejection
 from edge_agent.consumer.ingest.settings import IngestSettings
 from edge_agent.consumer.ingest.signed import AckSigner
 from edge_agent.consumer.ingest.write import Ledger, Written, write_group
+from edge_agent.errors import EdgeAgentError
 from edge_agent.seal.keys import load_private_key
 
 log = logging.getLogger(__name__)
@@ -170,7 +171,7 @@ class Worker:
         self._stop = stop
         try:
             await self._start()
-        except _Stopping:
+        except StoppedWaitingError:
             return
         await self._consume(stop)
 
@@ -234,7 +235,7 @@ class Worker:
                 await groups.put(None)
             await writer
             acker.cancel()
-            await self._flush_acks(client)
+            await self._flush_acks(client, every=True)
 
     async def _read_loop(
         self, client: aiomqtt.Client, groups: asyncio.Queue[_Group | None], stop: asyncio.Event
@@ -301,7 +302,7 @@ class Worker:
             began = time.perf_counter()
             try:
                 written = await self._write(group.items)
-            except _Stopping:
+            except StoppedWaitingError:
                 abandoned = True
                 continue
             seconds = self.stats.seconds
@@ -344,19 +345,19 @@ class Worker:
         try:
             return await write_group(conn, items, self.settings.rejected_keep)
         except (pg_errors.DeadlockDetected, pg_errors.SerializationFailure) as exc:
-            raise _Retry(str(exc)) from exc
+            raise TransactionRetryError(str(exc)) from exc
 
     async def _retrying(self, attempt: Callable[[], Awaitable[T]]) -> T:
         """`attempt()` until it does not fail for the connection or for concurrency; raise
-        _Stopping when the worker is told to stop meanwhile."""
+        StoppedWaitingError when the worker is told to stop meanwhile."""
         delay = 0.2
         failed = False
         while True:
             try:
                 result = await attempt()
-            except (psycopg.OperationalError, psycopg.InterfaceError, _Retry) as exc:
+            except (psycopg.OperationalError, psycopg.InterfaceError, TransactionRetryError) as exc:
                 self.stats.db_retries += 1
-                if not isinstance(exc, _Retry):
+                if not isinstance(exc, TransactionRetryError):
                     if not failed or delay >= RETRY_MAX_S:
                         log.warning("Ingest waits for PostgreSQL error=%s", str(exc).strip())
                     failed = True
@@ -364,7 +365,7 @@ class Worker:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._stop.wait(), delay)
                 if self._stop.is_set():
-                    raise _Stopping from exc
+                    raise StoppedWaitingError from exc
                 delay = min(RETRY_MAX_S, delay * 2)
             else:
                 if failed:
@@ -377,7 +378,8 @@ class Worker:
             await asyncio.sleep(interval)
             await self._flush_acks(client)
 
-    async def _flush_acks(self, client: aiomqtt.Client) -> None:
+    async def _flush_acks(self, client: aiomqtt.Client, *, every: bool = False) -> None:
+        """Publish the acknowledgements due (`every`: all pending, at a stop)."""
         if self._signer is None or not self._dirty:
             self._dirty.clear()
             return
@@ -385,7 +387,7 @@ class Worker:
         due = [
             key
             for key in self._dirty
-            if now - self._last_ack.get(key, -1e9) >= self.settings.ack_interval
+            if every or now - self._last_ack.get(key, -1e9) >= self.settings.ack_interval
         ]
         sends = []
         for key in due:
@@ -406,11 +408,11 @@ class Worker:
             self._last_ack = {k: t for k, t in self._last_ack.items() if now - t < 60}
 
 
-class _Stopping(Exception):  # noqa: N818 - internal signal, never leaves the worker
+class StoppedWaitingError(EdgeAgentError):
     """Told to stop while waiting for PostgreSQL."""
 
 
-class _Retry(Exception):  # noqa: N818 - internal signal, never leaves the worker
+class TransactionRetryError(EdgeAgentError):
     """A transaction the server aborted for concurrency (deadlock, serialisation): retry it."""
 
 
