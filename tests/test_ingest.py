@@ -6,6 +6,7 @@ that change nothing, refused batches recorded and never stored, a report that sa
 
 from __future__ import annotations
 
+import json
 import math
 import re
 import time
@@ -19,6 +20,7 @@ import psycopg
 import pytest
 from helpers.fleet import Fleet, Message, Publisher, SimulatedGateway, publish, taken
 from helpers.ingest import IngestWorker, ingest
+from helpers.ports import free_port
 from helpers.wait import wait_for
 
 from edge_agent.demo.broker import Mosquitto
@@ -92,6 +94,11 @@ async def test_every_reading_lands_once_and_replays_change_nothing(
     report = ingest("report", "--dsn", database)
     assert report.returncode == 0, report.stdout + report.stderr
     assert "OK:" in report.stdout
+    as_json = json.loads(ingest("report", "--dsn", database, "--json").stdout)
+    assert sorted(s["readings"] for s in as_json["streams"]) == sorted(
+        len(s) for s in expected.values()
+    )
+    assert as_json["gaps"] == [] and as_json["rejected"] == {}
 
     # The values, as sealed, queryable without our code.
     sample = fleet.members[0].readings(20, 1_700_000_000_123_456_789)
@@ -333,3 +340,25 @@ async def test_the_report_tells_holes_from_declared_evictions_tails_and_ended_ep
     )  # fmt: skip
     report = ingest("report", "--dsn", database)
     assert report.returncode == 4 and "HOLE:" in report.stdout and "6..10" in report.stdout
+
+
+def test_a_worker_refuses_a_database_it_was_not_migrated_for(
+    tmp_path: Path, broker: Mosquitto, postgres_dsn: str
+) -> None:
+    worker = ingest("run", "--dsn", postgres_dsn, "--url", broker.url, timeout=60)
+    assert worker.returncode == 1
+    assert "schema version 0" in worker.stderr and "ingest migrate" in worker.stderr
+    missing = ingest("run", "--url", broker.url)
+    assert missing.returncode == 2 and "--dsn" in missing.stderr
+    down = ingest("migrate", "--dsn", f"host=127.0.0.1 port={free_port()} user=x dbname=x")
+    assert down.returncode == 1 and "cannot reach PostgreSQL" in down.stderr
+
+
+async def test_known_epochs_draw_no_new_stream_numbers(
+    broker: Mosquitto, database: str, fleet: Fleet, worker: IngestWorker
+) -> None:
+    """Every group names the epochs it writes; only a new one takes a number (no exhaustion)."""
+    publish(broker.url, fleet.seal_rounds(30, 10))
+    await stored(database, 600, "every batch")
+    numbers = rows(database, "SELECT max(stream), count(*) FROM coverage")
+    assert numbers == [(2, 2)]

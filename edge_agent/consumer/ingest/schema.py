@@ -36,7 +36,8 @@ null when the reading has no value (quality bad).
 
 Plain PostgreSQL: the primary key and a BRIN index on `ts` (time ranges); no per-point B-tree,
 which would cost about 40% of the COPY rate (docs/cloud.md says when to add
-`readings_point_ts`). With TimescaleDB installed, `readings` is a hypertable on `ts` (its
+`readings_point_ts`). With the TimescaleDB extension created in the
+database before the first `migrate`, `readings` is a hypertable on `ts` (its
 unique index is then (stream, seq, ts), as TimescaleDB requires; the ledger keeps
 (gateway, epoch, seq) unique by itself).
 """
@@ -73,7 +74,7 @@ CREATE INDEX gateway_keys_gateway ON gateway_keys (gateway);
 CREATE SEQUENCE gateway_keys_generation;
 
 CREATE TABLE readings (
-    stream   int4 NOT NULL,
+    stream   int8 NOT NULL,
     gateway  text COLLATE "C" NOT NULL,
     epoch    text COLLATE "C" NOT NULL,
     seq      int8 NOT NULL,
@@ -91,7 +92,7 @@ CREATE TABLE readings (
 CREATE TABLE coverage (
     gateway   text COLLATE "C" NOT NULL,
     epoch     text COLLATE "C" NOT NULL,
-    stream    int4 GENERATED ALWAYS AS IDENTITY UNIQUE,
+    stream    int8 GENERATED ALWAYS AS IDENTITY UNIQUE,
     received  int8multirange NOT NULL DEFAULT '{}',
     evicted   int8multirange NOT NULL DEFAULT '{}',
     batches   int8multirange NOT NULL DEFAULT '{}',
@@ -191,7 +192,6 @@ CREATE INDEX readings_ts ON readings USING brin (ts);
 """
 
 _V1_TIMESCALE = """
-CREATE EXTENSION IF NOT EXISTS timescaledb;
 CREATE UNIQUE INDEX readings_seq ON readings (stream, seq, ts);
 CREATE INDEX readings_point_ts ON readings (gateway, src, pt, ts);
 SELECT create_hypertable('readings', 'ts');
@@ -238,9 +238,7 @@ def migrate(conn: psycopg.Connection[tuple[object, ...]]) -> tuple[int, int]:
             " applied timestamptz NOT NULL DEFAULT now())"
         )
     before = current_version(conn)
-    row = conn.execute(
-        "SELECT count(*) FROM pg_available_extensions WHERE name = 'timescaledb'"
-    ).fetchone()
+    row = conn.execute("SELECT count(*) FROM pg_extension WHERE extname = 'timescaledb'").fetchone()
     conn.commit()
     timescale = bool(row and row[0])
     for step in migrations(timescale):

@@ -131,10 +131,11 @@ class _Database:
         async with await psycopg.AsyncConnection.connect(
             self.dsn, connect_timeout=10, autocommit=True
         ) as conn:
-            cursor = await conn.execute(
-                "SELECT CASE WHEN to_regclass('schema_version') IS NULL THEN 0"
-                " ELSE (SELECT coalesce(max(version), 0) FROM schema_version) END"
-            )
+            cursor = await conn.execute("SELECT to_regclass('schema_version') IS NOT NULL")
+            row = await cursor.fetchone()
+            if not row or not row[0]:
+                return 0
+            cursor = await conn.execute("SELECT coalesce(max(version), 0) FROM schema_version")
             row = await cursor.fetchone()
             return int(str(row[0])) if row else 0
 

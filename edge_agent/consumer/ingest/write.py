@@ -99,9 +99,12 @@ async def write_group(conn: AConn, items: Sequence[Item], rejected_keep: int) ->
     if keys:
         async with conn.transaction():
             await conn.execute(
+                # Only the rows missing: an INSERT that conflicts still draws a stream number,
+                # and every group names the epochs it writes.
                 "INSERT INTO coverage (gateway, epoch)"
-                " SELECT g, e FROM unnest(%s::text[], %s::text[]) AS k(g, e) ORDER BY g, e"
-                " ON CONFLICT DO NOTHING",
+                " SELECT g, e FROM unnest(%s::text[], %s::text[]) AS k(g, e)"
+                " WHERE NOT EXISTS (SELECT 1 FROM coverage c WHERE c.gateway = k.g"
+                " AND c.epoch = k.e) ORDER BY g, e ON CONFLICT DO NOTHING",
                 ([k[0] for k in keys], [k[1] for k in keys]),
             )
     attempt = 0
@@ -147,7 +150,8 @@ async def _write_once(
                 stream.new.extend(new)
                 head = f"{stream.number}\t"
                 for a, b in new:
-                    copy.extend(head + row for row in item.rows[a - first : b - first + 1])
+                    # Every row ends with a newline: the stream number joins them in C.
+                    copy.append(head + head.join(item.rows[a - first : b - first + 1]))
                 fresh = sum(b - a + 1 for a, b in new)
                 stream.readings += fresh
                 stream.duplicates += len(item.rows) - fresh
