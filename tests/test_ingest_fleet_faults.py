@@ -24,8 +24,8 @@ from helpers.agent import AgentProcess
 from helpers.fleet import Fleet, Message, Publisher, agent_fleet, taken
 from helpers.ingest_fleet import (
     AckCollector,
+    CopyWatch,
     FleetWorker,
-    copying,
     covered,
     ledger,
     prepare_database,
@@ -82,18 +82,20 @@ async def test_three_workers_twenty_gateways_one_worker_killed_and_restarted(
         with Publisher(broker.url) as publisher:
             # Worker 1 is SIGKILLed in the middle of a group: while PostgreSQL shows its COPY
             # running (the transaction open), as the fleet publishes on.
-            flowing = asyncio.create_task(publish_rounds(publisher, fleet, 16))
-            victim = group[1]
+            flowing = asyncio.create_task(publish_rounds(publisher, fleet, 24))
+            victim, watch = group[1], CopyWatch(postgres_dsn)
 
             def kill_mid_copy() -> bool:
                 assert victim.process is not None
-                if not copying(postgres_dsn, victim.process.pid):
-                    assert not flowing.done(), "worker 1 never seen copying while batches flowed"
+                if not watch.copying(victim.process.pid):
                     return False
                 victim.kill()
                 return True
 
-            await wait_for(kill_mid_copy, 30, "worker 1 in the middle of a COPY", interval=0.002)
+            try:
+                await wait_for(kill_mid_copy, 30, "worker 1 in the middle of a COPY", interval=0)
+            finally:
+                watch.close()
             sent += await flowing
             group[1].start()  # its session kept its share and its unacknowledged messages
             sent += await publish_rounds(publisher, fleet, 4)
@@ -107,7 +109,7 @@ async def test_three_workers_twenty_gateways_one_worker_killed_and_restarted(
         await all_stored(case, postgres_dsn, expected, 60)
         account = ledger(case, postgres_dsn, expected)
         print(f"\n{account.line()}")
-        assert account.taken == GATEWAYS * 24 * READINGS
+        assert account.taken == GATEWAYS * 32 * READINGS
         assert (account.lost, account.duplicates, account.verified) == (0, 0, account.taken)
         assert account.declared == 300
         outcome = report(postgres_dsn)

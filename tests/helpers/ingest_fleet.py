@@ -156,16 +156,25 @@ def local_ports(pid: int) -> set[int]:
     return ports
 
 
-def copying(dsn: str, pid: int) -> bool:
-    """Whether process `pid` has a COPY into PostgreSQL running right now: its group's
-    transaction open, rows on their way (its connection found in pg_stat_activity by port)."""
-    with psycopg.connect(dsn, autocommit=True) as conn:
-        rows = conn.execute(
+class CopyWatch:
+    """Watches PostgreSQL for a process's COPY (one connection, kept: polled every few ms)."""
+
+    def __init__(self, dsn: str) -> None:
+        self._conn = psycopg.connect(dsn, autocommit=True)
+
+    def copying(self, pid: int) -> bool:
+        """Whether process `pid` has a COPY into PostgreSQL running right now: its group's
+        transaction open, rows on their way (its connection found in pg_stat_activity by
+        its port)."""
+        rows = self._conn.execute(
             "SELECT client_port FROM pg_stat_activity"
             " WHERE state = 'active' AND query LIKE 'COPY%' AND client_port IS NOT NULL"
         ).fetchall()
-    ports = {int(port) for (port,) in rows}  # type: ignore[call-overload]
-    return bool(ports) and bool(ports & local_ports(pid))
+        ports = {int(port) for (port,) in rows}  # type: ignore[call-overload]
+        return bool(ports) and bool(ports & local_ports(pid))
+
+    def close(self) -> None:
+        self._conn.close()
 
 
 def report(dsn: str) -> subprocess.CompletedProcess[str]:
