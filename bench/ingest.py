@@ -32,6 +32,7 @@ import argparse
 import asyncio
 import json
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -305,7 +306,9 @@ def main() -> int:
             more = statistics.median(r.rate for r in runs if r.workers == workers)
             print(f"  {workers} workers / {counts[0]}: {more / one:.2f}x")
     if args.profile:
-        print(f"profiles: {directory / 'workers'}/*.prof")
+        print(f"profiles: {directory / 'workers'}/*.prof (remove {directory} after reading)")
+    else:
+        shutil.rmtree(directory, ignore_errors=True)
     if args.json:
         args.json.write_text(json.dumps([asdict(r) | {"rate": r.rate} for r in runs], indent=1))
     return 0
