@@ -32,6 +32,7 @@ import argparse
 import asyncio
 import json
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -43,7 +44,6 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))  # the tests' helpers: one fleet, one PostgreSQL
 
 import psycopg  # noqa: E402
-import psycopg.sql  # noqa: E402
 from helpers.fleet import Fleet, Message, Publisher, persistent_session  # noqa: E402
 from helpers.ingest_fleet import FleetWorker, prepare_database, stored_readings  # noqa: E402
 from helpers.postgres import PostgresServer  # noqa: E402
@@ -115,15 +115,15 @@ def drain(
     *,
     profile: bool = False,
     max_group: int = 64,
-    drop_index: str | None = None,
+    sql: str | None = None,
     timeout: float = 300.0,
 ) -> Run:
     """Steps 1-3 of the module docstring, once; raises when a reading is missing or twice."""
     dsn = server.create_database(name)
     prepare_database(dsn, fleet)
-    if drop_index:  # an experiment (--drop-index): what one index costs the ingest
+    if sql:  # an experiment (--sql): what an index, say, costs the ingest
         with psycopg.connect(dsn, autocommit=True) as conn:
-            conn.execute(f"DROP INDEX {psycopg.sql.Identifier(drop_index).as_string(conn)}")
+            conn.execute(sql.encode())
     group = name
     ids = [f"{name}-w{i}" for i in range(workers)]
     for client_id in ids:
@@ -247,7 +247,7 @@ def main() -> int:
     parser.add_argument("--split", action="store_true", help="time verify, decode, COPY apart")
     parser.add_argument("--max-group", type=int, default=64, help="messages per transaction")
     parser.add_argument(
-        "--drop-index", help="experiment: drop this index of the schema before the run"
+        "--sql", help="experiment: run this SQL after `migrate` (e.g. CREATE INDEX ...)"
     )
     parser.add_argument("--json", type=Path, help="write the runs here")
     args = parser.parse_args()
@@ -278,7 +278,7 @@ def main() -> int:
                 run = drain(
                     server, broker, fleet, messages, workers, f"bench_w{workers}_r{n}",
                     directory / "workers", profile=args.profile, max_group=args.max_group,
-                    drop_index=args.drop_index,
+                    sql=args.sql,
                 )  # fmt: skip
                 runs.append(run)
                 print(
@@ -306,7 +306,9 @@ def main() -> int:
             more = statistics.median(r.rate for r in runs if r.workers == workers)
             print(f"  {workers} workers / {counts[0]}: {more / one:.2f}x")
     if args.profile:
-        print(f"profiles: {directory / 'workers'}/*.prof")
+        print(f"profiles: {directory / 'workers'}/*.prof (remove {directory} after reading)")
+    else:
+        shutil.rmtree(directory, ignore_errors=True)
     if args.json:
         args.json.write_text(json.dumps([asdict(r) | {"rate": r.rate} for r in runs], indent=1))
     return 0

@@ -137,6 +137,46 @@ def prepare_database(
             keystore.add_key(conn, gateway, pem)
 
 
+def local_ports(pid: int) -> set[int]:
+    """The local TCP ports of process `pid`'s sockets (its /proc fds against /proc/net/tcp)."""
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            target = os.readlink(fd)
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[8:-1])
+    ports = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[9] in inodes:
+                ports.add(int(fields[1].rsplit(":", 1)[1], 16))
+    return ports
+
+
+class CopyWatch:
+    """Watches PostgreSQL for a process's COPY (one connection, kept: polled every few ms)."""
+
+    def __init__(self, dsn: str) -> None:
+        self._conn = psycopg.connect(dsn, autocommit=True)
+
+    def copying(self, pid: int) -> bool:
+        """Whether process `pid` has a COPY into PostgreSQL running right now: its group's
+        transaction open, rows on their way (its connection found in pg_stat_activity by
+        its port)."""
+        rows = self._conn.execute(
+            "SELECT client_port FROM pg_stat_activity"
+            " WHERE state = 'active' AND query LIKE 'COPY%' AND client_port IS NOT NULL"
+        ).fetchall()
+        ports = {int(port) for (port,) in rows}  # type: ignore[call-overload]
+        return bool(ports) and bool(ports & local_ports(pid))
+
+    def close(self) -> None:
+        self._conn.close()
+
+
 def report(dsn: str) -> subprocess.CompletedProcess[str]:
     """`edge-agent ingest report --dsn DSN` as an operator runs it."""
     return subprocess.run(
