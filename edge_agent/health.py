@@ -28,6 +28,7 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from edge_agent.clock import ClockWatch
 from edge_agent.forward.mqtt import ForwarderState
 from edge_agent.metrics import Metrics
 from edge_agent.sources.base import SourceState
@@ -52,6 +53,7 @@ class Health:
         metrics: Metrics,
         alive: Callable[[], bool],
         held_back_since: Callable[[], float | None] = lambda: None,
+        clock: ClockWatch | None = None,
     ) -> None:
         self._gateway = gateway
         self._store = store
@@ -60,6 +62,7 @@ class Health:
         self._metrics = metrics
         self._alive = alive
         self._held_back_since = held_back_since
+        self._clock = clock
         self.ready = False
 
     def app(self) -> web.Application:
@@ -82,10 +85,10 @@ class Health:
 
     async def snapshot(self) -> dict[str, Any]:
         oldest = await self._store.oldest_sealed_ns()
-        age = max(0.0, time.time() - oldest / 1e9) if oldest is not None else 0.0
+        age = max(0.0, (self._store.now_ns() - oldest) / 1e9) if oldest is not None else 0.0
         stats = self._store.stats
         since = self._held_back_since()
-        held_back = max(0.0, time.time() - since) if since is not None else 0.0
+        held_back = max(0.0, time.monotonic() - since) if since is not None else 0.0
         problems = self._store.problems()
         if held_back >= HELD_BACK_PROBLEM_S:
             problems.append(
@@ -118,6 +121,7 @@ class Health:
                 "problems": problems,
                 "quarantined": [q.to_json() for q in self._store.quarantined],
             },
+            **({} if self._clock is None else {"clock": self._clock.status()}),
             "sources": {
                 name: {
                     "up": s.up,

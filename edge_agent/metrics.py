@@ -60,6 +60,16 @@ class Metrics:
         self.buffer_oldest_age = Gauge(
             "edge_agent_buffer_oldest_age_seconds", "Age of the oldest buffered batch.", registry=r
         )
+        self.clock_steps = Counter(
+            "edge_agent_clock_steps",
+            "Steps of the wall clock detected (ages and retention are not affected).",
+            registry=r,
+        )
+        self.clock_synced = Gauge(
+            "edge_agent_clock_synced",
+            "1 while the kernel says the wall clock is synchronised (adjtimex).",
+            registry=r,
+        )
         self.batches_sent = Counter(
             "edge_agent_batches_sent", "Batches acknowledged by the broker.", registry=r
         )

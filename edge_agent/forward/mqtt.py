@@ -417,7 +417,7 @@ class Forwarder:
             raise PublishRejectedError(code, self.batch_topic)
         self._to_ack.append(batch)
         self._ack_ready.set()
-        self._metrics.ack_latency.observe(max(0.0, time.time() - batch.sealed_ns / 1e9))
+        self._metrics.ack_latency.observe(max(0.0, (self._store.now_ns() - batch.sealed_ns) / 1e9))
         self._cleared(batch.key)
         self._progress(session)
 

@@ -112,7 +112,9 @@ class SealedBatch:
     """A batch ready to store: its signed bytes and the numbers it was sealed with.
 
     `declares` are the evicted ranges it declares; `ends_previous` says it carries the pending
-    `previous_epoch`. Either makes it a declaration, kept in `notices`.
+    `previous_epoch`. Either makes it a declaration, kept in `notices`. `sealed_ns` is when it
+    was sealed on the store's clock (`Store.now_ns`: the agent's age clock), not necessarily
+    the `sealed` in its payload (the wall clock as read).
     """
 
     batch: int
@@ -225,10 +227,21 @@ class _Evicted:
 class Store:
     """Sealed batches on disk; one instance per file, used from one event loop."""
 
-    def __init__(self, path: Path, *, max_bytes: int, max_age_s: float) -> None:
+    def __init__(
+        self,
+        path: Path,
+        *,
+        max_bytes: int,
+        max_age_s: float,
+        now_ns: Callable[[], int] = time.time_ns,
+    ) -> None:
         self.path = path
         self.max_bytes = max_bytes
         self.max_age_s = max_age_s
+        self.now_ns = now_ns
+        """The clock of the batches' `sealed_ns` here, in ns: the agent's age clock
+        (`ClockWatch.age_ns`, which a step of the wall clock does not move), so that
+        `max_age` and the oldest age in /status are true ages; the wall clock by default."""
         self.epoch = ""
         self.next_seq = 1
         self.next_batch = 1
@@ -777,7 +790,7 @@ class Store:
     async def _apply_retention(self, adding: int, evicted: _Evicted) -> None:
         """Evict the oldest batches past max_bytes or max_age (beyond what already went)."""
         excess = self.stats.bytes - evicted.bytes + adding - self.max_bytes
-        cutoff_ns = time.time_ns() - int(self.max_age_s * 1e9)
+        cutoff_ns = self.now_ns() - int(self.max_age_s * 1e9)
         budget = [excess]
 
         def expired(size: int, sealed_ns: int) -> bool:
