@@ -13,8 +13,9 @@ reads like the wall clock until the wall clock is stepped, and never jumps: with
 batch's age is exact whatever the wall clock did. A new boot starts a new anchor from the wall
 clock (monotonic time restarts at boot), so ages across a reboot are wall-clock differences.
 
-A step is a change of `wall - age` by STEP_NS or more between two `check`s (NTP slews move both
-clocks alike; only a step moves one). It is logged once with its size and counted.
+A step is a change of `wall - age` by STEP_NS or more between two `check`s, a second apart in
+the agent (an NTP slew moves both clocks alike; only a step moves one, and a drift between
+checks is followed, not summed). It is logged once with its size and counted.
 """
 
 from __future__ import annotations
@@ -94,6 +95,10 @@ class ClockWatch:
             "clock_offset_ns": self.offset_ns,
         }
 
+    def wall_ns(self) -> int:
+        """Now on the wall clock (ns since the Unix epoch), as read: what a batch's `sealed` is."""
+        return self._wall()
+
     def age_ns(self) -> int:
         """Now on the age clock (ns since the epoch as of the anchor); never jumps in a boot."""
         return self._mono() + self.anchor_ns
@@ -103,9 +108,9 @@ class ClockWatch:
         wall, mono = self._pair()
         offset = wall - (mono + self.anchor_ns)
         size = offset - self.offset_ns
+        self.offset_ns = offset  # a slow drift, if any, is followed, never summed into a step
         if abs(size) < STEP_NS:
             return None
-        self.offset_ns = offset
         self.steps += 1
         self.last_step = step = Step(size, wall)
         log.warning(

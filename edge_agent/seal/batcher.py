@@ -225,8 +225,8 @@ class Batcher:
         the age clock (`ClockWatch.age_ns`), which measures `store.max_age` whatever the wall
         clock does. The `clock` map is the same for the batches of one call.
         """
-        sealed_ns = time.time_ns()
         clock = self._clock
+        sealed_ns = time.time_ns() if clock is None else clock.wall_ns()
         stored_ns = sealed_ns if clock is None else clock.age_ns()
         seal = functools.partial(
             self._sealer.seal, gateway=self._gateway, epoch=self._store.epoch, sealed_ns=sealed_ns,
