@@ -19,7 +19,7 @@ import zstandard
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from edge_agent.clock import ClockWatch, KernelClock, boot_id, read_kernel_clock
-from edge_agent.clock.kernel import STA_UNSYNC, Timex, kernel_clock
+from edge_agent.clock.kernel import STA_UNSYNC, KernelClockReader, Timex, kernel_clock
 from edge_agent.clock.watch import STEP_NS
 from edge_agent.consumer.clock_report import ClockTally
 from edge_agent.errors import EnvelopeError
@@ -90,6 +90,28 @@ def test_the_kernel_state_is_read_from_status_and_esterror(
     status: int, esterror: int, expected: KernelClock
 ) -> None:
     assert kernel_clock(Timex(status=status, esterror=esterror)) == expected
+
+
+def test_a_refused_adjtimex_falls_back_to_the_timesyncd_flag(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The packaged unit's seccomp filter answers EPERM; here a stand-in function does (root in
+    this test process is never refused), logged once, then the flag file says."""
+    calls = []
+
+    def refused(_: object) -> int:
+        calls.append(1)
+        ctypes.set_errno(1)  # EPERM
+        return -1
+
+    flag = tmp_path / "synchronized"
+    reader = KernelClockReader(refused, flag)
+    assert reader() == KernelClock(synced=False, error_ns=None)
+    flag.touch()
+    assert reader() == KernelClock(synced=True, error_ns=None)
+    assert len(calls) == 1  # not asked again
+    warnings = [r.getMessage() for r in caplog.records if "adjtimex" in r.getMessage()]
+    assert len(warnings) == 1 and "Operation not permitted" in warnings[0]
 
 
 def test_boot_id_is_the_kernels_or_empty(tmp_path: Path) -> None:

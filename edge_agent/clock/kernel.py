@@ -7,6 +7,9 @@ maintained Python binding of adjtimex exists (the PyPI `adjtimex` packages are u
 ctypes wrappers too). `struct timex` is the same on x86_64 and aarch64, both LP64 under glibc:
 208 bytes, `esterror` at offset 32 and `status` at 40 (tests/test_clock.py checks the layout).
 
+Where a system call filter refuses adjtimex (the packaged systemd unit), `KernelClockReader`
+falls back to systemd-timesyncd's flag file: synchronised or not, the error unknown.
+
 The boot id (`/proc/sys/kernel/random/boot_id`) is a random UUID the kernel makes at each boot:
 CLOCK_MONOTONIC readings compare only within one boot.
 """
@@ -16,6 +19,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import logging
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +32,8 @@ STA_UNSYNC = 0x0040
 NTP_PHASE_LIMIT_US = 16_000_000
 """The kernel's `esterror` and `maxerror` cap (16 s): an error this large means unknown."""
 BOOT_ID_PATH = Path("/proc/sys/kernel/random/boot_id")
+TIMESYNC_FLAG = Path("/run/systemd/timesync/synchronized")
+"""Made by systemd-timesyncd once it has synchronised the clock (systemd 239 and later)."""
 
 
 class _Timeval(ctypes.Structure):
@@ -96,25 +102,44 @@ def _libc_adjtimex() -> Callable[[Any], int] | None:
     return function
 
 
-_ADJTIMEX = _libc_adjtimex()
+LIBC_ADJTIMEX = _libc_adjtimex()
+"""libc's adjtimex, or None where there is none (not Linux)."""
 
 
-def read_kernel_clock() -> KernelClock:
-    """Read the clock's state with adjtimex(modes=0): a system call, microseconds; never raises.
+class KernelClockReader:
+    """Reads the clock's state: adjtimex(modes=0), or systemd-timesyncd's flag file when the
+    call is refused.
 
-    UNKNOWN (not synchronised, error unknown) when the call is missing or fails (not Linux, a
-    seccomp filter), logged once.
+    The packaged unit's system call filter (`ProtectClock=yes`, `~@privileged`) refuses even
+    a read of adjtimex (EPERM; systemd issue 26413). The reader then says what
+    systemd-timesyncd says: `TIMESYNC_FLAG` exists once it has synchronised the clock (the file
+    systemd-time-wait-sync waits for); the error is unknown. Sites with chrony or ntpd allow
+    the read in a drop-in (docs/operations.md, Sites without NTP). `adjtimex` (a ctypes
+    function taking a Timex pointer) and `flag` are for tests. Never raises.
     """
-    global _ADJTIMEX  # noqa: PLW0603  # dropped after the first failure, logged once
-    if _ADJTIMEX is None:
-        return UNKNOWN
-    timex = Timex()  # modes = 0: read only
-    if _ADJTIMEX(ctypes.byref(timex)) == -1:
-        log.warning("Cannot read the clock's state (adjtimex) error=%s: batches say not synced",
-                    ctypes.get_errno())  # fmt: skip
-        _ADJTIMEX = None
-        return UNKNOWN
-    return kernel_clock(timex)
+
+    def __init__(
+        self, adjtimex: Callable[[Any], int] | None = LIBC_ADJTIMEX, flag: Path = TIMESYNC_FLAG
+    ) -> None:
+        self._adjtimex = adjtimex
+        self._flag = flag
+
+    def __call__(self) -> KernelClock:
+        if self._adjtimex is not None:
+            timex = Timex()  # modes = 0: read only
+            if self._adjtimex(ctypes.byref(timex)) != -1:
+                return kernel_clock(timex)
+            log.warning(
+                "Cannot read the clock's state (adjtimex) error=%s: using flag=%s (synchronised"
+                " when it exists, error unknown)",
+                os.strerror(ctypes.get_errno()), self._flag,
+            )  # fmt: skip
+            self._adjtimex = None
+        return KernelClock(synced=self._flag.exists(), error_ns=None)
+
+
+read_kernel_clock = KernelClockReader()
+"""The clock's state now (a KernelClock): adjtimex, or the timesyncd flag when refused."""
 
 
 def boot_id(path: Path = BOOT_ID_PATH) -> str:
