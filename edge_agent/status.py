@@ -47,6 +47,17 @@ def render(status: dict[str, Any]) -> str:
         f"(epoch {q['epoch']}, last seq {q['last_seq']}): {q['reason']}"
         for q in buffer.get("quarantined", [])
     )
+    clock = status.get("clock")  # agents before contract 1.10 have none
+    if clock is not None:
+        error = clock.get("error_ns")
+        state = (
+            "synchronised" + ("" if error is None else f" (error {error / 1e6:g} ms)")
+            if clock["synced"]
+            else "NOT synchronised: reading times are the gateway's guess"
+        )
+        steps = f", {clock['steps']} steps" if clock["steps"] else ""
+        last = f", last {clock['last_step_s']:+.3f}s at {clock['last_step_at']}" if steps else ""
+        lines.append(f"clock     {state}{steps}{last}")
     for name, source in status["sources"].items():
         state = "up" if source["up"] else f"DOWN ({source.get('last_error')})"
         lines.append(f"source    {name}: {state}, {source.get('readings', 0)} readings")
