@@ -222,7 +222,7 @@ async def test_retention_by_age_measures_true_ages_through_steps(
         await wait_for(lambda: agent.status()["clock"]["steps"] == 2, 5, "the backward step")
         # Retention goes on by true age: batches older than max_age go, though their wall times
         # now lie an hour ahead of the clock.
-        await wait_for(lambda: agent.status()["buffer"]["evicted_readings"] > 0, 10, "eviction")
+        await wait_for(lambda: agent.status()["buffer"]["evicted_readings"] > 0, 20, "eviction")
         status = agent.status()
         assert 0 <= status["buffer"]["oldest_age_s"] < MAX_AGE_S + 3
         evicted_after_s = time.monotonic() - outage
@@ -230,7 +230,7 @@ async def test_retention_by_age_measures_true_ages_through_steps(
         await wait_for(lambda: agent.status()["mqtt"]["connected"], 15, "the broker back")
         line = await ledger(agent, verifier, received, f"max_age {MAX_AGE_S}s, steps +2h then -1h")
     assert line["lost"] == 0 and line["declared"] > 0
-    assert MAX_AGE_S <= evicted_after_s < MAX_AGE_S + 6
+    assert MAX_AGE_S <= evicted_after_s < MAX_AGE_S + 20  # held off, it would take an hour
     log = agent.log()
     assert log.count("Wall clock stepped") == 2
     assert "step_s=+7200.000" in log and "step_s=-3600.000" in log
