@@ -310,6 +310,27 @@ async def test_retention_by_age_follows_the_monotonic_clock_through_steps(tmp_pa
     await store.close()
 
 
+async def test_the_anchor_kept_in_the_buffer_carries_ages_across_a_restart(tmp_path: Path) -> None:
+    """What Agent._adopt_clock does at start: the anchor goes through the buffer's meta."""
+    clocks = Clocks()
+    first = clocks.watch()
+    store = Store(tmp_path / "b.db", max_bytes=2**30, max_age_s=3600, now_ns=first.age_ns)
+    await store.open()
+    for key, value in first.persisted().items():
+        await store.remember(key, value)
+    await store.close()
+    clocks.tick(30 * S)
+    clocks.step(-HOUR)  # while stopped
+    second = clocks.watch()
+    store = Store(tmp_path / "b.db", max_bytes=2**30, max_age_s=3600, now_ns=second.age_ns)
+    await store.open()
+    kept = [store.recall(k) for k in ("clock_boot", "clock_anchor_ns", "clock_offset_ns")]
+    step = second.adopt(*kept)
+    await store.close()
+    assert step is not None and step.size_ns == -HOUR
+    assert second.age_ns() == first.age_ns() == T0 + 30 * S
+
+
 # --- the verifier's tally ----------------------------------------------------------------------
 
 
