@@ -8,6 +8,11 @@ on: order by `seq` kept, batches keep flowing, reading times are those read (ste
 by age measures true ages (no eviction from a forward step, none held off by a backward one),
 the step logged once with its size and counted in /status, and every reading accounted for:
 the ledger line `taken / verified / duplicates / declared / lost` is printed, lost 0.
+
+libfaketime makes every hand-off between threads slow (measured: 200 `asyncio.to_thread` calls
+take 4.6 s under it, 0.01 s without), and the store works in a thread: under it the agent's
+buffer trails by a few seconds (`oldest_age_s` 3-8 s, 0 without it), which the bounds below
+allow for.
 """
 
 from __future__ import annotations
@@ -168,7 +173,7 @@ async def test_a_step_keeps_order_flow_and_times_read_and_is_logged_once(
         await wait_for(lambda: verifier.result.readings > before + 400, 10, "readings after it")
         status = agent.status()
         assert status["clock"]["last_step_s"] == pytest.approx(step_s, abs=0.5)
-        assert 0 <= status["buffer"]["oldest_age_s"] < 5  # true ages, never negative or absurd
+        assert 0 <= status["buffer"]["oldest_age_s"] < 30  # never negative, never the step
         assert status["buffer"]["evicted_readings"] == 0 and status["buffer"]["held_back_s"] == 0
         assert status["buffer"]["problems"] == []
         shown = subprocess.run(
