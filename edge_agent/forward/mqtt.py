@@ -41,6 +41,13 @@ acknowledged or evicted, or nothing left to send; a CONNACK alone proves nothing
 broker cannot be reached it waits at most `reconnect_max`, so the first batch after an outage
 leaves within seconds; while the broker accepts connections but takes nothing, up to
 `reconnect_max_stalled`, sparing it a tight loop.
+
+A broker that stops answering without closing the connection (frozen, or a half-open path) is
+watched by `AnswerClock` (forward/stall.py): once a publish has waited `mqtt.ack_stall` with no
+PUBACK at all, the forwarder says it is stalled (`state.stalled`, degraded health, one log line);
+once it has waited a keep-alive period, the connection is dropped (paho alone would wait two) and
+made again by the usual backoff. Those batches are not suspected of anything: silence is not a
+refusal.
 """
 
 from __future__ import annotations
@@ -70,6 +77,7 @@ from edge_agent.forward.client import (
     publish_packet_size,
     tls_context,
 )
+from edge_agent.forward.drain import DrainMeter
 from edge_agent.metrics import Metrics
 from edge_agent.schedule import Backoff
 from edge_agent.seal.envelope import TOO_LARGE, UNDELIVERABLE
@@ -122,6 +130,11 @@ class ForwarderState:
     """Why batches are not moving although the broker answers; None while they move."""
     limits: BrokerLimits = field(default_factory=BrokerLimits)
     """The limits the broker advertised on the last connection."""
+    stalled: str | None = None
+    """Why batches are stuck on a connection that is up: PUBACKs overdue `mqtt.ack_stall` or
+    more; None while they come (or while not connected)."""
+    drain: DrainMeter = field(default_factory=DrainMeter)
+    """Acknowledgements over the recent window: the drain rate and time to drain."""
 
 
 @dataclass
@@ -227,7 +240,9 @@ class Forwarder:
                         self.status_topic, json.dumps({"state": "online"}), qos=1, retain=True
                     )
                     try:
-                        await _until_one_fails(self._pump(client, session), self._acker())
+                        await _until_one_fails(
+                            self._pump(client, session), self._acker(), self._watch(client)
+                        )
                     except asyncio.CancelledError:
                         await self._goodbye(client)
                         raise
@@ -252,6 +267,53 @@ class Forwarder:
             wait = self._backoff.next(stalled=session.stalled)
             log.debug("Reconnecting in %.1fs stalled=%s", wait, session.stalled)
             await asyncio.sleep(wait)
+
+    async def _watch(self, client: AckingClient) -> None:
+        """Say when PUBACKs are overdue `ack_stall` (`state.stalled`), and drop the connection
+        once they are overdue a keep-alive period (raising MqttError: the connection is lost)."""
+        ack_stall, keepalive = self._config.ack_stall, self._config.keepalive
+        tick = min(0.5, ack_stall / 4, keepalive / 8)
+        try:
+            while True:
+                await asyncio.sleep(tick)
+                overdue = client.answers.overdue(time.monotonic())
+                if overdue is None or overdue < ack_stall:
+                    self._unstalled(client, dropped=False)
+                    continue
+                waiting = client.answers.waiting
+                if self.state.stalled is None:
+                    self._metrics.mqtt_stalls.inc()
+                    log.warning(
+                        "Broker not acknowledging: no PUBACK for %.1fs with batches=%d waiting"
+                        " (mqtt.ack_stall %gs); the connection is dropped if this lasts"
+                        " keepalive=%gs url=%s",
+                        overdue, waiting, ack_stall, keepalive, self._config.url,
+                    )  # fmt: skip
+                self.state.stalled = f"no PUBACK for {overdue:.1f}s with {waiting} batches waiting"
+                self._metrics.mqtt_stalled.set(1)
+                if overdue >= keepalive:
+                    cause = (
+                        f"the broker answered nothing for {overdue:.1f}s (keepalive"
+                        f" {keepalive:g}s) with {waiting} batches awaiting their PUBACK;"
+                        " connection dropped as silent"
+                    )
+                    client.abort(cause)
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(2.0):  # paho reads the end at once
+                            await client.lost.wait()
+                    raise aiomqtt.MqttError(cause)
+        finally:
+            self._unstalled(client, dropped=True)
+
+    def _unstalled(self, client: AckingClient, *, dropped: bool) -> None:
+        """The stall is over: PUBACKs come again (one log line), or the connection is gone."""
+        if self.state.stalled is None:
+            return
+        was, self.state.stalled = self.state.stalled, None
+        self._metrics.mqtt_stalled.set(0)
+        if not dropped:
+            log.info("Broker acknowledging again url=%s after=%r waiting=%d",
+                     self._config.url, was, client.answers.waiting)  # fmt: skip
 
     async def _goodbye(self, client: AckingClient) -> None:
         """On a clean stop: delete what was acknowledged and say "offline" (the will would not)."""
@@ -534,8 +596,10 @@ class Forwarder:
             self._metrics.store_errors.inc()
             log.error("Could not delete acknowledged batches, will retry error=%s", exc)
             return False
+        readings = sum(batch.readings for batch in acked)
         self._metrics.batches_sent.inc(len(acked))
-        self._metrics.readings_sent.inc(sum(batch.readings for batch in acked))
+        self._metrics.readings_sent.inc(readings)
+        self.state.drain.acked(readings, len(acked), self._store.stats.readings, time.monotonic())
         self.acked.set()
         return True
 
