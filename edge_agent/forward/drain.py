@@ -3,8 +3,10 @@
 The forwarder reports every group of acknowledged batches (`acked`) and the health endpoint
 looks (`estimate`); both pass the buffer's reading count, which the store keeps in memory, so an
 estimate costs no SQL. Samples are kept at most every MIN_SPACING_S over the last `window_s`
-seconds (a few dozen), plus the newest one older than the window, so a rate never rests on less
-than the window once the agent has run that long, and decays to 0 when acknowledgements stop.
+seconds (a few dozen), plus the newest one older than the window, so a rate rests on the whole
+window once the agent has run that long, and decays to 0 when acknowledgements stop. When they
+start again after a pause of more than RESUME_GAP_S (an outage ends), the window starts over at
+the first of them: the estimate of a drain that has just begun is not diluted by the outage.
 
 A leaf module: times are `time.monotonic()` seconds passed in by the caller.
 """
@@ -18,6 +20,8 @@ WINDOW_S = 10.0
 """The recent window over which rates are measured."""
 MIN_SPACING_S = 0.25
 """Samples closer than this replace the newest one instead of adding one."""
+RESUME_GAP_S = 2.0
+"""A pause in acknowledgements longer than this ends the window (see the module docstring)."""
 
 
 @dataclass(frozen=True)
@@ -63,9 +67,14 @@ class DrainMeter:
         self._readings = 0
         self._batches = 0
         self._samples: deque[_Sample] = deque()
+        self._last_ack: float | None = None
 
     def acked(self, readings: int, batches: int, backlog: int, now: float) -> None:
         """`batches` holding `readings` readings were acknowledged; `backlog` readings remain."""
+        if self._last_ack is None or now - self._last_ack > RESUME_GAP_S:
+            self._samples.clear()  # a new window, from just before this acknowledgement
+            self._samples.append(_Sample(now, self._readings, self._batches, backlog + readings))
+        self._last_ack = now
         self._readings += readings
         self._batches += batches
         self._sample(backlog, now)
