@@ -1,4 +1,5 @@
-"""Ships sealed batches from the store to the broker, oldest first, a window at a time.
+"""Ships sealed batches from the store to the broker, a window at a time: declarations first,
+then the batches sealed since the connection was made, then the backlog, oldest first.
 
 A batch is deleted from the store only after a PUBACK whose reason code is a success. A sliding
 window keeps up to `max_inflight` publishes outstanding, never more than the broker's Receive
@@ -6,6 +7,12 @@ Maximum: sending N and waiting for all N stalls on delayed TCP acknowledgements.
 connection problem the window is abandoned and the backlog is re-sent from the oldest
 unacknowledged batch after a backoff with jitter (duplicates are possible and are dropped by the
 consumer by `seq`).
+
+Fresh data is never held behind a backlog: after an outage the batches sealed since the
+connection was made take the first free places in the window, and the backlog fills the rest
+(oldest first), so readings sealed now reach the broker within a round trip while an hour of
+backlog drains beside them. While a loss is being explained (a window of one) all goes oldest
+first.
 
 The broker's limits are honoured (MQTT 5 §3.2.2.3, from its CONNACK): no more publishes in
 flight than its Receive Maximum; no topic aliases at all, so any Topic Alias Maximum holds; and
@@ -431,7 +438,7 @@ class Forwarder:
 
     async def _pump(self, client: AckingClient, session: _Session) -> None:
         """Keep the window of batches published and unacknowledged, oldest first."""
-        window = _Window(self._window_size(client))
+        window = _Window(self._window_size(client), boundary=await self._store.newest_batch_id())
         v5 = self._config.protocol == "5"
         limit, source = self._packet_limit(client.limits)
         try:
@@ -439,10 +446,7 @@ class Forwarder:
                 window.size = self._window_size(client)
                 if window.room():
                     self._new_batches.clear()
-                    skip = window.declarations | self._held
-                    taken = await self._store.take(
-                        window.room(), after=window.cursor, skip_declarations=skip
-                    )
+                    taken = await self._take(window)
                     evicted = False
                     for batch in taken:
                         size = publish_packet_size(self.batch_topic, len(batch.data), v5=v5)
@@ -466,6 +470,26 @@ class Forwarder:
                     raise aiomqtt.MqttError(client.disconnect_cause or problem)
         finally:
             window.cancel()
+
+    async def _take(self, window: _Window) -> list[StoredBatch]:
+        """What fills the window's free places: declarations, then batches sealed since the
+        connection was made (past `window.boundary`), then the backlog oldest first; with a
+        window of one, simply oldest first."""
+        room, skip = window.room(), window.declarations | self._held
+        if window.size == 1:
+            after = max(window.cursor, window.fresh_cursor)
+            return await self._store.take(room, after=after, skip_declarations=skip)
+        after = max(window.boundary, window.fresh_cursor)
+        taken = await self._store.take(room, after=after, skip_declarations=skip)
+        if len(taken) < room and window.cursor < window.boundary:
+            skip = skip | {batch.key.id for batch in taken if batch.key.kind == "declaration"}
+            older = await self._store.take(room - len(taken), after=window.cursor,
+                                           skip_declarations=skip)  # fmt: skip
+            backlog = [b for b in older if b.key.kind == "readings" and b.key.id <= window.boundary]
+            if len(backlog) < room - len(taken):
+                window.cursor = window.boundary  # the backlog is all published (or gone)
+            taken.extend(backlog)
+        return taken
 
     async def _settle(self, batch: StoredBatch, code: int, session: _Session) -> None:
         """A PUBACK arrived: queue the batch for deletion, evict it (0x95), or keep it (other
@@ -626,11 +650,16 @@ async def _until_one_fails(*coroutines: Coroutine[Any, Any, None]) -> None:
 class _Window:
     """The publishes of one connection that await their PUBACK, in the order they were sent."""
 
-    def __init__(self, size: int) -> None:
+    def __init__(self, size: int, boundary: int = 0) -> None:
         self.size = size
         self.in_flight: dict[asyncio.Future[int], StoredBatch] = {}
+        self.boundary = boundary
+        """Id of the newest batch of readings when the connection was made: the backlog ends
+        there, and batches past it are fresh."""
         self.cursor = 0
-        """Highest id of a batch of readings published on this connection."""
+        """Highest id of a backlog batch (at most `boundary`) published on this connection."""
+        self.fresh_cursor = 0
+        """Highest id of a fresh batch (past `boundary`) published on this connection."""
         self.declarations: set[int] = set()
         """Ids of declarations published on this connection (they are taken first on every call)."""
 
@@ -641,6 +670,8 @@ class _Window:
         """Publish `batch` (never one already published on this connection)."""
         if batch.key.kind == "declaration":
             self.declarations.add(batch.key.id)
+        elif batch.key.id > self.boundary:
+            self.fresh_cursor = max(self.fresh_cursor, batch.key.id)
         else:
             self.cursor = max(self.cursor, batch.key.id)
         task = asyncio.ensure_future(publish)

@@ -922,6 +922,11 @@ class Store:
 
         await self._atomically("delete acknowledged batches", body, on_commit)
 
+    async def newest_batch_id(self) -> int:
+        """The id of the newest buffered batch of readings; 0 when there is none."""
+        rows = await self._read("read the newest batch", "SELECT coalesce(max(id), 0) FROM batches")
+        return int(rows[0][0]) if rows else 0
+
     async def oldest_sealed_ns(self) -> int | None:
         rows = await self._read(
             "read the oldest batch",
