@@ -9,10 +9,11 @@ unacknowledged batch after a backoff with jitter (duplicates are possible and ar
 consumer by `seq`).
 
 Fresh data is never held behind a backlog: after an outage the batches sealed since the
-connection was made take the first free places in the window, and the backlog fills the rest
-(oldest first), so readings sealed now reach the broker within a round trip while an hour of
-backlog drains beside them. While a loss is being explained (a window of one) all goes oldest
-first.
+connection was made, or in the FRESH_BEFORE_CONNECT x `reconnect_max` before it (while the broker
+may have been back already, waiting for the next attempt), take the first free places in the
+window, and the backlog fills the rest (oldest first), so readings sealed now reach the broker
+within a round trip while an hour of backlog drains beside them. While a loss is being explained
+(a window of one) all goes oldest first.
 
 The broker's limits are honoured (MQTT 5 §3.2.2.3, from its CONNACK): no more publishes in
 flight than its Receive Maximum; no topic aliases at all, so any Topic Alias Maximum holds; and
@@ -104,6 +105,8 @@ DROPS_TO_EVICT = 3
 MIN_LEARNED_PAYLOAD = 256
 """Floor of the batch size learned from an undeliverable batch: a declaration still fits."""
 ACK_RETRY_S = 1.0
+FRESH_BEFORE_CONNECT = 2.0
+"""Batches sealed within this many `reconnect_max` before a connection are sent as fresh."""
 ADVERTISED_LIMIT = "broker_max_packet_size"
 """The store's `meta` key for the Maximum Packet Size the broker last advertised."""
 
@@ -438,7 +441,9 @@ class Forwarder:
 
     async def _pump(self, client: AckingClient, session: _Session) -> None:
         """Keep the window of batches published and unacknowledged, oldest first."""
-        window = _Window(self._window_size(client), boundary=await self._store.newest_batch_id())
+        fresh_ns = self._config.reconnect_max * FRESH_BEFORE_CONNECT * 1e9
+        boundary = await self._store.newest_batch_id(time.time_ns() - int(fresh_ns))
+        window = _Window(self._window_size(client), boundary=boundary)
         v5 = self._config.protocol == "5"
         limit, source = self._packet_limit(client.limits)
         try:
@@ -654,8 +659,8 @@ class _Window:
         self.size = size
         self.in_flight: dict[asyncio.Future[int], StoredBatch] = {}
         self.boundary = boundary
-        """Id of the newest batch of readings when the connection was made: the backlog ends
-        there, and batches past it are fresh."""
+        """Id of the newest batch of readings sealed well before the connection was made: the
+        backlog ends there, and batches past it are fresh."""
         self.cursor = 0
         """Highest id of a backlog batch (at most `boundary`) published on this connection."""
         self.fresh_cursor = 0
