@@ -54,8 +54,8 @@ A broker that stops answering without closing the connection (frozen, or a half-
 watched by `AnswerClock` (forward/stall.py): once a publish has waited `mqtt.ack_stall` with no
 PUBACK at all, the forwarder says it is stalled (`state.stalled`, degraded health, one log line);
 once it has waited a keep-alive period, the connection is dropped (paho alone would wait two) and
-made again by the usual backoff. Those batches are not suspected of anything: silence is not a
-refusal.
+made again by the usual backoff. The batches in flight are then judged as after any other loss
+(below), as they were when paho's own keep-alive check dropped the connection.
 """
 
 from __future__ import annotations
