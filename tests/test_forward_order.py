@@ -52,8 +52,14 @@ async def test_a_batch_sealed_during_the_drain_overtakes_the_backlog(
     verifier = Verifier(Opener([key.public_key()]))
     stop, subscribed = asyncio.Event(), asyncio.Event()
     consumer = asyncio.create_task(
-        consume(verifier, lambda: consumer_client(broker.url, "verifier"), "t/gw/batch",
-                received, stop, subscribed=subscribed)  # fmt: skip
+        consume(
+            verifier,
+            lambda: consumer_client(broker.url, "verifier"),
+            "t/gw/batch",
+            received,
+            stop,
+            subscribed=subscribed,
+        )  # fmt: skip
     )
     # reconnect_max 1 ms: only batches sealed after the connection (or 2 ms before) are fresh.
     config = MqttConfig(url=broker.url, topic_prefix="t", max_inflight=4, reconnect_max=0.001,
