@@ -306,11 +306,11 @@ async def test_status_says_how_fast_a_backlog_drains_and_when_it_will_be_gone(
             def draining() -> bool:
                 drain = agent.status()["buffer"]["drain"]
                 seen.append(drain)
-                return drain["eta_s"] is not None and drain["eta_s"] > 1
+                return drain["eta_s"] is not None and drain["eta_s"] > 1 and drain["window_s"] >= 1
 
             await wait_for(draining, 30, "an estimate while draining")  # fmt: skip
             drain = seen[-1]
-            assert drain["acked_readings_s"] > drain["net_readings_s"] > 0
+            assert drain["acked_readings_s"] >= drain["net_readings_s"] > 0
             assert metric(agent, "edge_agent_drain_readings_per_second") > 0
             assert "readings/s acknowledged" in (await status_output(agent)).stdout
             await wait_for(
