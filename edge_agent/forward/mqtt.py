@@ -440,7 +440,7 @@ class Forwarder:
         return min(self._config.max_inflight, client.limits.receive_maximum or 65535)
 
     async def _pump(self, client: AckingClient, session: _Session) -> None:
-        """Keep the window of batches published and unacknowledged, oldest first."""
+        """Keep the window of batches published and unacknowledged, in the order of `_take`."""
         fresh_ns = self._config.reconnect_max * FRESH_BEFORE_CONNECT * 1e9
         boundary = await self._store.newest_batch_id(time.time_ns() - int(fresh_ns))
         window = _Window(self._window_size(client), boundary=boundary)
