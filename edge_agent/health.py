@@ -19,6 +19,7 @@ import asyncio
 import functools
 import json
 import logging
+import math
 import sys
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -99,6 +100,10 @@ class Health:
         self._metrics.buffer_oldest_age.set(age)
         self._metrics.store_disk_full.set(1 if self._store.disk_full else 0)
         self._metrics.sources_held_back.set(held_back)
+        drain = self._mqtt.drain.estimate(stats.readings, time.monotonic())
+        self._metrics.drain_rate.set(drain.acked_readings_s)
+        self._metrics.drain_net_rate.set(drain.net_readings_s)
+        self._metrics.drain_eta.set(math.nan if drain.eta_s is None else drain.eta_s)
         return {
             "gateway": self._gateway,
             "ready": self.ready,
@@ -106,6 +111,7 @@ class Health:
                 "connected": self._mqtt.connected,
                 "last_error": self._mqtt.last_error,
                 "degraded": self._mqtt.degraded,
+                "stalled": self._mqtt.stalled,
                 "broker_limits": vars(self._mqtt.limits),
             },
             "buffer": {
@@ -120,6 +126,7 @@ class Health:
                 "held_back_s": round(held_back, 3),
                 "problems": problems,
                 "quarantined": [q.to_json() for q in self._store.quarantined],
+                "drain": drain.to_json(),
             },
             **({} if self._clock is None else {"clock": self._clock.status()}),
             "sources": {

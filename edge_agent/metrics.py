@@ -70,6 +70,21 @@ class Metrics:
             "1 while the kernel says the wall clock is synchronised (adjtimex).",
             registry=r,
         )
+        self.drain_rate = Gauge(
+            "edge_agent_drain_readings_per_second",
+            "Readings acknowledged per second over the recent window (10 s).",
+            registry=r,
+        )
+        self.drain_net_rate = Gauge(
+            "edge_agent_drain_net_readings_per_second",
+            "How fast the buffer shrinks, readings per second (negative while it grows).",
+            registry=r,
+        )
+        self.drain_eta = Gauge(
+            "edge_agent_drain_eta_seconds",
+            "Estimated seconds until the buffer is empty; NaN while it is not draining.",
+            registry=r,
+        )
         self.batches_sent = Counter(
             "edge_agent_batches_sent", "Batches acknowledged by the broker.", registry=r
         )
@@ -91,6 +106,16 @@ class Metrics:
         )
         self.mqtt_connects = Counter(
             "edge_agent_mqtt_connects", "Successful broker connections.", registry=r
+        )
+        self.mqtt_stalled = Gauge(
+            "edge_agent_mqtt_stalled",
+            "1 while PUBACKs are overdue mqtt.ack_stall or more on a connection that is up.",
+            registry=r,
+        )
+        self.mqtt_stalls = Counter(
+            "edge_agent_mqtt_stalls",
+            "Times PUBACKs became overdue mqtt.ack_stall (a frozen broker or a dead link).",
+            registry=r,
         )
         self.ack_latency = Histogram(
             "edge_agent_ack_latency_seconds",

@@ -20,13 +20,16 @@ def fetch_status(url: str, timeout: float = 5.0) -> dict[str, Any]:
 
 
 def problems(status: dict[str, Any]) -> list[str]:
-    """What makes the agent degraded: the broker unreachable or refusing batches, the buffer in
-    trouble (a full disk, failing writes or deletes, sources held back), or a source down."""
+    """What makes the agent degraded: the broker unreachable, refusing batches or not
+    acknowledging them (stalled), the buffer in trouble (a full disk, failing writes or deletes,
+    sources held back), or a source down."""
     found = []
     if not status["mqtt"]["connected"]:
         found.append(f"broker not connected: {status['mqtt'].get('last_error') or 'connecting'}")
     if status["mqtt"].get("degraded"):
         found.append(f"batches not delivered: {status['mqtt']['degraded']}")
+    if status["mqtt"].get("stalled"):
+        found.append(f"broker not acknowledging: {status['mqtt']['stalled']}")
     found.extend(status["buffer"].get("problems", []))
     for name, source in status["sources"].items():
         if not source["up"]:
@@ -42,6 +45,8 @@ def render(status: dict[str, Any]) -> str:
         f"buffer    {buffer['readings']} readings, {buffer['bytes']} bytes, "
         f"oldest {buffer['oldest_age_s']:.1f}s",
     ]
+    if "drain" in buffer:
+        lines.append(f"drain     {describe_drain(buffer['drain'])}")
     lines.extend(
         f"buffer    a bad buffer was moved aside at start: {q['moved_to']} "
         f"(epoch {q['epoch']}, last seq {q['last_seq']}): {q['reason']}"
@@ -62,6 +67,17 @@ def render(status: dict[str, Any]) -> str:
         state = "up" if source["up"] else f"DOWN ({source.get('last_error')})"
         lines.append(f"source    {name}: {state}, {source.get('readings', 0)} readings")
     return "\n".join(lines)
+
+
+def describe_drain(drain: dict[str, Any]) -> str:
+    """`1200.0 readings/s acknowledged (net -3.0/s over 10.0s), empty in 42.0s` (or `not
+    draining`): /status `buffer.drain` in words."""
+    eta = drain.get("eta_s")
+    gone = "not draining" if eta is None else "empty" if eta == 0 else f"empty in {eta:.1f}s"
+    return (
+        f"{drain['acked_readings_s']:.1f} readings/s acknowledged "
+        f"(net {drain['net_readings_s']:.1f}/s over {drain['window_s']:.1f}s), {gone}"
+    )
 
 
 def show_status(url: str, *, as_json: bool = False) -> int:

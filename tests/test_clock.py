@@ -21,8 +21,10 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from edge_agent.clock import ClockWatch, KernelClock, boot_id, read_kernel_clock
 from edge_agent.clock.kernel import STA_UNSYNC, KernelClockReader, Timex, kernel_clock
 from edge_agent.clock.watch import STEP_NS
+from edge_agent.config.schema import MqttConfig
 from edge_agent.consumer.clock_report import ClockTally
 from edge_agent.errors import EnvelopeError
+from edge_agent.forward.mqtt import Forwarder
 from edge_agent.metrics import Metrics
 from edge_agent.reading import Quality, Reading
 from edge_agent.seal.batcher import Batcher
@@ -308,6 +310,42 @@ async def test_retention_by_age_follows_the_monotonic_clock_through_steps(tmp_pa
     assert [b.evicted for b in batches if b.evicted] == [[(1, 1)]]  # declared by retention
     assert all(b.clock is not None and b.clock.boot == "boot-1" for b in batches)
     await store.close()
+
+
+async def test_the_backlog_ends_on_the_age_clock_whatever_the_wall_clock_does(
+    tmp_path: Path,
+) -> None:
+    """After an outage the forwarder sends batches sealed since (or 2 x reconnect_max before)
+    the connection ahead of the backlog: a step of the wall clock must not make the backlog
+    fresh (a step back) nor fresh batches backlog (a step forward)."""
+    clocks = Clocks()
+    watch = clocks.watch()
+    store = Store(tmp_path / "b.db", max_bytes=2**30, max_age_s=86400, now_ns=watch.age_ns)
+    await store.open()
+    batcher = Batcher(store, Sealer(Ed25519PrivateKey.generate()), Metrics(), gateway="gw",
+                      max_readings=100, max_delay=0.05, capacity=10_000, clock=watch)  # fmt: skip
+    forwarder = Forwarder(MqttConfig(url="mqtt://127.0.0.1:1", reconnect_max=10), "gw", store,
+                          batcher.sealed, Metrics())  # fmt: skip
+
+    async def seal() -> int:
+        await batcher.emit([Reading("sim", "p", clocks.wall, 1.0, Quality.GOOD)])
+        await batcher.seal_pending()
+        return (await store.take(1000))[-1].key.id
+
+    try:
+        backlog = await seal()
+        clocks.tick(HOUR)  # the outage
+        clocks.step(-2 * HOUR)  # back: on the wall clock the backlog now looks an hour ahead
+        assert await forwarder._backlog_end() == backlog
+        fresh = await seal()
+        clocks.tick(S)
+        clocks.step(DAY)  # forward: on the wall clock the fresh batch looks a day old
+        assert fresh > backlog
+        assert await forwarder._backlog_end() == backlog  # sealed 1 s ago, within 2 x 10 s
+        clocks.tick(30 * S)
+        assert await forwarder._backlog_end() == fresh  # now truly older than 2 x reconnect_max
+    finally:
+        await store.close()
 
 
 async def test_the_anchor_kept_in_the_buffer_carries_ages_across_a_restart(tmp_path: Path) -> None:

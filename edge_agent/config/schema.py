@@ -69,6 +69,8 @@ class MqttConfig(StrictModel):
     """Ceiling of the delay while the broker cannot be reached (no CONNACK)."""
     reconnect_max_stalled: Duration = 60.0
     """Ceiling of the delay while the broker accepts connections but takes no batch."""
+    ack_stall: Annotated[Duration, Field(ge=0.1, le=3600)] = 5.0
+    """PUBACKs overdue this long while batches wait make the forwarder degraded (a stall)."""
 
     @field_validator("protocol", mode="before")
     @classmethod

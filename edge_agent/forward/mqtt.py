@@ -1,4 +1,5 @@
-"""Ships sealed batches from the store to the broker, oldest first, a window at a time.
+"""Ships sealed batches from the store to the broker, a window at a time: declarations first,
+then the batches sealed since the connection was made, then the backlog, oldest first.
 
 A batch is deleted from the store only after a PUBACK whose reason code is a success. A sliding
 window keeps up to `max_inflight` publishes outstanding, never more than the broker's Receive
@@ -6,6 +7,14 @@ Maximum: sending N and waiting for all N stalls on delayed TCP acknowledgements.
 connection problem the window is abandoned and the backlog is re-sent from the oldest
 unacknowledged batch after a backoff with jitter (duplicates are possible and are dropped by the
 consumer by `seq`).
+
+Fresh data is never held behind a backlog: after an outage the batches sealed since the
+connection was made, or in the FRESH_BEFORE_CONNECT x `reconnect_max` before it (while the broker
+may have been back already, waiting for the next attempt; measured on the store's age clock,
+`Store.now_ns`, which a step of the wall clock does not move), take the first free places in the
+window, and the backlog fills the rest (oldest first), so readings sealed now reach the broker
+within a round trip while an hour of backlog drains beside them. While a loss is being explained
+(a window of one) all goes oldest first.
 
 The broker's limits are honoured (MQTT 5 §3.2.2.3, from its CONNACK): no more publishes in
 flight than its Receive Maximum; no topic aliases at all, so any Topic Alias Maximum holds; and
@@ -41,6 +50,13 @@ acknowledged or evicted, or nothing left to send; a CONNACK alone proves nothing
 broker cannot be reached it waits at most `reconnect_max`, so the first batch after an outage
 leaves within seconds; while the broker accepts connections but takes nothing, up to
 `reconnect_max_stalled`, sparing it a tight loop.
+
+A broker that stops answering without closing the connection (frozen, or a half-open path) is
+watched by `AnswerClock` (forward/stall.py): once a publish has waited `mqtt.ack_stall` with no
+PUBACK at all, the forwarder says it is stalled (`state.stalled`, degraded health, one log line);
+once it has waited a keep-alive period, the connection is dropped (paho alone would wait two) and
+made again by the usual backoff. The batches in flight are then judged as after any other loss
+(below), as they were when paho's own keep-alive check dropped the connection.
 """
 
 from __future__ import annotations
@@ -70,6 +86,7 @@ from edge_agent.forward.client import (
     publish_packet_size,
     tls_context,
 )
+from edge_agent.forward.drain import DrainMeter
 from edge_agent.metrics import Metrics
 from edge_agent.schedule import Backoff
 from edge_agent.seal.envelope import TOO_LARGE, UNDELIVERABLE
@@ -89,6 +106,8 @@ DROPS_TO_EVICT = 3
 MIN_LEARNED_PAYLOAD = 256
 """Floor of the batch size learned from an undeliverable batch: a declaration still fits."""
 ACK_RETRY_S = 1.0
+FRESH_BEFORE_CONNECT = 2.0
+"""Batches sealed within this many `reconnect_max` before a connection are sent as fresh."""
 ADVERTISED_LIMIT = "broker_max_packet_size"
 """The store's `meta` key for the Maximum Packet Size the broker last advertised."""
 
@@ -122,6 +141,11 @@ class ForwarderState:
     """Why batches are not moving although the broker answers; None while they move."""
     limits: BrokerLimits = field(default_factory=BrokerLimits)
     """The limits the broker advertised on the last connection."""
+    stalled: str | None = None
+    """Why batches are stuck on a connection that is up: PUBACKs overdue `mqtt.ack_stall` or
+    more; None while they come (or while not connected)."""
+    drain: DrainMeter = field(default_factory=DrainMeter)
+    """Acknowledgements over the recent window: the drain rate and time to drain."""
 
 
 @dataclass
@@ -227,7 +251,9 @@ class Forwarder:
                         self.status_topic, json.dumps({"state": "online"}), qos=1, retain=True
                     )
                     try:
-                        await _until_one_fails(self._pump(client, session), self._acker())
+                        await _until_one_fails(
+                            self._pump(client, session), self._acker(), self._watch(client)
+                        )
                     except asyncio.CancelledError:
                         await self._goodbye(client)
                         raise
@@ -252,6 +278,53 @@ class Forwarder:
             wait = self._backoff.next(stalled=session.stalled)
             log.debug("Reconnecting in %.1fs stalled=%s", wait, session.stalled)
             await asyncio.sleep(wait)
+
+    async def _watch(self, client: AckingClient) -> None:
+        """Say when PUBACKs are overdue `ack_stall` (`state.stalled`), and drop the connection
+        once they are overdue a keep-alive period (raising MqttError: the connection is lost)."""
+        ack_stall, keepalive = self._config.ack_stall, self._config.keepalive
+        tick = min(0.5, ack_stall / 4, keepalive / 8)
+        try:
+            while True:
+                await asyncio.sleep(tick)
+                overdue = client.answers.overdue(time.monotonic())
+                if overdue is None or overdue < ack_stall:
+                    self._unstalled(client, dropped=False)
+                    continue
+                waiting = client.answers.waiting
+                if self.state.stalled is None:
+                    self._metrics.mqtt_stalls.inc()
+                    log.warning(
+                        "Broker not acknowledging: no PUBACK for %.1fs with batches=%d waiting"
+                        " (mqtt.ack_stall %gs); the connection is dropped if this lasts"
+                        " keepalive=%gs url=%s",
+                        overdue, waiting, ack_stall, keepalive, self._config.url,
+                    )  # fmt: skip
+                self.state.stalled = f"no PUBACK for {overdue:.1f}s with {waiting} batches waiting"
+                self._metrics.mqtt_stalled.set(1)
+                if overdue >= keepalive:
+                    cause = (
+                        f"the broker answered nothing for {overdue:.1f}s (keepalive"
+                        f" {keepalive:g}s) with {waiting} batches awaiting their PUBACK;"
+                        " connection dropped as silent"
+                    )
+                    client.abort(cause)
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(2.0):  # paho reads the end at once
+                            await client.lost.wait()
+                    raise aiomqtt.MqttError(cause)
+        finally:
+            self._unstalled(client, dropped=True)
+
+    def _unstalled(self, client: AckingClient, *, dropped: bool) -> None:
+        """The stall is over: PUBACKs come again (one log line), or the connection is gone."""
+        if self.state.stalled is None:
+            return
+        was, self.state.stalled = self.state.stalled, None
+        self._metrics.mqtt_stalled.set(0)
+        if not dropped:
+            log.info("Broker acknowledging again url=%s after=%r waiting=%d",
+                     self._config.url, was, client.answers.waiting)  # fmt: skip
 
     async def _goodbye(self, client: AckingClient) -> None:
         """On a clean stop: delete what was acknowledged and say "offline" (the will would not)."""
@@ -368,8 +441,8 @@ class Forwarder:
         return min(self._config.max_inflight, client.limits.receive_maximum or 65535)
 
     async def _pump(self, client: AckingClient, session: _Session) -> None:
-        """Keep the window of batches published and unacknowledged, oldest first."""
-        window = _Window(self._window_size(client))
+        """Keep the window of batches published and unacknowledged, in the order of `_take`."""
+        window = _Window(self._window_size(client), boundary=await self._backlog_end())
         v5 = self._config.protocol == "5"
         limit, source = self._packet_limit(client.limits)
         try:
@@ -377,10 +450,7 @@ class Forwarder:
                 window.size = self._window_size(client)
                 if window.room():
                     self._new_batches.clear()
-                    skip = window.declarations | self._held
-                    taken = await self._store.take(
-                        window.room(), after=window.cursor, skip_declarations=skip
-                    )
+                    taken = await self._take(window)
                     evicted = False
                     for batch in taken:
                         size = publish_packet_size(self.batch_topic, len(batch.data), v5=v5)
@@ -404,6 +474,34 @@ class Forwarder:
                     raise aiomqtt.MqttError(client.disconnect_cause or problem)
         finally:
             window.cancel()
+
+    async def _backlog_end(self) -> int:
+        """Id of the newest batch of readings sealed more than FRESH_BEFORE_CONNECT x
+        `reconnect_max` ago (0 if none): the end of the backlog, for a connection made now.
+        Measured on the store's age clock (`Store.now_ns`, as its `sealed_ns`), so a step of the
+        wall clock makes no fresh batch backlog, nor the backlog fresh."""
+        fresh_ns = int(self._config.reconnect_max * FRESH_BEFORE_CONNECT * 1e9)
+        return await self._store.newest_batch_id(self._store.now_ns() - fresh_ns)
+
+    async def _take(self, window: _Window) -> list[StoredBatch]:
+        """What fills the window's free places: declarations, then batches sealed since the
+        connection was made (past `window.boundary`), then the backlog oldest first; with a
+        window of one, simply oldest first."""
+        room, skip = window.room(), window.declarations | self._held
+        if window.size == 1:
+            after = max(window.cursor, window.fresh_cursor)
+            return await self._store.take(room, after=after, skip_declarations=skip)
+        after = max(window.boundary, window.fresh_cursor)
+        taken = await self._store.take(room, after=after, skip_declarations=skip)
+        if len(taken) < room and window.cursor < window.boundary:
+            skip = skip | {batch.key.id for batch in taken if batch.key.kind == "declaration"}
+            older = await self._store.take(room - len(taken), after=window.cursor,
+                                           skip_declarations=skip)  # fmt: skip
+            backlog = [b for b in older if b.key.kind == "readings" and b.key.id <= window.boundary]
+            if len(backlog) < room - len(taken):
+                window.cursor = window.boundary  # the backlog is all published (or gone)
+            taken.extend(backlog)
+        return taken
 
     async def _settle(self, batch: StoredBatch, code: int, session: _Session) -> None:
         """A PUBACK arrived: queue the batch for deletion, evict it (0x95), or keep it (other
@@ -534,8 +632,10 @@ class Forwarder:
             self._metrics.store_errors.inc()
             log.error("Could not delete acknowledged batches, will retry error=%s", exc)
             return False
+        readings = sum(batch.readings for batch in acked)
         self._metrics.batches_sent.inc(len(acked))
-        self._metrics.readings_sent.inc(sum(batch.readings for batch in acked))
+        self._metrics.readings_sent.inc(readings)
+        self.state.drain.acked(readings, len(acked), self._store.stats.readings, time.monotonic())
         self.acked.set()
         return True
 
@@ -562,11 +662,16 @@ async def _until_one_fails(*coroutines: Coroutine[Any, Any, None]) -> None:
 class _Window:
     """The publishes of one connection that await their PUBACK, in the order they were sent."""
 
-    def __init__(self, size: int) -> None:
+    def __init__(self, size: int, boundary: int = 0) -> None:
         self.size = size
         self.in_flight: dict[asyncio.Future[int], StoredBatch] = {}
+        self.boundary = boundary
+        """Id of the newest batch of readings sealed well before the connection was made: the
+        backlog ends there, and batches past it are fresh."""
         self.cursor = 0
-        """Highest id of a batch of readings published on this connection."""
+        """Highest id of a backlog batch (at most `boundary`) published on this connection."""
+        self.fresh_cursor = 0
+        """Highest id of a fresh batch (past `boundary`) published on this connection."""
         self.declarations: set[int] = set()
         """Ids of declarations published on this connection (they are taken first on every call)."""
 
@@ -577,6 +682,8 @@ class _Window:
         """Publish `batch` (never one already published on this connection)."""
         if batch.key.kind == "declaration":
             self.declarations.add(batch.key.id)
+        elif batch.key.id > self.boundary:
+            self.fresh_cursor = max(self.fresh_cursor, batch.key.id)
         else:
             self.cursor = max(self.cursor, batch.key.id)
         task = asyncio.ensure_future(publish)

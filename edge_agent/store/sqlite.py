@@ -935,6 +935,17 @@ class Store:
 
         await self._atomically("delete acknowledged batches", body, on_commit)
 
+    async def newest_batch_id(self, sealed_before_ns: int) -> int:
+        """The id of the newest buffered batch of readings sealed before `sealed_before_ns`
+        (ns on the store's clock, `now_ns`, as `sealed_ns`); 0 when there is none. Walks back
+        from the newest: costs the batches after it."""
+        rows = await self._read(
+            "read the newest batch",
+            "SELECT id FROM batches WHERE sealed_ns < ? ORDER BY id DESC LIMIT 1",
+            (sealed_before_ns,),
+        )
+        return int(rows[0][0]) if rows else 0
+
     async def oldest_sealed_ns(self) -> int | None:
         rows = await self._read(
             "read the oldest batch",
