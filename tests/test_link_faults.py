@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers.agent import AgentProcess, agent_config
+from helpers.agent import AgentProcess, agent_config, random_source
 from helpers.fault_proxy import FaultProxy
 from helpers.verifier import running_verifier
 from helpers.wait import wait_for
@@ -36,16 +36,28 @@ from edge_agent.demo.broker import Mosquitto
 pytestmark = pytest.mark.faults
 
 
-def steady_source(points: int = 50, interval: str = "50ms") -> list[dict[str, Any]]:
+def steady_source() -> list[dict[str, Any]]:
     """About 1,000 readings/s."""
-    return [
-        {
-            "type": "simulated",
-            "name": "sim",
-            "interval": interval,
-            "points": [{"name": f"p{i}", "signal": "random"} for i in range(points)],
-        }
-    ]
+    return random_source(50)
+
+
+def proxied_agent(
+    tmp_path: Path,
+    broker: Mosquitto,
+    keys: Path,
+    proxy: FaultProxy,
+    agents: list[AgentProcess],
+    **mqtt: Any,
+) -> AgentProcess:
+    """An agent (not started) of `steady_source` whose broker is reached through `proxy`, with
+    these `mqtt` settings."""
+    config = agent_config(
+        tmp_path, broker, keys, steady_source(),
+        mqtt={"url": f"mqtt://127.0.0.1:{proxy.port}", **mqtt},
+    )  # fmt: skip
+    agent = AgentProcess(config, tmp_path)
+    agents.append(agent)
+    return agent
 
 
 async def status_output(agent: AgentProcess) -> subprocess.CompletedProcess[str]:
@@ -205,12 +217,7 @@ async def test_a_half_open_path_degrades_health_is_dropped_and_rejoined_losing_n
 ) -> None:
     """Traffic dropped without a close (a dead switch): the same mechanism catches it."""
     async with FaultProxy(broker.port) as proxy:
-        config = agent_config(
-            tmp_path, broker, keys, steady_source(),
-            mqtt={"url": f"mqtt://127.0.0.1:{proxy.port}", "keepalive": "4s", "ack_stall": "1s"},
-        )  # fmt: skip
-        agent = AgentProcess(config, tmp_path)
-        agents.append(agent)
+        agent = proxied_agent(tmp_path, broker, keys, proxy, agents, keepalive="4s", ack_stall="1s")
         async with running_verifier(broker, keys) as verifier:
             agent.start()
             stalled_s, dropped_s = await silent_link_case(
@@ -242,12 +249,7 @@ async def test_a_slow_link_keeps_delivering_is_never_called_stalled_and_loses_no
     (about 8 KiB/s), and with half of it, where the backlog grows but PUBACKs keep coming: slow
     is not stalled, and nothing is lost either way."""
     async with FaultProxy(broker.port) as proxy:
-        config = agent_config(
-            tmp_path, broker, keys, steady_source(),
-            mqtt={"url": f"mqtt://127.0.0.1:{proxy.port}", "keepalive": "2s", "ack_stall": "1s"},
-        )  # fmt: skip
-        agent = AgentProcess(config, tmp_path)
-        agents.append(agent)
+        agent = proxied_agent(tmp_path, broker, keys, proxy, agents, keepalive="2s", ack_stall="1s")
         async with running_verifier(broker, keys) as verifier:
             agent.start()
             await wait_for(lambda: verifier.result.readings > 1000, 30, "first readings")
@@ -285,12 +287,7 @@ async def test_status_says_how_fast_a_backlog_drains_and_when_it_will_be_gone(
     estimate. A 50 ms path (the proxy) and two batches in flight make the drain last seconds."""
     async with FaultProxy(broker.port) as proxy:
         proxy.slow(latency=0.05)
-        config = agent_config(
-            tmp_path, broker, keys, steady_source(),
-            mqtt={"url": f"mqtt://127.0.0.1:{proxy.port}", "max_inflight": 2},
-        )  # fmt: skip
-        agent = AgentProcess(config, tmp_path)
-        agents.append(agent)
+        agent = proxied_agent(tmp_path, broker, keys, proxy, agents, max_inflight=2)
         async with running_verifier(broker, keys) as verifier:
             agent.start()
             await wait_for(lambda: verifier.result.readings > 1000, 30, "first readings")
