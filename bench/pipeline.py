@@ -130,13 +130,15 @@ def analyse(
     """Open and check every batch.
 
     options: `window` (lo_ns, hi_ns): latencies of the readings whose ts lies in it;
-    `upto_seq`: first/last receipt only of batches wholly at or below that seq (a backlog).
+    `upto_seq`: first/last receipt only of batches wholly at or below that seq (a backlog);
+    `also` (lo_ns, hi_ns): a second window, whose latencies give `also_p50_ms`, `also_p99_ms`.
     """
     options = options or {}
-    window, upto = options.get("window"), options.get("upto_seq")
-    latencies = array("q")
+    window, upto, also = options.get("window"), options.get("upto_seq"), options.get("also")
+    latencies, sealing, also_latencies = array("q"), array("q"), array("q")
     readings = fresh = bad = 0
     first_recv = last_recv = 0
+    first_any = taken[0][0] if taken else 0
     for recv_ns, payload in taken:
         batch = opener.open(payload)  # raises on a bad signature: the benchmark must not hide it
         got = tracker.accept(batch.gateway, batch.epoch, batch.readings, batch.evicted)
@@ -150,11 +152,15 @@ def analyse(
             in_window = [r for r in got if lo <= r["ts"] < hi]
             latencies.extend(recv_ns - r["ts"] for r in in_window)
             bad += sum(r["q"] != "good" for r in in_window)
+            if in_window and batch.sealed_ns >= lo:  # sealed -> received, per reading
+                sealing.extend([recv_ns - batch.sealed_ns] * len(in_window))
+        if also is not None:
+            also_latencies.extend(recv_ns - r["ts"] for r in got if also[0] <= r["ts"] < also[1])
     holes = sum(len(s.holes()) for s in tracker.streams.values())
-    ordered = sorted(latencies)
+    ordered, from_seal, also_ordered = sorted(latencies), sorted(sealing), sorted(also_latencies)
 
-    def pct(p: float) -> float | None:
-        return ordered[min(len(ordered) - 1, int(p * len(ordered)))] / 1e6 if ordered else None
+    def pct(p: float, values: list[int] = ordered) -> float | None:
+        return values[min(len(values) - 1, int(p * len(values)))] / 1e6 if values else None
 
     return {
         "batches": len(taken),
@@ -164,10 +170,15 @@ def analyse(
         "p50_ms": pct(0.50),
         "p99_ms": pct(0.99),
         "max_ms": pct(1.0),
+        "sealed_p50_ms": pct(0.50, from_seal),
+        "sealed_p99_ms": pct(0.99, from_seal),
+        "also_p50_ms": pct(0.50, also_ordered),
+        "also_p99_ms": pct(0.99, also_ordered),
         "latency_samples": len(ordered),
         "bad": bad,
         "first_recv_ns": first_recv,
         "last_recv_ns": last_recv,
+        "first_any_ns": first_any,
     }
 
 

@@ -30,6 +30,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from edge_agent import audit as audit_events
 from edge_agent import systemd
 from edge_agent.audit import audit
+from edge_agent.clock import ClockWatch
 from edge_agent.config import Config, load_config
 from edge_agent.config.schema import SourceConfig
 from edge_agent.errors import ConfigError, StoreError
@@ -48,6 +49,8 @@ log = logging.getLogger(__name__)
 DRAIN_TIMEOUT_S = 5.0
 GOODBYE_S = 3.0
 SOURCE_RESTART_S = 5.0
+CLOCK_CHECK_S = 1.0
+"""How often the wall clock is compared with the monotonic clock for steps."""
 STATUS_EVERY_S = 5.0
 """How often the systemd STATUS= line is recomputed (sent only when its text changes)."""
 
@@ -125,8 +128,13 @@ class Agent:
         self.config = config
         self.config_path = config_path
         self.metrics = Metrics()
+        self.clock = ClockWatch()
+        """The batches' clock state, the age clock of the buffer, steps of the wall clock."""
         self.store = Store(
-            config.store.path, max_bytes=int(config.store.max_bytes), max_age_s=config.store.max_age
+            config.store.path,
+            max_bytes=int(config.store.max_bytes),
+            max_age_s=config.store.max_age,
+            now_ns=self.clock.age_ns,
         )
         self.source_context = SourceContext()
         """What the sources share (the Modbus link pool); owned here, lent to each source."""
@@ -196,6 +204,7 @@ class Agent:
             systemd.notify(f"STATUS=Checking the buffer\nEXTEND_TIMEOUT_USEC={allowance}")
             await self.store.open()
             self.metrics.store_quarantined.inc(len(self.store.quarantined))
+            await self._adopt_clock()
             return await self._run_with_store(sealer)
         finally:
             await self.store.close()  # also when start-up fails: its thread would keep us alive
@@ -211,6 +220,7 @@ class Agent:
             max_readings=self.config.batch.max_readings,
             max_delay=self.config.batch.max_delay,
             capacity=self.config.batch.queue_readings,
+            clock=self.clock,
         )
         forwarder = Forwarder(
             self.config.mqtt,
@@ -232,6 +242,7 @@ class Agent:
             metrics=self.metrics,
             alive=lambda: all(not t.done() for t in [*tasks, *self._source_tasks.values()]),
             held_back_since=lambda: batcher.held_back_since,
+            clock=self.clock,
         )
         runner = await start_health_server(health, self.config.health.host, self.config.health.port)
         self._install_signal_handlers()
@@ -259,6 +270,7 @@ class Agent:
                 self._status = self._status_text(forwarder)
                 systemd.notify(f"READY=1\nSTATUS={self._status}")
                 tasks.append(group.create_task(self._status_loop(forwarder), name="status"))
+                tasks.append(group.create_task(self._clock_loop(), name="clock"))
                 self.started.set()
                 await self.stopping.wait()
                 health.ready = False
@@ -276,6 +288,32 @@ class Agent:
             self.store.stats.readings, batcher.taken, batcher.sealed_readings,
         )  # fmt: skip
         return 0
+
+    async def _adopt_clock(self) -> None:
+        """Continue this boot's age clock from the buffer's meta (edge_agent/clock/watch.py), so
+        that batches buffered by an earlier run keep their true ages; then keep ours there."""
+        kept = (self.store.recall(k) for k in ("clock_boot", "clock_anchor_ns", "clock_offset_ns"))
+        if self.clock.adopt(*kept) is not None:
+            self.metrics.clock_steps.inc()
+        await self._remember_clock()
+
+    async def _remember_clock(self) -> None:
+        for key, value in self.clock.persisted().items():
+            if self.store.recall(key) != value:
+                try:
+                    await self.store.remember(key, value)
+                except StoreError as exc:  # kept at the next step or start; ages stay right
+                    log.debug("Could not keep the clock's anchor error=%s", exc)
+                    return
+
+    async def _clock_loop(self) -> None:
+        """Every CLOCK_CHECK_S: look for a step of the wall clock (logged, counted, kept)."""
+        while True:
+            await asyncio.sleep(CLOCK_CHECK_S)
+            self.metrics.clock_synced.set(1 if self.clock.state()["synced"] else 0)
+            if self.clock.check() is not None:
+                self.metrics.clock_steps.inc()
+                await self._remember_clock()
 
     async def _drain(self, forwarder: Forwarder) -> None:
         """Wait until the buffer is empty or the grace period ends, whichever comes first."""

@@ -19,6 +19,7 @@ import asyncio
 import functools
 import json
 import logging
+import math
 import sys
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -28,6 +29,7 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from edge_agent.clock import ClockWatch
 from edge_agent.forward.mqtt import ForwarderState
 from edge_agent.metrics import Metrics
 from edge_agent.sources.base import SourceState
@@ -52,6 +54,7 @@ class Health:
         metrics: Metrics,
         alive: Callable[[], bool],
         held_back_since: Callable[[], float | None] = lambda: None,
+        clock: ClockWatch | None = None,
     ) -> None:
         self._gateway = gateway
         self._store = store
@@ -60,6 +63,7 @@ class Health:
         self._metrics = metrics
         self._alive = alive
         self._held_back_since = held_back_since
+        self._clock = clock
         self.ready = False
 
     def app(self) -> web.Application:
@@ -82,10 +86,10 @@ class Health:
 
     async def snapshot(self) -> dict[str, Any]:
         oldest = await self._store.oldest_sealed_ns()
-        age = max(0.0, time.time() - oldest / 1e9) if oldest is not None else 0.0
+        age = max(0.0, (self._store.now_ns() - oldest) / 1e9) if oldest is not None else 0.0
         stats = self._store.stats
         since = self._held_back_since()
-        held_back = max(0.0, time.time() - since) if since is not None else 0.0
+        held_back = max(0.0, time.monotonic() - since) if since is not None else 0.0
         problems = self._store.problems()
         if held_back >= HELD_BACK_PROBLEM_S:
             problems.append(
@@ -112,13 +116,17 @@ class Health:
             oldest_unacked = (
                 0.0
                 if unacked.oldest_sent_ns is None
-                else max(0.0, time.time() - unacked.oldest_sent_ns / 1e9)
+                else max(0.0, (self._store.now_ns() - unacked.oldest_sent_ns) / 1e9)
             )
             ack_json["unacked_batches"] = unacked.batches
             ack_json["unacked_readings"] = unacked.readings
             ack_json["unacked_oldest_age_s"] = round(oldest_unacked, 3)
             self._metrics.unacked_batches.set(unacked.batches)
             self._metrics.unacked_oldest_age.set(oldest_unacked)
+        drain = self._mqtt.drain.estimate(stats.readings, time.monotonic())
+        self._metrics.drain_rate.set(drain.acked_readings_s)
+        self._metrics.drain_net_rate.set(drain.net_readings_s)
+        self._metrics.drain_eta.set(math.nan if drain.eta_s is None else drain.eta_s)
         return {
             "gateway": self._gateway,
             "ready": self.ready,
@@ -126,6 +134,7 @@ class Health:
                 "connected": self._mqtt.connected,
                 "last_error": self._mqtt.last_error,
                 "degraded": self._mqtt.degraded,
+                "stalled": self._mqtt.stalled,
                 "broker_limits": vars(self._mqtt.limits),
                 "ack": ack_json,
             },
@@ -141,7 +150,9 @@ class Health:
                 "held_back_s": round(held_back, 3),
                 "problems": problems,
                 "quarantined": [q.to_json() for q in self._store.quarantined],
+                "drain": drain.to_json(),
             },
+            **({} if self._clock is None else {"clock": self._clock.status()}),
             "sources": {
                 name: {
                     "up": s.up,

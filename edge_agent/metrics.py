@@ -65,6 +65,31 @@ class Metrics:
         self.buffer_oldest_age = Gauge(
             "edge_agent_buffer_oldest_age_seconds", "Age of the oldest buffered batch.", registry=r
         )
+        self.clock_steps = Counter(
+            "edge_agent_clock_steps",
+            "Steps of the wall clock detected (ages and retention are not affected).",
+            registry=r,
+        )
+        self.clock_synced = Gauge(
+            "edge_agent_clock_synced",
+            "1 while the kernel says the wall clock is synchronised (adjtimex).",
+            registry=r,
+        )
+        self.drain_rate = Gauge(
+            "edge_agent_drain_readings_per_second",
+            "Readings acknowledged per second over the recent window (10 s).",
+            registry=r,
+        )
+        self.drain_net_rate = Gauge(
+            "edge_agent_drain_net_readings_per_second",
+            "How fast the buffer shrinks, readings per second (negative while it grows).",
+            registry=r,
+        )
+        self.drain_eta = Gauge(
+            "edge_agent_drain_eta_seconds",
+            "Estimated seconds until the buffer is empty; NaN while it is not draining.",
+            registry=r,
+        )
         self.batches_sent = Counter(
             "edge_agent_batches_sent", "Batches acknowledged by the broker.", registry=r
         )
@@ -121,6 +146,16 @@ class Metrics:
         self.unacked_oldest_age = Gauge(
             "edge_agent_unacked_oldest_age_seconds",
             "Age of the oldest PUBACK not yet followed by a consumer's acknowledgement.",
+            registry=r,
+        )
+        self.mqtt_stalled = Gauge(
+            "edge_agent_mqtt_stalled",
+            "1 while PUBACKs are overdue mqtt.ack_stall or more on a connection that is up.",
+            registry=r,
+        )
+        self.mqtt_stalls = Counter(
+            "edge_agent_mqtt_stalls",
+            "Times PUBACKs became overdue mqtt.ack_stall (a frozen broker or a dead link).",
             registry=r,
         )
         self.ack_latency = Histogram(

@@ -20,13 +20,16 @@ def fetch_status(url: str, timeout: float = 5.0) -> dict[str, Any]:
 
 
 def problems(status: dict[str, Any]) -> list[str]:
-    """What makes the agent degraded: the broker unreachable or refusing batches, the buffer in
-    trouble (a full disk, failing writes or deletes, sources held back), or a source down."""
+    """What makes the agent degraded: the broker unreachable, refusing batches or not
+    acknowledging them (stalled), the buffer in trouble (a full disk, failing writes or deletes,
+    sources held back), or a source down."""
     found = []
     if not status["mqtt"]["connected"]:
         found.append(f"broker not connected: {status['mqtt'].get('last_error') or 'connecting'}")
     if status["mqtt"].get("degraded"):
         found.append(f"batches not delivered: {status['mqtt']['degraded']}")
+    if status["mqtt"].get("stalled"):
+        found.append(f"broker not acknowledging: {status['mqtt']['stalled']}")
     found.extend(status["buffer"].get("problems", []))
     for name, source in status["sources"].items():
         if not source["up"]:
@@ -50,15 +53,39 @@ def render(status: dict[str, Any]) -> str:
             f"(oldest {ack.get('unacked_oldest_age_s', 0.0):.1f}s); acknowledgements "
             f"{ack.get('accepted', 0)} accepted, {refused} refused"
         )
+    if "drain" in buffer:
+        lines.append(f"drain     {describe_drain(buffer['drain'])}")
     lines.extend(
         f"buffer    a bad buffer was moved aside at start: {q['moved_to']} "
         f"(epoch {q['epoch']}, last seq {q['last_seq']}): {q['reason']}"
         for q in buffer.get("quarantined", [])
     )
+    clock = status.get("clock")  # agents before contract 1.14 have none
+    if clock is not None:
+        error = clock.get("error_ns")
+        state = (
+            "synchronised" + ("" if error is None else f" (error {error / 1e6:g} ms)")
+            if clock["synced"]
+            else "NOT synchronised: reading times are the gateway's guess"
+        )
+        steps = f", {clock['steps']} steps" if clock["steps"] else ""
+        last = f", last {clock['last_step_s']:+.3f}s at {clock['last_step_at']}" if steps else ""
+        lines.append(f"clock     {state}{steps}{last}")
     for name, source in status["sources"].items():
         state = "up" if source["up"] else f"DOWN ({source.get('last_error')})"
         lines.append(f"source    {name}: {state}, {source.get('readings', 0)} readings")
     return "\n".join(lines)
+
+
+def describe_drain(drain: dict[str, Any]) -> str:
+    """`1200.0 readings/s acknowledged (net -3.0/s over 10.0s), empty in 42.0s` (or `not
+    draining`): /status `buffer.drain` in words."""
+    eta = drain.get("eta_s")
+    gone = "not draining" if eta is None else "empty" if eta == 0 else f"empty in {eta:.1f}s"
+    return (
+        f"{drain['acked_readings_s']:.1f} readings/s acknowledged "
+        f"(net {drain['net_readings_s']:.1f}/s over {drain['window_s']:.1f}s), {gone}"
+    )
 
 
 def show_status(url: str, *, as_json: bool = False) -> int:

@@ -21,10 +21,9 @@ import time
 import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
-from helpers.agent import AgentProcess, agent_config
+from helpers.agent import AgentProcess, agent_config, random_source
 from helpers.disk import MiB, SmallDisk
 from helpers.ledger import Taken, VerifyProcess, sealed_in_store, stop_drained
 from helpers.verifier import status_command
@@ -35,18 +34,6 @@ from edge_agent.errors import StoreError
 from edge_agent.store.sqlite import Store
 
 pytestmark = pytest.mark.faults
-
-
-def random_source(points: int = 500, interval: str = "50ms") -> list[dict[str, Any]]:
-    """About 10,000 readings/s that compress like measurements: a backlog builds up quickly."""
-    return [
-        {
-            "type": "simulated",
-            "name": "sim",
-            "interval": interval,
-            "points": [{"name": f"p{i}", "signal": "random"} for i in range(points)],
-        }
-    ]
 
 
 def status_output(agent: AgentProcess) -> subprocess.CompletedProcess[str]:

@@ -78,6 +78,8 @@ class MqttConfig(StrictModel):
     """A batch PUBACKed but not acknowledged by a consumer within this is sent again."""
     heartbeat: Annotated[Duration, Field(ge=1, le=3600)] = 10.0
     """How often the signed high-water mark is published (and on every connect)."""
+    ack_stall: Annotated[Duration, Field(ge=0.1, le=3600)] = 5.0
+    """PUBACKs overdue this long while batches wait make the forwarder degraded (a stall)."""
 
     @field_validator("protocol", mode="before")
     @classmethod

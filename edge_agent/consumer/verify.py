@@ -41,6 +41,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from edge_agent.consumer.acks import AckPublisher, save_state
+from edge_agent.consumer.clock_report import ClockTally
 from edge_agent.consumer.completeness import Completeness, Stream
 from edge_agent.errors import EnvelopeError
 from edge_agent.reading import RejectedValue, checked
@@ -89,6 +90,8 @@ class Verifier:
         self.trust = trust
         """Validity and retirement of the keys (seal/trust.py); None: every key the opener has."""
         self.result = VerifyResult()
+        self.clock = ClockTally()
+        """What the batches said of their gateway's clock (`clock`, contract §4.3)."""
 
     def check(self, payload: bytes) -> tuple[Batch | None, list[dict[str, Any]]]:
         """Verify one batch message; return it and its readings not seen before.
@@ -125,6 +128,7 @@ class Verifier:
             self.result.last_error = f"malformed readings: {exc}"
             return None, []
         self.result.batches += 1
+        self.clock.add(batch)
         self.result.readings += len(fresh)
         self.result.duplicates += len(batch.readings) - len(fresh)
         for reading in fresh:
@@ -206,6 +210,7 @@ class Verifier:
                     f"ranges={lost[:5]}{' ...' if len(lost) > 5 else ''} "
                     f"reason=the gateway declared the epoch ended ({stream.ended})"
                 )
+        lines.extend(self.clock.lines())
         for gateway, reason in self.tracker.unknown_ends:
             lines.append(
                 f"LOST: gateway={gateway} epoch=unknown readings=unknown reason=the gateway "

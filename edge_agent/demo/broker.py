@@ -67,6 +67,11 @@ class Mosquitto:
     def url(self) -> str:
         return f"mqtt://127.0.0.1:{self.port}"
 
+    @property
+    def pid(self) -> int | None:
+        """The broker's process id while it runs (to freeze it with SIGSTOP, say), else None."""
+        return self._process.pid if self._process is not None else None
+
     def start(self, timeout: float = 10.0) -> None:
         self._process = subprocess.Popen(  # noqa: S603 - fixed binary and our own config
             [self.binary, "-c", str(self.config_path)],

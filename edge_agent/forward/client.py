@@ -4,13 +4,18 @@ aiomqtt 2.5 discards the reason code, but Mosquitto answers a publish its ACL de
 too, reason 0x87 under MQTT 5: a code >= 0x80 is a rejection, and a batch may be deleted only
 after a success. aiomqtt also drops the CONNACK properties (the limits the broker advertises) and
 the reason code of the broker's DISCONNECT, which is the only place an MQTT 5 broker says why it
-closed the connection (0x95 Packet too large, say); this client keeps both.
+closed the connection (0x95 Packet too large, say); this client keeps both. It also keeps the
+time each publish has waited for its PUBACK (`answers`, forward/stall.py), and can drop a
+connection the broker has gone silent on (`abort`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import socket
 import ssl
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,6 +25,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.reasoncodes import ReasonCode
 
 from edge_agent.config.schema import MqttConfig
+from edge_agent.forward.stall import AnswerClock
 
 PACKET_TOO_LARGE = 0x95
 
@@ -58,6 +64,19 @@ class AckingClient(aiomqtt.Client):
         """Why the connection ended, in words (the broker's reason when it gave one)."""
         self.disconnect_code: int | None = None
         """The reason code of the broker's DISCONNECT (MQTT 5 only); None if it sent none."""
+        self.answers = AnswerClock(time.monotonic())
+        """Batches awaiting their PUBACK, and when the broker last answered one."""
+
+    def abort(self, cause: str) -> None:
+        """Drop the connection now, without waiting on the broker (it is not answering): the
+        socket is shut down both ways, paho reads the end at once and reports the loss
+        (`lost`), with `cause` as `disconnect_cause`."""
+        if self.disconnect_cause is None:
+            self.disconnect_cause = cause
+        shutdown = getattr(self._client.socket(), "shutdown", None)  # a socket, or SSL's
+        if shutdown is not None:
+            with contextlib.suppress(OSError):
+                shutdown(socket.SHUT_RDWR)
 
     async def publish_acked(self, topic: str, payload: bytes, *, retain: bool = False) -> int:
         """Publish at QoS 1 (retained if asked) and return the broker's reason code (0 =
@@ -68,10 +87,12 @@ class AckingClient(aiomqtt.Client):
         # PUBACKs are read only in loop callbacks, so none can arrive before this line.
         future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         self._acks[info.mid] = future
+        self.answers.sent(info.mid, time.monotonic())
         try:
             return await future
         finally:
             self._acks.pop(info.mid, None)
+            self.answers.forget(info.mid)
 
     def _on_connect(
         self,
@@ -86,6 +107,7 @@ class AckingClient(aiomqtt.Client):
             receive_maximum=getattr(properties, "ReceiveMaximum", None),
             topic_alias_maximum=getattr(properties, "TopicAliasMaximum", None),
         )
+        self.answers = AnswerClock(time.monotonic())
         super()._on_connect(client, userdata, flags, reason_code, properties)
 
     def _on_publish(
@@ -99,8 +121,10 @@ class AckingClient(aiomqtt.Client):
         # Only ids that publish_acked issued: a stale code (say, of the status message) must
         # never answer a later batch that reuses the id after it wraps at 65535.
         future = self._acks.pop(mid, None)
-        if future is not None and not future.done():
-            future.set_result(int(getattr(reason_code, "value", reason_code)))
+        if future is not None:
+            self.answers.answered(mid, time.monotonic())
+            if not future.done():
+                future.set_result(int(getattr(reason_code, "value", reason_code)))
         super()._on_publish(client, userdata, mid, reason_code, properties)
 
     async def __aexit__(self, *exc_info: Any) -> None:

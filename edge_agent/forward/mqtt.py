@@ -1,4 +1,5 @@
-"""Ships sealed batches from the store to the broker, oldest first, a window at a time.
+"""Ships sealed batches from the store to the broker, a window at a time: declarations first,
+then the batches sealed since the connection was made, then the backlog, oldest first.
 
 A batch is deleted from the store only after a PUBACK whose reason code is a success. A sliding
 window keeps up to `max_inflight` publishes outstanding, never more than the broker's Receive
@@ -6,6 +7,14 @@ Maximum: sending N and waiting for all N stalls on delayed TCP acknowledgements.
 connection problem the window is abandoned and the backlog is re-sent from the oldest
 unacknowledged batch after a backoff with jitter (duplicates are possible and are dropped by the
 consumer by `seq`).
+
+Fresh data is never held behind a backlog: after an outage the batches sealed since the
+connection was made, or in the FRESH_BEFORE_CONNECT x `reconnect_max` before it (while the broker
+may have been back already, waiting for the next attempt; measured on the store's age clock,
+`Store.now_ns`, which a step of the wall clock does not move), take the first free places in the
+window, and the backlog fills the rest (oldest first), so readings sealed now reach the broker
+within a round trip while an hour of backlog drains beside them. While a loss is being explained
+(a window of one) all goes oldest first.
 
 The broker's limits are honoured (MQTT 5 §3.2.2.3, from its CONNACK): no more publishes in
 flight than its Receive Maximum; no topic aliases at all, so any Topic Alias Maximum holds; and
@@ -61,6 +70,13 @@ connect and every `mqtt.heartbeat`, through the same window as the batches: it t
 in it for one round trip, so the broker's Receive Maximum holds and no batch waits for it beyond
 that. A refusal of the mark (PUBACK >= 0x80, an ACL say) is logged once and never ends the
 connection: the batches are what must flow.
+
+A broker that stops answering without closing the connection (frozen, or a half-open path) is
+watched by `AnswerClock` (forward/stall.py): once a publish has waited `mqtt.ack_stall` with no
+PUBACK at all, the forwarder says it is stalled (`state.stalled`, degraded health, one log line);
+once it has waited a keep-alive period, the connection is dropped (paho alone would wait two) and
+made again by the usual backoff. The batches in flight are then judged as after any other loss
+(below), as they were when paho's own keep-alive check dropped the connection.
 """
 
 from __future__ import annotations
@@ -91,6 +107,7 @@ from edge_agent.forward.client import (
     publish_packet_size,
     tls_context,
 )
+from edge_agent.forward.drain import DrainMeter
 from edge_agent.metrics import Metrics
 from edge_agent.schedule import Backoff
 from edge_agent.seal import hwm
@@ -116,6 +133,8 @@ RESEND_CHECK_S = 1.0
 """end_to_end: how often, at most, batches due to be sent again are looked for while idle."""
 MAX_QUEUED_ACKS = 1000
 """Acknowledgements waiting to be verified; a flood beyond this is dropped by the client."""
+FRESH_BEFORE_CONNECT = 2.0
+"""Batches sealed within this many `reconnect_max` before a connection are sent as fresh."""
 ADVERTISED_LIMIT = "broker_max_packet_size"
 """The store's `meta` key for the Maximum Packet Size the broker last advertised."""
 
@@ -165,6 +184,11 @@ class ForwarderState:
     limits: BrokerLimits = field(default_factory=BrokerLimits)
     """The limits the broker advertised on the last connection."""
     ack: AckState = field(default_factory=AckState)
+    stalled: str | None = None
+    """Why batches are stuck on a connection that is up: PUBACKs overdue `mqtt.ack_stall` or
+    more; None while they come (or while not connected)."""
+    drain: DrainMeter = field(default_factory=DrainMeter)
+    """Acknowledgements over the recent window: the drain rate and time to drain."""
 
 
 @dataclass
@@ -301,7 +325,7 @@ class Forwarder:
                     await client.publish(
                         self.status_topic, json.dumps({"state": "online"}), qos=1, retain=True
                     )
-                    loops = [self._pump(client, session), self._acker()]
+                    loops = [self._pump(client, session), self._acker(), self._watch(client)]
                     if self.end_to_end:
                         granted = await client.subscribe(self.ack_topic, qos=1)
                         self._check_subscription(granted)
@@ -341,6 +365,53 @@ class Forwarder:
         while True:
             await asyncio.sleep(self._config.heartbeat)
             self._mark_due.set()
+
+    async def _watch(self, client: AckingClient) -> None:
+        """Say when PUBACKs are overdue `ack_stall` (`state.stalled`), and drop the connection
+        once they are overdue a keep-alive period (raising MqttError: the connection is lost)."""
+        ack_stall, keepalive = self._config.ack_stall, self._config.keepalive
+        tick = min(0.5, ack_stall / 4, keepalive / 8)
+        try:
+            while True:
+                await asyncio.sleep(tick)
+                overdue = client.answers.overdue(time.monotonic())
+                if overdue is None or overdue < ack_stall:
+                    self._unstalled(client, dropped=False)
+                    continue
+                waiting = client.answers.waiting
+                if self.state.stalled is None:
+                    self._metrics.mqtt_stalls.inc()
+                    log.warning(
+                        "Broker not acknowledging: no PUBACK for %.1fs with batches=%d waiting"
+                        " (mqtt.ack_stall %gs); the connection is dropped if this lasts"
+                        " keepalive=%gs url=%s",
+                        overdue, waiting, ack_stall, keepalive, self._config.url,
+                    )  # fmt: skip
+                self.state.stalled = f"no PUBACK for {overdue:.1f}s with {waiting} batches waiting"
+                self._metrics.mqtt_stalled.set(1)
+                if overdue >= keepalive:
+                    cause = (
+                        f"the broker answered nothing for {overdue:.1f}s (keepalive"
+                        f" {keepalive:g}s) with {waiting} batches awaiting their PUBACK;"
+                        " connection dropped as silent"
+                    )
+                    client.abort(cause)
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(2.0):  # paho reads the end at once
+                            await client.lost.wait()
+                    raise aiomqtt.MqttError(cause)
+        finally:
+            self._unstalled(client, dropped=True)
+
+    def _unstalled(self, client: AckingClient, *, dropped: bool) -> None:
+        """The stall is over: PUBACKs come again (one log line), or the connection is gone."""
+        if self.state.stalled is None:
+            return
+        was, self.state.stalled = self.state.stalled, None
+        self._metrics.mqtt_stalled.set(0)
+        if not dropped:
+            log.info("Broker acknowledging again url=%s after=%r waiting=%d",
+                     self._config.url, was, client.answers.waiting)  # fmt: skip
 
     async def _goodbye(self, client: AckingClient) -> None:
         """On a clean stop: delete what was acknowledged, publish a last high-water mark (after
@@ -461,8 +532,8 @@ class Forwarder:
         return min(self._config.max_inflight, client.limits.receive_maximum or 65535)
 
     async def _pump(self, client: AckingClient, session: _Session) -> None:
-        """Keep the window of batches published and unacknowledged, oldest first."""
-        window = _Window(self._window_size(client))
+        """Keep the window of batches published and unacknowledged, in the order of `_take`."""
+        window = _Window(self._window_size(client), boundary=await self._backlog_end())
         look = True  # whether the store may hold batches to send that the window has not
         v5 = self._config.protocol == "5"
         limit, source = self._packet_limit(client.limits)
@@ -506,27 +577,61 @@ class Forwarder:
             window.cancel()
 
     async def _take(self, window: _Window) -> list[StoredBatch]:
-        """The next batches to publish, oldest first, declarations before readings.
+        """What fills the window's free places: declarations, then batches sealed since the
+        connection was made (past `window.boundary`), then the backlog oldest first; with a
+        window of one, simply oldest first.
 
-        broker mode: those not yet published on this connection. end_to_end mode: those not in
-        flight and either never PUBACKed or PUBACKed more than `ack_timeout` ago without a
-        consumer's acknowledgement since (sent again).
+        broker mode: batches not yet published on this connection (`_take_first`). end_to_end
+        mode: batches not in flight and either never PUBACKed or PUBACKed `ack_timeout` ago or
+        more without a consumer's acknowledgement since, sent again at most `_resend_budget`
+        (`_take_unacked`); a batch PUBACKed and not yet due is never taken.
         """
-        if not self.end_to_end:
-            skip = window.declarations | self._held
-            return await self._store.take(
-                window.room(), after=window.cursor, skip_declarations=skip
-            )
+        if self.end_to_end:
+            return await self._take_unacked(window)
+        return await self._take_first(window)
+
+    async def _take_first(self, window: _Window) -> list[StoredBatch]:
+        """broker mode's `_take`: the window's cursors say what this connection published."""
+        room, skip = window.room(), window.declarations | self._held
+        if window.size == 1:
+            after = max(window.cursor, window.fresh_cursor)
+            return await self._store.take(room, after=after, skip_declarations=skip)
+        after = max(window.boundary, window.fresh_cursor)
+        taken = await self._store.take(room, after=after, skip_declarations=skip)
+        if len(taken) < room and window.cursor < window.boundary:
+            skip = skip | {batch.key.id for batch in taken if batch.key.kind == "declaration"}
+            older = await self._store.take(room - len(taken), after=window.cursor,
+                                           skip_declarations=skip)  # fmt: skip
+            backlog = [b for b in older if b.key.kind == "readings" and b.key.id <= window.boundary]
+            if len(backlog) < room - len(taken):
+                window.cursor = window.boundary  # the backlog is all published (or gone)
+            taken.extend(backlog)
+        return taken
+
+    async def _take_unacked(self, window: _Window) -> list[StoredBatch]:
+        """end_to_end mode's `_take`, in the same order: declarations, then the batches past
+        `window.boundary`, then the rest oldest first; within each, first sends and re-sends
+        by id. In flight, awaiting `mark_sent` (`_settling`) or held: left out. Due means
+        PUBACKed at or before now - `ack_timeout` on the store's age clock (as `sent_ns`), so a
+        step of the wall clock neither makes every batch due nor none."""
         exclude = {b.key for b in window.in_flight.values()} | self._settling
         exclude.update(BatchKey("declaration", held) for held in self._held)
-        now = time.monotonic()
-        if now >= self._resend_refill_at:
+        if time.monotonic() >= self._resend_refill_at:
             self._refill_resends()
-        due_ns = time.time_ns() - int(self._config.ack_timeout * 1e9)
+        due_ns = self._store.now_ns() - int(self._config.ack_timeout * 1e9)
+        room = window.room()
+        after = 0 if window.size == 1 else window.boundary
         taken = await self._store.take_unacked(
-            window.room(), due_ns, exclude, max_due=self._resend_budget
+            room, due_ns, exclude, max_due=self._resend_budget, after=after
         )
         again = sum(1 for batch in taken if batch.resend)
+        if len(taken) < room and after > 0:
+            exclude.update(batch.key for batch in taken)
+            older = await self._store.take_unacked(
+                room - len(taken), due_ns, exclude, max_due=self._resend_budget - again
+            )
+            again += sum(1 for batch in older if batch.resend)
+            taken.extend(older)
         if again:
             self._resend_budget -= again
             self._metrics.batches_resent.inc(again)
@@ -568,6 +673,14 @@ class Forwarder:
                     code, reason_name(code), self.hwm_topic,
                 )  # fmt: skip
 
+    async def _backlog_end(self) -> int:
+        """Id of the newest batch of readings sealed more than FRESH_BEFORE_CONNECT x
+        `reconnect_max` ago (0 if none): the end of the backlog, for a connection made now.
+        Measured on the store's age clock (`Store.now_ns`, as its `sealed_ns`), so a step of the
+        wall clock makes no fresh batch backlog, nor the backlog fresh."""
+        fresh_ns = int(self._config.reconnect_max * FRESH_BEFORE_CONNECT * 1e9)
+        return await self._store.newest_batch_id(self._store.now_ns() - fresh_ns)
+
     async def _settle(self, batch: StoredBatch, code: int, session: _Session) -> None:
         """A PUBACK arrived: queue the batch for deletion, evict it (0x95), or keep it (other
         reasons >= 0x80, which end the connection)."""
@@ -582,7 +695,7 @@ class Forwarder:
         if self.end_to_end:
             self._settling.add(batch.key)
         self._ack_ready.set()
-        self._metrics.ack_latency.observe(max(0.0, time.time() - batch.sealed_ns / 1e9))
+        self._metrics.ack_latency.observe(max(0.0, (self._store.now_ns() - batch.sealed_ns) / 1e9))
         self._cleared(batch.key)
         self._progress(session)
 
@@ -693,7 +806,7 @@ class Forwarder:
         keys = [batch.key for batch in acked]
         try:
             if self.end_to_end:
-                await self._store.mark_sent(keys, time.time_ns())
+                await self._store.mark_sent(keys, self._store.now_ns())
             else:
                 await self._store.ack(keys)
         except StoreError as exc:
@@ -704,8 +817,13 @@ class Forwarder:
             log.error("Could not delete acknowledged batches, will retry error=%s", exc)
             return False
         self._settling.difference_update(keys)
+        readings = sum(batch.readings for batch in acked)
         self._metrics.batches_sent.inc(len(acked))
-        self._metrics.readings_sent.inc(sum(batch.readings for batch in acked))
+        self._metrics.readings_sent.inc(readings)
+        if not self.end_to_end:  # end_to_end: the buffer drains at the consumer's acknowledgement
+            self.state.drain.acked(
+                readings, len(acked), self._store.stats.readings, time.monotonic()
+            )
         self.acked.set()
         return True
 
@@ -758,11 +876,15 @@ class Forwarder:
         ack_state.last_accepted = time.time()
         ack_state.consumer = ack.consumer
         self._metrics.acks_accepted.inc()
+        buffered = self._store.stats.readings
         try:
             removed = await self._store.consumer_ack(ack.seqs, ack.batches)
         except StoreError:
             self._metrics.store_errors.inc()
             raise
+        if removed:
+            left = self._store.stats.readings  # a seal meanwhile makes this an estimate
+            self.state.drain.acked(max(0, buffered - left), len(removed), left, time.monotonic())
         ack_state.deleted_batches += len(removed)
         if removed:
             self._refill_resends()
@@ -809,11 +931,16 @@ async def _until_one_fails(*coroutines: Coroutine[Any, Any, None]) -> None:
 class _Window:
     """The publishes of one connection that await their PUBACK, in the order they were sent."""
 
-    def __init__(self, size: int) -> None:
+    def __init__(self, size: int, boundary: int = 0) -> None:
         self.size = size
         self.in_flight: dict[asyncio.Future[int], StoredBatch] = {}
+        self.boundary = boundary
+        """Id of the newest batch of readings sealed well before the connection was made: the
+        backlog ends there, and batches past it are fresh."""
         self.cursor = 0
-        """Highest id of a batch of readings published on this connection."""
+        """Highest id of a backlog batch (at most `boundary`) published on this connection."""
+        self.fresh_cursor = 0
+        """Highest id of a fresh batch (past `boundary`) published on this connection."""
         self.declarations: set[int] = set()
         """Ids of declarations published on this connection (they are taken first on every call)."""
         self.marks: set[asyncio.Future[int]] = set()
@@ -840,6 +967,8 @@ class _Window:
         """Publish `batch` (never one already published on this connection)."""
         if batch.key.kind == "declaration":
             self.declarations.add(batch.key.id)
+        elif batch.key.id > self.boundary:
+            self.fresh_cursor = max(self.fresh_cursor, batch.key.id)
         else:
             self.cursor = max(self.cursor, batch.key.id)
         task = asyncio.ensure_future(publish)

@@ -29,6 +29,7 @@ from typing import Any
 import cbor2
 
 from edge_agent.audit import audit
+from edge_agent.clock import ClockWatch
 from edge_agent.errors import StoreError
 from edge_agent.metrics import Metrics
 from edge_agent.reading import Reading, conforming, needs_check
@@ -58,8 +59,11 @@ class Batcher:
         max_delay: float,
         capacity: int,
         max_bytes: int | None = None,
+        clock: ClockWatch | None = None,
     ) -> None:
         self._store = store
+        self._clock = clock
+        """Each batch's `clock` map and its time on the age clock (None: neither, tests)."""
         self._sealer = sealer
         self._metrics = metrics
         self._gateway = gateway
@@ -90,7 +94,8 @@ class Batcher:
         self.sealed = asyncio.Event()
         """Set after every store write, for whoever waits for new batches (the forwarder)."""
         self.held_back_since: float | None = None
-        """Wall time since which sources wait for room (the buffer is not taking readings)."""
+        """Monotonic time (time.monotonic) since which sources wait for room (the buffer is not
+        taking readings): a step of the wall clock does not make them look held back."""
         self.taken = 0
         """Readings accepted from the sources since this start (`emit`)."""
         self.sealed_readings = 0
@@ -100,7 +105,7 @@ class Batcher:
         """Accept readings from a source; waits while the batcher is `capacity` behind."""
         while len(self._pending) >= self._capacity:
             if self.held_back_since is None:
-                self.held_back_since = time.time()
+                self.held_back_since = time.monotonic()
                 log.warning(
                     "Sources held back: the buffer is not taking readings pending=%d error=%s",
                     len(self._pending), self._last_store_error or "sealing is behind",
@@ -238,12 +243,19 @@ class Batcher:
         never evicted, so they must stay small. Sealing readings stops once the batches reach
         MAX_TRANSACTION_BYTES (the store's bound for one transaction); the caller stores the
         readings they hold and seals the rest next.
+
+        `sealed` in the payload is the wall clock as read; the store keeps each batch's time on
+        the age clock (`ClockWatch.age_ns`), which measures `store.max_age` whatever the wall
+        clock does. The `clock` map is the same for the batches of one call.
         """
-        sealed_ns = time.time_ns()
-        batch_no, seq = self._store.next_batch, self._store.next_seq
+        clock = self._clock
+        sealed_ns = time.time_ns() if clock is None else clock.wall_ns()
+        stored_ns = sealed_ns if clock is None else clock.age_ns()
         seal = functools.partial(
-            self._sealer.seal, gateway=self._gateway, epoch=self._store.epoch, sealed_ns=sealed_ns
-        )
+            self._sealer.seal, gateway=self._gateway, epoch=self._store.epoch, sealed_ns=sealed_ns,
+            clock=None if clock is None else clock.state(),
+        )  # fmt: skip
+        batch_no, seq = self._store.next_batch, self._store.next_seq
         batches: list[SealedBatch] = []
         runs = _merged(self._declare)
         previous = self._previous
@@ -251,7 +263,7 @@ class Batcher:
             count, data = self._declaration_within(seal, batch_no, seq, runs, previous)
             declares = tuple(pair for run in runs[:count] for pair in run[3])
             batches.append(
-                SealedBatch(batch_no, seq, 0, sealed_ns, data, declares, previous is not None)
+                SealedBatch(batch_no, seq, 0, stored_ns, data, declares, previous is not None)
             )
             batch_no, runs, previous = batch_no + 1, runs[count:], None
         size = sum(len(b.data) for b in batches)
@@ -260,7 +272,7 @@ class Batcher:
             if batches:
                 await asyncio.sleep(0)
             count, data = self._seal_within(seal, batch_no, seq, readings, start)
-            batches.append(SealedBatch(batch_no, seq, count, sealed_ns, data))
+            batches.append(SealedBatch(batch_no, seq, count, stored_ns, data))
             batch_no, seq, start = batch_no + 1, seq + count, start + count
             size += len(data)
         return batches
@@ -343,7 +355,8 @@ class Batcher:
             self._first_at = asyncio.get_running_loop().time()
         self._space.set()
         if self.held_back_since is not None and len(self._pending) < self._capacity:
-            log.info("Sources released after held_back_s=%.1f", time.time() - self.held_back_since)
+            held_back_s = time.monotonic() - self.held_back_since
+            log.info("Sources released after held_back_s=%.1f", held_back_s)
             self.held_back_since = None
         self.sealed.set()
 

@@ -72,9 +72,49 @@ class Batch:
     """Why each `evicted` range was dropped, in the same order (`retention` when unsaid)."""
     previous_epoch: PreviousEpoch | None = None
     """How the gateway's previous epoch ended, in the first batch of a new epoch (§4)."""
+    clock: ClockState | None = None
+    """The gateway clock's state when the batch was sealed (§4.3); None from agents before 1.14."""
     digest: bytes = b""
     """16 bytes of BLAKE2b over the signed payload: the same for a byte-identical re-send,
     different for any other content (consumer/completeness.py tells conflicts by it)."""
+
+
+@dataclass(frozen=True)
+class ClockState:
+    """The gateway clock's state when a batch was sealed (`clock`, docs/contract.md §4.3).
+
+    `synced`: the kernel said the wall clock was synchronised (adjtimex, STA_UNSYNC clear);
+    `error_ns`: its estimated error in ns, None when unknown; `boot`: the boot id; `mono`:
+    CLOCK_MONOTONIC in ns at sealing, comparable only between batches of one `boot`. A batch's
+    `sealed` and the gateway-stamped reading times are trustworthy to `error_ns` when `synced`,
+    and a guess otherwise. Keys a later agent adds are ignored.
+    """
+
+    synced: bool
+    error_ns: int | None
+    boot: str
+    mono: int
+
+    @classmethod
+    def parse(cls, value: Any) -> ClockState:
+        """Validate the map as signed; EnvelopeError naming the key that is not what §4.3 says."""
+        if not isinstance(value, dict):
+            raise EnvelopeError("clock is not a map")
+        synced, error, boot, mono = (value.get(k) for k in ("synced", "error_ns", "boot", "mono"))
+        if type(synced) is not bool:
+            raise EnvelopeError("clock.synced is not a bool")
+        if error is not None and (type(error) is not int or error < 0):
+            raise EnvelopeError("clock.error_ns is not null or a count of ns")
+        if not isinstance(boot, str):
+            raise EnvelopeError("clock.boot is not text")
+        if type(mono) is not int or mono < 0:
+            raise EnvelopeError("clock.mono is not a count of ns")
+        return cls(synced, error, boot, mono)
+
+    def to_json(self) -> dict[str, Any]:
+        """As the map was sent: `{"synced", "error_ns", "boot", "mono"}`."""
+        return {"synced": self.synced, "error_ns": self.error_ns, "boot": self.boot,
+                "mono": self.mono}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -274,6 +314,7 @@ class Sealer:
         evicted: Sequence[tuple[int, int]] = (),
         reasons: Sequence[str] = (),
         previous_epoch: Mapping[str, Any] | None = None,
+        clock: Mapping[str, Any] | None = None,
     ) -> bytes:
         """The COSE_Sign1 bytes for `readings`, numbered from `first_seq` in order.
 
@@ -281,7 +322,8 @@ class Sealer:
         out as `evicted_reasons` (§4.3, in both formats), an extension that consumers which do
         not know it ignore. `previous_epoch` (the map of `PreviousEpoch`) goes out as
         `previous_epoch`, in both formats, only when given: every other batch is encoded
-        exactly as before.
+        exactly as before. `clock` (`ClockWatch.state()`: synced, error_ns, boot, mono) goes
+        out as `clock`, in both formats, when given (§4.3).
 
         Raises TypeError, ValueError or cbor2.CBOREncodeError for a value that cannot be encoded
         (the batcher then applies the value rules and seals again), and ValueError when
@@ -290,11 +332,13 @@ class Sealer:
         if reasons and len(reasons) != len(evicted):
             raise ValueError(f"{len(reasons)} reasons for {len(evicted)} evicted ranges")
         declared = [list(e) for e in evicted]
-        notes: dict[str, Any] = {}  # the keys only declarations carry, the same in both formats
+        notes: dict[str, Any] = {}  # the optional keys, the same in both formats
         if evicted:
             notes["evicted_reasons"] = list(reasons) or [RETENTION] * len(evicted)
         if previous_epoch is not None:
             notes["previous_epoch"] = dict(previous_epoch)
+        if clock is not None:
+            notes["clock"] = dict(clock)
         if self._columns is not None:
             columns = {
                 "v": columnar.FORMAT_VERSION,
@@ -497,6 +541,7 @@ class Opener:
         ):
             raise EnvelopeError("evicted_reasons must be one text per evicted range")
         previous = body.get("previous_epoch")
+        clock = body.get("clock")
         return Batch(
             gateway=str(body["gateway"]),
             epoch=str(body["epoch"]),
@@ -508,4 +553,5 @@ class Opener:
             evicted_reasons=reasons,
             previous_epoch=None if previous is None else PreviousEpoch.parse(previous),
             digest=hashlib.blake2b(signed.payload, digest_size=16).digest(),
+            clock=None if clock is None else ClockState.parse(clock),
         )

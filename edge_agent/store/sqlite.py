@@ -129,7 +129,9 @@ class SealedBatch:
     """A batch ready to store: its signed bytes and the numbers it was sealed with.
 
     `declares` are the evicted ranges it declares; `ends_previous` says it carries the pending
-    `previous_epoch`. Either makes it a declaration, kept in `notices`.
+    `previous_epoch`. Either makes it a declaration, kept in `notices`. `sealed_ns` is when it
+    was sealed on the store's clock (`Store.now_ns`: the agent's age clock), not necessarily
+    the `sealed` in its payload (the wall clock as read).
     """
 
     batch: int
@@ -253,10 +255,21 @@ class _Evicted:
 class Store:
     """Sealed batches on disk; one instance per file, used from one event loop."""
 
-    def __init__(self, path: Path, *, max_bytes: int, max_age_s: float) -> None:
+    def __init__(
+        self,
+        path: Path,
+        *,
+        max_bytes: int,
+        max_age_s: float,
+        now_ns: Callable[[], int] = time.time_ns,
+    ) -> None:
         self.path = path
         self.max_bytes = max_bytes
         self.max_age_s = max_age_s
+        self.now_ns = now_ns
+        """The clock of the batches' `sealed_ns` here, in ns: the agent's age clock
+        (`ClockWatch.age_ns`, which a step of the wall clock does not move), so that
+        `max_age` and the oldest age in /status are true ages; the wall clock by default."""
         self.epoch = ""
         self.next_seq = 1
         self.next_batch = 1
@@ -834,7 +847,7 @@ class Store:
     async def _apply_retention(self, adding: int, evicted: _Evicted) -> None:
         """Evict the oldest batches past max_bytes or max_age (beyond what already went)."""
         excess = self.stats.bytes - evicted.bytes + adding - self.max_bytes
-        cutoff_ns = time.time_ns() - int(self.max_age_s * 1e9)
+        cutoff_ns = self.now_ns() - int(self.max_age_s * 1e9)
         budget = [excess]
 
         def expired(size: int, sealed_ns: int) -> bool:
@@ -980,8 +993,9 @@ class Store:
         await self._atomically("delete acknowledged batches", body, on_commit)
 
     async def mark_sent(self, keys: Sequence[BatchKey], sent_ns: int) -> None:
-        """end_to_end mode: the broker acknowledged these batches at `sent_ns` (Unix ns); keep
-        them until a consumer does. Unknown keys (deleted or evicted since) are ignored."""
+        """end_to_end mode: the broker acknowledged these batches at `sent_ns` (ns on the store's
+        clock, `now_ns`, as `sealed_ns`); keep them until a consumer does. Unknown keys (deleted
+        or evicted since) are ignored."""
         if not keys:
             return
 
@@ -1001,11 +1015,13 @@ class Store:
         due_ns: int,
         exclude: Collection[BatchKey] = (),
         max_due: int | None = None,
+        after: int = 0,
     ) -> list[StoredBatch]:
         """end_to_end mode: up to `limit` batches to send, declarations first, then batches of
-        readings oldest first; each never sent, or sent at or before `due_ns` (Unix ns) and not
-        acknowledged by a consumer since (`resend` True; at most `max_due` of those, None: no
-        limit). Batches in `exclude` (in flight) are left out."""
+        readings past the id `after`, oldest first; each never sent, or sent at or before
+        `due_ns` (the store's clock, `now_ns`) and not acknowledged by a consumer since
+        (`resend` True; at most `max_due` of those, None: no limit). Batches in `exclude` (in
+        flight) are left out."""
         skip = {kind: [k.id for k in exclude if k.kind == kind] for kind in _TABLES}
         due_left = limit if max_due is None else max(0, max_due)
         taken: list[StoredBatch] = []
@@ -1015,16 +1031,19 @@ class Store:
                 break
             marks = ",".join("?" * len(skip[kind]))
             columns = f"SELECT id, readings, sealed_ns, data FROM {table} WHERE"  # noqa: S608  # nosec B608  # table names are literals
-            tail = f" AND id NOT IN ({marks}) ORDER BY id LIMIT ?"
+            tail = f" AND id > ? AND id NOT IN ({marks}) ORDER BY id LIMIT ?"
+            lower = after if kind == "readings" and after > 0 else -1
             fresh = await self._read(
-                "read batches to send", f"{columns} sent_ns IS NULL{tail}", [*skip[kind], room]
+                "read batches to send",
+                f"{columns} sent_ns IS NULL{tail}",
+                [lower, *skip[kind], room],
             )
             due = []
             if due_left > 0:
                 due = await self._read(
                     "read batches to send again",
                     f"{columns} sent_ns IS NOT NULL AND sent_ns <= ?{tail}",
-                    [due_ns, *skip[kind], min(room, due_left)],
+                    [due_ns, lower, *skip[kind], min(room, due_left)],
                 )
             found = sorted(
                 [(row, False) for row in fresh] + [(row, True) for row in due],
@@ -1104,6 +1123,17 @@ class Store:
         )
         batches, readings, oldest = rows[0]
         return Unacked(int(batches), int(readings), None if oldest is None else int(oldest))
+
+    async def newest_batch_id(self, sealed_before_ns: int) -> int:
+        """The id of the newest buffered batch of readings sealed before `sealed_before_ns`
+        (ns on the store's clock, `now_ns`, as `sealed_ns`); 0 when there is none. Walks back
+        from the newest: costs the batches after it."""
+        rows = await self._read(
+            "read the newest batch",
+            "SELECT id FROM batches WHERE sealed_ns < ? ORDER BY id DESC LIMIT 1",
+            (sealed_before_ns,),
+        )
+        return int(rows[0][0]) if rows else 0
 
     async def oldest_sealed_ns(self) -> int | None:
         rows = await self._read(

@@ -45,6 +45,19 @@ def agent_config(
     return config
 
 
+def random_source(points: int = 500, interval: str = "50ms") -> list[dict[str, Any]]:
+    """A simulated source of `points` random points read every `interval` (at 50 ms, 20 x
+    `points` readings/s: 10,000 by default) that compress like measurements."""
+    return [
+        {
+            "type": "simulated",
+            "name": "sim",
+            "interval": interval,
+            "points": [{"name": f"p{i}", "signal": "random"} for i in range(points)],
+        }
+    ]
+
+
 def _refuse_constant(name: str) -> Any:
     raise ValueError(f"not strict JSON: {name}")
 

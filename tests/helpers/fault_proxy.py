@@ -13,7 +13,12 @@ ways until told otherwise:
   pulled cable, a stalled VPN, a dead switch). Bytes are held, not dropped, because TCP would
   retransmit them; connections opened meanwhile are accepted and held the same way (their
   handshake completes, nothing after it is answered).
-- `restore()`: the path works again; what was held is delivered, closes included.
+- `slow(bandwidth=..., latency=...)`: a slow link (satellite, a congested cellular cell): each
+  direction of each connection carries at most `bandwidth` bytes/s, and every byte arrives
+  `latency` s after it was sent, on top of the time the bandwidth takes. At most QUEUE_BYTES are
+  held in the path per direction (a router's queue); past that the sender's writes wait, as TCP
+  makes them. Our own code in asyncio: there is no toxiproxy or `tc netem` here.
+- `restore()`: the path works again at full speed; what was held is delivered, closes included.
 
 Use it as an async context manager: `async with FaultProxy(port) as proxy: ... proxy.port`.
 """
@@ -28,6 +33,10 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 _CHUNK = 65536
+_SLICE = 4096
+"""Chunk size on a slow path: the bandwidth is kept to within a slice."""
+QUEUE_BYTES = 128 * 1024
+"""Bytes a slow path holds per direction before the sender has to wait."""
 
 
 @dataclass(eq=False)
@@ -65,6 +74,8 @@ class FaultProxy:
         """Links whose client side was reset with `server="keep"`: the server side stays open."""
         self._tasks: set[asyncio.Task[None]] = set()
         self._stopping = False
+        self._bandwidth: int | None = None
+        self._latency = 0.0
 
     async def start(self) -> None:
         self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
@@ -117,8 +128,16 @@ class FaultProxy:
         """Hold every byte in both directions, on open and new connections, closing nothing."""
         self._open.clear()
 
+    def slow(self, *, bandwidth: int | None = None, latency: float = 0.0) -> None:
+        """From now on, every direction of every connection: at most `bandwidth` bytes/s (None:
+        no limit) and `latency` seconds one way (see the module docstring)."""
+        if bandwidth is not None and bandwidth <= 0:
+            raise ValueError(f"bandwidth must be positive, not {bandwidth}")
+        self._bandwidth, self._latency = bandwidth, max(0.0, latency)
+
     def restore(self) -> None:
-        """Let traffic through again, delivering what was held."""
+        """Let traffic through again, at full speed, delivering what was held."""
+        self._bandwidth, self._latency = None, 0.0
         self._open.set()
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -153,10 +172,36 @@ class FaultProxy:
     async def _pump(
         self, source: asyncio.StreamReader, sink: asyncio.StreamWriter, link: _Link
     ) -> None:
+        """Read from `source` into the path; `_deliver` writes what is due to `sink`."""
+        path: asyncio.Queue[tuple[float, bytes]] = asyncio.Queue(QUEUE_BYTES // _SLICE)
+        deliver = asyncio.create_task(self._deliver(path, sink, link), name="proxy-deliver")
+        loop = asyncio.get_running_loop()
         try:
             while True:
-                data = await source.read(_CHUNK)
+                data = await source.read(_SLICE if self._bandwidth or self._latency else _CHUNK)
                 await self._open.wait()  # silent: hold the bytes, as TCP would keep resending
+                if link.cut:
+                    return
+                await path.put((loop.time() + self._latency, data))
+                if not data:
+                    break
+            await deliver
+        except (ConnectionError, OSError):
+            self._failed(link)
+        finally:
+            deliver.cancel()
+
+    async def _deliver(
+        self, path: asyncio.Queue[tuple[float, bytes]], sink: asyncio.StreamWriter, link: _Link
+    ) -> None:
+        """Write each chunk once its latency has passed, at most at the bandwidth."""
+        loop = asyncio.get_running_loop()
+        try:
+            while True:
+                due, data = await path.get()
+                if (wait := due - loop.time()) > 0:
+                    await asyncio.sleep(wait)
+                await self._open.wait()
                 if link.cut:
                     return
                 if not data:
@@ -165,7 +210,12 @@ class FaultProxy:
                     return
                 sink.write(data)
                 await sink.drain()
+                if self._bandwidth:
+                    await asyncio.sleep(len(data) / self._bandwidth)
         except (ConnectionError, OSError):
-            if not link.cut:  # one side failed: so does the other, as across a real path
-                for writer in (link.client, link.server):
-                    writer.transport.abort()
+            self._failed(link)
+
+    def _failed(self, link: _Link) -> None:
+        if not link.cut:  # one side failed: so does the other, as across a real path
+            for writer in (link.client, link.server):
+                writer.transport.abort()
