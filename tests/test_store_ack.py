@@ -68,6 +68,22 @@ async def test_sent_batches_wait_for_the_consumer_and_come_back_after_the_timeou
     await store.close()
 
 
+async def test_fresh_batches_come_first_and_sent_ones_only_once_due(tmp_path: Path) -> None:
+    # The forwarder's end_to_end order (Forwarder._take_unacked): batches past the connection's
+    # boundary first (`after`), then the rest; in each, first sends and due re-sends by id.
+    store = await filled(tmp_path / "b.db", 6)
+    await store.mark_sent([BatchKey("readings", n) for n in (1, 2, 5)], sent_ns=100)
+    # Not due yet: a batch PUBACKed less than the timeout ago is not taken again.
+    assert ids(await store.take_unacked(10, 99, after=3)) == [4, 6]
+    assert ids(await store.take_unacked(10, 99)) == [3, 4, 6]
+    # Due: the fresh part, then the backlog part, each oldest first.
+    fresh = await store.take_unacked(10, 100, after=3)
+    assert [(b.key.id, b.resend) for b in fresh] == [(4, False), (5, True), (6, False)]
+    rest = await store.take_unacked(10, 100, exclude=[b.key for b in fresh])
+    assert [(b.key.id, b.resend) for b in rest] == [(1, True), (2, True), (3, False)]
+    await store.close()
+
+
 async def test_a_consumer_ack_deletes_what_it_covers_by_seq_or_batch_number(tmp_path: Path) -> None:
     store = await filled(tmp_path / "b.db", 8)
     await store.mark_sent([BatchKey("readings", n) for n in range(1, 9)], sent_ns=1)
