@@ -55,3 +55,10 @@ def test_a_modbus_gateway_runs_without_pymodbus() -> None:
     """The agent's own frames and decoder: pymodbus (about 1 MB more) is for tests and tools."""
     loaded = loaded_after(BUILD.format(source=SOURCES["modbus"]) + "import edge_agent.agent")
     assert "pymodbus" not in loaded
+
+
+def test_the_agent_loads_no_web_framework() -> None:
+    """The health endpoint is asyncio streams and h11: aiohttp's server cost 12-16 MB of RSS."""
+    loaded = loaded_after("import edge_agent.agent")
+    assert "h11" in loaded
+    assert not {n.split(".")[0] for n in loaded} & {"aiohttp", "multidict", "yarl"}
