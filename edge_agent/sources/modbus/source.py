@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import marshal
 import time
 from collections.abc import Callable, Iterable
 from itertools import repeat
@@ -100,6 +101,25 @@ class ModbusSource:
         """Per point index: the value rule its last value broke, and how many polls in a row."""
         self._discarding: dict[str, int] = {}
         self._device = f"{config.name} ({config.describe()})"
+
+    def compact(self) -> None:
+        """Remake the points and the plan as fresh objects, once the validated config is freed.
+
+        They were made while the configuration was read and validated, in memory shared with
+        its far larger transient structures, which they would keep from going back to the
+        system; their copies are made once that is freed (about 4 MB less RSS for 10 x 1,000
+        points, docs/performance.md). The copies are equal to the originals.
+        """
+        data = marshal.dumps(
+            (  # fresh text and numbers come back, shared ones stay shared
+                [tuple(p) for p in self._points],
+                [(r.kind, r.address, r.count, r.points) for r in self.plan],
+            )
+        )
+        points, plan = marshal.loads(data)  # noqa: S302  # nosec B302  # our own bytes, above
+        self._points = [PointSpec._make(p) for p in points]
+        self.plan = [ReadRequest(*r) for r in plan]
+        self._reads.clear()
 
     async def run(self, emit: Emit) -> None:
         link = self._links.acquire(self._config)
