@@ -41,7 +41,14 @@ from edge_agent.sources.modbus.link import (
     ReadError,
     ReadTimeoutError,
 )
-from edge_agent.sources.modbus.plan import PointSpec, ReadRequest, decoder_of, plan_reads, split
+from edge_agent.sources.modbus.plan import (
+    PointSpec,
+    PointTable,
+    ReadRequest,
+    decoder_of,
+    plan_reads,
+    split,
+)
 
 log = logging.getLogger(__name__)
 
@@ -74,8 +81,8 @@ class ModbusSource:
     def __init__(self, config: ModbusSourceConfig, links: LinkPool) -> None:
         self.name = config.name
         self.state = SourceState()
-        self._points = [PointSpec.of(p) for p in config.points]
-        """The points as compact tuples: the source keeps no pydantic model of a point."""
+        self._points = PointTable(PointSpec.of(p) for p in config.points)
+        """The points by column: the source keeps no pydantic model, nor a tuple, per point."""
         self._config = config.model_copy(update={"points": []})
         self._links = links
         self._unit = config.unit_id
@@ -112,12 +119,12 @@ class ModbusSource:
         """
         data = marshal.dumps(
             (  # fresh text and numbers come back, shared ones stay shared
-                [tuple(p) for p in self._points],
+                self._points.parts(),
                 [(r.kind, r.address, r.count, r.points) for r in self.plan],
             )
         )
-        points, plan = marshal.loads(data)  # noqa: S302  # nosec B302  # our own bytes, above
-        self._points = [PointSpec._make(p) for p in points]
+        parts, plan = marshal.loads(data)  # noqa: S302  # nosec B302  # our own bytes, above
+        self._points = PointTable.from_parts(parts)
         self.plan = [ReadRequest(*r) for r in plan]
         self._reads.clear()
 
@@ -197,7 +204,7 @@ class ModbusSource:
         if read is None:
             read = self._reads[request] = _Read(
                 decoder_of(request, self._points),
-                tuple(self._points[i].name for i in request.points),
+                tuple(map(self._points.names.__getitem__, request.points)),
                 any(i in self._filters for i in request.points),
             )
         return read
@@ -234,7 +241,7 @@ class ModbusSource:
                 self.state.counts["rejected"] += 1
                 self._note_point_fault(index, str(value))
                 self._bad_point(index, ts_ns, now, out)
-                failures.append(f"{self._device}: point {self._points[index].name}: {value}")
+                failures.append(f"{self._device}: point {self._points.names[index]}: {value}")
                 continue
             self._note_point_recovery(index)
             filt = self._filters.get(index)
@@ -242,7 +249,7 @@ class ModbusSource:
                 self._bad_sent.pop(index, None)
             elif not filt.admit(value, Quality.GOOD, now):
                 continue
-            out.append(Reading(self.name, self._points[index].name, ts_ns, value, Quality.GOOD))
+            out.append(Reading(self.name, self._points.names[index], ts_ns, value, Quality.GOOD))
         return failures
 
     def _split(self, index: int, request: ReadRequest) -> bool:
@@ -273,7 +280,7 @@ class ModbusSource:
             self._bad_sent[index] = now
         elif not filt.admit(None, Quality.BAD, now):
             return
-        out.append(Reading(self.name, self._points[index].name, ts_ns, None, Quality.BAD))
+        out.append(Reading(self.name, self._points.names[index], ts_ns, None, Quality.BAD))
 
     def _bad_heartbeat(self, index: int) -> float:
         """How often a bad point without a deadband is sent again (as ReportFilter would)."""
@@ -299,14 +306,14 @@ class ModbusSource:
         previous, count = self._point_faults.get(index, ("", 0))
         if error != previous:
             log.warning("Modbus point value rejected device=%s unit=%d point=%s error=%s",
-                        self.name, self._unit, self._points[index].name, error)  # fmt: skip
+                        self.name, self._unit, self._points.names[index], error)  # fmt: skip
         self._point_faults[index] = (error, count + 1)
 
     def _note_point_recovery(self, index: int) -> None:
         fault = self._point_faults.pop(index, None) if self._point_faults else None
         if fault is not None:
             log.info("Modbus point value recovered device=%s unit=%d point=%s failed_polls=%d",
-                     self.name, self._unit, self._points[index].name, fault[1])  # fmt: skip
+                     self.name, self._unit, self._points.names[index], fault[1])  # fmt: skip
 
     def _note_discarded(self, discarded: dict[str, tuple[int, str]], answered: bool) -> None:
         """Count what the link threw away for this unit; log when it starts and when it stops."""
