@@ -128,6 +128,17 @@ class PointTable(Sequence[PointSpec]):
         return table
 
 
+_INDEXES: list[int] = []
+"""Point indexes as shared int objects (beyond 256 each int is a 28-byte object of its own)."""
+
+
+def shared_indexes(indexes: Sequence[int]) -> tuple[int, ...]:
+    """`indexes` (non-negative) as a tuple of the int objects every device shares."""
+    if indexes and max(indexes) >= len(_INDEXES):
+        _INDEXES.extend(range(len(_INDEXES), max(indexes) + 1))
+    return tuple(map(_INDEXES.__getitem__, indexes))
+
+
 class PlannablePoint(PointShape, Protocol):
     """What planning needs of a point (ModbusPoint and PointSpec have it): what decoding needs,
     and its name and table."""

@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import marshal
+import sys
 import time
 from collections.abc import Callable, Iterable
 from itertools import repeat
@@ -47,6 +48,7 @@ from edge_agent.sources.modbus.plan import (
     ReadRequest,
     decoder_of,
     plan_reads,
+    shared_indexes,
     split,
 )
 
@@ -124,8 +126,9 @@ class ModbusSource:
             )
         )
         parts, plan = marshal.loads(data)  # noqa: S302  # nosec B302  # our own bytes, above
+        parts[0][:] = map(sys.intern, parts[0])  # devices of one model share their names
         self._points = PointTable.from_parts(parts)
-        self.plan = [ReadRequest(*r) for r in plan]
+        self.plan = [ReadRequest(k, a, c, shared_indexes(p)) for k, a, c, p in plan]
         self._reads.clear()
 
     async def run(self, emit: Emit) -> None:
