@@ -29,6 +29,7 @@ from edge_agent import audit as audit_events
 from edge_agent import systemd
 from edge_agent.audit import audit
 from edge_agent.config import Config, load_config
+from edge_agent.config.fresh import fresh_copy
 from edge_agent.config.schema import SourceConfig
 from edge_agent.errors import ConfigError, StoreError
 from edge_agent.forward.mqtt import Forwarder
@@ -200,6 +201,8 @@ class Agent:
         agent from.
         """
         gc.collect()
+        self.config = fresh_copy(self.config)
+        self._source_digests = fresh_copy(self._source_digests)
         for source in self.sources:
             compact = getattr(source, "compact", None)
             if compact is not None:

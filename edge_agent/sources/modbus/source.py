@@ -28,6 +28,7 @@ from collections.abc import Callable, Iterable
 from itertools import repeat
 from typing import Any, NamedTuple, cast
 
+from edge_agent.config.fresh import fresh_copy
 from edge_agent.config.modbus import ModbusSourceConfig
 from edge_agent.reading import Quality, Reading, Value
 from edge_agent.schedule import ticks
@@ -129,6 +130,10 @@ class ModbusSource:
         parts[0][:] = map(sys.intern, parts[0])  # devices of one model share their names
         self._points = PointTable.from_parts(parts)
         self.plan = [ReadRequest(k, a, c, shared_indexes(p)) for k, a, c, p in plan]
+        self._config = fresh_copy(self._config)
+        self.name = self._config.name
+        self._device = f"{self.name} ({self._config.describe()})"
+        self.state.since = fresh_copy(self.state.since)
         self._reads.clear()
 
     async def run(self, emit: Emit) -> None:
