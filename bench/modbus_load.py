@@ -246,6 +246,18 @@ def agent_config(
 
 # --------------------------------------------------------------------------- measuring
 
+
+def byte_compile() -> None:
+    """The agent's own modules byte-compiled (`__pycache__`, as pip does when it installs).
+
+    An installed agent loads bytecode; one run from a source tree under PYTHONDONTWRITEBYTECODE
+    compiles every module of edge_agent at each start, and the compiler's memory stays in the
+    process (about 2.5 MB of RSS): that is not what a gateway runs.
+    """
+    package = Path(__import__("edge_agent").__file__).parent
+    subprocess.run([sys.executable, "-m", "compileall", "-q", str(package)], check=True)
+
+
 CPROFILE_WRAPPER = """
 import cProfile, signal, sys
 import edge_agent.cli
@@ -431,6 +443,11 @@ def main() -> int:
     )  # fmt: skip
     parser.add_argument("--json", help="also write the results to this file")
     parser.add_argument("--dir", help="work directory, kept (default: a temporary one, removed)")
+    parser.add_argument(
+        "--no-bytecode", action="store_true",
+        help="do not byte-compile edge_agent first: with PYTHONDONTWRITEBYTECODE set, the agent "
+        "then compiles its modules at every start (about 2.5 MB more RSS)",
+    )  # fmt: skip
     parser.add_argument("--serve-modbus", nargs=2, type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve_modbus:
@@ -444,6 +461,8 @@ def main() -> int:
             work.mkdir(parents=True)
         else:
             work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-load-")))
+        if not args.no_bytecode:
+            byte_compile()
         write_keypair(work / "keys")
         (work / "broker").mkdir()
         broker = stack.enter_context(Mosquitto(directory=work / "broker"))

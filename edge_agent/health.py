@@ -10,23 +10,26 @@ header over MAX_LINE_BYTES, or more than MAX_HEADERS headers, is refused with 40
 MAX_CONNECTIONS connections are served at once, and one over the limit is closed at once, so a
 flood from loopback costs the agent little and never stops forwarding. A malformed request is
 the client's fault, not the agent's: it is counted and logged once at DEBUG, never as an ERROR
-with a traceback (aiohttp's own choice).
+with a traceback.
+
+The server is a small one of our own on asyncio streams, with h11 (the HTTP/1.1 parser and state
+machine of httpx and uvicorn) reading the requests: aiohttp's web framework, used before, cost
+the agent 12-16 MB of memory for four paths (docs/performance.md).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import json
 import logging
 import math
-import sys
 import time
-from collections.abc import Awaitable, Callable, Mapping
-from typing import Any, cast
+from collections.abc import Callable, Mapping
+from typing import Any
 
-from aiohttp import web
-from aiohttp.http_exceptions import HttpProcessingError
+import h11
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from edge_agent.clock import ClockWatch
@@ -66,23 +69,19 @@ class Health:
         self._clock = clock
         self.ready = False
 
-    def app(self) -> web.Application:
-        app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[_read_only])
-        app.on_response_prepare.append(_plain_server_header)
-        app.router.add_get("/healthz", self._healthz)
-        app.router.add_get("/readyz", self._readyz)
-        app.router.add_get("/status", self._status)
-        app.router.add_get("/metrics", self._metrics_text)
-        return app
-
-    async def _healthz(self, _: web.Request) -> web.Response:
-        alive = self._alive()
-        return web.json_response({"alive": alive}, status=200 if alive else 503, dumps=strict_dumps)
-
-    async def _readyz(self, _: web.Request) -> web.Response:
-        return web.json_response(
-            {"ready": self.ready}, status=200 if self.ready else 503, dumps=strict_dumps
-        )
+    async def answer(self, path: str) -> tuple[int, str, bytes]:
+        """The answer to GET `path` (without query): (HTTP status, Content-Type, body)."""
+        if path == "/healthz":
+            alive = self._alive()
+            return _json(200 if alive else 503, {"alive": alive})
+        if path == "/readyz":
+            return _json(200 if self.ready else 503, {"ready": self.ready})
+        if path == "/status":
+            return _json(200, await self.snapshot())
+        if path == "/metrics":
+            await self.snapshot()
+            return 200, CONTENT_TYPE_LATEST, generate_latest(self._metrics.registry)
+        return 404, "text/plain; charset=utf-8", b"404: Not Found"
 
     async def snapshot(self) -> dict[str, Any]:
         oldest = await self._store.oldest_sealed_ns()
@@ -165,14 +164,6 @@ class Health:
             },
         }
 
-    async def _status(self, _: web.Request) -> web.Response:
-        return web.json_response(await self.snapshot(), dumps=strict_dumps)
-
-    async def _metrics_text(self, _: web.Request) -> web.Response:
-        await self.snapshot()
-        body = generate_latest(self._metrics.registry)
-        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
-
 
 MAX_CONNECTIONS = 32
 """Connections served at once; monitoring needs one or two."""
@@ -180,165 +171,176 @@ MAX_LINE_BYTES = 4096
 """Longest request line or header line; the endpoint's URLs are a few bytes."""
 MAX_HEADERS = 32
 IDLE_TIMEOUT_S = 15.0
-"""A connection that sends no request for this long is closed (aiohttp's keep-alive timeout)."""
-MAX_BODY_BYTES = 1024
-"""GET and HEAD carry no body; aiohttp refuses a larger one if a handler ever read it."""
+"""A connection that sends no request (or no rest of one) for this long is closed."""
+MAX_HEAD_BYTES = (MAX_HEADERS + 1) * (MAX_LINE_BYTES + 2) + 2
+"""The most a request head can hold within the line and header limits; h11 refuses more."""
+READ_BYTES = 8192
 
 log = logging.getLogger(__name__)
+_REASONS = {200: b"OK", 400: b"Bad Request", 404: b"Not Found", 405: b"Method Not Allowed",
+            500: b"Internal Server Error", 503: b"Service Unavailable"}  # fmt: skip
 _BUSY = b"HTTP/1.1 503 Service Unavailable\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
+_BAD = (
+    b"HTTP/1.1 400 Bad Request\r\nServer: edge-agent\r\nConnection: close\r\n"
+    b"Content-Type: text/plain; charset=utf-8\r\nContent-Length: 16\r\n\r\n400: Bad Request"
+)
 
 
-@web.middleware
-async def _read_only(
-    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
-) -> web.StreamResponse:
-    """405 for every method but GET and HEAD, whatever the path (CONNECT and OPTIONS too)."""
-    if request.method not in ("GET", "HEAD"):
-        raise web.HTTPMethodNotAllowed(request.method, ["GET", "HEAD"])
-    return await handler(request)
+def _json(status: int, body: Any) -> tuple[int, str, bytes]:
+    return status, "application/json; charset=utf-8", strict_dumps(body).encode()
 
 
-async def _plain_server_header(_: web.Request, response: web.StreamResponse) -> None:
-    """`Server: edge-agent`, not the Python and aiohttp versions (nothing to fingerprint)."""
-    response.headers["Server"] = "edge-agent"
-
-
-class _QuietOnBadRequests(logging.LoggerAdapter[logging.Logger]):
-    """aiohttp's server logger, but a malformed request is counted, not logged with a traceback.
-
-    aiohttp logs every request it cannot parse with `logger.exception`; those are a client's
-    fault (a scanner, a health check speaking another protocol) and would flood the log. Other
-    exceptions, the agent's own bugs in a handler, still log as errors with their traceback.
-    """
-
-    def __init__(self, logger: logging.Logger, counts: dict[str, int]) -> None:
-        super().__init__(logger, {})
-        self.counts = counts
-
-    def exception(self, msg: object, *args: object, **kwargs: Any) -> None:
-        if not self._bad_request(kwargs.get("exc_info")):
-            self.logger.exception(msg, *args, **kwargs)
-
-    def debug(self, msg: object, *args: object, **kwargs: Any) -> None:
-        if not self._bad_request(kwargs.get("exc_info")):  # aiohttp's own, for TLS on HTTP
-            self.logger.debug(msg, *args, **kwargs)
-
-    def _bad_request(self, error: object) -> bool:
-        """Count and log (one line, DEBUG) a client's malformed request; False for others."""
-        if error is True:
-            error = sys.exc_info()[1]
-        if not isinstance(error, HttpProcessingError):
-            return False
-        self.counts["bad_requests"] = self.counts.get("bad_requests", 0) + 1
-        self.logger.debug("Refused a malformed request error=%s", _one_line(error))
-        return True
-
-
-def _one_line(error: BaseException) -> str:
-    return " ".join(str(error).split())[:200]
-
-
-class _Counted(asyncio.Protocol):
-    """Wraps aiohttp's protocol of one connection so that the gate knows when it ends."""
-
-    def __init__(self, inner: asyncio.Protocol, gate: _ConnectionGate) -> None:
-        self._inner = inner
-        self._gate = gate
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self._inner.connection_made(transport)
-
-    def data_received(self, data: bytes) -> None:
-        self._inner.data_received(data)
-
-    def eof_received(self) -> bool | None:
-        return self._inner.eof_received()
-
-    def pause_writing(self) -> None:
-        self._inner.pause_writing()
-
-    def resume_writing(self) -> None:
-        self._inner.resume_writing()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._gate.open -= 1
-        self._inner.connection_lost(exc)
-
-
-class _Refused(asyncio.Protocol):
-    """A connection over the limit: answered 503 and closed without reading a byte."""
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        cast(asyncio.Transport, transport).write(_BUSY)
-        transport.close()
+def _refusal(request: h11.Request) -> str | None:
+    """Why `request` is refused with 400 (HTTP/1.x only, lines and header count), or None."""
+    if not request.http_version.startswith(b"1."):
+        return f"HTTP version {request.http_version!r}"
+    line = len(request.method) + len(request.target) + len(request.http_version) + 7
+    if line > MAX_LINE_BYTES:
+        return f"request line of {line} bytes"
+    if len(request.headers) > MAX_HEADERS:
+        return f"{len(request.headers)} headers"
+    for name, value in request.headers:
+        if len(name) + len(value) + 2 > MAX_LINE_BYTES:
+            return f"a header line of {len(name) + len(value) + 2} bytes"
+    return None
 
 
 class _ConnectionGate:
-    """The protocol factory of the listening socket: at most `limit` connections served."""
+    """Counts the connections served; at most `limit` at once, the others are refused."""
 
-    def __init__(self, make: Callable[[], asyncio.Protocol], limit: int) -> None:
-        self._make = make
+    def __init__(self, limit: int) -> None:
         self._limit = limit
         self.open = 0
         self.refused = 0
         self._refusing = False
 
-    def __call__(self) -> asyncio.Protocol:
+    def enter(self) -> bool:
+        """Whether a new connection may be served (then `leave` when it ends)."""
         if self.open >= self._limit:
             self.refused += 1
             if not self._refusing:  # one line per episode, not per connection
                 self._refusing = True
                 log.warning("Health endpoint at its connection limit, refusing limit=%d",
                             self._limit)  # fmt: skip
-            return _Refused()
+            return False
         if self._refusing and self.open < self._limit // 2:
             self._refusing = False
             log.info("Health endpoint below its connection limit again refused=%d", self.refused)
         self.open += 1
-        return _Counted(self._make(), self)
+        return True
+
+    def leave(self) -> None:
+        self.open -= 1
 
 
 class HealthServer:
-    """The listening socket and the aiohttp runner behind it."""
+    """The listening socket and its connections (HTTP/1.1 with keep-alive, parsed by h11)."""
 
-    def __init__(self, runner: web.AppRunner, server: asyncio.Server, gate: _ConnectionGate,
-                 counts: dict[str, int]) -> None:  # fmt: skip
-        self._runner = runner
-        self._server = server
-        self.gate = gate
-        self.counts = counts
+    def __init__(self, health: Health) -> None:
+        self._health = health
+        self._server: asyncio.Server | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.gate = _ConnectionGate(MAX_CONNECTIONS)
+        self.counts: dict[str, int] = {}
         """`bad_requests`: malformed requests refused (400)."""
 
     @property
     def port(self) -> int:
+        assert self._server is not None
         return int(self._server.sockets[0].getsockname()[1])
+
+    async def listen(self, host: str, port: int) -> None:
+        """Start listening; OSError when `host:port` cannot be bound."""
+        self._server = await asyncio.start_server(self._connected, host, port, backlog=128)
 
     async def cleanup(self) -> None:
         """Stop listening, then close every connection."""
-        self._server.close()
-        await self._runner.cleanup()
+        if self._server is not None:
+            self._server.close()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def _connected(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if not self.gate.enter():
+            writer.write(_BUSY)
+            writer.close()
+            return
+        task = asyncio.current_task()
+        assert task is not None
+        self._tasks.add(task)
+        try:
+            await self._serve(reader, writer)
+        except (ConnectionError, TimeoutError):
+            pass  # the client left, or said nothing for IDLE_TIMEOUT_S
+        except h11.RemoteProtocolError as exc:
+            self._bad_request(str(exc), writer)
+        finally:
+            self._tasks.discard(task)
+            self.gate.leave()
+            writer.close()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """Requests one after the other until the client or h11 closes the connection."""
+        conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD_BYTES)
+        while True:
+            event = conn.next_event()
+            if event is h11.NEED_DATA:
+                async with asyncio.timeout(IDLE_TIMEOUT_S):
+                    data = await reader.read(READ_BYTES)
+                conn.receive_data(data)
+                continue
+            if not isinstance(event, h11.Request):
+                return  # the client closed (ConnectionClosed), or a body we do not read
+            refusal = _refusal(event)
+            if refusal is not None:
+                self._bad_request(refusal, writer)
+                return
+            has_body = any(name in (b"content-length", b"transfer-encoding")
+                           for name, _ in event.headers)  # fmt: skip
+            writer.write(await self._respond(conn, event, close=has_body))
+            await writer.drain()
+            if has_body or conn.our_state is not h11.DONE:
+                return  # a body is never read: answer, then close
+            while conn.their_state is h11.SEND_BODY:
+                if conn.next_event() is h11.NEED_DATA:
+                    return
+            if conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
+                return
+            conn.start_next_cycle()
+
+    async def _respond(self, conn: h11.Connection, request: h11.Request, *, close: bool) -> bytes:
+        """The bytes of the answer to `request`: GET and HEAD only (405 otherwise)."""
+        headers = [("Server", "edge-agent")]
+        if close:
+            headers.append(("Connection", "close"))
+        if request.method not in (b"GET", b"HEAD"):
+            status, kind, body = 405, "text/plain; charset=utf-8", b"405: Method Not Allowed"
+            headers.append(("Allow", "GET, HEAD"))
+        else:
+            path = request.target.split(b"?", 1)[0].decode("ascii", "replace")
+            try:
+                status, kind, body = await self._health.answer(path)
+            except Exception:  # the agent's bug, not the client's: logged, answered 500
+                log.exception("Health endpoint failed to answer path=%s", path)
+                status, kind, body = 500, "text/plain; charset=utf-8", b"500"
+        headers += [("Content-Type", kind), ("Content-Length", str(len(body)))]
+        out = conn.send(h11.Response(status_code=status, headers=headers,
+                                     reason=_REASONS.get(status, b"")))  # fmt: skip
+        if request.method != b"HEAD":
+            out = (out or b"") + (conn.send(h11.Data(data=body)) or b"")
+        return (out or b"") + (conn.send(h11.EndOfMessage()) or b"")
+
+    def _bad_request(self, error: str, writer: asyncio.StreamWriter) -> None:
+        """A client's malformed request: 400, counted, one line at DEBUG (never an ERROR)."""
+        self.counts["bad_requests"] = self.counts.get("bad_requests", 0) + 1
+        log.debug("Refused a malformed request error=%s", " ".join(error.split())[:200])
+        with contextlib.suppress(ConnectionError, RuntimeError):
+            writer.write(_BAD)
 
 
 async def start_health_server(health: Health, host: str, port: int) -> HealthServer:
     """Listen on `host:port` (port 0: any free port); OSError when it cannot be bound."""
-    counts: dict[str, int] = {}
-    runner = web.AppRunner(
-        health.app(),
-        access_log=None,
-        logger=cast(
-            logging.Logger, _QuietOnBadRequests(logging.getLogger("aiohttp.server"), counts)
-        ),
-        max_line_size=MAX_LINE_BYTES,
-        max_field_size=MAX_LINE_BYTES,
-        max_headers=MAX_HEADERS,
-        keepalive_timeout=IDLE_TIMEOUT_S,
-    )
-    await runner.setup()
-    assert runner.server is not None
-    gate = _ConnectionGate(runner.server, MAX_CONNECTIONS)
-    try:
-        server = await asyncio.get_running_loop().create_server(gate, host, port, backlog=128)
-    except OSError:
-        await runner.cleanup()
-        raise
-    return HealthServer(runner, server, gate, counts)
+    server = HealthServer(health)
+    await server.listen(host, port)
+    return server

@@ -47,7 +47,7 @@ class Endpoint:
 
 
 def refused(answer: bytes) -> bool:
-    """Whether `answer` is a 400 (aiohttp answers a request it cannot parse in HTTP/1.0)."""
+    """Whether `answer` is a 400 (in HTTP/1.1 or, from some servers, HTTP/1.0)."""
     return answer.startswith((b"HTTP/1.1 400 ", b"HTTP/1.0 400 "))
 
 

@@ -46,7 +46,7 @@ WAITING = b"(the server waits for the rest of the request)"
 async def exchange(port: int, request: bytes, timeout: float = 5.0) -> bytes:
     """Send `request` and return what the server sends until it closes, or until `timeout`.
 
-    No half-close: aiohttp, like most servers, drops a connection at the client's EOF. An
+    No half-close: the server, like most, drops a connection at the client's EOF. An
     answered request on a kept-alive connection returns the answer at `timeout`; a request the
     server is still waiting to complete gives WAITING.
     """

@@ -79,3 +79,10 @@ def test_ingest_depends_on_the_seal_not_on_the_agent() -> None:
     ours = {n.split(".")[1] for n in loaded if n.startswith("edge_agent.")}
     assert ours <= {"consumer", "seal", "errors", "reading"}, ours
     assert "psycopg" in loaded
+
+
+def test_the_agent_loads_no_web_framework() -> None:
+    """The health endpoint is asyncio streams and h11: aiohttp's server cost 12-16 MB of RSS."""
+    loaded = loaded_after("import edge_agent.agent")
+    assert "h11" in loaded
+    assert not {n.split(".")[0] for n in loaded} & {"aiohttp", "multidict", "yarl"}

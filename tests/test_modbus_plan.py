@@ -154,3 +154,26 @@ def test_sources_on_one_serial_line_must_agree_on_its_settings() -> None:
         (("sources", 1, "baudrate"),
          "baudrate differs from sources[0] on the same serial_port (9600 vs 19200)")]  # fmt: skip
     assert one.link_key == two.link_key == ("rtu", "/dev/ttyUSB0")
+
+
+def test_a_compacted_source_keeps_equal_points_and_plan_in_fresh_objects() -> None:
+    """`ModbusSource.compact` (after the config is freed) changes no point and no read."""
+    from edge_agent.sources.modbus.link import LinkPool  # noqa: PLC0415
+    from edge_agent.sources.modbus.source import ModbusSource  # noqa: PLC0415
+
+    config = ModbusSourceConfig.model_validate({
+        "type": "modbus", "name": "plc", "host": "127.0.0.1", "max_gap": 2,
+        "points": [
+            {"name": "line1.temp", "register": "holding", "address": 300, "type": "float32",
+             "scale": 0.1, "deadband": 0.5},
+            {"name": "line1.run", "register": "coil", "address": 7, "type": "bool"},
+            {"name": "line1.count", "register": "input", "address": 1000, "type": "uint32",
+             "byte_order": "little", "word_order": "little"},
+            {"name": "tag", "register": "holding", "address": 303, "type": "string", "length": 4},
+        ],
+    })  # fmt: skip
+    source = ModbusSource(config, LinkPool())
+    points, plan = list(source._points), list(source.plan)
+    source.compact()
+    assert source._points == points and source.plan == plan
+    assert [type(p) for p in source._points] == [type(p) for p in points]

@@ -88,14 +88,13 @@ def load_config(path: Path, *, check_files: bool = True) -> Config:
 
 def parse_config(text: str, name: str = "<config>", *, check_files: bool = False) -> Config:
     """Validate YAML text; the pure half of `load_config`, for tests and the embedded demo."""
-    marks: Marks = {}
     problems: list[ConfigProblem] = []
     deep = _flow_nesting_line(text)
     if deep is not None:
         message = f"nested too deeply (more than {MAX_FLOW_NESTING} levels of [ and {{)"
         raise ConfigError(name, [ConfigProblem("", message, deep, 1)])
     try:
-        data = _read(text, marks, problems)
+        data = _read(text, None, problems)
     except yaml.MarkedYAMLError as exc:
         mark: Any = exc.problem_mark or exc.context_mark
         message = " ".join(part for part in (exc.context, exc.problem) if part)
@@ -118,41 +117,57 @@ def parse_config(text: str, name: str = "<config>", *, check_files: bool = False
         loc = next(loc for loc, total in declared if total > MAX_POINTS)
         message = (f"{declared[-1][1]:,} points in all, more than the {MAX_POINTS:,} one "
                    "configuration may have (this entry passes the limit)")  # fmt: skip
-        raise ConfigError(name, [_locate(loc, message, marks)])
+        raise ConfigError(name, [_locate(loc, message, _marks(text))])
 
     try:
         config = Config.model_validate(data)
     except ValidationError as exc:
         already = {p.path for p in problems}  # e.g. an unset ${VAR}: don't report it twice
+        marks = _marks(text)
         for err in exc.errors(include_url=False):
             problem = _locate(_clean_loc(err["loc"], data), err["msg"], marks)
             if problem.path not in already:
                 problems.append(problem)
         raise ConfigError(name, _sorted(problems)) from None
 
-    problems.extend(_locate(loc, msg, marks) for loc, msg in config.problems())
+    found = list(config.problems())
     if check_files:
-        problems.extend(_file_problems(config, marks))
-        problems.extend(_signing_key_problems(config, marks))
-        problems.extend(_ack_key_problems(config, marks))
+        found += _file_problems(config)
+        found += _signing_key_problems(config)
+        found += _ack_key_problems(config)
+    if found:
+        marks = _marks(text)
+        problems.extend(_locate(loc, message, marks) for loc, message in found)
     if problems:
         raise ConfigError(name, _sorted(problems))
     return config
 
 
-def _file_problems(config: Config, marks: Marks) -> list[ConfigProblem]:
+def _marks(text: str) -> Marks:
+    """Where each value of `text` starts, for locating problems: `text` read again.
+
+    Only a file with problems needs them: keeping a mark per value while reading cost about
+    1 KB a point at the peak of loading a large gateway (docs/performance.md). `text` was read
+    once without error, so reading it again gives the same data and raises nothing.
+    """
+    marks: Marks = {}
+    _read(text, marks, [])
+    return marks
+
+
+def _file_problems(config: Config) -> list[tuple[Loc, str]]:
     """The files the config names (keys, certificates, secrets) that are missing or unreadable."""
-    problems: list[ConfigProblem] = []
+    problems: list[tuple[Loc, str]] = []
     for loc, file in config.files_to_check():
         try:
             found = file.is_file()
         except PermissionError:  # a directory on the way that this user may not search
-            problems.append(_locate(loc, f"file not readable: {file}", marks))
+            problems.append((loc, f"file not readable: {file}"))
             continue
         if not found:
-            problems.append(_locate(loc, f"file not found: {file}", marks))
+            problems.append((loc, f"file not found: {file}"))
         elif not os.access(file, os.R_OK):
-            problems.append(_locate(loc, f"file not readable: {file}", marks))
+            problems.append((loc, f"file not readable: {file}"))
     return problems
 
 
@@ -176,7 +191,7 @@ def _flow_nesting_line(text: str) -> int | None:
     return None
 
 
-def _signing_key_problems(config: Config, marks: Marks) -> list[ConfigProblem]:
+def _signing_key_problems(config: Config) -> list[tuple[Loc, str]]:
     """The checks `run` makes of the signing key file, so that check-config says the same."""
     from edge_agent.seal.keys import key_file_problems  # noqa: PLC0415 - only with files
 
@@ -189,21 +204,21 @@ def _signing_key_problems(config: Config, marks: Marks) -> list[ConfigProblem]:
         return []  # reported above as not readable (`_file_problems`)
     except OSError as exc:
         found = [f"cannot examine {path}: {exc.strerror or exc}"]
-    return [_locate(("signing", "key_file"), message, marks) for message in found]
+    return [(("signing", "key_file"), message) for message in found]
 
 
-def _ack_key_problems(config: Config, marks: Marks) -> list[ConfigProblem]:
+def _ack_key_problems(config: Config) -> list[tuple[Loc, str]]:
     """Each `mqtt.ack_keys` file must be an Ed25519 public key (a private key is refused)."""
     from edge_agent.seal.keys import load_consumer_key  # noqa: PLC0415 - only with files
 
-    problems = []
+    problems: list[tuple[Loc, str]] = []
     for index, path in enumerate(config.mqtt.ack_keys):
         try:
             if not path.is_file() or not os.access(path, os.R_OK):
                 continue  # reported above as not found or not readable
             load_consumer_key(path)
         except (OSError, ValueError) as exc:
-            problems.append(_locate(("mqtt", "ack_keys", index), str(exc), marks))
+            problems.append((("mqtt", "ack_keys", index), str(exc)))
     return problems
 
 
@@ -222,8 +237,8 @@ class _Collection:
         self.key: str | None = None
 
 
-def _read(text: str, marks: Marks, problems: list[ConfigProblem]) -> Any:
-    """Parse `text` into plain data, recording in `marks` where each value starts (1-based).
+def _read(text: str, marks: Marks | None, problems: list[ConfigProblem]) -> Any:
+    """Parse `text` into plain data, recording in `marks` (if given) where each value starts.
 
     Problems that leave the rest readable (a duplicate key, a value that is not valid for its
     tag, an unset environment variable) go to `problems`; the others raise: yaml.YAMLError for
@@ -245,7 +260,7 @@ def _read(text: str, marks: Marks, problems: list[ConfigProblem]) -> Any:
         parser.dispose()
 
 
-def _read_document(parser: Any, marks: Marks, problems: list[ConfigProblem]) -> Any:
+def _read_document(parser: Any, marks: Marks | None, problems: list[ConfigProblem]) -> Any:
     """The value of one document, read iteratively (no recursion, however deep the file)."""
     stack: list[_Collection] = []
     nodes = 0
@@ -275,15 +290,11 @@ def _read_document(parser: Any, marks: Marks, problems: list[ConfigProblem]) -> 
             _skip(parser, event)  # the key
             _skip(parser, parser.get_event())  # and its value
             continue
-        if top is None:
-            loc: Loc = ()
-        elif top.key is not None:
-            loc = (*top.loc, top.key)
-        else:
-            loc = (*top.loc, len(top.value))
-        marks[loc] = _at(event)
+        loc = _child_loc(top)
+        if marks is not None:
+            marks[loc] = _at(event)
         if isinstance(event, yaml.ScalarEvent):
-            value = _scalar(event, loc, marks, problems)
+            value = _scalar(event, loc, problems)
             if top is None:
                 return value
             _store(top, value)
@@ -302,6 +313,15 @@ def _read_document(parser: Any, marks: Marks, problems: list[ConfigProblem]) -> 
         else:
             _refuse_alias(event)
             raise _error(event, f"unexpected {event}")
+
+
+def _child_loc(top: _Collection | None) -> Loc:
+    """Where the next value read goes: in `top` (a mapping's pending key, or a list's end)."""
+    if top is None:
+        return ()
+    if top.key is not None:
+        return (*top.loc, top.key)
+    return (*top.loc, len(top.value))
 
 
 _STARTS = (yaml.MappingStartEvent, yaml.SequenceStartEvent)
@@ -369,7 +389,7 @@ def _skip(parser: Any, event: Any) -> None:
         event = parser.get_event()
 
 
-def _scalar(event: Any, loc: Loc, marks: Marks, problems: list[ConfigProblem]) -> Any:
+def _scalar(event: Any, loc: Loc, problems: list[ConfigProblem]) -> Any:
     """A scalar's Python value, by the YAML 1.1 rules of PyYAML's SafeLoader."""
     tag = event.tag
     if tag is None or tag == "!":
@@ -386,14 +406,14 @@ def _scalar(event: Any, loc: Loc, marks: Marks, problems: list[ConfigProblem]) -
         try:
             value = _SCALARS.construct_object(node)
         except (yaml.YAMLError, ValueError) as exc:  # `!!int abc`, `!custom x`, a 5000-digit int
-            line, col = _unpack(marks[loc])
+            line, col = _unpack(_at(event))
             reason = exc.problem if isinstance(exc, yaml.MarkedYAMLError) and exc.problem else exc
             problems.append(ConfigProblem(path_text(loc), f"invalid value: {reason}", line, col))
             return None
         finally:
             _SCALARS.constructed_objects.clear()
     if isinstance(value, str) and "${" in value:
-        value = _expand_env(value, loc, marks, problems)
+        value = _expand_env(value, loc, _at(event), problems)
     return value
 
 
@@ -403,7 +423,7 @@ def _position(text: str, offset: int) -> tuple[int, int]:
     return line + 1, offset - (text.rfind("\n", 0, offset) + 1) + 1
 
 
-def _expand_env(value: str, loc: Loc, marks: Marks, problems: list[ConfigProblem]) -> str:
+def _expand_env(value: str, loc: Loc, at: int, problems: list[ConfigProblem]) -> str:
     """Replace `${NAME}` (or `${NAME:-default}`) with the environment's value."""
 
     def substitute(match: re.Match[str]) -> str:
@@ -412,7 +432,7 @@ def _expand_env(value: str, loc: Loc, marks: Marks, problems: list[ConfigProblem
             return os.environ[name]
         if default is not None:
             return default
-        line, col = _unpack(marks[loc])
+        line, col = _unpack(at)
         problems.append(
             ConfigProblem(
                 path_text(loc),

@@ -40,7 +40,7 @@ from array import array
 from collections.abc import Iterable, Mapping, Sequence
 from itertools import accumulate, chain, compress, count, pairwise, repeat
 from operator import add, eq, itemgetter, mul, ne, not_, sub, truediv, xor
-from typing import Any
+from typing import Any, cast
 
 from edge_agent.errors import EnvelopeError
 from edge_agent.reading import Quality, Reading, Value
@@ -76,7 +76,9 @@ _CODE = {1: "B", 2: "H", 4: "I", 8: "Q"}
 """struct codes of the widths of `pack_ints` (with `<`: standard sizes, little-endian)."""
 _UNKNOWN = 255
 _CACHE_LIMIT = 100_000
-"""Points whose decimal places an encoder remembers; cleared past this (configs have fewer)."""
+"""Points whose decimal places (or name parts) an encoder remembers; cleared past this."""
+_DICTIONARIES = 16
+"""Points dictionaries an encoder keeps: one per distinct list of points in a batch."""
 
 
 # --------------------------------------------------------------------------- integer columns
@@ -301,12 +303,18 @@ class ColumnEncoder:
     resolution), as the most any of its values needed, up to MAX_DECIMALS; a point whose values
     are not short decimals is remembered as RAW. Each batch carries the places it used, so it
     decodes on its own; a value that needs more is sent raw and teaches the encoder for the next
-    batch. It also keeps the last points dictionary, since consecutive batches usually share it.
+    batch. It also keeps the points dictionaries of recent batches (the same polls make the same
+    lists of points: a gateway whose polls fill whole batches reuses them every poll) and each
+    point name's parts: building a dictionary was half the cost of sealing (docs/performance.md).
     """
 
     def __init__(self) -> None:
         self._places: dict[tuple[str, str], int] = {}
-        self._dictionary: tuple[list[tuple[str, str]], dict[str, Any]] = ([], _dictionary([]))
+        self._dictionaries: dict[tuple[tuple[str, ...], tuple[str, ...]], dict[str, Any]] = {}
+        """Recent dictionaries by their points' sources and names (tuples of text: cheap to
+        hash, and not traversed by the garbage collector)."""
+        self._parts: dict[str, tuple[str, ...]] = {}
+        """Each point name split at `.`."""
 
     def encode(self, readings: Sequence[Reading], first_seq: int) -> dict[str, Any]:
         """The format-2 fields of a payload for `readings` numbered from `first_seq`.
@@ -337,7 +345,7 @@ class ColumnEncoder:
         columns: dict[str, Any] = {
             "seq": first_seq,
             "n": length,
-            **self._points(points),
+            **self._points(points, (src, pt) if len(points) == length else None),
             "idx": pack_ints(list(map(sub, idx, [0, *idx[:-1]]))),
             "t0": times[0],
             "nt": len(times),
@@ -358,12 +366,32 @@ class ColumnEncoder:
         columns["text"] = texts[0] if texts else []
         return columns
 
-    def _points(self, points: list[tuple[str, str]]) -> dict[str, Any]:
-        last, encoded = self._dictionary
-        if points != last:
-            encoded = _dictionary(points)
-            self._dictionary = (points, encoded)
+    def _points(
+        self, points: list[tuple[str, str]], key: tuple[tuple[str, ...], tuple[str, ...]] | None
+    ) -> dict[str, Any]:
+        """The dictionary of `points`; `key`: their sources and names as two tuples, if known."""
+        if key is None:
+            key = (tuple(map(itemgetter(0), points)), tuple(map(itemgetter(1), points)))
+        encoded = self._dictionaries.get(key)
+        if encoded is None:
+            if len(self._dictionaries) >= _DICTIONARIES:  # the oldest goes
+                del self._dictionaries[next(iter(self._dictionaries))]
+            encoded = self._dictionaries[key] = _dictionary(points, self._split(points))
         return encoded
+
+    def _split(self, points: list[tuple[str, str]]) -> list[tuple[str, ...]]:
+        """Each point's name split at `.`, from the cache (filled for names not seen yet)."""
+        parts = self._parts
+        names = list(map(itemgetter(1), points))
+        split = list(map(parts.get, names))
+        if None in split:
+            if len(parts) + len(names) > _CACHE_LIMIT:
+                parts.clear()
+            for name in names:
+                if name not in parts:
+                    parts[name] = tuple(name.split("."))
+            split = list(map(parts.__getitem__, names))
+        return cast(list[tuple[str, ...]], split)
 
     def _floats(
         self, floats: list[float], owners: list[int], points: list[tuple[str, str]]
@@ -448,16 +476,20 @@ def _positions(times: list[int], ts: tuple[int, ...]) -> list[int]:
     return list(map(sub, where, [0, *where[:-1]]))
 
 
-def _dictionary(points: list[tuple[str, str]]) -> dict[str, Any]:
+def _dictionary(
+    points: list[tuple[str, str]], split: Sequence[Sequence[str]] | None = None
+) -> dict[str, Any]:
     """The points dictionary: `src`, `ps` (each point's source), `tok`, `pn`, `pi` (names).
 
-    Each point name is split at `.` into parts; the distinct parts are `tok` (joined with
-    newlines, or an array when a part holds a newline), `pn` the number of parts of each name
-    and `pi` the position in `tok` of every part, name after name.
+    Each point name is split at `.` into parts (`split`: the parts of each, if known); the
+    distinct parts are `tok` (joined with newlines, or an array when a part holds a newline),
+    `pn` the number of parts of each name and `pi` the position in `tok` of every part, name
+    after name.
     """
     owners = list(map(itemgetter(0), points))
     sources = {name: i for i, name in enumerate(dict.fromkeys(owners))}
-    split = list(map(str.split, map(itemgetter(1), points), repeat(".")))
+    if split is None:
+        split = list(map(str.split, map(itemgetter(1), points), repeat(".")))
     tokens = {tok: i for i, tok in enumerate(dict.fromkeys(chain.from_iterable(split)))}
     joined = "\n".join(tokens)
     positions = list(map(tokens.__getitem__, chain.from_iterable(split)))

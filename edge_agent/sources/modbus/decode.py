@@ -23,6 +23,7 @@ from __future__ import annotations
 import math
 import struct
 from collections.abc import Sequence
+from itertools import groupby
 from typing import Literal, Protocol
 
 from edge_agent.reading import RejectedValue, Value, check_number, clean_text, float_name
@@ -152,6 +153,12 @@ def struct_order(point: PointShape) -> Literal[">", "<"] | None:
     return None
 
 
+def _counted(form: str) -> str:
+    """A struct format with its runs counted (`>HHHH` -> `>4H`): the same layout, and `struct`
+    keeps one code per run instead of one per value (5 KB less for a read of 125 registers)."""
+    return form[0] + "".join(f"{len(list(run))}{code}" for code, run in groupby(form[1:]))
+
+
 class _Lane:
     """Points read by one struct: one byte order, in address order, without overlap."""
 
@@ -213,7 +220,7 @@ class BlockDecoder:
             if point.scale != 1.0 or point.offset != 0.0:
                 self._scaled.append((position, point.scale, point.offset))
         self.may_refuse |= bool(self._floats or self._scaled)
-        self._structs = [(struct.Struct(ln.format), tuple(ln.positions)) for ln in lanes]
+        self._structs = [(struct.Struct(_counted(ln.format)), tuple(ln.positions)) for ln in lanes]
         if len(lanes) == 1 and not self._others and lanes[0].positions == list(range(len(points))):
             self._one_struct = self._structs[0][0]  # the common case: one struct, in order
 

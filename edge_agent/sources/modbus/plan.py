@@ -14,7 +14,8 @@ overlap, such as bits of one register, still share one), and the source keeps th
 from __future__ import annotations
 
 import struct
-from collections.abc import Sequence
+from array import array
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Literal, NamedTuple, Protocol
 
@@ -61,6 +62,81 @@ class PointSpec(NamedTuple):
             0.0 if point.offset == 0.0 else point.offset,
             point.deadband, point.heartbeat,
         )  # fmt: skip
+
+
+class PointTable(Sequence[PointSpec]):
+    """A device's points, stored by column: what a running source keeps per point is its name,
+    its address (4 bytes) and the number of its shape (4 bytes), about 80 bytes with the name.
+
+    A shape is everything else of a `PointSpec` (table, type, orders, bit, scale, offset,
+    deadband, heartbeat): points of one device mostly share a few, kept once each. Indexing
+    makes the point's `PointSpec` (equal to the one it was made from); that happens when a read
+    is planned or its decoder built, and when a point is named in a log, never per value.
+    """
+
+    __slots__ = ("_addresses", "_shape_of", "_shapes", "names")
+
+    def __init__(self, points: Iterable[PointSpec]) -> None:
+        self.names: list[str] = []
+        """The points' names, in configuration order."""
+        self._addresses = array("I")
+        self._shape_of = array("I")
+        self._shapes: list[tuple[object, ...]] = []
+        numbers: dict[str, int] = {}
+        for point in points:
+            shape = (point.kind, *point[3:])
+            # repr tells 1 from 1.0 and -0.0 from 0.0, which equality would merge
+            number = numbers.setdefault(repr(shape), len(numbers))
+            if number == len(self._shapes):
+                self._shapes.append(shape)
+            self.names.append(point.name)
+            self._addresses.append(point.address)
+            self._shape_of.append(number)
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def __getitem__(self, index: int) -> PointSpec:  # type: ignore[override]
+        """The `PointSpec` of point `index`; IndexError beyond the table."""
+        shape = self._shapes[self._shape_of[index]]
+        return PointSpec._make((self.names[index], shape[0], self._addresses[index], *shape[1:]))
+
+    def __iter__(self) -> Iterator[PointSpec]:
+        return map(self.__getitem__, range(len(self.names)))
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, PointTable | list | tuple):
+            return list(self) == list(other)
+        return NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def parts(self) -> tuple[list[str], bytes, bytes, list[tuple[object, ...]]]:
+        """What the table holds (for `PointTable.from_parts`): names, addresses, shape numbers
+        (both as the bytes of unsigned-int arrays) and shapes."""
+        return self.names, self._addresses.tobytes(), self._shape_of.tobytes(), self._shapes
+
+    @classmethod
+    def from_parts(
+        cls, parts: tuple[list[str], bytes, bytes, list[tuple[object, ...]]]
+    ) -> PointTable:
+        """The table of `parts()`."""
+        table = cls(())
+        table.names, table._shapes = parts[0], parts[3]
+        table._addresses.frombytes(parts[1])
+        table._shape_of.frombytes(parts[2])
+        return table
+
+
+_INDEXES: list[int] = []
+"""Point indexes as shared int objects (beyond 256 each int is a 28-byte object of its own)."""
+
+
+def shared_indexes(indexes: Sequence[int]) -> tuple[int, ...]:
+    """`indexes` (non-negative) as a tuple of the int objects every device shares."""
+    if indexes and max(indexes) >= len(_INDEXES):
+        _INDEXES.extend(range(len(_INDEXES), max(indexes) + 1))
+    return tuple(map(_INDEXES.__getitem__, indexes))
 
 
 class PlannablePoint(PointShape, Protocol):
