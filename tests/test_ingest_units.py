@@ -16,6 +16,7 @@ from edge_agent.consumer.ingest.rows import NonconformingError, RowMaker, text_f
 from edge_agent.consumer.ingest.settings import load_settings
 from edge_agent.consumer.ingest.write import multirange, parse_multirange
 from edge_agent.reading import Quality, Reading
+from edge_agent.seal.columnar import Columns
 from edge_agent.seal.envelope import Opener, Sealer
 from edge_agent.seal.hwm import HighWaterMark
 from edge_agent.seal.keys import key_id, load_private_key, write_keypair
@@ -142,6 +143,27 @@ def test_a_format2_batch_that_breaks_the_value_rules_is_refused(
     item = Decoder(trust_for(gateway, "gw"), "edge").decode("edge/gw/batch", payload)
     assert isinstance(item, Rejection) and item.reason == "nonconforming", item
     assert "seq 6" in item.detail
+
+
+@pytest.mark.parametrize(
+    ("column", "bad"),
+    [
+        ("values", math.nan), ("values", math.inf), ("values", 2**64), ("values", [1]),
+        ("values", "a\0b"), ("q", "excellent"), ("sc", 1.5), ("sc", 2**63), ("ts", -1),
+        ("src", "a\0"),
+    ],
+)  # fmt: skip
+def test_column_rows_keep_the_value_rules_of_the_map_rows(column: str, bad: object) -> None:
+    good = {"src": "s", "pt": "p", "ts": 10**18, "values": 1.5, "q": "good", "sc": None}
+    fields = {
+        name: [value, value, 7 if name == "values" else value] for name, value in good.items()
+    }
+    fields[column][1] = bad
+    columns = Columns(first=5, **fields)  # type: ignore[arg-type]
+    with pytest.raises(NonconformingError, match="seq 6"):
+        RowMaker().column_rows("gw", "ep", columns)
+    fields[column][1] = good[column]
+    assert len(RowMaker().column_rows("gw", "ep", Columns(first=5, **fields))) == 3  # type: ignore[arg-type]
 
 
 def test_multiranges_round_trip() -> None:

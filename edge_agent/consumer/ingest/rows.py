@@ -101,15 +101,17 @@ class RowMaker:
         if len(self._times) > 10_000:
             self._times.clear()
         try:
-            parts = self._column_parts(columns)
+            names, times, values, tails, ends = self._column_parts(columns)
         except (RejectedValue, ValueError, TypeError) as exc:
             raise NonconformingError(f"{type(exc).__name__}: {exc}") from None
-        form = head.replace("{", "{{").replace("}", "}}") + "{}\t{}{}{}\t{}\t{}\n"
-        seqs = range(columns.first, columns.first + len(columns))
-        return list(map(form.format, seqs, *parts))
+        form = head.replace("{", "{{").replace("}", "}}") + "{}\t"
+        seqs = map(form.format, range(columns.first, columns.first + len(columns)))
+        return list(map("".join, zip(seqs, names, times, values, tails, ends, strict=True)))
 
     def _column_parts(self, columns: Columns) -> tuple[list[str], ...]:
-        """Names, times, values, qualities and status codes as COPY text, a list each."""
+        """Per reading: `src\tpt\t`, `ts\tts_ns\t`, the three value columns (two parts, see
+        `_value_fields`), and `\tq\tsc\n`, as COPY text; ValueError or RejectedValue names
+        the seq of a bad one."""
         first = columns.first
         names = self._names
         pairs = list(zip(columns.src, columns.pt, strict=True))
@@ -126,9 +128,8 @@ class RowMaker:
         return (
             list(map(names.__getitem__, pairs)),
             list(map(times.__getitem__, columns.ts)),
-            _value_fields(columns.values, first),
-            _qualities(columns.q, first),
-            _codes(columns.sc, first),
+            *_value_fields(columns.values, first),
+            _ends(columns.q, columns.sc, first),
         )
 
     def _line(self, head: str, reading: dict[str, Any]) -> str:
@@ -172,77 +173,76 @@ class RowMaker:
         return f"{head}{seq}\t{name}{when}{v}\t{q}\t{code}\n"
 
 
-_NULLS = f"{NULL}\t{NULL}\t{NULL}"
-_FLOAT = f"{{!r}}\t{NULL}\t{NULL}"
-_INT = f"{{}}\t{NULL}\t{NULL}"
-_BOOLS = {True: f"{NULL}\tt\t{NULL}", False: f"{NULL}\tf\t{NULL}"}
+_TAILS: dict[type, str] = {
+    float: f"\t{NULL}\t{NULL}",
+    int: f"\t{NULL}\t{NULL}",
+    bool: f"\t{NULL}",
+    str: "",
+    type(None): f"{NULL}\t{NULL}\t{NULL}",
+}
+"""What follows a value's first text (see `_value_fields`) by its type."""
 
 
-def _value_fields(values: list[Any], first: int) -> list[str]:
-    """`v_num`, `v_bool`, `v_text` of each value, under §4.4's rules (as `RowMaker._line`)."""
+def _value_fields(values: list[Any], first: int) -> tuple[list[str], list[str]]:
+    """`v_num\tv_bool\tv_text` of each value, under §4.4's rules (as `RowMaker._line`), as two
+    texts each: the value's own (`repr` of a number; `\\N\tt` of a bool; `\\N\t\\N\t` and
+    the escaped text; nothing for a null) and the rest (by type, from `_TAILS`)."""
     kinds = list(map(type, values))
     distinct = set(kinds)
-    if distinct == {float}:  # the common batch: one pass each for the check and the text
-        _check_floats(values, first)
-        return list(map(_FLOAT.format, values))
-    out: list[str] = [_NULLS] * len(values)
+    unknown = distinct.difference(_TAILS)
+    if unknown:
+        i = next(i for i, kind in enumerate(kinds) if kind in unknown)
+        raise RejectedValue(f"seq {first + i}: a {kinds[i].__name__} is not a reading value")
+    texts = list(map(repr, values))
+    if distinct == {float}:  # the common batch
+        _check_floats(values, first, list(range(len(values))))
+        return texts, [_TAILS[float]] * len(values)
     for kind in distinct:
         where = list(compress(count(), map(is_, kinds, repeat(kind))))
         chosen = list(map(values.__getitem__, where))
         if kind is float:
             _check_floats(chosen, first, where)
-            made = list(map(_FLOAT.format, chosen))
         elif kind is int:
             if min(chosen) < INT_MIN or max(chosen) > INT_MAX:
-                bad = next(v for v in chosen if not INT_MIN <= v <= INT_MAX)
-                at = first + where[chosen.index(bad)]
-                raise RejectedValue(f"seq {at}: integer {bad} is outside -2**63..2**64-1")
-            made = list(map(_INT.format, chosen))
-        elif kind is bool:
-            made = list(map(_BOOLS.__getitem__, chosen))
-        elif kind is str:
-            made = []
-            for i, text in zip(where, chosen, strict=True):
-                try:
-                    made.append(f"{NULL}\t{NULL}\t{text_field(text)}")
-                except ValueError as exc:
-                    raise ValueError(f"seq {first + i}: {exc}") from None
-        elif kind is type(None):
-            continue
+                at = next(
+                    i for i, v in zip(where, chosen, strict=True) if not INT_MIN <= v <= INT_MAX
+                )
+                raise RejectedValue(
+                    f"seq {first + at}: integer {values[at]} is outside -2**63..2**64-1"
+                )
         else:
-            raise RejectedValue(f"seq {first + where[0]}: a {kind.__name__} is not a reading value")
-        for i, text in zip(where, made, strict=True):
-            out[i] = text
-    return out
+            for i, value in zip(where, chosen, strict=True):
+                if kind is bool:
+                    texts[i] = f"{NULL}\tt" if value else f"{NULL}\tf"
+                elif kind is str:
+                    try:
+                        texts[i] = f"{NULL}\t{NULL}\t{text_field(value)}"
+                    except ValueError as exc:
+                        raise ValueError(f"seq {first + i}: {exc}") from None
+                else:
+                    texts[i] = ""
+    return texts, list(map(_TAILS.__getitem__, kinds))
 
 
-def _check_floats(values: list[float], first: int, where: list[int] | None = None) -> None:
-    """RejectedValue naming the first NaN or infinity of `values` (at `where`, else in order)."""
+def _check_floats(values: list[float], first: int, where: list[int]) -> None:
+    """RejectedValue naming the first NaN or infinity of `values` (at positions `where`)."""
     if all(map(math.isfinite, values)):
         return
     i = next(i for i, v in enumerate(values) if not math.isfinite(v))
-    at = first + (where[i] if where is not None else i)
-    raise RejectedValue(f"seq {at}: {values[i]!r} is not a finite number")
+    raise RejectedValue(f"seq {first + where[i]}: {values[i]!r} is not a finite number")
 
 
-def _qualities(qualities: list[str], first: int) -> list[str]:
-    """The qualities, each checked to be one of §4's."""
-    if not QUALITIES.issuperset(qualities):
-        i = next(i for i, q in enumerate(qualities) if q not in QUALITIES)
-        raise ValueError(
-            f"seq {first + i}: quality {qualities[i]!r} is not one of {sorted(QUALITIES)}"
-        )
-    return qualities
-
-
-def _codes(codes: list[int | None], first: int) -> list[str]:
-    """Each status code as text (NULL when none), each checked to be a 64-bit integer."""
-    texts: dict[int | None, str] = {None: NULL}
-    for code in set(codes):
-        if code is None:
-            continue
-        if type(code) is not int or not -INT8 <= code < INT8:
-            at = first + codes.index(code)
+def _ends(qualities: list[str], codes: list[int | None], first: int) -> list[str]:
+    """`\tq\tsc\n` of each reading: the quality checked to be one of §4's, the status code a
+    64-bit integer or none (NULL)."""
+    pairs = list(zip(qualities, codes, strict=True))
+    texts: dict[tuple[str, int | None], str] = {}
+    for q, code in set(pairs):
+        if q not in QUALITIES:
+            at = first + pairs.index((q, code))
+            raise ValueError(f"seq {at}: quality {q!r} is not one of {sorted(QUALITIES)}")
+        if code is not None and (type(code) is not int or not -INT8 <= code < INT8):
+            at = first + pairs.index((q, code))
             raise ValueError(f"seq {at}: status code {code!r} is not a 64-bit integer")
-        texts[code] = str(code)
-    return list(map(texts.__getitem__, codes))
+        texts[(q, code)] = f"\t{q}\t{NULL if code is None else code}\n"
+    return list(map(texts.__getitem__, pairs))
