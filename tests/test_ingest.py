@@ -22,6 +22,9 @@ from helpers.ingest import IngestWorker, ingest
 from helpers.ports import free_port
 from helpers.wait import wait_for
 
+from edge_agent.consumer.ingest import keystore
+from edge_agent.consumer.ingest.decode import Accepted, Decoder
+from edge_agent.consumer.ingest.write import write_group
 from edge_agent.demo.broker import Mosquitto
 from edge_agent.reading import Quality, Reading
 from edge_agent.seal.ack import Ack, AckOpener
@@ -154,6 +157,48 @@ async def test_the_acknowledgement_says_what_is_committed(
     assert ack.gateway == gateway.gateway_id and ack.epoch == gateway.epoch
     assert ack.batches == ((1, 3),)
     assert abs(ack.issued_ns - time.time_ns()) < 60e9
+
+
+async def test_the_acknowledgement_includes_what_another_worker_committed(
+    tmp_path: Path, broker: Mosquitto, database: str, fleet: Fleet
+) -> None:
+    """A worker's acknowledgement is the ledger as committed when it publishes, not as its own
+    last COMMIT left it: a retained ack is never replaced by an older, smaller one."""
+    write_keypair(tmp_path / "consumer")
+    consumer = load_public_key(tmp_path / "consumer" / "signing.pub")
+    gateway = fleet.members[0]
+    topic = f"{PREFIX}/{gateway.gateway_id}/ack"
+    first, second, third = (gateway.seal(50) for _ in range(3))
+
+    def retained_ack() -> Ack | None:
+        payload = broker_retained(broker, topic)
+        return None if payload is None else AckOpener([consumer]).open(payload)
+
+    with IngestWorker(
+        tmp_path, "--dsn", database, "--url", broker.url, "--topic-prefix", PREFIX,
+        "--ack-key", str(tmp_path / "consumer" / "signing.key"), "--client-id", "w-acks",
+        "--ack-interval", "5",
+    ):  # fmt: skip
+        publish(broker.url, [first])
+        await wait_for(lambda: (a := retained_ack()) is not None and a.seqs == ((1, 50),), 20,
+                       "the first acknowledgement, of seq 1..50")  # fmt: skip
+        publish(broker.url, [second])  # committed at once; its ack waits for the interval
+        await stored(database, 100, "the second batch")
+        await commit_as_another_worker(database, third)  # seq 101..150, batch 3
+        await wait_for(lambda: (a := retained_ack()) is not None and a.seqs == ((1, 150),), 20,
+                       "an acknowledgement of the ledger as committed, seq 1..150")  # fmt: skip
+        ack = retained_ack()
+        assert ack is not None and ack.batches == ((1, 3),)
+
+
+async def commit_as_another_worker(dsn: str, message: Message) -> None:
+    """`message` decoded and written as any worker writes it (write_group), from this process."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        trust = keystore.load_trust(conn)
+    item = Decoder(trust, PREFIX).decode(message.topic, message.payload)
+    assert isinstance(item, Accepted), item
+    async with await psycopg.AsyncConnection.connect(dsn) as conn:
+        await write_group(conn, [item], 1000)
 
 
 def broker_retained(broker: Mosquitto, topic: str) -> bytes | None:

@@ -16,7 +16,8 @@ from edge_agent.consumer.ingest.rows import NonconformingError, RowMaker, text_f
 from edge_agent.consumer.ingest.settings import load_settings
 from edge_agent.consumer.ingest.write import multirange, parse_multirange
 from edge_agent.reading import Quality, Reading
-from edge_agent.seal.envelope import Sealer
+from edge_agent.seal.columnar import Columns
+from edge_agent.seal.envelope import Opener, Sealer
 from edge_agent.seal.hwm import HighWaterMark
 from edge_agent.seal.keys import key_id, load_private_key, write_keypair
 from edge_agent.seal.trust import TrustedKey, TrustSet
@@ -101,6 +102,68 @@ def test_rows_carry_every_value_type_in_its_column() -> None:
 def test_a_reading_that_breaks_the_value_rules_refuses_the_batch(bad: dict[str, object]) -> None:
     with pytest.raises(NonconformingError):
         RowMaker().rows("gw", "ep", [reading(), bad])
+
+
+def format2_readings(t: int) -> list[Reading]:
+    """Every value type, two times, a status code, text needing escapes, names in any order."""
+    values: list[object] = [1.5, -(2**63), True, "on\tline", None, 2**64 - 1, 0.1 + 0.2, False]
+    return [
+        Reading(f"s{i % 3}", f"p.{i % 4}", t + (i // 5) * 1000, v, Quality.GOOD if i % 2 else
+                Quality.BAD, 2147483648 if i == 4 else None)  # type: ignore[arg-type]
+        for i, v in enumerate(values * 3)
+    ]  # fmt: skip
+
+
+def test_format2_rows_are_made_from_columns_and_equal_the_rows_of_maps(
+    gateway: tuple[Sealer, bytes],
+) -> None:
+    sealer = Sealer(gateway[0].signer._key, payload_format=2)
+    payload = sealer.seal(
+        gateway="gw", epoch="e1", batch=1, first_seq=7, sealed_ns=time.time_ns(),
+        readings=format2_readings(time.time_ns()),
+    )  # fmt: skip
+    item = Decoder(trust_for(gateway, "gw"), "edge").decode("edge/gw/batch", payload)
+    assert isinstance(item, Accepted) and item.batch.columns is not None, item
+    assert item.batch.readings == [] and item.first == 7
+    maps = Opener([sealer.signer._key.public_key()]).open(payload).readings
+    assert item.rows == RowMaker().rows("gw", "e1", maps)
+
+
+@pytest.mark.parametrize("bad", [math.nan, -math.inf, "a\0b"])
+def test_a_format2_batch_that_breaks_the_value_rules_is_refused(
+    gateway: tuple[Sealer, bytes], bad: object
+) -> None:
+    sealer = Sealer(gateway[0].signer._key, payload_format=2)
+    readings = format2_readings(time.time_ns())
+    readings[5] = readings[5]._replace(value=bad)  # type: ignore[arg-type]
+    payload = sealer.seal(
+        gateway="gw", epoch="e1", batch=1, first_seq=1, sealed_ns=time.time_ns(),
+        readings=readings,
+    )  # fmt: skip
+    item = Decoder(trust_for(gateway, "gw"), "edge").decode("edge/gw/batch", payload)
+    assert isinstance(item, Rejection) and item.reason == "nonconforming", item
+    assert "seq 6" in item.detail
+
+
+@pytest.mark.parametrize(
+    ("column", "bad"),
+    [
+        ("values", math.nan), ("values", math.inf), ("values", 2**64), ("values", [1]),
+        ("values", "a\0b"), ("q", "excellent"), ("sc", 1.5), ("sc", 2**63), ("ts", -1),
+        ("src", "a\0"),
+    ],
+)  # fmt: skip
+def test_column_rows_keep_the_value_rules_of_the_map_rows(column: str, bad: object) -> None:
+    good = {"src": "s", "pt": "p", "ts": 10**18, "values": 1.5, "q": "good", "sc": None}
+    fields = {
+        name: [value, value, 7 if name == "values" else value] for name, value in good.items()
+    }
+    fields[column][1] = bad
+    columns = Columns(first=5, **fields)  # type: ignore[arg-type]
+    with pytest.raises(NonconformingError, match="seq 6"):
+        RowMaker().column_rows("gw", "ep", columns)
+    fields[column][1] = good[column]
+    assert len(RowMaker().column_rows("gw", "ep", Columns(first=5, **fields))) == 3  # type: ignore[arg-type]
 
 
 def test_multiranges_round_trip() -> None:

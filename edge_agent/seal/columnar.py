@@ -38,6 +38,7 @@ import math
 import struct
 from array import array
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from itertools import accumulate, chain, compress, count, pairwise, repeat
 from operator import add, eq, itemgetter, mul, ne, not_, sub, truediv, xor
 from typing import Any, cast
@@ -580,11 +581,54 @@ _KEYS = (
 )  # fmt: skip
 
 
+@dataclass(frozen=True)
+class Columns:
+    """A format-2 batch's readings as columns, each in seq order (reading i has seq `first + i`).
+
+    `src`, `pt`: text; `ts`: Unix ns; `values`: None, bool, int, float or text; `q`: quality
+    text of §4; `sc`: status code or None. What `decode` turns into a map per reading, and what
+    a consumer that writes columns (ingest's COPY rows) takes without the maps.
+    """
+
+    first: int
+    src: list[str]
+    pt: list[str]
+    ts: list[int]
+    values: list[Value]
+    q: list[str]
+    sc: list[int | None]
+
+    def __len__(self) -> int:
+        return len(self.ts)
+
+
 def decode(body: Mapping[Any, Any]) -> list[dict[str, Any]]:
     """The readings of a format-2 payload map, as format 1 gives them (§4.4 maps, in seq order).
 
     Raises EnvelopeError naming the first thing that is not as §4.9 says, never another error.
     """
+    return to_maps(decode_columns(body))
+
+
+def to_maps(columns: Columns) -> list[dict[str, Any]]:
+    """The readings of `columns` as §4.4 maps (`sc` only where there is a status code)."""
+    out: list[dict[str, Any]] = []
+    append = out.append
+    for i, (source, point, ts, value, quality, code) in enumerate(
+        zip(
+            columns.src, columns.pt, columns.ts, columns.values, columns.q, columns.sc, strict=True
+        ),
+        columns.first,
+    ):
+        reading = {"seq": i, "src": source, "pt": point, "ts": ts, "v": value, "q": quality}
+        if code is not None:
+            reading["sc"] = code
+        append(reading)
+    return out
+
+
+def decode_columns(body: Mapping[Any, Any]) -> Columns:
+    """The readings of a format-2 payload map as `Columns`; errors as `decode`'s."""
     try:
         return _decode(body)
     except EnvelopeError:
@@ -593,7 +637,7 @@ def decode(body: Mapping[Any, Any]) -> list[dict[str, Any]]:
         raise EnvelopeError(f"format 2: malformed columns: {type(exc).__name__}: {exc}") from None
 
 
-def _decode(body: Mapping[Any, Any]) -> list[dict[str, Any]]:
+def _decode(body: Mapping[Any, Any]) -> Columns:
     missing = [key for key in _KEYS if key not in body]
     if missing:
         raise EnvelopeError(f"format 2: payload lacks {', '.join(missing)}")
@@ -634,15 +678,19 @@ def _decode(body: Mapping[Any, Any]) -> list[dict[str, Any]]:
     ]
     streams = [iter(column) for column in columns]
     grouped = [next(streams[kind]) for kind in types]
-    out: list[dict[str, Any]] = [{}] * length
-    for j, i in enumerate(order):
-        source, point = points[idx[i]]
-        reading = {"seq": first + i, "src": source, "pt": point, "ts": ts[i], "v": grouped[j],
-                   "q": qualities[i]}  # fmt: skip
-        if codes[i] is not None:
-            reading["sc"] = codes[i]
-        out[i] = reading
-    return out
+    values: list[Value] = [None] * length
+    for j, i in enumerate(order):  # grouped by point back to seq order
+        values[i] = grouped[j]
+    where = list(map(points.__getitem__, idx))
+    return Columns(
+        first,
+        list(map(itemgetter(0), where)),
+        list(map(itemgetter(1), where)),
+        ts,
+        values,
+        qualities,
+        codes,
+    )
 
 
 def _decode_points(body: Mapping[Any, Any], length: int) -> list[tuple[str, str]]:

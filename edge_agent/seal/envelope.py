@@ -77,6 +77,9 @@ class Batch:
     digest: bytes = b""
     """16 bytes of BLAKE2b over the signed payload: the same for a byte-identical re-send,
     different for any other content (consumer/completeness.py tells conflicts by it)."""
+    columns: columnar.Columns | None = None
+    """A format-2 batch's readings as columns, from an `Opener(..., columns=True)` only: then
+    `readings` is empty and these hold them (no map per reading is made)."""
 
 
 @dataclass(frozen=True)
@@ -485,8 +488,11 @@ def _check_unprotected(unprotected: object) -> None:
 class Opener:
     """Verifies and decodes batches signed by any of a set of trusted keys."""
 
-    def __init__(self, keys: Sequence[Ed25519PublicKey]) -> None:
+    def __init__(self, keys: Sequence[Ed25519PublicKey], *, columns: bool = False) -> None:
+        """`columns`: give a format-2 batch's readings as `Batch.columns` (and `readings` empty)
+        instead of a map per reading; format 1's are maps either way."""
         self._keys: Mapping[bytes, Ed25519PublicKey] = {key_id(k): k for k in keys}
+        self._columns = columns
         self._decompressor = zstandard.ZstdDecompressor()
 
     def open(self, message: bytes) -> Batch:
@@ -523,7 +529,10 @@ class Opener:
         if not isinstance(body, dict):
             raise EnvelopeError("payload is not a CBOR map")
         version = body.get("v")
-        if version == columnar.FORMAT_VERSION:
+        columns = None
+        if version == columnar.FORMAT_VERSION and self._columns:
+            readings, columns = [], columnar.decode_columns(body)
+        elif version == columnar.FORMAT_VERSION:
             readings = columnar.decode(body)
         elif version == FORMAT_VERSION:
             readings = list(body["readings"])
@@ -554,4 +563,5 @@ class Opener:
             previous_epoch=None if previous is None else PreviousEpoch.parse(previous),
             digest=hashlib.blake2b(signed.payload, digest_size=16).digest(),
             clock=None if clock is None else ClockState.parse(clock),
+            columns=columns,
         )

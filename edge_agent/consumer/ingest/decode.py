@@ -31,10 +31,12 @@ INT8 = 2**63
 
 @dataclass(frozen=True)
 class Accepted:
-    """A verified batch and its readings as COPY rows (one per reading, in seq order)."""
+    """A verified batch and its readings as COPY rows (one per reading, in seq order, the first
+    of seq `first`; `first` is 0 when there are none)."""
 
     batch: Batch
     rows: list[str]
+    first: int = 0
 
 
 @dataclass(frozen=True)
@@ -81,12 +83,12 @@ class Decoder:
         self.seconds = {"open": 0.0, "rows": 0.0}
         """Time spent verifying and decoding envelopes (`open`), and making rows (`rows`)."""
         self.trust = trust
-        self._opener = Opener(trust.trust.public_keys())
+        self._opener = Opener(trust.trust.public_keys(), columns=True)
 
     def set_trust(self, trust: GatewayTrust) -> None:
         """Use these keys from now on."""
         self.trust = trust
-        self._opener = Opener(trust.trust.public_keys())
+        self._opener = Opener(trust.trust.public_keys(), columns=True)
 
     def decode(self, topic: str, payload: bytes) -> Item | None:
         """The item of one message; None for a topic ingest does not take."""
@@ -138,13 +140,19 @@ class Decoder:
         problem = _shape_problem(batch)
         if problem:
             return self._reject(topic, gateway, payload, "malformed", problem, kid=batch.kid)
+        columns = batch.columns
         try:
-            rows = self.rows.rows(batch.gateway, batch.epoch, batch.readings)
+            if columns is not None:
+                rows = self.rows.column_rows(batch.gateway, batch.epoch, columns)
+                first = columns.first
+            else:
+                rows = self.rows.rows(batch.gateway, batch.epoch, batch.readings)
+                first = batch.readings[0]["seq"] if batch.readings else 0
         except NonconformingError as exc:
             return self._reject(topic, gateway, payload, "nonconforming", str(exc), kid=batch.kid)
         finally:
             self.seconds["rows"] += time.perf_counter() - opened
-        return Accepted(batch, rows)
+        return Accepted(batch, rows, first)
 
     def _hwm(self, topic: str, gateway: str, payload: bytes) -> Item:
         """The mark, opened as verify opens it (`seal.hwm.open_mark` against the enrolled keys),
@@ -192,7 +200,11 @@ def _shape_problem(batch: Batch) -> str | None:
         return "epoch empty, or gateway or epoch holding NUL"
     if not 0 <= batch.batch < INT8:
         return f"batch number {batch.batch} out of range"
-    if batch.readings:
+    if batch.columns is not None and len(batch.columns):
+        low, high = batch.columns.first, batch.columns.first + len(batch.columns) - 1
+        if not 1 <= low <= high < INT8:
+            return f"seq {low}..{high} out of range"
+    elif batch.readings:
         first, last = batch.readings[0].get("seq"), batch.readings[-1].get("seq")
         if type(first) is not int or type(last) is not int or not 1 <= first <= last < INT8:
             return f"seq {first!r}..{last!r} out of range"

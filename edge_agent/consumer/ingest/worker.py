@@ -8,8 +8,15 @@ The loop, for each group of messages (as many as are waiting, at most `max_group
 3. PUBACK each message of the group (paho's manual acknowledgement: a message is acknowledged to
    the broker only once what it carried is committed, so a worker killed before that loses
    nothing, the broker sends the message again);
-4. publish the end-to-end acknowledgement of each (gateway, epoch) written, from the committed
-   ledger, retained, QoS 1, at most once per `ack_interval` for each.
+4. publish the end-to-end acknowledgement of each (gateway, epoch) written, retained, QoS 1, at
+   most once per `ack_interval` for each, from the ledger as committed *at publish time*: its
+   coverage row is read again (one query for all the acknowledgements due) right before, so
+   that what one worker publishes includes what the others committed meanwhile, and a retained
+   acknowledgement is never replaced by an older one that a slower worker computed from its own
+   last COMMIT (the gateway would keep, and after a restart re-send, more than it needs).
+   `issued` is taken before that read: a later `issued` means a later read, so a larger ledger.
+   While that read fails, nothing is published (the next flush tries again): a worker never
+   publishes a ledger older than the database's.
 
 Decoding the next group overlaps with writing the previous one. Refused messages (decode.py)
 are recorded in `rejected` and acknowledged to the broker like the others, so that they are not
@@ -46,7 +53,7 @@ from edge_agent.consumer.ingest import keystore, schema
 from edge_agent.consumer.ingest.decode import Accepted, Decoder, Item, Rejection
 from edge_agent.consumer.ingest.settings import IngestSettings
 from edge_agent.consumer.ingest.signed import AckSigner
-from edge_agent.consumer.ingest.write import Ledger, Written, write_group
+from edge_agent.consumer.ingest.write import Ledger, Written, parse_multirange, write_group
 from edge_agent.errors import EdgeAgentError
 from edge_agent.seal.keys import load_private_key
 
@@ -85,7 +92,8 @@ class _Group:
 
 
 class _Database:
-    """The worker's PostgreSQL connections: one for writing, one for keys; remade when lost."""
+    """The worker's PostgreSQL connections: one for writing, one (autocommit) for reading keys
+    and ledgers; remade when lost."""
 
     def __init__(self, dsn: str) -> None:
         self.dsn = dsn
@@ -94,19 +102,35 @@ class _Database:
 
     async def keys_generation(self) -> int:
         """The value of `gateway_keys_generation`: it changes with every key change."""
+        rows = await self._read(keystore.GENERATION_SQL, ())
+        return int(str(rows[0][0])) if rows else 0
+
+    async def ledgers(self, keys: Sequence[tuple[str, str]]) -> list[Ledger]:
+        """The committed ledger of each (gateway, epoch) of `keys` that has a coverage row."""
+        rows = await self._read(
+            "SELECT gateway, epoch, (received + evicted)::text, batches::text FROM coverage"
+            " WHERE (gateway, epoch) IN (SELECT * FROM unnest(%s::text[], %s::text[]))",
+            ([k[0] for k in keys], [k[1] for k in keys]),
+        )
+        return [
+            Ledger(str(g), str(e), parse_multirange(str(seqs)), parse_multirange(str(batches)))
+            for g, e, seqs, batches in rows
+        ]
+
+    async def _read(self, sql: str, params: tuple[object, ...]) -> list[tuple[object, ...]]:
+        """The rows of one query on the reading connection (autocommit: committed data only)."""
         try:
             if self._keys is None or self._keys.closed:
                 self._keys = await psycopg.AsyncConnection.connect(
                     self.dsn, connect_timeout=10, autocommit=True
                 )
-            cursor = await self._keys.execute(keystore.GENERATION_SQL)
-            row = await cursor.fetchone()
+            cursor = await self._keys.execute(sql, params)
+            return await cursor.fetchall()
         except psycopg.Error:
             if self._keys is not None:
                 await self._keys.close()
             self._keys = None
             raise
-        return int(str(row[0])) if row else 0
 
     async def writer(self) -> psycopg.AsyncConnection[tuple[object, ...]]:
         if self._write is None or self._write.closed:
@@ -390,13 +414,24 @@ class Worker:
             for key in self._dirty
             if every or now - self._last_ack.get(key, -1e9) >= self.settings.ack_interval
         ]
+        if not due:
+            return
+        ledgers = {key: self._dirty.pop(key) for key in due}
+        issued = time.time_ns()  # before the read: a later `issued` never says less
+        try:
+            for fresh in await self._db.ledgers(sorted(ledgers)):
+                ledgers[(fresh.gateway, fresh.epoch)] = fresh
+        except psycopg.Error as exc:  # never an older ledger: again at the next flush
+            log.warning("Ingest cannot read the ledgers to acknowledge error=%s", exc)
+            for key, ledger in ledgers.items():
+                self._dirty.setdefault(key, ledger)
+            return
         sends = []
-        for key in due:
-            ledger = self._dirty.pop(key)
+        for key, ledger in sorted(ledgers.items()):
             self._last_ack[key] = now
             try:
                 payload = self._signer.sign(
-                    ledger.gateway, ledger.epoch, ledger.seqs, ledger.batches, time.time_ns()
+                    ledger.gateway, ledger.epoch, ledger.seqs, ledger.batches, issued
                 )
             except ValueError as exc:  # a name the codec refuses: stored, not acknowledgeable
                 log.warning("Ingest cannot acknowledge gateway=%s error=%s", ledger.gateway, exc)

@@ -144,7 +144,7 @@ async def _write_once(
             stream = streams[(batch.gateway, batch.epoch)]
             stream.batches.append((batch.batch, batch.batch))
             if item.rows:
-                first = batch.readings[0]["seq"]
+                first = item.first
                 last = first + len(item.rows) - 1
                 new = stream.received.add(first, last)
                 stream.new.extend(new)
