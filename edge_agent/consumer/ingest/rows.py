@@ -69,8 +69,9 @@ class RowMaker:
         self._names: dict[tuple[str, str], str] = {}
         self._times: dict[int, str] = {}
 
-    def rows(self, gateway: str, epoch: str, readings: list[dict[str, Any]]) -> list[str]:
-        """One line (with its newline) per reading, in order. Raises NonconformingError."""
+    def _start(self, gateway: str, epoch: str) -> str:
+        """The lines' common head for one batch; the caches kept bounded between batches.
+        Raises NonconformingError for a gateway or epoch that COPY text cannot carry."""
         try:
             head = f"{text_field(gateway)}\t{text_field(epoch)}\t"
         except ValueError as exc:
@@ -79,6 +80,11 @@ class RowMaker:
             self._names.clear()
         if len(self._times) > 10_000:
             self._times.clear()
+        return head
+
+    def rows(self, gateway: str, epoch: str, readings: list[dict[str, Any]]) -> list[str]:
+        """One line (with its newline) per reading, in order. Raises NonconformingError."""
+        head = self._start(gateway, epoch)
         line = self._line
         try:
             return [line(head, reading) for reading in readings]
@@ -92,14 +98,7 @@ class RowMaker:
         and no Python statement per reading). The same lines and the same value rules as
         `rows`; raises NonconformingError naming the seq of the first reading that breaks one.
         """
-        try:
-            head = f"{text_field(gateway)}\t{text_field(epoch)}\t"
-        except ValueError as exc:
-            raise NonconformingError(f"gateway or epoch: {exc}") from None
-        if len(self._names) > 100_000:
-            self._names.clear()
-        if len(self._times) > 10_000:
-            self._times.clear()
+        head = self._start(gateway, epoch)
         try:
             names, times, values, tails, ends = self._column_parts(columns)
         except (RejectedValue, ValueError, TypeError) as exc:
