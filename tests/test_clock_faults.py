@@ -60,7 +60,7 @@ class SteppedClock:
     def __init__(self, directory: Path) -> None:
         self.path = directory / "faketime"
         self.offset_s = 0
-        self.path.write_text("+0\n")
+        self._write()
 
     def env(self) -> dict[str, str]:
         return {
@@ -72,7 +72,15 @@ class SteppedClock:
 
     def step(self, seconds: int) -> None:
         self.offset_s += seconds
-        self.path.write_text(f"{self.offset_s:+d}\n")
+        self._write()
+
+    def _write(self) -> None:
+        """Replace the file whole: libfaketime reads it at every call, and a file caught
+        truncated mid-write reads as no offset at all (the true clock for that call, a step
+        back and forth that the agent did not make)."""
+        partial = self.path.with_suffix(".partial")
+        partial.write_text(f"{self.offset_s:+d}\n")
+        partial.replace(self.path)
 
 
 @dataclass
