@@ -35,7 +35,6 @@ import contextlib
 import json
 import multiprocessing as mp
 import os
-import signal
 import sqlite3
 import subprocess
 import sys
@@ -57,6 +56,9 @@ from edge_agent.consumer.completeness import Completeness
 from edge_agent.demo.broker import Mosquitto, free_port
 from edge_agent.seal.envelope import Opener
 from edge_agent.seal.keys import load_public_key, write_keypair
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))  # the tests' helpers
+from helpers.processes import terminate
 
 TOPIC_PREFIX = "bench"
 GATEWAY = "bench-gw"
@@ -316,13 +318,9 @@ class AgentProcess:
         return float("nan")
 
     def stop(self, timeout: float = 60.0) -> int:
+        """SIGTERM, at most `timeout` s for a clean stop, then SIGKILL; the exit status."""
         assert self.process is not None
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            code = self.process.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            code = self.process.wait()
+        code = terminate(self.process, timeout)
         self.process = None
         return code
 

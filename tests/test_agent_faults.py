@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 from helpers.agent import AgentProcess, agent_config, random_source
 from helpers.disk import MiB, SmallDisk
-from helpers.ledger import Taken, VerifyProcess, sealed_in_store, stop_drained
+from helpers.ledger import Taken, VerifyProcess, drained_ledger, sealed_in_store
 from helpers.verifier import status_command
 from helpers.wait import wait_for
 
@@ -104,17 +104,14 @@ async def test_full_disk_degrades_evicts_declares_and_resumes(
         resumed_s = time.monotonic() - freed_at
         evicted = agent.status()["buffer"]["evicted_readings"]
         assert agent.process.pid == pid, "the agent never restarted"
-        restarts = await stop_drained(agent)
-        taken = Taken.from_store(disk.path / "buffer.db")
-        await verify.collect(taken)
-
-    ledger = verify.ledger(
-        "disk full (4 MiB tmpfs, broker down)",
-        taken,
-        clean_stops=[agent],
-        notes=f"degraded after {degraded_s:.2f}s, healthy {resumed_s:.2f}s after room returned;"
-        f" restarts={restarts}",
-    ).check()
+        ledger = await drained_ledger(
+            verify,
+            agent,
+            "disk full (4 MiB tmpfs, broker down)",
+            notes=f"degraded after {degraded_s:.2f}s, healthy {resumed_s:.2f}s after room"
+            " returned;",
+        )
+    ledger.check()
     assert ledger.declared + ledger.declared_received == evicted > 0, "declared, not lost"
     assert ledger.declared_lost == 0
     log = agent.log()
@@ -153,12 +150,10 @@ async def test_buffer_alone_fills_a_2mib_disk_with_the_broker_down(
             await wait_for(lambda: not agent.status()["buffer"]["disk_full"], 20, "room")
             broker.start()
             await wait_for(lambda: status_command(agent) == 0, 30, "healthy")
-            await stop_drained(agent)
-            taken = Taken.from_store(disk.path / "buffer.db")
-            await verify.collect(taken)
+            ledger = await drained_ledger(verify, agent, "disk full (2 MiB tmpfs alone)")
     finally:
         disk.unmount()
-    ledger = verify.ledger("disk full (2 MiB tmpfs alone)", taken, clean_stops=[agent]).check()
+    ledger.check()
     assert ledger.declared > 0 and ledger.declared_lost == 0, "evicted and declared, not lost"
     assert agent.log().count("Buffer full or expired") + agent.log().count("Disk full:") < 30, (
         "evictions are summed up, not one line each"
@@ -204,13 +199,10 @@ async def test_wal_removed_after_sigkill_is_declared_lost(
         assert "moved aside" in status_output(second).stdout
         before = verify.progress()
         await wait_for(lambda: verify.progress() > before + 1000, 30, "the new epoch's readings")
-        await stop_drained(second)
-        taken.add(*sealed_in_store(db_path))
-        await verify.collect(taken)
-
-    ledger = verify.ledger(
-        "corrupt store at start (-wal removed after SIGKILL)", taken, clean_stops=[second]
-    ).check()
+        ledger = await drained_ledger(
+            verify, second, "corrupt store at start (-wal removed after SIGKILL)", taken=taken
+        )
+    ledger.check()
     old_taken, old_received, old_declared = ledger.per_epoch[old_epoch]
     assert ledger.declared_lost == old_declared == last_seq - old_received > 10_000, (
         "the unreceived tail is declared lost"

@@ -24,7 +24,7 @@ from typing import Any, Literal
 import pytest
 from helpers.agent import AgentProcess, agent_config
 from helpers.fault_proxy import FaultProxy
-from helpers.ledger import Taken, VerifyProcess, sealed_in_store, stop_drained
+from helpers.ledger import Taken, VerifyProcess, drained_ledger, sealed_in_store
 from helpers.wait import wait_for
 
 from edge_agent.demo.broker import Mosquitto
@@ -73,15 +73,10 @@ async def test_broker_stopped_30s(
             60,
             "the backlog to ship",
         )
-        restarts = await stop_drained(agent)
-        taken = Taken.from_store(tmp_path / "buffer.db")
-        await verify.collect(taken)
-    verify.ledger(
-        f"broker stopped {OUTAGE_S:g}s",
-        taken,
-        clean_stops=[agent],
-        notes=f"backlog={backlog} restarts={restarts}",
-    ).check()
+        ledger = await drained_ledger(
+            verify, agent, f"broker stopped {OUTAGE_S:g}s", notes=f"backlog={backlog}"
+        )
+    ledger.check()
 
 
 def spawn(agent: AgentProcess, prefix: tuple[str, ...] = ()) -> subprocess.Popen[bytes]:
@@ -114,17 +109,15 @@ async def test_agent_sigkilled_at_20_random_moments(
         await asyncio.to_thread(agent.start)
         await wait_for(lambda: buffered(agent) < 2000, 60, "the backlog to ship")
         epoch = agent.status()["buffer"]["epoch"]
-        restarts = await stop_drained(agent)
-        taken = Taken.from_store(tmp_path / "buffer.db")
-        await verify.collect(taken)
-    assert list(taken.epochs) == [epoch], "one epoch: no kill spoiled the buffer"
+        ledger = await drained_ledger(
+            verify,
+            agent,
+            f"agent SIGKILLed at {KILLS} random moments",
+            notes=f"seed={seed} moments_s={','.join(f'{m:.2f}' for m in moments)}",
+        )
+    assert list(ledger.per_epoch) == [epoch], "one epoch: no kill spoiled the buffer"
     assert "Quarantined" not in agent.log()
-    verify.ledger(
-        f"agent SIGKILLed at {KILLS} random moments",
-        taken,
-        clean_stops=[agent],
-        notes=f"seed={seed} restarts={restarts} moments_s={','.join(f'{m:.2f}' for m in moments)}",
-    ).check()
+    ledger.check()
 
 
 STRACE = shutil.which("strace")
@@ -211,17 +204,14 @@ async def test_agent_killed_inside_a_commit(
         agent.write_config(config)
         await asyncio.to_thread(agent.start)
         await wait_for(lambda: buffered(agent) < 2000, 60, "the backlog to ship")
-        restarts = await stop_drained(agent)
-        taken = Taken.from_store(tmp_path / "buffer.db")
-        await verify.collect(taken)
-    assert len(taken.epochs) == 1 and "Quarantined" not in agent.log()
-    verify.ledger(
-        "agent killed inside a commit",
-        taken,
-        clean_stops=[agent],
-        notes=f"fdatasync kills {' '.join(landed)} (writes, then deletes); backlog={backlog}"
-        f" restarts={restarts}",
-    ).check()
+        ledger = await drained_ledger(
+            verify,
+            agent,
+            "agent killed inside a commit",
+            notes=f"fdatasync kills {' '.join(landed)} (writes, then deletes); backlog={backlog}",
+        )
+    assert len(ledger.per_epoch) == 1 and "Quarantined" not in agent.log()
+    ledger.check()
 
 
 async def test_resets_and_half_open_links(
@@ -256,14 +246,11 @@ async def test_resets_and_half_open_links(
             60,
             "the backlog to ship",
         )
-        restarts = await stop_drained(agent)
-        taken = Taken.from_store(tmp_path / "buffer.db")
-        await verify.collect(taken)
+        ledger = await drained_ledger(
+            verify,
+            agent,
+            "resets and a half-open link",
+            notes=f"3 resets; silent 8s, seen dead after {noticed_s:.1f}s, backlog={backlog}",
+        )
     assert proxy.accepted > accepted, "the agent connected again"
-    verify.ledger(
-        "resets and a half-open link",
-        taken,
-        clean_stops=[agent],
-        notes=f"3 resets; silent 8s, seen dead after {noticed_s:.1f}s, backlog={backlog}"
-        f" restarts={restarts}",
-    ).check()
+    ledger.check()

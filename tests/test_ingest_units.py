@@ -48,6 +48,9 @@ def test_settings_come_from_the_file_and_options_win(tmp_path: Path) -> None:
         ("url: mqtt://b\n", "no --dsn"),
         ("dsn: x\nurl: mqtt://user:pw@b\n", "credentials in the URL"),
         ("dsn: x\ngroup: 'a/b'\n", "group"),
+        ("dsn: &d x\nclient_id: *d\n", r"ingest\.yaml: not YAML: alias"),
+        ("dsn: " + "[" * 1000 + "]" * 1000, r"ingest\.yaml: not YAML: nested deeper"),
+        ("dsn: x\n#" + "x" * 1024**2, r"ingest\.yaml: larger than 1 MiB"),
     ],
 )
 def test_bad_settings_name_what_is_wrong(tmp_path: Path, text: str, message: str) -> None:

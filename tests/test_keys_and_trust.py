@@ -252,6 +252,11 @@ def test_a_trust_set_refuses_retired_keys_and_batches_outside_validity(tmp_path:
             "not_after: 2020-01-01T00:00:00Z}]\n",
             "not_before is after not_after",
         ),
+        # Bounded before it is judged, the file named: an alias (nested ones expand a few
+        # hundred bytes to hundreds of MB), nesting PyYAML cannot compose, a runaway size.
+        ("keys: [{public_key: &k k.pub, kid: *k}]\n", r"trust\.yaml: not a YAML trust file: alias"),
+        ("keys: " + "[" * 1000 + "]" * 1000, r"trust\.yaml: not a YAML trust file: nested deeper"),
+        ("keys: []\n#" + "x" * 1024**2, r"trust\.yaml: larger than 1 MiB"),
     ],
 )
 def test_a_bad_trust_file_is_refused_naming_the_entry(

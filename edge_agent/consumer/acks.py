@@ -108,7 +108,8 @@ class AckPublisher:
 
         When the state cannot be saved, nothing is published (an ack must never claim what is
         not on disk): the error is logged, the acknowledgements stay pending, and 0 is returned.
-        Raises aiomqtt.MqttError when a publish fails (they stay pending for the next round).
+        Raises aiomqtt.MqttError when a publish fails; they stay pending for the next round, as
+        they do when the round is cancelled.
         """
         self._ready.clear()
         if not self._dirty:
@@ -125,6 +126,10 @@ class AckPublisher:
             log.error("Cannot save the state, so nothing is acknowledged path=%s error=%s",
                       self._state, exc)  # fmt: skip
             return 0
+        except BaseException:  # cancelled (a disconnect, a stop): the next round says them
+            for stream in pending:
+                self._dirty.setdefault(stream, None)
+            raise
         try:
             for topic, payload in messages:
                 await client.publish(topic, payload, qos=1, retain=True)

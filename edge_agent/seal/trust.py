@@ -25,13 +25,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import yaml
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from edge_agent.errors import EnvelopeError
 from edge_agent.seal.keys import key_id, load_public_key
+from edge_agent.yaml_file import read_yaml_file
 
-MAX_TRUST_FILE_BYTES = 1024 * 1024
 _ENTRY_KEYS = frozenset({"public_key", "kid", "not_before", "not_after", "retired"})
 
 
@@ -87,12 +86,7 @@ class TrustSet:
     @classmethod
     def load(cls, path: Path) -> TrustSet:
         """Read a trust file; ValueError names the entry and key of every mistake."""
-        if path.stat().st_size > MAX_TRUST_FILE_BYTES:
-            raise ValueError(f"{path}: larger than 1 MiB")
-        try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8"))
-        except (yaml.YAMLError, UnicodeDecodeError) as exc:
-            raise ValueError(f"{path}: not a YAML trust file: {exc}") from None
+        data = read_yaml_file(path, "a YAML trust file")  # at most 1 MiB, no aliases
         if not (
             isinstance(data, dict) and set(data) == {"keys"} and isinstance(data["keys"], list)
         ):

@@ -9,6 +9,8 @@ import sys
 import time
 from pathlib import Path
 
+from helpers.processes import terminate
+
 READY_LINE = "Ingest subscribed"
 """What a worker logs once its shared subscription is in place (worker.py)."""
 
@@ -64,7 +66,5 @@ class IngestWorker:
 
     def __exit__(self, *exc: object) -> None:
         if self.process is not None:
-            try:
-                self.stop(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.stop(signal.SIGKILL)
+            terminate(self.process, 15)
+            self.process = None

@@ -15,7 +15,6 @@
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import threading
@@ -34,6 +33,7 @@ from edge_agent.demo.broker import Mosquitto
 from edge_agent.seal.ack import AckError, AckOpener
 from helpers.fleet import Fleet
 from helpers.ingest import READY_LINE
+from helpers.processes import terminate
 
 
 class FleetWorker:
@@ -110,12 +110,7 @@ class FleetWorker:
         """SIGTERM and wait; the exit status."""
         if self.process is None:
             return 0
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            code = self.process.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            code = self.process.wait()
+        code = terminate(self.process, timeout)
         self.process = None
         return code
 

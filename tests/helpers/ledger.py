@@ -37,10 +37,10 @@ Example (a case of the `faults` layer; `broker`, `keys`, `agents` are conftest f
         agents.append(agent)
         agent.start()
         ...                                   # the fault
-        await stop_drained(agent)             # clean stop, nothing left in the buffer
-        taken = Taken.from_store(tmp_path / "buffer.db")
-        await verify.collect(taken)           # until everything taken is accounted for
-    verify.ledger("broker stopped 30s", taken, clean_stops=[agent]).check()
+        # stop_drained (a clean stop, nothing left in the buffer), Taken.from_store,
+        # verify.collect (until everything taken is accounted for), verify.ledger:
+        ledger = await drained_ledger(verify, agent, "broker stopped 30s")
+    ledger.check()
 
 A case with a consumer of its own (an in-process Verifier, another verify process) can still
 report through here: `Ledger.of_stream("case", taken, stream).check()` (one epoch), or
@@ -154,6 +154,30 @@ async def stop_drained(agent: AgentProcess, attempts: int = 3) -> int:
 
 
 _BUFFERED = re.compile(r"Stopped cleanly buffered_readings=(\d+)")
+
+
+async def drained_ledger(
+    verify: VerifyProcess,
+    agent: AgentProcess,
+    case: str,
+    *,
+    taken: Taken | None = None,
+    notes: str = "",
+) -> Ledger:
+    """The ledger of `case` over its final state, not yet checked (`.check()` it).
+
+    `stop_drained(agent)`, then the agent's buffer read for what it sealed (added to `taken`
+    when given: epochs counted before, e.g. one the agent quarantined), `verify.collect` of
+    it, and `verify.ledger` with `agent` as a clean stop. The restarts the drain took are
+    appended to `notes` (`restarts=N`). Call it inside the `async with VerifyProcess` block.
+    """
+    restarts = await stop_drained(agent)
+    if taken is None:
+        taken = Taken()
+    taken.add(*sealed_in_store(Path(agent.config["store"]["path"])))
+    await verify.collect(taken)
+    notes = f"{notes} restarts={restarts}".lstrip()
+    return verify.ledger(case, taken, clean_stops=[agent], notes=notes)
 
 
 @dataclass

@@ -25,9 +25,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-MAX_CONFIG_BYTES = 1024 * 1024
+from edge_agent.yaml_file import read_yaml_file
 
 
 @dataclass(frozen=True)
@@ -85,12 +83,7 @@ def load_settings(args: argparse.Namespace) -> IngestSettings:
 
 
 def _read_file(path: Path) -> dict[str, Any]:
-    if path.stat().st_size > MAX_CONFIG_BYTES:
-        raise ValueError(f"{path}: larger than 1 MiB")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        raise ValueError(f"{path}: not YAML: {exc}") from None
+    data = read_yaml_file(path)  # at most 1 MiB, no aliases
     if data is None:
         return {}
     if not isinstance(data, dict):
