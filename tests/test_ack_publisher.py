@@ -2,7 +2,8 @@
 `verify --ack-key`, on a private Mosquitto: what it publishes and where (retained, QoS 1, signed
 with the consumer's key, `seqs` and `batches` as held), when (only after the state is durable,
 only for streams that changed, at most one round per interval, all again after a reconnect),
-and what it does on a failure (nothing claimed that is not on disk, nothing forgotten).
+and what it does on a failure (nothing claimed that is not on disk, nothing forgotten) or a
+cancelled round (its save, still running, never beside the next one nor after it).
 
 Batches are sealed by the real Sealer and accepted by the real Verifier, as `verify` does.
 """
@@ -16,8 +17,9 @@ import json
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import Any
 
 import aiomqtt
 import pytest
@@ -251,6 +253,103 @@ async def test_a_round_cancelled_while_saving_leaves_the_ack_pending(
         monkeypatch.undo()
         assert await consumer.acks.flush(client) == 1, "the ack was forgotten"
     assert (await retained(broker)).seqs == ((1, 10),)
+
+
+class SlowFirstSave:
+    """A stand-in for `save_state` that makes a slow first save (an fsync on a busy disk) certain:
+    the first call waits until `release()` before doing the real save; every call is the real
+    save, and how many run at once is counted."""
+
+    def __init__(self) -> None:
+        self.started = threading.Event()
+        self.first_ended = threading.Event()
+        self._release = threading.Event()
+        self._lock = threading.Lock()
+        self._calls = self._running = self.most_at_once = 0
+
+    def release(self) -> None:
+        self._release.set()
+
+    def __call__(self, path: Path, data: str) -> None:
+        with self._lock:
+            self._calls += 1
+            first = self._calls == 1
+            self._running += 1
+            self.most_at_once = max(self.most_at_once, self._running)
+        try:
+            if first:
+                self.started.set()
+                self._release.wait(10)
+            save_state(path, data)
+        finally:
+            with self._lock:
+                self._running -= 1
+            if first:
+                self.first_ended.set()
+
+
+async def cancel_while_saving_then_flush(
+    consumer: Consumer, client: aiomqtt.Client, monkeypatch: pytest.MonkeyPatch
+) -> tuple[SlowFirstSave, int]:
+    """Batch 1's round, cancelled while its save is held (a disconnect); batch 2 received; the
+    next round (the last one at a stop) started; then the held save let go at the worst moment:
+    after every save the next round handed to a thread at once has ended. Return the stand-in
+    and what the next round returned, once every save has ended."""
+    slow = SlowFirstSave()
+    monkeypatch.setattr(acks_module, "save_state", slow)
+    loop = asyncio.get_running_loop()
+    handed: list[asyncio.Future[Any]] = []  # what the loop hands to threads, in order
+    run_in_executor = loop.run_in_executor
+
+    def recording(executor: Any, func: Callable[..., Any], *args: Any) -> asyncio.Future[Any]:
+        handed.append(run_in_executor(executor, func, *args))
+        return handed[-1]
+
+    monkeypatch.setattr(loop, "run_in_executor", recording)
+    consumer.receive(1, 1, 10)
+    cancelled = asyncio.create_task(consumer.acks.flush(client))
+    assert await asyncio.to_thread(slow.started.wait, 10), "the round never saved"
+    cancelled.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await cancelled
+    consumer.receive(2, 11, 10)
+    before = len(handed)
+    next_round = asyncio.create_task(consumer.acks.flush(client))
+    await asyncio.sleep(0)  # one step of the loop: the round runs up to its first wait
+    async with deadline(10, "the saves the next round started at once"):
+        if saved_at_once := handed[before:]:
+            await asyncio.wait(saved_at_once)
+    slow.release()
+    async with deadline(10, "the next round"):
+        flushed = await next_round
+    assert await asyncio.to_thread(slow.first_ended.wait, 10), "the held save never ended"
+    return slow, flushed
+
+
+async def test_the_next_round_saves_only_once_the_cancelled_rounds_save_has_ended(
+    tmp_path: Path, broker: Mosquitto, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The cancelled round's save runs on in its thread: a save beside it would write the same
+    `.tmp` file at the same time (one of them failing, or their bytes mixed)."""
+    consumer = Consumer(tmp_path / "state.json")
+    async with connected(broker, "acks") as client:
+        slow, flushed = await cancel_while_saving_then_flush(consumer, client, monkeypatch)
+    assert slow.most_at_once == 1, "two saves of the state ran at once"
+    assert flushed == 1
+    assert not (tmp_path / "state.json.tmp").exists()
+
+
+async def test_the_state_on_disk_never_goes_back_to_an_older_one(
+    tmp_path: Path, broker: Mosquitto, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The cancelled round's (older) state must not replace the next round's, which its ack
+    has already claimed."""
+    state = tmp_path / "state.json"
+    consumer = Consumer(state)
+    async with connected(broker, "acks") as client:
+        await cancel_while_saving_then_flush(consumer, client, monkeypatch)
+    assert (await retained(broker)).seqs == ((1, 20),)
+    assert held(state.read_text()) == [[1, 20]], "an older state replaced the acknowledged one"
 
 
 async def test_after_a_reconnect_every_stream_is_acked_again(

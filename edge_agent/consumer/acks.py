@@ -70,6 +70,8 @@ class AckPublisher:
         self._dirty: dict[tuple[str, str], None] = {}
         self._ready = asyncio.Event()
         self._last_issued = 0
+        self._saving: asyncio.Future[None] | None = None
+        """The latest save of the state, in its thread; it runs on when its round is cancelled."""
         self.published = 0
         """Acknowledgements published (and acknowledged by the broker) so far."""
 
@@ -110,16 +112,25 @@ class AckPublisher:
         not on disk): the error is logged, the acknowledgements stay pending, and 0 is returned.
         Raises aiomqtt.MqttError when a publish fails; they stay pending for the next round, as
         they do when the round is cancelled.
+
+        One save at a time: a round cancelled while saving (`verify` cancels it on a disconnect
+        or a stop) cannot stop its thread, so the next round waits for that save to end before
+        taking its own snapshot. Otherwise the two would write the same `.tmp` file at once
+        (one failing, or their bytes mixed) and the older state could replace the newer one.
         """
         self._ready.clear()
+        if self._saving is not None and not self._saving.done():
+            await asyncio.wait([self._saving])  # neither cancels it nor raises its error
         if not self._dirty:
             return 0
         pending = list(self._dirty)
         snapshot = json.dumps(self._tracker.to_json())  # on the loop: nothing changes under it
         messages = [(self._topics[s], self._seal(*s)) for s in pending]
         self._dirty.clear()
+        loop = asyncio.get_running_loop()
+        self._saving = loop.run_in_executor(None, save_state, self._state, snapshot)
         try:
-            await asyncio.to_thread(save_state, self._state, snapshot)
+            await asyncio.shield(self._saving)  # a cancelled round leaves the save running
         except OSError as exc:
             for stream in pending:
                 self._dirty.setdefault(stream, None)
