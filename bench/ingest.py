@@ -33,6 +33,7 @@ import asyncio
 import json
 import os
 import shutil
+import signal
 import statistics
 import sys
 import tempfile
@@ -46,7 +47,6 @@ sys.path.insert(0, str(ROOT / "tests"))  # the tests' helpers: one fleet, one Po
 import psycopg  # noqa: E402
 import psycopg.sql  # noqa: E402
 from helpers.fleet import Fleet, Message, Publisher, persistent_session  # noqa: E402
-from helpers.ingest import READY_LINE  # noqa: E402
 from helpers.ingest_fleet import FleetWorker, prepare_database  # noqa: E402
 from helpers.postgres import PostgresServer  # noqa: E402
 
@@ -151,25 +151,32 @@ def drain(
     ]  # fmt: skip
     db_before = server_cpu_s(server.postmaster_pid() or 0)
     broker_before = cpu_s(broker.pid or 0)
+    # The workers start while the broker is frozen (SIGSTOP): each one loads, connects to
+    # PostgreSQL and opens its TCP connection to the broker, which then answers nobody. Once
+    # every worker is that far, the broker goes on (SIGCONT) and the clock starts: all of
+    # them get their share of the queue from the same moment, and their start-up (imports,
+    # connections, ~0.25 s of CPU each) is neither timed nor counted in their CPU.
     spawned = time.monotonic()
-    for proc in procs:  # all at once: none drains the queue alone while another starts
-        proc.start(timeout=60, wait=False)
-    ready: dict[str, tuple[float, float]] = {}  # client id: (when seen subscribed, its CPU then)
-    while len(ready) < len(procs):
+    broker_pid = broker.pid or 0
+    os.kill(broker_pid, signal.SIGSTOP)
+    try:
         for proc in procs:
-            if proc.client_id not in ready and READY_LINE in proc.log():
+            proc.start(timeout=60, wait=False)
+        waiting: dict[str, float] = {}  # client id: its CPU when seen connecting to the broker
+        while len(waiting) < len(procs):
+            for proc in procs:
                 pid = proc.process.pid if proc.process is not None else 0
-                ready[proc.client_id] = (time.monotonic(), cpu_s(pid))
-            if not proc.alive():
-                raise RuntimeError(f"worker {proc.client_id} exited:\n{proc.log()[-3000:]}")
-        if time.monotonic() > spawned + 60:
-            raise TimeoutError("the workers did not subscribe within 60 s")
-        time.sleep(0.01)  # their logs are the only signal they give
-    # Timed from the first subscription (a later one counts against the run); the workers'
-    # CPU from each one's subscription: their start-up (imports, connections, ~0.25 s of CPU
-    # each) is not counted, so that 1 and 2 workers are compared on the readings alone.
-    subscribed = min(when for when, _ in ready.values())
-    worker_before = sum(cpu for _, cpu in ready.values())
+                if proc.client_id not in waiting and connects_to(pid, broker.port):
+                    waiting[proc.client_id] = cpu_s(pid)
+                if not proc.alive():
+                    raise RuntimeError(f"worker {proc.client_id} exited:\n{proc.log()[-3000:]}")
+            if time.monotonic() > spawned + 60:
+                raise TimeoutError("the workers did not reach the broker within 60 s")
+            time.sleep(0.01)  # /proc is the only signal a frozen broker leaves
+    finally:
+        os.kill(broker_pid, signal.SIGCONT)
+    subscribed = time.monotonic()
+    worker_before = sum(waiting.values())
     end = subscribed + timeout
     # One connection for the polling (a connection each time is a backend started each time:
     # PostgreSQL CPU that the run would count).
@@ -205,8 +212,7 @@ def drain(
     if count != total or distinct != total:
         raise AssertionError(f"{count} rows, {distinct} distinct, {total} published")
     return Run(
-        workers, total, len(messages), publish_s, finished - subscribed,
-        max(when for when, _ in ready.values()) - spawned,
+        workers, total, len(messages), publish_s, finished - subscribed, subscribed - spawned,
         worker_cpu, db_cpu, broker_cpu, os.getloadavg()[0], stops,
     )  # fmt: skip
 
@@ -242,6 +248,25 @@ _WAITS_SQL = (
     " AND backend_type = 'client backend'"
 )
 """What each of the workers' backends is doing (`running`: on a CPU or waiting for one)."""
+
+
+def connects_to(pid: int, port: int) -> bool:
+    """Whether process `pid` has a TCP connection to 127.0.0.1:`port` (its /proc fds against
+    /proc/net/tcp; the kernel completes the handshake even while the server is frozen)."""
+    try:
+        inodes = {
+            target[8:-1]
+            for fd in Path(f"/proc/{pid}/fd").iterdir()
+            if (target := os.readlink(fd)).startswith("socket:[")
+        }
+    except OSError:
+        return False
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        remote_port = int(fields[2].rsplit(":", 1)[1], 16)
+        if remote_port == port and fields[3] == "01" and fields[9] in inodes:
+            return True
+    return False
 
 
 def _stored(conn: psycopg.Connection[tuple[object, ...]]) -> int:
