@@ -69,6 +69,15 @@ def cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
+def run_delay_s(pid: int) -> float:
+    """Seconds process `pid` (its main thread) has waited on a run queue: runnable, but
+    another process had the CPU (/proc/PID/schedstat; 0 once it is gone)."""
+    try:
+        return int(Path(f"/proc/{pid}/schedstat").read_text().split()[1]) / 1e9
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
 def server_cpu_s(postmaster: int) -> float:
     """CPU seconds of the PostgreSQL server: the postmaster and every process it started."""
     total = cpu_s(postmaster)
@@ -177,6 +186,8 @@ def drain(
         os.kill(broker_pid, signal.SIGCONT)
     subscribed = time.monotonic()
     worker_before = sum(waiting.values())
+    pids = [p.process.pid for p in procs if p.process is not None]
+    delay_before = sum(map(run_delay_s, pids))
     end = subscribed + timeout
     # One connection for the polling (a connection each time is a backend started each time:
     # PostgreSQL CPU that the run would count).
@@ -192,12 +203,17 @@ def drain(
                 raise RuntimeError("a worker died:\n" + "\n".join(p.log()[-3000:] for p in procs))
             time.sleep(0.02)  # the database's ledger: no event to await from here
     finished = time.monotonic()
+    delay = sum(map(run_delay_s, pids)) - delay_before
     worker_cpu = sum(cpu_s(p.process.pid) for p in procs if p.process is not None) - worker_before
     db_cpu = server_cpu_s(server.postmaster_pid() or 0) - db_before
     broker_cpu = cpu_s(broker.pid or 0) - broker_before
     for proc in procs:
         proc.stop()
     stops = [proc.log().strip().rsplit("\n", 1)[-1] for proc in procs]
+    stops.append(
+        f"the workers waited {delay:.2f} s in all on a run queue (runnable, another process on"
+        f" the CPU) during the {finished - subscribed:.2f} s"
+    )
     if waits:
         samples = sum(waits.values())
         stops.append(
