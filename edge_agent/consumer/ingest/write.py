@@ -41,6 +41,7 @@ from psycopg import errors as pg_errors
 from edge_agent.consumer.completeness import Coverage
 from edge_agent.consumer.ingest.decode import Accepted, Item, Rejection, Status
 from edge_agent.consumer.ingest.rows import COPY_SQL
+from edge_agent.errors import EdgeAgentError
 from edge_agent.seal.hwm import HighWaterMark
 
 AConn = psycopg.AsyncConnection[tuple[object, ...]]
@@ -49,7 +50,7 @@ OVERLAP_RETRIES = 5
 """Times a group is written again because another worker stored some of its readings first."""
 
 
-class OverlapError(Exception):
+class OverlapError(EdgeAgentError):
     """Another worker committed some of the seqs this group copied, after the group read the
     ledger: the group's transaction is rolled back and the group written again."""
 
