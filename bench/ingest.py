@@ -33,6 +33,7 @@ import asyncio
 import json
 import os
 import shutil
+import signal
 import statistics
 import sys
 import tempfile
@@ -44,8 +45,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))  # the tests' helpers: one fleet, one PostgreSQL
 
 import psycopg  # noqa: E402
+import psycopg.sql  # noqa: E402
 from helpers.fleet import Fleet, Message, Publisher, persistent_session  # noqa: E402
-from helpers.ingest_fleet import FleetWorker, prepare_database, stored_readings  # noqa: E402
+from helpers.ingest_fleet import FleetWorker, prepare_database  # noqa: E402
 from helpers.postgres import PostgresServer  # noqa: E402
 
 from edge_agent.consumer.ingest import keystore  # noqa: E402
@@ -65,6 +67,15 @@ def cpu_s(pid: int) -> float:
     except OSError:
         return 0.0
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def run_delay_s(pid: int) -> float:
+    """Seconds process `pid` (its main thread) has waited on a run queue: runnable, but
+    another process had the CPU (/proc/PID/schedstat; 0 once it is gone)."""
+    try:
+        return int(Path(f"/proc/{pid}/schedstat").read_text().split()[1]) / 1e9
+    except (OSError, IndexError, ValueError):
+        return 0.0
 
 
 def server_cpu_s(postmaster: int) -> float:
@@ -93,8 +104,11 @@ class Run:
     startup_s: float
     worker_cpu_s: float
     db_cpu_s: float
+    broker_cpu_s: float
     load: float
     """The machine's 1-minute load average after the run (2 cores: above 2, others competed)."""
+    stops: list[str]
+    """Each worker's last log line (its totals: messages, readings, seconds by stage)."""
 
     @property
     def rate(self) -> float:
@@ -117,6 +131,7 @@ def drain(
     max_group: int = 64,
     sql: str | None = None,
     timeout: float = 300.0,
+    sample_waits: bool = False,
 ) -> Run:
     """Steps 1-3 of the module docstring, once; raises when a reading is missing or twice."""
     dsn = server.create_database(name)
@@ -144,22 +159,69 @@ def drain(
         for cid in ids
     ]  # fmt: skip
     db_before = server_cpu_s(server.postmaster_pid() or 0)
+    broker_before = cpu_s(broker.pid or 0)
+    # The workers start while the broker is frozen (SIGSTOP): each one loads, connects to
+    # PostgreSQL and opens its TCP connection to the broker, which then answers nobody. Once
+    # every worker is that far, the broker goes on (SIGCONT) and the clock starts: all of
+    # them get their share of the queue from the same moment, and their start-up (imports,
+    # connections, ~0.25 s of CPU each) is neither timed nor counted in their CPU.
     spawned = time.monotonic()
-    for proc in procs:
-        proc.start(timeout=60)
+    broker_pid = broker.pid or 0
+    os.kill(broker_pid, signal.SIGSTOP)
+    try:
+        for proc in procs:
+            proc.start(timeout=60, wait=False)
+        waiting: dict[str, float] = {}  # client id: its CPU when seen connecting to the broker
+        while len(waiting) < len(procs):
+            for proc in procs:
+                pid = proc.process.pid if proc.process is not None else 0
+                if proc.client_id not in waiting and connects_to(pid, broker.port):
+                    waiting[proc.client_id] = cpu_s(pid)
+                if not proc.alive():
+                    raise RuntimeError(f"worker {proc.client_id} exited:\n{proc.log()[-3000:]}")
+            if time.monotonic() > spawned + 60:
+                raise TimeoutError("the workers did not reach the broker within 60 s")
+            time.sleep(0.01)  # /proc is the only signal a frozen broker leaves
+    finally:
+        os.kill(broker_pid, signal.SIGCONT)
     subscribed = time.monotonic()
+    worker_before = sum(waiting.values())
+    pids = [p.process.pid for p in procs if p.process is not None]
+    delay_before = sum(map(run_delay_s, pids))
     end = subscribed + timeout
-    while (stored := stored_readings(dsn)) < total:
-        if time.monotonic() > end:
-            raise TimeoutError(f"{stored} of {total} readings stored after {timeout:g}s")
-        if not all(p.alive() for p in procs):
-            raise RuntimeError("a worker died:\n" + "\n".join(p.log()[-3000:] for p in procs))
-        time.sleep(0.02)  # the database's ledger: no event to await from here
+    # One connection for the polling (a connection each time is a backend started each time:
+    # PostgreSQL CPU that the run would count).
+    waits: dict[str, int] = {}
+    with psycopg.connect(dsn, autocommit=True) as poll:
+        while (stored := _stored(poll)) < total:
+            if sample_waits:
+                for (what,) in poll.execute(_WAITS_SQL).fetchall():
+                    waits[str(what)] = waits.get(str(what), 0) + 1
+            if time.monotonic() > end:
+                raise TimeoutError(f"{stored} of {total} readings stored after {timeout:g}s")
+            if not all(p.alive() for p in procs):
+                raise RuntimeError("a worker died:\n" + "\n".join(p.log()[-3000:] for p in procs))
+            time.sleep(0.02)  # the database's ledger: no event to await from here
     finished = time.monotonic()
-    worker_cpu = sum(cpu_s(p.process.pid) for p in procs if p.process is not None)
+    delay = sum(map(run_delay_s, pids)) - delay_before
+    worker_cpu = sum(cpu_s(p.process.pid) for p in procs if p.process is not None) - worker_before
     db_cpu = server_cpu_s(server.postmaster_pid() or 0) - db_before
+    broker_cpu = cpu_s(broker.pid or 0) - broker_before
     for proc in procs:
         proc.stop()
+    stops = [proc.log().strip().rsplit("\n", 1)[-1] for proc in procs]
+    stops.append(
+        f"the workers waited {delay:.2f} s in all on a run queue (runnable, another process on"
+        f" the CPU) during the {finished - subscribed:.2f} s"
+    )
+    if waits:
+        samples = sum(waits.values())
+        stops.append(
+            "the workers' backends, sampled: "
+            + ", ".join(
+                f"{k} {v / samples:.0%}" for k, v in sorted(waits.items(), key=lambda kv: -kv[1])
+            )
+        )
     with psycopg.connect(dsn) as conn:
         row = conn.execute("SELECT count(*), count(DISTINCT (gateway, epoch, seq)) FROM readings")
         count, distinct = row.fetchone() or (0, 0)
@@ -167,8 +229,66 @@ def drain(
         raise AssertionError(f"{count} rows, {distinct} distinct, {total} published")
     return Run(
         workers, total, len(messages), publish_s, finished - subscribed, subscribed - spawned,
-        worker_cpu, db_cpu, os.getloadavg()[0],
+        worker_cpu, db_cpu, broker_cpu, os.getloadavg()[0], stops,
     )  # fmt: skip
+
+
+SHOWN = (
+    "fsync", "synchronous_commit", "full_page_writes", "shared_buffers", "wal_buffers",
+    "max_wal_size", "checkpoint_timeout", "wal_compression",
+)  # fmt: skip
+"""The server settings the benchmark prints: durability first, then what sizing may change."""
+
+
+def configure(server: PostgresServer, settings: list[str]) -> str:
+    """Apply `NAME=VALUE` settings (ALTER SYSTEM, restart); return the SHOWN ones as a line."""
+    if settings:
+        with psycopg.connect(server.dsn, autocommit=True) as conn:
+            for setting in settings:
+                name, _, value = setting.partition("=")
+                conn.execute(
+                    psycopg.sql.SQL("ALTER SYSTEM SET {} = {}").format(
+                        psycopg.sql.Identifier(name.strip()), psycopg.sql.Literal(value.strip())
+                    )
+                )
+        server.restart()
+    with psycopg.connect(server.dsn) as conn:
+        shown = [f"{n}={conn.execute(f'SHOW {n}').fetchone()[0]}" for n in SHOWN]  # type: ignore[index]
+    return " ".join(shown)
+
+
+_WAITS_SQL = (
+    "SELECT CASE WHEN state = 'active' AND wait_event IS NULL THEN 'running'"
+    " ELSE coalesce(state, '?') || ':' || coalesce(wait_event_type || '/' || wait_event, '-') END"
+    " FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()"
+    " AND backend_type = 'client backend'"
+)
+"""What each of the workers' backends is doing (`running`: on a CPU or waiting for one)."""
+
+
+def connects_to(pid: int, port: int) -> bool:
+    """Whether process `pid` has a TCP connection to 127.0.0.1:`port` (its /proc fds against
+    /proc/net/tcp; the kernel completes the handshake even while the server is frozen)."""
+    try:
+        inodes = {
+            target[8:-1]
+            for fd in Path(f"/proc/{pid}/fd").iterdir()
+            if (target := os.readlink(fd)).startswith("socket:[")
+        }
+    except OSError:
+        return False
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        remote_port = int(fields[2].rsplit(":", 1)[1], 16)
+        if remote_port == port and fields[3] == "01" and fields[9] in inodes:
+            return True
+    return False
+
+
+def _stored(conn: psycopg.Connection[tuple[object, ...]]) -> int:
+    """Readings the ledger says are stored (as helpers.ingest_fleet.stored_readings)."""
+    row = conn.execute("SELECT coalesce(sum(readings), 0) FROM coverage").fetchone()
+    return int(str(row[0])) if row else 0
 
 
 def cost_split(
@@ -271,6 +391,14 @@ def main() -> int:
         "--sql", help="experiment: run this SQL after `migrate` (e.g. CREATE INDEX ...)"
     )
     parser.add_argument("--json", type=Path, help="write the runs here")
+    parser.add_argument("--verbose", action="store_true", help="print each worker's totals")
+    parser.add_argument(
+        "--pg-set",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a PostgreSQL setting (ALTER SYSTEM, then a restart); repeatable",
+    )
     args = parser.parse_args()
     if args.quick:
         args.batches, args.repeat = 10, 1
@@ -294,21 +422,25 @@ def main() -> int:
         PostgresServer(durable=True) as server,
         Mosquitto(directory=_mkdir(directory / "broker")) as broker,
     ):
+        print("PostgreSQL: " + configure(server, args.pg_set), flush=True)
         for workers in counts:
             for n in range(args.repeat):
                 run = drain(
                     server, broker, fleet, messages, workers, f"bench_w{workers}_r{n}",
                     directory / "workers", profile=args.profile, max_group=args.max_group,
-                    sql=args.sql,
+                    sql=args.sql, sample_waits=args.verbose,
                 )  # fmt: skip
                 runs.append(run)
                 print(
                     f"  {workers} worker(s), run {n + 1}: {run.rate:,.0f} readings/s "
                     f"({run.readings:,} in {run.drain_s:.2f} s; start-up {run.startup_s:.2f} s), "
                     f"CPU per 100,000 readings: workers {run.per_100k(run.worker_cpu_s):.2f} s, "
-                    f"PostgreSQL {run.per_100k(run.db_cpu_s):.2f} s; load {run.load:.1f}",
+                    f"PostgreSQL {run.per_100k(run.db_cpu_s):.2f} s, "
+                    f"Mosquitto {run.per_100k(run.broker_cpu_s):.3f} s; load {run.load:.1f}",
                     flush=True,
                 )
+                if args.verbose:
+                    print("\n".join(f"    {line}" for line in run.stops))
         if args.split:
             for line in cost_split(server, fleet, messages, args.max_group):
                 print(line)
@@ -317,9 +449,12 @@ def main() -> int:
         mine = [r for r in runs if r.workers == workers]
         worker_cpu = statistics.median(r.per_100k(r.worker_cpu_s) for r in mine)
         db_cpu = statistics.median(r.per_100k(r.db_cpu_s) for r in mine)
+        broker_cpu = statistics.median(r.per_100k(r.broker_cpu_s) for r in mine)
         print(
             f"  {workers} worker(s): {spread([r.rate for r in mine])} readings/s; CPU per "
-            f"100,000 readings: workers {worker_cpu:.2f} s, PostgreSQL {db_cpu:.2f} s"
+            f"100,000 readings: workers {worker_cpu:.2f} s, PostgreSQL {db_cpu:.2f} s, "
+            f"Mosquitto {broker_cpu:.3f} s; load {min(r.load for r in mine):.1f}-"
+            f"{max(r.load for r in mine):.1f}"
         )
     if len(counts) > 1:
         one = statistics.median(r.rate for r in runs if r.workers == counts[0])

@@ -32,6 +32,7 @@
     │   └── UntrustedCertificateError  the server's certificate is not trusted
     ├── PublishRejectedError       the broker refused a batch (PUBACK reason >= 0x80)
     ├── TransactionRetryError      ingest: PostgreSQL aborted a transaction for concurrency; again
+    ├── OverlapError               ingest: another worker committed readings a group copied; again
     ├── StoppedWaitingError        ingest: told to stop while waiting for PostgreSQL
     └── BrokerUnavailableError (RuntimeError)  the demo finds no MQTT broker to run
 
@@ -45,7 +46,8 @@ UnknownNamespaceError in `sources/opcua/namespaces.py`, TakeOverError in `source
 SecurityError and UntrustedCertificateError in `sources/opcua/security.py`,
 PublishRejectedError in `forward/mqtt.py`, BrokerUnavailableError in `demo/embedded_broker.py`,
 NonconformingError in `consumer/ingest/rows.py`, TransactionRetryError and StoppedWaitingError in
-`consumer/ingest/worker.py` (they never leave the worker).
+`consumer/ingest/worker.py` (they never leave the worker), OverlapError in
+`consumer/ingest/write.py`.
 A second base in parentheses is kept for callers that catch it.
 
 Only ConfigError stops the daemon before start; device and connection errors never leave their

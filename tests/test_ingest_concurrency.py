@@ -145,3 +145,62 @@ async def test_many_groups_of_one_epoch_from_two_writers_in_any_order(
         assert (readings, rows) == (3000, 3000)
     total_duplicates = sum(w.duplicates for r in results for w in r)
     assert total_duplicates == 30 * 50
+
+
+async def test_two_writers_copy_the_same_readings_and_the_ledger_check_keeps_one(
+    tmp_path: Path, postgres_dsn: str
+) -> None:
+    """`readings` has no unique index: two writers that read the ledger before either
+    committed both copy the readings they share; the check under the ledger row's lock rolls
+    back whichever comes second, which writes again from a fresh read."""
+    fleet = Fleet(tmp_path / "fleet", gateways=1, payload_format=2, points=10)
+    prepare_database(postgres_dsn, fleet)
+    gateway = fleet.members[0]
+    messages = [gateway.seal(100) for _ in range(4)]  # seqs 1..400
+    items = decoded(postgres_dsn, fleet, messages)
+    group_a, group_b = items[0:3], items[1:4]  # batches 2 and 3 in both
+    key = (gateway.gateway_id, gateway.epoch)
+    with psycopg.connect(postgres_dsn) as setup:
+        setup.execute("INSERT INTO coverage (gateway, epoch) VALUES (%s, %s)", key)
+        indexes = setup.execute(
+            "SELECT count(*) FROM pg_index WHERE indrelid = 'readings'::regclass AND indisunique"
+        ).fetchone()
+    assert indexes == (0,)
+
+    holder = await psycopg.AsyncConnection.connect(postgres_dsn)
+    a = await psycopg.AsyncConnection.connect(postgres_dsn)
+    b = await psycopg.AsyncConnection.connect(postgres_dsn)
+    watcher = psycopg.connect(postgres_dsn, autocommit=True)
+
+    def both_copied_and_wait_at_the_ledger() -> bool:
+        assert not any(w.done() for w in writes), "a writer did not wait for the ledger row"
+        row = watcher.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+            " AND wait_event_type = 'Lock' AND query LIKE '%FOR UPDATE'"
+        ).fetchone()
+        return row == (2,)
+
+    try:
+        await holder.execute(
+            "SELECT 1 FROM coverage WHERE gateway = %s AND epoch = %s FOR UPDATE", key
+        )  # the ledger row locked: both writers read it, copy, and wait for its lock
+        writes = [
+            asyncio.create_task(write_group(a, group_a, 100)),
+            asyncio.create_task(write_group(b, group_b, 100)),
+        ]
+        await wait_for(both_copied_and_wait_at_the_ledger, 10, "both writers at the lock")
+        # Both COPYs done, neither committed:
+        assert watcher.execute("SELECT count(*) FROM readings").fetchone() == (0,)
+        await holder.rollback()
+        done: list[Written] = await asyncio.gather(*writes)
+    finally:
+        for conn in (holder, a, b):
+            await conn.close()
+        watcher.close()
+
+    received, readings, duplicates, rows = ledger_row(postgres_dsn, *key)
+    assert received == [(1, 400)]
+    assert (readings, rows) == (400, 400)  # and no seq twice (ledger_row checks it)
+    assert duplicates == 200
+    assert sorted(w.retries for w in done) == [0, 1]
+    assert sorted(w.readings for w in done) == [100, 300]

@@ -10,10 +10,9 @@ Tables (docs/cloud.md describes each column for people who query them):
 - `gateway_keys`   the gateways' public keys, several per gateway, with validity and retirement;
                    every change takes the next value of the sequence `gateway_keys_generation`,
                    which workers read before each group of messages (a change applies at once)
-- `readings`       one row per reading, unique by (gateway, epoch, seq): its primary key is
-                   (stream, seq), where `stream` is the number `coverage` gives each (gateway,
-                   epoch), one to one; a key of 16 bytes instead of two names, which makes the
-                   index about 4 times smaller and COPY about twice as fast
+- `readings`       one row per reading, unique by (gateway, epoch, seq), which the ledger
+                   keeps so (write.py; no unique index since version 2, see `_V2`);
+                   `stream` is the number `coverage` gives each (gateway, epoch), one to one
 - `coverage`       the ledger: per (gateway, epoch), its `stream` number, the seqs stored
                    (`received`), those declared
                    evicted (`evicted`), the batch numbers held (`batches`), as int8multirange
@@ -34,12 +33,12 @@ in code-point order.
 `v_num` (numeric: integers of 64 bits and floats exactly), `v_bool`, `v_text`; all three are
 null when the reading has no value (quality bad).
 
-Plain PostgreSQL: the primary key and a BRIN index on `ts` (time ranges); no per-point B-tree,
-which would cost about 40% of the COPY rate (docs/cloud.md says when to add
-`readings_point_ts`). With the TimescaleDB extension created in the
-database before the first `migrate`, `readings` is a hypertable on `ts` (its
-unique index is then (stream, seq, ts), as TimescaleDB requires; the ledger keeps
-(gateway, epoch, seq) unique by itself).
+Plain PostgreSQL: a BRIN index on `ts` (time ranges) and no B-tree: neither the primary key
+(stream, seq) that version 1 made (version 2 drops it: `_V2`) nor a per-point one, which
+would cost about 40% of the COPY rate (docs/cloud.md says when to add `readings_point_ts`).
+With the TimescaleDB extension created in the database before the first `migrate`,
+`readings` is a hypertable on `ts` with a unique index (stream, seq, ts); the ledger keeps
+(gateway, epoch, seq) unique by itself in both cases.
 """
 
 from __future__ import annotations
@@ -198,6 +197,15 @@ SELECT create_hypertable('readings', 'ts');
 """
 
 
+_V2 = """
+ALTER TABLE readings DROP CONSTRAINT IF EXISTS readings_pkey;
+"""
+"""Plain PostgreSQL: no B-tree on (stream, seq). The ledger keeps (gateway, epoch, seq) unique
+(write.py checks it under the ledger row's lock); the key's B-tree cost PostgreSQL about 40%
+of its CPU per reading (a descent and a leaf per row, bench/ingest.py). A hypertable keeps its
+unique index (TimescaleDB's chunks keep it small)."""
+
+
 def migrations(timescale: bool) -> list[Migration]:
     """Every migration in order; `timescale`: make `readings` a TimescaleDB hypertable."""
     return [
@@ -206,6 +214,11 @@ def migrations(timescale: bool) -> list[Migration]:
             "readings, ledger, keys, hwm, rejected; ingest_gaps view"
             + (" (TimescaleDB hypertable)" if timescale else ""),
             _V1 + (_V1_TIMESCALE if timescale else _V1_PLAIN),
+        ),
+        Migration(
+            2,
+            "readings without a primary key: the ledger keeps (gateway, epoch, seq) unique",
+            _V2,
         ),
     ]
 

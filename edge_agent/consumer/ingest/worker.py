@@ -53,7 +53,13 @@ from edge_agent.consumer.ingest import keystore, schema
 from edge_agent.consumer.ingest.decode import Accepted, Decoder, Item, Rejection
 from edge_agent.consumer.ingest.settings import IngestSettings
 from edge_agent.consumer.ingest.signed import AckSigner
-from edge_agent.consumer.ingest.write import Ledger, Written, parse_multirange, write_group
+from edge_agent.consumer.ingest.write import (
+    Ledger,
+    OverlapError,
+    Written,
+    parse_multirange,
+    write_group,
+)
 from edge_agent.errors import EdgeAgentError
 from edge_agent.seal.keys import load_private_key
 
@@ -369,7 +375,7 @@ class Worker:
         conn = await self._db.writer()
         try:
             return await write_group(conn, items, self.settings.rejected_keep)
-        except (pg_errors.DeadlockDetected, pg_errors.SerializationFailure) as exc:
+        except (pg_errors.DeadlockDetected, pg_errors.SerializationFailure, OverlapError) as exc:
             raise TransactionRetryError(str(exc)) from exc
 
     async def _retrying(self, attempt: Callable[[], Awaitable[T]]) -> T:

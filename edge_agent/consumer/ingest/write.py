@@ -2,18 +2,23 @@
 
 Why no reading is ever stored twice, with several workers at once: the `received` multirange of
 each (gateway, epoch) says exactly which seqs `readings` holds, and grows in the same
-transaction as the rows. A group reads it, copies only the readings outside it (COPY, no
-per-row INSERT), then locks the ledger rows (`SELECT ... FOR UPDATE`, in key order so that two
-workers never wait on each other in a cycle) and adds what it copied. The lock is taken *after*
-the COPY, so that workers copy in parallel and hold the ledger only for its update and the
-COMMIT: locked before the COPY, every group of a fleet (each holds batches of most gateways)
-would wait for the previous one's whole COPY, and a second worker would add no throughput
-(bench/ingest.py). The primary key, (stream, seq) with `stream` one to one with (gateway,
-epoch), makes this exact: a reading that
-another worker committed after our read makes our COPY fail (a unique violation; one still
-uncommitted makes it wait for that worker's COMMIT first), and the group is written again from
-a fresh read of the ledger (OVERLAP_RETRIES times at most). A replay finds its seqs already
+transaction as the rows, under the lock of its row. A group reads it, copies only the readings
+outside it (COPY, no per-row INSERT), then locks the ledger rows (`SELECT ... FOR UPDATE`, in
+key order so that two workers never wait on each other in a cycle), checks that the ledger as
+now committed holds none of the seqs it copied, and adds them. Another worker that committed
+some of the same seqs after our read has done so under that lock, so the check sees them: the
+group is rolled back and written again from a fresh read of the ledger (OVERLAP_RETRIES times
+at most). The lock is taken *after* the COPY, so that workers copy in parallel and hold the
+ledger only for its check, its update and the COMMIT: locked before the COPY, every group of a
+fleet (each holds batches of most gateways) would wait for the previous one's whole COPY, and a
+second worker would add no throughput (bench/ingest.py). A replay finds its seqs already
 received and writes nothing; a worker killed before COMMIT wrote nothing.
+
+So `readings` needs no unique index for this (schema.py: the ledger keeps (gateway, epoch,
+seq) unique; a B-tree on it cost PostgreSQL about 40% of its CPU per reading). Where one exists
+(TimescaleDB's (stream, seq, ts), or one a DBA added), a reading another worker stored and has
+not committed yet makes our COPY wait for that COMMIT and then fail (a unique violation): the
+group is written again in the same way.
 
 The ledger rows of new (gateway, epoch)s are created, empty, in a transaction of their own
 before the group's: created in it, a second worker's first group of the same epoch would wait
@@ -24,6 +29,7 @@ Returns the ledger of every (gateway, epoch) written, as committed, for the ackn
 
 from __future__ import annotations
 
+import bisect
 import re
 import time
 from collections.abc import Sequence
@@ -35,12 +41,18 @@ from psycopg import errors as pg_errors
 from edge_agent.consumer.completeness import Coverage
 from edge_agent.consumer.ingest.decode import Accepted, Item, Rejection, Status
 from edge_agent.consumer.ingest.rows import COPY_SQL
+from edge_agent.errors import EdgeAgentError
 from edge_agent.seal.hwm import HighWaterMark
 
 AConn = psycopg.AsyncConnection[tuple[object, ...]]
 _RANGE = re.compile(r"\[(-?\d+),(-?\d+)\)")
 OVERLAP_RETRIES = 5
 """Times a group is written again because another worker stored some of its readings first."""
+
+
+class OverlapError(EdgeAgentError):
+    """Another worker committed some of the seqs this group copied, after the group read the
+    ledger: the group's transaction is rolled back and the group written again."""
 
 
 def parse_multirange(text: str) -> list[tuple[int, int]]:
@@ -57,6 +69,8 @@ def multirange(ranges: Sequence[tuple[int, int]]) -> str:
 class _Stream:
     number: int
     received: Coverage
+    read: str
+    """`received` as read before the COPY (its text): unchanged at the lock means no overlap."""
     new: list[tuple[int, int]] = field(default_factory=list)
     evicted: list[tuple[int, int]] = field(default_factory=list)
     batches: list[tuple[int, int]] = field(default_factory=list)
@@ -83,6 +97,8 @@ class Written:
     readings: int = 0
     duplicates: int = 0
     rejected: int = 0
+    retries: int = 0
+    """Times the group was written again (another worker stored some of it first)."""
     copy_s: float = 0.0
     """Time the COPY of the readings took."""
 
@@ -110,11 +126,14 @@ async def write_group(conn: AConn, items: Sequence[Item], rejected_keep: int) ->
     attempt = 0
     while True:
         try:
-            return await _write_once(conn, items, accepted, keys, rejected_keep)
-        except (pg_errors.UniqueViolation, pg_errors.DeadlockDetected):
+            done = await _write_once(conn, items, accepted, keys, rejected_keep)
+        except (OverlapError, pg_errors.UniqueViolation, pg_errors.DeadlockDetected):
             attempt += 1
             if attempt > OVERLAP_RETRIES:
                 raise
+        else:
+            done.retries = attempt
+            return done
 
 
 async def _write_once(
@@ -135,7 +154,9 @@ async def _write_once(
             )
             for gateway, epoch, number, received in await cursor.fetchall():
                 ranges = [list(r) for r in parse_multirange(str(received))]
-                streams[(str(gateway), str(epoch))] = _Stream(int(str(number)), Coverage(ranges))
+                streams[(str(gateway), str(epoch))] = _Stream(
+                    int(str(number)), Coverage(ranges), str(received)
+                )
         copy: list[str] = []
         evictions: list[tuple[str, str, int, int, str, int]] = []
         ends: list[tuple[str, str, str | None, int | None, str, str]] = []
@@ -170,12 +191,7 @@ async def _write_once(
                 await pipe.write("".join(copy).encode())
             done.copy_s = time.perf_counter() - began
         if streams:
-            await conn.execute(
-                "SELECT 1 FROM coverage"
-                " WHERE (gateway, epoch) IN (SELECT * FROM unnest(%s::text[], %s::text[]))"
-                " ORDER BY gateway, epoch FOR UPDATE",
-                ([k[0] for k in keys], [k[1] for k in keys]),
-            )
+            await _lock_and_check(conn, keys, streams)
             await _update_ledger(conn, streams, done)
         if evictions:
             await conn.cursor().executemany(
@@ -192,6 +208,37 @@ async def _write_once(
             )
         await _small_items(conn, items, rejected_keep, done)
     return done
+
+
+async def _lock_and_check(
+    conn: AConn, keys: list[tuple[str, str]], streams: dict[tuple[str, str], _Stream]
+) -> None:
+    """Lock the ledger rows of `keys` (in key order) and raise OverlapError when one, as now
+    committed, holds a seq that this group copied (READ COMMITTED: a row another transaction
+    updated is read as that transaction committed it, once its lock is released)."""
+    cursor = await conn.execute(
+        "SELECT gateway, epoch, received::text FROM coverage"
+        " WHERE (gateway, epoch) IN (SELECT * FROM unnest(%s::text[], %s::text[]))"
+        " ORDER BY gateway, epoch FOR UPDATE",
+        ([k[0] for k in keys], [k[1] for k in keys]),
+    )
+    for gateway, epoch, received in await cursor.fetchall():
+        stream = streams[(str(gateway), str(epoch))]
+        if not stream.new:
+            continue
+        now = str(received)
+        if now != stream.read and _overlaps(parse_multirange(now), stream.new):
+            raise OverlapError(f"{gateway} {epoch}: stored meanwhile by another worker")
+
+
+def _overlaps(ranges: list[tuple[int, int]], new: list[tuple[int, int]]) -> bool:
+    """Whether two lists of inclusive ranges (`ranges` ascending and disjoint) share a seq."""
+    starts = [a for a, _ in ranges]
+    for a, b in new:
+        i = bisect.bisect_right(starts, b) - 1  # the last range starting at or before b
+        if i >= 0 and ranges[i][1] >= a:
+            return True
+    return False
 
 
 async def _update_ledger(
