@@ -124,6 +124,53 @@ def test_a_point_whose_column_mixes_types_round_trips(series: list[list[Any]], p
     )
 
 
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    points=st.integers(1, 5),
+    polls=st.integers(1, 3),
+    data=st.data(),
+)
+def test_batches_of_one_shape_round_trip_whatever_their_values(
+    points: int, polls: int, data: st.DataObject
+) -> None:
+    """The same polls batch after batch (the encoder then keeps the batch's shape and its
+    split by type): values whose types and decimal places change between batches, raw floats
+    and NaNs included, must still come back exactly."""
+    sealer = Sealer(KEY, payload_format=2)
+    names = [f"EQ{p % 2}.tag{p}" for p in range(points)]
+    first = 1
+    for number in range(1, data.draw(st.integers(2, 5)) + 1):
+        kind = data.draw(st.sampled_from(["floats", "decimals", "any"]))
+        decimal = st.integers(-(10**6), 10**6).map(lambda m: m / 100)
+        strategy = {"floats": any_float, "any": values, "decimals": decimal}[kind]
+        drawn = data.draw(st.lists(strategy, min_size=points * polls, max_size=points * polls))
+        readings = [
+            Reading("plc", names[i % points], 1_000 * (i // points), v, Quality.GOOD)
+            for i, v in enumerate(drawn)
+        ]
+        batch = OPENER.open(seal(sealer, readings, first_seq=first, batch=number))
+        assert_round_trip(readings, batch.readings, first)
+        first += len(readings)
+
+
+@settings(max_examples=500, deadline=None)
+@given(column=st.lists(st.integers(-(2**70), 2**70) | st.integers(-300, 300)
+                       | st.integers(-3, 12), max_size=40))  # fmt: skip
+def test_integer_columns_round_trip(column: list[int]) -> None:
+    """Frame of reference, zigzag, bits and the CBOR array: whichever packing is chosen."""
+    for packed in (columnar.pack_ints(column), columnar.pack_bits(column)):
+        assert columnar.unpack_ints(packed, len(column), "c") == column
+
+
+def test_integer_columns_pick_the_narrow_packings() -> None:
+    assert columnar.pack_ints([-1, 0, 1, -2]) == [2, 1, b"\x01\x00\x02\x03"]  # zigzag
+    assert columnar.pack_ints([-1000, 0, 1000]) == [2, 2, b"\xcf\x00\xd0\x07\x00\x07"]
+    assert columnar.pack_ints([5, 6, 300]) == [0, 5, 2, b"\x00\x01\x27\x00\x00\x01"]
+    assert columnar.pack_bits([-3, 3, 0, 1]) == [3, -3, 4, b"\x60\x43"]
+    assert columnar.pack_bits([1, 0, 1]) == [3, 0, 1, b"\x05"]
+    assert columnar.pack_bits([0, 40]) == columnar.pack_ints([0, 40])
+
+
 def test_the_readings_of_format_2_equal_those_of_format_1() -> None:
     """A consumer sees the same readings whichever format the gateway uses."""
     readings = [
@@ -340,6 +387,9 @@ def test_valid_payloads_with_a_field_replaced_are_refused_cleanly(
         ({"tx": b"\x02\x00\x04"}, "tx does not hold 4 bytes"),
         ({"idx": [2, 3, b"\x00" * 7]}, "idx has a malformed zigzag width or data"),
         ({"idx": [2, 1, b"\x00" * 6]}, "idx has 6 bytes, not 7 x 1"),
+        ({"ti": [3, 0, 4, b"\x00\x00\x00"]}, "ti has 3 bytes, not 7 x 4 bits"),
+        ({"ti": [3, 0, 4, b"\x00\x00\x00\x10"]}, "ti is padded with bits that are not zero"),
+        ({"ti": [3, 0, 3, b"\x00\x00\x00"]}, "ti has a malformed base, bits or data"),
         ({"q": [["fine"], [0, 7, 0, b""]]}, "q holds an invalid value 'fine'"),
         ({"np": 8}, "np 8 is not 0..7"),
         ({"float": {"k": b"", "x": [], "dec": [], "xor": b""}}, "float is not a map of x, dec"),
