@@ -319,6 +319,32 @@ def test_the_valid_body_opens() -> None:
     assert_round_trip(VALID, OPENER.open(sign(cbor2.dumps(VALID_BODY))).readings, 1)
 
 
+EARLIER_LAYOUT = bytes.fromhex(
+    "b81a61760267676174657761796267776565706f636862657065626174636801667365616c65640767657669"
+    "63746564806373657101616e08626e7004637372638263706c6362756162707384000001440000010063746f"
+    "6b6c610a620a630a780a63630a6462706e840001014401010002627069840000014800010002030104056369"
+    "6478840021014802030300030300056274300a626e7405627473840001014400080008627469840000014800"
+    "00010100010100657479706573824603020004010384000101460200000000006171828564676f6f6469756e"
+    "6365727461696e64676f6f646362616464676f6f64840001014501000000026273638285f61a40000000f600"
+    "f68400010145010001000164626f6f6c410163696e74828400070040840000004065666c6f6174a4616b4402"
+    "0000106178810263646563828400187d004084001819004063786f7250003400330033003300330033f8d37f"
+    "3f647465787481626f6e"
+)
+"""The payload of VALID plus a point `b.cc.d` of one raw float (0.1 + 0.2), as an agent of
+contract 1.15 sealed it (`types` runs, `k` in `float`, name parts name after name): made with
+main's columnar.py at f1093ad."""
+
+
+def test_a_batch_of_the_earlier_layout_still_opens() -> None:
+    """A buffer sealed before 1.16 drains through an upgraded consumer: nothing is lost."""
+    readings = [*VALID, Reading("plc", "b.cc.d", 30, 0.1 + 0.2, Quality.GOOD)]
+    assert_round_trip(readings, OPENER.open(sign(EARLIER_LAYOUT)).readings, 1)
+    body = cbor2.loads(EARLIER_LAYOUT)
+    body["float"]["k"] = b"\x02\x00\x00"
+    with pytest.raises(EnvelopeError, match="format 2: float k does not hold 4 bytes"):
+        OPENER.open(sign(cbor2.dumps(body)))
+
+
 @settings(max_examples=400, deadline=None)
 @given(data=st.binary(max_size=400))
 def test_random_signed_bytes_are_refused_cleanly(data: bytes) -> None:

@@ -850,6 +850,9 @@ _KEYS = (
     "seq", "n", "np", "src", "ps", "tok", "pn", "pi", "idx", "t0", "nt", "ts", "ti", "pk", "tx",
     "q", "sc", "bool", "int", "float", "text",
 )  # fmt: skip
+_KEYS_1_5 = (*_KEYS[:13], "types", *_KEYS[15:])
+"""The keys of the layout of contract 1.5-1.15 (§4.9, "Earlier layout"), still read: a buffer
+sealed by an older agent drains through an upgraded consumer."""
 
 
 @dataclass(frozen=True)
@@ -909,7 +912,8 @@ def decode_columns(body: Mapping[Any, Any]) -> Columns:
 
 
 def _decode(body: Mapping[Any, Any]) -> Columns:
-    missing = [key for key in _KEYS if key not in body]
+    earlier = "types" in body and "pk" not in body
+    missing = [key for key in (_KEYS_1_5 if earlier else _KEYS) if key not in body]
     if missing:
         raise EnvelopeError(f"format 2: payload lacks {', '.join(missing)}")
     length, first = body["n"], body["seq"]
@@ -917,14 +921,17 @@ def _decode(body: Mapping[Any, Any]) -> Columns:
         raise EnvelopeError(f"format 2: reading count {length!r} is not 0..{MAX_READINGS}")
     if type(first) is not int:
         raise EnvelopeError(f"format 2: first seq {first!r} is not an integer")
-    points = _decode_points(body, length)
+    points = _decode_points(body, length, by_layer=not earlier)
     idx = list(accumulate(unpack_ints(body["idx"], length, "idx")))
     if length and (min(idx) < 0 or max(idx) >= len(points)):
         raise EnvelopeError(f"format 2: idx refers beyond the {len(points)} points")
     ts = _decode_times(body, length)
     order = sorted(range(length), key=idx.__getitem__)
     owners = sorted(idx)
-    types, places = _decode_types(body, owners, len(points))
+    if earlier:
+        types, places = _decode_types_1_5(body, length, len(points))
+    else:
+        types, places = _decode_types(body, owners, len(points))
     qualities = unpack_runs(body["q"], length, "q", _is_quality)
     codes = unpack_runs(body["sc"], length, "sc", _is_code)
     by_type: list[list[int]] = [[] for _ in range(T_TEXT + 1)]
@@ -944,7 +951,7 @@ def _decode(body: Mapping[Any, Any]) -> Columns:
         repeat(None),
         map(bool, flags),
         unpack_series(body["int"], by_type[T_INT], "int"),
-        _decode_floats(body["float"], by_type[T_FLOAT], places),
+        _decode_floats(body["float"], by_type[T_FLOAT], places, earlier=earlier),
         texts,
     ]
     streams = [iter(column) for column in columns]
@@ -964,7 +971,9 @@ def _decode(body: Mapping[Any, Any]) -> Columns:
     )
 
 
-def _decode_points(body: Mapping[Any, Any], length: int) -> list[tuple[str, str]]:
+def _decode_points(
+    body: Mapping[Any, Any], length: int, *, by_layer: bool
+) -> list[tuple[str, str]]:
     size, sources, tokens = body["np"], body["src"], body["tok"]
     if type(size) is not int or not 0 <= size <= length:
         raise EnvelopeError(f"format 2: np {size!r} is not 0..{length} (one point per reading)")
@@ -983,9 +992,12 @@ def _decode_points(body: Mapping[Any, Any], length: int) -> list[tuple[str, str]
     where = unpack_ints(body["pi"], sum(parts), "pi")
     if where and (min(where) < 0 or max(where) >= len(tokens)):
         raise EnvelopeError(f"format 2: pi refers beyond the {len(tokens)} name parts")
-    words: list[str] = [""] * len(where)
-    for position, word in zip(_layers(parts), map(tokens.__getitem__, where), strict=True):
-        words[position] = word
+    words: list[str] = list(map(tokens.__getitem__, where))
+    if by_layer:
+        ordered = words
+        words = [""] * len(where)
+        for position, word in zip(_layers(parts), ordered, strict=True):
+            words[position] = word
     ends = list(accumulate(parts))
     names = [".".join(words[end - count : end]) for count, end in zip(parts, ends, strict=True)]
     return list(zip(map(sources.__getitem__, owner), names, strict=True))
@@ -1030,7 +1042,31 @@ def _decode_types(
     return bytes(types), places
 
 
-def _decode_floats(column: object, owners: list[int], places: bytes) -> list[float]:
+def _decode_types_1_5(
+    body: Mapping[Any, Any], length: int, point_count: int
+) -> tuple[bytes, bytes]:
+    """`_decode_types` for the layout of 1.5-1.15: `types` runs and the places in `float.k`."""
+    types = bytes(unpack_runs(body["types"], length, "types", _is_type))
+    column = body["float"]
+    if not isinstance(column, dict) or set(column) != {"k", "x", "dec", "xor"}:
+        raise EnvelopeError("format 2: float is not a map of k, x, dec and xor")
+    places = column["k"]
+    if not isinstance(places, bytes) or len(places) != point_count:
+        raise EnvelopeError(f"format 2: float k does not hold {point_count} bytes")
+    if places and max(places) > RAW:
+        raise EnvelopeError(f"format 2: float k is above {RAW}")
+    return types, places
+
+
+def _is_type(value: object) -> bool:
+    return type(value) is int and T_NULL <= value <= T_TEXT
+
+
+def _decode_floats(
+    column: object, owners: list[int], places: bytes, *, earlier: bool = False
+) -> list[float]:
+    if earlier and isinstance(column, dict):  # 1.5-1.15: `k` checked by _decode_types_1_5
+        column = {key: value for key, value in column.items() if key != "k"}
     if not isinstance(column, dict) or set(column) != {"x", "dec", "xor"}:
         raise EnvelopeError("format 2: float is not a map of x, dec and xor")
     raw = bytearray(map(bytes(k == RAW for k in places).__getitem__, owners))
