@@ -171,6 +171,25 @@ def test_integer_columns_pick_the_narrow_packings() -> None:
     assert columnar.pack_bits([0, 40]) == columnar.pack_ints([0, 40])
 
 
+def test_the_encoder_keeps_only_shapes_that_come_back_and_within_its_bound() -> None:
+    """A batch shape is kept on its second sight, and the shapes kept stay within
+    _CACHED_READINGS readings (about 250 bytes each): a lean gateway's memory is bounded."""
+    encoder = columnar.ColumnEncoder()
+    size = columnar._CACHED_READINGS // 3
+    shapes = [
+        [Reading("s", f"p{i}", 1, float(i), Quality.GOOD) for i in range(start, start + size)]
+        for start in range(0, 5 * size, size)
+    ]
+    first = encoder.encode(shapes[0], 1)
+    assert encoder._cached == 0  # seen once: not kept
+    assert encoder.encode(shapes[0], 1) == first
+    assert encoder._cached == size
+    for readings in shapes[1:] * 2:
+        encoder.encode(readings, 1)
+        assert encoder._cached <= columnar._CACHED_READINGS
+    assert len(encoder._shapes) == 3
+
+
 def test_the_readings_of_format_2_equal_those_of_format_1() -> None:
     """A consumer sees the same readings whichever format the gateway uses."""
     readings = [
@@ -398,6 +417,12 @@ def test_valid_payloads_with_a_field_replaced_are_refused_cleanly(
         target = target[step]
     target[path[-1]] = replacement
     refused_or_read(sign(cbor2.dumps(body)))
+
+
+def test_an_evicted_range_of_infinity_is_refused() -> None:
+    """Found by the field-replacement fuzz: int(inf) raised OverflowError out of open()."""
+    with pytest.raises(EnvelopeError, match="malformed batch: OverflowError"):
+        OPENER.open(sign(cbor2.dumps({**VALID_BODY, "evicted": [[False, math.inf]]})))
 
 
 @pytest.mark.parametrize(

@@ -10,26 +10,30 @@ code it was sealed with. The payload map is then zstd-compressed and signed as f
 The layout, in short (§4.9 has every field):
 
 - The points of the batch form a dictionary: source names, and point names split at `.` into
-  parts kept once each. `idx` gives each reading's point.
-- Readings are *grouped* by point (a stable sort by `idx`): the value, type, quality and status
-  columns are in that order, so one point's values are adjacent. A consumer recomputes the same
-  order from `idx`.
+  parts kept once each (listed by layer: every first part, then every second part...). `idx`
+  gives each reading's point; `pk` each point's type and decimal places.
+- Readings are *grouped* by point (a stable sort by `idx`): the value columns are in that
+  order, so one point's values are adjacent. A consumer recomputes the same order from `idx`.
 - Timestamps: the batch's distinct timestamps, sorted, as differences; each reading's position
   among them (a poll shares one).
-- Types, qualities and status codes: run-length encoded.
+- Types: per point (`pk`), and per reading only for a point whose type changes in the batch
+  (`tx`). Qualities and status codes: run-length encoded.
 - Values by type: booleans one byte each; integers as each point's first value and then the
   differences between successive values of the point; floats likewise as decimals (an integer
   `m` and the point's decimal places `k`: the value is the double nearest to m / 10^k), and
   every float that is not such a decimal (noise, NaN, -0.0, beyond 2^53) as its 8 bytes XOR the
   point's previous such float; text as a CBOR array.
 - Integer columns are packed with a frame of reference (the minimum, then each value minus it
-  as an unsigned little-endian integer of 1, 2, 4 or 8 bytes) and byte-shuffled (all first
-  bytes, then all second bytes...), which lets zstd find the runs; a column whose range does
-  not fit 8 bytes is a CBOR array instead.
+  as an unsigned little-endian integer of 1, 2, 4 or 8 bytes) or zigzag (differences around
+  0) and byte-shuffled (all first bytes, then all second bytes...), which lets zstd find the
+  runs; `ti` in 1, 2 or 4 bits a value; a column whose range does not fit 8 bytes is a CBOR
+  array instead.
 
 Only the standard library (struct, array, itertools, operator) and cbor2 are used. The work per
-reading is done by C loops (`map`, `zip`, `sorted`, `struct.pack`), not by Python statements per
-reading: that is what makes sealing cheaper than format 1's map per reading (docs/performance.md).
+reading is done by C loops (`map`, `zip`, `itemgetter`, `struct`, `array`, big-integer shifts
+and XOR, `bytes.translate`), not by Python statements per reading, and what depends only on a
+batch's list of points is kept between batches (`ColumnEncoder`): that is what makes sealing
+cheaper than format 1's map per reading (docs/performance.md, "Bytes on the wire").
 """
 
 from __future__ import annotations
@@ -94,8 +98,11 @@ _CODE = {1: "B", 2: "H", 4: "I", 8: "Q"}
 _UNKNOWN = 255
 _CACHE_LIMIT = 100_000
 """Points whose decimal places (or name parts) an encoder remembers; cleared past this."""
-_SHAPES = 16
-"""Batch shapes an encoder keeps: one per distinct list of points in a batch."""
+_CACHED_READINGS = 20_000
+"""Batch shapes an encoder keeps, in readings (one per distinct list of points in a batch that
+comes back; about 250 bytes a reading: 5 MB at most)."""
+_SEEN = 64
+"""Shapes an encoder remembers having seen once (by hash), to keep those that come back."""
 _PLANS = 8
 """Plans a shape keeps: one per sequence of value types (a point that is null when it fails)."""
 T_MIXED = 7
@@ -566,6 +573,10 @@ class ColumnEncoder:
         self._shapes: dict[tuple[tuple[str, ...], tuple[str, ...]], _Shape] = {}
         """Recent shapes by their points' sources and names (tuples of text: cheap to hash,
         and not traversed by the garbage collector)."""
+        self._cached = 0
+        """Readings of the shapes kept."""
+        self._seen: dict[int, None] = {}
+        """Hashes of the shapes seen once, oldest first."""
         self._parts: dict[str, tuple[str, ...]] = {}
         """Each point name split at `.`."""
 
@@ -617,12 +628,29 @@ class ColumnEncoder:
         return columns
 
     def _shape(self, src: tuple[str, ...], pt: tuple[str, ...]) -> _Shape:
+        """The shape of a batch of these sources and points: kept if it was seen before.
+
+        A shape costs about 250 bytes a reading kept, so only a shape that comes back is kept
+        (batches cut at varying places of the polls never do), and at most _CACHED_READINGS
+        readings' worth of shapes, the oldest dropped first."""
         key = (src, pt)
         shape = self._shapes.get(key)
-        if shape is None:
-            if len(self._shapes) >= _SHAPES:  # the oldest goes
-                del self._shapes[next(iter(self._shapes))]
-            shape = self._shapes[key] = _Shape(src, pt, self._dictionary)
+        if shape is not None:
+            return shape
+        shape = _Shape(src, pt, self._dictionary)
+        digest = hash(key)
+        if digest not in self._seen:
+            if len(self._seen) >= _SEEN:
+                self._seen.pop(next(iter(self._seen)))
+            self._seen[digest] = None
+            return shape
+        size = len(src)
+        if size <= _CACHED_READINGS:
+            while self._shapes and self._cached + size > _CACHED_READINGS:
+                dropped = self._shapes.pop(next(iter(self._shapes)))  # the oldest goes
+                self._cached -= len(dropped.order)
+            self._shapes[key] = shape
+            self._cached += size
         return shape
 
     def _plan(self, shape: _Shape, kinds: tuple[type, ...], values: tuple[Any, ...]) -> _Plan:

@@ -513,7 +513,14 @@ class Opener:
             return self._open(message)
         except EnvelopeError:
             raise
-        except (cbor2.CBORError, ValueError, TypeError, KeyError, AttributeError) as exc:
+        except (
+            cbor2.CBORError,
+            ValueError,
+            TypeError,
+            KeyError,
+            AttributeError,
+            OverflowError,
+        ) as exc:  # OverflowError: an evicted range of infinity (int(inf))
             raise EnvelopeError(f"malformed batch: {type(exc).__name__}: {exc}") from None
 
     @property
