@@ -124,6 +124,72 @@ def test_a_point_whose_column_mixes_types_round_trips(series: list[list[Any]], p
     )
 
 
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    points=st.integers(1, 5),
+    polls=st.integers(1, 3),
+    data=st.data(),
+)
+def test_batches_of_one_shape_round_trip_whatever_their_values(
+    points: int, polls: int, data: st.DataObject
+) -> None:
+    """The same polls batch after batch (the encoder then keeps the batch's shape and its
+    split by type): values whose types and decimal places change between batches, raw floats
+    and NaNs included, must still come back exactly."""
+    sealer = Sealer(KEY, payload_format=2)
+    names = [f"EQ{p % 2}.tag{p}" for p in range(points)]
+    first = 1
+    for number in range(1, data.draw(st.integers(2, 5)) + 1):
+        kind = data.draw(st.sampled_from(["floats", "decimals", "any"]))
+        decimal = st.integers(-(10**6), 10**6).map(lambda m: m / 100)
+        strategy = {"floats": any_float, "any": values, "decimals": decimal}[kind]
+        drawn = data.draw(st.lists(strategy, min_size=points * polls, max_size=points * polls))
+        readings = [
+            Reading("plc", names[i % points], 1_000 * (i // points), v, Quality.GOOD)
+            for i, v in enumerate(drawn)
+        ]
+        batch = OPENER.open(seal(sealer, readings, first_seq=first, batch=number))
+        assert_round_trip(readings, batch.readings, first)
+        first += len(readings)
+
+
+@settings(max_examples=500, deadline=None)
+@given(column=st.lists(st.integers(-(2**70), 2**70) | st.integers(-300, 300)
+                       | st.integers(-3, 12), max_size=40))  # fmt: skip
+def test_integer_columns_round_trip(column: list[int]) -> None:
+    """Frame of reference, zigzag, bits and the CBOR array: whichever packing is chosen."""
+    for packed in (columnar.pack_ints(column), columnar.pack_bits(column)):
+        assert columnar.unpack_ints(packed, len(column), "c") == column
+
+
+def test_integer_columns_pick_the_narrow_packings() -> None:
+    assert columnar.pack_ints([-1, 0, 1, -2]) == [2, 1, b"\x01\x00\x02\x03"]  # zigzag
+    assert columnar.pack_ints([-1000, 0, 1000]) == [2, 2, b"\xcf\x00\xd0\x07\x00\x07"]
+    assert columnar.pack_ints([5, 6, 300]) == [0, 5, 2, b"\x00\x01\x27\x00\x00\x01"]
+    assert columnar.pack_bits([-3, 3, 0, 1]) == [3, -3, 4, b"\x60\x43"]
+    assert columnar.pack_bits([1, 0, 1]) == [3, 0, 1, b"\x05"]
+    assert columnar.pack_bits([0, 40]) == columnar.pack_ints([0, 40])
+
+
+def test_the_encoder_keeps_only_shapes_that_come_back_and_within_its_bound() -> None:
+    """A batch shape is kept on its second sight, and the shapes kept stay within
+    _CACHED_READINGS readings (about 250 bytes each): a lean gateway's memory is bounded."""
+    encoder = columnar.ColumnEncoder()
+    size = columnar._CACHED_READINGS // 3
+    shapes = [
+        [Reading("s", f"p{i}", 1, float(i), Quality.GOOD) for i in range(start, start + size)]
+        for start in range(0, 5 * size, size)
+    ]
+    first = encoder.encode(shapes[0], 1)
+    assert encoder._cached == 0  # seen once: not kept
+    assert encoder.encode(shapes[0], 1) == first
+    assert encoder._cached == size
+    for readings in shapes[1:] * 2:
+        encoder.encode(readings, 1)
+        assert encoder._cached <= columnar._CACHED_READINGS
+    assert len(encoder._shapes) == 3
+
+
 def test_the_readings_of_format_2_equal_those_of_format_1() -> None:
     """A consumer sees the same readings whichever format the gateway uses."""
     readings = [
@@ -272,6 +338,32 @@ def test_the_valid_body_opens() -> None:
     assert_round_trip(VALID, OPENER.open(sign(cbor2.dumps(VALID_BODY))).readings, 1)
 
 
+EARLIER_LAYOUT = bytes.fromhex(
+    "b81a61760267676174657761796267776565706f636862657065626174636801667365616c65640767657669"
+    "63746564806373657101616e08626e7004637372638263706c6362756162707384000001440000010063746f"
+    "6b6c610a620a630a780a63630a6462706e840001014401010002627069840000014800010002030104056369"
+    "6478840021014802030300030300056274300a626e7405627473840001014400080008627469840000014800"
+    "00010100010100657479706573824603020004010384000101460200000000006171828564676f6f6469756e"
+    "6365727461696e64676f6f646362616464676f6f64840001014501000000026273638285f61a40000000f600"
+    "f68400010145010001000164626f6f6c410163696e74828400070040840000004065666c6f6174a4616b4402"
+    "0000106178810263646563828400187d004084001819004063786f7250003400330033003300330033f8d37f"
+    "3f647465787481626f6e"
+)
+"""The payload of VALID plus a point `b.cc.d` of one raw float (0.1 + 0.2), as an agent of
+contract 1.17 sealed it (`types` runs, `k` in `float`, name parts name after name): made with
+main's columnar.py at f1093ad."""
+
+
+def test_a_batch_of_the_earlier_layout_still_opens() -> None:
+    """A buffer sealed before 2.0 drains through an upgraded consumer: nothing is lost."""
+    readings = [*VALID, Reading("plc", "b.cc.d", 30, 0.1 + 0.2, Quality.GOOD)]
+    assert_round_trip(readings, OPENER.open(sign(EARLIER_LAYOUT)).readings, 1)
+    body = cbor2.loads(EARLIER_LAYOUT)
+    body["float"]["k"] = b"\x02\x00\x00"
+    with pytest.raises(EnvelopeError, match="format 2: float k does not hold 4 bytes"):
+        OPENER.open(sign(cbor2.dumps(body)))
+
+
 @settings(max_examples=400, deadline=None)
 @given(data=st.binary(max_size=400))
 def test_random_signed_bytes_are_refused_cleanly(data: bytes) -> None:
@@ -327,15 +419,31 @@ def test_valid_payloads_with_a_field_replaced_are_refused_cleanly(
     refused_or_read(sign(cbor2.dumps(body)))
 
 
+def test_an_evicted_range_of_infinity_is_refused() -> None:
+    """Found by the field-replacement fuzz: int(inf) raised OverflowError out of open()."""
+    with pytest.raises(EnvelopeError, match="malformed batch: OverflowError"):
+        OPENER.open(sign(cbor2.dumps({**VALID_BODY, "evicted": [[False, math.inf]]})))
+
+
 @pytest.mark.parametrize(
     ("change", "error"),
     [
         ({"n": 10**9}, "reading count 1000000000 is not 0..100000"),
         ({"idx": [0, 0, 1, b"\x00"]}, "idx has 1 bytes, not 7 x 1"),
-        ({"types": [b"\x05", [0, 7, 0, b""]]}, "types holds an invalid value 5"),
+        ({"pk": b"\xa0\xe0\xe0"}, "pk gives a point an unknown type"),
+        ({"pk": b"\x62\xe0"}, "pk does not hold 3 bytes"),
+        ({"pk": b"\x71\xe0\xe0"}, "pk gives decimal places above 16"),
+        ({"pk": b"\x62\xe0\x81"}, "pk gives decimal places to a point without floats"),
+        ({"tx": b"\x02\x00\x05\x01"}, "tx holds an unknown type"),
+        ({"tx": b"\x02\x00\x04"}, "tx does not hold 4 bytes"),
+        ({"idx": [2, 3, b"\x00" * 7]}, "idx has a malformed zigzag width or data"),
+        ({"idx": [2, 1, b"\x00" * 6]}, "idx has 6 bytes, not 7 x 1"),
+        ({"ti": [3, 0, 4, b"\x00\x00\x00"]}, "ti has 3 bytes, not 7 x 4 bits"),
+        ({"ti": [3, 0, 4, b"\x00\x00\x00\x10"]}, "ti is padded with bits that are not zero"),
+        ({"ti": [3, 0, 3, b"\x00\x00\x00"]}, "ti has a malformed base, bits or data"),
         ({"q": [["fine"], [0, 7, 0, b""]]}, "q holds an invalid value 'fine'"),
         ({"np": 8}, "np 8 is not 0..7"),
-        ({"float": {"k": b"", "x": [], "dec": [], "xor": b""}}, "float k does not hold 3 bytes"),
+        ({"float": {"k": b"", "x": [], "dec": [], "xor": b""}}, "float is not a map of x, dec"),
         ({"int": [[0, 0, 0, b""]]}, "int is not [first values, differences]"),
         ({"idx": [2, [1]]}, "idx has an unknown packing [2]"),
     ],

@@ -10,37 +10,56 @@ code it was sealed with. The payload map is then zstd-compressed and signed as f
 The layout, in short (§4.9 has every field):
 
 - The points of the batch form a dictionary: source names, and point names split at `.` into
-  parts kept once each. `idx` gives each reading's point.
-- Readings are *grouped* by point (a stable sort by `idx`): the value, type, quality and status
-  columns are in that order, so one point's values are adjacent. A consumer recomputes the same
-  order from `idx`.
+  parts kept once each (listed by layer: every first part, then every second part...). `idx`
+  gives each reading's point; `pk` each point's type and decimal places.
+- Readings are *grouped* by point (a stable sort by `idx`): the value columns are in that
+  order, so one point's values are adjacent. A consumer recomputes the same order from `idx`.
 - Timestamps: the batch's distinct timestamps, sorted, as differences; each reading's position
   among them (a poll shares one).
-- Types, qualities and status codes: run-length encoded.
+- Types: per point (`pk`), and per reading only for a point whose type changes in the batch
+  (`tx`). Qualities and status codes: run-length encoded.
 - Values by type: booleans one byte each; integers as each point's first value and then the
   differences between successive values of the point; floats likewise as decimals (an integer
   `m` and the point's decimal places `k`: the value is the double nearest to m / 10^k), and
   every float that is not such a decimal (noise, NaN, -0.0, beyond 2^53) as its 8 bytes XOR the
   point's previous such float; text as a CBOR array.
 - Integer columns are packed with a frame of reference (the minimum, then each value minus it
-  as an unsigned little-endian integer of 1, 2, 4 or 8 bytes) and byte-shuffled (all first
-  bytes, then all second bytes...), which lets zstd find the runs; a column whose range does
-  not fit 8 bytes is a CBOR array instead.
+  as an unsigned little-endian integer of 1, 2, 4 or 8 bytes) or zigzag (differences around
+  0) and byte-shuffled (all first bytes, then all second bytes...), which lets zstd find the
+  runs; `ti` in 1, 2 or 4 bits a value; a column whose range does not fit 8 bytes is a CBOR
+  array instead.
 
 Only the standard library (struct, array, itertools, operator) and cbor2 are used. The work per
-reading is done by C loops (`map`, `zip`, `sorted`, `struct.pack`), not by Python statements per
-reading: that is what makes sealing cheaper than format 1's map per reading (docs/performance.md).
+reading is done by C loops (`map`, `zip`, `itemgetter`, `struct`, `array`, big-integer shifts
+and XOR, `bytes.translate`), not by Python statements per reading, and what depends only on a
+batch's list of points is kept between batches (`ColumnEncoder`): that is what makes sealing
+cheaper than format 1's map per reading (docs/performance.md, "Bytes on the wire").
 """
 
 from __future__ import annotations
 
 import math
 import struct
+import sys
 from array import array
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from itertools import accumulate, chain, compress, count, pairwise, repeat
-from operator import add, eq, itemgetter, mul, ne, not_, sub, truediv, xor
+from operator import (
+    add,
+    and_,
+    eq,
+    itemgetter,
+    mul,
+    ne,
+    neg,
+    not_,
+    or_,
+    rshift,
+    sub,
+    truediv,
+    xor,
+)  # fmt: skip
 from typing import Any, cast
 
 from edge_agent.errors import EnvelopeError
@@ -71,6 +90,7 @@ QUALITY_TEXT: Mapping[Any, str] = {q: q.value for q in Quality} | {
 }
 """Wire text of a quality, for the enum members and their text alike."""
 QUALITIES = frozenset(q.value for q in Quality)
+_BIG_ENDIAN = sys.byteorder == "big"
 SCALES = [10.0**k for k in range(MAX_DECIMALS + 1)] + [1.0]
 
 _CODE = {1: "B", 2: "H", 4: "I", 8: "Q"}
@@ -78,20 +98,31 @@ _CODE = {1: "B", 2: "H", 4: "I", 8: "Q"}
 _UNKNOWN = 255
 _CACHE_LIMIT = 100_000
 """Points whose decimal places (or name parts) an encoder remembers; cleared past this."""
-_DICTIONARIES = 16
-"""Points dictionaries an encoder keeps: one per distinct list of points in a batch."""
+_CACHED_READINGS = 20_000
+"""Batch shapes an encoder keeps, in readings (one per distinct list of points in a batch that
+comes back; about 250 bytes a reading: 5 MB at most)."""
+_SEEN = 64
+"""Shapes an encoder remembers having seen once (by hash), to keep those that come back."""
+_PLANS = 8
+"""Plans a shape keeps: one per sequence of value types (a point that is null when it fails)."""
+T_MIXED = 7
+"""The type in `pk` of a point whose readings in the batch are of more than one type."""
 
 
 # --------------------------------------------------------------------------- integer columns
 
 
 def pack_ints(values: Sequence[int]) -> list[Any]:
-    """A column of integers as `[0, base, width, bytes]` (frame of reference), or `[1, values]`.
+    """A column of integers as `[0, base, width, bytes]` (frame of reference), `[2, width,
+    bytes]` (zigzag) or `[1, values]`.
 
-    `bytes` holds `value - base` for each value, `width` (0, 1, 2, 4 or 8) bytes each, unsigned,
-    little-endian, byte-shuffled: the first byte of every value, then the second... Width 0 means
-    every value equals `base`. A column whose range needs more than 8 bytes is a CBOR array.
-    The reader knows the length from elsewhere.
+    Frame of reference: `bytes` holds `value - base` for each value, `width` (0, 1, 2, 4 or 8)
+    bytes each, unsigned, little-endian, byte-shuffled: the first byte of every value, then the
+    second... Width 0 means every value equals `base`. Zigzag, for a column with negative values
+    that it packs as narrow (differences around 0): each value as `2v` (v >= 0) or `-2v - 1`
+    (v < 0), packed the same way (width 1, 2, 4 or 8), so that small differences of either sign
+    stay small. A column whose range needs more than 8 bytes is a CBOR array. The reader knows
+    the length from elsewhere.
     """
     if not values:
         return [0, 0, 0, b""]
@@ -101,12 +132,107 @@ def pack_ints(values: Sequence[int]) -> list[Any]:
         return [0, low, 0, b""]
     if span >= 2**64:
         return [1, list(values)]
-    width = 1 if span < 0x100 else 2 if span < 0x10000 else 4 if span < 2**32 else 8
+    width = _width(span)
+    if low < 0:
+        zigzag = max(2 * high, -2 * low - 1)
+        if zigzag < 2**64 and _width(zigzag) <= width:
+            width = _width(zigzag)
+            return [2, width, _shuffle(_zigzag(values, width), width)]
     shifted = values if low == 0 else map(sub, values, repeat(low))
-    data = struct.pack(f"<{len(values)}{_CODE[width]}", *shifted)
-    if width > 1:
-        data = b"".join([data[i::width] for i in range(width)])
-    return [0, low, width, data]
+    return [0, low, width, _shuffle(struct.pack(f"<{len(values)}{_CODE[width]}", *shifted), width)]
+
+
+def pack_bits(values: Sequence[int]) -> list[Any]:
+    """`pack_ints`, or for a column whose span is under 16, `[3, base, bits, bytes]`: each
+    value minus `base` in `bits` (1, 2 or 4) bits, 8 / bits values a byte, the first in the low
+    bits, the last byte padded with zero bits. For columns of a few random small values (`ti`),
+    where zstd's byte-wise coding leaves most of each byte unused."""
+    if not values:
+        return pack_ints(values)
+    low = min(values)
+    span = max(values) - low
+    if not 0 < span < 16:
+        return pack_ints(values)
+    data = bytes(map(sub, values, repeat(low))) if low else bytes(values)
+    bits = 1 if span < 2 else 2 if span < 4 else 4
+    per = 8 // bits
+    data += bytes(-len(data) % per)
+    whole = 0
+    for i in range(per):
+        whole |= int.from_bytes(data[i::per].translate(_SHIFTED[bits * i]), "little")
+    return [3, low, bits, whole.to_bytes(len(data) // per, "little")]
+
+
+_SHIFTED = [bytes((b << shift) & 0xFF for b in range(256)) for shift in range(8)]
+_FIELD = {
+    bits: [
+        bytes((b >> (bits * i)) & ((1 << bits) - 1) for b in range(256)) for i in range(8 // bits)
+    ]
+    for bits in (1, 2, 4)
+}
+"""For each width in bits, the tables giving the i-th field of a byte (`unpack_ints`)."""
+
+
+def _unpack_bits(column: list[Any], length: int, name: str) -> list[int]:
+    _, base, bits, data = column
+    if type(base) is not int or bits not in (1, 2, 4) or not isinstance(data, bytes):
+        raise EnvelopeError(f"format 2: {name} has a malformed base, bits or data")
+    per = 8 // bits
+    if len(data) != -(-length // per):
+        raise EnvelopeError(f"format 2: {name} has {len(data)} bytes, not {length} x {bits} bits")
+    fields = bytearray(len(data) * per)
+    for i, table in enumerate(_FIELD[bits]):
+        fields[i::per] = data.translate(table)
+    if fields[length:].count(0) != len(fields) - length:
+        raise EnvelopeError(f"format 2: {name} is padded with bits that are not zero")
+    return list(fields[:length]) if not base else list(map(add, fields[:length], repeat(base)))
+
+
+def _width(span: int) -> int:
+    return 1 if span < 0x100 else 2 if span < 0x10000 else 4 if span < 2**32 else 8
+
+
+_SIGNED = {1: "b", 2: "h", 4: "i", 8: "q"}
+"""array codes of signed integers of 1, 2, 4 and 8 bytes."""
+assert all(array(code).itemsize == width for width, code in _SIGNED.items())
+_ZIGZAG_BYTE = bytes(2 * b if b < 128 else 511 - 2 * b for b in range(256))
+"""A two's complement byte (v in -128..127) to its zigzag byte."""
+
+
+def _zigzag(values: Sequence[int], width: int) -> bytes:
+    """Each value as its zigzag (`2v`, or `-2v - 1` for v < 0) in `width` bytes, little-endian.
+
+    In C loops: the values as two's complement (an array), then every lane of the column at
+    once as one big integer: shifted left by one bit within its lane, XOR its sign spread over
+    the lane. The values must fit (`-2^(8 width - 1) <= v < 2^(8 width - 1)`).
+    """
+    column = array(_SIGNED[width], values)
+    if _BIG_ENDIAN:
+        column.byteswap()
+    data = column.tobytes()
+    if width == 1:
+        return data.translate(_ZIGZAG_BYTE)
+    bits = 8 * width
+    whole = int.from_bytes(data, "little")
+    low = int.from_bytes((b"\xfe" + b"\xff" * (width - 1)) * len(values), "little")
+    ones = int.from_bytes((b"\x01" + b"\x00" * (width - 1)) * len(values), "little")
+    sign = (whole >> (bits - 1)) & ones
+    folded = ((whole << 1) & low) ^ (sign * ((1 << bits) - 1))
+    return folded.to_bytes(len(data), "little")
+
+
+def _shuffle(data: bytes, width: int) -> bytes:
+    """`data`, values of `width` bytes, byte-shuffled: all first bytes, all second bytes..."""
+    return data if width == 1 else b"".join([data[i::width] for i in range(width)])
+
+
+def _unshuffle(data: bytes, width: int, length: int) -> bytes:
+    if width == 1:
+        return data
+    planes = bytearray(len(data))
+    for i in range(width):
+        planes[i::width] = data[i * length : (i + 1) * length]
+    return bytes(planes)
 
 
 def unpack_ints(column: object, length: int, name: str) -> list[int]:
@@ -121,6 +247,19 @@ def unpack_ints(column: object, length: int, name: str) -> list[int]:
         if not all(type(v) is int for v in values):
             raise EnvelopeError(f"format 2: {name} holds a value that is not an integer")
         return values
+    if method == 2 and len(column) == 3:
+        _, width, data = column
+        if width not in (1, 2, 4, 8) or not isinstance(data, bytes):
+            raise EnvelopeError(f"format 2: {name} has a malformed zigzag width or data")
+        if len(data) != length * width:
+            raise EnvelopeError(f"format 2: {name} has {len(data)} bytes, not {length} x {width}")
+        if not length:
+            return []
+        folded = struct.unpack(f"<{length}{_CODE[width]}", _unshuffle(data, width, length))
+        return list(map(xor, map(rshift, folded, repeat(1)), map(neg, map(and_, folded,
+                                                                          repeat(1)))))  # fmt: skip
+    if method == 3 and len(column) == 4:
+        return _unpack_bits(column, length, name)
     if method != 0 or len(column) != 4:
         raise EnvelopeError(f"format 2: {name} has an unknown packing {column[:1]!r}")
     _, base, width, data = column
@@ -130,12 +269,7 @@ def unpack_ints(column: object, length: int, name: str) -> list[int]:
         raise EnvelopeError(f"format 2: {name} has {len(data)} bytes, not {length} x {width}")
     if width == 0:
         return [base] * length
-    if width > 1:
-        planes = bytearray(len(data))
-        for i in range(width):
-            planes[i::width] = data[i * length : (i + 1) * length]
-        data = bytes(planes)
-    unpacked = struct.unpack(f"<{length}{_CODE[width]}", data)
+    unpacked = struct.unpack(f"<{length}{_CODE[width]}", _unshuffle(data, width, length))
     return list(unpacked) if base == 0 else list(map(add, unpacked, repeat(base)))
 
 
@@ -151,12 +285,7 @@ def pack_series(values: Sequence[int], owners: Sequence[int]) -> list[Any]:
     each point's first value; the second, for every other value, its difference from the
     point's previous value.
     """
-    if not values:
-        return [pack_ints(()), pack_ints(())]
-    new = _new_point(owners)
-    diffs = list(compress(map(sub, values[1:], values[:-1]), map(not_, new)))
-    firsts = [values[0], *compress(values[1:], new)]
-    return [pack_ints(firsts), pack_ints(diffs)]
+    return _Series(owners).pack(values)
 
 
 def unpack_series(column: object, owners: Sequence[int], name: str) -> list[int]:
@@ -261,19 +390,35 @@ def _as_decimals(floats: list[float], scales: list[float]) -> tuple[list[int], b
     return ints, bytes(map(ne, _float_bits(back), _float_bits(exact)))
 
 
-def pack_xor(values: list[float], owners: Sequence[int]) -> bytes:
+def pack_xor(values: Sequence[float], owners: Sequence[int]) -> bytes:
     """Floats as their 8 bytes XOR the previous float of the same point, byte-shuffled.
 
     The bytes are those of the IEEE 754 double, little-endian; a point's first float is XOR 0.
     """
+    return _xor(values, _xor_mask(owners))
+
+
+def _xor_mask(owners: Sequence[int]) -> int:
+    """For `_xor`: 64 one bits at each element that continues its point (0 at point starts)."""
+    lanes = bytes(map(eq, owners[1:], owners[:-1]))  # element i+1 continues element i's point
+    if not lanes.count(1):
+        return 0
+    return int.from_bytes(b"\x00" * 8 + lanes.replace(b"\x01", b"\xff" * 8).replace(
+        b"\x00", b"\x00" * 8), "little")  # fmt: skip
+
+
+def _xor(values: Sequence[float], mask: int) -> bytes:
+    """`pack_xor` of `values` given `_xor_mask` of their points: the whole column at once, as
+    one big integer XOR itself shifted by one element (masked at each point's start)."""
     if not values:
         return b""
-    size = len(values)
-    bits = struct.unpack(f"<{size}Q", struct.pack(f"<{size}d", *values))
-    xored = [bits[0], *map(xor, bits[1:], bits[:-1])]
-    for i in compress(count(1), _new_point(owners)):
-        xored[i] = bits[i]
-    data = struct.pack(f"<{size}Q", *xored)
+    column = array("d", values)
+    if _BIG_ENDIAN:
+        column.byteswap()
+    data = column.tobytes()
+    if mask:
+        whole = int.from_bytes(data, "little")
+        data = (whole ^ ((whole << 64) & mask)).to_bytes(len(data), "little")
     return b"".join([data[i::8] for i in range(8)])
 
 
@@ -297,6 +442,114 @@ def unpack_xor(data: object, owners: Sequence[int], name: str) -> list[float]:
 # --------------------------------------------------------------------------- encoder
 
 
+class _Series:
+    """What a series column (`pack_series`) needs of its elements' points, found once: where
+    each point starts, and which elements have a difference."""
+
+    __slots__ = ("firsts", "keep", "single")
+
+    def __init__(self, owners: Sequence[int]) -> None:
+        new = _new_point(owners)
+        self.single = all(new)
+        """Every element starts a point: the column is all first values."""
+        self.keep = list(map(not_, new))
+        self.firsts = _getter([0, *compress(count(1), new)] if owners else [])
+
+    def pack(self, values: Sequence[int]) -> list[Any]:
+        if self.single:
+            return [pack_ints(values), pack_ints(())]
+        diffs = list(compress(map(sub, values[1:], values[:-1]), self.keep))
+        return [pack_ints(self.firsts(values)), pack_ints(diffs)]
+
+
+def _getter(positions: Sequence[int]) -> Callable[[Sequence[Any]], Sequence[Any]]:
+    """A function giving the elements of a sequence at `positions`, as a tuple (a C loop)."""
+    if len(positions) > 1:
+        return itemgetter(*positions)
+    if positions:
+        position = positions[0]
+        return lambda sequence: (sequence[position],)
+    return lambda sequence: ()
+
+
+class _Floats:
+    """How a batch shape's floats are encoded for given decimal places of its points."""
+
+    __slots__ = ("dec", "mask", "pk", "places", "raw", "scales", "series")
+
+    def __init__(self, places: list[int], pk_types: bytes, owners: list[int]) -> None:
+        self.places = places
+        self.pk = bytes(map(or_, pk_types, places))
+        flags = bytes(map(places.__getitem__, owners))  # each float's places
+        raw = list(map(eq, flags, repeat(RAW)))
+        decimal = list(map(not_, raw))
+        self.dec = _getter(list(compress(count(), decimal)))
+        self.raw = _getter(list(compress(count(), raw)))
+        self.scales = list(map(SCALES.__getitem__, compress(flags, decimal)))
+        self.series = _Series(list(compress(owners, decimal)))
+        self.mask = _xor_mask(list(compress(owners, raw)))
+
+
+class _Plan:
+    """How a batch shape's values are split by type, for one sequence of value types."""
+
+    __slots__ = (
+        "bools",
+        "convert",
+        "encoded",
+        "floats",
+        "ints",
+        "owners",
+        "pk_types",
+        "texts",
+        "tx",
+        "version",
+    )  # fmt: skip
+
+    def __init__(self, shape: _Shape, kinds: tuple[type, ...]) -> None:
+        order, owners = shape.order, shape.owners
+        codes = bytes(map(TYPE_CODE.__getitem__, map(kinds.__getitem__, order)))  # grouped
+        pairs = dict(zip(owners, codes, strict=True))  # each point's last type
+        point_types = list(map(pairs.__getitem__, range(len(shape.points))))
+        mixed = bytes(map(ne, codes, map(point_types.__getitem__, owners)))
+        if mixed.count(1):
+            for p in set(compress(owners, mixed)):
+                point_types[p] = T_MIXED
+        self.tx = bytes(compress(codes, map(eq, map(point_types.__getitem__, owners),
+                                            repeat(T_MIXED))))  # fmt: skip
+        self.pk_types = bytes(t << 5 for t in point_types)
+        by_code = {c: list(map(eq, codes, repeat(c))) for c in set(codes)}
+        get = {c: _getter(list(compress(order, where))) for c, where in by_code.items()}
+        self.bools, self.texts, self.floats = get.get(T_BOOL), get.get(T_TEXT), get.get(T_FLOAT)
+        ints = by_code.get(T_INT)
+        self.ints = (get[T_INT], _Series(list(compress(owners, ints)))) if ints else None
+        floats = by_code.get(T_FLOAT)
+        self.owners = list(compress(owners, floats)) if floats else []
+        """The point of each float, in grouped order."""
+        self.convert = False
+        """The values must be made plain (an IntEnum as an int) before they are encoded."""
+        self.version = -1
+        self.encoded: _Floats | None = None
+
+
+class _Shape:
+    """What a batch's list of (source, point) determines: its points, their dictionary and
+    `idx` (the head of the payload), the grouped order, and the plans of its value types."""
+
+    __slots__ = ("head", "order", "owners", "plans", "points")
+
+    def __init__(self, src: tuple[str, ...], pt: tuple[str, ...], head: Callable[..., Any]) -> None:
+        first: dict[tuple[str, str], int] = {}  # point -> position of its first reading
+        where = list(map(first.setdefault, zip(src, pt, strict=True), count()))
+        number = {position: i for i, position in enumerate(first.values())}
+        idx = list(map(number.__getitem__, where))
+        self.points = list(first)
+        self.order = sorted(range(len(idx)), key=idx.__getitem__)
+        self.owners = sorted(idx)
+        self.head = {**head(self.points), "idx": pack_ints(list(map(sub, idx, [0, *idx[:-1]])))}
+        self.plans: dict[tuple[type, ...], _Plan] = {}
+
+
 class ColumnEncoder:
     """Encodes readings as format-2 columns (the fields of §4.9 after `v` ... `evicted`).
 
@@ -304,16 +557,26 @@ class ColumnEncoder:
     resolution), as the most any of its values needed, up to MAX_DECIMALS; a point whose values
     are not short decimals is remembered as RAW. Each batch carries the places it used, so it
     decodes on its own; a value that needs more is sent raw and teaches the encoder for the next
-    batch. It also keeps the points dictionaries of recent batches (the same polls make the same
-    lists of points: a gateway whose polls fill whole batches reuses them every poll) and each
-    point name's parts: building a dictionary was half the cost of sealing (docs/performance.md).
+    batch.
+
+    The work per reading is done in C loops (`map`, `itemgetter`, `struct`, big-integer XOR).
+    What depends only on a batch's list of points (its *shape*: the dictionary, `idx`, the
+    grouped order) and on the types of its values (the split by type) is kept for the recent
+    shapes: the same polls make the same lists of points, so a gateway whose polls fill whole
+    batches encodes only its values, timestamps and qualities once warm (docs/performance.md).
     """
 
     def __init__(self) -> None:
         self._places: dict[tuple[str, str], int] = {}
-        self._dictionaries: dict[tuple[tuple[str, ...], tuple[str, ...]], dict[str, Any]] = {}
-        """Recent dictionaries by their points' sources and names (tuples of text: cheap to
-        hash, and not traversed by the garbage collector)."""
+        self._version = 0
+        """Changes whenever `_places` does: the float plans made before are then remade."""
+        self._shapes: dict[tuple[tuple[str, ...], tuple[str, ...]], _Shape] = {}
+        """Recent shapes by their points' sources and names (tuples of text: cheap to hash,
+        and not traversed by the garbage collector)."""
+        self._cached = 0
+        """Readings of the shapes kept."""
+        self._seen: dict[int, None] = {}
+        """Hashes of the shapes seen once, oldest first."""
         self._parts: dict[str, tuple[str, ...]] = {}
         """Each point name split at `.`."""
 
@@ -329,56 +592,81 @@ class ColumnEncoder:
         if not length:
             return _empty(first_seq)
         src, pt, ts, values, qualities, codes = zip(*readings, strict=True)
-        first: dict[tuple[str, str], int] = {}  # point -> position of its first reading
-        where = list(map(first.setdefault, zip(src, pt, strict=True), count()))
-        number = {position: i for i, position in enumerate(first.values())}
-        idx = list(map(number.__getitem__, where))
-        order = sorted(range(length), key=idx.__getitem__)
-        owners = sorted(idx)
-        grouped = list(map(values.__getitem__, order))
-        types = list(map(type, grouped))
-        type_values, type_lengths = runs(types)
-        if not all(t in TYPE_CODE for t in type_values):
-            grouped = [_plain(v) for v in grouped]
-            type_values, type_lengths = runs(list(map(type, grouped)))
-        points = list(first)
-        times = sorted(set(ts))
-        columns: dict[str, Any] = {
+        shape = self._shape(src, pt)
+        kinds = tuple(map(type, values))
+        plan = shape.plans.get(kinds)
+        if plan is None:
+            plan = self._plan(shape, kinds, values)
+        if plan.convert:
+            values = tuple(map(_plain, values))
+        t0 = ts[0]
+        if ts.count(t0) == length:  # one poll: one timestamp
+            times, positions = [t0], [0, 0, 0, b""]
+        else:
+            times = sorted(set(ts))
+            where = list(map({t: i for i, t in enumerate(times)}.__getitem__, ts))
+            positions = pack_bits(list(map(sub, where, [0, *where[:-1]])))
+        columns = {
             "seq": first_seq,
             "n": length,
-            **self._points(points, (src, pt) if len(points) == length else None),
-            "idx": pack_ints(list(map(sub, idx, [0, *idx[:-1]]))),
+            **shape.head,
             "t0": times[0],
             "nt": len(times),
             "ts": pack_ints(list(map(sub, times[1:], times[:-1]))),
-            "ti": pack_ints(_positions(times, ts)),
-            "types": pack_runs(bytes(map(TYPE_CODE.__getitem__, type_values)), type_lengths),
+            "ti": positions,
+            "pk": plan.pk_types,
+            "tx": plan.tx,
             "q": _qualities(qualities),
             "sc": pack_runs(*runs(codes)),
-        }  # fmt: skip
-        parts = _by_type(type_values, type_lengths, grouped, owners)
-        booleans = parts.get(bool)
-        columns["bool"] = bytes(booleans[0]) if booleans else b""
-        integers = parts.get(int)
-        columns["int"] = pack_series(*integers) if integers else pack_series((), ())
-        floats = parts.get(float)
-        columns["float"] = self._floats(*floats, points) if floats else _no_floats(len(points))
-        texts = parts.get(str)
-        columns["text"] = texts[0] if texts else []
+            "bool": bytes(plan.bools(values)) if plan.bools else b"",
+            "int": plan.ints[1].pack(plan.ints[0](values)) if plan.ints else _NO_SERIES,
+            "float": _NO_FLOATS,
+            "text": list(plan.texts(values)) if plan.texts else [],
+        }
+        if plan.floats:
+            columns["float"], columns["pk"] = self._floats(plan, plan.floats(values), shape)
         return columns
 
-    def _points(
-        self, points: list[tuple[str, str]], key: tuple[tuple[str, ...], tuple[str, ...]] | None
-    ) -> dict[str, Any]:
-        """The dictionary of `points`; `key`: their sources and names as two tuples, if known."""
-        if key is None:
-            key = (tuple(map(itemgetter(0), points)), tuple(map(itemgetter(1), points)))
-        encoded = self._dictionaries.get(key)
-        if encoded is None:
-            if len(self._dictionaries) >= _DICTIONARIES:  # the oldest goes
-                del self._dictionaries[next(iter(self._dictionaries))]
-            encoded = self._dictionaries[key] = _dictionary(points, self._split(points))
-        return encoded
+    def _shape(self, src: tuple[str, ...], pt: tuple[str, ...]) -> _Shape:
+        """The shape of a batch of these sources and points: kept if it was seen before.
+
+        A shape costs about 250 bytes a reading kept, so only a shape that comes back is kept
+        (batches cut at varying places of the polls never do), and at most _CACHED_READINGS
+        readings' worth of shapes, the oldest dropped first."""
+        key = (src, pt)
+        shape = self._shapes.get(key)
+        if shape is not None:
+            return shape
+        shape = _Shape(src, pt, self._dictionary)
+        digest = hash(key)
+        if digest not in self._seen:
+            if len(self._seen) >= _SEEN:
+                self._seen.pop(next(iter(self._seen)))
+            self._seen[digest] = None
+            return shape
+        size = len(src)
+        if size <= _CACHED_READINGS:
+            while self._shapes and self._cached + size > _CACHED_READINGS:
+                dropped = self._shapes.pop(next(iter(self._shapes)))  # the oldest goes
+                self._cached -= len(dropped.order)
+            self._shapes[key] = shape
+            self._cached += size
+        return shape
+
+    def _plan(self, shape: _Shape, kinds: tuple[type, ...], values: tuple[Any, ...]) -> _Plan:
+        """The plan of `shape` for the value types `kinds` (made, and kept for the shape)."""
+        if len(shape.plans) >= _PLANS:
+            shape.plans.clear()
+        if all(kind in TYPE_CODE for kind in set(kinds)):
+            plan = _Plan(shape, kinds)
+        else:
+            plan = _Plan(shape, tuple(map(type, map(_plain, values))))
+            plan.convert = True
+        shape.plans[kinds] = plan
+        return plan
+
+    def _dictionary(self, points: list[tuple[str, str]]) -> dict[str, Any]:
+        return _dictionary(points, self._split(points))
 
     def _split(self, points: list[tuple[str, str]]) -> list[tuple[str, ...]]:
         """Each point's name split at `.`, from the cache (filled for names not seen yet)."""
@@ -395,57 +683,90 @@ class ColumnEncoder:
         return cast(list[tuple[str, ...]], split)
 
     def _floats(
-        self, floats: list[float], owners: list[int], points: list[tuple[str, str]]
-    ) -> dict[str, Any]:
-        """The `float` column: decimal places per point, exceptions, decimals, raw floats."""
+        self, plan: _Plan, floats: Sequence[float], shape: _Shape
+    ) -> tuple[dict[str, Any], bytes]:
+        """The `float` column and `pk`: the decimals as integers, the rest raw (XOR column).
+
+        The usual case (every float of a decimal point is the decimal its places say) takes
+        the plan's split as it is; otherwise the floats are split one by one (`_exceptions`).
+        """
+        encoded = plan.encoded
+        if encoded is None or plan.version != self._version:
+            encoded = plan.encoded = _Floats(
+                self._places_of(floats, plan.owners, shape.points), plan.pk_types, plan.owners
+            )
+            plan.version = self._version
+        decimal = encoded.dec(floats)
+        if decimal:
+            scales = encoded.scales
+            try:
+                ints = list(map(round, map(mul, decimal, scales)))
+            except (ValueError, OverflowError):  # NaN or infinity
+                return self._exceptions(plan, list(floats), shape, encoded)
+            back = array("d", list(map(truediv, ints, scales)))  # from a list: one allocation
+            if back.tobytes() != array("d", decimal).tobytes():  # bit for bit: -0.0 is not 0.0
+                return self._exceptions(plan, list(floats), shape, encoded)
+            dec = encoded.series.pack(ints)
+        else:
+            dec = _NO_SERIES
+        return {"x": [], "dec": dec, "xor": _xor(encoded.raw(floats), encoded.mask)}, encoded.pk
+
+    def _places_of(
+        self, floats: Sequence[float], owners: list[int], points: list[tuple[str, str]]
+    ) -> list[int]:
+        """The decimal places of each point (0 for a point without floats), learnt from its
+        first float for a point not seen before."""
         known = self._places
-        places = list(map(known.get, points, repeat(_UNKNOWN)))
-        if _UNKNOWN in places:  # points not seen before: their first float tells
-            if len(known) >= _CACHE_LIMIT:
-                known.clear()
-            for start in (0, *compress(count(1), _new_point(owners))):
-                p = owners[start]
-                if places[p] == _UNKNOWN:
-                    places[p] = known[points[p]] = decimals(floats[start])
-            places = [0 if k == _UNKNOWN else k for k in places]
-        flags = bytes(map(places.__getitem__, owners))  # each float's places
-        raw_floats: list[float] = []
-        raw_owners: list[int] = []
-        if RAW in flags:  # floats of raw points go to the XOR column as they are
-            raw = list(map(eq, flags, repeat(RAW)))
-            raw_floats, raw_owners = list(compress(floats, raw)), list(compress(owners, raw))
-            kept = list(map(not_, raw))
-            floats, owners = list(compress(floats, kept)), list(compress(owners, kept))
-            flags = bytes(compress(flags, kept))
-        scales = list(map(SCALES.__getitem__, flags))
+        places = [0] * len(points)
+        for start in (0, *compress(count(1), _new_point(owners))):
+            p = owners[start]
+            k = known.get(points[p])
+            if k is None:
+                if len(known) >= _CACHE_LIMIT:
+                    known.clear()
+                k = known[points[p]] = decimals(floats[start])
+                self._version += 1
+            places[p] = k
+        return places
+
+    def _exceptions(
+        self, plan: _Plan, floats: list[float], shape: _Shape, encoded: _Floats
+    ) -> tuple[dict[str, Any], bytes]:
+        """The `float` column when some floats of decimal points are not their decimals."""
+        owners, places = plan.owners, encoded.places
+        flags = bytes(map(places.__getitem__, owners))
+        raw = list(map(eq, flags, repeat(RAW)))
+        raw_floats, raw_owners = list(compress(floats, raw)), list(compress(owners, raw))
+        kept = list(map(not_, raw))
+        floats, owners = list(compress(floats, kept)), list(compress(owners, kept))
+        scales = list(map(SCALES.__getitem__, compress(flags, kept)))
         ints, inexact = _as_decimals(floats, scales)
-        exceptions: list[int] = []
-        if inexact:
-            exceptions = list(compress(count(), inexact))
-            self._learn([floats[i] for i in exceptions], [owners[i] for i in exceptions], points)
-            exact = list(map(not_, inexact))
-            raw_floats, raw_owners = _merge(
-                raw_floats, raw_owners, list(compress(floats, inexact)),
-                list(compress(owners, inexact)),
-            )  # fmt: skip
-            ints, owners = list(compress(ints, exact)), list(compress(owners, exact))
-        return {
-            "k": bytes(places),
-            "x": exceptions,
-            "dec": pack_series(ints, owners),
-            "xor": pack_xor(raw_floats, raw_owners),
-        }
+        inexact = inexact or bytes(len(floats))
+        exceptions = list(compress(count(), inexact))
+        self._learn([floats[i] for i in exceptions], [owners[i] for i in exceptions], shape.points)
+        exact = list(map(not_, inexact))
+        raw_floats, raw_owners = _merge(
+            raw_floats, raw_owners, list(compress(floats, inexact)), list(compress(owners, inexact))
+        )
+        ints, owners = list(compress(ints, exact)), list(compress(owners, exact))
+        column = {"x": exceptions, "dec": pack_series(ints, owners),
+                  "xor": pack_xor(raw_floats, raw_owners)}  # fmt: skip
+        return column, encoded.pk
 
     def _learn(self, values: list[float], owners: list[int], points: list[tuple[str, str]]) -> None:
-        """More decimal places for a point whose value needed them, for the next batches."""
+        """More decimal places for a point whose value needed them, for the next batches; RAW
+        for a point whose value is no short decimal (it is sent raw from then on)."""
         done: set[int] = set()
         for value, p in zip(values, owners, strict=True):
             if p in done:
                 continue
             done.add(p)
             places = decimals(value)
-            if places < RAW and places > self._places.get(points[p], 0):
+            if places == RAW and not math.isfinite(value):
+                continue  # a NaN now and then: the point stays decimal, the NaN an exception
+            if places > self._places.get(points[p], 0):
                 self._places[points[p]] = places
+                self._version += 1
 
 
 def _merge(first: list[float], first_owners: list[int], second: list[float],
@@ -469,31 +790,27 @@ def _qualities(qualities: tuple[Any, ...]) -> list[Any]:
         raise ValueError(f"quality {exc.args[0]!r} is not one of {sorted(QUALITIES)}") from None
 
 
-def _positions(times: list[int], ts: tuple[int, ...]) -> list[int]:
-    """Each timestamp's position among the distinct ones, as differences from the previous."""
-    if len(times) == 1:
-        return [0] * len(ts)
-    where = list(map({t: i for i, t in enumerate(times)}.__getitem__, ts))
-    return list(map(sub, where, [0, *where[:-1]]))
-
-
 def _dictionary(
     points: list[tuple[str, str]], split: Sequence[Sequence[str]] | None = None
 ) -> dict[str, Any]:
     """The points dictionary: `src`, `ps` (each point's source), `tok`, `pn`, `pi` (names).
 
     Each point name is split at `.` into parts (`split`: the parts of each, if known); the
-    distinct parts are `tok` (joined with newlines, or an array when a part holds a newline),
-    `pn` the number of parts of each name and `pi` the position in `tok` of every part, name
-    after name.
+    distinct parts are `tok`, sorted (joined with newlines, or an array when a part holds a
+    newline), `pn` the number of parts of each name and `pi` the position in `tok` of every
+    part, by layer: the first part of every name, then the second part of every name that has
+    one... (the equipment names together, then the measures: each layer has few distinct
+    parts, which zstd codes in fewer bits than the parts mixed).
     """
     owners = list(map(itemgetter(0), points))
     sources = {name: i for i, name in enumerate(dict.fromkeys(owners))}
     if split is None:
         split = list(map(str.split, map(itemgetter(1), points), repeat(".")))
-    tokens = {tok: i for i, tok in enumerate(dict.fromkeys(chain.from_iterable(split)))}
+    flat = list(chain.from_iterable(split))
+    tokens = {tok: i for i, tok in enumerate(sorted(set(flat)))}
     joined = "\n".join(tokens)
-    positions = list(map(tokens.__getitem__, chain.from_iterable(split)))
+    by_layer = map(flat.__getitem__, _layers(list(map(len, split))))
+    positions = list(map(tokens.__getitem__, by_layer))
     return {
         "np": len(points),
         "src": list(sources),
@@ -502,6 +819,13 @@ def _dictionary(
         "pn": pack_ints(list(map(len, split))),
         "pi": pack_ints(positions),
     }
+
+
+def _layers(counts: list[int]) -> list[int]:
+    """The parts of names of `counts` parts each (flattened, name after name) in layer order:
+    the positions of every first part, then of every second part, and so on."""
+    layer = list(chain.from_iterable(map(range, counts)))
+    return sorted(range(len(layer)), key=layer.__getitem__)
 
 
 def _empty(first_seq: int) -> dict[str, Any]:
@@ -514,18 +838,19 @@ def _empty(first_seq: int) -> dict[str, Any]:
         "nt": 0,
         "ts": pack_ints(()),
         "ti": pack_ints(()),
-        "types": pack_runs([], []),
+        "pk": b"",
+        "tx": b"",
         "q": pack_runs([], []),
         "sc": pack_runs([], []),
         "bool": b"",
-        "int": pack_series((), ()),
-        "float": _no_floats(0),
+        "int": _NO_SERIES,
+        "float": _NO_FLOATS,
         "text": [],
     }
 
 
-def _no_floats(points: int) -> dict[str, Any]:
-    return {"k": bytes(points), "x": [], "dec": pack_series((), ()), "xor": b""}
+_NO_SERIES: list[Any] = [[0, 0, 0, b""], [0, 0, 0, b""]]
+_NO_FLOATS: dict[str, Any] = {"x": [], "dec": _NO_SERIES, "xor": b""}
 
 
 def _plain(value: Any) -> Value:
@@ -536,28 +861,6 @@ def _plain(value: Any) -> Value:
         if isinstance(value, kind):
             return kind(value)
     raise TypeError(f"a {type(value).__name__} is not a reading value")
-
-
-def _by_type(
-    kinds: list[type], lengths: list[int], grouped: list[Any], owners: list[int]
-) -> dict[type, tuple[list[Any], list[int]]]:
-    """The grouped values and their points, split by type along the type runs."""
-    spans: dict[type, list[tuple[int, int]]] = {}
-    start = 0
-    for kind, size in zip(kinds, lengths, strict=True):
-        spans.setdefault(kind, []).append((start, start + size))
-        start += size
-    out: dict[type, tuple[list[Any], list[int]]] = {}
-    for kind, slices in spans.items():
-        if len(slices) == 1:
-            ((start, end),) = slices
-            out[kind] = (grouped[start:end], owners[start:end])
-        else:
-            out[kind] = (
-                list(chain.from_iterable(grouped[s:e] for s, e in slices)),
-                list(chain.from_iterable(owners[s:e] for s, e in slices)),
-            )
-    return out
 
 
 # --------------------------------------------------------------------------- decoder
@@ -571,14 +874,13 @@ def _is_code(value: object) -> bool:
     return value is None or type(value) is int
 
 
-def _is_type(value: object) -> bool:
-    return type(value) is int and T_NULL <= value <= T_TEXT
-
-
 _KEYS = (
-    "seq", "n", "np", "src", "ps", "tok", "pn", "pi", "idx", "t0", "nt", "ts", "ti", "types",
+    "seq", "n", "np", "src", "ps", "tok", "pn", "pi", "idx", "t0", "nt", "ts", "ti", "pk", "tx",
     "q", "sc", "bool", "int", "float", "text",
 )  # fmt: skip
+_KEYS_1_5 = (*_KEYS[:13], "types", *_KEYS[15:])
+"""The keys of the layout of contract 1.5-1.17 (§4.9, "Earlier layout"), still read: a buffer
+sealed by an older agent drains through an upgraded consumer."""
 
 
 @dataclass(frozen=True)
@@ -638,7 +940,8 @@ def decode_columns(body: Mapping[Any, Any]) -> Columns:
 
 
 def _decode(body: Mapping[Any, Any]) -> Columns:
-    missing = [key for key in _KEYS if key not in body]
+    earlier = "types" in body and "pk" not in body
+    missing = [key for key in (_KEYS_1_5 if earlier else _KEYS) if key not in body]
     if missing:
         raise EnvelopeError(f"format 2: payload lacks {', '.join(missing)}")
     length, first = body["n"], body["seq"]
@@ -646,14 +949,17 @@ def _decode(body: Mapping[Any, Any]) -> Columns:
         raise EnvelopeError(f"format 2: reading count {length!r} is not 0..{MAX_READINGS}")
     if type(first) is not int:
         raise EnvelopeError(f"format 2: first seq {first!r} is not an integer")
-    points = _decode_points(body, length)
+    points = _decode_points(body, length, by_layer=not earlier)
     idx = list(accumulate(unpack_ints(body["idx"], length, "idx")))
     if length and (min(idx) < 0 or max(idx) >= len(points)):
         raise EnvelopeError(f"format 2: idx refers beyond the {len(points)} points")
     ts = _decode_times(body, length)
     order = sorted(range(length), key=idx.__getitem__)
     owners = sorted(idx)
-    types = unpack_runs(body["types"], length, "types", _is_type)
+    if earlier:
+        types, places = _decode_types_1_5(body, length, len(points))
+    else:
+        types, places = _decode_types(body, owners, len(points))
     qualities = unpack_runs(body["q"], length, "q", _is_quality)
     codes = unpack_runs(body["sc"], length, "sc", _is_code)
     by_type: list[list[int]] = [[] for _ in range(T_TEXT + 1)]
@@ -673,7 +979,7 @@ def _decode(body: Mapping[Any, Any]) -> Columns:
         repeat(None),
         map(bool, flags),
         unpack_series(body["int"], by_type[T_INT], "int"),
-        _decode_floats(body["float"], by_type[T_FLOAT], len(points)),
+        _decode_floats(body["float"], by_type[T_FLOAT], places, earlier=earlier),
         texts,
     ]
     streams = [iter(column) for column in columns]
@@ -693,7 +999,9 @@ def _decode(body: Mapping[Any, Any]) -> Columns:
     )
 
 
-def _decode_points(body: Mapping[Any, Any], length: int) -> list[tuple[str, str]]:
+def _decode_points(
+    body: Mapping[Any, Any], length: int, *, by_layer: bool
+) -> list[tuple[str, str]]:
     size, sources, tokens = body["np"], body["src"], body["tok"]
     if type(size) is not int or not 0 <= size <= length:
         raise EnvelopeError(f"format 2: np {size!r} is not 0..{length} (one point per reading)")
@@ -712,7 +1020,12 @@ def _decode_points(body: Mapping[Any, Any], length: int) -> list[tuple[str, str]
     where = unpack_ints(body["pi"], sum(parts), "pi")
     if where and (min(where) < 0 or max(where) >= len(tokens)):
         raise EnvelopeError(f"format 2: pi refers beyond the {len(tokens)} name parts")
-    words = list(map(tokens.__getitem__, where))
+    words: list[str] = list(map(tokens.__getitem__, where))
+    if by_layer:
+        ordered = words
+        words = [""] * len(where)
+        for position, word in zip(_layers(parts), ordered, strict=True):
+            words[position] = word
     ends = list(accumulate(parts))
     names = [".".join(words[end - count : end]) for count, end in zip(parts, ends, strict=True)]
     return list(zip(map(sources.__getitem__, owner), names, strict=True))
@@ -731,7 +1044,38 @@ def _decode_times(body: Mapping[Any, Any], length: int) -> list[int]:
     return list(map(times.__getitem__, where))
 
 
-def _decode_floats(column: object, owners: list[int], point_count: int) -> list[float]:
+def _decode_types(
+    body: Mapping[Any, Any], owners: list[int], point_count: int
+) -> tuple[bytes, bytes]:
+    """The type code of each reading in grouped order, and the decimal places of each point."""
+    pk, mixed = body["pk"], body["tx"]
+    if not isinstance(pk, bytes) or len(pk) != point_count:
+        raise EnvelopeError(f"format 2: pk does not hold {point_count} bytes")
+    kinds = bytes(b >> 5 for b in pk)
+    places = bytes(b & 31 for b in pk)
+    if kinds.translate(None, bytes((*range(T_TEXT + 1), T_MIXED))):
+        raise EnvelopeError("format 2: pk gives a point an unknown type")
+    if places.translate(None, bytes(range(RAW + 1))):
+        raise EnvelopeError(f"format 2: pk gives decimal places above {RAW}")
+    if any(k and t not in (T_FLOAT, T_MIXED) for t, k in zip(kinds, places, strict=True)):
+        raise EnvelopeError("format 2: pk gives decimal places to a point without floats")
+    types = bytearray(map(kinds.__getitem__, owners))
+    where = list(compress(count(), map(eq, types, repeat(T_MIXED))))
+    if not isinstance(mixed, bytes) or len(mixed) != len(where):
+        raise EnvelopeError(f"format 2: tx does not hold {len(where)} bytes")
+    if mixed.translate(None, bytes(range(T_TEXT + 1))):
+        raise EnvelopeError("format 2: tx holds an unknown type")
+    for position, kind in zip(where, mixed, strict=True):
+        types[position] = kind
+    return bytes(types), places
+
+
+def _decode_types_1_5(
+    body: Mapping[Any, Any], length: int, point_count: int
+) -> tuple[bytes, bytes]:
+    """`_decode_types` for the layout of 1.5-1.17: `types` runs and the places in `float.k`."""
+    types = bytes(unpack_runs(body["types"], length, "types", _is_type))
+    column = body["float"]
     if not isinstance(column, dict) or set(column) != {"k", "x", "dec", "xor"}:
         raise EnvelopeError("format 2: float is not a map of k, x, dec and xor")
     places = column["k"]
@@ -739,6 +1083,20 @@ def _decode_floats(column: object, owners: list[int], point_count: int) -> list[
         raise EnvelopeError(f"format 2: float k does not hold {point_count} bytes")
     if places and max(places) > RAW:
         raise EnvelopeError(f"format 2: float k is above {RAW}")
+    return types, places
+
+
+def _is_type(value: object) -> bool:
+    return type(value) is int and T_NULL <= value <= T_TEXT
+
+
+def _decode_floats(
+    column: object, owners: list[int], places: bytes, *, earlier: bool = False
+) -> list[float]:
+    if earlier and isinstance(column, dict):  # 1.5-1.17: `k` checked by _decode_types_1_5
+        column = {key: value for key, value in column.items() if key != "k"}
+    if not isinstance(column, dict) or set(column) != {"x", "dec", "xor"}:
+        raise EnvelopeError("format 2: float is not a map of x, dec and xor")
     raw = bytearray(map(bytes(k == RAW for k in places).__getitem__, owners))
     exceptions = column["x"]
     if not isinstance(exceptions, list) or not all(type(x) is int for x in exceptions):
