@@ -43,7 +43,7 @@ Name = Annotated[str, Field(pattern=NAME_PATTERN)]
 class StrictModel(BaseModel):
     """Every configuration model: unknown keys are errors, values are not coerced silently."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, defer_build=True)
 
 
 Loc = tuple[str | int, ...]

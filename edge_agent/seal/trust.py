@@ -25,7 +25,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import yaml
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from edge_agent.errors import EnvelopeError
@@ -89,6 +88,8 @@ class TrustSet:
         """Read a trust file; ValueError names the entry and key of every mistake."""
         if path.stat().st_size > MAX_TRUST_FILE_BYTES:
             raise ValueError(f"{path}: larger than 1 MiB")
+        import yaml  # noqa: PLC0415 - a consumer's file: the agent never loads PyYAML for it
+
         try:
             data = yaml.safe_load(path.read_text(encoding="utf-8"))
         except (yaml.YAMLError, UnicodeDecodeError) as exc:
