@@ -75,8 +75,14 @@ def good(tmp_path: Path) -> Path:
     return path
 
 
-def test_a_valid_file_gives_what_loading_in_process_gives(good: Path) -> None:
-    isolated = load_config_isolated(good, Blueprint.of)
+@pytest.fixture(params=[False, True], ids=["forked", "fresh interpreter"])
+def fresh(request: pytest.FixtureRequest) -> bool:
+    """Both ways of loading in a child: forked (start-up), a fresh interpreter (reload)."""
+    return bool(request.param)
+
+
+def test_a_valid_file_gives_what_loading_in_process_gives(good: Path, fresh: bool) -> None:
+    isolated = load_config_isolated(good, Blueprint.of, fresh_interpreter=fresh)
     here = Blueprint.of(load_config(good))
     assert isolated == here
     assert [len(s.points) for s in isolated.config.sources if s.type == "modbus"] == [0, 0]
@@ -84,46 +90,68 @@ def test_a_valid_file_gives_what_loading_in_process_gives(good: Path) -> None:
 
 
 @pytest.mark.parametrize("name", sorted(BAD))
-def test_an_invalid_file_gives_the_same_located_problems(tmp_path: Path, name: str) -> None:
+def test_an_invalid_file_gives_the_same_located_problems(
+    tmp_path: Path, name: str, fresh: bool
+) -> None:
     path = tmp_path / "bad.yaml"
     text = BAD[name]
     path.write_bytes(text if isinstance(text, bytes) else text.encode())
     with pytest.raises(ConfigError) as here:
         load_config(path)
     with pytest.raises(ConfigError) as isolated:
-        load_config_isolated(path, Blueprint.of)
+        load_config_isolated(path, Blueprint.of, fresh_interpreter=fresh)
     assert str(isolated.value) == str(here.value)
     assert isolated.value.filename == here.value.filename
     assert isolated.value.problems == here.value.problems
 
 
 @pytest.mark.parametrize("where", ["absent.yaml", "."])
-def test_an_unreadable_file_gives_the_same_os_error(tmp_path: Path, where: str) -> None:
+def test_an_unreadable_file_gives_the_same_os_error(
+    tmp_path: Path, where: str, fresh: bool
+) -> None:
     path = tmp_path / where
     with pytest.raises(OSError) as here:
         load_config(path)
     with pytest.raises(OSError) as isolated:
-        load_config_isolated(path, Blueprint.of)
+        load_config_isolated(path, Blueprint.of, fresh_interpreter=fresh)
     assert type(isolated.value) is type(here.value)
     got, want = isolated.value, here.value
     assert (got.errno, got.strerror, got.filename) == (want.errno, want.strerror, want.filename)
     assert str(got) == str(want)
 
 
-def test_a_child_that_fails_leaves_the_loading_to_the_parent(good: Path) -> None:
+def test_a_child_that_fails_leaves_the_loading_to_the_parent(
+    good: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     """A bug in the child (or a result that does not pickle) is not hidden: the parent loads
-    in process and sees what it would have seen without the child."""
+    in process, sees what it would have seen without the child, and says so."""
 
     def unpicklable(config: Any) -> Any:
         return lambda: config
 
     assert load_config_isolated(good, unpicklable)() == load_config(good)
+    assert caplog.messages == [f"Configuration read in process: its child process failed "
+                               f"file={good}"]  # fmt: skip
 
     def bug(config: Any) -> Any:
         raise RuntimeError("a bug in preparing")
 
     with pytest.raises(RuntimeError, match="a bug in preparing"):
         load_config_isolated(good, bug)
+    # a fresh interpreter finds `prepare` by name: a local function is not found there
+    with pytest.raises(RuntimeError, match="a bug in preparing"):
+        load_config_isolated(good, bug, fresh_interpreter=True)
+
+
+def test_the_fresh_interpreter_does_the_work(good: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """What the reload relies on: the file is read in the other process, not here."""
+
+    def not_here(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("loaded in the parent")
+
+    monkeypatch.setattr("edge_agent.config.loader.load_config", not_here)
+    blueprint = load_config_isolated(good, Blueprint.of, fresh_interpreter=True)
+    assert [s.name for s in blueprint.config.sources] == ["plc-1", "plc-2", "sim"]
 
 
 def test_the_parent_never_holds_what_reading_the_file_takes(tmp_path: Path) -> None:

@@ -20,6 +20,7 @@ exception included.
 from __future__ import annotations
 
 import importlib
+import logging
 import os
 import pickle  # nosec B403 - our own child's bytes, over a pipe only it and we hold
 import subprocess  # nosec B404 - our own interpreter, a fixed command
@@ -30,6 +31,8 @@ from typing import Any, TypeVar
 
 from edge_agent.config.schema import Config
 from edge_agent.errors import ConfigError, ConfigProblem
+
+log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
@@ -60,6 +63,9 @@ def load_config_isolated(
         outcome = None
     if outcome is None:  # no child, or it failed: do it here, whatever that raises
         from edge_agent.config.loader import load_config  # noqa: PLC0415 - see _outcome
+
+        if hasattr(os, "fork") or fresh_interpreter:
+            log.warning("Configuration read in process: its child process failed file=%s", path)
 
         return prepare(load_config(path))
     kind, *rest = outcome
