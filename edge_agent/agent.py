@@ -4,6 +4,10 @@ It never polls, runs SQL or publishes itself. Shutdown order keeps the promise o
 the sources, seal what they produced, give in-flight publishes a moment to be acknowledged, close
 the store.
 
+The configuration is read and validated in a child process (edge_agent/config/isolated.py),
+which hands back a `Blueprint` (edge_agent/blueprint.py): the memory that reading takes does
+not stay in the agent (docs/performance.md, issue 10).
+
 Reload (SIGHUP, `systemctl reload`; docs/contract.md §1): the file is read and validated again;
 an invalid one is refused, its problems logged, and the running configuration kept. A valid one
 goes to `Agent.reload`, which applies sources (added, removed, changed: their intervals too), the
@@ -43,13 +47,7 @@ from edge_agent.metrics import AuditCollector, Metrics, SourceCollector
 from edge_agent.seal.batcher import Batcher
 from edge_agent.seal.envelope import Sealer
 from edge_agent.seal.keys import load_consumer_key, load_private_key
-from edge_agent.sources import (
-    Emit,
-    Source,
-    SourceContext,
-    SourceState,
-    build_source,
-)
+from edge_agent.sources import Emit, Source, SourceContext, SourceState, build_source
 from edge_agent.store.sqlite import Store
 
 log = logging.getLogger(__name__)
@@ -511,7 +509,6 @@ class Agent:
             digests = {name: source_digest(c) for name, c in wanted.items()}
         else:  # `configs` are light: the digests of the whole ones
             digests = dict(prepared.digests)
-            self.source_context.prepared.update(prepared.parts)
         changed = [n for n in wanted if n in running and digests[n] != self._source_digests.get(n)]
         removed = [n for n in running if n not in wanted]
         added = [n for n in wanted if n not in running]
@@ -520,14 +517,18 @@ class Agent:
         for name in stopping:
             self.source_states.pop(name, None)
         sources: list[Source] = []
-        for config in configs:
-            source = running.get(config.name)
-            if source is None or config.name in changed:
-                source = build_source(config, self.source_context)
-                self.source_states[source.name] = source.state
-                self._start_source(source)
-            sources.append(source)
-        self.source_context.prepared.clear()  # what was prepared for sources that run on
+        if prepared is not None:  # what the light configs left out, for the sources built now
+            self.source_context.prepared.update(prepared.parts)
+        try:
+            for config in configs:
+                source = running.get(config.name)
+                if source is None or config.name in changed:
+                    source = build_source(config, self.source_context)
+                    self.source_states[source.name] = source.state
+                    self._start_source(source)
+                sources.append(source)
+        finally:  # and what was left out of those that run on: never used by a later build
+            self.source_context.prepared.clear()
         self.sources = sources
         self._source_digests = digests
         for name in removed:

@@ -4,11 +4,13 @@ Reading a configuration (the YAML data, pydantic's validation and its temporarie
 more memory than what the agent keeps of it, and CPython's small-object allocator returns a
 1 MiB arena to the system only once nothing in it is left: a few surviving objects keep the
 arenas of loading resident for the process's whole life (about 9 MB at 10 x 1,000 points, the
-whole per-point slope of the agent's RSS; docs/performance.md, issue 10). Here a forked child
-reads and validates the file, makes of the validated `Config` what its caller will keep
-(`prepare`, e.g. the points of each source by column instead of a model each) and hands that
-back pickled; the child's memory goes with it when it exits. Unpickling does not validate again:
-pydantic restores a model's fields as they were.
+whole per-point slope of the agent's RSS; docs/performance.md, issue 10). Here a child process
+(forked at start-up; a fresh interpreter for a reload, when the agent runs threads) reads and
+validates the file, makes of the validated `Config` what its caller will keep (`prepare`: the
+points of each source by column instead of a model each) and hands that back pickled; the
+child's memory goes with it when it exits. Unpickling does not validate again: pydantic
+restores a model's fields as they were. The pickle comes from our own child over a pipe (or
+its stdout) that only the two processes hold.
 
 The outcome is the one loading in process gives: `prepare(load_config(path))`, the same
 `ConfigError` (file name and located problems) or the same `OSError`. Where there is no `fork`
