@@ -9,8 +9,9 @@ shortest form). Then, for each file:
   (user + system) and peak RSS of the process (wait4).
 - start-up: the real `python -m edge_agent run` process, timed from launch to its "Started" log
   line, by which it has loaded the configuration and built every source (planning included);
-  wall time, CPU time and RSS then (VmRSS) and peak (VmHWM) from /proc. The devices and the
-  broker are absent (nothing listens on their ports): start-up does not wait for them.
+  wall time, CPU time (with the child process that read the configuration) and RSS then
+  (VmRSS) and peak (VmHWM, the agent's own) from /proc. The devices and the broker are absent
+  (nothing listens on their ports): start-up does not wait for them.
 
 A file over the size limit is reported as refused, with check-config's message. Wall times on a
 shared machine vary with its load: the CPU times are the steadier figure.
@@ -142,7 +143,8 @@ def start_up(path: Path, log: Path, timeout: float = 120.0) -> dict[str, Any]:
         wall = time.perf_counter() - started
         ticks = os.sysconf("SC_CLK_TCK")
         fields = Path(f"/proc/{process.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        cpu = (int(fields[11]) + int(fields[12])) / ticks  # utime, stime
+        # utime, stime, and cutime, cstime: the child that read the file (config/isolated.py)
+        cpu = sum(int(f) for f in fields[11:15]) / ticks
         status = dict(
             line.split(":", 1)
             for line in Path(f"/proc/{process.pid}/status").read_text().splitlines()

@@ -4,6 +4,10 @@ It never polls, runs SQL or publishes itself. Shutdown order keeps the promise o
 the sources, seal what they produced, give in-flight publishes a moment to be acknowledged, close
 the store.
 
+The configuration is read and validated in a child process (edge_agent/config/isolated.py),
+which hands back a `Blueprint` (edge_agent/blueprint.py): the memory that reading takes does
+not stay in the agent (docs/performance.md, issue 10).
+
 Reload (SIGHUP, `systemctl reload`; docs/contract.md §1): the file is read and validated again;
 an invalid one is refused, its problems logged, and the running configuration kept. A valid one
 goes to `Agent.reload`, which applies sources (added, removed, changed: their intervals too), the
@@ -16,7 +20,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
-import hashlib
 import logging
 import signal
 import time
@@ -30,9 +33,11 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from edge_agent import audit as audit_events
 from edge_agent import systemd
 from edge_agent.audit import audit
+from edge_agent.blueprint import Blueprint, PreparedSources, source_digest
 from edge_agent.clock import ClockWatch
-from edge_agent.config import Config, load_config
+from edge_agent.config import Config
 from edge_agent.config.fresh import fresh_copy
+from edge_agent.config.isolated import load_config_isolated
 from edge_agent.config.schema import SourceConfig
 from edge_agent.errors import ConfigError, StoreError
 from edge_agent.forward.mqtt import Forwarder
@@ -64,7 +69,8 @@ def run_agent(path: Path, log_format: LogFormat = "auto") -> int:
     configure_logging(log_format=log_format)
     one_malloc_arena()
     try:
-        config = load_config(path)
+        # Read and validated in a child process, whose memory goes with it (config/isolated.py)
+        blueprint = load_config_isolated(path, Blueprint.of)
     except ConfigError as exc:
         for line in str(exc).splitlines():  # one located line per problem
             log.error("Invalid configuration, not starting problem=%s", line)
@@ -73,10 +79,10 @@ def run_agent(path: Path, log_format: LogFormat = "auto") -> int:
     except OSError as exc:
         log.error("Cannot read the configuration file=%s error=%s", path, exc.strerror or exc)
         return 2
-    set_level(LEVELS[config.log.level])
+    set_level(LEVELS[blueprint.config.log.level])
     try:
-        agent = Agent(config, config_path=path)
-        del config  # what the agent does not keep of the validated file is freed now
+        agent = Agent(blueprint.config, config_path=path, prepared=blueprint.prepared)
+        del blueprint  # what the agent does not keep of the validated file is freed now
         agent.compact()
         return asyncio.run(agent.run())
     except (StoreError, OSError, ValueError) as exc:
@@ -168,7 +174,14 @@ class Agent:
     new validated config to the running agent.
     """
 
-    def __init__(self, config: Config, *, config_path: Path | None = None) -> None:
+    def __init__(
+        self,
+        config: Config,
+        *,
+        config_path: Path | None = None,
+        prepared: PreparedSources | None = None,
+    ) -> None:
+        """`prepared`: for a `config` made light by `Blueprint.of`, what that left out."""
         self.config = config
         self.config_path = config_path
         self.metrics = Metrics()
@@ -180,7 +193,7 @@ class Agent:
             max_age_s=config.store.max_age,
             now_ns=self.clock.age_ns,
         )
-        self.source_context = SourceContext()
+        self.source_context = SourceContext(dict(prepared.parts) if prepared else None)
         """What the sources share (the Modbus link pool); owned here, lent to each source."""
         self.sources: list[Source] = [build_source(c, self.source_context) for c in config.sources]
         self.source_states: dict[str, SourceState] = {s.name: s.state for s in self.sources}
@@ -191,7 +204,10 @@ class Agent:
         # tuples), so the validated models of the sources, thousands of points on a large
         # gateway, are not kept here too: `config.sources` is empty from now on. A reload
         # tells a changed source by the digest of its config (`_source_digests`).
-        self._source_digests = {c.name: _digest(c) for c in config.sources}
+        if prepared is None:
+            self._source_digests = {c.name: source_digest(c) for c in config.sources}
+        else:  # `config`'s sources are light: the digests of the whole ones
+            self._source_digests = dict(prepared.digests)
         self.config = config.model_copy(update={"sources": []})
         self.stopping = asyncio.Event()
         self.started = asyncio.Event()
@@ -408,7 +424,10 @@ class Agent:
         async with self._reload_lock:
             systemd.notify(f"RELOADING=1\nMONOTONIC_USEC={time.monotonic_ns() // 1000}")
             try:
-                new = await asyncio.to_thread(load_config, path)
+                # In a fresh interpreter: the memory of loading stays there (config/isolated.py)
+                new = await asyncio.to_thread(
+                    load_config_isolated, path, Blueprint.of, fresh_interpreter=True
+                )
             except ConfigError as exc:
                 for line in str(exc).splitlines():
                     log.error("Reload: invalid configuration problem=%s", line)
@@ -419,7 +438,7 @@ class Agent:
                 self._refused(path, exc.strerror or str(exc))
                 return
             try:
-                result = await self.reload(new)
+                result = await self.reload(new.config, new.prepared)
             except (OSError, ValueError) as exc:  # the signing key refused: nothing changed
                 self._refused(path, str(exc))
                 return
@@ -439,9 +458,10 @@ class Agent:
         log.error("Reload refused, running configuration kept file=%s error=%s", path, why)
         systemd.notify(f"READY=1\nSTATUS={self._status} (last reload refused: {why})")
 
-    async def reload(self, new: Config) -> ReloadResult:
+    async def reload(self, new: Config, prepared: PreparedSources | None = None) -> ReloadResult:
         """Apply a validated config to the running agent; return what was applied.
 
+        `prepared`: for a `new` made light by `Blueprint.of`, what that left out.
         Applied now: the signing key first, through `rotate_signing_key` (checked and audited;
         raises PermissionError, OSError or ValueError before anything changes, and the running
         configuration stays whole), then `log.level` and sources (a source whose config changed
@@ -470,7 +490,7 @@ class Agent:
         if new.log.level != self.config.log.level:
             set_level(LEVELS[new.log.level])
             result.applied.append("log.level")
-        result.applied.extend(await self._apply_sources(new.sources))
+        result.applied.extend(await self._apply_sources(new.sources, prepared))
         self.config = new.model_copy(update={**kept, "sources": []})
         if result.needs_restart:
             log.warning(
@@ -479,11 +499,16 @@ class Agent:
             )
         return result
 
-    async def _apply_sources(self, configs: Sequence[SourceConfig]) -> list[str]:
+    async def _apply_sources(
+        self, configs: Sequence[SourceConfig], prepared: PreparedSources | None
+    ) -> list[str]:
         """Stop removed and changed sources, start added and changed ones; the rest run on."""
         running = {s.name: s for s in self.sources}
         wanted = {c.name: c for c in configs}
-        digests = {name: _digest(c) for name, c in wanted.items()}
+        if prepared is None:
+            digests = {name: source_digest(c) for name, c in wanted.items()}
+        else:  # `configs` are light: the digests of the whole ones
+            digests = dict(prepared.digests)
         changed = [n for n in wanted if n in running and digests[n] != self._source_digests.get(n)]
         removed = [n for n in running if n not in wanted]
         added = [n for n in wanted if n not in running]
@@ -492,13 +517,18 @@ class Agent:
         for name in stopping:
             self.source_states.pop(name, None)
         sources: list[Source] = []
-        for config in configs:
-            source = running.get(config.name)
-            if source is None or config.name in changed:
-                source = build_source(config, self.source_context)
-                self.source_states[source.name] = source.state
-                self._start_source(source)
-            sources.append(source)
+        if prepared is not None:  # what the light configs left out, for the sources built now
+            self.source_context.prepared.update(prepared.parts)
+        try:
+            for config in configs:
+                source = running.get(config.name)
+                if source is None or config.name in changed:
+                    source = build_source(config, self.source_context)
+                    self.source_states[source.name] = source.state
+                    self._start_source(source)
+                sources.append(source)
+        finally:  # and what was left out of those that run on: never used by a later build
+            self.source_context.prepared.clear()
         self.sources = sources
         self._source_digests = digests
         for name in removed:
@@ -546,11 +576,6 @@ class Agent:
         while True:
             systemd.notify("WATCHDOG=1")
             await asyncio.sleep(interval)
-
-
-def _digest(config: SourceConfig) -> str:
-    """A source config's fingerprint: equal for equal configs, without keeping the model."""
-    return hashlib.sha256(config.model_dump_json().encode()).hexdigest()
 
 
 def _changed_keys(old: Any, new: Any, prefix: str = "") -> list[str]:

@@ -57,6 +57,14 @@ def test_a_modbus_gateway_runs_without_pymodbus() -> None:
     assert "pymodbus" not in loaded
 
 
+def test_the_agent_leaves_yaml_to_the_child_that_reads_the_file() -> None:
+    """`edge-agent run` is handed its configuration validated by a child process
+    (edge_agent/config/isolated.py): the loader and PyYAML (about 1 MB) stay out of it."""
+    loaded = loaded_after("import edge_agent.agent, edge_agent.cli")
+    assert not {"yaml", "edge_agent.config.loader"} & loaded
+    assert "yaml" in loaded_after("from edge_agent.config import load_config")
+
+
 def test_a_gateway_never_loads_the_database_driver() -> None:
     """psycopg comes with the `cloud` extra, for `edge-agent ingest`: a gateway's agent, its
     command line and `verify` run without it."""

@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 from helpers.agent import AgentProcess, agent_config
+from helpers.ports import free_port
 from helpers.wait import deadline, wait_for
 
 from edge_agent.consumer.verify import Verifier, consume, consumer_client
@@ -191,3 +192,39 @@ async def test_journal_and_json_formats_from_the_running_agent(
     entries = [json.loads(line) for line in shipped.log().splitlines()]
     assert any(e["message"].startswith("Started gateway=test-gw") for e in entries)
     assert {e["level"] for e in entries} <= {"debug", "info", "warning", "error"}
+
+
+def modbus(name: str, port: int, unit: int, points: int) -> dict[str, Any]:
+    """A Modbus source of `points` uint16 registers from 0, written as one block."""
+    point = {"name": "r{address}", "register": "holding", "address": 0, "type": "uint16"}
+    return {"type": "modbus", "name": name, "host": "127.0.0.1", "port": port, "unit_id": unit,
+            "timeout": "200ms", "points": [{**point, "count": points}]}  # fmt: skip
+
+
+def test_modbus_sources_are_read_in_a_child_process_at_start_and_at_reload(
+    tmp_path: Path, broker: Mosquitto, keys: Path, agents: list[AgentProcess]
+) -> None:
+    """The file is read and validated in a child process (edge_agent/config/isolated.py) that
+    hands back each Modbus source's points by column: the sources get every point, a reload
+    tells a changed source from an unchanged one as before. (No device answers: a source runs,
+    and logs its start, whether its device is there or not.)"""
+    port = free_port()
+    config = agent_config(
+        tmp_path, broker, keys, [modbus("same", port, 1, 500), modbus("grown", port, 2, 100)]
+    )
+    agent = AgentProcess(config, tmp_path)
+    agents.append(agent)
+    agent.start()
+    started = agent.log()
+    assert "device=same unit=1" in started and "points=500 requests=4" in started, started
+    assert "device=grown unit=2" in started and "points=100 requests=1" in started, started
+
+    config["sources"][1] = modbus("grown", port, 2, 250)
+    agent.write_config(config)
+    lines = agent.reload()
+    assert "applied=sources~=grown" in lines, "only the changed source restarts"
+    assert "device=grown unit=2" in lines and "points=250 requests=2" in lines, lines
+    assert "device=same" not in lines
+    assert "applied=nothing changed" in agent.reload(), "the same file is the same sources"
+    assert "Configuration read in process" not in agent.log()
+    assert agent.stop() == 0, agent.log()

@@ -41,9 +41,14 @@ Name = Annotated[str, Field(pattern=NAME_PATTERN)]
 
 
 class StrictModel(BaseModel):
-    """Every configuration model: unknown keys are errors, values are not coerced silently."""
+    """Every configuration model: unknown keys are errors, values are not coerced silently.
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    Validators are built on first validation (`defer_build`), not at import: the agent is handed
+    its config validated by a child process (edge_agent/config/isolated.py) and does not
+    validate one itself, which saves it about 0.8 MB.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True, defer_build=True)
 
 
 Loc = tuple[str | int, ...]

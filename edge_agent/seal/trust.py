@@ -29,7 +29,6 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from edge_agent.errors import EnvelopeError
 from edge_agent.seal.keys import key_id, load_public_key
-from edge_agent.yaml_file import read_yaml_file
 
 _ENTRY_KEYS = frozenset({"public_key", "kid", "not_before", "not_after", "retired"})
 
@@ -86,6 +85,9 @@ class TrustSet:
     @classmethod
     def load(cls, path: Path) -> TrustSet:
         """Read a trust file; ValueError names the entry and key of every mistake."""
+        # A consumer's file: imported here, so that the agent never loads PyYAML for it.
+        from edge_agent.yaml_file import read_yaml_file  # noqa: PLC0415
+
         data = read_yaml_file(path, "a YAML trust file")  # at most 1 MiB, no aliases
         if not (
             isinstance(data, dict) and set(data) == {"keys"} and isinstance(data["keys"], list)

@@ -28,8 +28,11 @@ class SourceContext:
     Modbus sources does not import pymodbus.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, prepared: dict[str, object] | None = None) -> None:
         self._modbus_links: LinkPool | None = None
+        self.prepared: dict[str, object] = prepared or {}
+        """What `prepare_source` made of a source's config, by source name: its builder takes it
+        (once) in place of what the light config it is given leaves out."""
 
     @property
     def modbus_links(self) -> LinkPool:
@@ -60,7 +63,8 @@ def _simulated(config: SourceConfig, context: SourceContext) -> Source:
 def _modbus(config: SourceConfig, context: SourceContext) -> Source:
     from edge_agent.sources.modbus.source import ModbusSource  # noqa: PLC0415 - lazy: pymodbus
 
-    return ModbusSource(_expect(config, ModbusSourceConfig), context.modbus_links)
+    points = context.prepared.pop(config.name, None)
+    return ModbusSource(_expect(config, ModbusSourceConfig), context.modbus_links, points)
 
 
 def _opcua(config: SourceConfig, context: SourceContext) -> Source:
@@ -75,6 +79,23 @@ SOURCE_TYPES: dict[str, SourceFactory] = {
     "opcua": _opcua,
 }
 """Config `type` -> factory; a new protocol adds its config model to the union and a line here."""
+
+
+def prepare_source(config: SourceConfig) -> tuple[SourceConfig, object | None]:
+    """A lighter config of one source and what it leaves out, in a compact form, or None.
+
+    What a child process that validated the file hands back (edge_agent/config/isolated.py):
+    for a Modbus source, its config without `points` and the points by column (`PointTable`:
+    a few bytes a point beyond its name, where the config holds a pydantic model). A source
+    built from the light config takes the rest from `SourceContext.prepared` under its name.
+    Other types come back as they are.
+    """
+    if isinstance(config, ModbusSourceConfig):
+        from edge_agent.sources.modbus.plan import PointSpec, PointTable  # noqa: PLC0415
+
+        table = PointTable(PointSpec.of(p) for p in config.points)
+        return config.model_copy(update={"points": []}), table
+    return config, None
 
 
 def build_source(config: SourceConfig, context: SourceContext) -> Source:
@@ -93,4 +114,5 @@ __all__ = [
     "SourceFactory",
     "SourceState",
     "build_source",
+    "prepare_source",
 ]

@@ -81,10 +81,18 @@ class ModbusSource:
     built with the same pool share a link when their `link_key` is the same.
     """
 
-    def __init__(self, config: ModbusSourceConfig, links: LinkPool) -> None:
+    def __init__(
+        self, config: ModbusSourceConfig, links: LinkPool, points: object | None = None
+    ) -> None:
+        """`points`: the points as `prepare_source` made them (a `PointTable`), for a `config`
+        without them; None: the config's own `points`."""
         self.name = config.name
         self.state = SourceState()
-        self._points = PointTable(PointSpec.of(p) for p in config.points)
+        if points is None:
+            points = PointTable(PointSpec.of(p) for p in config.points)
+        if not isinstance(points, PointTable):
+            raise TypeError(f"source {config.name!r}: expected a PointTable, got {points!r}")
+        self._points = points
         """The points by column: the source keeps no pydantic model, nor a tuple, per point."""
         self._config = config.model_copy(update={"points": []})
         self._links = links
