@@ -219,7 +219,7 @@ async def test_a_worker_killed_for_good_loses_nothing_with_end_to_end_agents(
         unseen = {
             (b.gateway, b.batch): len(b.readings)
             for b in held
-            if b.readings[0]["seq"] >= start_of[b.gateway]
+            if b.readings and b.readings[0]["seq"] >= start_of[b.gateway]
         }
         print(
             f"\nledger {account.line()}; the dead worker's session held {len(held)} batch "
