@@ -258,7 +258,7 @@ def unpack_ints(column: object, length: int, name: str) -> list[int]:
             raise EnvelopeError(f"format 2: {name} does not hold {length} integers")
         if not all(type(v) is int for v in values):
             raise EnvelopeError(f"format 2: {name} holds a value that is not an integer")
-        if values and not (-INT_LIMIT < min(values) and max(values) < INT_LIMIT):
+        if values and (min(values) <= -INT_LIMIT or max(values) >= INT_LIMIT):
             raise EnvelopeError(f"format 2: {name} holds an integer beyond +-2^1088")
         return values
     if method == 2 and len(column) == 3:
