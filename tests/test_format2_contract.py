@@ -30,6 +30,7 @@ from test_payload_format import values as any_value
 from edge_agent.consumer.ingest.rows import NonconformingError, RowMaker
 from edge_agent.errors import EnvelopeError
 from edge_agent.reading import Quality, Reading
+from edge_agent.seal import columnar
 from edge_agent.seal.envelope import Opener, Sealer
 
 pytestmark = pytest.mark.unit
@@ -388,3 +389,12 @@ def test_a_mixed_point_whose_readings_are_all_of_one_type_is_refused() -> None:
         OPENER.open(sign(cbor2.dumps(body)))
     mixed = _body(pk=b"\xe0", tx=bytes(_N - 1) + b"\x01", bool=b"\x01")
     assert len(OPENER.open(sign(cbor2.dumps(mixed))).readings) == _N
+
+
+@settings(max_examples=300, deadline=None)
+@given(counts=st.lists(st.integers(1, 9), max_size=12))
+def test_name_parts_by_layer_come_back_name_after_name(counts: list[int]) -> None:
+    """The decoder's layer walk (`_name_order`) undoes the encoder's layer order (`_layers`)."""
+    words = [f"w{i}" for i in range(sum(counts))]
+    by_layer = [words[i] for i in columnar._layers(counts)]
+    assert columnar._name_order(by_layer, counts) == words
