@@ -42,6 +42,7 @@ import math
 import struct
 import sys
 from array import array
+from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from itertools import accumulate, chain, compress, count, pairwise, repeat
@@ -107,6 +108,16 @@ _PLANS = 8
 """Plans a shape keeps: one per sequence of value types (a point that is null when it fails)."""
 T_MIXED = 7
 """The type in `pk` of a point whose readings in the batch are of more than one type."""
+INT_LIMIT = 2**1088
+"""Integers of a format-2 payload (`seq`, `t0`, column bases and `[1, ...]` values) lie strictly
+within +-INT_LIMIT: a decimal's `m` is at most the largest double (under 2^1024) and a difference
+of two under 2^1025, while a bigger integer, repeated by accumulation for every reading, would
+let a payload of kilobytes decode into gigabytes."""
+MAX_NAME_CHARS = 2**26
+"""Characters of a format-2 batch's point names and their sources' names at most, counted per
+point: joining name parts named again and again could otherwise make gigabytes of names (and of
+COPY rows) from a small payload. Format 1 carries each reading's names itself, so its 64 MiB
+payload limit bounds them alike."""
 
 
 # --------------------------------------------------------------------------- integer columns
@@ -177,6 +188,7 @@ def _unpack_bits(column: list[Any], length: int, name: str) -> list[int]:
     _, base, bits, data = column
     if type(base) is not int or bits not in (1, 2, 4) or not isinstance(data, bytes):
         raise EnvelopeError(f"format 2: {name} has a malformed base, bits or data")
+    _check_int(base, f"{name} base")
     per = 8 // bits
     if len(data) != -(-length // per):
         raise EnvelopeError(f"format 2: {name} has {len(data)} bytes, not {length} x {bits} bits")
@@ -246,6 +258,8 @@ def unpack_ints(column: object, length: int, name: str) -> list[int]:
             raise EnvelopeError(f"format 2: {name} does not hold {length} integers")
         if not all(type(v) is int for v in values):
             raise EnvelopeError(f"format 2: {name} holds a value that is not an integer")
+        if values and (min(values) <= -INT_LIMIT or max(values) >= INT_LIMIT):
+            raise EnvelopeError(f"format 2: {name} holds an integer beyond +-2^1088")
         return values
     if method == 2 and len(column) == 3:
         _, width, data = column
@@ -265,12 +279,19 @@ def unpack_ints(column: object, length: int, name: str) -> list[int]:
     _, base, width, data = column
     if type(base) is not int or width not in (0, 1, 2, 4, 8) or not isinstance(data, bytes):
         raise EnvelopeError(f"format 2: {name} has a malformed base, width or data")
+    _check_int(base, f"{name} base")
     if len(data) != length * width:
         raise EnvelopeError(f"format 2: {name} has {len(data)} bytes, not {length} x {width}")
     if width == 0:
         return [base] * length
     unpacked = struct.unpack(f"<{length}{_CODE[width]}", _unshuffle(data, width, length))
     return list(unpacked) if base == 0 else list(map(add, unpacked, repeat(base)))
+
+
+def _check_int(value: int, name: str) -> None:
+    """EnvelopeError unless `value` lies strictly within +-INT_LIMIT (see there: why)."""
+    if not -INT_LIMIT < value < INT_LIMIT:
+        raise EnvelopeError(f"format 2: {name} is an integer beyond +-2^1088")
 
 
 def _new_point(owners: Sequence[int]) -> list[bool]:
@@ -949,6 +970,7 @@ def _decode(body: Mapping[Any, Any]) -> Columns:
         raise EnvelopeError(f"format 2: reading count {length!r} is not 0..{MAX_READINGS}")
     if type(first) is not int:
         raise EnvelopeError(f"format 2: first seq {first!r} is not an integer")
+    _check_int(first, "seq")
     points = _decode_points(body, length, by_layer=not earlier)
     idx = list(accumulate(unpack_ints(body["idx"], length, "idx")))
     if length and (min(idx) < 0 or max(idx) >= len(points)):
@@ -1020,15 +1042,41 @@ def _decode_points(
     where = unpack_ints(body["pi"], sum(parts), "pi")
     if where and (min(where) < 0 or max(where) >= len(tokens)):
         raise EnvelopeError(f"format 2: pi refers beyond the {len(tokens)} name parts")
+    chars = sum(map(list(map(len, tokens)).__getitem__, where)) + len(where) - size
+    chars += sum(map(list(map(len, sources)).__getitem__, owner))
+    if chars > MAX_NAME_CHARS:
+        raise EnvelopeError(
+            f"format 2: the point names and their sources hold {chars} characters, more than"
+            f" {MAX_NAME_CHARS}"
+        )
     words: list[str] = list(map(tokens.__getitem__, where))
     if by_layer:
-        ordered = words
-        words = [""] * len(where)
-        for position, word in zip(_layers(parts), ordered, strict=True):
-            words[position] = word
+        words = _name_order(words, parts)
     ends = list(accumulate(parts))
     names = [".".join(words[end - count : end]) for count, end in zip(parts, ends, strict=True)]
     return list(zip(map(sources.__getitem__, owner), names, strict=True))
+
+
+def _name_order(by_layer: list[str], counts: list[int]) -> list[str]:
+    """The name parts `by_layer` (every first part, then every second...) name after name.
+
+    Layer by layer over the names that still have a part there, rather than `_layers`' sort:
+    a hostile `pn` of 6,400,000 parts would make the sort's 6,400,000 int objects (about
+    250 MB); this keeps one int per name."""
+    starts = list(accumulate(counts, initial=0))
+    words = [""] * len(by_layer)
+    alive = list(range(len(counts)))
+    used = layer = 0
+    while alive:
+        if len(alive) == 1:  # the rest is one name's (a long name: no loop per layer)
+            words[starts[alive[0]] + layer : starts[alive[0] + 1]] = by_layer[used:]
+            break
+        for p, word in zip(alive, by_layer[used : used + len(alive)], strict=True):
+            words[starts[p] + layer] = word
+        used += len(alive)
+        layer += 1
+        alive = [p for p in alive if counts[p] > layer]
+    return words
 
 
 def _decode_times(body: Mapping[Any, Any], length: int) -> list[int]:
@@ -1037,6 +1085,7 @@ def _decode_times(body: Mapping[Any, Any], length: int) -> list[int]:
         raise EnvelopeError(f"format 2: t0 {t0!r} or nt {distinct!r} is not as §4.9 says")
     if length and not distinct:
         raise EnvelopeError("format 2: readings without timestamps (nt 0)")
+    _check_int(t0, "t0")
     times = list(accumulate(unpack_ints(body["ts"], max(distinct - 1, 0), "ts"), initial=t0))
     where = list(accumulate(unpack_ints(body["ti"], length, "ti")))
     if where and (min(where) < 0 or max(where) >= distinct):
@@ -1065,6 +1114,12 @@ def _decode_types(
         raise EnvelopeError(f"format 2: tx does not hold {len(where)} bytes")
     if mixed.translate(None, bytes(range(T_TEXT + 1))):
         raise EnvelopeError("format 2: tx holds an unknown type")
+    if mixed:
+        pairs = set(zip(map(owners.__getitem__, where), mixed, strict=True))
+        single = Counter(p for p, _ in pairs)
+        if 1 in single.values():
+            p = min(p for p, seen in single.items() if seen == 1)
+            raise EnvelopeError(f"format 2: tx gives mixed point {p} one type only")
     for position, kind in zip(where, mixed, strict=True):
         types[position] = kind
     return bytes(types), places
