@@ -10,6 +10,7 @@ refused (`wrong_gateway`). Rejection reasons, as stored in `rejected.reason`:
 - `malformed`       not a COSE_Sign1 batch or mark as the contract says
 - `wrong_gateway`   signed for, or by a key of, another gateway than the topic names
 - `nonconforming`   signed, but its readings break the value rules of §4.4
+- `conflict`        (recorded by write.py) seqs already held, from a batch of another number
 """
 
 from __future__ import annotations
@@ -37,6 +38,9 @@ class Accepted:
     batch: Batch
     rows: list[str]
     first: int = 0
+    topic: str = ""
+    payload: bytes = b""
+    """The message as received: recorded in `rejected` when the batch conflicts (write.py)."""
 
 
 @dataclass(frozen=True)
@@ -152,7 +156,7 @@ class Decoder:
             return self._reject(topic, gateway, payload, "nonconforming", str(exc), kid=batch.kid)
         finally:
             self.seconds["rows"] += time.perf_counter() - opened
-        return Accepted(batch, rows, first)
+        return Accepted(batch, rows, first, topic, payload)
 
     def _hwm(self, topic: str, gateway: str, payload: bytes) -> Item:
         """The mark, opened as verify opens it (`seal.hwm.open_mark` against the enrolled keys),

@@ -199,11 +199,42 @@ SELECT create_hypertable('readings', 'ts');
 
 _V2 = """
 ALTER TABLE readings DROP CONSTRAINT IF EXISTS readings_pkey;
+
+CREATE FUNCTION coverage_received_once() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF (SELECT coalesce(sum(upper(r) - lower(r)), 0) FROM unnest(NEW.received) AS r)
+       - (SELECT coalesce(sum(upper(r) - lower(r)), 0) FROM unnest(OLD.received) AS r)
+       <> NEW.readings - OLD.readings THEN
+        RAISE EXCEPTION USING ERRCODE = 'serialization_failure',
+            MESSAGE = format('coverage of gateway %s epoch %s: %s readings added for %s new'
+                ' seqs (another worker stored some of them first)', NEW.gateway, NEW.epoch,
+                NEW.readings - OLD.readings,
+                (SELECT coalesce(sum(upper(r) - lower(r)), 0) FROM unnest(NEW.received) AS r)
+                - (SELECT coalesce(sum(upper(r) - lower(r)), 0) FROM unnest(OLD.received) AS r));
+    END IF;
+    RETURN NEW;
+END $$;
+
+CREATE TRIGGER coverage_received_once BEFORE UPDATE OF received, readings ON coverage
+    FOR EACH ROW WHEN (NEW.readings IS DISTINCT FROM OLD.readings
+                       OR NEW.received IS DISTINCT FROM OLD.received)
+    EXECUTE FUNCTION coverage_received_once();
 """
 """Plain PostgreSQL: no B-tree on (stream, seq). The ledger keeps (gateway, epoch, seq) unique
 (write.py checks it under the ledger row's lock); the key's B-tree cost PostgreSQL about 40%
 of its CPU per reading (a descent and a leaf per row, bench/ingest.py). A hypertable keeps its
-unique index (TimescaleDB's chunks keep it small)."""
+unique index (TimescaleDB's chunks keep it small).
+
+The trigger `coverage_received_once` is the same check made by the database, for a writer that
+does not make it: a version-1 worker started before this migration checks the version only at
+its start and goes on adding what it copied to the ledger without looking, as the primary key
+refused a reading stored twice; with the key gone, its COMMIT would store them twice. Every
+writer, of either version, adds to `readings` (the count) exactly the rows it copied, and to
+`received` their seqs: when the seqs that are new to `received` are fewer than the rows
+counted, some were held already, and the update fails as a serialisation failure, which both
+versions' workers retry from a fresh read of the ledger (so they copy nothing twice). One
+check per ledger row a group updates, not per reading. It is made in the same transaction as
+the key's drop: there is no moment without either."""
 
 
 def migrations(timescale: bool) -> list[Migration]:

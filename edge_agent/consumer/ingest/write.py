@@ -14,6 +14,14 @@ fleet (each holds batches of most gateways) would wait for the previous one's wh
 second worker would add no throughput (bench/ingest.py). A replay finds its seqs already
 received and writes nothing; a worker killed before COMMIT wrote nothing.
 
+A batch whose readings fall under seqs already held is a duplicate only when it is the same
+batch (contract §4.8, "Conflicts": a re-send is byte for byte the same message, so the same
+batch number, which the ledger's `batches` holds). Under another batch number it is a conflict
+(a forged replay by a holder of the key, a tamper, or a bug): the readings held first stay, the
+batch is recorded in `rejected` (reason `conflict`, with its payload: it may be the genuine
+one), and its readings under held seqs are not counted as duplicates. A conflict under the same
+batch number (other content) is not seen: that would take a digest per batch.
+
 So `readings` needs no unique index for this (schema.py: the ledger keeps (gateway, epoch,
 seq) unique; a B-tree on it cost PostgreSQL about 40% of its CPU per reading). Where one exists
 (TimescaleDB's (stream, seq, ts), or one a DBA added), a reading another worker stored and has
@@ -39,7 +47,13 @@ import psycopg
 from psycopg import errors as pg_errors
 
 from edge_agent.consumer.completeness import Coverage
-from edge_agent.consumer.ingest.decode import Accepted, Item, Rejection, Status
+from edge_agent.consumer.ingest.decode import (
+    MAX_REJECTED_PAYLOAD,
+    Accepted,
+    Item,
+    Rejection,
+    Status,
+)
 from edge_agent.consumer.ingest.rows import COPY_SQL
 from edge_agent.errors import EdgeAgentError
 from edge_agent.seal.hwm import HighWaterMark
@@ -71,6 +85,8 @@ class _Stream:
     received: Coverage
     read: str
     """`received` as read before the COPY (its text): unchanged at the lock means no overlap."""
+    held: Coverage
+    """The batch numbers held: as read, and those of the group so far."""
     new: list[tuple[int, int]] = field(default_factory=list)
     evicted: list[tuple[int, int]] = field(default_factory=list)
     batches: list[tuple[int, int]] = field(default_factory=list)
@@ -148,22 +164,25 @@ async def _write_once(
         streams: dict[tuple[str, str], _Stream] = {}
         if keys:
             cursor = await conn.execute(
-                "SELECT gateway, epoch, stream, received::text FROM coverage"
+                "SELECT gateway, epoch, stream, received::text, batches::text FROM coverage"
                 " WHERE (gateway, epoch) IN (SELECT * FROM unnest(%s::text[], %s::text[]))",
                 ([k[0] for k in keys], [k[1] for k in keys]),
             )
-            for gateway, epoch, number, received in await cursor.fetchall():
+            for gateway, epoch, number, received, batches in await cursor.fetchall():
                 ranges = [list(r) for r in parse_multirange(str(received))]
+                held = [list(r) for r in parse_multirange(str(batches))]
                 streams[(str(gateway), str(epoch))] = _Stream(
-                    int(str(number)), Coverage(ranges), str(received)
+                    int(str(number)), Coverage(ranges), str(received), Coverage(held)
                 )
         copy: list[str] = []
         evictions: list[tuple[str, str, int, int, str, int]] = []
         ends: list[tuple[str, str, str | None, int | None, str, str]] = []
+        conflicts: list[Rejection] = []
         for item in accepted:
             batch = item.batch
             stream = streams[(batch.gateway, batch.epoch)]
             stream.batches.append((batch.batch, batch.batch))
+            known = not stream.held.add(batch.batch, batch.batch)
             if item.rows:
                 first = item.first
                 last = first + len(item.rows) - 1
@@ -175,7 +194,10 @@ async def _write_once(
                     copy.append(head + head.join(item.rows[a - first : b - first + 1]))
                 fresh = sum(b - a + 1 for a, b in new)
                 stream.readings += fresh
-                stream.duplicates += len(item.rows) - fresh
+                if fresh < len(item.rows) and not known:
+                    conflicts.append(_conflict(item, len(item.rows) - fresh))
+                else:
+                    stream.duplicates += len(item.rows) - fresh
             for (a, b), reason in zip(batch.evicted, batch.evicted_reasons, strict=True):
                 stream.evicted.append((a, b))
                 evictions.append((batch.gateway, batch.epoch, a, b, reason, batch.batch))
@@ -206,8 +228,24 @@ async def _write_once(
                 " detail) VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT DO NOTHING",
                 ends,
             )
-        await _small_items(conn, items, rejected_keep, done)
+        await _small_items(conn, [*items, *conflicts], rejected_keep, done)
     return done
+
+
+def _conflict(item: Accepted, held: int) -> Rejection:
+    """The record of a batch `held` of whose readings fall under seqs held from other batches."""
+    batch = item.batch
+    last = item.first + len(item.rows) - 1
+    return Rejection(
+        item.topic,
+        "conflict",
+        f"batch {batch.batch} seqs {item.first}..{last}: {held} readings under seqs already"
+        f" held from other batches (kept; these not stored), {len(item.rows) - held} stored",
+        batch.gateway,
+        batch.kid.hex() or None,
+        len(item.payload),
+        item.payload[:MAX_REJECTED_PAYLOAD],
+    )
 
 
 async def _lock_and_check(
