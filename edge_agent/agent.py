@@ -422,6 +422,8 @@ class Agent:
     async def _reload_from_file(self, path: Path) -> None:
         """SIGHUP: read and validate `path`; refuse it (logged, audited) or apply it (`reload`)."""
         async with self._reload_lock:
+            if self._stopping_drops_reload(path):
+                return
             systemd.notify(f"RELOADING=1\nMONOTONIC_USEC={time.monotonic_ns() // 1000}")
             try:
                 # In a fresh interpreter: the memory of loading stays there (config/isolated.py)
@@ -437,6 +439,8 @@ class Agent:
             except OSError as exc:
                 self._refused(path, exc.strerror or str(exc))
                 return
+            if self._stopping_drops_reload(path):
+                return
             try:
                 result = await self.reload(new.config, new.prepared)
             except (OSError, ValueError) as exc:  # the signing key refused: nothing changed
@@ -451,6 +455,18 @@ class Agent:
                   needs_restart=",".join(result.needs_restart) or None)  # fmt: skip
             log.info("Reloaded file=%s applied=%s", path, applied)
             systemd.notify(f"READY=1\nSTATUS={self._status}")
+
+    def _stopping_drops_reload(self, path: Path) -> bool:
+        """True (and logged) once a stop began: a reload then applies nothing.
+
+        Reading the file takes a while (a fresh interpreter, 0.5 s and more); a SIGTERM in that
+        time has already stopped the sources, and a reload applied after it would start them
+        again under a stopped batcher: the agent would never exit.
+        """
+        if not self.stopping.is_set():
+            return False
+        log.warning("Reload dropped: the agent is stopping file=%s", path)
+        return True
 
     def _refused(self, path: Path, why: str) -> None:
         """A reload refused: audited, logged (the outcome line last), and in systemd's STATUS=."""
