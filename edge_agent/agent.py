@@ -22,8 +22,9 @@ import contextlib
 import gc
 import logging
 import signal
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -70,7 +71,11 @@ def run_agent(path: Path, log_format: LogFormat = "auto") -> int:
     one_malloc_arena()
     try:
         # Read and validated in a child process, whose memory goes with it (config/isolated.py)
-        blueprint = load_config_isolated(path, Blueprint.of)
+        with _stop_signals_raise():
+            blueprint = load_config_isolated(path, Blueprint.of)
+    except StopRequested:
+        log.info("Stopped while reading the configuration file=%s", path)
+        return 0
     except ConfigError as exc:
         for line in str(exc).splitlines():  # one located line per problem
             log.error("Invalid configuration, not starting problem=%s", line)
@@ -88,6 +93,35 @@ def run_agent(path: Path, log_format: LogFormat = "auto") -> int:
     except (StoreError, OSError, ValueError) as exc:
         log.error("Could not start error=%s", exc)
         return 1
+
+
+class StopRequested(BaseException):
+    """SIGTERM or SIGINT before the event loop runs; a BaseException as KeyboardInterrupt is,
+    so that no `except Exception` on the way swallows it."""
+
+
+@contextlib.contextmanager
+def _stop_signals_raise() -> Iterator[None]:
+    """SIGTERM and SIGINT raise StopRequested in the block (the main thread's only); the
+    handlers before it are restored after it.
+
+    Reading a large file takes a second or more (in a child process): a stop meanwhile must end
+    the agent as a stop does later (exit 0, contract §1) and end that child with it
+    (config/isolated.py), not kill the agent by the signal's default and leave the child on.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signal handlers can only be set in the main thread
+        return
+
+    def stop(signum: int, frame: object) -> None:
+        raise StopRequested(signal.Signals(signum).name)
+
+    before = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
 
 
 def _check_allowance_us(path: Path) -> int:

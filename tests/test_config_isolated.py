@@ -7,6 +7,7 @@ Why it exists (the memory of loading stays in the child): docs/performance.md, i
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
 import tracemalloc
@@ -15,6 +16,7 @@ from typing import Any
 
 import pytest
 import yaml
+from helpers.processes import forked_child
 
 from edge_agent.blueprint import Blueprint
 from edge_agent.config import load_config
@@ -201,4 +203,36 @@ def test_run_refuses_an_invalid_file_with_check_configs_lines(tmp_path: Path) ->
     for line in problems:
         assert f"problem={line.strip()}" in run.stderr
     assert "Traceback" not in run.stderr
+    assert not (tmp_path / "buffer.db").exists()
+
+
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_stop_while_the_child_reads_ends_both_processes(tmp_path: Path, stop: int) -> None:
+    """SIGTERM or SIGINT to `edge-agent run` while its child reads a large file (100,000
+    points): exit 0 (a clean stop, docs/contract.md §1), nothing started, no traceback, and the
+    child ended with it. It once died of the SIGTERM and left the child reading on, orphaned."""
+    write_keypair(tmp_path / "keys")
+    sources = [{"type": "modbus", "name": f"d{i}", "host": "127.0.0.1", "port": 1,
+                "points": [{"name": "r{address}", "register": "holding", "address": 0,
+                            "type": "uint16", "count": 10_000}]} for i in range(10)]  # fmt: skip
+    path = tmp_path / "large.yaml"
+    path.write_text(yaml.safe_dump({
+        "gateway": {"id": "g"}, "store": {"path": str(tmp_path / "buffer.db")},
+        "signing": {"key_file": str(tmp_path / "keys" / "signing.key")}, "sources": sources,
+    }))  # fmt: skip
+    agent = subprocess.Popen(
+        [sys.executable, "-m", "edge_agent", "run", "-c", str(path), "--log-format", "text"],
+        stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        reader = forked_child(agent.pid, timeout=10)  # reading takes about a second
+        agent.send_signal(stop)
+        _, errors = agent.communicate(timeout=30)
+    finally:
+        agent.kill()
+        agent.wait()
+    assert agent.returncode == 0, errors
+    assert not Path(f"/proc/{reader}").exists(), (Path(f"/proc/{reader}/stat").read_text(), errors)
+    assert "Traceback" not in errors
+    assert "Stopped while reading the configuration" in errors
     assert not (tmp_path / "buffer.db").exists()

@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 from helpers.agent import AgentProcess, agent_config
 from helpers.ports import free_port
-from helpers.processes import first_child
+from helpers.processes import forked_child
 from helpers.wait import deadline, wait_for
 
 from edge_agent.consumer.verify import Verifier, consume, consumer_client
@@ -247,7 +247,7 @@ def test_a_stop_during_a_reload_ends_the_agent_without_applying_it(
     agent.write_config(config)
     assert agent.process is not None
     agent.process.send_signal(signal.SIGHUP)
-    reader = first_child(agent.process.pid, timeout=10)  # a fresh interpreter: ~0.5 s to import
+    reader = forked_child(agent.process.pid, timeout=10)  # a fresh interpreter: ~0.5 s to import
     assert agent.stop(timeout=20) == 0, agent.log()
     log = agent.log()
     assert "Stopped cleanly" in log

@@ -16,15 +16,18 @@ The outcome is the one loading in process gives: `prepare(load_config(path))`, t
 `ConfigError` (file name and located problems) or the same `OSError`. Where there is no `fork`
 (not POSIX), or the child fails in any other way (killed, a bug, a result that does not pickle),
 the file is loaded in process, so the caller sees exactly what it saw before, an unexpected
-exception included.
+exception included. An exception that interrupts the wait (KeyboardInterrupt, or what a caller's
+SIGTERM handler raises) ends the child first: it never outlives the wait for it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import logging
 import os
 import pickle  # nosec B403 - our own child's bytes, over a pipe only it and we hold
+import signal
 import subprocess  # nosec B404 - our own interpreter, a fixed command
 import sys
 from collections.abc import Callable
@@ -40,6 +43,9 @@ T = TypeVar("T")
 
 _FAILED = 70
 """The child's exit status when it could not hand back an outcome (EX_SOFTWARE)."""
+
+_STOPS = {signal.SIGINT, signal.SIGTERM}
+"""The signals a caller may turn into an exception (a stop) while it waits for the child."""
 
 
 def load_config_isolated(
@@ -83,21 +89,36 @@ def load_config_isolated(
 
 def _in_child(path: Path, prepare: Callable[[Config], Any]) -> tuple[Any, ...] | None:
     """The child's outcome: `("valid", prepared)`, `("invalid", file, problems)` or
-    `("unreadable", OSError or a subclass, errno, strerror, file)`; None when it gave none."""
+    `("unreadable", OSError or a subclass, errno, strerror, file)`; None when it gave none.
+
+    An exception that interrupts the wait (what a SIGINT or SIGTERM handler raises) kills and
+    reaps the child before it goes on: the child never outlives the wait. SIGINT and SIGTERM
+    are held from before the fork until the wait is guarded, so none falls in between.
+    """
     read_end, write_end = os.pipe()
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, _STOPS)
     try:
         pid = os.fork()
     except OSError:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
         os.close(read_end)
         os.close(write_end)
         return None
     if pid == 0:  # pragma: no cover - the child (coverage does not follow it); never returns
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
         os.close(read_end)
         _child(path, prepare, write_end)
-    os.close(write_end)
-    with os.fdopen(read_end, "rb") as pipe:
-        data = pipe.read()
-    _, status = os.waitpid(pid, 0)
+    try:
+        os.close(write_end)
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)  # a stop held meanwhile: raised here
+        with os.fdopen(read_end, "rb") as pipe:
+            data = pipe.read()
+        _, status = os.waitpid(pid, 0)
+    except BaseException:
+        with contextlib.suppress(ProcessLookupError, ChildProcessError):  # reaped already
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+        raise
     if not os.WIFEXITED(status) or os.WEXITSTATUS(status) != 0 or not data:
         return None
     return _loads(data)

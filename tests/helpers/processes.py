@@ -21,29 +21,42 @@ def terminate(process: subprocess.Popen[bytes], timeout: float) -> int:
         return process.wait()
 
 
-def children(pid: int) -> list[int]:
-    """The live child processes of `pid` (of all its threads), from /proc; [] once it is gone."""
-    found: list[int] = []
+def _stat(pid: int | str) -> tuple[bytes, bytes, int] | None:
+    """(comm, state, parent pid) of a process from /proc/PID/stat; None once it is gone."""
     try:
-        threads = os.listdir(f"/proc/{pid}/task")
-    except OSError:
-        return found
-    for thread in threads:
-        try:
-            with open(f"/proc/{pid}/task/{thread}/children") as listing:
-                found += [int(child) for child in listing.read().split()]
-        except OSError:
-            continue  # the thread ended meanwhile
+        with open(f"/proc/{pid}/stat", "rb") as stat:
+            head, tail = stat.read().rsplit(b")", 1)
+    except (OSError, ValueError):
+        return None
+    fields = tail.split()
+    return head.split(b"(", 1)[1], fields[0], int(fields[1])
+
+
+def children(pid: int) -> list[int]:
+    """The live child processes of `pid`, from each process's /proc/PID/stat (the `children`
+    files of /proc miss children made concurrently, the kernel's documentation says)."""
+    found: list[int] = []
+    for entry in os.listdir("/proc"):
+        stat = _stat(entry) if entry.isdigit() else None
+        if stat is not None and stat[2] == pid and stat[1] != b"Z":
+            found.append(int(entry))
     return found
 
 
-def first_child(pid: int, timeout: float) -> int:
-    """The first child process `pid` starts, polled from /proc (a separate process announces
-    nothing); TimeoutError when none appears within `timeout` s."""
+def forked_child(pid: int, timeout: float) -> int:
+    """A child process of `pid` running its program (a fork, as the config reader of
+    `edge-agent run` is, or a fresh interpreter of the same executable), polled from /proc: a
+    separate process announces nothing. Seen on two polls in a row, so that a child of
+    `subprocess` caught between its fork and its exec (ldconfig, run at import by ctypes) is not
+    taken for one. TimeoutError when none appears within `timeout` s."""
+    parent = _stat(pid)
+    program = parent[0] if parent else b""
     end = time.monotonic() + timeout
+    seen: set[int] = set()
     while time.monotonic() < end:
-        found = children(pid)
-        if found:
-            return found[0]
+        now = {c for c in children(pid) if (_stat(c) or (b"",))[0] == program}
+        if now & seen:
+            return min(now & seen)
+        seen = now
         time.sleep(0.002)  # polling another process's state: nothing to await
-    raise TimeoutError(f"no child process of {pid} within {timeout:g}s")
+    raise TimeoutError(f"no forked child process of {pid} within {timeout:g}s")
