@@ -236,3 +236,23 @@ def test_a_stop_while_the_child_reads_ends_both_processes(tmp_path: Path, stop: 
     assert "Traceback" not in errors
     assert "Stopped while reading the configuration" in errors
     assert not (tmp_path / "buffer.db").exists()
+
+
+def noisy_blueprint(config: Any) -> Blueprint:
+    """`Blueprint.of`, and a line on stdout, as a library might print at import or at work."""
+    print("a line on stdout")
+    return Blueprint.of(config)
+
+
+def test_what_the_fresh_interpreter_prints_stays_out_of_its_outcome(
+    good: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+    capfd: pytest.CaptureFixture[str],
+) -> None:  # fmt: skip
+    """The reload's child hands its outcome back on a pipe of its own: what it prints to
+    stdout goes where the agent's stdout goes and does not spoil the outcome. On stdout, it
+    once made the bytes unreadable, and the file was read in process after all."""
+    monkeypatch.setenv("PYTHONPATH", str(Path(__file__).parent))  # the child imports this file
+    blueprint = load_config_isolated(good, noisy_blueprint, fresh_interpreter=True)
+    assert [s.name for s in blueprint.config.sources] == ["plc-1", "plc-2", "sim"]
+    assert "Configuration read in process" not in caplog.text
+    assert "a line on stdout" in capfd.readouterr().out

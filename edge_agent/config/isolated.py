@@ -9,8 +9,8 @@ whole per-point slope of the agent's RSS; docs/performance.md, issue 10). Here a
 validates the file, makes of the validated `Config` what its caller will keep (`prepare`: the
 points of each source by column instead of a model each) and hands that back pickled; the
 child's memory goes with it when it exits. Unpickling does not validate again: pydantic
-restores a model's fields as they were. The pickle comes from our own child over a pipe (or
-its stdout) that only the two processes hold.
+restores a model's fields as they were. The pickle comes from our own child over a pipe that
+only the two processes hold (never stdout, which anything the child runs may print to).
 
 The outcome is the one loading in process gives: `prepare(load_config(path))`, the same
 `ConfigError` (file name and located problems) or the same `OSError`. Where there is no `fork`
@@ -125,19 +125,34 @@ def _in_child(path: Path, prepare: Callable[[Config], Any]) -> tuple[Any, ...] |
 
 
 def _in_fresh_interpreter(path: Path, prepare: Callable[[Config], Any]) -> tuple[Any, ...] | None:
-    """`_in_child`'s outcome, from `python -m edge_agent.config.isolated PATH MODULE NAME`."""
+    """`_in_child`'s outcome, from `python -m edge_agent.config.isolated PATH MODULE NAME FD`.
+
+    The outcome comes back on a pipe of its own (FD in the child), not on stdout: what the
+    child prints (a library at import, a warning) goes to the agent's stdout and cannot spoil
+    it. Its stderr is the agent's too (the journal).
+    """
+    read_end, write_end = os.pipe()
     command = [sys.executable, "-m", __name__, os.fspath(path),
-               prepare.__module__, prepare.__qualname__]  # fmt: skip
+               prepare.__module__, prepare.__qualname__, str(write_end)]  # fmt: skip
     try:
-        # our own interpreter and module; stderr is ours (the journal)
-        done = subprocess.run(  # noqa: S603
-            command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, check=False
-        )
+        # our own interpreter and module
+        child = subprocess.Popen(command, stdin=subprocess.DEVNULL, pass_fds=(write_end,))  # noqa: S603
     except OSError:
+        os.close(read_end)
+        os.close(write_end)
         return None
-    if done.returncode != 0 or not done.stdout:
+    try:
+        os.close(write_end)
+        with os.fdopen(read_end, "rb") as pipe:
+            data = pipe.read()
+        returncode = child.wait()
+    except BaseException:  # as in _in_child: the child never outlives the wait
+        child.kill()
+        child.wait()
+        raise
+    if returncode != 0 or not data:
         return None
-    return _loads(done.stdout)
+    return _loads(data)
 
 
 def _loads(data: bytes) -> tuple[Any, ...] | None:
@@ -180,13 +195,14 @@ def _child(path: Path, prepare: Callable[[Config], Any], write_end: int) -> None
 
 
 def _main(argv: list[str]) -> int:
-    """`python -m edge_agent.config.isolated PATH MODULE NAME`: the outcome on stdout."""
-    path, module, name = argv
+    """`python -m edge_agent.config.isolated PATH MODULE NAME FD`: the outcome into FD."""
+    path, module, name, fd = argv
     prepare: Any = importlib.import_module(module)
     for part in name.split("."):
         prepare = getattr(prepare, part)
-    sys.stdout.buffer.write(_outcome(Path(path), prepare))
-    sys.stdout.buffer.flush()
+    data = _outcome(Path(path), prepare)
+    with os.fdopen(int(fd), "wb") as pipe:
+        pipe.write(data)
     return 0
 
 
