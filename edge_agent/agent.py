@@ -73,8 +73,8 @@ def run_agent(path: Path, log_format: LogFormat = "auto") -> int:
         # Read and validated in a child process, whose memory goes with it (config/isolated.py)
         with _stop_signals_raise():
             blueprint = load_config_isolated(path, Blueprint.of)
-    except StopRequested:
-        log.info("Stopped while reading the configuration file=%s", path)
+    except KeyboardInterrupt as stop:
+        log.info("Stopped while reading the configuration file=%s signal=%s", path, stop)
         return 0
     except ConfigError as exc:
         for line in str(exc).splitlines():  # one located line per problem
@@ -95,15 +95,11 @@ def run_agent(path: Path, log_format: LogFormat = "auto") -> int:
         return 1
 
 
-class StopRequested(BaseException):
-    """SIGTERM or SIGINT before the event loop runs; a BaseException as KeyboardInterrupt is,
-    so that no `except Exception` on the way swallows it."""
-
-
 @contextlib.contextmanager
 def _stop_signals_raise() -> Iterator[None]:
-    """SIGTERM and SIGINT raise StopRequested in the block (the main thread's only); the
-    handlers before it are restored after it.
+    """SIGTERM, as SIGINT does, raises KeyboardInterrupt in the block (a BaseException: no
+    `except Exception` on the way swallows it); in the main thread only, and the handlers
+    before it are restored after it.
 
     Reading a large file takes a second or more (in a child process): a stop meanwhile must end
     the agent as a stop does later (exit 0, contract §1) and end that child with it
@@ -114,7 +110,7 @@ def _stop_signals_raise() -> Iterator[None]:
         return
 
     def stop(signum: int, frame: object) -> None:
-        raise StopRequested(signal.Signals(signum).name)
+        raise KeyboardInterrupt(signal.Signals(signum).name)
 
     before = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
