@@ -17,7 +17,8 @@ The outcome is the one loading in process gives: `prepare(load_config(path))`, t
 (not POSIX), or the child fails in any other way (killed, a bug, a result that does not pickle),
 the file is loaded in process, so the caller sees exactly what it saw before, an unexpected
 exception included. An exception that interrupts the wait (KeyboardInterrupt, or what a caller's
-SIGTERM handler raises) ends the child first: it never outlives the wait for it.
+SIGTERM handler raises) ends the child first: it never outlives the wait for it; on Linux the
+kernel ends it too if the parent dies (PR_SET_PDEATHSIG).
 """
 
 from __future__ import annotations
@@ -43,6 +44,9 @@ T = TypeVar("T")
 
 _FAILED = 70
 """The child's exit status when it could not hand back an outcome (EX_SOFTWARE)."""
+
+_PR_SET_PDEATHSIG = 1
+"""prctl(2): the signal the calling process gets when its parent dies (Linux)."""
 
 _STOPS = {signal.SIGINT, signal.SIGTERM}
 """The signals a caller may turn into an exception (a stop) while it waits for the child."""
@@ -96,6 +100,7 @@ def _in_child(path: Path, prepare: Callable[[Config], Any]) -> tuple[Any, ...] |
     are held from before the fork until the wait is guarded, so none falls in between.
     """
     read_end, write_end = os.pipe()
+    parent = os.getpid()
     held = signal.pthread_sigmask(signal.SIG_BLOCK, _STOPS)
     try:
         pid = os.fork()
@@ -105,6 +110,7 @@ def _in_child(path: Path, prepare: Callable[[Config], Any]) -> tuple[Any, ...] |
         os.close(write_end)
         return None
     if pid == 0:  # pragma: no cover - the child (coverage does not follow it); never returns
+        _die_with(parent)
         signal.pthread_sigmask(signal.SIG_SETMASK, held)
         os.close(read_end)
         _child(path, prepare, write_end)
@@ -179,6 +185,21 @@ def _outcome(path: Path, prepare: Callable[[Config], Any]) -> bytes:
             raise  # not one the parent can remake exactly: it loads in process
         outcome = ("unreadable", type(exc), exc.errno, exc.strerror, exc.filename)
     return pickle.dumps(outcome, protocol=pickle.HIGHEST_PROTOCOL)
+
+
+def _die_with(parent: int) -> None:
+    """Linux: the kernel SIGKILLs this child when `parent` dies, however it dies (SIGKILL, the
+    OOM killer), so that it never reads on for no one; elsewhere nothing. (PR_SET_PDEATHSIG
+    follows the thread that forked: the agent's main thread, which lives as long as it.)"""
+    try:
+        import ctypes  # noqa: PLC0415 - the child's, never the parent's
+
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):  # not Linux
+        return
+    prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:  # it died before the prctl
+        os._exit(_FAILED)
 
 
 def _child(path: Path, prepare: Callable[[Config], Any], write_end: int) -> None:

@@ -60,3 +60,20 @@ def forked_child(pid: int, timeout: float) -> int:
         seen = now
         time.sleep(0.002)  # polling another process's state: nothing to await
     raise TimeoutError(f"no forked child process of {pid} within {timeout:g}s")
+
+
+ORPHAN_WATCH = """
+import ctypes, os, signal, subprocess, sys, time
+sys.path.insert(0, sys.argv[1])
+from helpers.processes import forked_child
+ctypes.CDLL(None, use_errno=True).prctl(36, 1)  # PR_SET_CHILD_SUBREAPER: orphans come here
+agent = subprocess.Popen(sys.argv[2:], stderr=subprocess.DEVNULL)
+child = forked_child(agent.pid, timeout=10)
+os.kill(agent.pid, signal.SIGKILL)
+agent.wait()
+_, status = os.waitpid(child, 0)  # the orphan, re-parented to this process
+print(os.WTERMSIG(status) if os.WIFSIGNALED(status) else -os.WEXITSTATUS(status))
+"""
+"""`python -c ORPHAN_WATCH TESTS_DIR COMMAND...`: runs COMMAND, SIGKILLs it once it has a
+forked child, and prints how that child ended: the signal that killed it, or minus its exit
+status. (A subreaper, so that the orphan can be waited for; Linux only.)"""
