@@ -22,8 +22,9 @@ import contextlib
 import gc
 import logging
 import signal
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -70,7 +71,11 @@ def run_agent(path: Path, log_format: LogFormat = "auto") -> int:
     one_malloc_arena()
     try:
         # Read and validated in a child process, whose memory goes with it (config/isolated.py)
-        blueprint = load_config_isolated(path, Blueprint.of)
+        with _stop_signals_raise():
+            blueprint = load_config_isolated(path, Blueprint.of)
+    except KeyboardInterrupt as stop:
+        log.info("Stopped while reading the configuration file=%s signal=%s", path, stop)
+        return 0
     except ConfigError as exc:
         for line in str(exc).splitlines():  # one located line per problem
             log.error("Invalid configuration, not starting problem=%s", line)
@@ -88,6 +93,31 @@ def run_agent(path: Path, log_format: LogFormat = "auto") -> int:
     except (StoreError, OSError, ValueError) as exc:
         log.error("Could not start error=%s", exc)
         return 1
+
+
+@contextlib.contextmanager
+def _stop_signals_raise() -> Iterator[None]:
+    """SIGTERM, as SIGINT does, raises KeyboardInterrupt in the block (a BaseException: no
+    `except Exception` on the way swallows it); in the main thread only, and the handlers
+    before it are restored after it.
+
+    Reading a large file takes a second or more (in a child process): a stop meanwhile must end
+    the agent as a stop does later (exit 0, contract §1) and end that child with it
+    (config/isolated.py), not kill the agent by the signal's default and leave the child on.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signal handlers can only be set in the main thread
+        return
+
+    def stop(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    before = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
 
 
 def _check_allowance_us(path: Path) -> int:
@@ -422,6 +452,8 @@ class Agent:
     async def _reload_from_file(self, path: Path) -> None:
         """SIGHUP: read and validate `path`; refuse it (logged, audited) or apply it (`reload`)."""
         async with self._reload_lock:
+            if self._stopping_drops_reload(path):
+                return
             systemd.notify(f"RELOADING=1\nMONOTONIC_USEC={time.monotonic_ns() // 1000}")
             try:
                 # In a fresh interpreter: the memory of loading stays there (config/isolated.py)
@@ -437,6 +469,8 @@ class Agent:
             except OSError as exc:
                 self._refused(path, exc.strerror or str(exc))
                 return
+            if self._stopping_drops_reload(path):
+                return
             try:
                 result = await self.reload(new.config, new.prepared)
             except (OSError, ValueError) as exc:  # the signing key refused: nothing changed
@@ -451,6 +485,18 @@ class Agent:
                   needs_restart=",".join(result.needs_restart) or None)  # fmt: skip
             log.info("Reloaded file=%s applied=%s", path, applied)
             systemd.notify(f"READY=1\nSTATUS={self._status}")
+
+    def _stopping_drops_reload(self, path: Path) -> bool:
+        """True (and logged) once a stop began: a reload then applies nothing.
+
+        Reading the file takes a while (a fresh interpreter, 0.5 s and more); a SIGTERM in that
+        time has already stopped the sources, and a reload applied after it would start them
+        again under a stopped batcher: the agent would never exit.
+        """
+        if not self.stopping.is_set():
+            return False
+        log.warning("Reload dropped: the agent is stopping file=%s", path)
+        return True
 
     def _refused(self, path: Path, why: str) -> None:
         """A reload refused: audited, logged (the outcome line last), and in systemd's STATUS=."""

@@ -7,6 +7,7 @@ Why it exists (the memory of loading stays in the child): docs/performance.md, i
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
 import tracemalloc
@@ -15,6 +16,7 @@ from typing import Any
 
 import pytest
 import yaml
+from helpers.processes import ORPHAN_WATCH, forked_child
 
 from edge_agent.blueprint import Blueprint
 from edge_agent.config import load_config
@@ -202,3 +204,74 @@ def test_run_refuses_an_invalid_file_with_check_configs_lines(tmp_path: Path) ->
         assert f"problem={line.strip()}" in run.stderr
     assert "Traceback" not in run.stderr
     assert not (tmp_path / "buffer.db").exists()
+
+
+def large_config(tmp_path: Path) -> Path:
+    """A valid file of 100,000 Modbus points (10 blocks): its child reads it in about a second."""
+    write_keypair(tmp_path / "keys")
+    sources = [{"type": "modbus", "name": f"d{i}", "host": "127.0.0.1", "port": 1,
+                "points": [{"name": "r{address}", "register": "holding", "address": 0,
+                            "type": "uint16", "count": 10_000}]} for i in range(10)]  # fmt: skip
+    path = tmp_path / "large.yaml"
+    path.write_text(yaml.safe_dump({
+        "gateway": {"id": "g"}, "store": {"path": str(tmp_path / "buffer.db")},
+        "signing": {"key_file": str(tmp_path / "keys" / "signing.key")}, "sources": sources,
+    }))  # fmt: skip
+    return path
+
+
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_stop_while_the_child_reads_ends_both_processes(tmp_path: Path, stop: int) -> None:
+    """SIGTERM or SIGINT to `edge-agent run` while its child reads a large file (100,000
+    points): exit 0 (a clean stop, docs/contract.md §1), nothing started, no traceback, and the
+    child ended with it. It once died of the SIGTERM and left the child reading on, orphaned."""
+    path = large_config(tmp_path)
+    agent = subprocess.Popen(
+        [sys.executable, "-m", "edge_agent", "run", "-c", str(path), "--log-format", "text"],
+        stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        reader = forked_child(agent.pid, timeout=10)  # reading takes about a second
+        agent.send_signal(stop)
+        _, errors = agent.communicate(timeout=30)
+    finally:
+        agent.kill()
+        agent.wait()
+    assert agent.returncode == 0, errors
+    assert not Path(f"/proc/{reader}").exists(), (Path(f"/proc/{reader}/stat").read_text(), errors)
+    assert "Traceback" not in errors
+    assert "Stopped while reading the configuration" in errors
+    assert not (tmp_path / "buffer.db").exists()
+
+
+def noisy_blueprint(config: Any) -> Blueprint:
+    """`Blueprint.of`, and a line on stdout, as a library might print at import or at work."""
+    print("a line on stdout")
+    return Blueprint.of(config)
+
+
+def test_what_the_fresh_interpreter_prints_stays_out_of_its_outcome(
+    good: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+    capfd: pytest.CaptureFixture[str],
+) -> None:  # fmt: skip
+    """The reload's child hands its outcome back on a pipe of its own: what it prints to
+    stdout goes where the agent's stdout goes and does not spoil the outcome. On stdout, it
+    once made the bytes unreadable, and the file was read in process after all."""
+    monkeypatch.setenv("PYTHONPATH", str(Path(__file__).parent))  # the child imports this file
+    blueprint = load_config_isolated(good, noisy_blueprint, fresh_interpreter=True)
+    assert [s.name for s in blueprint.config.sources] == ["plc-1", "plc-2", "sim"]
+    assert "Configuration read in process" not in caplog.text
+    assert "a line on stdout" in capfd.readouterr().out
+
+
+def test_the_child_dies_with_the_agent_however_the_agent_dies(tmp_path: Path) -> None:
+    """SIGKILL to `edge-agent run` (the OOM killer, say) while its child reads a large file:
+    the kernel kills the child at once (PR_SET_PDEATHSIG), which once read on for no one and
+    ended on its own (exit 70 when the pipe to the dead agent broke)."""
+    path = large_config(tmp_path)
+    command = [sys.executable, "-m", "edge_agent", "run", "-c", str(path)]
+    watch = subprocess.run(
+        [sys.executable, "-c", ORPHAN_WATCH, str(Path(__file__).parent), *command],
+        capture_output=True, text=True, timeout=60, check=True,
+    )  # fmt: skip
+    assert watch.stdout.strip() == str(int(signal.SIGKILL)), watch

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import signal
 import sqlite3
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -20,6 +21,7 @@ from typing import Any
 import pytest
 from helpers.agent import AgentProcess, agent_config
 from helpers.ports import free_port
+from helpers.processes import forked_child
 from helpers.wait import deadline, wait_for
 
 from edge_agent.consumer.verify import Verifier, consume, consumer_client
@@ -228,3 +230,27 @@ def test_modbus_sources_are_read_in_a_child_process_at_start_and_at_reload(
     assert "applied=nothing changed" in agent.reload(), "the same file is the same sources"
     assert "Configuration read in process" not in agent.log()
     assert agent.stop() == 0, agent.log()
+
+
+def test_a_stop_during_a_reload_ends_the_agent_without_applying_it(
+    tmp_path: Path, broker: Mosquitto, keys: Path, agents: list[AgentProcess]
+) -> None:
+    """SIGTERM while a reload's child process still reads the file (systemctl stop right after
+    systemctl reload): the agent stops cleanly, the reload is dropped, and the reload's child
+    is gone with the agent. It once applied the reload after the sources had been stopped,
+    started them again, and never exited."""
+    config = agent_config(tmp_path, broker, keys, [sim("a", "100ms")])
+    agent = AgentProcess(config, tmp_path)
+    agents.append(agent)
+    agent.start()
+    config["sources"].append(sim("b", "100ms"))
+    agent.write_config(config)
+    assert agent.process is not None
+    agent.process.send_signal(signal.SIGHUP)
+    reader = forked_child(agent.process.pid, timeout=10)  # a fresh interpreter: ~0.5 s to import
+    assert agent.stop(timeout=20) == 0, agent.log()
+    log = agent.log()
+    assert "Stopped cleanly" in log
+    assert "Reloaded" not in log and "Source added by reload" not in log, log
+    assert "Reload dropped: the agent is stopping" in log, log
+    assert not Path(f"/proc/{reader}").exists(), "the reload's child outlived the agent"

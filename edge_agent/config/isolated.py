@@ -9,22 +9,26 @@ whole per-point slope of the agent's RSS; docs/performance.md, issue 10). Here a
 validates the file, makes of the validated `Config` what its caller will keep (`prepare`: the
 points of each source by column instead of a model each) and hands that back pickled; the
 child's memory goes with it when it exits. Unpickling does not validate again: pydantic
-restores a model's fields as they were. The pickle comes from our own child over a pipe (or
-its stdout) that only the two processes hold.
+restores a model's fields as they were. The pickle comes from our own child over a pipe that
+only the two processes hold (never stdout, which anything the child runs may print to).
 
 The outcome is the one loading in process gives: `prepare(load_config(path))`, the same
 `ConfigError` (file name and located problems) or the same `OSError`. Where there is no `fork`
 (not POSIX), or the child fails in any other way (killed, a bug, a result that does not pickle),
 the file is loaded in process, so the caller sees exactly what it saw before, an unexpected
-exception included.
+exception included. An exception that interrupts the wait (KeyboardInterrupt, or what a caller's
+SIGTERM handler raises) ends the child first: it never outlives the wait for it; on Linux the
+kernel ends it too if the parent dies (PR_SET_PDEATHSIG).
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import logging
 import os
 import pickle  # nosec B403 - our own child's bytes, over a pipe only it and we hold
+import signal
 import subprocess  # nosec B404 - our own interpreter, a fixed command
 import sys
 from collections.abc import Callable
@@ -40,6 +44,12 @@ T = TypeVar("T")
 
 _FAILED = 70
 """The child's exit status when it could not hand back an outcome (EX_SOFTWARE)."""
+
+_PR_SET_PDEATHSIG = 1
+"""prctl(2): the signal the calling process gets when its parent dies (Linux)."""
+
+_STOPS = {signal.SIGINT, signal.SIGTERM}
+"""The signals a caller may turn into an exception (a stop) while it waits for the child."""
 
 
 def load_config_isolated(
@@ -83,40 +93,72 @@ def load_config_isolated(
 
 def _in_child(path: Path, prepare: Callable[[Config], Any]) -> tuple[Any, ...] | None:
     """The child's outcome: `("valid", prepared)`, `("invalid", file, problems)` or
-    `("unreadable", OSError or a subclass, errno, strerror, file)`; None when it gave none."""
+    `("unreadable", OSError or a subclass, errno, strerror, file)`; None when it gave none.
+
+    An exception that interrupts the wait (what a SIGINT or SIGTERM handler raises) kills and
+    reaps the child before it goes on: the child never outlives the wait. SIGINT and SIGTERM
+    are held from before the fork until the wait is guarded, so none falls in between.
+    """
     read_end, write_end = os.pipe()
+    parent = os.getpid()
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, _STOPS)
     try:
         pid = os.fork()
     except OSError:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
         os.close(read_end)
         os.close(write_end)
         return None
     if pid == 0:  # pragma: no cover - the child (coverage does not follow it); never returns
+        _die_with(parent)
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
         os.close(read_end)
         _child(path, prepare, write_end)
-    os.close(write_end)
-    with os.fdopen(read_end, "rb") as pipe:
-        data = pipe.read()
-    _, status = os.waitpid(pid, 0)
+    try:
+        os.close(write_end)
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)  # a stop held meanwhile: raised here
+        with os.fdopen(read_end, "rb") as pipe:
+            data = pipe.read()
+        _, status = os.waitpid(pid, 0)
+    except BaseException:
+        with contextlib.suppress(ProcessLookupError, ChildProcessError):  # reaped already
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+        raise
     if not os.WIFEXITED(status) or os.WEXITSTATUS(status) != 0 or not data:
         return None
     return _loads(data)
 
 
 def _in_fresh_interpreter(path: Path, prepare: Callable[[Config], Any]) -> tuple[Any, ...] | None:
-    """`_in_child`'s outcome, from `python -m edge_agent.config.isolated PATH MODULE NAME`."""
+    """`_in_child`'s outcome, from `python -m edge_agent.config.isolated PATH MODULE NAME FD`.
+
+    The outcome comes back on a pipe of its own (FD in the child), not on stdout: what the
+    child prints (a library at import, a warning) goes to the agent's stdout and cannot spoil
+    it. Its stderr is the agent's too (the journal).
+    """
+    read_end, write_end = os.pipe()
     command = [sys.executable, "-m", __name__, os.fspath(path),
-               prepare.__module__, prepare.__qualname__]  # fmt: skip
+               prepare.__module__, prepare.__qualname__, str(write_end)]  # fmt: skip
     try:
-        # our own interpreter and module; stderr is ours (the journal)
-        done = subprocess.run(  # noqa: S603
-            command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, check=False
-        )
+        # our own interpreter and module
+        child = subprocess.Popen(command, stdin=subprocess.DEVNULL, pass_fds=(write_end,))  # noqa: S603
     except OSError:
+        os.close(read_end)
+        os.close(write_end)
         return None
-    if done.returncode != 0 or not done.stdout:
+    try:
+        os.close(write_end)
+        with os.fdopen(read_end, "rb") as pipe:
+            data = pipe.read()
+        returncode = child.wait()
+    except BaseException:  # as in _in_child: the child never outlives the wait
+        child.kill()
+        child.wait()
+        raise
+    if returncode != 0 or not data:
         return None
-    return _loads(done.stdout)
+    return _loads(data)
 
 
 def _loads(data: bytes) -> tuple[Any, ...] | None:
@@ -145,6 +187,21 @@ def _outcome(path: Path, prepare: Callable[[Config], Any]) -> bytes:
     return pickle.dumps(outcome, protocol=pickle.HIGHEST_PROTOCOL)
 
 
+def _die_with(parent: int) -> None:
+    """Linux: the kernel SIGKILLs this child when `parent` dies, however it dies (SIGKILL, the
+    OOM killer), so that it never reads on for no one; elsewhere nothing. (PR_SET_PDEATHSIG
+    follows the thread that forked: the agent's main thread, which lives as long as it.)"""
+    try:
+        import ctypes  # noqa: PLC0415 - the child's, never the parent's
+
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):  # not Linux
+        return
+    prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:  # it died before the prctl
+        os._exit(_FAILED)
+
+
 def _child(path: Path, prepare: Callable[[Config], Any], write_end: int) -> None:
     """The forked child: the outcome into `write_end`, then exit at once (no atexit handlers,
     no flush of stdio buffers the parent also holds). Anything unexpected: exit _FAILED."""
@@ -159,13 +216,14 @@ def _child(path: Path, prepare: Callable[[Config], Any], write_end: int) -> None
 
 
 def _main(argv: list[str]) -> int:
-    """`python -m edge_agent.config.isolated PATH MODULE NAME`: the outcome on stdout."""
-    path, module, name = argv
+    """`python -m edge_agent.config.isolated PATH MODULE NAME FD`: the outcome into FD."""
+    path, module, name, fd = argv
     prepare: Any = importlib.import_module(module)
     for part in name.split("."):
         prepare = getattr(prepare, part)
-    sys.stdout.buffer.write(_outcome(Path(path), prepare))
-    sys.stdout.buffer.flush()
+    data = _outcome(Path(path), prepare)
+    with os.fdopen(int(fd), "wb") as pipe:
+        pipe.write(data)
     return 0
 
 
