@@ -34,7 +34,8 @@ def read_yaml_file(path: Path, kind: str = "YAML") -> Any:
     if len(data) > MAX_YAML_FILE_BYTES:
         raise ValueError(f"{path}: larger than 1 MiB")
     try:
-        return yaml.load(data.decode("utf-8"), Loader=_PlainLoader)  # noqa: S506 - a SafeLoader
+        # _PlainLoader is a SafeLoader (plain data only): not the unsafe load ruff and bandit flag.
+        return yaml.load(data.decode("utf-8"), Loader=_PlainLoader)  # noqa: S506  # nosec B506
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
         raise ValueError(f"{path}: not {kind}: {exc}") from None
 
