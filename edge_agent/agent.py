@@ -112,6 +112,8 @@ def _stop_signals_raise() -> Iterator[None]:
     Reading a large file takes a second or more (in a child process): a stop meanwhile must end
     the agent as a stop does later (exit 0, contract §1) and end that child with it
     (config/isolated.py), not kill the agent by the signal's default and leave the child on.
+    The same holds while the agent is built and until its event loop takes the signals over
+    (`Agent.run`), so that no step of start-up is left to the default action.
     """
     if threading.current_thread() is not threading.main_thread():
         yield  # signal handlers can only be set in the main thread
