@@ -1158,7 +1158,9 @@ class _Interruptible:
     `quick_check` reads the whole file (13 s at 512 MB from a cold cache): a stop during
     start-up cancels the open, and asyncio.run waits for its worker threads before the process
     exits. An interrupted check says nothing (an error that is not corruption); the open that
-    asked for it is cancelled anyway.
+    asked for it is cancelled anyway. SQLite's interrupt is a no-op while no statement runs
+    (while the check's statement is prepared, say: a cold schema read), so the connection's
+    progress handler also stops a statement that starts after it.
     """
 
     def __init__(self) -> None:
@@ -1167,10 +1169,16 @@ class _Interruptible:
         self._interrupted = False
 
     def attach(self, db: sqlite3.Connection | None) -> bool:
-        """Make `db` the one to interrupt (None: none any more); False when interrupted."""
+        """Make `db` the one to interrupt (None: none any more); False when interrupted.
+        In the thread that uses `db` (it sets its progress handler)."""
+        if db is not None:
+            db.set_progress_handler(self._stop_now, 1)
         with self._lock:
             self._db = db
             return not self._interrupted
+
+    def _stop_now(self) -> int:
+        return 1 if self._interrupted else 0
 
     def interrupt(self) -> None:
         with self._lock:
