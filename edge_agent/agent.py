@@ -85,11 +85,19 @@ def run_agent(path: Path, log_format: LogFormat = "auto") -> int:
         log.error("Cannot read the configuration file=%s error=%s", path, exc.strerror or exc)
         return 2
     set_level(LEVELS[blueprint.config.log.level])
+    step = "building the components"
     try:
-        agent = Agent(blueprint.config, config_path=path, prepared=blueprint.prepared)
-        del blueprint  # what the agent does not keep of the validated file is freed now
-        agent.compact()
-        return asyncio.run(agent.run())
+        # A stop from here until the event loop runs raises KeyboardInterrupt; from then on
+        # the loop's handlers take it (Agent.run): start-up ends cleanly at any step.
+        with _stop_signals_raise():
+            agent = Agent(blueprint.config, config_path=path, prepared=blueprint.prepared)
+            del blueprint  # what the agent does not keep of the validated file is freed now
+            agent.compact()
+            step = "starting the event loop"
+            return asyncio.run(agent.run())
+    except KeyboardInterrupt as stop:
+        log.info("Stopped during start-up step=%s signal=%s", step, stop)
+        return 0
     except (StoreError, OSError, ValueError) as exc:
         log.error("Could not start error=%s", exc)
         return 1
@@ -104,6 +112,8 @@ def _stop_signals_raise() -> Iterator[None]:
     Reading a large file takes a second or more (in a child process): a stop meanwhile must end
     the agent as a stop does later (exit 0, contract §1) and end that child with it
     (config/isolated.py), not kill the agent by the signal's default and leave the child on.
+    The same holds while the agent is built and until its event loop takes the signals over
+    (`Agent.run`), so that no step of start-up is left to the default action.
     """
     if threading.current_thread() is not threading.main_thread():
         yield  # signal handlers can only be set in the main thread
@@ -131,6 +141,21 @@ def _check_allowance_us(path: Path) -> int:
     except OSError:
         size = 0
     return int((60 + size / 10e6) * 1e6)
+
+
+LONG_CHECK_BYTES = 64 * 1024**2
+"""A buffer from this size up takes seconds to check (about 40 MB/s from a cold cache)."""
+
+
+def _log_a_long_check(path: Path) -> None:
+    """Say that a large buffer is being checked, so that seconds of silence at start are
+    explained; a small one is not (a start that fails stays one line, contract §1)."""
+    try:
+        size = path.stat().st_size
+    except OSError:
+        return
+    if size >= LONG_CHECK_BYTES:
+        log.info("Checking the buffer path=%s bytes=%d", path, size)
 
 
 def tune_garbage_collector() -> None:
@@ -247,7 +272,15 @@ class Agent:
         """The batcher once running: `rotate_signing_key` switches its key."""
         self._reload_lock = asyncio.Lock()
         self._status = ""
+        self._forwarder: Forwarder | None = None
+        """The running forwarder once started (the STATUS= line reads its state)."""
         self._ack_keys: list[Ed25519PublicKey] = []
+        self._starting: asyncio.Task[int] | None = None
+        """`run`'s task while it starts (a stop cancels it), None once started."""
+        self._step = "starting"
+        """The start-up step under way, for the log line of a stop during start-up."""
+        self._stopped_by: str | None = None
+        """The signal that stopped start-up (SIGTERM, SIGINT), if one did."""
 
     def compact(self) -> None:
         """Let the memory of loading the configuration go, once nothing refers to it any more.
@@ -304,14 +337,38 @@ class Agent:
         return sealer.kid
 
     async def run(self) -> int:
+        """Start, run until SIGTERM or SIGINT, stop cleanly: 0. Raises StoreError, OSError or
+        ValueError when start-up fails.
+
+        The stop signals are the loop's from the first step on: during start-up one cancels
+        it at whatever step it is (`_on_stop`; checking a large buffer takes seconds, 13 s at
+        512 MB from a cold cache) and the agent ends as after a stop, 0 and the step logged
+        (docs/contract.md §1), the buffer closed; nothing is connected or sealed yet.
+        """
+        self._starting = asyncio.current_task()
+        self._install_signal_handlers()
+        try:
+            return await self._start()
+        except asyncio.CancelledError:
+            if self._stopped_by is None or self._starting is None:
+                raise  # not our stop's cancellation
+            self._starting.uncancel()
+            log.info("Stopped during start-up step=%s signal=%s", self._step, self._stopped_by)
+            return 0
+
+    async def _start(self) -> int:
+        self._step = "loading the keys"
         sealer = self.load_sealer(self.config.signing.key_file)
         # Consumer keys whose acknowledgements are trusted (end_to_end; ValueError names a bad one).
         self._ack_keys = [load_consumer_key(path) for path in self.config.mqtt.ack_keys]
         try:
+            self._step = "checking the buffer"
             allowance = _check_allowance_us(self.config.store.path)
             systemd.notify(f"STATUS=Checking the buffer\nEXTEND_TIMEOUT_USEC={allowance}")
+            _log_a_long_check(self.config.store.path)
             await self.store.open()
             self.metrics.store_quarantined.inc(len(self.store.quarantined))
+            self._step = "adopting the buffer's clock"
             await self._adopt_clock()
             return await self._run_with_store(sealer)
         finally:
@@ -342,6 +399,7 @@ class Agent:
             mark=batcher.high_water_mark,
         )
         tasks: list[asyncio.Task[None]] = []
+        self._step = "starting the health server"
         health = Health(
             gateway=self.config.gateway.id,
             store=self.store,
@@ -353,7 +411,9 @@ class Agent:
             clock=self.clock,
         )
         runner = await start_health_server(health, self.config.health.host, self.config.health.port)
-        self._install_signal_handlers()
+        # Started: nothing awaits from here to the task group, and a stop is an ordinary one
+        self._starting = None
+        self._forwarder = forwarder
         tune_garbage_collector()
         log.info(
             "Started gateway=%s sources=%d buffer=%s epoch=%s backlog=%d",
@@ -375,8 +435,7 @@ class Agent:
                 if watchdog:
                     tasks.append(group.create_task(self._watchdog(watchdog), name="watchdog"))
                 health.ready = True
-                self._status = self._status_text(forwarder)
-                systemd.notify(f"READY=1\nSTATUS={self._status}")
+                systemd.notify(f"READY=1\nSTATUS={self._current_status()}")
                 tasks.append(group.create_task(self._status_loop(forwarder), name="status"))
                 tasks.append(group.create_task(self._clock_loop(), name="clock"))
                 self.started.set()
@@ -434,8 +493,16 @@ class Agent:
     def _install_signal_handlers(self) -> None:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, self.stopping.set)
+            loop.add_signal_handler(sig, self._on_stop, sig.name)
         loop.add_signal_handler(signal.SIGHUP, self._on_hangup)
+
+    def _on_stop(self, signame: str) -> None:
+        """SIGTERM or SIGINT: stop. During start-up, cancel it (`run` ends it cleanly); after,
+        the running agent stops (`stopping`)."""
+        if self._starting is not None and self._stopped_by is None:
+            self._stopped_by = signame
+            self._starting.cancel()
+        self.stopping.set()
 
     def _start_source(self, source: Source) -> None:
         assert self._group is not None and self.batcher is not None
@@ -444,8 +511,11 @@ class Agent:
         )
 
     def _on_hangup(self) -> None:
-        if self.config_path is None or self._group is None or self.stopping.is_set():
+        if self.config_path is None or self.stopping.is_set():
             log.warning("Reload ignored: the agent is not running from a file")
+            return
+        if self._group is None:
+            log.warning("Reload ignored: the agent is still starting file=%s", self.config_path)
             return
         self._group.create_task(self._reload_from_file(self.config_path), name="reload")
 
@@ -484,7 +554,7 @@ class Agent:
             audit("reload", "success", file=str(path), applied=applied,
                   needs_restart=",".join(result.needs_restart) or None)  # fmt: skip
             log.info("Reloaded file=%s applied=%s", path, applied)
-            systemd.notify(f"READY=1\nSTATUS={self._status}")
+            systemd.notify(f"READY=1\nSTATUS={self._current_status()}")
 
     def _stopping_drops_reload(self, path: Path) -> bool:
         """True (and logged) once a stop began: a reload then applies nothing.
@@ -502,7 +572,7 @@ class Agent:
         """A reload refused: audited, logged (the outcome line last), and in systemd's STATUS=."""
         audit("reload", "refused", file=str(path), error=why)
         log.error("Reload refused, running configuration kept file=%s error=%s", path, why)
-        systemd.notify(f"READY=1\nSTATUS={self._status} (last reload refused: {why})")
+        systemd.notify(f"READY=1\nSTATUS={self._current_status()} (last reload refused: {why})")
 
     async def reload(self, new: Config, prepared: PreparedSources | None = None) -> ReloadResult:
         """Apply a validated config to the running agent; return what was applied.
@@ -598,6 +668,14 @@ class Agent:
             f"{head}; {up} of {len(self.source_states)} sources up; "
             f"{stats.readings} readings in {stats.batches} batches buffered"
         )
+
+    def _current_status(self) -> str:
+        """The STATUS= line now (and the one `_status_loop` compares with): READY=1 after a
+        reload must count the sources of the configuration just applied, not those the loop
+        last counted, up to STATUS_EVERY_S before."""
+        if self._forwarder is not None:
+            self._status = self._status_text(self._forwarder)
+        return self._status
 
     async def _status_loop(self, forwarder: Forwarder) -> None:
         """Send STATUS= when its text changes, checked every STATUS_EVERY_S."""

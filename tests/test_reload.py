@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import signal
 import sqlite3
 from collections.abc import AsyncIterator
@@ -20,6 +21,7 @@ from typing import Any
 
 import pytest
 from helpers.agent import AgentProcess, agent_config
+from helpers.notify import NotifySocket
 from helpers.ports import free_port
 from helpers.processes import forked_child
 from helpers.wait import deadline, wait_for
@@ -254,3 +256,28 @@ def test_a_stop_during_a_reload_ends_the_agent_without_applying_it(
     assert "Reloaded" not in log and "Source added by reload" not in log, log
     assert "Reload dropped: the agent is stopping" in log, log
     assert not Path(f"/proc/{reader}").exists(), "the reload's child outlived the agent"
+
+
+def test_after_a_reload_systemd_status_counts_the_new_sources(
+    tmp_path: Path, broker: Mosquitto, keys: Path, agents: list[AgentProcess]
+) -> None:
+    """READY=1 after a reload carries a STATUS= line of the configuration just applied (what
+    `systemctl status` shows): it once counted the sources from before the reload ("0 of 1
+    sources up" after reloading to 10 sources) until the next periodic update."""
+    notify = NotifySocket()
+    try:
+        config = agent_config(tmp_path, broker, keys, [sim("s0", "100ms")])
+        agent = AgentProcess(config, tmp_path, env=notify.env)
+        agents.append(agent)
+        agent.start()
+        ready = notify.wait_for(lambda m: "READY=1" in m, 10, "READY=1 at start")
+        assert "of 1 sources up" in ready, ready
+        config["sources"] = [sim(f"s{i}", "100ms") for i in range(10)]
+        agent.write_config(config)
+        assert "Reloaded" in agent.reload(), agent.log()
+        notify.wait_for(lambda m: "RELOADING=1" in m, 10, "RELOADING=1")
+        ready = notify.wait_for(lambda m: "READY=1" in m, 10, "READY=1 after the reload")
+        assert re.search(r"STATUS=.*; \d+ of 10 sources up;", ready), ready
+        assert agent.stop() == 0, agent.log()
+    finally:
+        notify.close()

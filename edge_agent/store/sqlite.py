@@ -67,6 +67,7 @@ import json
 import logging
 import os
 import sqlite3
+import threading
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Collection, Sequence
@@ -412,7 +413,12 @@ class Store:
 
     async def _check_or_quarantine(self, mark: CommittedMark | None) -> dict[str, Any] | None:
         """Check the existing file; when it is bad, move it aside and return what ended."""
-        problem, meta = await asyncio.to_thread(_check_file, self.path)
+        check = _Interruptible()
+        try:
+            problem, meta = await asyncio.to_thread(_check_file, self.path, check)
+        except asyncio.CancelledError:
+            check.interrupt()  # else the process waits for the whole check to exit
+            raise
         if problem is None and meta is not None and mark is not None:
             problem = _went_backwards(meta, mark)
         if problem is None:
@@ -1145,16 +1151,59 @@ class Store:
         return min(found) if found else None
 
 
-def _check_file(path: Path) -> tuple[str | None, dict[str, Any] | None]:
+class _Interruptible:
+    """The connection of a check in a worker thread, which another thread may interrupt,
+    before the connection exists too.
+
+    `quick_check` reads the whole file (13 s at 512 MB from a cold cache): a stop during
+    start-up cancels the open, and asyncio.run waits for its worker threads before the process
+    exits. An interrupted check says nothing (an error that is not corruption); the open that
+    asked for it is cancelled anyway. SQLite's interrupt is a no-op while no statement runs
+    (while the check's statement is prepared, say: a cold schema read), so the connection's
+    progress handler also stops a statement that starts after it.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._db: sqlite3.Connection | None = None
+        self._interrupted = False
+
+    def attach(self, db: sqlite3.Connection | None) -> bool:
+        """Make `db` the one to interrupt (None: none any more); False when interrupted.
+        In the thread that uses `db` (it sets its progress handler)."""
+        if db is not None:
+            db.set_progress_handler(self._stop_now, 1)
+        with self._lock:
+            self._db = db
+            return not self._interrupted
+
+    def _stop_now(self) -> int:
+        return 1 if self._interrupted else 0
+
+    def interrupt(self) -> None:
+        with self._lock:
+            self._interrupted = True
+            if self._db is not None:
+                self._db.interrupt()
+
+
+def _check_file(
+    path: Path, check: _Interruptible | None = None
+) -> tuple[str | None, dict[str, Any] | None]:
     """Check a buffer file: (what is wrong or None, its meta table or None if unreadable).
 
     Runs on a read-only connection of its own, in a worker thread: a read-only connection never
     checkpoints, so a bad file and its `-wal` are kept exactly as found. An error that does not
-    say the bytes are bad (the file cannot be opened, is locked) is left to the real open.
+    say the bytes are bad (the file cannot be opened, is locked) is left to the real open, and
+    so is a check `check` interrupted: (None, None).
     """
+    check = check or _Interruptible()
     try:
         db = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=1.0)
     except sqlite3.Error:
+        return None, None
+    if not check.attach(db):
+        db.close()
         return None, None
     try:
         rows = db.execute("PRAGMA quick_check").fetchall()
@@ -1167,6 +1216,7 @@ def _check_file(path: Path) -> tuple[str | None, dict[str, Any] | None]:
         code = getattr(exc, "sqlite_errorcode", 0) & 0xFF
         return (str(exc), _meta(db)) if code in CORRUPTION else (None, None)
     finally:
+        check.attach(None)  # never interrupted once closed
         db.close()
 
 

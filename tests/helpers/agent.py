@@ -93,8 +93,8 @@ class AgentProcess:
         """Write the config file the agent reads (a dict as YAML, or text as it is)."""
         self.path.write_text(config if isinstance(config, str) else yaml.safe_dump(config))
 
-    def start(self, timeout: float = 20.0) -> None:
-        """Start the process and wait (polling /readyz, at most `timeout` s) until it is ready."""
+    def spawn(self) -> subprocess.Popen[bytes]:
+        """Start the process and return at once (`start` also waits until it is ready)."""
         log = self.log_path.open("ab")
         self.process = subprocess.Popen(
             [sys.executable, "-m", "edge_agent", "run", "--config", str(self.path), *self.args],
@@ -102,6 +102,12 @@ class AgentProcess:
             stderr=log,
             env={**os.environ, "PYTHONUNBUFFERED": "1", **self.env},
         )
+        return self.process
+
+    def start(self, timeout: float = 20.0) -> None:
+        """Start the process and wait (polling /readyz, at most `timeout` s) until it is ready."""
+        self.spawn()
+        assert self.process is not None
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
