@@ -113,7 +113,9 @@ def _stop_signals_raise() -> Iterator[None]:
     the agent as a stop does later (exit 0, contract §1) and end that child with it
     (config/isolated.py), not kill the agent by the signal's default and leave the child on.
     The same holds while the agent is built and until its event loop takes the signals over
-    (`Agent.run`), so that no step of start-up is left to the default action.
+    (`Agent.run`), so that no step of start-up is left to the default action. A SIGHUP
+    (`systemctl reload`) meanwhile is ignored and logged, as it is later in start-up: its default
+    action would end the agent.
     """
     if threading.current_thread() is not threading.main_thread():
         yield  # signal handlers can only be set in the main thread
@@ -122,7 +124,11 @@ def _stop_signals_raise() -> Iterator[None]:
     def stop(signum: int, frame: object) -> None:
         raise KeyboardInterrupt(signal.Signals(signum).name)
 
+    def hang_up(signum: int, frame: object) -> None:
+        log.warning("Reload ignored: the agent is still starting")
+
     before = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+    before[signal.SIGHUP] = signal.signal(signal.SIGHUP, hang_up)
     try:
         yield
     finally:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
+import threading
 import tracemalloc
 from pathlib import Path
 from typing import Any
@@ -242,6 +243,43 @@ def test_a_stop_while_the_child_reads_ends_both_processes(tmp_path: Path, stop: 
     assert "Traceback" not in errors
     assert "Stopped while reading the configuration" in errors
     assert not (tmp_path / "buffer.db").exists()
+
+
+def test_a_reload_while_the_child_reads_is_ignored_and_the_agent_starts(tmp_path: Path) -> None:
+    """SIGHUP (`systemctl reload`) to `edge-agent run` while its child reads a large file: the
+    reload is ignored and logged, the agent starts on the file it read, and a later SIGTERM
+    stops it cleanly. SIGHUP's default action once ended the agent there."""
+    path = large_config(tmp_path)
+    agent = subprocess.Popen(
+        [sys.executable, "-m", "edge_agent", "run", "-c", str(path), "--log-format", "text"],
+        stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    lines: list[str] = []
+    started = threading.Event()
+
+    def read_log() -> None:
+        assert agent.stderr is not None
+        for line in agent.stderr:
+            lines.append(line)
+            if "Started gateway=" in line:
+                started.set()
+
+    reader_thread = threading.Thread(target=read_log, daemon=True)
+    reader_thread.start()
+    try:
+        forked_child(agent.pid, timeout=10)  # reading takes about a second
+        agent.send_signal(signal.SIGHUP)
+        assert started.wait(60), "".join(lines)
+        assert agent.poll() is None
+        agent.send_signal(signal.SIGTERM)
+        assert agent.wait(timeout=60) == 0, "".join(lines)
+    finally:
+        agent.kill()
+        agent.wait()
+        reader_thread.join(10)
+    log = "".join(lines)
+    assert "Reload ignored: the agent is still starting" in log, log
+    assert "Traceback" not in log, log
 
 
 def noisy_blueprint(config: Any) -> Blueprint:
