@@ -107,6 +107,18 @@ def test_hostile_files_get_problems_not_tracebacks(
     assert expected in result.stderr
 
 
+def test_a_missing_file_is_said_to_be_missing(tmp_path: Path) -> None:
+    """Found by the acceptance check: a file that does not exist was reported as `not a regular
+    file`, which sends the operator looking for a directory or a device."""
+    missing = tmp_path / "agent.yaml"
+    result = subprocess.run(
+        [sys.executable, "-m", "edge_agent", "check-config", str(missing)],
+        capture_output=True, text=True, check=False, timeout=20,
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert result.stderr == f"{missing}: cannot read: No such file or directory\n"
+
+
 def test_a_fifo_is_refused_without_hanging(tmp_path: Path) -> None:
     fifo = tmp_path / "agent.yaml"
     os.mkfifo(fifo)

@@ -14,6 +14,7 @@ from edge_agent.consumer.ingest.keystore import GatewayTrust
 from edge_agent.consumer.ingest.report import render
 from edge_agent.consumer.ingest.rows import NonconformingError, RowMaker, text_field, ts_field
 from edge_agent.consumer.ingest.settings import load_settings
+from edge_agent.consumer.ingest.worker import run_worker
 from edge_agent.consumer.ingest.write import multirange, parse_multirange
 from edge_agent.reading import Quality, Reading
 from edge_agent.seal.columnar import Columns
@@ -302,3 +303,33 @@ def test_the_example_configuration_loads() -> None:
     settings = load_settings(args(config=str(example)))
     assert settings.client_id == "ingest-db1-1" and settings.url.startswith("mqtts://")
     assert settings.keys_refresh == 10 and settings.ack_key is not None
+
+
+@pytest.mark.parametrize(
+    ("option", "problem"),
+    [
+        ("ack_key", "ack_key: {missing}: No such file or directory"),
+        ("ack_key", "ack_key: {loose} is readable by others (mode 644)"),
+        ("password_file", "password_file: {missing}: No such file or directory"),
+    ],
+)
+def test_an_unusable_ack_key_or_password_file_is_one_line_and_exit_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], option: str, problem: str
+) -> None:
+    """Found by the acceptance check: `ingest run` with a missing or world-readable ack key, or
+    a missing password file, ended in a traceback (exit 1); it is a bad argument (contract §1),
+    said in one line before anything is connected (the DSN and URL lead nowhere, and a unit
+    test may not connect)."""
+    write_keypair(tmp_path / "loose")
+    loose = tmp_path / "loose" / "signing.key"
+    loose.chmod(0o644)
+    missing = tmp_path / "missing"
+    file = {"ack_key": loose if "644" in problem else missing, "password_file": missing}
+    settings = load_settings(
+        args(dsn="host=/nonexistent", url="mqtt://127.0.0.1:9", username="u",
+             **{option: str(file[option])})
+    )  # fmt: skip
+    assert run_worker(settings) == 2
+    lines = capsys.readouterr().err.splitlines()
+    assert lines == [lines[0]], lines
+    assert lines[0].startswith("ingest run: " + problem.format(missing=missing, loose=loose))

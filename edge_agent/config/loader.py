@@ -16,6 +16,7 @@ from __future__ import annotations
 import errno
 import os
 import re
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -64,10 +65,11 @@ def load_config(path: Path, *, check_files: bool = True) -> Config:
     OSError propagates when the file cannot be read at all (check-config exits 2 for it).
     """
     name = str(path)
-    if not path.is_file():  # a directory, a FIFO or a device would hang or mislead
-        raise IsADirectoryError(errno.EISDIR if path.is_dir() else errno.EINVAL,
+    info = path.stat()  # a missing file: FileNotFoundError, "No such file or directory"
+    if not stat.S_ISREG(info.st_mode):  # a directory, a FIFO or a device would hang or mislead
+        raise IsADirectoryError(errno.EISDIR if stat.S_ISDIR(info.st_mode) else errno.EINVAL,
                                 "not a regular file", name)  # fmt: skip
-    size = path.stat().st_size
+    size = info.st_size
     if size > MAX_CONFIG_BYTES:
         raise ConfigError(name, [ConfigProblem(
             "", f"file is larger than {MAX_CONFIG_BYTES // 1024**2} MiB ({size:,} bytes): "

@@ -36,6 +36,7 @@ import contextlib
 import logging
 import signal
 import ssl
+import sys
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -179,13 +180,8 @@ class Worker:
         self.ready = asyncio.Event()
         """Set once subscribed (a test or the benchmark may then publish)."""
         self._db = _Database(settings.dsn)
-        self._signer = (
-            AckSigner(
-                load_private_key(Path(settings.ack_key)), f"ingest:{settings.mqtt_client_id()}"
-            )
-            if settings.ack_key
-            else None
-        )
+        self._signer = _ack_signer(settings)
+        self._password = _read_password(settings.password_file)
         self._decoder: Decoder | None = None
         self._keys_loaded = 0.0
         self._generation = -1
@@ -223,10 +219,9 @@ class Worker:
 
     async def _consume(self, stop: asyncio.Event) -> None:
         s = self.settings
-        password = _read_password(s.password_file)
         try:
             while not stop.is_set():
-                client = mqtt_client(s, password)
+                client = mqtt_client(s, self._password)
                 # PUBACK only after COMMIT (paho's manual acknowledgement; aiomqtt does not
                 # expose it, so it is set on its paho client before connecting; pinned in
                 # tests/test_library_internals.py).
@@ -480,17 +475,53 @@ def mqtt_client(settings: IngestSettings, password: str | None) -> aiomqtt.Clien
     )
 
 
+def _file_problem(exc: OSError | ValueError) -> str:
+    """An unusable file's problem in one line: `PATH: No such file or directory`, or the text
+    of a key's check (which names the file)."""
+    if isinstance(exc, OSError) and exc.strerror:
+        return f"{exc.filename}: {exc.strerror}"
+    return str(exc)
+
+
+def _ack_signer(settings: IngestSettings) -> AckSigner | None:
+    """The signer of end-to-end acknowledgements, None without `ack_key`.
+
+    Raises ValueError (`ack_key: ...`) when the key file cannot be used: missing, unreadable,
+    not a private Ed25519 key, or failing the checks of a signing key (security.md).
+    """
+    if not settings.ack_key:
+        return None
+    try:
+        key = load_private_key(Path(settings.ack_key))
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"ack_key: {_file_problem(exc)}") from None
+    return AckSigner(key, f"ingest:{settings.mqtt_client_id()}")
+
+
 def _read_password(path: str | None) -> str | None:
-    """The MQTT password from its file (read once, at start), or None."""
-    return Path(path).read_text().rstrip("\r\n") if path else None
+    """The MQTT password from its file (read once, at start), or None.
+
+    Raises ValueError (`password_file: ...`) when the file cannot be read as text.
+    """
+    if not path:
+        return None
+    try:
+        return Path(path).read_text().rstrip("\r\n")
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"password_file: {_file_problem(exc)}") from None
 
 
 def run_worker(settings: IngestSettings) -> int:
     """`edge-agent ingest run`: a worker until SIGTERM or SIGINT; the exit status.
 
-    0 after a clean stop, 1 when the database is not migrated to this version.
+    0 after a clean stop, 1 when the database is not migrated to this version, 2 (one line on
+    stderr, before anything is connected) when the ack key or the password file is unusable.
     """
-    worker = Worker(settings)
+    try:
+        worker = Worker(settings)
+    except ValueError as exc:
+        print(f"ingest run: {exc}", file=sys.stderr)
+        return 2
 
     async def main() -> None:
         stop = asyncio.Event()
