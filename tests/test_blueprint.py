@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from helpers.sample_configs import TWO_PLCS_AND_SIM
 
 from edge_agent.agent import Agent
 from edge_agent.blueprint import Blueprint
@@ -14,28 +15,7 @@ from edge_agent.sources.modbus.source import ModbusSource
 
 pytestmark = pytest.mark.unit
 
-CONFIG = """
-gateway: {{id: gw-1}}
-store: {{path: {dir}/buffer.db}}
-signing: {{key_file: {dir}/keys/signing.key}}
-sources:
-  - type: modbus
-    name: plc-1
-    host: 10.0.0.5
-    max_registers_per_read: 60
-    points:
-      - {{name: "t{{n:03}}", register: holding, address: 100, type: float32, count: 40,
-          scale: 0.1, deadband: 0.5}}
-      - {{name: flag, register: coil, address: 3, type: bool}}
-      - {{name: serial, register: input, address: 10, type: string, length: 8}}
-  - type: modbus
-    name: plc-2
-    host: 10.0.0.6
-    unit_id: 3
-    points:
-      - {{name: "r{{address}}", register: holding, address: 0, type: uint16, count: 300}}
-  - {{type: simulated, name: sim, points: 3}}
-"""
+CONFIG = TWO_PLCS_AND_SIM
 
 
 def test_an_agent_built_from_a_blueprint_is_the_agent_built_from_the_config(

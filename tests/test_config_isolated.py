@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 import yaml
 from helpers.processes import ORPHAN_WATCH, forked_child
+from helpers.sample_configs import TWO_PLCS_AND_SIM
 
 from edge_agent.blueprint import Blueprint
 from edge_agent.config import load_config
@@ -27,28 +28,7 @@ from edge_agent.seal.keys import write_keypair
 
 pytestmark = pytest.mark.integration  # each load forks a child
 
-GOOD = """
-gateway: {{id: gw-1}}
-store: {{path: {dir}/buffer.db}}
-signing: {{key_file: {dir}/keys/signing.key}}
-sources:
-  - type: modbus
-    name: plc-1
-    host: 10.0.0.5
-    max_registers_per_read: 60
-    points:
-      - {{name: "t{{n:03}}", register: holding, address: 100, type: float32, count: 40,
-          scale: 0.1, deadband: 0.5}}
-      - {{name: flag, register: coil, address: 3, type: bool}}
-      - {{name: serial, register: input, address: 10, type: string, length: 8}}
-  - type: modbus
-    name: plc-2
-    host: 10.0.0.6
-    unit_id: 3
-    points:
-      - {{name: "r{{address}}", register: holding, address: 0, type: uint16, count: 300}}
-  - {{type: simulated, name: sim, points: 3}}
-"""
+GOOD = TWO_PLCS_AND_SIM
 
 BAD: dict[str, str | bytes] = {
     "five mistakes": (

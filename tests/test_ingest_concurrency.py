@@ -17,24 +17,14 @@ from pathlib import Path
 
 import psycopg
 import pytest
-from helpers.fleet import Fleet, Message
-from helpers.ingest_fleet import prepare_database
+from helpers.fleet import Fleet
+from helpers.ingest_fleet import decoded, prepare_database
 from helpers.wait import wait_for
 
-from edge_agent.consumer.ingest import keystore
-from edge_agent.consumer.ingest.decode import Accepted, Decoder
+from edge_agent.consumer.ingest.decode import Accepted
 from edge_agent.consumer.ingest.write import Written, parse_multirange, write_group
 
 pytestmark = pytest.mark.integration
-
-
-def decoded(dsn: str, fleet: Fleet, messages: list[Message]) -> list[Accepted]:
-    """The worker's own decoding of `messages`, each one accepted."""
-    with psycopg.connect(dsn) as conn:
-        decoder = Decoder(keystore.load_trust(conn), fleet.prefix)
-    items = [decoder.decode(m.topic, m.payload) for m in messages]
-    assert all(isinstance(i, Accepted) for i in items), items
-    return items  # type: ignore[return-value]
 
 
 def ledger_row(dsn: str, gateway: str, epoch: str) -> tuple[list[tuple[int, int]], int, int, int]:

@@ -17,21 +17,11 @@ from pathlib import Path
 import psycopg
 import pytest
 from helpers.fleet import Fleet, Message
-from helpers.ingest_fleet import prepare_database
+from helpers.ingest_fleet import decoded, prepare_database
 
-from edge_agent.consumer.ingest import keystore
-from edge_agent.consumer.ingest.decode import Accepted, Decoder
 from edge_agent.consumer.ingest.write import write_group
 
 pytestmark = pytest.mark.integration
-
-
-def decoded(dsn: str, fleet: Fleet, messages: list[Message]) -> list[Accepted]:
-    with psycopg.connect(dsn) as conn:
-        decoder = Decoder(keystore.load_trust(conn), fleet.prefix)
-    items = [decoder.decode(m.topic, m.payload) for m in messages]
-    assert all(isinstance(i, Accepted) for i in items), items
-    return items  # type: ignore[return-value]
 
 
 async def test_a_batch_under_held_seqs_with_another_number_is_recorded_as_a_conflict(

@@ -30,7 +30,7 @@ import psycopg
 import pytest
 from helpers.agent import AgentProcess
 from helpers.fleet import agent_fleet
-from helpers.ingest_fleet import CopyWatch, FleetWorker, ledger, prepare_database, report
+from helpers.ingest_fleet import FleetWorker, kill_mid_copy, ledger, prepare_database, report
 from helpers.ledger import sealed_in_store
 from helpers.wait import wait_for
 from paho.mqtt.enums import CallbackAPIVersion
@@ -139,19 +139,7 @@ async def test_a_worker_killed_for_good_loses_nothing_with_end_to_end_agents(
 
         # SIGKILL in the middle of a group: PostgreSQL shows the victim's COPY running, its
         # transaction open, its messages neither committed nor PUBACKed. It is not restarted.
-        watch = CopyWatch(dsn)
-
-        def kill_mid_copy() -> bool:
-            assert victim.process is not None
-            if not watch.copying(victim.process.pid):
-                return False
-            victim.kill()
-            return True
-
-        try:
-            await wait_for(kill_mid_copy, 30, "the victim in the middle of a COPY", interval=0)
-        finally:
-            watch.close()
+        await kill_mid_copy(dsn, victim, "the victim in the middle of a COPY")
         # Seqs from here on were sealed after the kill: the dead worker never saw them.
         after_kill = [a.status()["buffer"]["next_seq"] for a in agents]
 

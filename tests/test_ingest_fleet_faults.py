@@ -24,9 +24,9 @@ from helpers.agent import AgentProcess
 from helpers.fleet import Fleet, Message, Publisher, agent_fleet, taken
 from helpers.ingest_fleet import (
     AckCollector,
-    CopyWatch,
     FleetWorker,
     covered,
+    kill_mid_copy,
     ledger,
     prepare_database,
     report,
@@ -83,19 +83,7 @@ async def test_three_workers_twenty_gateways_one_worker_killed_and_restarted(
             # Worker 1 is SIGKILLed in the middle of a group: while PostgreSQL shows its COPY
             # running (the transaction open), as the fleet publishes on.
             flowing = asyncio.create_task(publish_rounds(publisher, fleet, 24))
-            victim, watch = group[1], CopyWatch(postgres_dsn)
-
-            def kill_mid_copy() -> bool:
-                assert victim.process is not None
-                if not watch.copying(victim.process.pid):
-                    return False
-                victim.kill()
-                return True
-
-            try:
-                await wait_for(kill_mid_copy, 30, "worker 1 in the middle of a COPY", interval=0)
-            finally:
-                watch.close()
+            await kill_mid_copy(postgres_dsn, group[1], "worker 1 in the middle of a COPY")
             sent += await flowing
             group[1].start()  # its session kept its share and its unacknowledged messages
             sent += await publish_rounds(publisher, fleet, 4)

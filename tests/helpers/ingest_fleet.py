@@ -29,11 +29,13 @@ import psycopg
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from edge_agent.consumer.ingest import keystore, schema
+from edge_agent.consumer.ingest.decode import Accepted, Decoder
 from edge_agent.demo.broker import Mosquitto
 from edge_agent.seal.ack import AckError, AckOpener
-from helpers.fleet import Fleet
+from helpers.fleet import Fleet, Message
 from helpers.ingest import READY_LINE
 from helpers.processes import terminate
+from helpers.wait import wait_for
 
 
 class FleetWorker:
@@ -122,6 +124,15 @@ class FleetWorker:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
 
+def decoded(dsn: str, fleet: Fleet, messages: list[Message]) -> list[Accepted]:
+    """The worker's own decoding of `messages` (the keys enrolled in `dsn`), each one accepted."""
+    with psycopg.connect(dsn) as conn:
+        decoder = Decoder(keystore.load_trust(conn), fleet.prefix)
+    items = [decoder.decode(m.topic, m.payload) for m in messages]
+    assert all(isinstance(i, Accepted) for i in items), items
+    return items  # type: ignore[return-value]
+
+
 def prepare_database(
     dsn: str, fleet: Fleet | None = None, keys: Iterable[tuple[str, Path]] = ()
 ) -> None:
@@ -170,6 +181,25 @@ class CopyWatch:
 
     def close(self) -> None:
         self._conn.close()
+
+
+async def kill_mid_copy(dsn: str, worker: FleetWorker, what: str, timeout: float = 30) -> None:
+    """SIGKILL `worker` while PostgreSQL shows its COPY running: its group's transaction open,
+    its messages neither committed nor PUBACKed. TimeoutError naming `what` if no COPY of it is
+    seen within `timeout` s."""
+    watch = CopyWatch(dsn)
+
+    def killed() -> bool:
+        assert worker.process is not None
+        if not watch.copying(worker.process.pid):
+            return False
+        worker.kill()
+        return True
+
+    try:
+        await wait_for(killed, timeout, what, interval=0)
+    finally:
+        watch.close()
 
 
 def report(dsn: str) -> subprocess.CompletedProcess[str]:
