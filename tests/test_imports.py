@@ -20,7 +20,9 @@ def loaded_after(code: str) -> set[str]:
     return set(json.loads(done.stdout.splitlines()[-1]))
 
 
-@pytest.mark.parametrize("leaf", ["metrics", "logs", "schedule", "audit", "yaml_file"])
+@pytest.mark.parametrize(
+    "leaf", ["metrics", "logs", "schedule", "audit", "yaml_file", "secret_file"]
+)
 def test_a_leaf_module_imports_nothing_of_the_package(leaf: str) -> None:
     loaded = loaded_after(f"import edge_agent.{leaf}")
     assert {n for n in loaded if n.startswith("edge_agent")} == {"edge_agent", f"edge_agent.{leaf}"}
@@ -85,7 +87,7 @@ def test_ingest_depends_on_the_seal_not_on_the_agent() -> None:
         "import edge_agent.consumer.ingest.worker, edge_agent.consumer.ingest.report"
     )
     ours = {n.split(".")[1] for n in loaded if n.startswith("edge_agent.")}
-    assert ours <= {"consumer", "seal", "errors", "reading", "yaml_file"}, ours
+    assert ours <= {"consumer", "seal", "errors", "reading", "yaml_file", "secret_file"}, ours
     assert "psycopg" in loaded
 
 

@@ -9,6 +9,8 @@ from typing import Annotated
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, SecretStr
 
+from edge_agent.secret_file import read_secret_file
+
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)\s*$")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 
@@ -74,5 +76,5 @@ def duplicate_problems(values: Sequence[str], list_key: str, field: str) -> list
 def read_secret(inline: SecretStr | None, file: Path | None) -> str | None:
     """The secret from `x` or `x_file`; a file's trailing newline is not part of the secret."""
     if file is not None:
-        return file.read_text(encoding="utf-8").rstrip("\r\n")
+        return read_secret_file(file)
     return inline.get_secret_value() if inline is not None else None

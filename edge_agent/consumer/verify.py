@@ -49,6 +49,7 @@ from edge_agent.seal.envelope import Batch, Opener
 from edge_agent.seal.hwm import TOPIC_SUFFIX, HighWaterMark, open_mark
 from edge_agent.seal.keys import load_private_key, load_public_key
 from edge_agent.seal.trust import TrustSet
+from edge_agent.secret_file import read_secret_file
 
 log = logging.getLogger(__name__)
 
@@ -451,9 +452,7 @@ def run_verify(args: argparse.Namespace) -> int:
     try:
         trust = trusted_keys(args.key or [], args.trust or [])
         _no_credentials_in(args.url)
-        password = (
-            Path(args.password_file).read_text().rstrip("\r\n") if args.password_file else None
-        )
+        password = read_secret_file(Path(args.password_file)) if args.password_file else None
         ack_key = _ack_key(args)
     except (OSError, ValueError) as exc:
         print(f"verify: {exc}", file=sys.stderr)

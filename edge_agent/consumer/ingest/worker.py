@@ -63,6 +63,7 @@ from edge_agent.consumer.ingest.write import (
 )
 from edge_agent.errors import EdgeAgentError
 from edge_agent.seal.keys import load_private_key
+from edge_agent.secret_file import read_secret_file
 
 log = logging.getLogger(__name__)
 
@@ -506,7 +507,7 @@ def _read_password(path: str | None) -> str | None:
     if not path:
         return None
     try:
-        return Path(path).read_text().rstrip("\r\n")
+        return read_secret_file(Path(path))
     except (OSError, ValueError) as exc:
         raise ValueError(f"password_file: {_file_problem(exc)}") from None
 
