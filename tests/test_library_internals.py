@@ -74,6 +74,26 @@ async def test_aiomqtt_hands_paho_callbacks_to_methods_a_subclass_overrides() ->
     )
 
 
+async def test_aiomqtt_hands_paho_socket_callbacks_to_methods_a_subclass_overrides() -> None:
+    """AckingClient watches paho's socket itself (only while it is still paho's): aiomqtt must
+    still route paho's socket callbacks through its methods and keep its misc loop's parts."""
+    client = AckingClient(hostname="127.0.0.1")
+    inner = client._client
+    for name in ("on_socket_open", "on_socket_register_write"):
+        method = getattr(inner, name)
+        assert getattr(method, "__func__", None) is getattr(AckingClient, f"_{name}"), (
+            f"paho's {name} is not aiomqtt.Client._{name} any more: {FORWARD}._{name} would "
+            "be bypassed and a socket closed before the loop registers it would be watched"
+        )
+    assert inspect.iscoroutinefunction(getattr(client, "_misc_loop", None)), (
+        f"aiomqtt.Client._misc_loop is gone: {FORWARD}._start_misc_loop runs it"
+    )
+    assert hasattr(client, "_misc_task"), f"aiomqtt.Client._misc_task is gone: {FORWARD}"
+    assert isinstance(getattr(client, "_loop", None), asyncio.AbstractEventLoop), (
+        f"aiomqtt.Client._loop is gone: {FORWARD} registers paho's socket on it"
+    )
+
+
 INGEST = "edge_agent/consumer/ingest/worker.py (Worker: PUBACK only after COMMIT)"
 
 

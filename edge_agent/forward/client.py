@@ -16,6 +16,7 @@ import contextlib
 import socket
 import ssl
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -126,6 +127,79 @@ class AckingClient(aiomqtt.Client):
             if not future.done():
                 future.set_result(int(getattr(reason_code, "value", reason_code)))
         super()._on_publish(client, userdata, mid, reason_code, properties)
+
+    def _on_socket_open(self, client: paho.Client, userdata: Any, sock: Any) -> None:
+        """Watch the new socket for reading, but only if it is still paho's when the loop gets
+        to it.
+
+        paho opens the socket on aiomqtt's connect thread, so aiomqtt registers it with
+        `call_soon_threadsafe` and the file descriptor number taken now; a socket paho closes
+        before the loop runs that call (a connect that fails after opening it) left an
+        "exception in callback" traceback, or a reader on whatever reused the number.
+        """
+
+        def read() -> None:
+            try:
+                while True:
+                    client.loop_read()
+                    # loop_read does not always consume what an SSL socket already decoded.
+                    pending = getattr(client.socket(), "pending", None)
+                    if pending is None or pending() == 0:
+                        break
+            except Exception as error:  # noqa: BLE001 - any error here means the link broke
+                self._lose(error)
+
+        self._on_loop(lambda: self._watch(client, sock, self._loop.add_reader, read))
+        self._on_loop(self._start_misc_loop)
+
+    def _on_socket_register_write(self, client: paho.Client, userdata: Any, sock: Any) -> None:
+        """Watch the socket for writing while paho has bytes queued, if it is still open.
+
+        aiomqtt deferred this to the loop's next turn with the descriptor number taken now; when
+        the broker's close was read in the same turn (paho closes the socket and unregisters
+        the writer first), the deferred call then watched a closed descriptor: the "exception in
+        callback" traceback a broker restart left in the fault suite's log, or a writer on
+        whatever reused the number (a busy loop). On the loop's own thread it now registers at
+        once; from another thread, only if the socket is still paho's when the loop runs it.
+        """
+
+        def write() -> None:
+            try:
+                client.loop_write()
+            except Exception as error:  # noqa: BLE001 - any error here means the link broke
+                self._lose(error)
+
+        self._on_loop(lambda: self._watch(client, sock, self._loop.add_writer, write))
+
+    def _on_loop(self, call: Callable[[], None]) -> None:
+        """Run `call` now if this is the loop's thread, else on the loop's next turn."""
+        try:
+            here = asyncio.get_running_loop() is self._loop
+        except RuntimeError:
+            here = False
+        if here:
+            call()
+        else:
+            self._loop.call_soon_threadsafe(call)
+
+    @staticmethod
+    def _watch(
+        client: paho.Client,
+        sock: Any,
+        add: Callable[[int, Callable[[], None]], None],
+        callback: Callable[[], None],
+    ) -> None:
+        """Register `callback` for `sock` unless paho has closed or replaced it since."""
+        fileno: int = sock.fileno()
+        if fileno >= 0 and client.socket() is sock:
+            add(fileno, callback)
+
+    def _start_misc_loop(self) -> None:
+        self._misc_task = self._loop.create_task(self._misc_loop())
+
+    def _lose(self, error: Exception) -> None:
+        if not self._disconnected.done():
+            self._disconnected.set_exception(error)
 
     async def __aexit__(self, *exc_info: Any) -> None:
         """Mark a lost connection's error as seen: the pump already raised it.
