@@ -187,7 +187,7 @@ class Batcher:
         sealer resumes from the current point catalogue (same points: no new catalogue).
         """
         if self._catalogue is not None:
-            sealer.resume(self._catalogue)
+            sealer.resume_catalogue(self._catalogue)
         self._sealer = sealer
 
     async def _resume_catalogue(self) -> None:
@@ -205,7 +205,7 @@ class Batcher:
                         " digest=%s error=%s", digest.hex(), exc)  # fmt: skip
             return
         self._catalogue = catalogue
-        self._sealer.resume(catalogue)
+        self._sealer.resume_catalogue(catalogue)
         log.info("Resumed the point catalogue digest=%s points=%d", digest.hex(),
                  len(catalogue.points))  # fmt: skip
 
