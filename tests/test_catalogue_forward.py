@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import sqlite3
+import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -403,3 +405,100 @@ async def test_a_key_rotation_keeps_the_catalogue(tmp_path: Path, broker: Mosqui
         newest = await agent.store.newest_catalogue()
         assert newest is not None
         assert rotated.catalogue.digest == newest[0]
+
+
+OLD_SCHEMA = """
+CREATE TABLE meta (key TEXT PRIMARY KEY, value) WITHOUT ROWID;
+CREATE TABLE batches (
+    id INTEGER PRIMARY KEY, first_seq INTEGER NOT NULL, last_seq INTEGER NOT NULL,
+    readings INTEGER NOT NULL, bytes INTEGER NOT NULL, sealed_ns INTEGER NOT NULL,
+    data BLOB NOT NULL, sent_ns INTEGER);
+CREATE TABLE notices (
+    id INTEGER PRIMARY KEY, readings INTEGER NOT NULL, bytes INTEGER NOT NULL,
+    sealed_ns INTEGER NOT NULL, data BLOB NOT NULL, sent_ns INTEGER);
+CREATE TABLE pending_evictions (first_seq INTEGER PRIMARY KEY, last_seq INTEGER NOT NULL);
+CREATE TABLE eviction_reasons (first_seq INTEGER PRIMARY KEY, reason TEXT NOT NULL);
+CREATE INDEX batches_unsent ON batches (id) WHERE sent_ns IS NULL;
+CREATE INDEX batches_sent ON batches (sent_ns) WHERE sent_ns IS NOT NULL;
+"""
+"""The buffer's schema before point catalogues (store/sqlite.py at 269deb3, contract 2.3)."""
+
+
+def old_buffer(path: Path, key: Ed25519PrivateKey, batches: int) -> int:
+    """A buffer as the agent before 2.4 left it: its schema, self-contained format-2 batches of
+    10 readings sealed by the real sealer, in WAL mode. Returns the next seq."""
+    sealer = Sealer(key, payload_format=2)
+    epoch = "0123456789abcdef0123456789abcdef"
+    with sqlite3.connect(path) as db:
+        db.execute("PRAGMA journal_mode=WAL")
+        db.executescript(OLD_SCHEMA)
+        for n in range(1, batches + 1):
+            seq = (n - 1) * 10 + 1
+            data = sealer.seal(gateway=GATEWAY, epoch=epoch, batch=n, first_seq=seq,
+                               readings=points_readings(POINTS[:5], n * 100, 2),
+                               sealed_ns=time.time_ns())  # fmt: skip
+            db.execute("INSERT INTO batches VALUES (?, ?, ?, 10, ?, ?, ?, NULL)",
+                       (n, seq, seq + 9, len(data), time.time_ns(), data))  # fmt: skip
+        meta = [("epoch", epoch), ("next_seq", batches * 10 + 1), ("next_batch", batches + 1)]
+        db.executemany("INSERT INTO meta VALUES (?, ?)", meta)
+    return batches * 10 + 1
+
+
+async def test_a_buffer_of_before_catalogues_opens_and_drains_beside_new_batches(
+    tmp_path: Path, broker: Mosquitto
+) -> None:
+    """(e) The old batches (self-contained) and the new ones (referencing a catalogue) all
+    reach a consumer and decode."""
+    path, key = tmp_path / "b.db", Ed25519PrivateKey.generate()
+    next_seq = old_buffer(path, key, batches=6)
+    consumer = Consumer(Opener([key.public_key()]))
+    async with consuming(broker, consumer, [BATCH_TOPIC, CATALOGUE_TOPICS], "c"):
+        async with agent_parts(path, broker.url, key=key) as agent:
+            assert agent.store.next_seq == next_seq
+            await agent.emit(points_readings(POINTS, 1000, 5))
+            await agent.drained()
+            sealed = set(range(1, agent.store.next_seq))
+        await consumer.until(lambda: consumer.seqs() == sealed, "every reading decoded")
+    batches = [digest for kind, digest in consumer.arrivals if kind == "batch"]
+    assert batches[:6] == [None] * 6, "the old batches are sent as they were sealed"
+    assert batches[6:] and None not in batches[6:]
+    consumer.catalogue_first()
+    assert not consumer.missing
+
+
+async def test_a_refused_catalogue_keeps_its_batches_buffered_degraded_until_allowed(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The broker's ACL denies the catalogue topic (PUBACK 0x87): no batch that needs it is
+    published, the forwarder is degraded naming the catalogue and backs off; once allowed,
+    everything goes, catalogue first."""
+    caplog.set_level(logging.INFO, logger="edge_agent")
+    acl = tmp_path / "acl"
+    acl.write_text(f"topic readwrite {PREFIX}/{GATEWAY}/status\ntopic readwrite {BATCH_TOPIC}\n"
+                   f"topic read {PREFIX}/{GATEWAY}/catalogue/#\n")  # fmt: skip
+    directory = tmp_path / "broker"
+    directory.mkdir()
+    with Mosquitto(directory=directory, extra_config=f"acl_file {acl}\n") as broker:
+        consumer = Consumer(Opener([]))
+        async with agent_parts(tmp_path / "b.db", broker.url, reconnect_min=0.05,
+                               reconnect_max_stalled=0.8) as agent:  # fmt: skip
+            consumer.opener = Opener(agent.public)
+            async with consuming(broker, consumer, [BATCH_TOPIC, CATALOGUE_TOPICS], "c"):
+                await agent.emit(points_readings(POINTS, 0, 5))
+                batches = agent.store.stats.batches
+                await wait_for(lambda: sample(agent.metrics, "edge_agent_publish_rejected") >= 2,
+                               10, "the catalogue refused twice")  # fmt: skip
+                assert agent.store.stats.batches == batches
+                degraded = agent.forwarder.state.degraded or ""
+                assert "point catalogue" in degraded and "0x87" in degraded
+                assert not consumer.arrivals, "no batch went without its catalogue"
+                acl.write_text(f"topic readwrite {PREFIX}/{GATEWAY}/#\n")
+                broker.reload()
+                await agent.drained()
+                sealed = set(range(1, agent.store.next_seq))
+                await consumer.until(lambda: consumer.seqs() == sealed, "every reading decoded")
+                assert agent.forwarder.state.degraded is None
+    consumer.catalogue_first()
+    refusals = [r.getMessage() for r in caplog.records
+                if r.name == "edge_agent.forward.mqtt" and "0x87" in r.getMessage()]  # fmt: skip
+    assert len(refusals) == 1, f"logged once: {refusals}"
