@@ -150,28 +150,49 @@ class Catalogues:
         self.version += 1
 
     def positions(self, points: Sequence[tuple[str, str]], pk: bytes) -> list[int]:
-        """Each of `points`' position in the current catalogue (made anew as the class says)."""
+        """Each of `points`' position in the current catalogue (made anew as the class says).
+
+        All or nothing: when the new catalogue cannot be built (Catalogue.build raises, for a
+        name CBOR cannot carry), the current one and its points stay as they were, so that no
+        later batch gets a position the current catalogue lacks."""
         position = self._position
         missing = [point for point in points if point not in position]
-        if missing and len(self._points) + len(missing) > MAX_POINTS:
-            self._points, self._pk, position = [], bytearray(), {}
-            self._position = position
-            missing = list(points)
-        changed = bool(missing)
-        for point in missing:
-            position[point] = len(self._points)
-            self._points.append(point)
-            self._pk.append(0)
-        where = list(map(position.__getitem__, points))
-        differing = [i for i, p in enumerate(where) if self._pk[p] != pk[i]]
-        if missing or len(differing) * 4 > len(points):
+        if not missing:
+            where = list(map(position.__getitem__, points))
+            differing = [i for i, p in enumerate(where) if self._pk[p] != pk[i]]
+            if self.current is not None and len(differing) * 4 <= len(points):
+                return where
+            new_pk = bytearray(self._pk)
             for i in differing:
-                self._pk[where[i]] = pk[i]
-            changed = True
-        if changed or self.current is None:
-            self.current = Catalogue.build(self._points, bytes(self._pk))
-            self.version += 1
+                new_pk[where[i]] = pk[i]
+            self._commit(Catalogue.build(self._points, bytes(new_pk)), self._points, position)
+            return where
+        if len(self._points) + len(missing) > MAX_POINTS:  # a new one from the batch's points
+            new_points, new_pk, position = [], bytearray(), {}
+            missing = list(points)
+        else:
+            new_points, new_pk, position = list(self._points), bytearray(self._pk), dict(position)
+        for point in missing:
+            position[point] = len(new_points)
+            new_points.append(point)
+            new_pk.append(0)
+        where = list(map(position.__getitem__, points))
+        for i, p in enumerate(where):
+            new_pk[p] = pk[i]
+        self._commit(Catalogue.build(new_points, bytes(new_pk)), new_points, position)
         return where
+
+    def _commit(
+        self,
+        catalogue: Catalogue,
+        points: list[tuple[str, str]],
+        position: dict[tuple[str, str], int],
+    ) -> None:
+        """Make `catalogue` (of `points`, at `position`) the current one."""
+        self._points, self._position = points, position
+        self._pk = bytearray(catalogue.pk)
+        self.current = catalogue
+        self.version += 1
 
     def digest(self) -> bytes:
         if self.current is None:

@@ -1,0 +1,219 @@
+"""Point catalogues (contract §4.12) under review: an independent reader, hostile input, and the
+encoder's bookkeeping of which catalogue a batch references.
+
+- tests/interop/catalogue_contract.py reads catalogues and the batches that reference them from
+  the contract's text alone; batch streams of one catalogue-referencing Sealer (points coming and
+  going, changing type, mixed, names with dots, newlines and empty parts, many points) decode bit
+  for bit alike with it and with the reference Opener, and every batch's `cat` names the
+  catalogue `sealer.catalogue` gives after it.
+- A seal that fails part-way (a point name CBOR cannot carry) must leave the agent's catalogue as
+  it was: no later batch may reference a catalogue that lacks its points.
+- Hostile catalogues end in CatalogueError within bounded time and memory.
+"""
+
+from __future__ import annotations
+
+import struct
+import sys
+from pathlib import Path
+from typing import Any
+
+import cbor2
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from test_payload_format import KEY, seal
+
+from edge_agent.reading import Quality, Reading
+from edge_agent.seal.catalogue import (
+    MAX_POINTS,
+    Catalogue,
+    Catalogues,
+)
+from edge_agent.seal.envelope import Opener, Sealer
+
+sys.path.insert(0, str(Path(__file__).parent / "interop"))
+import catalogue_contract as contract  # noqa: E402
+
+pytestmark = pytest.mark.unit
+
+
+def bits_of(readings: list[dict[str, Any]]) -> list[tuple[Any, ...]]:
+    """Each reading with its value's type, floats as their bits (NaN payloads, -0.0)."""
+    return [
+        (
+            *(r[k] for k in ("seq", "src", "pt", "ts", "q")),
+            r.get("sc"),
+            type(r["v"]),
+            struct.pack("<d", r["v"]) if isinstance(r["v"], float) else r["v"],
+        )  # fmt: skip
+        for r in readings
+    ]
+
+
+def expected_of(readings: list[Reading], first: int) -> list[tuple[Any, ...]]:
+    return bits_of([
+        {"seq": first + i, "src": r.src, "pt": r.pt, "ts": r.ts_ns,
+         "q": Quality(r.quality).value, "sc": r.code, "v": r.value}
+        for i, r in enumerate(readings)
+    ])  # fmt: skip
+
+
+def cat_of(message: bytes) -> bytes | None:
+    """The `cat` of a sealed batch, read with the independent reader's envelope code."""
+    body = cbor2.loads(contract.verified_payload(message, KEY.public_key()))
+    return body.get("cat")
+
+
+# --------------------------------------------------------------------------- round trips
+
+part = st.sampled_from(["a", "b", "", "pump", "P1", "flow", "line\nbreak", "ü", "x\ny", "a.b"])
+name = st.lists(part, min_size=1, max_size=4).map(".".join)
+source = st.sampled_from(["plc", "ua", "", "s.1", "s\n2"])
+decimal_value = st.integers(-(10**8), 10**8).flatmap(
+    lambda m: st.integers(0, 16).map(lambda k: m / 10**k)
+)
+any_float = st.one_of(
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.integers(0, 2**64 - 1).map(lambda b: struct.unpack("<d", struct.pack("<Q", b))[0]),
+    decimal_value,
+)
+value_of_kind = {
+    "null": st.none(),
+    "bool": st.booleans(),
+    "int": st.integers(-(2**63), 2**64 - 1),
+    "float": any_float,
+    "decimal": decimal_value,
+    "text": st.text(st.characters(blacklist_categories=("Cs",)), max_size=8),
+}
+kinds = list(value_of_kind)
+
+
+@st.composite
+def streams(draw: st.DrawFn) -> list[list[Reading]]:
+    """Batches over a pool of points: each batch a subset (points appear, disappear, come
+    back), each point of a kind that may change from batch to batch or within one (mixed)."""
+    pool = draw(st.lists(st.tuples(source, name), min_size=1, max_size=40, unique=True))
+    kind = {point: draw(st.sampled_from(kinds)) for point in pool}
+    batches = []
+    for _ in range(draw(st.integers(1, 7))):
+        chosen = draw(st.lists(st.sampled_from(pool), min_size=1, max_size=len(pool),
+                               unique=True))  # fmt: skip
+        if draw(st.booleans()):  # some points change type for this batch (or for good)
+            for point in draw(st.lists(st.sampled_from(pool), max_size=len(pool))):
+                kind[point] = draw(st.sampled_from(kinds))
+        polls = draw(st.integers(1, 4))
+        readings = []
+        for t in range(polls):
+            for point in chosen:
+                mixed = draw(st.integers(0, 9)) == 0
+                k = draw(st.sampled_from(kinds)) if mixed else kind[point]
+                readings.append(Reading(point[0], point[1], draw(st.integers(0, 3)) * 10**9 + t,
+                                        draw(value_of_kind[k]),
+                                        draw(st.sampled_from(list(Quality))),
+                                        draw(st.none() | st.integers(-3, 2**32))))  # fmt: skip
+        batches.append(readings)
+    return batches
+
+
+def check_stream(sealer: Sealer, batches: list[list[Reading]]) -> dict[bytes, Catalogue]:
+    """Seal `batches` through `sealer`; each decodes alike with both readers, each batch's
+    `cat` is the catalogue `sealer.catalogue` names. Returns the catalogues by digest."""
+    opener = Opener([KEY.public_key()])
+    independent: dict[bytes, contract.Catalogue] = {}
+    first = 1
+    for number, readings in enumerate(batches, 1):
+        message = seal(sealer, readings, first_seq=first, batch=number)
+        catalogue = sealer.catalogue
+        assert catalogue is not None
+        assert cat_of(message) == catalogue.digest, "the batch names another catalogue"
+        assert contract.digest_of(catalogue.payload) == catalogue.digest
+        independent[catalogue.digest] = contract.read_catalogue(catalogue.payload,
+                                                                catalogue.digest)  # fmt: skip
+        opener.catalogues[catalogue.digest] = Catalogue.parse(catalogue.payload, catalogue.digest)
+        expected = expected_of(readings, first)
+        assert bits_of(contract.open_batch(message, KEY.public_key(), independent)) == expected
+        assert bits_of(opener.open(message).readings) == expected
+        first += len(readings)
+    return dict(opener.catalogues)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(batches=streams())
+def test_the_independent_reader_decodes_catalogue_batches_as_the_opener_does(
+    batches: list[list[Reading]],
+) -> None:
+    check_stream(Sealer(KEY, payload_format=2, catalogue=True), batches)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(batches=streams(), cut=st.integers(0, 6))
+def test_a_resumed_sealer_names_the_catalogue_it_references(
+    batches: list[list[Reading]], cut: int
+) -> None:
+    """A restart after any batch: the new Sealer resumes the last catalogue (parsed from its
+    payload, as from the buffer) and carries on; every batch names `sealer.catalogue`."""
+    before, after = batches[:cut], batches[cut:]
+    sealer = Sealer(KEY, payload_format=2, catalogue=True)
+    check_stream(sealer, before)
+    restarted = Sealer(KEY, payload_format=2, catalogue=True)
+    if sealer.catalogue is not None:
+        kept = sealer.catalogue
+        restarted.resume_catalogue(Catalogue.parse(kept.payload, kept.digest))
+    check_stream(restarted, after)
+
+
+def test_many_points_and_the_100000_point_cap() -> None:
+    """Batches of fresh points until the catalogue passes MAX_POINTS: a new catalogue starts
+    from the batch's points, and every batch (before, at, after) decodes with both readers."""
+    sealer = Sealer(KEY, payload_format=2, catalogue=True)
+    size = 30_000
+    batches = [
+        [Reading("plc", f"area{b}.p{p}", 1, p * 0.5, Quality.GOOD) for p in range(size)]
+        for b in range(4)
+    ]
+    batches.append(batches[0][:10] + batches[3][:10])  # old and new points after the cap
+    catalogues = check_stream(sealer, batches)
+    assert max(len(c.points) for c in catalogues.values()) <= MAX_POINTS
+    assert sealer.catalogue is not None and len(sealer.catalogue.points) <= MAX_POINTS
+
+
+# --------------------------------------------------------------------------- defects
+
+
+def test_a_failed_seal_leaves_the_catalogue_as_it_was() -> None:
+    """A batch that cannot be sealed (a point name with a lone surrogate, which CBOR cannot
+    carry) must not leave its new points half-added: before the fix the next batch of the good
+    new point referenced the old catalogue with a position beyond its points (signed, stored,
+    and undecodable: 'cp refers beyond'), and any later new catalogue failed to build."""
+    sealer = Sealer(KEY, payload_format=2, catalogue=True)
+
+    def reading(point: str, value: Any = None) -> Reading:
+        return Reading("plc", point, 1, value, Quality.GOOD)
+
+    seal(sealer, [reading("a"), reading("b")])
+    with pytest.raises(ValueError, match="surrogates"):
+        seal(sealer, [reading("a"), reading("c"), reading("bad\ud800")], first_seq=3, batch=2)
+    message = seal(sealer, [reading("a"), reading("c")], first_seq=3, batch=3)
+    catalogue = sealer.catalogue
+    assert catalogue is not None and cat_of(message) == catalogue.digest
+    opener = Opener([KEY.public_key()])
+    opener.catalogues[catalogue.digest] = catalogue
+    assert [r["pt"] for r in opener.open(message).readings] == ["a", "c"]
+    # a new catalogue (all types changed) can still be made
+    message = seal(sealer, [reading("a", 1), reading("c", 2)], first_seq=5, batch=4)
+    assert sealer.catalogue is not None
+    opener.catalogues[sealer.catalogue.digest] = sealer.catalogue
+    assert [r["v"] for r in opener.open(message).readings] == [1, 2]
+
+
+def test_catalogues_positions_is_all_or_nothing() -> None:
+    """`Catalogues.positions` when the new catalogue cannot be built: state unchanged."""
+    keeper = Catalogues()
+    keeper.positions([("plc", "a")], b"\x00")
+    version, current = keeper.version, keeper.current
+    with pytest.raises(ValueError, match="surrogates"):
+        keeper.positions([("plc", "a"), ("plc", "b\ud800")], b"\x00\x00")
+    assert (keeper.version, keeper.current, keeper.pk()) == (version, current, b"\x00")
+    assert keeper.positions([("plc", "a")], b"\x40") == [0]  # the quarter rule: a new one
+    assert keeper.current is not None and keeper.current.points == (("plc", "a"),)
