@@ -13,21 +13,28 @@ encoder's bookkeeping of which catalogue a batch references.
 
 from __future__ import annotations
 
+import hashlib
 import struct
 import sys
+import time
+import tracemalloc
 from pathlib import Path
 from typing import Any
 
 import cbor2
 import pytest
+import zstandard
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from test_payload_format import KEY, seal
+from test_payload_format import KEY, seal, sign
 
+from edge_agent.errors import EnvelopeError
 from edge_agent.reading import Quality, Reading
+from edge_agent.seal import cbor_in
 from edge_agent.seal.catalogue import (
     MAX_POINTS,
     Catalogue,
+    CatalogueError,
     Catalogues,
 )
 from edge_agent.seal.envelope import Opener, Sealer
@@ -217,3 +224,138 @@ def test_catalogues_positions_is_all_or_nothing() -> None:
     assert (keeper.version, keeper.current, keeper.pk()) == (version, current, b"\x00")
     assert keeper.positions([("plc", "a")], b"\x40") == [0]  # the quarter rule: a new one
     assert keeper.current is not None and keeper.current.points == (("plc", "a"),)
+
+
+# --------------------------------------------------------------------------- hostile input
+
+BIGFLOAT = b"\xc5\x82\x1b" + (10**18).to_bytes(8, "big") + b"\x01"
+"""CBOR tag 5 (bigfloat) of exponent 10^18: cbor2 raises decimal.Overflow, an ArithmeticError."""
+DECIMAL = b"\xc4\x82\x1b" + (10**18).to_bytes(8, "big") + b"\x01"
+"""CBOR tag 4 (decimal fraction) of exponent 10^18: decimal.InvalidOperation."""
+
+
+def raw_catalogue(**raw: bytes) -> bytes:
+    """A catalogue payload whose values are given as CBOR bytes (any not given: a valid one)."""
+    values = {"v": 1, "np": 1, "src": ["s"], "ps": [0, 0, 0, b""], "tok": "a",
+              "pn": [0, 1, 0, b""], "pi": [0, 0, 0, b""], "pk": b"\x00"}  # fmt: skip
+    items = [(cbor2.dumps(k), raw.get(k, cbor2.dumps(v))) for k, v in values.items()]
+    body = b"\xa8" + b"".join(key + value for key, value in items)
+    return zstandard.ZstdCompressor().compress(body)
+
+
+def parse(payload: bytes) -> Catalogue:
+    return Catalogue.parse(payload, hashlib.sha256(payload).digest()[:16])
+
+
+def test_the_raw_catalogue_helper_makes_a_valid_catalogue() -> None:
+    assert parse(raw_catalogue()).points == (("s", "a"),)
+
+
+@pytest.mark.parametrize(
+    ("raw", "error"),
+    [
+        ({"v": cbor2.dumps(10**5000)}, "CBOR tag 2 is not allowed"),
+        ({"np": cbor2.dumps(-(10**5000))}, "CBOR tag 3 is not allowed"),
+        ({"v": cbor2.dumps(True)}, "float or simple value"),
+        ({"v": cbor2.dumps(1.0)}, "float or simple value"),
+        ({"v": cbor2.dumps("x" * 1_000_000)}, r"catalogue version 'x{36}\.\.\. is not 1$"),
+        ({"v": BIGFLOAT}, "CBOR tag 5 is not allowed"),
+        ({"v": DECIMAL}, "CBOR tag 4 is not allowed"),
+        ({"tok": b"\xd8\x1c\x81\xd8\x1d\x00"}, "CBOR tag 28 is not allowed"),  # shared, a cycle
+        ({"v": b"\xd8\x23" + cbor2.dumps("(a|aa)*" * 1000)}, "CBOR tag 35"),  # a regex
+        ({"v": b"\xd8\x1e\x82\x03\x05"}, "CBOR tag 30"),  # a rational
+        ({"src": b"\x81" * 10 + b"\x80"}, "nests arrays and maps over 3 deep"),
+    ],
+)
+def test_a_hostile_catalogue_is_refused_with_a_short_message(
+    raw: dict[str, bytes], error: str
+) -> None:
+    """Before: an integer of over 4,300 digits (a bignum, tags 2 and 3) as `v` or `np` made the
+    error message itself raise ValueError (Python's limit on int to text), the bigfloat
+    decimal.Overflow and the decimal fraction decimal.InvalidOperation, out of a parse
+    documented "never another error"; `v` true (or 1.0) was taken for 1; a megabyte of `v`
+    went into the message. A catalogue needs no tag, float or simple value."""
+    with pytest.raises(CatalogueError, match=error) as refused:
+        parse(raw_catalogue(**raw))
+    assert len(str(refused.value)) < 200
+
+
+def test_a_catalogue_of_empty_arrays_is_refused_without_building_them() -> None:
+    """4 MiB of empty arrays (a few hundred bytes of zstd, from anyone who can publish a
+    catalogue): before, cbor2 built 4 million lists (300 MB; 1.2 GB for 16 MiB) before the
+    map was found wrong."""
+    body = b"\x9f" + b"\x80" * (4 << 20) + b"\xff"
+    payload = zstandard.ZstdCompressor().compress(body)
+    tracemalloc.start()
+    try:
+        with pytest.raises(CatalogueError, match="more than 64 arrays and maps"):
+            parse(payload)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 40 << 20, f"{peak / 2**20:.0f} MiB"
+
+
+def test_a_message_with_a_costly_cbor_tag_is_refused_before_its_signature() -> None:
+    """Anyone who can publish on the batch topic: a 12-byte bigfloat as the message, or in the
+    unprotected header, raised decimal.Overflow out of Opener.open (a consumer catching
+    EnvelopeError crashed); a rational of two 300 kB integers in the unprotected header took
+    seconds of greatest common divisor before the signature was even looked at (43 s for two
+    of 1 MB)."""
+    opener = Opener([KEY.public_key()])
+    protected = cbor2.dumps({1: -8, 4: b"12345678"})
+    tail = cbor2.dumps(b"") + cbor2.dumps(bytes(64))
+    rational = b"\xd8\x1e\x82" + cbor2.dumps(3 ** (2**19)) + cbor2.dumps(2 ** (8 * 300_000) + 1)
+    for message in (
+        BIGFLOAT,
+        b"\xd2\x84" + cbor2.dumps(protected) + b"\xa1\x00" + BIGFLOAT + tail,
+        b"\xd2\x84" + cbor2.dumps(protected) + b"\xa1\x00" + DECIMAL + tail,
+        b"\xd2\x84" + cbor2.dumps(b"\xa1\x00" + BIGFLOAT) + b"\xa0" + tail,
+        b"\xd2\x84" + cbor2.dumps(protected) + b"\xa1\x00" + rational + tail,
+    ):
+        began = time.process_time()
+        with pytest.raises(EnvelopeError, match="CBOR tag"):
+            opener.open(message)
+        assert time.process_time() - began < 0.5
+
+
+def test_a_signed_payload_with_a_bigfloat_is_an_envelope_error() -> None:
+    """After the signature (a trusted key's bug): decimal.Overflow was not an EnvelopeError."""
+    for value in (BIGFLOAT, DECIMAL):
+        body = b"\xa2" + cbor2.dumps("v") + b"\x02" + cbor2.dumps("n") + value
+        with pytest.raises(EnvelopeError, match="malformed batch: (Overflow|InvalidOperation)"):
+            Opener([KEY.public_key()]).open(sign(body))
+
+
+plain_cbor = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**64), 2**64 - 1) | st.floats(allow_nan=False)
+    | st.text(max_size=5) | st.binary(max_size=5),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=3), inner,
+                                                                max_size=3),
+    max_leaves=20,
+)  # fmt: skip
+
+
+@settings(max_examples=300, deadline=None)
+@given(value=plain_cbor)
+def test_cbor_in_reads_what_cbor2_writes_and_its_indefinite_forms(value: Any) -> None:
+    data = cbor2.dumps(value)
+    assert cbor_in.loads(data, max_depth=64, max_containers=1000) == value
+    indefinite = b"\x9f" + data + b"\x7f\x61a\x62bc\xff" + b"\x5f\x41x\xff\xff"
+    assert cbor_in.loads(indefinite, max_depth=64, max_containers=1000) == [value, "abc", b"x"]
+
+
+def _changed(data: bytes) -> st.SearchStrategy[bytes]:
+    """`data` with one byte replaced (or one appended)."""
+    return st.tuples(st.integers(0, len(data)), st.integers(0, 255)).map(
+        lambda c: data[: c[0]] + bytes([c[1]]) + data[c[0] + 1 :]
+    )
+
+
+@settings(max_examples=500, deadline=None)
+@given(data=st.binary(max_size=64) | plain_cbor.map(cbor2.dumps).flatmap(_changed))
+def test_cbor_in_refuses_with_cbor_shape_error_only(data: bytes) -> None:
+    try:
+        cbor_in.loads(data, max_depth=8, max_containers=16)
+    except cbor_in.CBORShapeError as exc:
+        assert str(exc)

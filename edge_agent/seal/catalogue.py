@@ -24,7 +24,7 @@ import cbor2
 import zstandard
 
 from edge_agent.errors import EnvelopeError
-from edge_agent.seal import columnar, unzstd
+from edge_agent.seal import cbor_in, columnar, unzstd
 from edge_agent.seal.columnar import DIGEST_BYTES, CatalogueMissingError
 
 __all__ = [
@@ -47,6 +47,11 @@ of names of a few hundred characters fit with room to spare)."""
 ZSTD_LEVEL = 6
 """The plant mix's 200 names: 1,677 bytes of CBOR, 870 compressed (bench/wire_size.py)."""
 _KEYS = frozenset({"v", "np", "src", "ps", "tok", "pn", "pi", "pk"})
+_DEPTH = 3
+"""Arrays and maps nest at most this deep in a catalogue: the map, a column, `[1, [values]]`."""
+_CONTAINERS = 64
+"""Arrays and maps in a catalogue at most: the map, `src`, `tok` and three columns of two need
+8; a payload of empty arrays would otherwise make 1.2 GB of lists of 16 MiB (`cbor_in`)."""
 TOPIC_LEVEL = "catalogue"
 
 
@@ -95,16 +100,16 @@ class Catalogue:
         except (zstandard.ZstdError, unzstd.TooLargeError) as exc:
             raise CatalogueError(f"catalogue is not a zstd frame of <= 16 MiB: {exc}") from None
         try:
-            body = cbor2.loads(plain)
-        except (cbor2.CBORError, ValueError, TypeError, OverflowError, RecursionError) as exc:
-            raise CatalogueError(f"catalogue is not CBOR: {exc}") from None
+            body = cbor_in.loads(plain, max_depth=_DEPTH, max_containers=_CONTAINERS, simple=False)
+        except cbor_in.CBORShapeError as exc:
+            raise CatalogueError(f"catalogue is not CBOR of its shape: {exc}") from None
         if not isinstance(body, dict) or set(body) != _KEYS:
             raise CatalogueError(f"catalogue is not a map of {', '.join(sorted(_KEYS))}")
-        if body["v"] != VERSION:
-            raise CatalogueError(f"catalogue version {body['v']!r} is not {VERSION}")
+        if type(body["v"]) is not int or body["v"] != VERSION:
+            raise CatalogueError(f"catalogue version {_shown(body['v'])} is not {VERSION}")
         size, pk = body["np"], body["pk"]
         if type(size) is not int or not 1 <= size <= MAX_POINTS:
-            raise CatalogueError(f"catalogue np {size!r} is not 1..{MAX_POINTS}")
+            raise CatalogueError(f"catalogue np {_shown(size)} is not 1..{MAX_POINTS}")
         if not isinstance(pk, bytes) or len(pk) != size:
             raise CatalogueError(f"catalogue pk does not hold {size} bytes")
         try:
@@ -115,6 +120,17 @@ class Catalogue:
         except (ValueError, TypeError, KeyError, IndexError, OverflowError) as exc:
             raise CatalogueError(f"catalogue: malformed columns: {exc}") from None
         return cls(own, payload, tuple(points), pk)
+
+
+def _shown(value: object) -> str:
+    """`value` for an error message, whatever it is: an int of over 4,300 digits has no repr
+    (ValueError), and a text of megabytes is no message."""
+    if type(value) is int and value.bit_length() > 64:
+        return f"an integer of {value.bit_length()} bits"
+    if isinstance(value, int | float | str | bytes | None):
+        text = repr(value)
+        return text if len(text) <= 40 else f"{text[:37]}..."
+    return f"a {type(value).__name__}"
 
 
 def _digest(payload: bytes) -> bytes:
