@@ -30,6 +30,7 @@ from test_payload_format import KEY, seal, sign
 
 from edge_agent.errors import EnvelopeError
 from edge_agent.reading import Quality, Reading
+from edge_agent.seal import catalogue as catalogue_module
 from edge_agent.seal import cbor_in
 from edge_agent.seal.catalogue import (
     MAX_POINTS,
@@ -359,3 +360,31 @@ def test_cbor_in_refuses_with_cbor_shape_error_only(data: bytes) -> None:
         cbor_in.loads(data, max_depth=8, max_containers=16)
     except cbor_in.CBORShapeError as exc:
         assert str(exc)
+
+
+def test_the_agent_never_makes_a_catalogue_a_consumer_refuses(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The catalogue keeps every point it saw, so it outgrows what any one batch carries: 100,000
+    points of 180-character names made 18.6 MB of CBOR, which every consumer refuses (16 MiB),
+    while each batch referencing it was sealed, stored and sent (measured before the fix). With
+    the bound lowered to 6 kB: when the grown catalogue would be too large, a new one starts from
+    the batch's points; a batch whose own points are too many carries them itself."""
+    monkeypatch.setattr(catalogue_module, "MAX_PAYLOAD_BYTES", 6_000)
+    sealer = Sealer(KEY, payload_format=2, catalogue=True)
+    opener = Opener([KEY.public_key()])
+    first = 1
+    sizes = [60] * 6 + [400]
+    for number, size in enumerate(sizes, 1):
+        readings = [Reading("plc", f"b{number}.{number}{p:04x}{'x' * 40}.{p}", 1, p, Quality.GOOD)
+                    for p in range(size)]  # fmt: skip
+        message = seal(sealer, readings, first_seq=first, batch=number)
+        catalogue = sealer.catalogue
+        if size == 400:
+            assert catalogue is None and cat_of(message) is None
+        else:
+            assert catalogue is not None and cat_of(message) == catalogue.digest
+            opener.catalogues[catalogue.digest] = Catalogue.parse(catalogue.payload,
+                                                                  catalogue.digest)  # fmt: skip
+        assert bits_of(opener.open(message).readings) == expected_of(readings, first)
+        first += size

@@ -18,20 +18,24 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 import cbor2
 import zstandard
 
 from edge_agent.errors import EnvelopeError
 from edge_agent.seal import cbor_in, columnar, unzstd
-from edge_agent.seal.columnar import DIGEST_BYTES, CatalogueMissingError
+from edge_agent.seal.columnar import (
+    DIGEST_BYTES,
+    CatalogueMissingError,
+    CatalogueTooLargeError,
+)
 
 __all__ = [
     "MAX_POINTS",
     "Catalogue",
     "CatalogueError",
     "CatalogueMissingError",
+    "CatalogueTooLargeError",
     "Catalogues",
     "catalogue_topic",
     "parse_catalogue_topic",
@@ -72,12 +76,23 @@ class Catalogue:
 
     @classmethod
     def build(cls, points: Sequence[tuple[str, str]], pk: bytes) -> Catalogue:
-        """The catalogue of `points` with their `pk` bytes (one per point)."""
+        """The catalogue of `points` with their `pk` bytes (one per point).
+
+        Raises CatalogueTooLargeError for one a consumer would refuse (§4.12, §4.9): over
+        MAX_PAYLOAD_BYTES of CBOR or of zstd, or names (with their sources' names, per point)
+        of more than columnar.MAX_NAME_CHARS characters."""
         if len(pk) != len(points):
             raise ValueError(f"{len(pk)} pk bytes for {len(points)} points")
+        chars = sum(len(source) + len(name) for source, name in points)
+        if chars > columnar.MAX_NAME_CHARS:
+            raise CatalogueTooLargeError(f"{len(points)} points' names hold {chars} characters")
         dictionary = columnar.points_dictionary(list(points))
-        body: dict[str, Any] = {"v": VERSION, **dictionary, "pk": bytes(pk)}
-        payload = zstandard.ZstdCompressor(level=ZSTD_LEVEL).compress(cbor2.dumps(body))
+        plain = cbor2.dumps({"v": VERSION, **dictionary, "pk": bytes(pk)})
+        if len(plain) > MAX_PAYLOAD_BYTES:
+            raise CatalogueTooLargeError(f"{len(points)} points make {len(plain)} bytes of CBOR")
+        payload = zstandard.ZstdCompressor(level=ZSTD_LEVEL).compress(plain)
+        if len(payload) > MAX_PAYLOAD_BYTES:
+            raise CatalogueTooLargeError(f"{len(points)} points make {len(payload)} bytes")
         return cls(_digest(payload), payload, tuple(points), bytes(pk))
 
     @classmethod
@@ -145,8 +160,10 @@ class Catalogues:
     makes a new one: the old points, then the new (so the positions of the old stay). A `pk`
     that differs from the catalogue's for more than a quarter of a batch's points (a point that
     learnt decimal places, a type that changed) makes a new one with the batch's `pk`; fewer
-    differences travel in the batch (its `pk` is the XOR). Beyond MAX_POINTS a new catalogue
-    starts from the batch's points alone.
+    differences travel in the batch (its `pk` is the XOR). Beyond MAX_POINTS, or beyond what a
+    consumer takes (`Catalogue.build`), a new catalogue starts from the batch's points alone;
+    when even those are too many, `positions` raises CatalogueTooLargeError and the batch
+    carries its own points.
     """
 
     def __init__(self) -> None:
@@ -169,8 +186,9 @@ class Catalogues:
         """Each of `points`' position in the current catalogue (made anew as the class says).
 
         All or nothing: when the new catalogue cannot be built (Catalogue.build raises, for a
-        name CBOR cannot carry), the current one and its points stay as they were, so that no
-        later batch gets a position the current catalogue lacks."""
+        name CBOR cannot carry, or CatalogueTooLargeError when not even the batch's points make
+        a catalogue a consumer takes), the current one and its points stay as they were, so
+        that no later batch gets a position the current catalogue lacks."""
         position = self._position
         missing = [point for point in points if point not in position]
         if not missing:
@@ -183,11 +201,28 @@ class Catalogues:
                 new_pk[where[i]] = pk[i]
             self._commit(Catalogue.build(self._points, bytes(new_pk)), self._points, position)
             return where
-        if len(self._points) + len(missing) > MAX_POINTS:  # a new one from the batch's points
-            new_points, new_pk, position = [], bytearray(), {}
-            missing = list(points)
-        else:
-            new_points, new_pk, position = list(self._points), bytearray(self._pk), dict(position)
+        if len(self._points) + len(missing) <= MAX_POINTS:
+            try:
+                return self._grow(
+                    self._points, self._pk, position, missing=missing, points=points, pk=pk
+                )
+            except CatalogueTooLargeError:
+                pass  # a consumer would refuse it: a new one from the batch's points
+        return self._grow([], bytearray(), {}, missing=list(points), points=points, pk=pk)
+
+    def _grow(
+        self,
+        old: list[tuple[str, str]],
+        old_pk: bytearray,
+        old_position: dict[tuple[str, str], int],
+        *,
+        missing: list[tuple[str, str]],
+        points: Sequence[tuple[str, str]],
+        pk: bytes,
+    ) -> list[int]:
+        """Make current the catalogue of `old` then `missing`, with the batch's `pk` for its
+        `points`; their positions in it. CatalogueTooLargeError leaves everything as it was."""
+        new_points, new_pk, position = list(old), bytearray(old_pk), dict(old_position)
         for point in missing:
             position[point] = len(new_points)
             new_points.append(point)

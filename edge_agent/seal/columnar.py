@@ -145,7 +145,8 @@ class CatalogueKeeper(Protocol):
 
     def positions(self, points: Sequence[tuple[str, str]], pk: bytes) -> list[int]:
         """Each point's position in the current catalogue, made anew (the version changes) when
-        a point is not in it or `pk` differs from its `pk` for more than a quarter of them."""
+        a point is not in it or `pk` differs from its `pk` for more than a quarter of them.
+        Raises CatalogueTooLargeError when no catalogue a consumer takes can hold them."""
         ...
 
     def digest(self) -> bytes:
@@ -167,6 +168,11 @@ class CatalogueMissingError(EnvelopeError):
     def __init__(self, digest: bytes) -> None:
         super().__init__(f"format 2: point catalogue {digest.hex()} not received (yet)")
         self.digest = digest
+
+
+class CatalogueTooLargeError(ValueError):
+    """No point catalogue a consumer takes (§4.12: 16 MiB, §4.9: 2^26 characters of names) can
+    hold a batch's points: the batch carries its own points dictionary instead."""
 
 
 # --------------------------------------------------------------------------- integer columns
@@ -719,7 +725,11 @@ class ColumnEncoder:
                 columns["cat"], columns["cp"], columns["pk"] = cached[1], cached[2], delta
                 self.referenced = True
                 return
-        positions = catalogues.positions(shape.points, pk)
+        try:
+            positions = catalogues.positions(shape.points, pk)
+        except CatalogueTooLargeError:  # the batch carries its own points (self-contained)
+            columns.update(points_dictionary(shape.points, self._split(shape.points)))
+            return
         base = bytes(map(catalogues.pk().__getitem__, positions))
         cp = pack_ints(list(map(sub, positions, [0, *positions[:-1]])))
         shape.catalogued = (catalogues.version, catalogues.digest(), cp, base)
