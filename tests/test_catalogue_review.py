@@ -388,3 +388,17 @@ def test_the_agent_never_makes_a_catalogue_a_consumer_refuses(
                                                                   catalogue.digest)  # fmt: skip
         assert bits_of(opener.open(message).readings) == expected_of(readings, first)
         first += size
+
+
+def test_a_batch_is_never_decoded_with_another_catalogue() -> None:
+    """A consumer that keeps a catalogue under another digest (its slip, or a mapping filled
+    from topics without checking): before, the batch decoded with the other catalogue's names
+    ('temp' read as 'pressure'); the decoder now checks the catalogue's own digest."""
+    first, second = (Sealer(KEY, payload_format=2, catalogue=True) for _ in range(2))
+    message = seal(first, [Reading("plc", "temp", 1, 20.5, Quality.GOOD)])
+    seal(second, [Reading("plc", "pressure", 1, 1.5, Quality.GOOD)])
+    assert first.catalogue is not None and second.catalogue is not None
+    opener = Opener([KEY.public_key()])
+    opener.catalogues[first.catalogue.digest] = second.catalogue
+    with pytest.raises(EnvelopeError, match=f"kept as {first.catalogue.digest.hex()} is"):
+        opener.open(message)

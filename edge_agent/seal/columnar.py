@@ -128,7 +128,11 @@ _DICTIONARY_KEYS = ("src", "ps", "tok", "pn", "pi")
 
 class PointTable(Protocol):
     """A point catalogue as the decoder needs it (`catalogue.Catalogue`): its points, in order,
-    as (source, point name), and each one's type and decimal places (a `pk` byte, §4.9)."""
+    as (source, point name), each one's type and decimal places (a `pk` byte, §4.9), and its
+    digest (16 bytes), which the decoder checks against the batch's `cat`."""
+
+    @property
+    def digest(self) -> bytes: ...
 
     @property
     def points(self) -> Sequence[tuple[str, str]]: ...
@@ -1225,6 +1229,10 @@ def _catalogued_points(
     table = None if catalogues is None else catalogues.get(digest)
     if table is None:
         raise CatalogueMissingError(digest)
+    if table.digest != digest:  # a consumer's slip would otherwise give other points' names
+        raise EnvelopeError(
+            f"format 2: the catalogue kept as {digest.hex()} is {table.digest.hex()}"
+        )
     known = table.points
     positions = list(accumulate(unpack_ints(body["cp"], size, "cp")))
     if positions and (min(positions) < 0 or max(positions) >= len(known)):
