@@ -36,6 +36,7 @@ from edge_agent.seal.catalogue import (
     MAX_POINTS,
     Catalogue,
     CatalogueError,
+    CatalogueMissingError,
     Catalogues,
 )
 from edge_agent.seal.envelope import Opener, Sealer
@@ -402,3 +403,39 @@ def test_a_batch_is_never_decoded_with_another_catalogue() -> None:
     opener.catalogues[first.catalogue.digest] = second.catalogue
     with pytest.raises(EnvelopeError, match=f"kept as {first.catalogue.digest.hex()} is"):
         opener.open(message)
+
+
+def test_batches_that_lie_about_their_catalogue_are_refused_with_a_reason() -> None:
+    """Signed batches (a trusted key's bug) whose `cat`, `cp`, `np` or `pk` do not fit their
+    catalogue: each an EnvelopeError naming what is wrong, never another error."""
+    sealer = Sealer(KEY, payload_format=2, catalogue=True)
+    readings = [Reading("plc", f"p{p}", 1, p + 0.5, Quality.GOOD) for p in range(3)]
+    body = cbor2.loads(contract.verified_payload(seal(sealer, readings), KEY.public_key()))
+    catalogue = sealer.catalogue
+    assert catalogue is not None
+    opener = Opener([KEY.public_key()])
+    opener.catalogues[catalogue.digest] = catalogue
+
+    def lie(byte: int) -> bytes:
+        """A batch `pk` whose first point decodes (XOR the catalogue's) to `byte`."""
+        return bytes([catalogue.pk[0] ^ byte]) + body["pk"][1:]
+
+    for change, error in (
+        ({"cp": [2, 1, b"\x01\x01\x01"]}, "cp refers beyond"),  # -1, -2, -3
+        ({"cp": [0, 1, 1, b"\x00\x01\x01"]}, "cp refers beyond the 3 points"),  # 1, 2, 3
+        ({"cp": [1, [0, 10**400, -(10**400)]]}, "beyond"),
+        ({"np": 4, "cp": [0, 0, 1, b"\x00\x01\x01\x01"]}, "np 4 is not 0..3"),
+        ({"pk": lie(0x43)}, "decimal places to a point without floats"),
+        ({"pk": lie(0xC0)}, "unknown type"),
+        ({"pk": lie(0x40)}, "float dec"),  # says integer: the floats do not fit
+        ({"cat": bytes(15)}, "cat is not a digest of 16 bytes"),
+        ({"cat": "a" * 16}, "cat is not a digest"),
+        ({"tok": "p0"}, "has its own points dictionary too"),
+    ):
+        bad = {**body, **change}
+        with pytest.raises(EnvelopeError, match=error) as refused:
+            opener.open(sign(cbor2.dumps(bad)))
+        assert not isinstance(refused.value, CatalogueMissingError)
+    unknown = {**body, "cat": bytes(16)}
+    with pytest.raises(CatalogueMissingError):
+        opener.open(sign(cbor2.dumps(unknown)))
