@@ -63,7 +63,7 @@ from operator import (
 )  # fmt: skip
 from typing import Any, Protocol, cast
 
-from edge_agent.errors import EnvelopeError
+from edge_agent.errors import EdgeAgentError, EnvelopeError
 from edge_agent.reading import Quality, Reading, Value
 
 FORMAT_VERSION = 2
@@ -174,7 +174,7 @@ class CatalogueMissingError(EnvelopeError):
         self.digest = digest
 
 
-class CatalogueTooLargeError(ValueError):
+class CatalogueTooLargeError(EdgeAgentError, ValueError):
     """No point catalogue a consumer takes (§4.12: 16 MiB, §4.9: 2^26 characters of names) can
     hold a batch's points: the batch carries its own points dictionary instead."""
 
