@@ -32,6 +32,7 @@ from edge_agent.errors import EnvelopeError
 from edge_agent.reading import Quality, Reading
 from edge_agent.seal import catalogue as catalogue_module
 from edge_agent.seal import cbor_in
+from edge_agent.seal.ack import AckError, AckOpener
 from edge_agent.seal.catalogue import (
     MAX_POINTS,
     Catalogue,
@@ -40,6 +41,8 @@ from edge_agent.seal.catalogue import (
     Catalogues,
 )
 from edge_agent.seal.envelope import Opener, Sealer
+from edge_agent.seal.hwm import open_mark
+from edge_agent.seal.trust import TrustSet
 
 sys.path.insert(0, str(Path(__file__).parent / "interop"))
 import catalogue_contract as contract  # noqa: E402
@@ -439,3 +442,13 @@ def test_batches_that_lie_about_their_catalogue_are_refused_with_a_reason() -> N
     unknown = {**body, "cat": bytes(16)}
     with pytest.raises(CatalogueMissingError):
         opener.open(sign(cbor2.dumps(unknown)))
+
+
+def test_an_ack_or_mark_message_with_a_bigfloat_is_refused_as_what_it_is() -> None:
+    """The same 12-byte bigfloat on the acknowledgement topic (anyone who may publish there):
+    decimal.Overflow escaped AckOpener.open, documented "no other exception escapes"; on the
+    batch topic as a high-water mark, open_mark's EnvelopeError likewise."""
+    with pytest.raises(AckError, match="malformed: CBOR tag 5"):
+        AckOpener([KEY.public_key()]).open(BIGFLOAT)
+    with pytest.raises(EnvelopeError, match="high-water mark: CBOR tag 5"):
+        open_mark(BIGFLOAT, TrustSet.of([KEY.public_key()]))
