@@ -40,7 +40,7 @@ from edge_agent.seal.catalogue import (
     CatalogueMissingError,
     Catalogues,
 )
-from edge_agent.seal.envelope import Opener, Sealer
+from edge_agent.seal.envelope import Opener, Sealer, Signer
 from edge_agent.seal.hwm import open_mark
 from edge_agent.seal.trust import TrustSet
 
@@ -452,3 +452,12 @@ def test_an_ack_or_mark_message_with_a_bigfloat_is_refused_as_what_it_is() -> No
         AckOpener([KEY.public_key()]).open(BIGFLOAT)
     with pytest.raises(EnvelopeError, match="high-water mark: CBOR tag 5"):
         open_mark(BIGFLOAT, TrustSet.of([KEY.public_key()]))
+
+
+def test_a_signed_ack_or_mark_holding_a_bigfloat_is_refused_as_malformed() -> None:
+    """After the signature (a trusted key's bug): decimal.Overflow escaped both before."""
+    signed = Signer(KEY).sign(BIGFLOAT)
+    with pytest.raises(AckError, match="malformed: payload is not CBOR: .*Overflow"):
+        AckOpener([KEY.public_key()]).open(signed)
+    with pytest.raises(EnvelopeError, match="high-water mark: malformed: Overflow"):
+        open_mark(signed, TrustSet.of([KEY.public_key()]))
