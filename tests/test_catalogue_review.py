@@ -461,3 +461,27 @@ def test_a_signed_ack_or_mark_holding_a_bigfloat_is_refused_as_malformed() -> No
         AckOpener([KEY.public_key()]).open(signed)
     with pytest.raises(EnvelopeError, match="high-water mark: malformed: Overflow"):
         open_mark(signed, TrustSet.of([KEY.public_key()]))
+
+
+def test_an_unsigned_message_of_many_header_entries_is_refused_before_it_is_built() -> None:
+    """Before the signature, from anyone: an unprotected header of 5 million entries (29 MiB)
+    made 330 MB of Python objects and 1.2 s of CPU before 'unknown key id' (and the broker's
+    message size limit, 256 MB by default for Mosquitto, was the only bound). Now at most 1,000
+    data items are read before the signature is checked."""
+    entries = 5_000
+    header = (
+        b"\xb9"
+        + entries.to_bytes(2, "big")
+        + b"".join(b"\x19" + (i + 1000).to_bytes(2, "big") + b"\x00" for i in range(entries))
+    )
+    protected = cbor2.dumps({1: -8, 4: b"12345678"})
+    message = b"\xd2\x84" + cbor2.dumps(protected) + header + cbor2.dumps(b"") + cbor2.dumps(b"")
+    with pytest.raises(EnvelopeError, match="more than 1000 data items"):
+        Opener([KEY.public_key()]).open(message)
+    assert cbor_in.loads(b"\x83\x01\x02\x03", max_depth=1, max_containers=1, max_items=4) == [
+        1,
+        2,
+        3,
+    ]
+    with pytest.raises(cbor_in.CBORShapeError, match="more than 3 data items"):
+        cbor_in.loads(b"\x83\x01\x02\x03", max_depth=1, max_containers=1, max_items=3)

@@ -35,10 +35,18 @@ def loads(
     max_containers: int,
     tags: frozenset[int] = frozenset(),
     simple: bool = True,
+    max_items: int | None = None,
 ) -> Any:
     """`cbor2.loads(data)` once `check` has passed; CBORShapeError for anything wrong (never
     another error: what cbor2 still raises becomes one)."""
-    check(data, max_depth=max_depth, max_containers=max_containers, tags=tags, simple=simple)
+    check(
+        data,
+        max_depth=max_depth,
+        max_containers=max_containers,
+        tags=tags,
+        simple=simple,
+        max_items=max_items,
+    )
     try:
         return cbor2.loads(data)
     except (cbor2.CBORError, ValueError, TypeError, OverflowError, RecursionError) as exc:
@@ -52,11 +60,13 @@ def check(
     max_containers: int,
     tags: frozenset[int] = frozenset(),
     simple: bool = True,
+    max_items: int | None = None,
 ) -> None:
     """Raise CBORShapeError unless `data` is one well-formed CBOR data item with no tag
     outside `tags`, arrays and maps nested at most `max_depth` deep and at most
     `max_containers` of them, and (`simple` false) no float, boolean, null or other simple
-    value. Bytes after the item are refused too.
+    value, and (`max_items`) at most that many data items, tags and map keys included. Bytes
+    after the item are refused too.
 
     Time: one loop step per data item (at most one per byte); memory: one int per open
     container.
@@ -65,6 +75,8 @@ def check(
     pos = 0
     left = [1]  # data items still to read in each open container (_INDEFINITE: until a break)
     containers = 0
+    items = 0
+    limit = size if max_items is None else max_items  # an item takes a byte at least
     while left:
         if left[-1] == 0:
             left.pop()
@@ -78,6 +90,9 @@ def check(
                 continue
         else:
             left[-1] -= 1
+        items += 1
+        if items > limit:
+            raise CBORShapeError(f"CBOR holds more than {max_items} data items")
         major, pos, argument = _head(data, pos)
         if major == 6:
             if argument not in tags:

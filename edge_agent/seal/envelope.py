@@ -58,8 +58,10 @@ MAX_PAYLOAD_BYTES = 64 * 1024 * 1024
 """Decompression limit for consumers: a batch is never near this; a zstd bomb would be."""
 _OUTER_DEPTH = 3
 _OUTER_CONTAINERS = 16
+_OUTER_ITEMS = 1_000
 """The COSE_Sign1 structure and its protected header are read before the signature is checked,
-from anyone: arrays and maps nested at most 3 deep, 16 of them, no tag but COSE_Sign1's (18),
+from anyone: arrays and maps nested at most 3 deep, 16 of them, 1,000 data items (a header of
+5 million entries, 29 MiB, made 330 MB of objects and 1.2 s), no tag but COSE_Sign1's (18),
 so that no message makes cbor2 build gigabytes of containers or compute a rational's greatest
 common divisor (`cbor_in`). The agent's messages have 2 containers (the array, the empty
 unprotected header) and a protected header of 1."""
@@ -468,6 +470,7 @@ class Sign1:
         """
         outer = cbor_in.loads(
             message, max_depth=_OUTER_DEPTH, max_containers=_OUTER_CONTAINERS,
+            max_items=_OUTER_ITEMS,
             tags=frozenset({COSE_SIGN1_TAG}),
         )  # fmt: skip
         if not isinstance(outer, cbor2.CBORTag) or outer.tag != COSE_SIGN1_TAG:
@@ -506,7 +509,12 @@ def _protected_header(protected: bytes) -> dict[Any, Any]:
     not understand make the message invalid).
     """
     header = (
-        cbor_in.loads(protected, max_depth=_OUTER_DEPTH, max_containers=_OUTER_CONTAINERS)
+        cbor_in.loads(
+            protected,
+            max_depth=_OUTER_DEPTH,
+            max_containers=_OUTER_CONTAINERS,
+            max_items=_OUTER_ITEMS,
+        )
         if protected
         else {}
     )
