@@ -13,6 +13,7 @@ from pathlib import Path
 import aiomqtt
 import pytest
 from helpers.agent import AgentProcess, agent_config
+from helpers.verifier import VerifyProcess, verify_processes
 from helpers.wait import wait_for
 
 from edge_agent.demo.broker import Mosquitto
@@ -44,3 +45,20 @@ async def test_a_retained_bigfloat_on_the_ack_topic_is_refused_and_forwarding_go
                    "batches still forwarded after it")  # fmt: skip
     assert "Overflow" not in agent.log()
     assert agent.stop() == 0
+
+
+async def test_a_bigfloat_on_the_batch_topic_is_rejected_by_verify_which_goes_on(
+    tmp_path: Path, broker: Mosquitto, keys: Path
+) -> None:
+    """The reference consumer: `edge-agent verify` caught EnvelopeError only, so the 12-byte
+    message's decimal.Overflow ended it; now rejected with a reason (§5.5), and it goes on."""
+    with verify_processes() as register:
+        verify = register(VerifyProcess(broker, keys, tmp_path))
+        verify.start()
+        async with aiomqtt.Client("127.0.0.1", broker.port, identifier="hostile") as hostile:
+            await hostile.publish("site/test/test-gw/batch", BIGFLOAT, qos=1)
+            await hostile.publish("site/test/test-gw/batch", b"\x00", qos=1)  # a second one
+        await wait_for(lambda: "CBOR tag 5" in verify.log() or verify.process.poll() is not None,
+                       20, "verify to judge it")  # fmt: skip
+        assert verify.process is not None and verify.process.poll() is None, verify.log()
+        assert verify.stop() in (0, 3), verify.log()  # 3: it saw rejected messages
