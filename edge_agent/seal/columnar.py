@@ -1226,6 +1226,8 @@ def _catalogued_points(
         raise EnvelopeError(f"format 2: cat is not a digest of {DIGEST_BYTES} bytes")
     if type(size) is not int or not 0 <= size <= length:
         raise EnvelopeError(f"format 2: np {size!r} is not 0..{length} (one point per reading)")
+    if not length:  # else a declaration could wait for ever, holding back its evicted ranges
+        raise EnvelopeError("format 2: a batch of no readings references a point catalogue")
     table = None if catalogues is None else catalogues.get(digest)
     if table is None:
         raise CatalogueMissingError(digest)
