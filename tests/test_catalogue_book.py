@@ -26,10 +26,16 @@ def stream(count: int, points: int = 3) -> tuple[list[bytes], Catalogue]:
     """`count` batches of `points` readings (seq 1..count*points) and their one catalogue."""
     sealer = Sealer(KEY, payload_format=2, catalogue=True)
     batches = [
-        sealer.seal(gateway="gw", epoch="e1", batch=n, first_seq=points * (n - 1) + 1,
-                    readings=[Reading("plc", f"p{i}", T0 + n, n + i / 10, Quality.GOOD)
-                              for i in range(points)],
-                    sealed_ns=T0 + n)  # fmt: skip
+        sealer.seal(
+            gateway="gw",
+            epoch="e1",
+            batch=n,
+            first_seq=points * (n - 1) + 1,
+            readings=[
+                Reading("plc", f"p{i}", T0 + n, n + i / 10, Quality.GOOD) for i in range(points)
+            ],
+            sealed_ns=T0 + n,
+        )  # fmt: skip
         for n in range(1, count + 1)
     ]
     assert sealer.catalogue is not None

@@ -49,8 +49,9 @@ class Verify:
         self.err = tmp_path / "verify.err"
         self.broker = broker
         self.topic = topic
-        command = [sys.executable, "-m", "edge_agent", "verify", "--url", broker.url, "--key",
-                   str(keys / "signing.pub"), "--topic", topic, "--client-id", "cat-test"]  # fmt: skip
+        command = [sys.executable, "-m", "edge_agent", "verify", "--url", broker.url,
+                   "--key", str(keys / "signing.pub"), "--topic", topic,
+                   "--client-id", "cat-test"]  # fmt: skip
         with self.out.open("w") as stdout, self.err.open("w") as stderr:
             self.process = subprocess.Popen(command, stdout=stdout, stderr=stderr)  # noqa: S603
 
@@ -82,21 +83,23 @@ class Verify:
             self.process.wait()
 
 
-def readings(number: int) -> list[Reading]:
-    return [Reading("plc", f"p{i}", T0 + number * S + i, float(number), Quality.GOOD)
+def readings(number: int, source: str) -> list[Reading]:
+    return [Reading(source, f"p{i}", T0 + number * S + i, float(number), Quality.GOOD)
             for i in range(POINTS)]  # fmt: skip
 
 
-def batch(sealer: Sealer, number: int) -> bytes:
+def batch(sealer: Sealer, number: int, source: str = "plc") -> bytes:
     return sealer.seal(gateway=GATEWAY, epoch="e1", batch=number,
-                       first_seq=POINTS * number - POINTS + 1, readings=readings(number),
+                       first_seq=POINTS * number - POINTS + 1, readings=readings(number, source),
                        sealed_ns=T0 + number * S)  # fmt: skip
 
 
-def with_catalogue(key: Ed25519PrivateKey, numbers: range) -> tuple[list[bytes], Catalogue]:
+def with_catalogue(
+    key: Ed25519PrivateKey, numbers: range, source: str = "plc"
+) -> tuple[list[bytes], Catalogue]:
     """Batches `numbers` of a catalogue Sealer, all referencing the same catalogue."""
     sealer = Sealer(key, payload_format=2, catalogue=True)
-    batches = [batch(sealer, n) for n in numbers]
+    batches = [batch(sealer, n, source) for n in numbers]
     assert sealer.catalogue is not None, "the Sealer made no catalogue"
     return batches, sealer.catalogue
 
@@ -175,7 +178,8 @@ async def test_malformed_catalogues_are_refused_with_a_reason_and_the_stream_goe
 ) -> None:
     key = load_private_key(keys / "signing.key")
     batches, catalogue = with_catalogue(key, range(1, 3))
-    _, other = with_catalogue(key, range(7, 8))  # another catalogue's payload: another digest
+    _, other = with_catalogue(key, range(7, 8), "rtu")  # other points: another digest
+    assert other.digest != catalogue.digest
     junk = b"\xff\x00 not CBOR"
     huge = cbor2.dumps({"v": 1, "np": 10**12, "src": [], "ps": [], "tok": [], "pn": [],
                         "pi": [], "pk": b""})  # fmt: skip
@@ -201,7 +205,10 @@ async def test_malformed_catalogues_are_refused_with_a_reason_and_the_stream_goe
     assert len(refused) == 4, err
     for (topic, _), line in zip(bad, refused, strict=True):
         assert f"catalogue refused on {topic}: " in line, line
-    assert "digest" in refused[0], refused[0]
+    assert f"digest is {other.digest.hex()}, not the {catalogue.digest.hex()}" in refused[0]
+    assert "not CBOR" in refused[1] or "not a map" in refused[1], refused[1]
+    assert "np 1000000000000 is not 1..100000" in refused[2], refused[2]
+    assert "the topic is not {prefix}/{gateway}/catalogue/{32 lowercase hex" in refused[3]
     assert "REJECTED 0 batches and 4 catalogues: " in err, err
     assert "readings=6 max_seq=6" in err and "holes=0" in err, err
     assert "Traceback" not in err, err

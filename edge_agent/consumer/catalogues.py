@@ -4,7 +4,7 @@ A format-2 batch may name its points by reference to a catalogue (seal/catalogue
 once, retained, on `{prefix}/{gateway}/catalogue/{digest}`. A consumer feeds every catalogue
 message to a `CatalogueBook` whose `catalogues` mapping is its `Opener`'s: from then on the
 Opener decodes the batches that reference it. A batch that arrives before its catalogue makes
-`Opener.open` raise `CatalogueMissing` (the signature already checked: authentic, not decodable
+`Opener.open` raise `CatalogueMissingError` (the signature already checked: authentic, not decodable
 yet); the consumer parks it here and gets it back from `add` when the catalogue arrives. Order
 does not matter to completeness (by seq), so a batch decoded late counts as if on time.
 
@@ -55,9 +55,7 @@ class CatalogueBook:
         max_book_bytes: int = MAX_BOOK_BYTES,
     ) -> None:
         """`catalogues`: the mapping the Opener decodes with (`opener.catalogues`), filled here."""
-        self.catalogues: MutableMapping[bytes, Catalogue] = (
-            {} if catalogues is None else catalogues
-        )
+        self.catalogues: MutableMapping[bytes, Catalogue] = {} if catalogues is None else catalogues
         self._max_parked = max_parked
         self._max_parked_bytes = max_parked_bytes
         self._max_book_bytes = max_book_bytes

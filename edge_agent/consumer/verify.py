@@ -51,7 +51,7 @@ from edge_agent.consumer.clock_report import ClockTally
 from edge_agent.consumer.completeness import Completeness, Stream
 from edge_agent.errors import EnvelopeError
 from edge_agent.reading import RejectedValue, checked
-from edge_agent.seal.catalogue import CatalogueMissing
+from edge_agent.seal.catalogue import CatalogueMissingError
 from edge_agent.seal.envelope import Batch, Opener
 from edge_agent.seal.hwm import TOPIC_SUFFIX, HighWaterMark, open_mark
 from edge_agent.seal.keys import load_private_key, load_public_key
@@ -159,7 +159,7 @@ class Verifier:
             batch = self.opener.open(payload)
             if self.trust is not None:
                 self.trust.check(batch.kid, batch.sealed_ns)
-        except CatalogueMissing as exc:  # authentic, not decodable yet
+        except CatalogueMissingError as exc:  # authentic, not decodable yet
             try:
                 self.book.park(topic, payload, exc.digest)
             except EnvelopeError as full:
@@ -284,12 +284,7 @@ class Verifier:
         code = 0
         conflicts = self.tracker.conflicts()
         if self.result.rejected:
-            marks, catalogues = self.result.rejected_marks, self.result.rejected_catalogues
-            batches = self.result.rejected - marks - catalogues
-            others = [f"{marks} high-water marks"] if marks else []
-            others += [f"{catalogues} catalogues"] if catalogues else []
-            what = " and ".join([f"{batches} batches", *others])
-            lines.append(f"REJECTED {what}: {self.result.last_error}")
+            lines.append(self._rejected_line())
             code = EXIT_BAD_SIGNATURE
         if conflicts:
             first = next(s.first_conflict for s in self.tracker.streams.values() if s.conflicts)
@@ -332,6 +327,15 @@ class Verifier:
             )
             code = EXIT_BAD_SIGNATURE
         return code, lines
+
+    def _rejected_line(self) -> str:
+        """`REJECTED N batches[ and M high-water marks][ and K catalogues]: last reason`."""
+        marks, catalogues = self.result.rejected_marks, self.result.rejected_catalogues
+        batches = self.result.rejected - marks - catalogues
+        others = [f"{marks} high-water marks"] if marks else []
+        others += [f"{catalogues} catalogues"] if catalogues else []
+        what = " and ".join([f"{batches} batches", *others])
+        return f"REJECTED {what}: {self.result.last_error}"
 
 
 def _waiting_lines(waiting: dict[bytes, list[str]]) -> list[str]:
