@@ -20,6 +20,7 @@ from pathlib import Path
 import aiomqtt
 import cbor2
 import pytest
+import zstandard
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from helpers.wait import wait_for
 
@@ -180,13 +181,19 @@ async def test_malformed_catalogues_are_refused_with_a_reason_and_the_stream_goe
     batches, catalogue = with_catalogue(key, range(1, 3))
     _, other = with_catalogue(key, range(7, 8), "rtu")  # other points: another digest
     assert other.digest != catalogue.digest
-    junk = b"\xff\x00 not CBOR"
-    huge = cbor2.dumps({"v": 1, "np": 10**12, "src": [], "ps": [], "tok": [], "pn": [],
-                        "pi": [], "pk": b""})  # fmt: skip
+    junk = zstandard.compress(b"\xff\x00 not CBOR")
+    huge = zstandard.compress(cbor2.dumps({"v": 1, "np": 10**12, "src": [], "ps": [], "tok": [],
+                                           "pn": [], "pi": [], "pk": b""}))  # fmt: skip
+    bomb = zstandard.compress(bytes(17 * 1024 * 1024))  # 17 MiB of zeros in a few kB
+
+    def named(payload: bytes) -> str:  # the topic of its own digest: only the payload is wrong
+        return f"{PREFIX}/{GATEWAY}/catalogue/{hashlib.sha256(payload).digest()[:16].hex()}"
+
     bad = [
         (topic_of(catalogue), other.payload),  # the payload does not match the topic's digest
-        (f"{PREFIX}/{GATEWAY}/catalogue/{hashlib.sha256(junk).digest()[:16].hex()}", junk),
-        (f"{PREFIX}/{GATEWAY}/catalogue/{hashlib.sha256(huge).digest()[:16].hex()}", huge),
+        (named(junk), junk),
+        (named(huge), huge),
+        (named(bomb), bomb),
         (f"{PREFIX}/{GATEWAY}/catalogue/not-a-digest", catalogue.payload),
     ]
     verify = Verify(tmp_path, broker, keys)
@@ -202,14 +209,15 @@ async def test_malformed_catalogues_are_refused_with_a_reason_and_the_stream_goe
     code, err = verify.stop()
     assert code == 3, err
     refused = [line for line in err.splitlines() if line.startswith("REJECTED: ")]
-    assert len(refused) == 4, err
+    assert len(refused) == len(bad), err
     for (topic, _), line in zip(bad, refused, strict=True):
         assert f"catalogue refused on {topic}: " in line, line
     assert f"digest is {other.digest.hex()}, not the {catalogue.digest.hex()}" in refused[0]
     assert "not CBOR" in refused[1] or "not a map" in refused[1], refused[1]
     assert "np 1000000000000 is not 1..100000" in refused[2], refused[2]
-    assert "the topic is not {prefix}/{gateway}/catalogue/{32 lowercase hex" in refused[3]
-    assert "REJECTED 0 batches and 4 catalogues: " in err, err
+    assert "not a zstd frame of <= 16 MiB" in refused[3], refused[3]
+    assert "the topic is not {prefix}/{gateway}/catalogue/{32 lowercase hex" in refused[4]
+    assert "REJECTED 0 batches and 5 catalogues: " in err, err
     assert "readings=6 max_seq=6" in err and "holes=0" in err, err
     assert "Traceback" not in err, err
 
