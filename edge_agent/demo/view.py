@@ -199,6 +199,7 @@ def status_line(snap: Snapshot) -> str:
         f"buffer={snap.buffer_readings}r/{_size(snap.buffer_bytes)}/{snap.buffer_oldest_s:.1f}s | "
         f"verified={snap.readings_verified} batches={snap.batches_verified} "
         f"dup={snap.duplicates} rejected={snap.rejected} missing={snap.missing} "
+        f"catalogues={snap.catalogues}{f' waiting={snap.waiting}' if snap.waiting else ''} "
         f"rate={snap.throughput:.0f}/s"
     )
 
