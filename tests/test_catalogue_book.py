@@ -75,6 +75,15 @@ def test_a_catalogue_received_again_releases_nothing_and_is_not_refused() -> Non
     assert (v.result.rejected, v.result.batches) == (0, 1)
 
 
+def test_an_empty_message_on_a_catalogue_topic_is_neither_kept_nor_refused() -> None:
+    """What subscribers receive when a retained catalogue is deleted (a zero-length publish)."""
+    v = verifier()
+    batches, catalogue = stream(1)
+    assert v.receive(BATCH, batches[0]) == []
+    assert v.receive(topic(catalogue), b"") == []
+    assert (v.result.rejected, v.book.parked, len(v.book.catalogues)) == (0, 1, 0)
+
+
 def test_a_batch_parked_twice_is_kept_once() -> None:
     v = verifier()
     batches, catalogue = stream(1)

@@ -71,9 +71,13 @@ class CatalogueBook:
         releases, in arrival order, for the consumer to open again.
 
         The digest in the topic must be that of the payload (`Catalogue.parse` checks it).
-        A catalogue already held (a retained one received again) releases nothing. Raises
-        EnvelopeError (CatalogueError for the payload) naming the topic and what is wrong.
+        A catalogue already held (a retained one received again) releases nothing, nor does
+        an empty message: the broker forwards the deletion of a retained message to current
+        subscribers as one, and it is neither a catalogue nor an attack. Raises EnvelopeError
+        (CatalogueError for the payload) naming the topic and what is wrong.
         """
+        if not payload:
+            return []
         parsed = parse_catalogue_topic(topic)
         if parsed is None:
             raise EnvelopeError(
