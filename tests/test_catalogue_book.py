@@ -137,6 +137,18 @@ def test_a_batch_whose_catalogue_never_came_is_pending_and_the_exit_is_4() -> No
     ]
 
 
+def test_a_batch_parked_through_check_without_its_topic_is_reported_all_the_same() -> None:
+    v = verifier()
+    batches, catalogue = stream(1)
+    assert v.check(batches[0]) == (None, []) and v.result.rejected == 0
+    code, lines = v.summary()
+    assert code == 4, lines
+    assert lines[0].startswith(
+        f"PENDING CATALOGUE: digest={catalogue.digest.hex()} batches=1 gateways=? (signature "
+        f"checked, not decoded: the catalogue never came on {{prefix}}/{{gateway}}/catalogue/"
+    ), lines
+
+
 def test_catalogue_topics_are_told_by_their_level() -> None:
     assert is_catalogue_topic("site/gw/catalogue/" + "0" * 32)
     assert is_catalogue_topic("site/gw/catalogue/junk")  # refused by the book, with a reason

@@ -356,12 +356,14 @@ def _waiting_lines(waiting: dict[bytes, list[str]]) -> list[str]:
 def _gateway_of(topic: str) -> str:
     """The gateway level of a batch topic `{prefix}/{gateway}/batch` ('?' when not one)."""
     levels = topic.split("/")
-    return levels[-2] if len(levels) >= 2 else "?"
+    return levels[-2] if len(levels) >= 2 and levels[-2] else "?"
 
 
 def _catalogue_topic_for(topic: str, digest: bytes) -> str:
-    """Where the catalogue of a batch that came on `topic` is published (§4.12)."""
-    return f"{topic.rsplit('/', 1)[0]}/catalogue/{digest.hex()}"
+    """Where the catalogue of a batch that came on `topic` is published (§4.12); the pattern
+    when the topic is not known (`Verifier.check` without one)."""
+    base = topic.rsplit("/", 1)[0] if "/" in topic else "{prefix}/{gateway}"
+    return f"{base}/catalogue/{digest.hex()}"
 
 
 def _tail_lines(gateway: str, epoch: str, stream: Stream, later: str | None) -> list[str]:
