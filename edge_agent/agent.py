@@ -321,6 +321,7 @@ class Agent:
             key,
             compress=self.config.batch.compression == "zstd",
             payload_format=self.config.batch.format,
+            catalogue=self.config.batch.uses_catalogue,
         )
 
     async def rotate_signing_key(self, key_file: Path) -> bytes:

@@ -114,6 +114,12 @@ class Metrics:
             "Signed high-water marks the broker acknowledged.",
             registry=r,
         )
+        self.catalogues_published = Counter(
+            "edge_agent_catalogues_published",
+            "Point catalogues the broker acknowledged (each one once per connection that sent a"
+            " batch referencing it).",
+            registry=r,
+        )
         self.mqtt_connects = Counter(
             "edge_agent_mqtt_connects", "Successful broker connections.", registry=r
         )

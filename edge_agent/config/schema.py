@@ -147,7 +147,27 @@ class BatchConfig(StrictModel):
     compression: Literal["zstd", "none"] = "zstd"
     format: Literal[1, 2] = 2
     """Payload format (docs/contract.md §4.3, §4.9): 2 columns, 1 a CBOR map per reading."""
+    catalogue: bool = True
+    """Format 2: send the points' names and types once, in a retained point catalogue, and
+    reference it from the batches (docs/contract.md §4.12); false: every batch carries its own
+    (for consumers older than 2.4). Format 1 has no catalogue: leaving this unset there is
+    fine, setting it true is refused (`problems`)."""
     queue_readings: int = Field(default=100_000, ge=1000)
+
+    @property
+    def uses_catalogue(self) -> bool:
+        """Whether the batches reference a point catalogue: format 2 with `catalogue` on."""
+        return self.format == 2 and self.catalogue
+
+    def problems(self) -> list[tuple[tuple[str | int, ...], str]]:
+        """Cross-field problems of `batch:`, as (key path below batch, message).
+
+        `catalogue: true` written out with `format: 1` is refused rather than ignored: the file
+        asks for something format 1 cannot do (the default, unset, is simply not used there).
+        """
+        if self.format == 1 and self.catalogue and "catalogue" in self.model_fields_set:
+            return [(("catalogue",), "catalogue: true needs format: 2 (format 1 has no catalogue)")]
+        return []
 
 
 class SigningConfig(StrictModel):
@@ -214,6 +234,7 @@ class Config(StrictModel):
             found.extend((("sources", index, *loc), msg) for loc, msg in source.problems())
         found.extend(shared_link_problems(self.sources))
         found.extend((("mqtt", *loc), msg) for loc, msg in self.mqtt.problems())
+        found.extend((("batch", *loc), msg) for loc, msg in self.batch.problems())
         return found
 
     def files_to_check(self) -> list[tuple[tuple[str | int, ...], Path]]:

@@ -44,6 +44,15 @@ class BrokerLimits:
     """QoS 1 and 2 publishes the broker lets a client have unacknowledged (Receive Maximum)."""
     topic_alias_maximum: int | None = None
     """Topic aliases the broker accepts; the agent sends none, so any value is honoured."""
+    retain_available: bool | None = None
+    """False when the broker said it keeps no retained messages (Retain Available 0): then a
+    retained PUBLISH is a protocol error it disconnects for (MQTT 5 §3.3.1.3, 0x9A), and point
+    catalogues go out not retained. None: not said, which means available."""
+
+    @property
+    def retains(self) -> bool:
+        """Whether a retained PUBLISH is allowed (MQTT 5 §3.2.2.3.5: unsaid means yes)."""
+        return self.retain_available is not False
 
     def describe(self) -> str:
         """`max_packet_size=550 receive_maximum=2`, or `none advertised`."""
@@ -107,6 +116,7 @@ class AckingClient(aiomqtt.Client):
             max_packet_size=getattr(properties, "MaximumPacketSize", None),
             receive_maximum=getattr(properties, "ReceiveMaximum", None),
             topic_alias_maximum=getattr(properties, "TopicAliasMaximum", None),
+            retain_available=_flag(getattr(properties, "RetainAvailable", None)),
         )
         self.answers = AnswerClock(time.monotonic())
         super()._on_connect(client, userdata, flags, reason_code, properties)
@@ -229,6 +239,11 @@ class AckingClient(aiomqtt.Client):
                 future.set_exception(aiomqtt.MqttError(f"Disconnected: {self.disconnect_cause}"))
         self._acks.clear()
         self.lost.set()
+
+
+def _flag(value: object) -> bool | None:
+    """A CONNACK byte property (0 or 1) as a bool; None when absent."""
+    return None if value is None else bool(value)
 
 
 PAHO_CAUSES = {

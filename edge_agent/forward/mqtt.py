@@ -71,6 +71,19 @@ in it for one round trip, so the broker's Receive Maximum holds and no batch wai
 that. A refusal of the mark (PUBACK >= 0x80, an ACL say) is logged once and never ends the
 connection: the batches are what must flow.
 
+Point catalogues (docs/contract.md §4.12). A batch that references a catalogue is published only
+once the broker has acknowledged that catalogue on the same connection: before the first such
+batch of a connection, the pump publishes the catalogue (from the store) on
+`{prefix}/{gateway}/catalogue/{digest}`, QoS 1, retained (not retained when the CONNACK said
+Retain Available 0), and awaits its PUBACK. It holds a place in the window meanwhile (the batch
+waiting for it is not yet published, so the broker's Receive Maximum holds), and costs one round
+trip per catalogue per connection. A catalogue is published again on every connection (a broker
+restarted without persistence has lost the retained one), and, in end_to_end mode, with a batch
+sent again once its PUBACK on this connection is `ack_timeout` old (a consumer that did not
+acknowledge may lack it: it needs no retained copy then). A catalogue's refusal (PUBACK >= 0x80,
+0x95 included: the catalogue's size is not the batch's fault) or one over the packet limit is
+handled as a refused batch: the batches stay buffered, the forwarder is degraded and backs off.
+
 A broker that stops answering without closing the connection (frozen, or a half-open path) is
 watched by `AnswerClock` (forward/stall.py): once a publish has waited `mqtt.ack_stall` with no
 PUBACK at all, the forwarder says it is stalled (`state.stalled`, degraded health, one log line);
@@ -112,6 +125,7 @@ from edge_agent.metrics import Metrics
 from edge_agent.schedule import Backoff
 from edge_agent.seal import hwm
 from edge_agent.seal.ack import REASONS, AckError, AckJudge, AckOpener, Reason
+from edge_agent.seal.catalogue import catalogue_topic
 from edge_agent.seal.envelope import TOO_LARGE, UNDELIVERABLE
 from edge_agent.store.sqlite import BatchKey, Store, StoredBatch
 
@@ -140,14 +154,34 @@ ADVERTISED_LIMIT = "broker_max_packet_size"
 
 
 class PublishRejectedError(EdgeAgentError):
-    """The broker refused a batch (PUBACK reason >= 0x80); it stays in the store."""
+    """The broker refused a batch (PUBACK reason >= 0x80), or the point catalogue a batch needs
+    (`what`); the batch stays in the store."""
 
-    def __init__(self, code: int, topic: str) -> None:
+    def __init__(self, code: int, topic: str, what: str = "batch") -> None:
         self.code = code
+        self.topic = topic
         kind = "configuration" if code in CONFIGURATION_REJECTIONS else "transient"
+        tail = (
+            "it stays buffered" if what == "batch" else "the batches referencing it stay buffered"
+        )
         super().__init__(
-            f"broker rejected batch with PUBACK reason=0x{code:02x} {reason_name(code)}"
-            f" ({kind}) topic={topic}; it stays buffered"
+            f"broker rejected {what} with PUBACK reason=0x{code:02x} {reason_name(code)}"
+            f" ({kind}) topic={topic}; {tail}"
+        )
+
+
+class CatalogueTooLargeError(PublishRejectedError):
+    """A point catalogue over the packet limit: the batches referencing it cannot be decoded
+    without it, so they stay buffered (never evicted for it) and the forwarder is degraded."""
+
+    def __init__(self, size: int, limit: int, source: str, topic: str) -> None:
+        self.code = PACKET_TOO_LARGE
+        self.topic = topic
+        EdgeAgentError.__init__(
+            self,
+            f"point catalogue packet of {size} bytes over the limit of {limit} ({source})"
+            f" topic={topic}; the batches referencing it stay buffered: raise the broker's limit"
+            " or set batch.catalogue: false",
         )
 
 
@@ -239,6 +273,7 @@ class Forwarder:
         self._on_evicted = on_evicted
         self._on_payload_limit = on_payload_limit
         self.batch_topic = f"{config.topic_prefix}/{gateway_id}/batch"
+        self._gateway_id = gateway_id
         self.status_topic = f"{config.topic_prefix}/{gateway_id}/status"
         self._init_consumer_acks(gateway_id, ack_keys)
         self.hwm_topic = hwm.topic(config.topic_prefix, gateway_id)
@@ -270,6 +305,8 @@ class Forwarder:
         self._payload_limit: int | None = None
         self._stalled = False
         """The last connection was accepted but moved nothing (its successor logs quietly)."""
+        self._catalogues_logged: set[bytes] = set()
+        """Digests of the catalogues whose publication was logged at info (once each)."""
         # The broker's last advertised limit, kept in the (open) store: batches sealed before
         # the first CONNACK, with the link down at boot, fit it as well.
         self._report_payload_limit(BrokerLimits(max_packet_size=self._recalled_limit()))
@@ -438,7 +475,7 @@ class Forwarder:
             return
         broker = f"{self._config.host}:{self._config.port}"
         if isinstance(exc, PublishRejectedError):
-            audit("publish", "refused", broker=broker, topic=self.batch_topic, error=error)
+            audit("publish", "refused", broker=broker, topic=exc.topic, error=error)
         elif isinstance(exc, MqttConnectError) and _code(exc.rc) in AUTH_REFUSALS:
             audit("authentication", "failure", broker=broker, user=self._config.username,
                   error=error)  # fmt: skip
@@ -554,6 +591,11 @@ class Forwarder:
                             await self._evict(batch, TOO_LARGE, cause, session)
                             evicted = True
                             continue
+                        if batch.catalogue is not None and not await self._catalogue_ready(
+                            client, window, batch, session
+                        ):
+                            evicted = True
+                            continue
                         window.start(batch, client.publish_acked(self.batch_topic, batch.data))
                     if not taken and not window.in_flight:
                         self._progress(session)  # caught up: nothing left to send
@@ -575,6 +617,54 @@ class Forwarder:
                     raise aiomqtt.MqttError(client.disconnect_cause or problem)
         finally:
             window.cancel()
+
+    async def _catalogue_ready(
+        self, client: AckingClient, window: _Window, batch: StoredBatch, session: _Session
+    ) -> bool:
+        """Make sure the broker acknowledged `batch`'s point catalogue on this connection,
+        publishing it first if not (see the module docstring); False when the batch was evicted
+        instead (its catalogue is not in the buffer: it could never be decoded).
+
+        Raises PublishRejectedError for a catalogue refused or over the packet limit, and
+        MqttError when the connection is lost meanwhile (the batches in flight are judged as
+        after any loss).
+        """
+        digest = batch.catalogue
+        assert digest is not None
+        acked_at = window.catalogues.get(digest)
+        now = time.monotonic()
+        if acked_at is not None and not (
+            batch.resend and now - acked_at >= self._config.ack_timeout
+        ):
+            return True
+        payload = await self._store.catalogue(digest)
+        if payload is None:
+            cause = f"its point catalogue {digest.hex()} is not in the buffer"
+            log.error("A batch references a catalogue the buffer lacks; evicted batch=%d"
+                      " catalogue=%s", batch.key.id, digest.hex())  # fmt: skip
+            await self._evict(batch, UNDELIVERABLE, cause, session)
+            return False
+        topic = catalogue_topic(self._config.topic_prefix, self._gateway_id, digest)
+        limit, source = self._packet_limit(client.limits)
+        size = publish_packet_size(topic, len(payload), v5=self._config.protocol == "5")
+        if limit is not None and size > limit:
+            raise CatalogueTooLargeError(size, limit, source, topic)
+        retain = client.limits.retains
+        try:
+            code = await client.publish_acked(topic, payload, retain=retain)
+        except aiomqtt.MqttError as exc:
+            session.in_flight = list(window.in_flight.values())
+            raise aiomqtt.MqttError(client.disconnect_cause or str(exc)) from exc
+        if code >= REJECTION:
+            self._metrics.publish_rejected.inc()
+            raise PublishRejectedError(code, topic, what="point catalogue")
+        window.catalogues[digest] = time.monotonic()
+        self._metrics.catalogues_published.inc()
+        level = logging.INFO if digest not in self._catalogues_logged else logging.DEBUG
+        self._catalogues_logged.add(digest)
+        log.log(level, "Published point catalogue digest=%s bytes=%d retained=%s topic=%s",
+                digest.hex(), len(payload), retain, topic)  # fmt: skip
+        return True
 
     async def _take(self, window: _Window) -> list[StoredBatch]:
         """What fills the window's free places: declarations, then batches sealed since the
@@ -945,6 +1035,9 @@ class _Window:
         """Ids of declarations published on this connection (they are taken first on every call)."""
         self.marks: set[asyncio.Future[int]] = set()
         """High-water marks awaiting their PUBACK."""
+        self.catalogues: dict[bytes, float] = {}
+        """Digests of the point catalogues the broker acknowledged on this connection, with the
+        time of that PUBACK (time.monotonic)."""
 
     def room(self) -> int:
         return max(0, self.size - len(self.in_flight) - len(self.marks))

@@ -11,6 +11,12 @@ that would be larger holds fewer readings, so batches fit the link by constructi
 single reading larger than the limit makes a batch that does not fit; the forwarder then evicts
 and declares it.
 
+Point catalogues (docs/contract.md §4.12): a batch that references one is stored with it
+(`SealedBatch.catalogue`, taken from the sealer right after the seal), and the store keeps it in
+the transaction of the first such batch. At start the sealer resumes from the newest catalogue
+the store holds, and a new sealer (a key rotation) from the current one, so that neither a
+restart nor a rotation makes a new catalogue for the same points.
+
 Readings a source could not hand over while the batcher was full never get a `seq`, so they
 leave no hole to declare; the wait is made visible instead: one log line when sources start to
 be held back and one when they are released, and `held_back_since` for health.
@@ -24,7 +30,7 @@ import functools
 import logging
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, cast
 
 import cbor2
 
@@ -34,6 +40,7 @@ from edge_agent.errors import StoreError
 from edge_agent.metrics import Metrics
 from edge_agent.reading import Reading, conforming, needs_check
 from edge_agent.seal import hwm
+from edge_agent.seal.catalogue import Catalogue, CatalogueError
 from edge_agent.seal.envelope import Sealer
 from edge_agent.store.sqlite import MAX_TRANSACTION_BYTES, SealedBatch, Store
 
@@ -91,6 +98,9 @@ class Batcher:
         """Points already logged by `_conforming`."""
         self._unlogged_declared: list[tuple[int, int, str]] = []
         self._next_declared_log = 0.0
+        self._catalogue: Catalogue | None = None
+        """The catalogue the last stored batch referencing one referenced (or the one resumed):
+        what a new sealer resumes from."""
         self.sealed = asyncio.Event()
         """Set after every store write, for whoever waits for new batches (the forwarder)."""
         self.held_back_since: float | None = None
@@ -140,6 +150,7 @@ class Batcher:
         """
         self._declare = await self._store.pending_declarations()
         self._previous = await self._store.previous_epoch()
+        await self._resume_catalogue()
         while not self._stopping:
             await self._wait_for_batch()
             await self.seal_pending()
@@ -172,9 +183,31 @@ class Batcher:
 
         Takes effect at the next batch: batches already sealed keep their signature and are
         sent as they are, so consumers must trust both keys while the backlog drains
-        (docs/security.md). Safe to call from any task of the event loop, at any time.
+        (docs/security.md). Safe to call from any task of the event loop, at any time. The new
+        sealer resumes from the current point catalogue (same points: no new catalogue).
         """
+        if self._catalogue is not None:
+            sealer.resume_catalogue(self._catalogue)
         self._sealer = sealer
+
+    async def _resume_catalogue(self) -> None:
+        """Let the sealer reference the store's newest point catalogue (invariant 6 of
+        store/sqlite.py) rather than make a new one for the same points. A catalogue the store
+        holds but that does not parse is logged and left: the sealer makes a new one."""
+        found = await self._store.newest_catalogue()
+        if found is None:
+            return
+        digest, payload = found
+        try:
+            catalogue = Catalogue.parse(payload, digest)
+        except CatalogueError as exc:
+            log.warning("The buffer's newest point catalogue is unusable; a new one is made"
+                        " digest=%s error=%s", digest.hex(), exc)  # fmt: skip
+            return
+        self._catalogue = catalogue
+        self._sealer.resume_catalogue(catalogue)
+        log.info("Resumed the point catalogue digest=%s points=%d", digest.hex(),
+                 len(catalogue.points))  # fmt: skip
 
     def stop(self) -> None:
         """Ask `run` to seal what is pending and return; sources must be stopped first."""
@@ -251,8 +284,9 @@ class Batcher:
         clock = self._clock
         sealed_ns = time.time_ns() if clock is None else clock.wall_ns()
         stored_ns = sealed_ns if clock is None else clock.age_ns()
+        sealer = self._sealer  # `use_sealer` may swap it while this yields
         seal = functools.partial(
-            self._sealer.seal, gateway=self._gateway, epoch=self._store.epoch, sealed_ns=sealed_ns,
+            sealer.seal, gateway=self._gateway, epoch=self._store.epoch, sealed_ns=sealed_ns,
             clock=None if clock is None else clock.state(),
         )  # fmt: skip
         batch_no, seq = self._store.next_batch, self._store.next_seq
@@ -267,14 +301,19 @@ class Batcher:
             )
             batch_no, runs, previous = batch_no + 1, runs[count:], None
         size = sum(len(b.data) for b in batches)
+        stored = {self._catalogue.digest} if self._catalogue is not None else set()
         start = 0
         while start < len(readings) and size < MAX_TRANSACTION_BYTES:
             if batches:
                 await asyncio.sleep(0)
             count, data = self._seal_within(seal, batch_no, seq, readings, start)
-            batches.append(SealedBatch(batch_no, seq, count, stored_ns, data))
+            catalogue = sealer.catalogue  # the one this batch references, if any
+            batches.append(SealedBatch(batch_no, seq, count, stored_ns, data, catalogue=catalogue))
             batch_no, seq, start = batch_no + 1, seq + count, start + count
             size += len(data)
+            if catalogue is not None and catalogue.digest not in stored:
+                stored.add(catalogue.digest)  # a new one is written with the batch
+                size += len(catalogue.payload)
         return batches
 
     def _declaration_within(
@@ -333,6 +372,9 @@ class Batcher:
         return count, data
 
     def _after_store(self, batches: list[SealedBatch]) -> None:
+        for batch in batches:
+            if batch.catalogue is not None:
+                self._catalogue = cast("Catalogue", batch.catalogue)
         count = sum(b.readings for b in batches)
         self.sealed_readings += count
         self._metrics.readings_sealed.inc(count)

@@ -22,6 +22,15 @@ Invariants (each holds after every committed transaction):
    then the time of its last PUBACK: `take_unacked` returns it again only once that is older
    than the ack timeout. Files made before the column existed get it at open (ALTER TABLE,
    NULL for every row: nothing counts as sent, so everything is sent once more).
+6. Point catalogues (docs/contract.md §4.12). `batches.catalogue` is the digest of the catalogue
+   a batch references (NULL: self-contained; declarations never reference one). Every digest
+   there has its row in `catalogues`, written (INSERT OR IGNORE) in the transaction that stores
+   the first batch referencing it. The newest catalogue (`meta` key `catalogue`: the digest the
+   last batch that referenced one referenced) is kept even unreferenced, so that an agent
+   restarted with the same points references it again instead of making a new one; any other
+   unreferenced catalogue is deleted in the transaction that removed its last batch (ack,
+   consumer acknowledgement, eviction) or at open. Files made before 2.4 get the column at open
+   (NULL: self-contained, as they are).
 
 The file runs in WAL mode with synchronous=FULL: with NORMAL, a power cut can roll back
 transactions that were reported committed. When full, retention evicts the oldest batches first.
@@ -73,7 +82,7 @@ import uuid
 from collections.abc import Awaitable, Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, NamedTuple, TypeVar
+from typing import Any, Literal, NamedTuple, Protocol, TypeVar
 
 import aiosqlite
 
@@ -91,7 +100,7 @@ CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS batches (
     id INTEGER PRIMARY KEY, first_seq INTEGER NOT NULL, last_seq INTEGER NOT NULL,
     readings INTEGER NOT NULL, bytes INTEGER NOT NULL, sealed_ns INTEGER NOT NULL,
-    data BLOB NOT NULL, sent_ns INTEGER);
+    data BLOB NOT NULL, sent_ns INTEGER, catalogue BLOB);
 CREATE TABLE IF NOT EXISTS notices (
     id INTEGER PRIMARY KEY, readings INTEGER NOT NULL, bytes INTEGER NOT NULL,
     sealed_ns INTEGER NOT NULL, data BLOB NOT NULL, sent_ns INTEGER);
@@ -99,13 +108,20 @@ CREATE TABLE IF NOT EXISTS pending_evictions (
     first_seq INTEGER PRIMARY KEY, last_seq INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS eviction_reasons (
     first_seq INTEGER PRIMARY KEY, reason TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS catalogues (digest BLOB PRIMARY KEY, payload BLOB NOT NULL)
+    WITHOUT ROWID;
 """
 
 INDEXES = """
 CREATE INDEX IF NOT EXISTS batches_unsent ON batches (id) WHERE sent_ns IS NULL;
 CREATE INDEX IF NOT EXISTS batches_sent ON batches (sent_ns) WHERE sent_ns IS NOT NULL;
+CREATE INDEX IF NOT EXISTS batches_catalogue ON batches (catalogue) WHERE catalogue IS NOT NULL;
 """
-"""For `take_unacked`: batches never sent, and the oldest sent, without a scan of the buffer."""
+"""For `take_unacked`: batches never sent, and the oldest sent, without a scan of the buffer.
+For the deletion of unreferenced catalogues: whether a batch still references one, without
+reading the batches (`catalogue` follows `data`: reading it walks a batch's overflow pages)."""
+NEWEST_CATALOGUE = "catalogue"
+"""The `meta` key of the newest catalogue's digest (invariant 6)."""
 ACK_WALK = 512
 """Batches read at a time while a consumer acknowledgement is applied."""
 
@@ -125,6 +141,17 @@ CORRUPTION = (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB)
 """Primary result codes that mean the file's bytes are not a sound database."""
 
 
+class CatalogueRow(Protocol):
+    """A point catalogue as the store keeps it (`seal.catalogue.Catalogue` is one): its digest
+    (16 bytes) and its message bytes."""
+
+    @property
+    def digest(self) -> bytes: ...
+
+    @property
+    def payload(self) -> bytes: ...
+
+
 @dataclass(frozen=True)
 class SealedBatch:
     """A batch ready to store: its signed bytes and the numbers it was sealed with.
@@ -142,6 +169,8 @@ class SealedBatch:
     data: bytes
     declares: tuple[tuple[int, int], ...] = ()
     ends_previous: bool = False
+    catalogue: CatalogueRow | None = None
+    """The point catalogue the batch references (§4.12); None: self-contained."""
 
 
 BatchKind = Literal["declaration", "readings"]
@@ -168,6 +197,9 @@ class StoredBatch:
     data: bytes
     resend: bool = False
     """end_to_end mode: PUBACKed before, and not acknowledged by a consumer since."""
+    catalogue: bytes | None = None
+    """The digest of the point catalogue the batch references (`Store.catalogue` gives its
+    bytes); None: self-contained."""
 
 
 @dataclass(frozen=True)
@@ -362,6 +394,7 @@ class Store:
         if mark is not None and mark.epoch != self.epoch and found and previous is None:
             await self._replaced(mark, meta)
         await self._load_stats()
+        await self._tidy_catalogues()
         self._open_mark()
         self._write_mark(durable=True)
         if not self.disk_full and not self._allocate_reserve():
@@ -372,17 +405,21 @@ class Store:
             )  # fmt: skip
 
     async def _migrate(self, db: aiosqlite.Connection) -> None:
-        """Bring a file of an older version up to SCHEMA: `sent_ns` (NULL: not sent) and the
-        indexes on it, in one transaction; a file already current is left as it is."""
-        missing = []
+        """Bring a file of an older version up to SCHEMA: `sent_ns` (NULL: not sent),
+        `batches.catalogue` (NULL: self-contained; the `catalogues` table itself comes with
+        SCHEMA) and the indexes on them, in one transaction; a file already current is left as
+        it is."""
+        missing: list[tuple[str, str, str]] = []
         for table in _TABLES.values():
             columns = {row[1] for row in await db.execute_fetchall(f"PRAGMA table_info({table})")}
             if "sent_ns" not in columns:
-                missing.append(table)
+                missing.append((table, "sent_ns", "INTEGER"))
+            if table == "batches" and "catalogue" not in columns:
+                missing.append((table, "catalogue", "BLOB"))
         await db.execute("BEGIN IMMEDIATE")
         try:
-            for table in missing:
-                await db.execute(f"ALTER TABLE {table} ADD COLUMN sent_ns INTEGER")
+            for table, column, kind in missing:
+                await db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
             for statement in filter(str.strip, INDEXES.split(";")):
                 await db.execute(statement)
             await db.execute("COMMIT")
@@ -391,8 +428,29 @@ class Store:
             raise
         if missing:
             log.info(
-                "Buffer upgraded path=%s added=sent_ns tables=%s", self.path, ",".join(missing)
-            )
+                "Buffer upgraded path=%s added=%s", self.path,
+                ",".join(f"{table}.{column}" for table, column, _ in missing),
+            )  # fmt: skip
+
+    async def _tidy_catalogues(self) -> None:
+        """At open: delete the catalogues no batch references but the newest (invariant 6).
+
+        Those are normally deleted with their last batch; this catches a file whose batches
+        went otherwise. Best effort: on a full disk the open must not fail for it (the next
+        acknowledgement or eviction tries again).
+        """
+        db = self.db
+        try:
+            await db.execute("BEGIN IMMEDIATE")
+            dropped = await _drop_unreferenced_catalogues(db)
+            await db.execute("COMMIT")
+        except sqlite3.Error as exc:
+            await self._rollback()
+            log.warning("Could not delete unreferenced catalogues path=%s error=%s",
+                        self.path, exc)  # fmt: skip
+            return
+        if dropped:
+            log.info("Deleted unreferenced catalogues path=%s count=%d", self.path, dropped)
 
     async def _replaced(self, mark: CommittedMark, meta: dict[str, Any]) -> None:
         """The file holds another epoch than the witness: declare the witness's epoch ended."""
@@ -737,6 +795,7 @@ class Store:
             if readings:
                 await db.execute("INSERT INTO pending_evictions VALUES (?, ?)", (first, last))
                 await db.execute("INSERT INTO eviction_reasons VALUES (?, ?)", (first, reason))
+            await _drop_unreferenced_catalogues(db)
             return first, last, readings, size
 
         def on_commit(row: tuple[int, int, int, int] | None) -> None:
@@ -772,6 +831,8 @@ class Store:
                 await self._make_room(batches, evicted)
             await self._insert(batches, expected_batch, expected_seq)
             await self._apply_retention(adding, evicted)
+            if evicted.batches:
+                await _drop_unreferenced_catalogues(self.db)
             return evicted
 
         def on_commit(evicted: _Evicted) -> None:
@@ -797,14 +858,26 @@ class Store:
                 len(b.data),
                 b.sealed_ns,
                 b.data,
+                None if b.catalogue is None else b.catalogue.digest,
             )
             for b in batches
             if not (b.declares or b.ends_previous)
         ]
+        catalogues = {b.catalogue.digest: b.catalogue for b in batches if b.catalogue is not None}
+        if catalogues:  # before the batches that reference them (invariant 6)
+            await db.executemany(
+                "INSERT OR IGNORE INTO catalogues (digest, payload) VALUES (?, ?)",
+                [(digest, c.payload) for digest, c in catalogues.items()],
+            )
+            newest = [b.catalogue.digest for b in batches if b.catalogue is not None][-1]
+            await db.execute(
+                "INSERT OR REPLACE INTO meta VALUES (?, ?)", (NEWEST_CATALOGUE, newest)
+            )
         if plain:
             await db.executemany(
-                "INSERT INTO batches (id, first_seq, last_seq, readings, bytes, sealed_ns, data)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                "INSERT INTO batches"
+                " (id, first_seq, last_seq, readings, bytes, sealed_ns, data, catalogue)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 plain,
             )
         for b in batches:
@@ -836,7 +909,9 @@ class Store:
         before), so that a full disk costs a declaration now and then, not one per append.
         """
         usable = self._page_size - 4  # an overflow page's payload
-        need = sum(-(-len(b.data) // usable) + 1 for b in batches) + 8  # + b-tree pages, meta
+        sizes = [len(b.data) for b in batches]
+        sizes.extend({c.digest: len(c.payload) for b in batches if (c := b.catalogue)}.values())
+        need = sum(-(-size // usable) + 1 for size in sizes) + 8  # + b-tree pages, meta
         ((free,),) = await self.db.execute_fetchall("PRAGMA freelist_count")
         if free >= need:
             return
@@ -936,6 +1011,7 @@ class Store:
             if chosen:
                 await self._evict(chosen)
                 evicted.add(chosen)
+                await _drop_unreferenced_catalogues(db)
             return evicted
 
         evicted = await self._atomically(
@@ -961,10 +1037,12 @@ class Store:
         ]
         if len(taken) < limit:
             taken.extend(
-                StoredBatch(BatchKey("readings", row_id), readings, sealed_ns, data)
-                for row_id, readings, sealed_ns, data in await self._read(
+                StoredBatch(
+                    BatchKey("readings", row_id), readings, sealed_ns, data, catalogue=catalogue
+                )
+                for row_id, readings, sealed_ns, data, catalogue in await self._read(
                     "read batches",
-                    "SELECT id, readings, sealed_ns, data FROM batches WHERE id > ?"
+                    "SELECT id, readings, sealed_ns, data, catalogue FROM batches WHERE id > ?"
                     " ORDER BY id LIMIT ?",
                     (after, limit - len(taken)),
                 )
@@ -989,6 +1067,8 @@ class Store:
                         chunk,
                     )
                     removed.extend((int(r), int(b)) for r, b in rows)
+            if removed:
+                await _drop_unreferenced_catalogues(db)
             return removed
 
         def on_commit(removed: list[tuple[int, int]]) -> None:
@@ -1036,7 +1116,8 @@ class Store:
             if room <= 0:
                 break
             marks = ",".join("?" * len(skip[kind]))
-            columns = f"SELECT id, readings, sealed_ns, data FROM {table} WHERE"  # noqa: S608  # nosec B608  # table names are literals
+            catalogue = "catalogue" if table == "batches" else "NULL"
+            columns = f"SELECT id, readings, sealed_ns, data, {catalogue} FROM {table} WHERE"  # noqa: S608  # nosec B608  # literals only
             tail = f" AND id > ? AND id NOT IN ({marks}) ORDER BY id LIMIT ?"
             lower = after if kind == "readings" and after > 0 else -1
             fresh = await self._read(
@@ -1057,8 +1138,15 @@ class Store:
             )[:room]
             due_left -= sum(1 for _, again in found if again)
             taken.extend(
-                StoredBatch(BatchKey(kind, row_id), readings, sealed_ns, data, resend=again)
-                for (row_id, readings, sealed_ns, data), again in found
+                StoredBatch(
+                    BatchKey(kind, row_id),
+                    readings,
+                    sealed_ns,
+                    data,
+                    resend=again,
+                    catalogue=catalogue,
+                )
+                for (row_id, readings, sealed_ns, data, catalogue), again in found
             )
         return taken
 
@@ -1109,6 +1197,8 @@ class Store:
             for kind, table in _TABLES.items():
                 ids = [(key.id,) for key, _, _ in removed if key.kind == kind]
                 await db.executemany(f"DELETE FROM {table} WHERE id = ?", ids)  # noqa: S608  # nosec B608  # table names are literals
+            if removed:
+                await _drop_unreferenced_catalogues(db)
             return removed
 
         def on_commit(removed: list[tuple[BatchKey, int, int]]) -> None:
@@ -1149,6 +1239,31 @@ class Store:
         )
         found = [v for v in rows[0] if v is not None] if rows else []
         return min(found) if found else None
+
+    async def catalogue(self, digest: bytes) -> bytes | None:
+        """The message bytes of the point catalogue `digest` (16 bytes), for the forwarder to
+        publish before the batches that reference it; None when the buffer does not hold it
+        (never for the digest of a buffered batch: invariant 6)."""
+        rows = await self._read(
+            "read a catalogue", "SELECT payload FROM catalogues WHERE digest = ?", (digest,)
+        )
+        return bytes(rows[0][0]) if rows else None
+
+    async def newest_catalogue(self) -> tuple[bytes, bytes] | None:
+        """The newest point catalogue as (digest, message bytes), for the encoder to resume
+        from after a restart (invariant 6); None when no batch ever referenced one."""
+        rows = await self._read(
+            "read the newest catalogue",
+            "SELECT c.digest, c.payload FROM meta m JOIN catalogues c ON c.digest = m.value"
+            " WHERE m.key = ?",
+            (NEWEST_CATALOGUE,),
+        )
+        return (bytes(rows[0][0]), bytes(rows[0][1])) if rows else None
+
+    async def catalogue_count(self) -> int:
+        """How many point catalogues the buffer holds (for tests and /status)."""
+        rows = await self._read("count catalogues", "SELECT count(*) FROM catalogues")
+        return int(rows[0][0])
 
 
 class _Interruptible:
@@ -1226,6 +1341,19 @@ def _meta(db: sqlite3.Connection) -> dict[str, Any] | None:
         return {row[0]: row[1] for row in db.execute("SELECT key, value FROM meta")}
     except sqlite3.Error:
         return None
+
+
+async def _drop_unreferenced_catalogues(db: aiosqlite.Connection) -> int:
+    """Delete the catalogues no batch references, but the newest (invariant 6), inside the
+    caller's transaction; returns how many. One index probe per catalogue (`batches_catalogue`):
+    a buffer holds one or two catalogues, not one per batch."""
+    rows = await db.execute_fetchall(
+        "DELETE FROM catalogues WHERE digest IS NOT (SELECT value FROM meta WHERE key = ?)"
+        " AND NOT EXISTS (SELECT 1 FROM batches b WHERE b.catalogue = catalogues.digest)"
+        " RETURNING digest",
+        (NEWEST_CATALOGUE,),
+    )
+    return len(list(rows))
 
 
 def _went_backwards(meta: dict[str, Any], mark: CommittedMark) -> str | None:
