@@ -2,7 +2,12 @@
 
 Topics (`{prefix}/{gateway}/batch|hwm|status`) give the gateway the message claims to come from;
 a batch or mark whose signed `gateway` differs, or whose key is enrolled for another gateway, is
-refused (`wrong_gateway`). Rejection reasons, as stored in `rejected.reason`:
+refused (`wrong_gateway`). A point catalogue (`{prefix}/{gateway}/catalogue/{digest}`, contract
+§4.12) goes into the decoder's book at once (the batches after it in the same group need it)
+and is stored with the group (`CatalogueItem`); a batch that references a catalogue the book
+does not have is `Parked` (authentic: its signature, key and gateway checked as any batch's;
+decoded once the catalogue comes, parking.py). Rejection reasons, as stored in
+`rejected.reason`:
 
 - `unknown_key`     the key id is not enrolled (`ingest keys add`)
 - `key_not_valid`   the key is retired, or the batch was sealed outside its validity
@@ -11,17 +16,28 @@ refused (`wrong_gateway`). Rejection reasons, as stored in `rejected.reason`:
 - `wrong_gateway`   signed for, or by a key of, another gateway than the topic names
 - `nonconforming`   signed, but its readings break the value rules of §4.4
 - `conflict`        (recorded by write.py) seqs already held, from a batch of another number
+- `catalogue`       a point catalogue refused: its digest is not its topic's, or it breaks §4.12
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import Any
+
+import cbor2
+import zstandard
 
 from edge_agent.consumer.ingest.keystore import GatewayTrust
 from edge_agent.consumer.ingest.rows import NonconformingError, RowMaker
 from edge_agent.errors import EnvelopeError, UnknownKeyError
-from edge_agent.seal.envelope import Batch, Opener, Sign1
+from edge_agent.seal.catalogue import (
+    Catalogue,
+    CatalogueError,
+    CatalogueMissingError,
+    parse_catalogue_topic,
+)
+from edge_agent.seal.envelope import MAX_PAYLOAD_BYTES, Batch, Opener, Sign1
 from edge_agent.seal.hwm import HighWaterMark, open_mark
 from edge_agent.seal.trust import KeyNotValidError
 
@@ -64,7 +80,34 @@ class Rejection:
     payload: bytes
 
 
-Item = Accepted | HighWaterMark | Status | Rejection
+@dataclass(frozen=True)
+class CatalogueItem:
+    """A point catalogue accepted (in the decoder's book already), to store."""
+
+    topic: str
+    gateway: str
+    """The gateway its topic names (catalogues are not signed: the digest binds them)."""
+    catalogue: Catalogue
+
+
+@dataclass(frozen=True)
+class Parked:
+    """An authentic batch whose point catalogue `digest` the decoder does not have (yet): what
+    its signed header says, and the message, to decode once the catalogue is there."""
+
+    topic: str
+    digest: bytes
+    gateway: str
+    epoch: str
+    batch: int
+    seqs: tuple[tuple[int, int], ...]
+    """The seqs it holds: its readings' and those of the evictions it declares (inclusive)."""
+    readings: int
+    kid: str
+    payload: bytes
+
+
+Item = Accepted | HighWaterMark | Status | Rejection | CatalogueItem | Parked
 
 
 def split_topic(topic: str, prefix: str) -> tuple[str, str] | None:
@@ -79,26 +122,32 @@ def split_topic(topic: str, prefix: str) -> tuple[str, str] | None:
 
 
 class Decoder:
-    """Verifies and decodes messages against the enrolled keys (replace `trust` to refresh)."""
+    """Verifies and decodes messages against the enrolled keys (replace `trust` to refresh),
+    with the point catalogues of `book` (digest -> Catalogue), which it adds to as catalogue
+    messages come (and its owner as it loads them from the database)."""
 
-    def __init__(self, trust: GatewayTrust, prefix: str) -> None:
+    def __init__(
+        self, trust: GatewayTrust, prefix: str, book: dict[bytes, Catalogue] | None = None
+    ) -> None:
         self.prefix = prefix
         self.rows = RowMaker()
         self.seconds = {"open": 0.0, "rows": 0.0}
         """Time spent verifying and decoding envelopes (`open`), and making rows (`rows`)."""
         self.trust = trust
-        self._opener = Opener(trust.trust.public_keys(), columns=True)
+        self.book: dict[bytes, Catalogue] = {} if book is None else book
+        self._opener = Opener(trust.trust.public_keys(), columns=True, catalogues=self.book)
+        self._decompressor = zstandard.ZstdDecompressor()
 
     def set_trust(self, trust: GatewayTrust) -> None:
         """Use these keys from now on."""
         self.trust = trust
-        self._opener = Opener(trust.trust.public_keys(), columns=True)
+        self._opener = Opener(trust.trust.public_keys(), columns=True, catalogues=self.book)
 
     def decode(self, topic: str, payload: bytes) -> Item | None:
         """The item of one message; None for a topic ingest does not take."""
         where = split_topic(topic, self.prefix)
         if where is None:
-            return None
+            return self._catalogue(topic, payload)
         gateway, kind = where
         if kind == "batch":
             return self._batch(topic, gateway, payload)
@@ -124,10 +173,32 @@ class Decoder:
             payload[:MAX_REJECTED_PAYLOAD],
         )
 
+    def _catalogue(self, topic: str, payload: bytes) -> Item | None:
+        """A catalogue message (`{prefix}/{gateway}/catalogue/{digest}`), put in the book when
+        it is accepted; None for any other topic."""
+        head = self.prefix + "/"
+        levels = topic[len(head) :].split("/") if topic.startswith(head) else []
+        if len(levels) != 3 or levels[1] != "catalogue" or not levels[0]:
+            return None
+        gateway = levels[0]
+        named = parse_catalogue_topic(topic)
+        if named is None:
+            detail = f"catalogue topic: {levels[2]!r} is not a digest of 32 lowercase hex digits"
+            return self._reject(topic, gateway, payload, "catalogue", detail)
+        try:
+            catalogue = Catalogue.parse(payload, named[1])
+        except CatalogueError as exc:
+            return self._reject(topic, gateway, payload, "catalogue", str(exc))
+        self.book.setdefault(catalogue.digest, catalogue)
+        return CatalogueItem(topic, gateway, catalogue)
+
     def _batch(self, topic: str, gateway: str, payload: bytes) -> Item:
         began = time.perf_counter()
         try:
             batch = self._opener.open(payload)
+        except CatalogueMissingError as exc:
+            self.seconds["open"] += time.perf_counter() - began
+            return self._parked(topic, gateway, payload, exc.digest)
         except UnknownKeyError as exc:
             return self._reject(topic, gateway, payload, "unknown_key", str(exc))
         except EnvelopeError as exc:
@@ -157,6 +228,59 @@ class Decoder:
         finally:
             self.seconds["rows"] += time.perf_counter() - opened
         return Accepted(batch, rows, first, topic, payload)
+
+    def _parked(self, topic: str, gateway: str, payload: bytes, digest: bytes) -> Item:
+        """A verified batch that waits for catalogue `digest`, held to the checks that need no
+        decoding (key valid when sealed, enrolled for the topic's gateway, which the batch
+        names): a batch that would be refused once decoded is refused now, not parked."""
+        signed = Sign1.parse(payload)  # parsed and verified by the Opener a moment ago
+        try:
+            body = self._body(signed)
+            epoch, batch, first, count = body["epoch"], body["batch"], body["seq"], body["n"]
+            sealed, signed_for = body["sealed"], body["gateway"]
+            evicted = [(int(a), int(b)) for a, b in body.get("evicted", [])]
+            if not (
+                isinstance(epoch, str) and isinstance(signed_for, str)
+                and all(type(v) is int for v in (batch, first, count, sealed))
+            ):  # fmt: skip
+                raise TypeError("gateway, epoch, batch, seq, n or sealed of the wrong type")
+        except (EnvelopeError, KeyError, TypeError, ValueError) as exc:
+            detail = f"malformed batch: {type(exc).__name__}: {exc}"
+            return self._reject(topic, gateway, payload, "malformed", detail, kid=signed.kid)
+        try:
+            self.trust.trust.check(signed.kid, sealed)
+        except KeyNotValidError as exc:
+            return self._reject(topic, gateway, payload, "key_not_valid", str(exc), kid=signed.kid)
+        detail = self._foreign(gateway, "the batch", signed_for, signed.kid)
+        if detail:
+            return self._reject(topic, gateway, payload, "wrong_gateway", detail, kid=signed.kid)
+        if not epoch or "\0" in epoch or "\0" in signed_for:
+            detail = "epoch empty, or gateway or epoch holding NUL"
+            return self._reject(topic, gateway, payload, "malformed", detail, kid=signed.kid)
+        seqs = [(first, first + count - 1), *evicted]
+        if not 0 <= batch < INT8 or not all(1 <= a and b < INT8 for a, b in seqs if a <= b):
+            detail = f"batch {batch}, seqs {seqs} out of range"
+            return self._reject(topic, gateway, payload, "malformed", detail, kid=signed.kid)
+        return Parked(
+            topic, digest, signed_for, epoch, batch, tuple(seqs), max(count, 0),
+            signed.kid.hex(), payload,
+        )  # fmt: skip
+
+    def _body(self, signed: Sign1) -> dict[Any, Any]:
+        """The payload map of a verified batch (decompressed as the Opener does)."""
+        payload = signed.payload
+        if signed.header.get("enc") == "zstd":
+            try:
+                payload = self._decompressor.decompress(payload, max_output_size=MAX_PAYLOAD_BYTES)
+            except zstandard.ZstdError as exc:
+                raise EnvelopeError(f"bad zstd payload: {exc}") from None
+        try:
+            body = cbor2.loads(payload)
+        except (cbor2.CBORError, RecursionError) as exc:
+            raise EnvelopeError(f"payload is not CBOR: {exc}") from None
+        if not isinstance(body, dict):
+            raise EnvelopeError("payload is not a CBOR map")
+        return body
 
     def _hwm(self, topic: str, gateway: str, payload: bytes) -> Item:
         """The mark, opened as verify opens it (`seal.hwm.open_mark` against the enrolled keys),

@@ -10,6 +10,11 @@ does not hold, of three kinds:
 - `lost`  the gateway declared the epoch ended (`previous_epoch`: its buffer was quarantined,
           missing or replaced): explained, reported with the reason, not a failure. An epoch
           declared ended whose id the gateway no longer knew is reported as LOST, unknown.
+- `pending` (schema version 3) received in a batch that is parked: authentic, waiting for
+          the point catalogue it references (contract §4.12), stored as soon as that arrives.
+          Not a failure while it waits; a catalogue that never comes (its retained message
+          deleted from the broker, say) keeps them parked, which the `PARKED` lines show with
+          the digest and since when.
 
 Readings declared evicted (retention, too large, undeliverable) are explained and counted.
 """
@@ -37,6 +42,11 @@ SELECT gateway, epoch, kind, first_seq, last_seq, detail FROM ingest_gaps
 ORDER BY gateway, epoch, first_seq
 """
 _REJECTED = "SELECT reason, count(*), max(received) FROM rejected GROUP BY reason ORDER BY reason"
+_PARKED = """
+SELECT gateway, encode(digest, 'hex'), count(*), sum(readings), min(received),
+       EXISTS (SELECT 1 FROM catalogues c WHERE c.digest = p.digest)
+FROM parked p GROUP BY gateway, digest ORDER BY gateway, min(received)
+"""
 _UNKNOWN_ENDS = """
 SELECT gateway, declared_epoch, ended, detail FROM epoch_ends WHERE ended_epoch IS NULL
 ORDER BY gateway, declared_epoch
@@ -50,6 +60,7 @@ def collect(conn: psycopg.Connection[tuple[Any, ...]]) -> dict[str, Any]:
         gaps = conn.execute(_GAPS).fetchall()
         rejected = conn.execute(_REJECTED).fetchall()
         unknown = conn.execute(_UNKNOWN_ENDS).fetchall()
+        parked = conn.execute(_PARKED).fetchall()
     return {
         "streams": [
             {
@@ -66,6 +77,11 @@ def collect(conn: psycopg.Connection[tuple[Any, ...]]) -> dict[str, Any]:
         "rejected": {reason: int(n) for reason, n, _ in rejected},
         "unknown_ends": [
             {"gateway": g, "declared_in": e, "ended": x, "detail": d} for g, e, x, d in unknown
+        ],
+        "parked": [
+            {"gateway": g, "catalogue": digest, "batches": int(n), "readings": int(r),
+             "since": since.isoformat(), "catalogue_stored": bool(known)}
+            for g, digest, n, r, since, known in parked
         ],
     }  # fmt: skip
 
@@ -85,7 +101,10 @@ def render(data: dict[str, Any]) -> tuple[int, list[str]]:
             f"duplicates={s['duplicates']} evicted={s['evicted']} holes={holes}"
         )
     for (gateway, epoch), gaps in by_stream.items():
-        for kind, word in (("hole", "HOLE"), ("tail", "NOT YET RECEIVED"), ("lost", "LOST")):
+        for kind, word in (
+            ("hole", "HOLE"), ("pending", "PENDING"), ("tail", "NOT YET RECEIVED"),
+            ("lost", "LOST"),
+        ):  # fmt: skip
             ranges = [g for g in gaps if g["kind"] == kind]
             if not ranges:
                 continue
@@ -101,6 +120,17 @@ def render(data: dict[str, Any]) -> tuple[int, list[str]]:
         f"an epoch ended whose id it no longer knew ({end['ended']}: {end['detail']})"
         for end in data.get("unknown_ends", [])
     )
+    for park in data.get("parked", []):
+        lines.append(
+            f"PARKED {park['batches']} batches ({park['readings']} readings) of gateway="
+            f"{park['gateway']} wait for point catalogue {park['catalogue']} since "
+            f"{park['since']}"
+            + (
+                " (the catalogue is stored: a worker writes them at its next sweep)"
+                if park["catalogue_stored"]
+                else " (not received: the gateway publishes it, retained, before its batches)"
+            )
+        )
     for reason, count in sorted(data["rejected"].items()):
         lines.append(f"REJECTED {count} messages: {reason} (see the table `rejected`)")
     if any(g["kind"] == "hole" for g in data["gaps"]):
