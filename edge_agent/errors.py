@@ -6,7 +6,9 @@
     ├── EnvelopeError              a batch cannot be decoded or its signature does not verify
     │   ├── UnknownKeyError        the batch names a key id the verifier was not given
     │   ├── KeyNotValidError       signed by a retired key, or sealed outside the key's validity
-    │   └── NonconformingError     signed, but a reading breaks the value rules (ingest refuses it)
+    │   ├── NonconformingError     signed, but a reading breaks the value rules (ingest refuses it)
+    │   ├── CatalogueMissingError  signed, but its point catalogue has not arrived: keep it, wait
+    │   └── CatalogueError         a point catalogue message that is not as §4.12 says
     ├── AckError                   a consumer acknowledgement refused; `reason` says why (§4.10)
     ├── DeviceError                a device failed to answer a read (timeout, exception, garbage)
     │   └── ReadError              a Modbus read failed; `reason` names its counter
@@ -45,7 +47,8 @@ AckError in `seal/ack.py`, ConnectionLostError in `sources/opcua/source.py`,
 UnknownNamespaceError in `sources/opcua/namespaces.py`, TakeOverError in `sources/opcua/session.py`,
 SecurityError and UntrustedCertificateError in `sources/opcua/security.py`,
 PublishRejectedError in `forward/mqtt.py`, BrokerUnavailableError in `demo/embedded_broker.py`,
-NonconformingError in `consumer/ingest/rows.py`, TransactionRetryError and StoppedWaitingError in
+NonconformingError in `consumer/ingest/rows.py`, CatalogueMissingError in `seal/columnar.py`,
+CatalogueError in `seal/catalogue.py`, TransactionRetryError and StoppedWaitingError in
 `consumer/ingest/worker.py` (they never leave the worker), OverlapError in
 `consumer/ingest/write.py`.
 A second base in parentheses is kept for callers that catch it.

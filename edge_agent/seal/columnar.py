@@ -61,7 +61,7 @@ from operator import (
     truediv,
     xor,
 )  # fmt: skip
-from typing import Any, cast
+from typing import Any, Protocol, cast
 
 from edge_agent.errors import EnvelopeError
 from edge_agent.reading import Quality, Reading, Value
@@ -118,6 +118,55 @@ MAX_NAME_CHARS = 2**26
 point: joining name parts named again and again could otherwise make gigabytes of names (and of
 COPY rows) from a small payload. Format 1 carries each reading's names itself, so its 64 MiB
 payload limit bounds them alike."""
+
+DIGEST_BYTES = 16
+"""Bytes of a point catalogue's digest (§4.12): the first 16 of SHA-256 over its payload."""
+_DICTIONARY_KEYS = ("src", "ps", "tok", "pn", "pi")
+"""The keys of a batch's own points dictionary, which a batch that references a point catalogue
+(§4.12) has instead `cat` and `cp`."""
+
+
+class PointTable(Protocol):
+    """A point catalogue as the decoder needs it (`catalogue.Catalogue`): its points, in order,
+    as (source, point name), and each one's type and decimal places (a `pk` byte, §4.9)."""
+
+    @property
+    def points(self) -> Sequence[tuple[str, str]]: ...
+
+    @property
+    def pk(self) -> bytes: ...
+
+
+class CatalogueKeeper(Protocol):
+    """What an encoder asks of the agent's point catalogues (`catalogue.Catalogues`)."""
+
+    version: int
+    """Changes whenever the current catalogue does."""
+
+    def positions(self, points: Sequence[tuple[str, str]], pk: bytes) -> list[int]:
+        """Each point's position in the current catalogue, made anew (the version changes) when
+        a point is not in it or `pk` differs from its `pk` for more than a quarter of them."""
+        ...
+
+    def digest(self) -> bytes:
+        """The current catalogue's digest."""
+        ...
+
+    def pk(self) -> bytes:
+        """The current catalogue's `pk`, one byte per point."""
+        ...
+
+
+class CatalogueMissingError(EnvelopeError):
+    """A batch references a point catalogue (§4.12) the consumer has not received, or not yet.
+
+    Raised after the signature was checked: the batch is authentic, it only cannot be decoded
+    until the catalogue with `digest` (16 bytes) arrives. A consumer keeps it, never refuses it.
+    """
+
+    def __init__(self, digest: bytes) -> None:
+        super().__init__(f"format 2: point catalogue {digest.hex()} not received (yet)")
+        self.digest = digest
 
 
 # --------------------------------------------------------------------------- integer columns
@@ -557,7 +606,7 @@ class _Shape:
     """What a batch's list of (source, point) determines: its points, their dictionary and
     `idx` (the head of the payload), the grouped order, and the plans of its value types."""
 
-    __slots__ = ("head", "order", "owners", "plans", "points")
+    __slots__ = ("catalogued", "head", "order", "owners", "plans", "points")
 
     def __init__(self, src: tuple[str, ...], pt: tuple[str, ...], head: Callable[..., Any]) -> None:
         first: dict[tuple[str, str], int] = {}  # point -> position of its first reading
@@ -569,6 +618,8 @@ class _Shape:
         self.owners = sorted(idx)
         self.head = {**head(self.points), "idx": pack_ints(list(map(sub, idx, [0, *idx[:-1]])))}
         self.plans: dict[tuple[type, ...], _Plan] = {}
+        self.catalogued: tuple[int, bytes, list[Any], bytes] | None = None
+        """With a point catalogue: its version, digest, `cp` and `pk` for these points."""
 
 
 class ColumnEncoder:
@@ -587,7 +638,12 @@ class ColumnEncoder:
     batches encodes only its values, timestamps and qualities once warm (docs/performance.md).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, catalogues: CatalogueKeeper | None = None) -> None:
+        """`catalogues`: reference the agent's point catalogues (§4.12) instead of writing the
+        points dictionary into each batch; None: every batch carries its own."""
+        self._catalogues = catalogues
+        self.referenced = False
+        """Whether the last batch encoded references the current point catalogue."""
         self._places: dict[tuple[str, str], int] = {}
         self._version = 0
         """Changes whenever `_places` does: the float plans made before are then remade."""
@@ -610,6 +666,7 @@ class ColumnEncoder:
         length = len(readings)
         if length > MAX_READINGS:
             raise ValueError(f"{length} readings in one batch; format 2 allows {MAX_READINGS}")
+        self.referenced = False
         if not length:
             return _empty(first_seq)
         src, pt, ts, values, qualities, codes = zip(*readings, strict=True)
@@ -646,7 +703,40 @@ class ColumnEncoder:
         }
         if plan.floats:
             columns["float"], columns["pk"] = self._floats(plan, plan.floats(values), shape)
+        if self._catalogues is not None:
+            self._reference(columns, shape, self._catalogues)
         return columns
+
+    def _reference(
+        self, columns: dict[str, Any], shape: _Shape, catalogues: CatalogueKeeper
+    ) -> None:
+        """Make `columns` reference the current point catalogue (`cat`, `cp`, `pk` as XOR)."""
+        pk = columns["pk"]
+        cached = shape.catalogued
+        if cached is not None and cached[0] == catalogues.version:
+            delta = bytes(map(xor, pk, cached[3]))
+            if (len(delta) - delta.count(0)) * 4 <= len(delta):
+                columns["cat"], columns["cp"], columns["pk"] = cached[1], cached[2], delta
+                self.referenced = True
+                return
+        positions = catalogues.positions(shape.points, pk)
+        base = bytes(map(catalogues.pk().__getitem__, positions))
+        cp = pack_ints(list(map(sub, positions, [0, *positions[:-1]])))
+        shape.catalogued = (catalogues.version, catalogues.digest(), cp, base)
+        columns["cat"], columns["cp"], columns["pk"] = (
+            shape.catalogued[1],
+            cp,
+            bytes(map(xor, pk, base)),
+        )
+        self.referenced = True
+
+    def remember_places(self, points: Sequence[tuple[str, str]], pk: bytes) -> None:
+        """Take the decimal places of each float (or mixed) point from `pk` (a catalogue's,
+        resumed after a restart), as if its earlier floats had taught them."""
+        for point, byte in zip(points, pk, strict=True):
+            if byte >> 5 in (T_FLOAT, T_MIXED):
+                self._places[point] = byte & 31
+        self._version += 1
 
     def _shape(self, src: tuple[str, ...], pt: tuple[str, ...]) -> _Shape:
         """The shape of a batch of these sources and points: kept if it was seen before.
@@ -687,7 +777,9 @@ class ColumnEncoder:
         return plan
 
     def _dictionary(self, points: list[tuple[str, str]]) -> dict[str, Any]:
-        return _dictionary(points, self._split(points))
+        if self._catalogues is not None:  # the catalogue holds the names (`_reference`)
+            return {"np": len(points)}
+        return points_dictionary(points, self._split(points))
 
     def _split(self, points: list[tuple[str, str]]) -> list[tuple[str, ...]]:
         """Each point's name split at `.`, from the cache (filled for names not seen yet)."""
@@ -811,7 +903,7 @@ def _qualities(qualities: tuple[Any, ...]) -> list[Any]:
         raise ValueError(f"quality {exc.args[0]!r} is not one of {sorted(QUALITIES)}") from None
 
 
-def _dictionary(
+def points_dictionary(
     points: list[tuple[str, str]], split: Sequence[Sequence[str]] | None = None
 ) -> dict[str, Any]:
     """The points dictionary: `src`, `ps` (each point's source), `tok`, `pn`, `pi` (names).
@@ -853,7 +945,7 @@ def _empty(first_seq: int) -> dict[str, Any]:
     return {
         "seq": first_seq,
         "n": 0,
-        **_dictionary([]),
+        **points_dictionary([]),
         "idx": pack_ints(()),
         "t0": 0,
         "nt": 0,
@@ -900,6 +992,8 @@ _KEYS = (
     "q", "sc", "bool", "int", "float", "text",
 )  # fmt: skip
 _KEYS_1_5 = (*_KEYS[:13], "types", *_KEYS[15:])
+_KEYS_CATALOGUED = (*(key for key in _KEYS if key not in _DICTIONARY_KEYS), "cat", "cp")
+"""The keys of a batch that references a point catalogue (§4.12, since 2.4)."""
 """The keys of the layout of contract 1.5-1.17 (§4.9, "Earlier layout"), still read: a buffer
 sealed by an older agent drains through an upgraded consumer."""
 
@@ -925,12 +1019,16 @@ class Columns:
         return len(self.ts)
 
 
-def decode(body: Mapping[Any, Any]) -> list[dict[str, Any]]:
+def decode(
+    body: Mapping[Any, Any], catalogues: Mapping[bytes, PointTable] | None = None
+) -> list[dict[str, Any]]:
     """The readings of a format-2 payload map, as format 1 gives them (§4.4 maps, in seq order).
 
-    Raises EnvelopeError naming the first thing that is not as §4.9 says, never another error.
+    `catalogues`: the point catalogues received (§4.12), by digest, for a batch that references
+    one. Raises CatalogueMissingError when it references one not among them, and EnvelopeError
+    naming the first thing that is not as §4.9 says; never another error.
     """
-    return to_maps(decode_columns(body))
+    return to_maps(decode_columns(body, catalogues))
 
 
 def to_maps(columns: Columns) -> list[dict[str, Any]]:
@@ -950,28 +1048,38 @@ def to_maps(columns: Columns) -> list[dict[str, Any]]:
     return out
 
 
-def decode_columns(body: Mapping[Any, Any]) -> Columns:
-    """The readings of a format-2 payload map as `Columns`; errors as `decode`'s."""
+def decode_columns(
+    body: Mapping[Any, Any], catalogues: Mapping[bytes, PointTable] | None = None
+) -> Columns:
+    """The readings of a format-2 payload map as `Columns`; arguments and errors as `decode`'s."""
     try:
-        return _decode(body)
+        return _decode(body, catalogues)
     except EnvelopeError:
         raise
     except (ValueError, TypeError, KeyError, IndexError, OverflowError, StopIteration) as exc:
         raise EnvelopeError(f"format 2: malformed columns: {type(exc).__name__}: {exc}") from None
 
 
-def _decode(body: Mapping[Any, Any]) -> Columns:
+def _decode(body: Mapping[Any, Any], catalogues: Mapping[bytes, PointTable] | None) -> Columns:
     earlier = "types" in body and "pk" not in body
-    missing = [key for key in (_KEYS_1_5 if earlier else _KEYS) if key not in body]
+    catalogued = "cat" in body
+    keys = _KEYS_1_5 if earlier else _KEYS_CATALOGUED if catalogued else _KEYS
+    missing = [key for key in keys if key not in body]
     if missing:
         raise EnvelopeError(f"format 2: payload lacks {', '.join(missing)}")
+    if catalogued and any(key in body for key in _DICTIONARY_KEYS):
+        raise EnvelopeError("format 2: a batch with cat has its own points dictionary too")
     length, first = body["n"], body["seq"]
     if type(length) is not int or not 0 <= length <= MAX_READINGS:
         raise EnvelopeError(f"format 2: reading count {length!r} is not 0..{MAX_READINGS}")
     if type(first) is not int:
         raise EnvelopeError(f"format 2: first seq {first!r} is not an integer")
     _check_int(first, "seq")
-    points = _decode_points(body, length, by_layer=not earlier)
+    base = None
+    if catalogued:
+        points, base = _catalogued_points(body, length, catalogues)
+    else:
+        points = decode_points(body, length, by_layer=not earlier)
     idx = list(accumulate(unpack_ints(body["idx"], length, "idx")))
     if length and (min(idx) < 0 or max(idx) >= len(points)):
         raise EnvelopeError(f"format 2: idx refers beyond the {len(points)} points")
@@ -981,7 +1089,7 @@ def _decode(body: Mapping[Any, Any]) -> Columns:
     if earlier:
         types, places = _decode_types_1_5(body, length, len(points))
     else:
-        types, places = _decode_types(body, owners, len(points))
+        types, places = _decode_types(body, owners, len(points), base)
     qualities = unpack_runs(body["q"], length, "q", _is_quality)
     codes = unpack_runs(body["sc"], length, "sc", _is_code)
     by_type: list[list[int]] = [[] for _ in range(T_TEXT + 1)]
@@ -1021,9 +1129,10 @@ def _decode(body: Mapping[Any, Any]) -> Columns:
     )
 
 
-def _decode_points(
-    body: Mapping[Any, Any], length: int, *, by_layer: bool
-) -> list[tuple[str, str]]:
+def decode_points(body: Mapping[Any, Any], length: int, *, by_layer: bool) -> list[tuple[str, str]]:
+    """The (source, point name) of each point of a points dictionary (`np`, `src`, `ps`, `tok`,
+    `pn`, `pi`: a batch's, or a catalogue's, §4.12) of at most `length` points; `by_layer`: `pi`
+    lists the parts by layer (2.0 and later). Raises EnvelopeError naming what is wrong."""
     size, sources, tokens = body["np"], body["src"], body["tok"]
     if type(size) is not int or not 0 <= size <= length:
         raise EnvelopeError(f"format 2: np {size!r} is not 0..{length} (one point per reading)")
@@ -1093,13 +1202,40 @@ def _decode_times(body: Mapping[Any, Any], length: int) -> list[int]:
     return list(map(times.__getitem__, where))
 
 
-def _decode_types(
-    body: Mapping[Any, Any], owners: list[int], point_count: int
-) -> tuple[bytes, bytes]:
-    """The type code of each reading in grouped order, and the decimal places of each point."""
-    pk, mixed = body["pk"], body["tx"]
-    if not isinstance(pk, bytes) or len(pk) != point_count:
-        raise EnvelopeError(f"format 2: pk does not hold {point_count} bytes")
+def _catalogued_points(
+    body: Mapping[Any, Any], length: int, catalogues: Mapping[bytes, PointTable] | None
+) -> tuple[list[tuple[str, str]], bytes]:
+    """The points of a batch that references a point catalogue (§4.12), and the catalogue's
+    `pk` byte of each (the batch's `pk` is its XOR with them)."""
+    digest, size = body["cat"], body["np"]
+    if not isinstance(digest, bytes) or len(digest) != DIGEST_BYTES:
+        raise EnvelopeError(f"format 2: cat is not a digest of {DIGEST_BYTES} bytes")
+    if type(size) is not int or not 0 <= size <= length:
+        raise EnvelopeError(f"format 2: np {size!r} is not 0..{length} (one point per reading)")
+    table = None if catalogues is None else catalogues.get(digest)
+    if table is None:
+        raise CatalogueMissingError(digest)
+    known = table.points
+    positions = list(accumulate(unpack_ints(body["cp"], size, "cp")))
+    if positions and (min(positions) < 0 or max(positions) >= len(known)):
+        raise EnvelopeError(
+            f"format 2: cp refers beyond the {len(known)} points of catalogue {digest.hex()}"
+        )
+    points = list(map(known.__getitem__, positions))
+    chars = sum(map(len, chain.from_iterable(points)))
+    if chars > MAX_NAME_CHARS:
+        raise EnvelopeError(
+            f"format 2: the point names and their sources hold {chars} characters, more than"
+            f" {MAX_NAME_CHARS}"
+        )
+    return points, bytes(map(table.pk.__getitem__, positions))
+
+
+def check_pk(pk: bytes) -> tuple[bytes, bytes]:
+    """The type (`pk >> 5`) and decimal places (`pk & 31`) of each point of a `pk` (§4.9).
+
+    Raises EnvelopeError for an unknown type, places above RAW, or places of a point whose type
+    is neither float nor mixed."""
     kinds = bytes(b >> 5 for b in pk)
     places = bytes(b & 31 for b in pk)
     if kinds.translate(None, bytes((*range(T_TEXT + 1), T_MIXED))):
@@ -1108,6 +1244,20 @@ def _decode_types(
         raise EnvelopeError(f"format 2: pk gives decimal places above {RAW}")
     if any(k and t not in (T_FLOAT, T_MIXED) for t, k in zip(kinds, places, strict=True)):
         raise EnvelopeError("format 2: pk gives decimal places to a point without floats")
+    return kinds, places
+
+
+def _decode_types(
+    body: Mapping[Any, Any], owners: list[int], point_count: int, base: bytes | None = None
+) -> tuple[bytes, bytes]:
+    """The type code of each reading in grouped order, and the decimal places of each point
+    (`base`: the catalogue's `pk` of each point, which the batch's is XORed with)."""
+    pk, mixed = body["pk"], body["tx"]
+    if not isinstance(pk, bytes) or len(pk) != point_count:
+        raise EnvelopeError(f"format 2: pk does not hold {point_count} bytes")
+    if base is not None:
+        pk = bytes(map(xor, pk, base))
+    kinds, places = check_pk(pk)
     types = bytearray(map(kinds.__getitem__, owners))
     where = list(compress(count(), map(eq, types, repeat(T_MIXED))))
     if not isinstance(mixed, bytes) or len(mixed) != len(where):

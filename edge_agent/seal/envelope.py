@@ -19,7 +19,7 @@ from __future__ import annotations
 import hashlib
 import math
 import struct
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping, MutableMapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,6 +31,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from edge_agent.errors import EnvelopeError, UnknownKeyError
 from edge_agent.reading import Quality, Reading
 from edge_agent.seal import columnar
+from edge_agent.seal.catalogue import Catalogue, Catalogues
 from edge_agent.seal.keys import key_id
 
 FORMAT_VERSION = 1
@@ -300,12 +301,20 @@ class Sealer:
     """
 
     def __init__(
-        self, key: Ed25519PrivateKey, *, compress: bool = True, payload_format: int = 1
+        self,
+        key: Ed25519PrivateKey,
+        *,
+        compress: bool = True,
+        payload_format: int = 1,
+        catalogue: bool = False,
     ) -> None:
+        """`catalogue` (format 2 only): batches reference the point catalogue (§4.12) instead
+        of carrying their points' names; `catalogue` then says which after each `seal`."""
         if payload_format not in FORMATS:
             raise ValueError(f"payload format {payload_format!r} is not one of {FORMATS}")
         self.payload_format = payload_format
-        self._columns = columnar.ColumnEncoder() if payload_format == 2 else None
+        self._catalogues = Catalogues() if catalogue and payload_format == 2 else None
+        self._columns = columnar.ColumnEncoder(self._catalogues) if payload_format == 2 else None
         self.signer = Signer(key)
         """Signs with the same key, uncompressed: the high-water mark (seal/hwm.py) uses it."""
         self.kid = self.signer.kid
@@ -376,6 +385,22 @@ class Sealer:
             *(cbor_value(k) + cbor2.dumps(v) for k, v in notes.items()),
         ))  # fmt: skip
         return self._sign(body)
+
+    @property
+    def catalogue(self) -> Catalogue | None:
+        """The point catalogue the last batch sealed references (None: it references none).
+        It must reach consumers before that batch does (the buffer keeps it beside it)."""
+        if self._catalogues is None or self._columns is None or not self._columns.referenced:
+            return None
+        return self._catalogues.current
+
+    def resume_catalogue(self, catalogue: Catalogue) -> None:
+        """Carry on with `catalogue` (the newest in the buffer after a restart), and with the
+        decimal places its `pk` gives each point: the same points then make no new catalogue.
+        Ignored when this Sealer references none."""
+        if self._catalogues is not None and self._columns is not None:
+            self._catalogues.resume(catalogue)
+            self._columns.remember_places(catalogue.points, catalogue.pk)
 
     def _sign(self, body: bytes) -> bytes:
         if self._compressor is None:
@@ -496,15 +521,27 @@ def _check_unprotected(unprotected: object) -> None:
 class Opener:
     """Verifies and decodes batches signed by any of a set of trusted keys."""
 
-    def __init__(self, keys: Sequence[Ed25519PublicKey], *, columns: bool = False) -> None:
+    def __init__(
+        self,
+        keys: Sequence[Ed25519PublicKey],
+        *,
+        columns: bool = False,
+        catalogues: MutableMapping[bytes, Catalogue] | None = None,
+    ) -> None:
         """`columns`: give a format-2 batch's readings as `Batch.columns` (and `readings` empty)
-        instead of a map per reading; format 1's are maps either way."""
+        instead of a map per reading; format 1's are maps either way. `catalogues`: the point
+        catalogues received (§4.12) by digest, which the consumer adds to as they arrive (an
+        empty dict of the Opener's own when not given: `Opener.catalogues`)."""
         self._keys: Mapping[bytes, Ed25519PublicKey] = {key_id(k): k for k in keys}
         self._columns = columns
+        self.catalogues: MutableMapping[bytes, Catalogue] = {} if catalogues is None else catalogues
         self._decompressor = zstandard.ZstdDecompressor()
 
     def open(self, message: bytes) -> Batch:
         """Verify `message` and return its batch; EnvelopeError says what is wrong.
+
+        CatalogueMissingError (an EnvelopeError) says the batch is authentic but references a
+        point catalogue not in `catalogues` (yet): keep it and open it again once it is there.
 
         Anyone who can publish on the topic can send anything: every malformed input ends in
         EnvelopeError, never in another exception.
@@ -546,9 +583,9 @@ class Opener:
         version = body.get("v")
         columns = None
         if version == columnar.FORMAT_VERSION and self._columns:
-            readings, columns = [], columnar.decode_columns(body)
+            readings, columns = [], columnar.decode_columns(body, self.catalogues)
         elif version == columnar.FORMAT_VERSION:
-            readings = columnar.decode(body)
+            readings = columnar.decode(body, self.catalogues)
         elif version == FORMAT_VERSION:
             readings = list(body["readings"])
             seqs = [r["seq"] for r in readings]

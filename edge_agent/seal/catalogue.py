@@ -1,0 +1,194 @@
+"""Point catalogues (docs/contract.md §4.12): a gateway's point names, sent once, not per batch.
+
+A self-contained format-2 batch carries the names of its points and their types: for a plant's
+200 tags in batches of 1,000 readings that is a quarter of its bytes (docs/performance.md), and
+they hardly ever change. A *catalogue* holds them once, named by its digest; a batch references
+it (`cat`) and gives each of its points as a position in it (`cp`), as Sparkplug B's BIRTH
+message carries the metric names once and its DATA messages aliases.
+
+The catalogue travels on its own topic, retained, and is not signed: its digest binds it, and
+the digest is inside every signed batch that references it. The agent keeps each one in its
+buffer with the batches that reference it and publishes it on every connection before them
+(forward/mqtt.py); a consumer keeps what it receives by digest and holds a batch whose catalogue
+has not arrived yet (`columnar.CatalogueMissingError`) instead of refusing it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import cbor2
+
+from edge_agent.errors import EnvelopeError
+from edge_agent.seal import columnar
+from edge_agent.seal.columnar import DIGEST_BYTES, CatalogueMissingError
+
+__all__ = [
+    "MAX_POINTS",
+    "Catalogue",
+    "CatalogueError",
+    "CatalogueMissingError",
+    "Catalogues",
+    "catalogue_topic",
+    "parse_catalogue_topic",
+]
+
+VERSION = 1
+"""`v` of a catalogue's payload."""
+MAX_POINTS = 100_000
+"""Points of a catalogue at most: the agent starts a new one from a batch's points beyond it."""
+MAX_PAYLOAD_BYTES = 16 * 1024 * 1024
+"""A consumer refuses a larger catalogue payload before decoding it (100,000 points of names of
+a few hundred characters fit with room to spare)."""
+_KEYS = frozenset({"v", "np", "src", "ps", "tok", "pn", "pi", "pk"})
+TOPIC_LEVEL = "catalogue"
+
+
+class CatalogueError(EnvelopeError):
+    """A catalogue message that is not as §4.12 says; the message names what is wrong."""
+
+
+@dataclass(frozen=True)
+class Catalogue:
+    """One point catalogue: `points` as (source, point name) in catalogue order, each one's
+    `pk` byte (type and decimal places, §4.9), the message `payload` (CBOR) and its `digest`
+    (the first 16 bytes of SHA-256 over the payload)."""
+
+    digest: bytes
+    payload: bytes = field(repr=False)
+    points: tuple[tuple[str, str], ...] = field(repr=False)
+    pk: bytes = field(repr=False)
+
+    @classmethod
+    def build(cls, points: Sequence[tuple[str, str]], pk: bytes) -> Catalogue:
+        """The catalogue of `points` with their `pk` bytes (one per point)."""
+        if len(pk) != len(points):
+            raise ValueError(f"{len(pk)} pk bytes for {len(points)} points")
+        dictionary = columnar.points_dictionary(list(points))
+        body: dict[str, Any] = {"v": VERSION, **dictionary, "pk": bytes(pk)}
+        payload = cbor2.dumps(body)
+        return cls(_digest(payload), payload, tuple(points), bytes(pk))
+
+    @classmethod
+    def parse(cls, payload: bytes, digest: bytes | None = None) -> Catalogue:
+        """The catalogue a message carries; `digest`, when given (the topic's), must be its own.
+
+        Raises CatalogueError naming what is wrong: too large, not a CBOR map of §4.12's keys,
+        a column that breaks §4.9's rules, or a digest that does not match. Never another error.
+        """
+        if len(payload) > MAX_PAYLOAD_BYTES:
+            raise CatalogueError(f"catalogue of {len(payload)} bytes; at most {MAX_PAYLOAD_BYTES}")
+        own = _digest(payload)
+        if digest is not None and digest != own:
+            raise CatalogueError(
+                f"catalogue's digest is {own.hex()}, not the {digest.hex()} its topic names"
+            )
+        try:
+            body = cbor2.loads(payload)
+        except (cbor2.CBORError, ValueError, TypeError, OverflowError, RecursionError) as exc:
+            raise CatalogueError(f"catalogue is not CBOR: {exc}") from None
+        if not isinstance(body, dict) or set(body) != _KEYS:
+            raise CatalogueError(f"catalogue is not a map of {', '.join(sorted(_KEYS))}")
+        if body["v"] != VERSION:
+            raise CatalogueError(f"catalogue version {body['v']!r} is not {VERSION}")
+        size, pk = body["np"], body["pk"]
+        if type(size) is not int or not 1 <= size <= MAX_POINTS:
+            raise CatalogueError(f"catalogue np {size!r} is not 1..{MAX_POINTS}")
+        if not isinstance(pk, bytes) or len(pk) != size:
+            raise CatalogueError(f"catalogue pk does not hold {size} bytes")
+        try:
+            points = columnar.decode_points(body, size, by_layer=True)
+            columnar.check_pk(pk)
+        except EnvelopeError as exc:
+            raise CatalogueError(f"catalogue: {exc}") from None
+        except (ValueError, TypeError, KeyError, IndexError, OverflowError) as exc:
+            raise CatalogueError(f"catalogue: malformed columns: {exc}") from None
+        return cls(own, payload, tuple(points), pk)
+
+
+def _digest(payload: bytes) -> bytes:
+    return hashlib.sha256(payload).digest()[:DIGEST_BYTES]
+
+
+class Catalogues:
+    """The agent's current point catalogue, as a format-2 encoder references it
+    (`columnar.ColumnEncoder(catalogues=...)`, the `CatalogueKeeper` it asks for).
+
+    A batch whose points are all in the current catalogue references it. A point not in it
+    makes a new one: the old points, then the new (so the positions of the old stay). A `pk`
+    that differs from the catalogue's for more than a quarter of a batch's points (a point that
+    learnt decimal places, a type that changed) makes a new one with the batch's `pk`; fewer
+    differences travel in the batch (its `pk` is the XOR). Beyond MAX_POINTS a new catalogue
+    starts from the batch's points alone.
+    """
+
+    def __init__(self) -> None:
+        self.version = 0
+        self.current: Catalogue | None = None
+        self._points: list[tuple[str, str]] = []
+        self._pk = bytearray()
+        self._position: dict[tuple[str, str], int] = {}
+
+    def resume(self, catalogue: Catalogue) -> None:
+        """Carry on with `catalogue` (the newest in the buffer, after a restart), so that the
+        same points make no new catalogue."""
+        self._points = list(catalogue.points)
+        self._pk = bytearray(catalogue.pk)
+        self._position = {point: i for i, point in enumerate(self._points)}
+        self.current = catalogue
+        self.version += 1
+
+    def positions(self, points: Sequence[tuple[str, str]], pk: bytes) -> list[int]:
+        """Each of `points`' position in the current catalogue (made anew as the class says)."""
+        position = self._position
+        missing = [point for point in points if point not in position]
+        if missing and len(self._points) + len(missing) > MAX_POINTS:
+            self._points, self._pk, position = [], bytearray(), {}
+            self._position = position
+            missing = list(points)
+        changed = bool(missing)
+        for point in missing:
+            position[point] = len(self._points)
+            self._points.append(point)
+            self._pk.append(0)
+        where = list(map(position.__getitem__, points))
+        differing = [i for i, p in enumerate(where) if self._pk[p] != pk[i]]
+        if missing or len(differing) * 4 > len(points):
+            for i in differing:
+                self._pk[where[i]] = pk[i]
+            changed = True
+        if changed or self.current is None:
+            self.current = Catalogue.build(self._points, bytes(self._pk))
+            self.version += 1
+        return where
+
+    def digest(self) -> bytes:
+        if self.current is None:
+            raise LookupError("no point catalogue yet")
+        return self.current.digest
+
+    def pk(self) -> bytes:
+        return bytes(self._pk)
+
+
+def catalogue_topic(topic_prefix: str, gateway: str, digest: bytes) -> str:
+    """`{topic_prefix}/{gateway}/catalogue/{digest as 32 lowercase hex digits}` (§4.12)."""
+    return f"{topic_prefix}/{gateway}/{TOPIC_LEVEL}/{digest.hex()}"
+
+
+def parse_catalogue_topic(topic: str) -> tuple[str, bytes] | None:
+    """The gateway id and the digest a catalogue topic names, or None for any other topic."""
+    levels = topic.split("/")
+    if len(levels) < 3 or levels[-2] != TOPIC_LEVEL:
+        return None
+    text = levels[-1]
+    if len(text) != 2 * DIGEST_BYTES or text != text.lower():
+        return None
+    try:
+        digest = bytes.fromhex(text)
+    except ValueError:
+        return None
+    return levels[-3], digest
