@@ -234,36 +234,25 @@ class Decoder:
         decoding (key valid when sealed, enrolled for the topic's gateway, which the batch
         names): a batch that would be refused once decoded is refused now, not parked."""
         signed = Sign1.parse(payload)  # parsed and verified by the Opener a moment ago
+        kid = signed.kid
         try:
-            body = self._body(signed)
-            epoch, batch, first, count = body["epoch"], body["batch"], body["seq"], body["n"]
-            sealed, signed_for = body["sealed"], body["gateway"]
-            evicted = [(int(a), int(b)) for a, b in body.get("evicted", [])]
-            if not (
-                isinstance(epoch, str) and isinstance(signed_for, str)
-                and all(type(v) is int for v in (batch, first, count, sealed))
-            ):  # fmt: skip
-                raise TypeError("gateway, epoch, batch, seq, n or sealed of the wrong type")
+            head = _Header.of(self._body(signed))
         except (EnvelopeError, KeyError, TypeError, ValueError) as exc:
             detail = f"malformed batch: {type(exc).__name__}: {exc}"
-            return self._reject(topic, gateway, payload, "malformed", detail, kid=signed.kid)
+            return self._reject(topic, gateway, payload, "malformed", detail, kid=kid)
         try:
-            self.trust.trust.check(signed.kid, sealed)
+            self.trust.trust.check(kid, head.sealed)
         except KeyNotValidError as exc:
-            return self._reject(topic, gateway, payload, "key_not_valid", str(exc), kid=signed.kid)
-        detail = self._foreign(gateway, "the batch", signed_for, signed.kid)
-        if detail:
-            return self._reject(topic, gateway, payload, "wrong_gateway", detail, kid=signed.kid)
-        if not epoch or "\0" in epoch or "\0" in signed_for:
-            detail = "epoch empty, or gateway or epoch holding NUL"
-            return self._reject(topic, gateway, payload, "malformed", detail, kid=signed.kid)
-        seqs = [(first, first + count - 1), *evicted]
-        if not 0 <= batch < INT8 or not all(1 <= a and b < INT8 for a, b in seqs if a <= b):
-            detail = f"batch {batch}, seqs {seqs} out of range"
-            return self._reject(topic, gateway, payload, "malformed", detail, kid=signed.kid)
+            return self._reject(topic, gateway, payload, "key_not_valid", str(exc), kid=kid)
+        foreign = self._foreign(gateway, "the batch", head.gateway, kid)
+        if foreign:
+            return self._reject(topic, gateway, payload, "wrong_gateway", foreign, kid=kid)
+        problem = head.problem()
+        if problem:
+            return self._reject(topic, gateway, payload, "malformed", problem, kid=kid)
         return Parked(
-            topic, digest, signed_for, epoch, batch, tuple(seqs), max(count, 0),
-            signed.kid.hex(), payload,
+            topic, digest, head.gateway, head.epoch, head.batch, head.seqs, head.readings,
+            kid.hex(), payload,
         )  # fmt: skip
 
     def _body(self, signed: Sign1) -> dict[Any, Any]:
@@ -313,6 +302,43 @@ class Decoder:
             f"topic names gateway {gateway!r}, {what} says {signed_for!r}, "
             f"key id {kid.hex()} is enrolled for {owner!r}"
         )
+
+
+@dataclass(frozen=True)
+class _Header:
+    """What a parked batch's payload map says of it, without its columns."""
+
+    gateway: str
+    epoch: str
+    batch: int
+    sealed: int
+    seqs: tuple[tuple[int, int], ...]
+    """Its readings' seqs (first..last; last < first when it has none), then its evictions."""
+    readings: int
+
+    @classmethod
+    def of(cls, body: dict[Any, Any]) -> _Header:
+        """Raises KeyError, TypeError or ValueError for a map without these keys as §4.9 has
+        them (a batch that a full decoding would refuse as malformed too)."""
+        gateway, epoch = body["gateway"], body["epoch"]
+        batch, first, count, sealed = body["batch"], body["seq"], body["n"], body["sealed"]
+        if not isinstance(gateway, str) or not isinstance(epoch, str):
+            raise TypeError("gateway or epoch is not text")
+        if not all(type(v) is int for v in (batch, first, count, sealed)) or count < 0:
+            raise TypeError("batch, seq, n or sealed is not an integer as §4.9 says")
+        evicted = tuple((int(a), int(b)) for a, b in body.get("evicted", []))
+        return cls(gateway, epoch, batch, sealed, ((first, first + count - 1), *evicted), count)
+
+    def problem(self) -> str | None:
+        """What no table can hold as the contract means it (as `_shape_problem`), or None."""
+        if not self.epoch or "\0" in self.epoch or "\0" in self.gateway:
+            return "epoch empty, or gateway or epoch holding NUL"
+        if not 0 <= self.batch < INT8:
+            return f"batch number {self.batch} out of range"
+        for first, last in self.seqs:
+            if first <= last and not (first >= 1 and last < INT8):
+                return f"seq {first}..{last} out of range"
+        return None
 
 
 def _reason(exc: EnvelopeError) -> str:

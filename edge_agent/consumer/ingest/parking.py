@@ -88,7 +88,7 @@ async def ready(conn: AConn, digests: Sequence[bytes] | None = None) -> list[byt
             " ORDER BY c.digest",
             {"d": None if digests is None else list(digests)},
         )
-        return [bytes(row[0]) for row in await cursor.fetchall()]  # type: ignore[arg-type]
+        return [bytes(row[0]) for row in await cursor.fetchall()]  # type: ignore[call-overload]
 
 
 async def take(conn: AConn, digest: bytes, limit: int) -> list[tuple[int, str, bytes]]:
@@ -100,7 +100,7 @@ async def take(conn: AConn, digest: bytes, limit: int) -> list[tuple[int, str, b
         (digest, limit),
     )
     return [
-        (int(str(i)), str(t), bytes(p))  # type: ignore[arg-type]
+        (int(str(i)), str(t), bytes(p))  # type: ignore[call-overload]
         for i, t, p in await cursor.fetchall()
     ]
 

@@ -120,17 +120,17 @@ def render(data: dict[str, Any]) -> tuple[int, list[str]]:
         f"an epoch ended whose id it no longer knew ({end['ended']}: {end['detail']})"
         for end in data.get("unknown_ends", [])
     )
-    for park in data.get("parked", []):
-        lines.append(
-            f"PARKED {park['batches']} batches ({park['readings']} readings) of gateway="
-            f"{park['gateway']} wait for point catalogue {park['catalogue']} since "
-            f"{park['since']}"
-            + (
-                " (the catalogue is stored: a worker writes them at its next sweep)"
-                if park["catalogue_stored"]
-                else " (not received: the gateway publishes it, retained, before its batches)"
-            )
+    lines.extend(
+        f"PARKED {park['batches']} batches ({park['readings']} readings) of gateway="
+        f"{park['gateway']} wait for point catalogue {park['catalogue']} since "
+        f"{park['since']}"
+        + (
+            " (the catalogue is stored: a worker writes them at its next sweep)"
+            if park["catalogue_stored"]
+            else " (not received: the gateway publishes it, retained, before its batches)"
         )
+        for park in data.get("parked", [])
+    )
     for reason, count in sorted(data["rejected"].items()):
         lines.append(f"REJECTED {count} messages: {reason} (see the table `rejected`)")
     if any(g["kind"] == "hole" for g in data["gaps"]):

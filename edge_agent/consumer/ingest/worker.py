@@ -262,7 +262,9 @@ class Worker:
             try:
                 book[digest] = Catalogue.parse(payload, digest)
             except CatalogueError as exc:
-                log.error("Ingest cannot use a stored catalogue digest=%s error=%s", digest.hex(), exc)
+                log.error(
+                    "Ingest cannot use a stored catalogue digest=%s error=%s", digest.hex(), exc
+                )
                 continue
             added += 1
         return added
@@ -476,7 +478,9 @@ class Worker:
                         log.warning("Ingest parked batches refused error=%s; one by one", exc)
                         limit = 1
                         continue
-                    log.error("Ingest cannot store a parked batch error=%s; recorded as rejected", exc)
+                    log.error(
+                        "Ingest cannot store a parked batch error=%s; recorded as rejected", exc
+                    )
                     detail = str(exc)[:2000]
                     await self._retrying(
                         lambda d=digest, x=detail: self._refuse_parked_once(d, x)  # type: ignore[misc]
@@ -492,9 +496,7 @@ class Worker:
                 for ledger in written.ledgers:
                     self._dirty[(ledger.gateway, ledger.epoch)] = ledger
             if total:
-                log.info(
-                    "Ingest wrote parked batches=%d catalogue=%s", total, digest.hex()
-                )
+                log.info("Ingest wrote parked batches=%d catalogue=%s", total, digest.hex())
 
     async def _write_parked_once(self, digest: bytes, limit: int) -> Written:
         assert self._decoder is not None
@@ -507,9 +509,7 @@ class Worker:
             raise TransactionRetryError(str(exc)) from exc
 
     async def _refuse_parked_once(self, digest: bytes, detail: str) -> None:
-        await refuse_parked(
-            await self._db.writer(), digest, detail, self.settings.rejected_keep
-        )
+        await refuse_parked(await self._db.writer(), digest, detail, self.settings.rejected_keep)
 
     async def _write(self, items: Sequence[Item]) -> Written:
         """Write the group, retrying while the database is away; split it when it refuses."""

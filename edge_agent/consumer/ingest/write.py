@@ -260,10 +260,7 @@ async def _write_once(
 ) -> Written:
     done = Written()
     async with conn.transaction():
-        parked = [i for i in items if isinstance(i, Parked)]
-        if parked:  # first: nothing of the group waits on a lock before it
-            await parking.park(conn, parked)
-            done.parked = len(parked)
+        done.parked = await _park(conn, items)  # first: nothing of the group locks before
         streams: dict[tuple[str, str], _Stream] = {}
         if keys:
             cursor = await conn.execute(
@@ -333,6 +330,14 @@ async def _write_once(
             )
         await _small_items(conn, [*items, *conflicts], rejected_keep, done)
     return done
+
+
+async def _park(conn: AConn, items: Sequence[Item]) -> int:
+    """Park the group's batches that wait for their catalogue; how many."""
+    parked = [i for i in items if isinstance(i, Parked)]
+    if parked:
+        await parking.park(conn, parked)
+    return len(parked)
 
 
 def _conflict(item: Accepted, held: int) -> Rejection:
