@@ -20,7 +20,7 @@ from typing import Any
 import psycopg
 import pytest
 from helpers.fleet import Fleet, Message, publish
-from helpers.ingest import IngestWorker, ingest
+from helpers.ingest import READY_LINE, IngestWorker, ingest
 from helpers.ingest_catalogue import (
     catalogue_fleet,
     catalogue_message,
@@ -80,11 +80,17 @@ def enrolled(database: str, fleet: Fleet) -> Fleet:
     return fleet
 
 
-def assert_stored_once_with_names(dsn: str, fleet: Fleet, messages: list[Message]) -> None:
+def assert_stored_once_with_names(
+    dsn: str,
+    fleet: Fleet,
+    messages: list[Message],
+    known: dict[int, tuple[str, str]] | None = None,
+) -> None:
     """Every reading of `messages` in `readings` exactly once, under its own point's name, and
-    the ledger exact: each epoch's seqs and batch numbers, nothing counted twice."""
+    the ledger exact: each epoch's seqs and batch numbers, nothing counted twice. `known`: the
+    names by seq of a one-gateway fleet whose points changed on the way."""
     for gateway in fleet.members:
-        expected = names(gateway, messages)
+        expected = names(gateway, messages) if known is None else known
         got = rows(dsn, "SELECT seq, src, pt FROM readings WHERE gateway = %s ORDER BY seq",
                    gateway.gateway_id)  # fmt: skip
         assert [r[0] for r in got] == sorted(expected), gateway.gateway_id
@@ -336,25 +342,42 @@ async def test_a_batch_parked_while_its_catalogue_is_stored_at_the_same_moment(
     assert_stored_once_with_names(postgres_dsn, fleet, [waiting, passing])
 
 
-async def test_a_starting_worker_writes_what_was_left_parked_with_its_catalogue_stored(
-    tmp_path: Path, broker: Mosquitto, database: str
-) -> None:
-    """A worker killed between its COMMIT and its look for the catalogues leaves a batch parked
-    whose catalogue is stored: the next worker to start (its sweep) writes it."""
-    fleet = enrolled(database, catalogue_fleet(tmp_path / "fleet", gateways=1, points=5))
-    gateway = fleet.members[0]
-    messages = [gateway.seal(25) for _ in range(3)]
-    with psycopg.connect(database) as conn:
+async def left_parked(dsn: str, messages: list[Message], catalogue: Catalogue) -> None:
+    """What a worker killed between its COMMIT and its look for the catalogues leaves: the
+    batches of `messages` parked, and their catalogue stored by another, which looked before."""
+    with psycopg.connect(dsn) as conn:
         decoder = Decoder(keystore.load_trust(conn), PREFIX)
     parked = [decoder.decode(m.topic, m.payload) for m in messages]
-    assert all(isinstance(p, Parked) for p in parked)
-    catalogue = catalogue_of(gateway)
-    item = CatalogueItem("t", gateway.gateway_id, catalogue)
-    async with await psycopg.AsyncConnection.connect(database) as conn:
+    assert all(isinstance(p, Parked) and p.digest == catalogue.digest for p in parked)
+    item = CatalogueItem("t", messages[0].gateway, catalogue)
+    async with await psycopg.AsyncConnection.connect(dsn) as conn:
         assert (await write_group(conn, parked, 100)).ready == []  # type: ignore[arg-type]
-        assert await parking.store_catalogues(conn, [item]) == 1  # and nobody looked
+        assert await parking.store_catalogues(conn, [item]) == 1  # and nobody looks again
+
+
+async def test_parked_batches_whose_catalogue_is_stored_are_swept_at_start_and_while_running(
+    tmp_path: Path, broker: Mosquitto, database: str
+) -> None:
+    """A worker killed between its COMMIT and its look for the catalogues leaves batches parked
+    whose catalogue is stored: a worker writes them when it starts (before it subscribes), and
+    a running one within PARKED_SWEEP_S."""
+    fleet = enrolled(database, catalogue_fleet(tmp_path / "fleet", gateways=1, points=5))
+    gateway = fleet.members[0]
+    before = [gateway.seal(25) for _ in range(3)]
+    known = names(gateway, before)
+    first = catalogue_of(gateway)
+    await left_parked(database, before, first)
     assert count(database, "SELECT count(*) FROM parked") == 3
-    with worker(tmp_path, broker, database, "w-sweep"):
-        await wait_for(lambda: count(database, "SELECT count(*) FROM parked") == 0, 30,
-                       "the parked batches written at start")  # fmt: skip
-    assert_stored_once_with_names(database, fleet, messages)
+    with worker(tmp_path, broker, database, "w-sweep") as running:
+        log = running.log()
+        assert "Ingest wrote parked batches=3" in log.split(READY_LINE)[0], log  # at start
+        assert count(database, "SELECT count(*) FROM parked") == 0
+
+        gateway.points.append(("plc9", f"{gateway.gateway_id}.new"))  # a new catalogue
+        later = [gateway.seal(25) for _ in range(2)]
+        known.update(names(gateway, later))
+        assert catalogue_of(gateway).digest != first.digest
+        await left_parked(database, later, catalogue_of(gateway))
+        await wait_for(lambda: count(database, "SELECT count(*) FROM parked") == 0,
+                       3 * parking.PARKED_SWEEP_S, "the periodic sweep")  # fmt: skip
+    assert_stored_once_with_names(database, fleet, before + later, known)
