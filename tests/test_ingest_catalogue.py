@@ -381,3 +381,28 @@ async def test_parked_batches_whose_catalogue_is_stored_are_swept_at_start_and_w
         await wait_for(lambda: count(database, "SELECT count(*) FROM parked") == 0,
                        3 * parking.PARKED_SWEEP_S, "the periodic sweep")  # fmt: skip
     assert_stored_once_with_names(database, fleet, before + later, known)
+
+
+async def test_a_batch_sent_again_while_parked_is_parked_once(
+    tmp_path: Path, postgres_dsn: str
+) -> None:
+    """An agent in end-to-end mode sends a batch again while it is parked (nobody acknowledged
+    it): copies in one group, or in later ones, make no second row, and it is written once."""
+    fleet = catalogue_fleet(tmp_path / "fleet", gateways=1, points=5)
+    prepare_database(postgres_dsn, fleet)
+    gateway = fleet.members[0]
+    messages = [gateway.seal(10) for _ in range(2)]
+    with psycopg.connect(postgres_dsn) as conn:
+        decoder = Decoder(keystore.load_trust(conn), PREFIX)
+    parked = [decoder.decode(m.topic, m.payload) for m in messages]
+    async with await psycopg.AsyncConnection.connect(postgres_dsn) as conn:
+        await write_group(conn, [*parked, parked[0]], 100)  # type: ignore[list-item]
+        await write_group(conn, parked, 100)  # type: ignore[arg-type]
+        assert count(postgres_dsn, "SELECT count(*) FROM parked") == 2
+        catalogue = catalogue_of(gateway)
+        item = CatalogueItem("t", gateway.gateway_id, catalogue)
+        assert (await write_group(conn, [item], 100)).ready == [catalogue.digest]
+        decoder.book[catalogue.digest] = catalogue
+        written = await write_parked(conn, catalogue.digest, decoder.decode, 100, 64)
+        assert (written.unparked, written.readings, written.duplicates) == (2, 20, 0)
+    assert_stored_once_with_names(postgres_dsn, fleet, messages)

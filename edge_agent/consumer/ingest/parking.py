@@ -63,10 +63,13 @@ async def store_catalogues(conn: AConn, items: Sequence[CatalogueItem]) -> int:
 
 
 async def park(conn: AConn, items: Sequence[Parked]) -> None:
-    """Insert `items` into `parked` (in the caller's transaction)."""
+    """Insert `items` into `parked` (in the caller's transaction), each (gateway, epoch,
+    batch) once: a copy of a batch parked already (an end-to-end agent's re-send of a batch
+    that nobody acknowledged, as parked ones are not) is left out."""
     await conn.cursor().executemany(
         "INSERT INTO parked (digest, topic, gateway, epoch, batch, seqs, readings, kid, payload)"
-        " VALUES (%s, %s, %s, %s, %s, %s::int8multirange, %s, %s, %s)",
+        " VALUES (%s, %s, %s, %s, %s, %s::int8multirange, %s, %s, %s)"
+        " ON CONFLICT (gateway, epoch, batch) DO NOTHING",
         [
             (
                 p.digest, p.topic, p.gateway, p.epoch, p.batch, _multirange(p.seqs), p.readings,

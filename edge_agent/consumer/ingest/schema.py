@@ -262,6 +262,7 @@ CREATE TABLE parked (
     received  timestamptz NOT NULL DEFAULT now()
 );
 CREATE INDEX parked_digest ON parked (digest);
+CREATE UNIQUE INDEX parked_batch ON parked (gateway, epoch, batch);
 
 CREATE OR REPLACE VIEW ingest_gaps AS
 WITH streams AS (
@@ -318,7 +319,9 @@ it; `parked` keeps an authentic batch (its signature checked) whose catalogue no
 when it arrived, with what its header says (its gateway, epoch, batch number, and `seqs`: the
 seqs of its readings and of the evictions it declares), until the catalogue comes. A batch
 parked is acknowledged to the broker (its COMMIT is what the broker's copy was kept for) but
-not end to end: the ledger does not hold it until it is decoded and stored.
+not end to end: the ledger does not hold it until it is decoded and stored. A batch is parked
+once (`parked_batch`): an agent in end-to-end mode sends a batch again while it is parked, as
+it is not acknowledged, and the copies would pile up while the catalogue stays away.
 
 `ingest_gaps` then tells the seqs of parked batches (`pending`, with the digest they wait for)
 from holes and tails: they were received, and are stored as soon as the catalogue arrives."""
