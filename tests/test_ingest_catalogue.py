@@ -324,7 +324,7 @@ async def test_a_batch_parked_while_its_catalogue_is_stored_at_the_same_moment(
         a_write = asyncio.create_task(write_group(a, [parked, accepted], 100))
         await wait_for(a_waits, 10, "A's group waiting on the ledger row, its batch parked")
         b_done = await write_group(b, [b_item], 100)
-        assert (b_done.catalogues, b_done.ready) == (1, [])  # A's parked row: not committed
+        assert (b_done.catalogues, b_done.ready) == ([catalogue.digest], [])  # A's: uncommitted
         await holder.rollback()
         a_done = await a_write
         assert (a_done.parked, a_done.readings) == (1, 20)
@@ -352,7 +352,7 @@ async def left_parked(dsn: str, messages: list[Message], catalogue: Catalogue) -
     item = CatalogueItem("t", messages[0].gateway, catalogue)
     async with await psycopg.AsyncConnection.connect(dsn) as conn:
         assert (await write_group(conn, parked, 100)).ready == []  # type: ignore[arg-type]
-        assert await parking.store_catalogues(conn, [item]) == 1  # and nobody looks again
+        assert await parking.store_catalogues(conn, [item]) == [catalogue.digest]  # nobody looks
 
 
 async def test_parked_batches_whose_catalogue_is_stored_are_swept_at_start_and_while_running(

@@ -137,6 +137,8 @@ def test_a_bad_catalogue_is_refused_with_reason_catalogue(
 
 def test_topics_that_are_not_catalogues_are_not_taken(tmp_path: Path) -> None:
     decoder = Decoder(trust(), PREFIX)
+    # An empty message: a retained catalogue deleted at the broker, neither kept nor refused.
+    assert decoder.decode(f"{PREFIX}/gw/catalogue/" + "0" * 32, b"") is None
     for topic in (
         "other/gw/catalogue/" + "0" * 32,
         f"{PREFIX}/gw/catalogue",

@@ -175,12 +175,16 @@ class Decoder:
 
     def _catalogue(self, topic: str, payload: bytes) -> Item | None:
         """A catalogue message (`{prefix}/{gateway}/catalogue/{digest}`), put in the book when
-        it is accepted; None for any other topic."""
+        it is accepted; None for any other topic, and for an empty message (what subscribers
+        receive when a retained message is deleted; the catalogue stays in the database, for
+        the batches that still reference it)."""
         head = self.prefix + "/"
         levels = topic[len(head) :].split("/") if topic.startswith(head) else []
         if len(levels) != 3 or levels[1] != "catalogue" or not levels[0]:
             return None
         gateway = levels[0]
+        if not payload:  # a retained catalogue deleted at the broker: nothing to keep or refuse
+            return None
         named = parse_catalogue_topic(topic)
         if named is None:
             detail = f"catalogue topic: {levels[2]!r} is not a digest of 32 lowercase hex digits"

@@ -38,9 +38,9 @@ PARKED_SWEEP_S = 10.0
 """How often a worker looks for parked batches whose catalogue is stored."""
 
 
-async def store_catalogues(conn: AConn, items: Sequence[CatalogueItem]) -> int:
+async def store_catalogues(conn: AConn, items: Sequence[CatalogueItem]) -> list[bytes]:
     """Store the catalogues of `items` (each digest once; one already stored stays as it is),
-    in a transaction of their own, committed; the number that were new.
+    in a transaction of their own, committed; the digests of those that were new.
 
     Their own transaction, short: every worker receives every catalogue at about the same
     moment, and a row inserted in a group's long transaction would make the others wait on
@@ -59,7 +59,7 @@ async def store_catalogues(conn: AConn, items: Sequence[CatalogueItem]) -> int:
                 [i.catalogue.payload for _, i in ordered],
             ),
         )
-        return len(await cursor.fetchall())
+        return sorted(bytes(row[0]) for row in await cursor.fetchall())  # type: ignore[call-overload]
 
 
 async def park(conn: AConn, items: Sequence[Parked]) -> None:

@@ -60,7 +60,14 @@ from paho.mqtt.properties import Properties
 from psycopg import errors as pg_errors
 
 from edge_agent.consumer.ingest import keystore, parking, schema
-from edge_agent.consumer.ingest.decode import Accepted, Decoder, Item, Parked, Rejection
+from edge_agent.consumer.ingest.decode import (
+    Accepted,
+    CatalogueItem,
+    Decoder,
+    Item,
+    Parked,
+    Rejection,
+)
 from edge_agent.consumer.ingest.settings import IngestSettings
 from edge_agent.consumer.ingest.signed import AckSigner
 from edge_agent.consumer.ingest.write import (
@@ -86,6 +93,8 @@ SESSION_EXPIRY_S = 7 * 86400
 acknowledged is sent again when it comes back with the same client id."""
 UNKNOWN_KEY_RELOAD_S = 1.0
 """An unknown key id reloads the keys at most this often."""
+PARKING_LOGGED = 10_000
+"""Digests remembered as logged ("Ingest parks batches"); beyond, logged again."""
 
 
 @dataclass
@@ -216,6 +225,8 @@ class Worker:
         self._stop = asyncio.Event()
         self._dirty: dict[tuple[str, str], Ledger] = {}
         self._last_ack: dict[tuple[str, str], float] = {}
+        self._parking: set[bytes] = set()
+        """Digests this worker said it parks batches for (logged once each)."""
 
     async def run(self, stop: asyncio.Event) -> None:
         """Consume until `stop`; raise RuntimeError when the database's schema is not ours.
@@ -430,20 +441,34 @@ class Worker:
             self.stats.duplicates += written.duplicates
             self.stats.rejected += written.rejected
             self.stats.batches += sum(1 for i in group.items if isinstance(i, Accepted))
-            self.stats.catalogues += written.catalogues
+            self.stats.catalogues += len(written.catalogues)
             self.stats.parked += written.parked
             for ledger in written.ledgers:
                 self._dirty[(ledger.gateway, ledger.epoch)] = ledger
-            if written.catalogues or written.parked:
-                log.info(
-                    "Ingest stored point catalogues=%d parked=%d; catalogues with batches "
-                    "parked=%d", written.catalogues, written.parked, len(written.ready),
-                )  # fmt: skip
+            self._log_catalogues(group.items, written)
             if written.ready:
                 try:
                     await self._unpark(written.ready)
                 except StoppedWaitingError:
                     abandoned = True  # parked and committed: the next start's sweep takes them
+
+    def _log_catalogues(self, items: Sequence[Item], written: Written) -> None:
+        """A line for each catalogue this worker stored first, and for each digest it parks
+        batches for, the first time (not a line a group while a catalogue stays away)."""
+        for item in items:
+            if isinstance(item, CatalogueItem) and item.catalogue.digest in written.catalogues:
+                log.info(
+                    "Ingest stored a point catalogue gateway=%s digest=%s points=%d",
+                    item.gateway, item.catalogue.digest.hex(), len(item.catalogue.points),
+                )  # fmt: skip
+            elif isinstance(item, Parked) and item.digest not in self._parking:
+                if len(self._parking) >= PARKING_LOGGED:
+                    self._parking.clear()
+                self._parking.add(item.digest)
+                log.warning(
+                    "Ingest parks batches gateway=%s catalogue=%s (not received yet); they are"
+                    " written once it is", item.gateway, item.digest.hex(),
+                )  # fmt: skip
 
     async def _sweep(self) -> None:
         """Write the parked batches whose catalogue is stored (any worker's). Raises

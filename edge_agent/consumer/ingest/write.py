@@ -125,8 +125,8 @@ class Written:
     """Times the group was written again (another worker stored some of it first)."""
     copy_s: float = 0.0
     """Time the COPY of the readings took."""
-    catalogues: int = 0
-    """Point catalogues stored that were not yet."""
+    catalogues: list[bytes] = field(default_factory=list)
+    """The digests of the point catalogues stored that were not yet."""
     parked: int = 0
     """Batches parked (their catalogue not known to the decoder)."""
     unparked: int = 0
@@ -144,7 +144,7 @@ async def write_group(conn: AConn, items: Sequence[Item], rejected_keep: int) ->
     OVERLAP_RETRIES times; then the error is raised.
     """
     catalogues = [i for i in items if isinstance(i, CatalogueItem)]
-    new = await parking.store_catalogues(conn, catalogues) if catalogues else 0
+    new = await parking.store_catalogues(conn, catalogues) if catalogues else []
     accepted = [i for i in items if isinstance(i, Accepted)]
     keys = sorted({(a.batch.gateway, a.batch.epoch) for a in accepted})
     if keys:
