@@ -30,7 +30,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 
 from edge_agent.errors import EnvelopeError, UnknownKeyError
 from edge_agent.reading import Quality, Reading
-from edge_agent.seal import columnar
+from edge_agent.seal import columnar, unzstd
 from edge_agent.seal.catalogue import Catalogue, Catalogues
 from edge_agent.seal.keys import key_id
 
@@ -535,7 +535,6 @@ class Opener:
         self._keys: Mapping[bytes, Ed25519PublicKey] = {key_id(k): k for k in keys}
         self._columns = columns
         self.catalogues: MutableMapping[bytes, Catalogue] = {} if catalogues is None else catalogues
-        self._decompressor = zstandard.ZstdDecompressor()
 
     def open(self, message: bytes) -> Batch:
         """Verify `message` and return its batch; EnvelopeError says what is wrong.
@@ -572,8 +571,8 @@ class Opener:
         encoding = header.get("enc")
         if encoding == "zstd":
             try:
-                payload = self._decompressor.decompress(payload, max_output_size=MAX_PAYLOAD_BYTES)
-            except zstandard.ZstdError as exc:
+                payload = unzstd.decompress(payload, MAX_PAYLOAD_BYTES)
+            except (zstandard.ZstdError, unzstd.TooLargeError) as exc:
                 raise EnvelopeError(f"bad zstd payload: {exc}") from None
         elif encoding is not None:
             raise EnvelopeError(f"unknown payload encoding {encoding!r}")
