@@ -31,6 +31,7 @@ import zstandard
 from edge_agent.consumer.ingest.keystore import GatewayTrust
 from edge_agent.consumer.ingest.rows import NonconformingError, RowMaker
 from edge_agent.errors import EnvelopeError, UnknownKeyError
+from edge_agent.seal import unzstd
 from edge_agent.seal.catalogue import (
     Catalogue,
     CatalogueError,
@@ -136,7 +137,6 @@ class Decoder:
         self.trust = trust
         self.book: dict[bytes, Catalogue] = {} if book is None else book
         self._opener = Opener(trust.trust.public_keys(), columns=True, catalogues=self.book)
-        self._decompressor = zstandard.ZstdDecompressor()
 
     def set_trust(self, trust: GatewayTrust) -> None:
         """Use these keys from now on."""
@@ -259,13 +259,14 @@ class Decoder:
             kid.hex(), payload,
         )  # fmt: skip
 
-    def _body(self, signed: Sign1) -> dict[Any, Any]:
+    @staticmethod
+    def _body(signed: Sign1) -> dict[Any, Any]:
         """The payload map of a verified batch (decompressed as the Opener does)."""
         payload = signed.payload
         if signed.header.get("enc") == "zstd":
             try:
-                payload = self._decompressor.decompress(payload, max_output_size=MAX_PAYLOAD_BYTES)
-            except zstandard.ZstdError as exc:
+                payload = unzstd.decompress(payload, MAX_PAYLOAD_BYTES)
+            except (zstandard.ZstdError, unzstd.TooLargeError) as exc:
                 raise EnvelopeError(f"bad zstd payload: {exc}") from None
         try:
             body = cbor2.loads(payload)
