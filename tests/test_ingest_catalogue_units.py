@@ -108,7 +108,7 @@ def test_a_batch_that_would_be_refused_is_refused_not_parked(tmp_path: Path) -> 
 @pytest.mark.parametrize(
     ("level", "payload", "detail"),
     [
-        ("{digest}", b"\xa1\x61", "not CBOR"),
+        ("{digest}", b"\xa1\x61", "not a zstd frame"),
         ("0" * 32, None, "not the 00000000000000000000000000000000 its topic names"),
         ("{DIGEST}", None, "is not a digest of 32 lowercase hex digits"),
         ("short", None, "'short' is not a digest"),
