@@ -415,8 +415,12 @@ class Worker:
                 group = await asyncio.wait_for(groups.get(), max(0.0, sweep - time.monotonic()))
             except TimeoutError:
                 if not abandoned:
-                    with contextlib.suppress(StoppedWaitingError):
+                    try:
                         await self._sweep()
+                    except StoppedWaitingError:
+                        abandoned = True
+                    except psycopg.Error as exc:  # not the connection: again at the next one
+                        log.error("Ingest could not look for parked batches error=%s", exc)
                 sweep = time.monotonic() + parking.PARKED_SWEEP_S
                 continue
             if group is None:
@@ -473,9 +477,9 @@ class Worker:
     async def _sweep(self) -> None:
         """Write the parked batches whose catalogue is stored (any worker's). Raises
         StoppedWaitingError when told to stop while the database is away."""
-        conn_ready = await self._retrying(self._ready_digests)
-        if conn_ready:
-            await self._unpark(conn_ready)
+        digests = await self._retrying(self._ready_digests)
+        if digests:
+            await self._unpark(digests)
 
     async def _ready_digests(self) -> list[bytes]:
         return await parking.ready(await self._db.writer())
