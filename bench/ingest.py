@@ -142,9 +142,11 @@ def drain(
     timeout: float = 300.0,
     sample_waits: bool = False,
     catalogues: list[Message] | None = None,
+    park: bool = False,
 ) -> Run:
     """Steps 1-3 of the module docstring, once; raises when a reading is missing or twice.
-    `catalogues`: published once each, retained, before the batches (`--catalogue`)."""
+    `catalogues`: published once each, retained, before the batches (`--catalogue`); `park`:
+    the sessions made without the catalogue subscription (`--park`)."""
     dsn = server.create_database(name)
     prepare_database(dsn, fleet)
     if sql:  # an experiment (--sql): what an index, say, costs the ingest
@@ -154,7 +156,7 @@ def drain(
     ids = [f"{name}-w{i}" for i in range(workers)]
     for client_id in ids:
         persistent_session(broker.url, client_id, f"$share/{group}/{PREFIX}/+/batch")
-        if catalogues:  # as the worker subscribes: each session gets every catalogue
+        if catalogues and not park:  # as the worker subscribes: each session gets them all
             persistent_session(broker.url, client_id, f"{PREFIX}/+/catalogue/+")
     began = time.monotonic()
     with Publisher(broker.url) as publisher:
@@ -416,6 +418,13 @@ def main() -> int:
         help="format 2 batches that reference point catalogues (one per gateway, published"
         " once, retained)",
     )
+    parser.add_argument(
+        "--park",
+        action="store_true",
+        help="with --catalogue: the workers' sessions made without their catalogue"
+        " subscription, so the queued batches reach them before the retained catalogues (a"
+        " first start on a backlog): batches parked, then written",
+    )
     parser.add_argument("--json", type=Path, help="write the runs here")
     parser.add_argument("--verbose", action="store_true", help="print each worker's totals")
     parser.add_argument(
@@ -433,6 +442,8 @@ def main() -> int:
     directory = Path(tempfile.mkdtemp(prefix="bench-ingest-"))
     if args.catalogue and args.format != 2:
         parser.error("--catalogue needs --format 2")
+    if args.park and not args.catalogue:
+        parser.error("--park needs --catalogue")
     fleet = Fleet(
         directory / "fleet", gateways=args.gateways, payload_format=args.format, prefix=PREFIX
     )
@@ -470,6 +481,7 @@ def main() -> int:
                     server, broker, fleet, messages, workers, f"bench_w{workers}_r{n}",
                     directory / "workers", profile=args.profile, max_group=args.max_group,
                     sql=args.sql, sample_waits=args.verbose, catalogues=catalogues,
+                    park=args.park,
                 )  # fmt: skip
                 runs.append(run)
                 print(
