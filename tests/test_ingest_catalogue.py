@@ -406,3 +406,26 @@ async def test_a_batch_sent_again_while_parked_is_parked_once(
         written = await write_parked(conn, catalogue.digest, decoder.decode, 100, 64)
         assert (written.unparked, written.readings, written.duplicates) == (2, 20, 0)
     assert_stored_once_with_names(postgres_dsn, fleet, messages)
+
+
+async def test_a_catalogue_another_worker_stored_is_taken_from_postgresql_not_parked_for(
+    tmp_path: Path, broker: Mosquitto, database: str
+) -> None:
+    """A batch can reach a worker before its own copy of the catalogue (another worker got the
+    catalogue, and stored it, first): the worker finds it in `catalogues` and decodes the batch
+    at once instead of parking it."""
+    fleet = enrolled(database, catalogue_fleet(tmp_path / "fleet", gateways=1, points=5))
+    gateway = fleet.members[0]
+    messages = [gateway.seal(20) for _ in range(3)]
+    catalogue = catalogue_of(gateway)
+    with worker(tmp_path, broker, database, "w-late") as running:
+        async with await psycopg.AsyncConnection.connect(database) as conn:  # "another worker"
+            stored = await parking.store_catalogues(
+                conn, [CatalogueItem("t", gateway.gateway_id, catalogue)]
+            )
+            assert stored == [catalogue.digest]
+        publish(broker.url, messages)  # its copy of the catalogue never comes
+        await wait_for(lambda: count(database, "SELECT coalesce(sum(readings), 0) FROM coverage")
+                       >= 60, 30, "the batches stored")  # fmt: skip
+    assert stopped(running) == [(3, 0, 0)]  # none parked
+    assert_stored_once_with_names(database, fleet, messages)
