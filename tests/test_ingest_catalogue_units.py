@@ -17,6 +17,7 @@ from helpers.ingest_catalogue import catalogue_of, use_catalogues
 
 from edge_agent.consumer.ingest.decode import (
     Accepted,
+    CatalogueBook,
     CatalogueItem,
     Decoder,
     Parked,
@@ -24,7 +25,7 @@ from edge_agent.consumer.ingest.decode import (
 )
 from edge_agent.consumer.ingest.keystore import GatewayTrust, trust_from_rows
 from edge_agent.consumer.ingest.report import render
-from edge_agent.seal.catalogue import catalogue_topic
+from edge_agent.seal.catalogue import Catalogue, catalogue_topic
 from edge_agent.seal.keys import key_id
 
 pytestmark = pytest.mark.unit
@@ -164,3 +165,21 @@ def test_the_report_shows_parked_batches_as_pending_with_their_digest() -> None:
             " point catalogue ab12") in lines  # fmt: skip
     assert any(line.startswith("PARKED 1 batches (10 readings) of gateway=gw wait for point"
                                " catalogue ab12 since 2026-11-30") for line in lines)  # fmt: skip
+
+
+def test_the_book_holds_the_most_recently_used_catalogues_up_to_its_points() -> None:
+    """A worker's memory holds the catalogues in use, not a fleet's history of them (the
+    database keeps every one)."""
+    made = [Catalogue.build([("s", f"p{n}.{i}") for i in range(40)], bytes(40)) for n in range(4)]
+    book = CatalogueBook(max_points=100)
+    book[made[0].digest] = made[0]
+    book[made[1].digest] = made[1]
+    assert book.get(made[0].digest) == made[0]  # used: the most recent now
+    book[made[2].digest] = made[2]  # 120 points: the least recently used goes
+    assert list(book) == [made[0].digest, made[2].digest] and book.points == 80
+    assert made[1].digest not in book
+    huge = Catalogue.build([("s", f"h{i}") for i in range(150)], bytes(150))
+    book[huge.digest] = huge  # the newest stays whatever its size
+    assert list(book) == [huge.digest] and book.points == 150
+    del book[huge.digest]
+    assert len(book) == 0 and book.points == 0

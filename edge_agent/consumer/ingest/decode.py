@@ -22,6 +22,8 @@ decoded once the catalogue comes, parking.py). Rejection reasons, as stored in
 from __future__ import annotations
 
 import time
+from collections import OrderedDict
+from collections.abc import Iterator, MutableMapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,6 +44,9 @@ from edge_agent.seal.envelope import MAX_PAYLOAD_BYTES, Batch, Opener, Sign1
 from edge_agent.seal.hwm import HighWaterMark, open_mark
 from edge_agent.seal.trust import KeyNotValidError
 
+MAX_BOOK_POINTS = 1_000_000
+"""Points of the catalogues a decoder holds in memory at most (a few hundred bytes each): the
+least recently used are dropped beyond (the database keeps every one; see CatalogueBook)."""
 MAX_REJECTED_PAYLOAD = 4096
 """Bytes of a rejected message's payload kept for forensics."""
 INT8 = 2**63
@@ -122,20 +127,69 @@ def split_topic(topic: str, prefix: str) -> tuple[str, str] | None:
     return rest[0], rest[1]
 
 
+class CatalogueBook(MutableMapping[bytes, Catalogue]):
+    """The point catalogues a worker holds in memory, by digest: the most recently used ones,
+    up to `max_points` points in all (the newest one always, whatever its size).
+
+    A fleet's gateways make new catalogues as their points change, for years; every one is
+    kept in the table `catalogues`, and a worker reads one it does not hold from there when a
+    batch references it (worker.py), so that memory holds what is in use, not the history.
+    """
+
+    def __init__(self, max_points: int = MAX_BOOK_POINTS) -> None:
+        self.max_points = max_points
+        self._items: OrderedDict[bytes, Catalogue] = OrderedDict()
+        self._points = 0
+
+    def __getitem__(self, digest: bytes) -> Catalogue:
+        catalogue = self._items[digest]
+        self._items.move_to_end(digest)
+        return catalogue
+
+    def __setitem__(self, digest: bytes, catalogue: Catalogue) -> None:
+        if digest in self._items:
+            self._points -= len(self._items.pop(digest).points)
+        self._items[digest] = catalogue
+        self._points += len(catalogue.points)
+        while self._points > self.max_points and len(self._items) > 1:
+            _, dropped = self._items.popitem(last=False)
+            self._points -= len(dropped.points)
+
+    def __delitem__(self, digest: bytes) -> None:
+        self._points -= len(self._items.pop(digest).points)
+
+    def __contains__(self, digest: object) -> bool:
+        return digest in self._items  # a look, not a use: the order stays
+
+    def __iter__(self) -> Iterator[bytes]:
+        return iter(list(self._items))
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    @property
+    def points(self) -> int:
+        """Points held, over all the catalogues."""
+        return self._points
+
+
 class Decoder:
     """Verifies and decodes messages against the enrolled keys (replace `trust` to refresh),
     with the point catalogues of `book` (digest -> Catalogue), which it adds to as catalogue
     messages come (and its owner as it loads them from the database)."""
 
     def __init__(
-        self, trust: GatewayTrust, prefix: str, book: dict[bytes, Catalogue] | None = None
+        self,
+        trust: GatewayTrust,
+        prefix: str,
+        book: MutableMapping[bytes, Catalogue] | None = None,
     ) -> None:
         self.prefix = prefix
         self.rows = RowMaker()
         self.seconds = {"open": 0.0, "rows": 0.0}
         """Time spent verifying and decoding envelopes (`open`), and making rows (`rows`)."""
         self.trust = trust
-        self.book: dict[bytes, Catalogue] = {} if book is None else book
+        self.book: MutableMapping[bytes, Catalogue] = CatalogueBook() if book is None else book
         self._opener = Opener(trust.trust.public_keys(), columns=True, catalogues=self.book)
 
     def set_trust(self, trust: GatewayTrust) -> None:
@@ -193,7 +247,8 @@ class Decoder:
             catalogue = Catalogue.parse(payload, named[1])
         except CatalogueError as exc:
             return self._reject(topic, gateway, payload, "catalogue", str(exc))
-        self.book.setdefault(catalogue.digest, catalogue)
+        if catalogue.digest not in self.book:
+            self.book[catalogue.digest] = catalogue
         return CatalogueItem(topic, gateway, catalogue)
 
     def _batch(self, topic: str, gateway: str, payload: bytes) -> Item:

@@ -114,11 +114,16 @@ async def unpark(conn: AConn, ids: Sequence[int]) -> None:
 
 
 CATALOGUES_SQL = (
-    "SELECT digest, payload FROM catalogues"
-    " WHERE %(d)s::bytea[] IS NULL OR digest = ANY(%(d)s::bytea[]) ORDER BY received"
+    "SELECT digest, payload FROM ("
+    " SELECT digest, payload, received FROM catalogues"
+    " WHERE %(d)s::bytea[] IS NULL OR digest = ANY(%(d)s::bytea[])"
+    " ORDER BY received DESC LIMIT %(n)s) newest ORDER BY received"
 )
-"""The stored catalogues (`{"d": None}`: all; `{"d": [digest, ...]}`: those), as (digest,
-payload) rows: what a worker's book is loaded from."""
+"""The stored catalogues (`{"d": None}`: all; `{"d": [digest, ...]}`: those), the newest
+`{"n": ...}` of them, oldest first, as (digest, payload) rows: what a worker's book is loaded
+from (at start, the newest: those its gateways are likely to use)."""
+START_CATALOGUES = 10_000
+"""Catalogues a worker loads at start at most, the newest (its book keeps what fits)."""
 
 
 def _multirange(ranges: Sequence[tuple[int, int]]) -> str:

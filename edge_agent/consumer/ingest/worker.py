@@ -170,9 +170,14 @@ class _Database:
             raise
 
     async def catalogues(self, digests: Sequence[bytes] | None) -> list[tuple[bytes, bytes]]:
-        """(digest, payload) of the stored catalogues (of `digests`, or all)."""
+        """(digest, payload) of the stored catalogues (of `digests`, or the newest
+        START_CATALOGUES), oldest first."""
         rows = await self._read(
-            parking.CATALOGUES_SQL, {"d": None if digests is None else list(digests)}
+            parking.CATALOGUES_SQL,
+            {
+                "d": None if digests is None else list(digests),
+                "n": parking.START_CATALOGUES if digests is None else len(digests),
+            },
         )
         return [(bytes(d), bytes(p)) for d, p in rows]  # type: ignore[call-overload]
 
@@ -259,7 +264,8 @@ class Worker:
         await self._sweep()  # what a worker left parked, its catalogue stored meanwhile
 
     async def _load_book(self, digests: Sequence[bytes] | None) -> int:
-        """Add the stored catalogues (of `digests`, or all) that the book lacks; how many.
+        """Add the stored catalogues (of `digests`, or the newest) that the book lacks; how
+        many. The book keeps what fits (decode.CatalogueBook): the newest, loaded last.
 
         Raises psycopg.Error when the database cannot be read. A stored catalogue that does
         not parse (the table changed by hand) is logged and left out.
