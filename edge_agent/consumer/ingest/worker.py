@@ -456,6 +456,8 @@ class Worker:
             for ledger in written.ledgers:
                 self._dirty[(ledger.gateway, ledger.epoch)] = ledger
             self._log_catalogues(group.items, written)
+            if written.unsure:
+                sweep = time.monotonic()  # the look after the COMMIT failed: the sweep's, now
             if written.ready:
                 try:
                     await self._unpark(written.ready)

@@ -134,6 +134,8 @@ class Written:
     ready: list[bytes] = field(default_factory=list)
     """Digests of the group's catalogues and parked batches that have, as committed after the
     group, both a catalogue stored and batches parked: to write with `write_parked`."""
+    unsure: bool = False
+    """The look for `ready` failed (the database, after the COMMIT): sweep soon instead."""
 
 
 async def write_group(conn: AConn, items: Sequence[Item], rejected_keep: int) -> Written:
@@ -165,7 +167,10 @@ async def write_group(conn: AConn, items: Sequence[Item], rejected_keep: int) ->
     digests = {c.catalogue.digest for c in catalogues}
     digests.update(i.digest for i in items if isinstance(i, Parked))
     if digests:  # after the COMMIT: see parking.py for why not before
-        done.ready = await parking.ready(conn, sorted(digests))
+        try:
+            done.ready = await parking.ready(conn, sorted(digests))
+        except psycopg.Error:  # the group is committed: not to be written again for this
+            done.unsure = True
     return done
 
 
