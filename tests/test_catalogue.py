@@ -242,6 +242,20 @@ def test_batches_that_misuse_a_catalogue_are_refused() -> None:
         ({"cp": [0, 5, 0, b""]}, "cp refers beyond the 3 points"),
         ({"cat": b"short"}, "cat is not a digest of 16 bytes"),
         ({"cp": None}, "payload lacks cp"),
+        (
+            {
+                "n": 0,
+                "np": 0,
+                "idx": [0, 0, 0, b""],
+                "nt": 0,
+                "ti": [0, 0, 0, b""],
+                "cp": [0, 0, 0, b""],
+                "pk": b"",
+                "q": [[], [0, 0, 0, b""]],
+                "sc": [[], [0, 0, 0, b""]],
+            },
+            "a batch of no readings references a point catalogue",
+        ),
     ):
         bad = {k: v for k, v in {**body, **change}.items() if v is not None}
         with pytest.raises(EnvelopeError, match=error):

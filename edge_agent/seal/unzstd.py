@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import zstandard
 
+from edge_agent.errors import EnvelopeError
+
 _CHUNK = 1 << 20
 
 
-class TooLargeError(ValueError):
+class TooLargeError(EnvelopeError, ValueError):
     """The frame holds more than the bound allows."""
 
 
