@@ -165,6 +165,13 @@ def test_the_report_shows_parked_batches_as_pending_with_their_digest() -> None:
             " point catalogue ab12") in lines  # fmt: skip
     assert any(line.startswith("PARKED 1 batches (10 readings) of gateway=gw wait for point"
                                " catalogue ab12 since 2026-11-30") for line in lines)  # fmt: skip
+    assert any(line.endswith("(not received: the gateway publishes it, retained, before its"
+                             " batches)") for line in lines)  # fmt: skip
+    refused = {**parked, "catalogue_refused": True}
+    _, lines = render({"streams": [stream], "gaps": [pending], "rejected": {"catalogue": 1},
+                       "parked": [refused]})  # fmt: skip
+    assert any(line.endswith("(a catalogue under this digest was refused: see `rejected`,"
+                             " reason catalogue)") for line in lines)  # fmt: skip
 
 
 def test_the_book_holds_the_most_recently_used_catalogues_up_to_its_points() -> None:

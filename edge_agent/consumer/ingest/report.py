@@ -44,7 +44,9 @@ ORDER BY gateway, epoch, first_seq
 _REJECTED = "SELECT reason, count(*), max(received) FROM rejected GROUP BY reason ORDER BY reason"
 _PARKED = """
 SELECT gateway, encode(digest, 'hex'), count(*), sum(readings), min(received),
-       EXISTS (SELECT 1 FROM catalogues c WHERE c.digest = p.digest)
+       EXISTS (SELECT 1 FROM catalogues c WHERE c.digest = p.digest),
+       EXISTS (SELECT 1 FROM rejected r WHERE r.reason = 'catalogue'
+               AND r.topic LIKE '%/catalogue/' || encode(p.digest, 'hex'))
 FROM parked p GROUP BY gateway, digest ORDER BY gateway, min(received)
 """
 _UNKNOWN_ENDS = """
@@ -80,8 +82,9 @@ def collect(conn: psycopg.Connection[tuple[Any, ...]]) -> dict[str, Any]:
         ],
         "parked": [
             {"gateway": g, "catalogue": digest, "batches": int(n), "readings": int(r),
-             "since": since.isoformat(), "catalogue_stored": bool(known)}
-            for g, digest, n, r, since, known in parked
+             "since": since.isoformat(), "catalogue_stored": bool(known),
+             "catalogue_refused": bool(refused)}
+            for g, digest, n, r, since, known, refused in parked
         ],
     }  # fmt: skip
 
@@ -127,6 +130,8 @@ def render(data: dict[str, Any]) -> tuple[int, list[str]]:
         + (
             " (the catalogue is stored: a worker writes them at its next sweep)"
             if park["catalogue_stored"]
+            else " (a catalogue under this digest was refused: see `rejected`, reason catalogue)"
+            if park.get("catalogue_refused")
             else " (not received: the gateway publishes it, retained, before its batches)"
         )
         for park in data.get("parked", [])
