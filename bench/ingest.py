@@ -22,6 +22,13 @@ same batches, the worker's three costs one after the other: verify (signature), 
     .venv/bin/python bench/ingest.py                   # 1 and 2 workers, 3 runs each, ~2 min
     .venv/bin/python bench/ingest.py --quick           # a smoke run, ~20 s
     .venv/bin/python bench/ingest.py --workers 1 --repeat 1 --profile   # cProfile of a worker
+    .venv/bin/python bench/ingest.py --catalogue       # batches that reference point catalogues
+
+`--catalogue` seals with `Sealer(key, payload_format=2, catalogue=True)` (contract §4.12), each
+gateway with point names of its own (so a catalogue of its own), and publishes each gateway's
+catalogue once, retained, before its batches; the workers' sessions are made with their
+catalogue subscription too, so the broker queues the catalogue in each session ahead of the
+batches, as it does for workers that ran before (none is parked).
 
 Results and their reading: docs/performance.md, "Ingest".
 """
@@ -47,6 +54,7 @@ sys.path.insert(0, str(ROOT / "tests"))  # the tests' helpers: one fleet, one Po
 import psycopg  # noqa: E402
 import psycopg.sql  # noqa: E402
 from helpers.fleet import Fleet, Message, Publisher, persistent_session  # noqa: E402
+from helpers.ingest_catalogue import catalogues_of, use_catalogues  # noqa: E402
 from helpers.ingest_fleet import FleetWorker, prepare_database  # noqa: E402
 from helpers.postgres import PostgresServer  # noqa: E402
 
@@ -54,6 +62,7 @@ from edge_agent.consumer.ingest import keystore  # noqa: E402
 from edge_agent.consumer.ingest.decode import Accepted, Decoder  # noqa: E402
 from edge_agent.consumer.ingest.write import write_group  # noqa: E402
 from edge_agent.demo.broker import Mosquitto  # noqa: E402
+from edge_agent.seal.catalogue import Catalogue  # noqa: E402
 from edge_agent.seal.envelope import Opener, Sign1  # noqa: E402
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -132,8 +141,12 @@ def drain(
     sql: str | None = None,
     timeout: float = 300.0,
     sample_waits: bool = False,
+    catalogues: list[Message] | None = None,
+    park: bool = False,
 ) -> Run:
-    """Steps 1-3 of the module docstring, once; raises when a reading is missing or twice."""
+    """Steps 1-3 of the module docstring, once; raises when a reading is missing or twice.
+    `catalogues`: published once each, retained, before the batches (`--catalogue`); `park`:
+    the sessions made without the catalogue subscription (`--park`)."""
     dsn = server.create_database(name)
     prepare_database(dsn, fleet)
     if sql:  # an experiment (--sql): what an index, say, costs the ingest
@@ -143,8 +156,12 @@ def drain(
     ids = [f"{name}-w{i}" for i in range(workers)]
     for client_id in ids:
         persistent_session(broker.url, client_id, f"$share/{group}/{PREFIX}/+/batch")
+        if catalogues and not park:  # as the worker subscribes: each session gets them all
+            persistent_session(broker.url, client_id, f"{PREFIX}/+/catalogue/+")
     began = time.monotonic()
     with Publisher(broker.url) as publisher:
+        for catalogue in catalogues or []:
+            publisher.publish_retained(catalogue.topic, catalogue.payload)
         for start in range(0, len(messages), 500):
             publisher.publish(messages[start : start + 500], timeout=timeout)
     publish_s = time.monotonic() - began
@@ -292,7 +309,11 @@ def _stored(conn: psycopg.Connection[tuple[object, ...]]) -> int:
 
 
 def cost_split(
-    server: PostgresServer, fleet: Fleet, messages: list[Message], max_group: int
+    server: PostgresServer,
+    fleet: Fleet,
+    messages: list[Message],
+    max_group: int,
+    catalogues: list[Message] | None = None,
 ) -> list[str]:
     """The worker's costs one after the other, in this process, on `messages`: CPU seconds per
     100,000 readings of verify (COSE parse + Ed25519), decode (zstd, CBOR, the readings' maps;
@@ -303,9 +324,10 @@ def cost_split(
     with psycopg.connect(dsn) as conn:
         trust = keystore.load_trust(conn)
     keys = {k.kid: k.key for k in trust.trust.keys.values()}
-    decoder = Decoder(trust, PREFIX)
-    opener = Opener(trust.trust.public_keys(), columns=True)
-    maps_opener = Opener(trust.trust.public_keys())
+    book = {c.digest: c for c in (Catalogue.parse(m.payload) for m in catalogues or [])}
+    decoder = Decoder(trust, PREFIX, book)
+    opener = Opener(trust.trust.public_keys(), columns=True, catalogues=book)
+    maps_opener = Opener(trust.trust.public_keys(), catalogues=book)
     total = sum(m.count for m in messages)
     per = 100_000 / total
 
@@ -390,6 +412,19 @@ def main() -> int:
     parser.add_argument(
         "--sql", help="experiment: run this SQL after `migrate` (e.g. CREATE INDEX ...)"
     )
+    parser.add_argument(
+        "--catalogue",
+        action="store_true",
+        help="format 2 batches that reference point catalogues (one per gateway, published"
+        " once, retained)",
+    )
+    parser.add_argument(
+        "--park",
+        action="store_true",
+        help="with --catalogue: the workers' sessions made without their catalogue"
+        " subscription, so the queued batches reach them before the retained catalogues (a"
+        " first start on a backlog): batches parked, then written",
+    )
     parser.add_argument("--json", type=Path, help="write the runs here")
     parser.add_argument("--verbose", action="store_true", help="print each worker's totals")
     parser.add_argument(
@@ -405,17 +440,34 @@ def main() -> int:
     counts = [int(n) for n in args.workers.split(",")]
 
     directory = Path(tempfile.mkdtemp(prefix="bench-ingest-"))
+    if args.catalogue and args.format != 2:
+        parser.error("--catalogue needs --format 2")
+    if args.park and not args.catalogue:
+        parser.error("--park needs --catalogue")
     fleet = Fleet(
         directory / "fleet", gateways=args.gateways, payload_format=args.format, prefix=PREFIX
     )
+    if args.catalogue:
+        for member in fleet.members:  # each its own names: its own catalogue
+            member.points = [(src, f"{member.gateway_id}.{pt}") for src, pt in member.points]
+            use_catalogues(member)
     began = time.monotonic()
     messages = fleet.seal_rounds(args.batches, args.readings)
     sealed_s = time.monotonic() - began
+    catalogues = catalogues_of(fleet) if args.catalogue else None
     size = sum(len(m.payload) for m in messages)
+    total = sum(m.count for m in messages)
     print(
         f"fleet: {args.gateways} gateways x {args.batches} batches x {args.readings} readings "
-        f"(format {args.format or 'mixed'}) = {sum(m.count for m in messages):,} readings, "
-        f"{size / len(messages):,.0f} bytes a batch, sealed in {sealed_s:.1f} s"
+        f"(format {args.format or 'mixed'}"
+        + (", with point catalogues" if catalogues else "")
+        + f") = {total:,} readings, {size / len(messages):,.0f} bytes a batch"
+        f" ({size / total:.2f} a reading), sealed in {sealed_s:.1f} s"
+        + (
+            f"; {len(catalogues)} catalogues of {len(catalogues[0].payload):,} bytes"
+            if catalogues
+            else ""
+        )
     )
     runs: list[Run] = []
     with (
@@ -428,7 +480,8 @@ def main() -> int:
                 run = drain(
                     server, broker, fleet, messages, workers, f"bench_w{workers}_r{n}",
                     directory / "workers", profile=args.profile, max_group=args.max_group,
-                    sql=args.sql, sample_waits=args.verbose,
+                    sql=args.sql, sample_waits=args.verbose, catalogues=catalogues,
+                    park=args.park,
                 )  # fmt: skip
                 runs.append(run)
                 print(
@@ -442,7 +495,7 @@ def main() -> int:
                 if args.verbose:
                     print("\n".join(f"    {line}" for line in run.stops))
         if args.split:
-            for line in cost_split(server, fleet, messages, args.max_group):
+            for line in cost_split(server, fleet, messages, args.max_group, catalogues):
                 print(line)
     print("\nsummary (median (min-max) over runs):")
     for workers in counts:

@@ -66,11 +66,15 @@ def case_readings(case: str) -> tuple[list[Reading], int]:
     return plant_mix.readings(READINGS, 1.0), 1_000 if case == "mix1k" else 10_000
 
 
+CATALOGUE = "--catalogue" in sys.argv
+"""Format 2 referencing the point catalogue (§4.12, the agent's default since contract 2.4)."""
+
+
 def seal_all(chunks: list[list[Reading]], payload_format: int, dry: bool, cold: bool) -> float:
     """CPU seconds to seal `chunks` with a Sealer that has sealed them once already (unless
     `cold`): the agent's steady state, every point seen before, as in bench/pipeline.py's
     windows after their warm-up. `dry`: the warm-up only (for the callgrind difference)."""
-    sealer = Sealer(KEY, payload_format=payload_format)
+    sealer = Sealer(KEY, payload_format=payload_format, catalogue=CATALOGUE)
     seq = 1
     for batch, chunk in enumerate([] if cold else chunks, 1):
         sealer.seal(gateway="bench-gw", epoch="e" * 32, batch=batch, first_seq=seq,
@@ -100,6 +104,7 @@ def callgrind(case: str, payload_format: int, cold: bool) -> int:
                 "valgrind", "--tool=callgrind", f"--callgrind-out-file={out}",
                 sys.executable, __file__, "--case", case, "--format", str(payload_format),
                 "--once", *(["--dry"] if dry else []), *(["--cold"] if cold else []),
+                *(["--catalogue"] if CATALOGUE else []),
             ]  # fmt: skip
             subprocess.run(command, check=True, capture_output=True)
             found = re.search(r"^summary:\s+(\d+)", out.read_text(), re.MULTILINE)
@@ -115,6 +120,9 @@ def main() -> int:
     parser.add_argument("--repeat", type=int, default=7, help="CPU runs per format (best kept)")
     parser.add_argument("--callgrind", action="store_true", help="count instructions instead")
     parser.add_argument("--cold", action="store_true", help="a fresh Sealer: first sight")
+    parser.add_argument(
+        "--catalogue", action="store_true", help="format 2 referencing the point catalogue"
+    )
     parser.add_argument("--once", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--dry", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()

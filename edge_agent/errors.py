@@ -8,7 +8,10 @@
     │   ├── KeyNotValidError       signed by a retired key, or sealed outside the key's validity
     │   ├── NonconformingError     signed, but a reading breaks the value rules (ingest refuses it)
     │   ├── CatalogueMissingError  signed, but its point catalogue has not arrived: keep it, wait
-    │   └── CatalogueError         a point catalogue message that is not as §4.12 says
+    │   ├── CatalogueError         a point catalogue message that is not as §4.12 says
+    │   ├── CBORShapeError         untrusted CBOR malformed, or too costly a shape to build
+    │   └── TooLargeError (ValueError)  a zstd frame holding more than the bound allows
+    ├── CatalogueTooLargeError (ValueError)  no catalogue a consumer takes holds the points
     ├── AckError                   a consumer acknowledgement refused; `reason` says why (§4.10)
     ├── DeviceError                a device failed to answer a read (timeout, exception, garbage)
     │   └── ReadError              a Modbus read failed; `reason` names its counter
@@ -48,7 +51,9 @@ UnknownNamespaceError in `sources/opcua/namespaces.py`, TakeOverError in `source
 SecurityError and UntrustedCertificateError in `sources/opcua/security.py`,
 PublishRejectedError in `forward/mqtt.py`, BrokerUnavailableError in `demo/embedded_broker.py`,
 NonconformingError in `consumer/ingest/rows.py`, CatalogueMissingError in `seal/columnar.py`,
-CatalogueError in `seal/catalogue.py`, TransactionRetryError and StoppedWaitingError in
+CatalogueError in `seal/catalogue.py`, CatalogueTooLargeError in `seal/columnar.py`
+(the batch then carries its own points), CBORShapeError in `seal/cbor_in.py`, TooLargeError in
+`seal/unzstd.py`, TransactionRetryError and StoppedWaitingError in
 `consumer/ingest/worker.py` (they never leave the worker), OverlapError in
 `consumer/ingest/write.py`.
 A second base in parentheses is kept for callers that catch it.

@@ -179,16 +179,22 @@ def digest(payload: bytes) -> bytes:
     return hashlib.sha256(payload).digest()[:16]
 
 
+def compressed(body: object) -> bytes:
+    return zstandard.ZstdCompressor().compress(cbor2.dumps(body))
+
+
 def remade(**change: Any) -> bytes:
-    body = {**cbor2.loads(CATALOGUE.payload), **change}
-    return cbor2.dumps({k: v for k, v in body.items() if v is not None})
+    body = {**cbor2.loads(zstandard.ZstdDecompressor().decompress(CATALOGUE.payload)), **change}
+    return compressed({k: v for k, v in body.items() if v is not None})
 
 
 @pytest.mark.parametrize(
     ("payload", "error"),
     [
-        (b"\x1c", "not CBOR"),
-        (cbor2.dumps([1, 2]), "not a map of"),
+        (b"\x1c", "not a zstd frame"),
+        (zstandard.ZstdCompressor().compress(b"\x1c"), "not CBOR"),
+        (compressed([1, 2]), "not a map of"),
+        (zstandard.ZstdCompressor().compress(bytes(17 << 20)), "not a zstd frame of <= 16 MiB"),
         (remade(extra=1), "not a map of"),
         (remade(v=2), "version 2 is not 1"),
         (remade(np=0), "np 0 is not 1.."),
@@ -236,6 +242,20 @@ def test_batches_that_misuse_a_catalogue_are_refused() -> None:
         ({"cp": [0, 5, 0, b""]}, "cp refers beyond the 3 points"),
         ({"cat": b"short"}, "cat is not a digest of 16 bytes"),
         ({"cp": None}, "payload lacks cp"),
+        (
+            {
+                "n": 0,
+                "np": 0,
+                "idx": [0, 0, 0, b""],
+                "nt": 0,
+                "ti": [0, 0, 0, b""],
+                "cp": [0, 0, 0, b""],
+                "pk": b"",
+                "q": [[], [0, 0, 0, b""]],
+                "sc": [[], [0, 0, 0, b""]],
+            },
+            "a batch of no readings references a point catalogue",
+        ),
     ):
         bad = {k: v for k, v in {**body, **change}.items() if v is not None}
         with pytest.raises(EnvelopeError, match=error):

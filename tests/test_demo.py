@@ -41,6 +41,8 @@ def test_demo_runs_every_device_and_verifies_complete() -> None:
     result = run_demo("--duration", "8", timeout=120)
     assert_complete(result)
     assert "sources sim=up" in result.stdout  # the --no-tui status line was printed
+    # the agent sends catalogue batches (batch.catalogue defaults to true): the verifier got one
+    assert re.search(r" catalogues=[1-9]", result.stdout), result.stdout
 
 
 def test_demo_embedded_broker_survives_an_outage() -> None:

@@ -82,6 +82,14 @@ def test_view_reports_holes_outage_and_colour() -> None:
     assert "\x1b[31mdisconnected\x1b[0m" in text
 
 
+def test_view_shows_the_point_catalogues_and_the_batches_waiting_for_theirs() -> None:
+    assert "catalogues" not in "\n".join(render(_snapshot(), width=100, color=False))
+    text = "\n".join(render(_snapshot(catalogues=2, waiting=3), width=100, color=False))
+    assert "2 point catalogues received · 3 batches wait for theirs" in text
+    assert "missing=0 catalogues=0 rate=" in status_line(_snapshot())
+    assert "catalogues=2 waiting=3 rate=" in status_line(_snapshot(catalogues=2, waiting=3))
+
+
 def test_status_line_and_sparkline() -> None:
     line = status_line(_snapshot())
     assert "sim=up/90 plc=down/0" in line

@@ -35,7 +35,9 @@ from helpers.ledger import sealed_in_store
 from helpers.wait import wait_for
 from paho.mqtt.enums import CallbackAPIVersion
 
+from edge_agent.consumer.catalogues import CatalogueBook, is_catalogue_topic
 from edge_agent.demo.broker import Mosquitto
+from edge_agent.seal.catalogue import CatalogueMissingError
 from edge_agent.seal.envelope import Batch, Opener
 from edge_agent.seal.keys import load_public_key, write_keypair
 
@@ -76,17 +78,26 @@ def held_in_session(broker: Mosquitto, client_id: str, keys: Opener) -> list[Bat
 
     The broker sends a resumed session's queued messages right after CONNACK (its in-flight
     window is unlimited), before a message published later to this client: a marker it
-    publishes to itself, once its own subscription is in place, ends the wait.
+    publishes to itself, once its own subscription is in place, ends the wait. The agents'
+    point catalogues (§4.12) come retained with the subscription to them, before the marker;
+    a batch held before its catalogue is parked until it comes (consumer/catalogues.py).
     """
     batches: list[Batch] = []
+    book = CatalogueBook(keys.catalogues)
     marker = f"probe/{client_id}/end"
     subscribed, ended = threading.Event(), threading.Event()
 
     def on_message(_c: object, _u: object, message: mqtt.MQTTMessage) -> None:
+        payload = bytes(message.payload)
         if message.topic == marker:
             ended.set()
+        elif is_catalogue_topic(message.topic):
+            batches.extend(keys.open(held.payload) for held in book.add(message.topic, payload))
         elif message.topic.endswith("/batch"):
-            batches.append(keys.open(bytes(message.payload)))
+            try:
+                batches.append(keys.open(payload))
+            except CatalogueMissingError as exc:
+                book.park(message.topic, payload, exc.digest)
 
     client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id, protocol=mqtt.MQTTv5)
     client.on_message = on_message
@@ -94,13 +105,14 @@ def held_in_session(broker: Mosquitto, client_id: str, keys: Opener) -> list[Bat
     client.connect("127.0.0.1", broker.port, clean_start=False)
     client.loop_start()
     try:
-        client.subscribe(marker, qos=1)
+        client.subscribe([(marker, 1), (f"{PREFIX}/+/catalogue/+", 1)])
         assert subscribed.wait(10), "no SUBACK for the marker"
         client.publish(marker, b"end", qos=1)
         assert ended.wait(30), "the marker did not come back"
     finally:
         client.disconnect()
         client.loop_stop()
+    assert not book.pending(), f"held batches whose catalogue never came: {book.pending()}"
     return batches
 
 

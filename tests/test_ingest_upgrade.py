@@ -26,20 +26,22 @@ from edge_agent.consumer.ingest.write import write_group
 pytestmark = pytest.mark.integration
 
 
-def at_version_1(dsn: str, fleet: Fleet) -> None:
-    """The database as `ingest migrate` of schema version 1 left it, the fleet's keys in it."""
-    first = schema.migrations(False)[0]
-    assert first.version == 1
+def at_version_1(dsn: str, fleet: Fleet, version: int = 1) -> None:
+    """The database as `ingest migrate` of schema version 1 (or `version`) left it, the
+    fleet's keys in it."""
+    steps = schema.migrations(False)[:version]
+    assert [step.version for step in steps] == list(range(1, version + 1))
     with psycopg.connect(dsn) as conn:
         conn.execute(
             "CREATE TABLE schema_version (version int PRIMARY KEY, description text NOT NULL,"
             " applied timestamptz NOT NULL DEFAULT now())"
         )
-        conn.execute(first.sql.encode())
-        conn.execute(
-            "INSERT INTO schema_version (version, description) VALUES (1, %s)",
-            (first.description,),
-        )
+        for step in steps:
+            conn.execute(step.sql.encode())
+            conn.execute(
+                "INSERT INTO schema_version (version, description) VALUES (%s, %s)",
+                (step.version, step.description),
+            )
         for gateway, pem in fleet.key_files():
             keystore.add_key(conn, gateway, pem)
 
@@ -75,7 +77,7 @@ async def test_migrate_from_version_1_with_data_keeps_every_reading(
 
     migrated = ingest("migrate", "--dsn", postgres_dsn)
     assert migrated.returncode == 0, migrated.stderr
-    assert "schema version 1 -> 2" in migrated.stdout
+    assert f"schema version 1 -> {schema.VERSION}" in migrated.stdout
     assert rows_and_distinct(postgres_dsn) == (300, 300)
 
     async with await psycopg.AsyncConnection.connect(postgres_dsn) as conn:
@@ -135,3 +137,30 @@ async def test_a_version_1_writer_still_running_after_migrate_stores_nothing_twi
     finally:
         await old.close()
     assert rows_and_distinct(postgres_dsn) == (100, 100)
+
+
+async def test_migrate_from_version_2_keeps_the_gaps_the_view_gave(
+    tmp_path: Path, postgres_dsn: str
+) -> None:
+    """Version 3 replaces the view `ingest_gaps` (parked batches are `pending`): on a database
+    without any, it gives the rows version 2's gave, a hole and a tail."""
+    fleet = Fleet(tmp_path / "fleet", gateways=1, payload_format=2, points=10)
+    at_version_1(postgres_dsn, fleet, version=2)
+    items = decoded(postgres_dsn, fleet, 4)  # seqs 1..400; the second batch never arrives
+    async with await psycopg.AsyncConnection.connect(postgres_dsn) as conn:
+        await write_group(conn, [items[0], items[2]], 100)
+    gateway = fleet.members[0]
+    with psycopg.connect(postgres_dsn) as conn:
+        conn.execute(
+            "INSERT INTO hwm (gateway, epoch, seq, batch, sealed_ns) VALUES (%s, %s, 400, 4, 1)",
+            (gateway.gateway_id, gateway.epoch),
+        )
+    gaps = "SELECT kind, first_seq, last_seq, detail FROM ingest_gaps ORDER BY first_seq"
+    with psycopg.connect(postgres_dsn) as conn:
+        before = conn.execute(gaps).fetchall()
+    assert [g[:3] for g in before] == [("hole", 101, 200), ("tail", 301, 400)]
+    migrated = ingest("migrate", "--dsn", postgres_dsn)
+    assert migrated.returncode == 0, migrated.stderr
+    assert "schema version 2 -> 3" in migrated.stdout
+    with psycopg.connect(postgres_dsn) as conn:
+        assert conn.execute(gaps).fetchall() == before

@@ -140,6 +140,11 @@ def test_batch_number_gaps_are_counted_and_not_a_failure_when_the_seqs_are_decla
                for line in lines), lines  # fmt: skip
 
 
-def test_a_filter_of_batches_also_subscribes_to_the_marks() -> None:
-    assert subscriptions("site/+/batch") == ["site/+/batch", "site/+/hwm"]
+def test_a_filter_of_batches_also_subscribes_to_the_marks_and_the_catalogues() -> None:
+    assert subscriptions("site/+/batch") == ["site/+/batch", "site/+/hwm", "site/+/catalogue/+"]
+    assert subscriptions("site/gw1/batch") == [
+        "site/gw1/batch",
+        "site/gw1/hwm",
+        "site/gw1/catalogue/+",
+    ]
     assert subscriptions("#") == ["#"]

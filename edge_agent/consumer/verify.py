@@ -15,6 +15,11 @@ reported PENDING (exit 0) while the epoch is alive, and is a hole (exit 4) once 
 the gateway began without declaring this one ended. A seq received again in another batch or
 with other readings is a CONFLICT (exit 3), counted apart from duplicates. Batch-number gaps
 are reported (BATCHES), not judged: an evicted batch's number never arrives.
+
+Point catalogues (`/catalogue/{digest}` topics, §4.12) fill the Opener's book
+(consumer/catalogues.py); a batch whose catalogue has not come yet is parked in memory and
+verified when it comes. One still waiting at the end is reported (PENDING CATALOGUE) and its
+readings are not verified: the stream is incomplete (exit 4).
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 from urllib.parse import urlsplit
 
 import aiomqtt
@@ -41,10 +46,12 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from edge_agent.consumer.acks import AckPublisher, save_state
+from edge_agent.consumer.catalogues import CatalogueBook, is_catalogue_topic
 from edge_agent.consumer.clock_report import ClockTally
 from edge_agent.consumer.completeness import Completeness, Stream
 from edge_agent.errors import EnvelopeError
 from edge_agent.reading import RejectedValue, checked
+from edge_agent.seal.catalogue import CatalogueMissingError
 from edge_agent.seal.envelope import Batch, Opener
 from edge_agent.seal.hwm import TOPIC_SUFFIX, HighWaterMark, open_mark
 from edge_agent.seal.keys import load_private_key, load_public_key
@@ -78,6 +85,17 @@ class VerifyResult:
     """High-water marks verified."""
     rejected_marks: int = 0
     """Of `rejected`, how many were high-water marks."""
+    rejected_catalogues: int = 0
+    """Of `rejected`, how many were catalogue messages (§4.12)."""
+
+
+class Checked(NamedTuple):
+    """What one received batch came to: `batch` None when it was refused (see
+    `VerifyResult.last_error`), else the batch and its readings not seen before."""
+
+    topic: str
+    batch: Batch | None
+    fresh: list[dict[str, Any]]
 
 
 class Verifier:
@@ -93,21 +111,62 @@ class Verifier:
         self.result = VerifyResult()
         self.clock = ClockTally()
         """What the batches said of their gateway's clock (`clock`, contract §4.3)."""
+        self.book = CatalogueBook(opener.catalogues)
+        """The catalogues received (the Opener decodes with them) and the batches parked."""
 
-    def check(self, payload: bytes) -> tuple[Batch | None, list[dict[str, Any]]]:
+    def receive(self, topic: str, payload: bytes) -> list[Checked]:
+        """Handle a message of a batch topic or of a catalogue topic (`.../catalogue/{hex}`).
+
+        A batch gives its outcome, or nothing while it is parked waiting for its catalogue. A
+        catalogue gives the outcomes of the batches it released, in their arrival order, or,
+        refused (counted in `rejected`), one outcome with `batch` None.
+        """
+        if is_catalogue_topic(topic):
+            return self.check_catalogue(topic, payload)
+        checked = self._check(topic, payload)
+        return [] if checked is None else [checked]
+
+    def check(self, payload: bytes, topic: str = "") -> tuple[Batch | None, list[dict[str, Any]]]:
         """Verify one batch message; return it and its readings not seen before.
 
         A batch is refused (counted in `rejected`) when the envelope does not verify, or when
-        the trust set says its key is retired or was not valid when the batch was sealed.
+        the trust set says its key is retired or was not valid when the batch was sealed. A
+        batch whose catalogue has not arrived is parked (also `None, []`; `receive` tells the
+        two apart) and verified when the catalogue comes (`check_catalogue`).
         """
+        checked = self._check(topic, payload)
+        return (None, []) if checked is None else (checked.batch, checked.fresh)
+
+    def check_catalogue(self, topic: str, payload: bytes) -> list[Checked]:
+        """Take one catalogue message into the book; verify the batches it releases.
+
+        A refused catalogue (not CBOR, not a catalogue, a digest other than its topic's, over
+        the bounds) is counted in `rejected` like a batch and returned as one refused outcome.
+        """
+        try:
+            released = self.book.add(topic, payload)
+        except EnvelopeError as exc:
+            self.result.rejected += 1
+            self.result.rejected_catalogues += 1
+            self.result.last_error = str(exc)
+            return [Checked(topic, None, [])]
+        outcomes = (self._check(parked.topic, parked.payload) for parked in released)
+        return [checked for checked in outcomes if checked is not None]
+
+    def _check(self, topic: str, payload: bytes) -> Checked | None:
+        """`check`'s work; None when the batch is parked."""
         try:
             batch = self.opener.open(payload)
             if self.trust is not None:
                 self.trust.check(batch.kid, batch.sealed_ns)
+        except CatalogueMissingError as exc:  # authentic, not decodable yet
+            try:
+                self.book.park(topic, payload, exc.digest)
+            except EnvelopeError as full:
+                return self._refused(topic, str(full))
+            return None
         except EnvelopeError as exc:
-            self.result.rejected += 1
-            self.result.last_error = str(exc)
-            return None, []
+            return self._refused(topic, str(exc))
         try:
             fresh = self.tracker.accept(
                 batch.gateway,
@@ -125,16 +184,19 @@ class Verifier:
                     batch.gateway, ended.epoch, ended.last_seq, f"{ended.ended}: {ended.detail}"
                 )
         except (KeyError, TypeError, ValueError) as exc:  # signed, but not what §4 says
-            self.result.rejected += 1
-            self.result.last_error = f"malformed readings: {exc}"
-            return None, []
+            return self._refused(topic, f"malformed readings: {exc}")
         self.result.batches += 1
         self.clock.add(batch)
         self.result.readings += len(fresh)
         self.result.duplicates += len(batch.readings) - len(fresh)
         for reading in fresh:
             self._conform(batch.gateway, reading)
-        return batch, fresh
+        return Checked(topic, batch, fresh)
+
+    def _refused(self, topic: str, reason: str) -> Checked:
+        self.result.rejected += 1
+        self.result.last_error = reason
+        return Checked(topic, None, [])
 
     def check_mark(self, payload: bytes) -> HighWaterMark | None:
         """Verify one high-water mark and record it; None when refused (counted in `rejected`,
@@ -217,13 +279,12 @@ class Verifier:
                 f"LOST: gateway={gateway} epoch=unknown readings=unknown reason=the gateway "
                 f"declared an epoch ended whose id it no longer knew ({reason})"
             )
+        waiting = self.book.pending()
+        lines.extend(_waiting_lines(waiting))
         code = 0
         conflicts = self.tracker.conflicts()
         if self.result.rejected:
-            marks = self.result.rejected_marks
-            batches = self.result.rejected - marks
-            what = f"{batches} batches" + (f" and {marks} high-water marks" if marks else "")
-            lines.append(f"REJECTED {what}: {self.result.last_error}")
+            lines.append(self._rejected_line())
             code = EXIT_BAD_SIGNATURE
         if conflicts:
             first = next(s.first_conflict for s in self.tracker.streams.values() if s.conflicts)
@@ -235,8 +296,15 @@ class Verifier:
             code = EXIT_BAD_SIGNATURE
         if code:
             pass
-        elif self.tracker.holes():
-            lines.append("INCOMPLETE: readings missing that no eviction explains")
+        elif self.tracker.holes() or waiting:
+            if waiting:
+                parked = sum(len(topics) for topics in waiting.values())
+                lines.append(
+                    f"INCOMPLETE: {parked} batches wait for a catalogue that did not come "
+                    "(PENDING CATALOGUE above): their readings are not verified"
+                )
+            if self.tracker.holes():
+                lines.append("INCOMPLETE: readings missing that no eviction explains")
             code = EXIT_GAP
         elif self.result.nonconforming:
             pass  # said below
@@ -259,6 +327,43 @@ class Verifier:
             )
             code = EXIT_BAD_SIGNATURE
         return code, lines
+
+    def _rejected_line(self) -> str:
+        """`REJECTED N batches[ and M high-water marks][ and K catalogues]: last reason`."""
+        marks, catalogues = self.result.rejected_marks, self.result.rejected_catalogues
+        batches = self.result.rejected - marks - catalogues
+        others = [f"{marks} high-water marks"] if marks else []
+        others += [f"{catalogues} catalogues"] if catalogues else []
+        what = " and ".join([f"{batches} batches", *others])
+        return f"REJECTED {what}: {self.result.last_error}"
+
+
+def _waiting_lines(waiting: dict[bytes, list[str]]) -> list[str]:
+    """One PENDING CATALOGUE line per catalogue that parked batches still wait for."""
+    lines = []
+    for digest, topics in waiting.items():
+        gateways = sorted({_gateway_of(topic) for topic in topics})
+        expected = sorted({_catalogue_topic_for(topic, digest) for topic in topics})
+        lines.append(
+            f"PENDING CATALOGUE: digest={digest.hex()} batches={len(topics)} "
+            f"gateways={','.join(gateways)} (signature checked, not decoded: the catalogue "
+            f"never came on {', '.join(expected[:3])}{' ...' if len(expected) > 3 else ''}; "
+            "not verified)"
+        )
+    return lines
+
+
+def _gateway_of(topic: str) -> str:
+    """The gateway level of a batch topic `{prefix}/{gateway}/batch` ('?' when not one)."""
+    levels = topic.split("/")
+    return levels[-2] if len(levels) >= 2 and levels[-2] else "?"
+
+
+def _catalogue_topic_for(topic: str, digest: bytes) -> str:
+    """Where the catalogue of a batch that came on `topic` is published (§4.12); the pattern
+    when the topic is not known (`Verifier.check` without one)."""
+    base = topic.rsplit("/", 1)[0] if "/" in topic else "{prefix}/{gateway}"
+    return f"{base}/catalogue/{digest.hex()}"
 
 
 def _tail_lines(gateway: str, epoch: str, stream: Stream, later: str | None) -> list[str]:
@@ -352,11 +457,11 @@ async def consume(
                         payload = message.payload if isinstance(message.payload, bytes) else b""
                         if name.endswith("/status"):
                             verifier.result.statuses[name] = payload.decode(errors="replace")
-                        elif name.endswith("/batch"):
-                            batch, fresh = verifier.check(payload)
-                            if batch is not None and acks is not None:
-                                acks.accepted(batch, name)
-                            on_batch(batch, fresh)
+                        elif name.endswith("/batch") or is_catalogue_topic(name):
+                            for checked in verifier.receive(name, payload):
+                                if checked.batch is not None and acks is not None:
+                                    acks.accepted(checked.batch, checked.topic)
+                                on_batch(checked.batch, checked.fresh)
                         elif (
                             name.endswith(f"/{TOPIC_SUFFIX}")
                             and verifier.check_mark(payload) is None
@@ -377,9 +482,12 @@ async def consume(
 
 def subscriptions(topic: str) -> list[str]:
     """The filters to subscribe to: `topic`, and beside a filter of batches (`.../batch`) the
-    gateways' high-water marks (`.../hwm`) it would otherwise miss."""
+    gateways' high-water marks (`.../hwm`) and point catalogues (`.../catalogue/+`, §4.12) it
+    would otherwise miss. The catalogues' filter is an ordinary subscription, so the broker
+    sends the retained catalogues published before it."""
     if topic.endswith("/batch"):
-        return [topic, topic.removesuffix("batch") + TOPIC_SUFFIX]
+        base = topic.removesuffix("batch")
+        return [topic, base + TOPIC_SUFFIX, base + "catalogue/+"]
     return [topic]
 
 

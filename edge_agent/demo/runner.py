@@ -319,6 +319,8 @@ class Demo:
             last_rejection=result.last_error,
             max_seq=max((s.max_seq for s in streams), default=0),
             missing=missing,
+            catalogues=len(verifier.book.catalogues),
+            waiting=verifier.book.parked,
             throughput=(r1 - r0) / (t1 - t0) if t1 > t0 else 0.0,
             outage_left_s=max(0.0, self._outage_until - now) if self._outage_until else None,
             events=list(self.events),

@@ -61,6 +61,10 @@ class Snapshot:
     last_rejection: str | None = None
     max_seq: int = 0
     missing: int = 0
+    catalogues: int = 0
+    """Point catalogues the verifier holds (§4.12)."""
+    waiting: int = 0
+    """Batches the verifier holds until their catalogue arrives (not verified yet)."""
     throughput: float = 0.0
     outage_left_s: float | None = None
     events: list[str] = field(default_factory=list)
@@ -160,6 +164,10 @@ def render(snap: Snapshot, width: int = 100, *, color: bool = True) -> list[str]
     else:
         completeness = ("waiting for the first batch", "y")
     add([("  ", ""), completeness, (f"   ·   {snap.throughput:.0f} readings/s", "")])
+    if snap.catalogues or snap.waiting:
+        catalogues = f"  {snap.catalogues} point catalogues received"
+        waiting = f" · {snap.waiting} batches wait for theirs" if snap.waiting else ""
+        add([(catalogues, "d"), (waiting, "y")])
     if snap.last_rejection:
         add([("  last rejection: " + snap.last_rejection, "r")])
     add([])
@@ -191,6 +199,7 @@ def status_line(snap: Snapshot) -> str:
         f"buffer={snap.buffer_readings}r/{_size(snap.buffer_bytes)}/{snap.buffer_oldest_s:.1f}s | "
         f"verified={snap.readings_verified} batches={snap.batches_verified} "
         f"dup={snap.duplicates} rejected={snap.rejected} missing={snap.missing} "
+        f"catalogues={snap.catalogues}{f' waiting={snap.waiting}' if snap.waiting else ''} "
         f"rate={snap.throughput:.0f}/s"
     )
 

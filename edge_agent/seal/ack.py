@@ -194,7 +194,8 @@ class AckOpener:
             raise AckError("bad_signature", str(exc), kid=kid) from None
         try:
             body = cbor2.loads(signed.payload)
-        except (cbor2.CBORError, ValueError, TypeError, KeyError, AttributeError) as exc:
+        except (cbor2.CBORError, ValueError, TypeError, KeyError, AttributeError,
+                ArithmeticError) as exc:  # fmt: skip  # decimal.Overflow: a bigfloat (tag 5)
             raise AckError("malformed", f"payload is not CBOR: {exc}", kid=kid) from None
         except RecursionError:
             raise AckError("malformed", "payload nested too deeply", kid=kid) from None

@@ -63,7 +63,7 @@ from operator import (
 )  # fmt: skip
 from typing import Any, Protocol, cast
 
-from edge_agent.errors import EnvelopeError
+from edge_agent.errors import EdgeAgentError, EnvelopeError
 from edge_agent.reading import Quality, Reading, Value
 
 FORMAT_VERSION = 2
@@ -128,7 +128,11 @@ _DICTIONARY_KEYS = ("src", "ps", "tok", "pn", "pi")
 
 class PointTable(Protocol):
     """A point catalogue as the decoder needs it (`catalogue.Catalogue`): its points, in order,
-    as (source, point name), and each one's type and decimal places (a `pk` byte, §4.9)."""
+    as (source, point name), each one's type and decimal places (a `pk` byte, §4.9), and its
+    digest (16 bytes), which the decoder checks against the batch's `cat`."""
+
+    @property
+    def digest(self) -> bytes: ...
 
     @property
     def points(self) -> Sequence[tuple[str, str]]: ...
@@ -145,7 +149,8 @@ class CatalogueKeeper(Protocol):
 
     def positions(self, points: Sequence[tuple[str, str]], pk: bytes) -> list[int]:
         """Each point's position in the current catalogue, made anew (the version changes) when
-        a point is not in it or `pk` differs from its `pk` for more than a quarter of them."""
+        a point is not in it or `pk` differs from its `pk` for more than a quarter of them.
+        Raises CatalogueTooLargeError when no catalogue a consumer takes can hold them."""
         ...
 
     def digest(self) -> bytes:
@@ -167,6 +172,11 @@ class CatalogueMissingError(EnvelopeError):
     def __init__(self, digest: bytes) -> None:
         super().__init__(f"format 2: point catalogue {digest.hex()} not received (yet)")
         self.digest = digest
+
+
+class CatalogueTooLargeError(EdgeAgentError, ValueError):
+    """No point catalogue a consumer takes (§4.12: 16 MiB, §4.9: 2^26 characters of names) can
+    hold a batch's points: the batch carries its own points dictionary instead."""
 
 
 # --------------------------------------------------------------------------- integer columns
@@ -719,7 +729,11 @@ class ColumnEncoder:
                 columns["cat"], columns["cp"], columns["pk"] = cached[1], cached[2], delta
                 self.referenced = True
                 return
-        positions = catalogues.positions(shape.points, pk)
+        try:
+            positions = catalogues.positions(shape.points, pk)
+        except CatalogueTooLargeError:  # the batch carries its own points (self-contained)
+            columns.update(points_dictionary(shape.points, self._split(shape.points)))
+            return
         base = bytes(map(catalogues.pk().__getitem__, positions))
         cp = pack_ints(list(map(sub, positions, [0, *positions[:-1]])))
         shape.catalogued = (catalogues.version, catalogues.digest(), cp, base)
@@ -1212,9 +1226,15 @@ def _catalogued_points(
         raise EnvelopeError(f"format 2: cat is not a digest of {DIGEST_BYTES} bytes")
     if type(size) is not int or not 0 <= size <= length:
         raise EnvelopeError(f"format 2: np {size!r} is not 0..{length} (one point per reading)")
+    if not length:  # else a declaration could wait for ever, holding back its evicted ranges
+        raise EnvelopeError("format 2: a batch of no readings references a point catalogue")
     table = None if catalogues is None else catalogues.get(digest)
     if table is None:
         raise CatalogueMissingError(digest)
+    if table.digest != digest:  # a consumer's slip would otherwise give other points' names
+        raise EnvelopeError(
+            f"format 2: the catalogue kept as {digest.hex()} is {table.digest.hex()}"
+        )
     known = table.points
     positions = list(accumulate(unpack_ints(body["cp"], size, "cp")))
     if positions and (min(positions) < 0 or max(positions) >= len(known)):

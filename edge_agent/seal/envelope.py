@@ -30,7 +30,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 
 from edge_agent.errors import EnvelopeError, UnknownKeyError
 from edge_agent.reading import Quality, Reading
-from edge_agent.seal import columnar
+from edge_agent.seal import cbor_in, columnar, unzstd
 from edge_agent.seal.catalogue import Catalogue, Catalogues
 from edge_agent.seal.keys import key_id
 
@@ -56,6 +56,15 @@ UNDELIVERABLE = "undeliverable"
 without saying it was too large (an MQTT 3.1.1 broker, or a limit it does not advertise)."""
 MAX_PAYLOAD_BYTES = 64 * 1024 * 1024
 """Decompression limit for consumers: a batch is never near this; a zstd bomb would be."""
+_OUTER_DEPTH = 3
+_OUTER_CONTAINERS = 16
+_OUTER_ITEMS = 1_000
+"""The COSE_Sign1 structure and its protected header are read before the signature is checked,
+from anyone: arrays and maps nested at most 3 deep, 16 of them, 1,000 data items (a header of
+5 million entries, 29 MiB, made 330 MB of objects and 1.2 s), no tag but COSE_Sign1's (18),
+so that no message makes cbor2 build gigabytes of containers or compute a rational's greatest
+common divisor (`cbor_in`). The agent's messages have 2 containers (the array, the empty
+unprotected header) and a protected header of 1."""
 
 
 @dataclass(frozen=True)
@@ -456,10 +465,14 @@ class Sign1:
     def parse(cls, message: bytes) -> Sign1:
         """Check the structure of `message` (§4.2); EnvelopeError says what is wrong.
 
-        May also raise what cbor2.loads raises for bytes that are not CBOR (cbor2.CBORError,
-        ValueError, TypeError...): callers turn those into their own error.
+        Bytes that are not CBOR, or not of the COSE_Sign1 shape (`_OUTER_DEPTH`), are an
+        EnvelopeError (cbor_in.CBORShapeError) too.
         """
-        outer = cbor2.loads(message)
+        outer = cbor_in.loads(
+            message, max_depth=_OUTER_DEPTH, max_containers=_OUTER_CONTAINERS,
+            max_items=_OUTER_ITEMS,
+            tags=frozenset({COSE_SIGN1_TAG}),
+        )  # fmt: skip
         if not isinstance(outer, cbor2.CBORTag) or outer.tag != COSE_SIGN1_TAG:
             raise EnvelopeError("not a tagged COSE_Sign1 message")
         parts = outer.value
@@ -495,7 +508,16 @@ def _protected_header(protected: bytes) -> dict[Any, Any]:
     Raises EnvelopeError naming what is wrong (RFC 9052 §3.1: `crit` parameters a consumer does
     not understand make the message invalid).
     """
-    header = cbor2.loads(protected) if protected else {}
+    header = (
+        cbor_in.loads(
+            protected,
+            max_depth=_OUTER_DEPTH,
+            max_containers=_OUTER_CONTAINERS,
+            max_items=_OUTER_ITEMS,
+        )
+        if protected
+        else {}
+    )
     if not isinstance(header, dict):
         raise EnvelopeError("protected header is not a CBOR map")
     if HDR_CRIT in header:
@@ -535,7 +557,6 @@ class Opener:
         self._keys: Mapping[bytes, Ed25519PublicKey] = {key_id(k): k for k in keys}
         self._columns = columns
         self.catalogues: MutableMapping[bytes, Catalogue] = {} if catalogues is None else catalogues
-        self._decompressor = zstandard.ZstdDecompressor()
 
     def open(self, message: bytes) -> Batch:
         """Verify `message` and return its batch; EnvelopeError says what is wrong.
@@ -554,10 +575,12 @@ class Opener:
             cbor2.CBORError,
             ValueError,
             TypeError,
-            KeyError,
+            LookupError,
             AttributeError,
-            OverflowError,
-        ) as exc:  # OverflowError: an evicted range of infinity (int(inf))
+            ArithmeticError,
+            RecursionError,
+        ) as exc:  # OverflowError: an evicted range of infinity (int(inf)); decimal.Overflow:
+            # a signed payload's bigfloat (CBOR tag 5) of exponent 10^18, an ArithmeticError
             raise EnvelopeError(f"malformed batch: {type(exc).__name__}: {exc}") from None
 
     @property
@@ -572,8 +595,8 @@ class Opener:
         encoding = header.get("enc")
         if encoding == "zstd":
             try:
-                payload = self._decompressor.decompress(payload, max_output_size=MAX_PAYLOAD_BYTES)
-            except zstandard.ZstdError as exc:
+                payload = unzstd.decompress(payload, MAX_PAYLOAD_BYTES)
+            except (zstandard.ZstdError, unzstd.TooLargeError) as exc:
                 raise EnvelopeError(f"bad zstd payload: {exc}") from None
         elif encoding is not None:
             raise EnvelopeError(f"unknown payload encoding {encoding!r}")

@@ -41,8 +41,10 @@ _DECODING_ERRORS = (
     KeyError,
     AttributeError,
     RecursionError,
+    ArithmeticError,
 )
-"""What cbor2 raises for bytes that are not the CBOR they claim to be."""
+"""What cbor2 raises for bytes that are not the CBOR they claim to be (ArithmeticError:
+decimal.Overflow for a bigfloat, CBOR tag 5, of a huge exponent)."""
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,11 @@ does not hold, of three kinds:
 - `lost`  the gateway declared the epoch ended (`previous_epoch`: its buffer was quarantined,
           missing or replaced): explained, reported with the reason, not a failure. An epoch
           declared ended whose id the gateway no longer knew is reported as LOST, unknown.
+- `pending` (schema version 3) received in a batch that is parked: authentic, waiting for
+          the point catalogue it references (contract §4.12), stored as soon as that arrives.
+          Not a failure while it waits; a catalogue that never comes (its retained message
+          deleted from the broker, say) keeps them parked, which the `PARKED` lines show with
+          the digest and since when.
 
 Readings declared evicted (retention, too large, undeliverable) are explained and counted.
 """
@@ -37,6 +42,13 @@ SELECT gateway, epoch, kind, first_seq, last_seq, detail FROM ingest_gaps
 ORDER BY gateway, epoch, first_seq
 """
 _REJECTED = "SELECT reason, count(*), max(received) FROM rejected GROUP BY reason ORDER BY reason"
+_PARKED = """
+SELECT gateway, encode(digest, 'hex'), count(*), sum(readings), min(received),
+       EXISTS (SELECT 1 FROM catalogues c WHERE c.digest = p.digest),
+       EXISTS (SELECT 1 FROM rejected r WHERE r.reason = 'catalogue'
+               AND r.topic LIKE '%/catalogue/' || encode(p.digest, 'hex'))
+FROM parked p GROUP BY gateway, digest ORDER BY gateway, min(received)
+"""
 _UNKNOWN_ENDS = """
 SELECT gateway, declared_epoch, ended, detail FROM epoch_ends WHERE ended_epoch IS NULL
 ORDER BY gateway, declared_epoch
@@ -50,6 +62,7 @@ def collect(conn: psycopg.Connection[tuple[Any, ...]]) -> dict[str, Any]:
         gaps = conn.execute(_GAPS).fetchall()
         rejected = conn.execute(_REJECTED).fetchall()
         unknown = conn.execute(_UNKNOWN_ENDS).fetchall()
+        parked = conn.execute(_PARKED).fetchall()
     return {
         "streams": [
             {
@@ -66,6 +79,12 @@ def collect(conn: psycopg.Connection[tuple[Any, ...]]) -> dict[str, Any]:
         "rejected": {reason: int(n) for reason, n, _ in rejected},
         "unknown_ends": [
             {"gateway": g, "declared_in": e, "ended": x, "detail": d} for g, e, x, d in unknown
+        ],
+        "parked": [
+            {"gateway": g, "catalogue": digest, "batches": int(n), "readings": int(r),
+             "since": since.isoformat(), "catalogue_stored": bool(known),
+             "catalogue_refused": bool(refused)}
+            for g, digest, n, r, since, known, refused in parked
         ],
     }  # fmt: skip
 
@@ -85,7 +104,10 @@ def render(data: dict[str, Any]) -> tuple[int, list[str]]:
             f"duplicates={s['duplicates']} evicted={s['evicted']} holes={holes}"
         )
     for (gateway, epoch), gaps in by_stream.items():
-        for kind, word in (("hole", "HOLE"), ("tail", "NOT YET RECEIVED"), ("lost", "LOST")):
+        for kind, word in (
+            ("hole", "HOLE"), ("pending", "PENDING"), ("tail", "NOT YET RECEIVED"),
+            ("lost", "LOST"),
+        ):  # fmt: skip
             ranges = [g for g in gaps if g["kind"] == kind]
             if not ranges:
                 continue
@@ -100,6 +122,19 @@ def render(data: dict[str, Any]) -> tuple[int, list[str]]:
         f"LOST: gateway={end['gateway']} epoch=unknown readings=unknown: the gateway declared "
         f"an epoch ended whose id it no longer knew ({end['ended']}: {end['detail']})"
         for end in data.get("unknown_ends", [])
+    )
+    lines.extend(
+        f"PARKED {park['batches']} batches ({park['readings']} readings) of gateway="
+        f"{park['gateway']} wait for point catalogue {park['catalogue']} since "
+        f"{park['since']}"
+        + (
+            " (the catalogue is stored: a worker writes them at its next sweep)"
+            if park["catalogue_stored"]
+            else " (a catalogue under this digest was refused: see `rejected`, reason catalogue)"
+            if park.get("catalogue_refused")
+            else " (not received: the gateway publishes it, retained, before its batches)"
+        )
+        for park in data.get("parked", [])
     )
     for reason, count in sorted(data["rejected"].items()):
         lines.append(f"REJECTED {count} messages: {reason} (see the table `rejected`)")

@@ -21,8 +21,11 @@ Tables (docs/cloud.md describes each column for people who query them):
 - `hwm`            the newest signed high-water mark per (gateway, epoch)
 - `gateway_status` the newest status message per gateway
 - `rejected`       refused messages with the reason (the newest `rejected_keep`, 4 KiB of each)
+- `catalogues`     the point catalogues received (contract §4.12), by digest (version 3)
+- `parked`         authentic batches waiting for their catalogue (version 3, parking.py)
 
-Views: `ingest_gaps` (completeness, see `report.py`).
+Views: `ingest_gaps` (completeness, see `report.py`; since version 3 it tells the seqs of
+parked batches, `pending`, from holes).
 
 Names (gateway, epoch, src, pt) are `text COLLATE "C"`: compared as bytes, which makes the
 unique index about 1.4 times faster to fill than under a language's collation, and sorts them
@@ -237,6 +240,93 @@ check per ledger row a group updates, not per reading. It is made in the same tr
 the key's drop: there is no moment without either."""
 
 
+_V3 = """
+CREATE TABLE catalogues (
+    digest   bytea PRIMARY KEY CHECK (length(digest) = 16),
+    gateway  text COLLATE "C" NOT NULL,
+    payload  bytea NOT NULL,
+    received timestamptz NOT NULL DEFAULT now()
+);
+
+CREATE TABLE parked (
+    id        bigserial PRIMARY KEY,
+    digest    bytea NOT NULL,
+    topic     text NOT NULL,
+    gateway   text COLLATE "C" NOT NULL,
+    epoch     text COLLATE "C" NOT NULL,
+    batch     int8 NOT NULL,
+    seqs      int8multirange NOT NULL,
+    readings  int8 NOT NULL,
+    kid       text,
+    payload   bytea NOT NULL,
+    received  timestamptz NOT NULL DEFAULT now()
+);
+CREATE INDEX parked_digest ON parked (digest);
+CREATE UNIQUE INDEX parked_batch ON parked (gateway, epoch, batch);
+
+CREATE OR REPLACE VIEW ingest_gaps AS
+WITH streams AS (
+    SELECT gateway, epoch FROM coverage
+    UNION SELECT gateway, epoch FROM hwm
+    UNION SELECT gateway, ended_epoch FROM epoch_ends WHERE ended_epoch IS NOT NULL
+    UNION SELECT gateway, epoch FROM parked
+), waiting AS (
+    SELECT gateway, epoch, digest, range_agg(seqs) AS seqs
+    FROM parked GROUP BY gateway, epoch, digest
+), state AS (
+    SELECT s.gateway, s.epoch,
+           coalesce(c.received + c.evicted, '{}'::int8multirange) AS covered,
+           coalesce(upper(c.received + c.evicted) - 1, 0) AS top,
+           coalesce(w.seqs, '{}'::int8multirange) AS parked,
+           h.seq AS hwm,
+           e.ended, e.detail, e.last_seq AS ended_last
+    FROM streams s
+    LEFT JOIN coverage c ON c.gateway = s.gateway AND c.epoch = s.epoch
+    LEFT JOIN hwm h ON h.gateway = s.gateway AND h.epoch = s.epoch
+    LEFT JOIN LATERAL (
+        SELECT range_agg(x.seqs) AS seqs FROM waiting x
+        WHERE x.gateway = s.gateway AND x.epoch = s.epoch
+    ) w ON true
+    LEFT JOIN LATERAL (
+        SELECT ended, detail, last_seq FROM epoch_ends x
+        WHERE x.gateway = s.gateway AND x.ended_epoch = s.epoch
+        ORDER BY last_seq DESC NULLS LAST LIMIT 1
+    ) e ON true
+), spans AS (
+    SELECT *, greatest(top, coalesce(ended_last, 0), coalesce(upper(parked) - 1, 0)) AS upto
+    FROM state
+)
+SELECT gateway, epoch, lower(r) AS first_seq, upper(r) - 1 AS last_seq,
+       CASE WHEN ended IS NULL THEN 'hole' ELSE 'lost' END AS kind,
+       CASE WHEN ended IS NULL THEN 'missing, no eviction declared'
+            ELSE 'the gateway declared the epoch ended (' || ended || ': ' || detail || ')'
+       END AS detail
+FROM spans, unnest(int8multirange(int8range(1, upto + 1)) - covered - parked) AS r
+UNION ALL
+SELECT gateway, epoch, lower(r), upper(r) - 1, 'tail',
+       'sealed (high-water mark ' || hwm || '), not yet received'
+FROM spans, unnest(int8multirange(int8range(upto + 1, hwm + 1)) - covered - parked) AS r
+WHERE ended IS NULL AND hwm > upto
+UNION ALL
+SELECT s.gateway, s.epoch, lower(r), upper(r) - 1, 'pending',
+       'received, parked: waits for point catalogue ' || encode(w.digest, 'hex')
+FROM spans s JOIN waiting w ON w.gateway = s.gateway AND w.epoch = s.epoch,
+     unnest(w.seqs - s.covered) AS r;
+"""
+"""Point catalogues (contract §4.12, parking.py). `catalogues` keeps every catalogue a worker
+accepted, so that a worker that starts later, or restarts, decodes the batches that reference
+it; `parked` keeps an authentic batch (its signature checked) whose catalogue no worker had
+when it arrived, with what its header says (its gateway, epoch, batch number, and `seqs`: the
+seqs of its readings and of the evictions it declares), until the catalogue comes. A batch
+parked is acknowledged to the broker (its COMMIT is what the broker's copy was kept for) but
+not end to end: the ledger does not hold it until it is decoded and stored. A batch is parked
+once (`parked_batch`): an agent in end-to-end mode sends a batch again while it is parked, as
+it is not acknowledged, and the copies would pile up while the catalogue stays away.
+
+`ingest_gaps` then tells the seqs of parked batches (`pending`, with the digest they wait for)
+from holes and tails: they were received, and are stored as soon as the catalogue arrives."""
+
+
 def migrations(timescale: bool) -> list[Migration]:
     """Every migration in order; `timescale`: make `readings` a TimescaleDB hypertable."""
     return [
@@ -250,6 +340,11 @@ def migrations(timescale: bool) -> list[Migration]:
             2,
             "readings without a primary key: the ledger keeps (gateway, epoch, seq) unique",
             _V2,
+        ),
+        Migration(
+            3,
+            "point catalogues and the batches parked for theirs; ingest_gaps tells them pending",
+            _V3,
         ),
     ]
 

@@ -18,6 +18,15 @@ The loop, for each group of messages (as many as are waiting, at most `max_group
    While that read fails, nothing is published (the next flush tries again): a worker never
    publishes a ledger older than the database's.
 
+Point catalogues (contract §4.12) come on `{prefix}/+/catalogue/+`, a subscription of each
+worker's own (not shared: every worker needs every catalogue; the broker sends the retained
+ones at subscribe). A worker loads the stored catalogues at start, adds each one it receives to
+its book as it decodes it (the batches after it need it), and stores it with its group. A batch
+whose catalogue is not in the book, nor in the database, is parked with its group and PUBACKed;
+it is written once the catalogue is stored, by the worker that finds both (parking.py says why
+none stays parked): after each group that parked batches or stored catalogues, at start, and
+every PARKED_SWEEP_S seconds.
+
 Decoding the next group overlaps with writing the previous one. Refused messages (decode.py)
 are recorded in `rejected` and acknowledged to the broker like the others, so that they are not
 delivered again forever; they are never acknowledged end to end.
@@ -50,8 +59,15 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from psycopg import errors as pg_errors
 
-from edge_agent.consumer.ingest import keystore, schema
-from edge_agent.consumer.ingest.decode import Accepted, Decoder, Item, Rejection
+from edge_agent.consumer.ingest import keystore, parking, schema
+from edge_agent.consumer.ingest.decode import (
+    Accepted,
+    CatalogueItem,
+    Decoder,
+    Item,
+    Parked,
+    Rejection,
+)
 from edge_agent.consumer.ingest.settings import IngestSettings
 from edge_agent.consumer.ingest.signed import AckSigner
 from edge_agent.consumer.ingest.write import (
@@ -59,9 +75,12 @@ from edge_agent.consumer.ingest.write import (
     OverlapError,
     Written,
     parse_multirange,
+    refuse_parked,
     write_group,
+    write_parked,
 )
 from edge_agent.errors import EdgeAgentError
+from edge_agent.seal.catalogue import Catalogue, CatalogueError
 from edge_agent.seal.keys import load_private_key
 from edge_agent.secret_file import read_secret_file
 
@@ -74,6 +93,8 @@ SESSION_EXPIRY_S = 7 * 86400
 acknowledged is sent again when it comes back with the same client id."""
 UNKNOWN_KEY_RELOAD_S = 1.0
 """An unknown key id reloads the keys at most this often."""
+PARKING_LOGGED = 10_000
+"""Digests remembered as logged ("Ingest parks batches"); beyond, logged again."""
 
 
 @dataclass
@@ -88,6 +109,12 @@ class WorkerStats:
     acks: int = 0
     groups: int = 0
     db_retries: int = 0
+    catalogues: int = 0
+    """Point catalogues this worker stored first (every worker receives each one)."""
+    parked: int = 0
+    """Batches parked: their catalogue unknown when they came."""
+    unparked: int = 0
+    """Parked batches this worker wrote once their catalogue was there (any worker's)."""
     seconds: dict[str, float] = field(default_factory=dict)
     """Wall time by stage: `open` (verify and decode envelopes), `rows` (value rules and COPY
     rows), `copy` (the COPY statements), `write` (whole transactions, COPY included)."""
@@ -125,7 +152,9 @@ class _Database:
             for g, e, seqs, batches in rows
         ]
 
-    async def _read(self, sql: str, params: tuple[object, ...]) -> list[tuple[object, ...]]:
+    async def _read(
+        self, sql: str, params: tuple[object, ...] | dict[str, object]
+    ) -> list[tuple[object, ...]]:
         """The rows of one query on the reading connection (autocommit: committed data only)."""
         try:
             if self._keys is None or self._keys.closed:
@@ -139,6 +168,18 @@ class _Database:
                 await self._keys.close()
             self._keys = None
             raise
+
+    async def catalogues(self, digests: Sequence[bytes] | None) -> list[tuple[bytes, bytes]]:
+        """(digest, payload) of the stored catalogues (of `digests`, or the newest
+        START_CATALOGUES), oldest first."""
+        rows = await self._read(
+            parking.CATALOGUES_SQL,
+            {
+                "d": None if digests is None else list(digests),
+                "n": parking.START_CATALOGUES if digests is None else len(digests),
+            },
+        )
+        return [(bytes(d), bytes(p)) for d, p in rows]  # type: ignore[call-overload]
 
     async def writer(self) -> psycopg.AsyncConnection[tuple[object, ...]]:
         if self._write is None or self._write.closed:
@@ -189,6 +230,8 @@ class Worker:
         self._stop = asyncio.Event()
         self._dirty: dict[tuple[str, str], Ledger] = {}
         self._last_ack: dict[tuple[str, str], float] = {}
+        self._parking: set[bytes] = set()
+        """Digests this worker said it parks batches for (logged once each)."""
 
     async def run(self, stop: asyncio.Event) -> None:
         """Consume until `stop`; raise RuntimeError when the database's schema is not ours.
@@ -217,6 +260,31 @@ class Worker:
             await self._retrying(self._db.load_trust), self.settings.topic_prefix
         )
         self._keys_loaded = time.monotonic()
+        await self._retrying(lambda: self._load_book(None))
+        await self._sweep()  # what a worker left parked, its catalogue stored meanwhile
+
+    async def _load_book(self, digests: Sequence[bytes] | None) -> int:
+        """Add the stored catalogues (of `digests`, or the newest) that the book lacks; how
+        many. The book keeps what fits (decode.CatalogueBook): the newest, loaded last.
+
+        Raises psycopg.Error when the database cannot be read. A stored catalogue that does
+        not parse (the table changed by hand) is logged and left out.
+        """
+        assert self._decoder is not None
+        book = self._decoder.book
+        added = 0
+        for digest, payload in await self._db.catalogues(digests):
+            if digest in book:
+                continue
+            try:
+                book[digest] = Catalogue.parse(payload, digest)
+            except CatalogueError as exc:
+                log.error(
+                    "Ingest cannot use a stored catalogue digest=%s error=%s", digest.hex(), exc
+                )
+                continue
+            added += 1
+        return added
 
     async def _consume(self, stop: asyncio.Event) -> None:
         s = self.settings
@@ -247,9 +315,12 @@ class Worker:
         prefix, group = self.settings.topic_prefix, self.settings.group
         for kind in ("batch", "hwm", "status"):
             await client.subscribe(f"$share/{group}/{prefix}/+/{kind}", qos=1)
+        # Not shared: every worker needs every catalogue (and the retained ones come only to
+        # a subscription of one's own, MQTT 5 §4.8.2).
+        await client.subscribe(f"{prefix}/+/catalogue/+", qos=1)
         self.ready.set()
         log.info(
-            "Ingest subscribed group=%s client_id=%s topics=%s/+/batch|hwm|status",
+            "Ingest subscribed group=%s client_id=%s topics=%s/+/batch|hwm|status|catalogue/+",
             group, self.settings.mqtt_client_id(), prefix,
         )  # fmt: skip
         groups: asyncio.Queue[_Group | None] = asyncio.Queue(maxsize=1)
@@ -308,8 +379,29 @@ class Worker:
                 item = self._decoder.decode(str(message.topic), payload)
             if item is not None:
                 items.append(item)
+        if any(isinstance(item, Parked) for item in items):
+            items = await self._decode_parked(items)
         self.stats.seconds.update(self._decoder.seconds)
         return _Group(messages, items)
+
+    async def _decode_parked(self, items: list[Item]) -> list[Item]:
+        """`items` with their parked batches decoded again where the book now has their
+        catalogue: one that came later in the group, or that another worker stored (this
+        worker's own copy of the message not in yet); the database is asked once for those."""
+        assert self._decoder is not None
+        book = self._decoder.book
+        missing = sorted({i.digest for i in items if isinstance(i, Parked)} - book.keys())
+        if missing:
+            with contextlib.suppress(psycopg.Error):  # unreadable: parked, the write waits
+                await self._load_book(missing)
+        return [
+            again
+            if isinstance(item, Parked)
+            and item.digest in book
+            and (again := self._decoder.decode(item.topic, item.payload)) is not None
+            else item
+            for item in items
+        ]
 
     async def _reload_keys(self) -> None:
         assert self._decoder is not None
@@ -323,7 +415,22 @@ class Worker:
         self, client: aiomqtt.Client, groups: asyncio.Queue[_Group | None]
     ) -> None:
         abandoned = False
-        while (group := await groups.get()) is not None:
+        sweep = time.monotonic() + parking.PARKED_SWEEP_S
+        while True:
+            try:
+                group = await asyncio.wait_for(groups.get(), max(0.0, sweep - time.monotonic()))
+            except TimeoutError:
+                if not abandoned:
+                    try:
+                        await self._sweep()
+                    except StoppedWaitingError:
+                        abandoned = True
+                    except psycopg.Error as exc:  # not the connection: again at the next one
+                        log.error("Ingest could not look for parked batches error=%s", exc)
+                sweep = time.monotonic() + parking.PARKED_SWEEP_S
+                continue
+            if group is None:
+                return
             if abandoned:
                 continue  # stopping while the database is away: never acknowledged, kept
             began = time.perf_counter()
@@ -344,8 +451,102 @@ class Worker:
             self.stats.duplicates += written.duplicates
             self.stats.rejected += written.rejected
             self.stats.batches += sum(1 for i in group.items if isinstance(i, Accepted))
+            self.stats.catalogues += len(written.catalogues)
+            self.stats.parked += written.parked
             for ledger in written.ledgers:
                 self._dirty[(ledger.gateway, ledger.epoch)] = ledger
+            self._log_catalogues(group.items, written)
+            if written.unsure:
+                sweep = time.monotonic()  # the look after the COMMIT failed: the sweep's, now
+            if written.ready:
+                try:
+                    await self._unpark(written.ready)
+                except StoppedWaitingError:
+                    abandoned = True  # parked and committed: the next start's sweep takes them
+
+    def _log_catalogues(self, items: Sequence[Item], written: Written) -> None:
+        """A line for each catalogue this worker stored first, and for each digest it parks
+        batches for, the first time (not a line a group while a catalogue stays away)."""
+        for item in items:
+            if isinstance(item, CatalogueItem) and item.catalogue.digest in written.catalogues:
+                log.info(
+                    "Ingest stored a point catalogue gateway=%s digest=%s points=%d",
+                    item.gateway, item.catalogue.digest.hex(), len(item.catalogue.points),
+                )  # fmt: skip
+            elif isinstance(item, Parked) and item.digest not in self._parking:
+                if len(self._parking) >= PARKING_LOGGED:
+                    self._parking.clear()
+                self._parking.add(item.digest)
+                log.warning(
+                    "Ingest parks batches gateway=%s catalogue=%s (not received yet); they are"
+                    " written once it is", item.gateway, item.digest.hex(),
+                )  # fmt: skip
+
+    async def _sweep(self) -> None:
+        """Write the parked batches whose catalogue is stored (any worker's). Raises
+        StoppedWaitingError when told to stop while the database is away."""
+        digests = await self._retrying(self._ready_digests)
+        if digests:
+            await self._unpark(digests)
+
+    async def _ready_digests(self) -> list[bytes]:
+        return await parking.ready(await self._db.writer())
+
+    async def _unpark(self, digests: Sequence[bytes]) -> None:
+        """Write the batches parked for `digests` (their catalogues stored), `max_group` a
+        transaction, until none is left that this worker can take. Raises StoppedWaitingError
+        when told to stop while the database is away."""
+        assert self._decoder is not None
+        decoder = self._decoder
+        for digest in digests:
+            if digest not in decoder.book:
+                await self._retrying(lambda d=digest: self._load_book([d]))  # type: ignore[misc]
+                if digest not in decoder.book:
+                    continue  # stored but unusable (logged): parked it stays
+            limit = self.settings.max_group
+            total = 0
+            while True:
+                try:
+                    written = await self._retrying(
+                        lambda d=digest, n=limit: self._write_parked_once(d, n)  # type: ignore[misc]
+                    )
+                except psycopg.Error as exc:  # the content: one at a time, then refused
+                    if limit > 1:
+                        log.warning("Ingest parked batches refused error=%s; one by one", exc)
+                        limit = 1
+                        continue
+                    log.error(
+                        "Ingest cannot store a parked batch error=%s; recorded as rejected", exc
+                    )
+                    detail = str(exc)[:2000]
+                    await self._retrying(
+                        lambda d=digest, x=detail: self._refuse_parked_once(d, x)  # type: ignore[misc]
+                    )
+                    continue
+                if not written.unparked:
+                    break
+                total += written.unparked
+                self.stats.unparked += written.unparked
+                self.stats.readings += written.readings
+                self.stats.duplicates += written.duplicates
+                self.stats.rejected += written.rejected
+                for ledger in written.ledgers:
+                    self._dirty[(ledger.gateway, ledger.epoch)] = ledger
+            if total:
+                log.info("Ingest wrote parked batches=%d catalogue=%s", total, digest.hex())
+
+    async def _write_parked_once(self, digest: bytes, limit: int) -> Written:
+        assert self._decoder is not None
+        conn = await self._db.writer()
+        try:
+            return await write_parked(
+                conn, digest, self._decoder.decode, self.settings.rejected_keep, limit
+            )
+        except (pg_errors.DeadlockDetected, pg_errors.SerializationFailure, OverlapError) as exc:
+            raise TransactionRetryError(str(exc)) from exc
+
+    async def _refuse_parked_once(self, digest: bytes, detail: str) -> None:
+        await refuse_parked(await self._db.writer(), digest, detail, self.settings.rejected_keep)
 
     async def _write(self, items: Sequence[Item]) -> Written:
         """Write the group, retrying while the database is away; split it when it refuses."""
@@ -539,8 +740,10 @@ def run_worker(settings: IngestSettings) -> int:
     s = worker.stats
     log.warning(
         "Ingest stopped messages=%d readings=%d duplicates=%d rejected=%d acks=%d "
+        "catalogues=%d parked=%d unparked=%d "
         "open_s=%.2f rows_s=%.2f copy_s=%.2f write_s=%.2f cpu_s=%.2f",
         s.messages, s.readings, s.duplicates, s.rejected, s.acks,
+        s.catalogues, s.parked, s.unparked,
         *(s.seconds.get(k, 0.0) for k in ("open", "rows", "copy", "write")),
         time.process_time(),
     )  # fmt: skip

@@ -33,6 +33,11 @@ before the group's: created in it, a second worker's first group of the same epo
 for the whole of the first's. An empty row means nothing stored yet, as no row does.
 
 Returns the ledger of every (gateway, epoch) written, as committed, for the acknowledgements.
+
+Point catalogues of the group are stored first, in a transaction of their own; batches that
+wait for theirs are parked in the group's transaction (parking.py). After the COMMIT, `ready`
+says which of those digests now have both a catalogue and parked batches: the caller then
+writes them (`write_parked`: take, decode, write as a group, delete, in one transaction).
 """
 
 from __future__ import annotations
@@ -40,17 +45,20 @@ from __future__ import annotations
 import bisect
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import psycopg
 from psycopg import errors as pg_errors
 
 from edge_agent.consumer.completeness import Coverage
+from edge_agent.consumer.ingest import parking
 from edge_agent.consumer.ingest.decode import (
     MAX_REJECTED_PAYLOAD,
     Accepted,
+    CatalogueItem,
     Item,
+    Parked,
     Rejection,
     Status,
 )
@@ -117,6 +125,17 @@ class Written:
     """Times the group was written again (another worker stored some of it first)."""
     copy_s: float = 0.0
     """Time the COPY of the readings took."""
+    catalogues: list[bytes] = field(default_factory=list)
+    """The digests of the point catalogues stored that were not yet."""
+    parked: int = 0
+    """Batches parked (their catalogue not known to the decoder)."""
+    unparked: int = 0
+    """Parked batches written (`write_parked`)."""
+    ready: list[bytes] = field(default_factory=list)
+    """Digests of the group's catalogues and parked batches that have, as committed after the
+    group, both a catalogue stored and batches parked: to write with `write_parked`."""
+    unsure: bool = False
+    """The look for `ready` failed (the database, after the COMMIT): sweep soon instead."""
 
 
 async def write_group(conn: AConn, items: Sequence[Item], rejected_keep: int) -> Written:
@@ -126,19 +145,13 @@ async def write_group(conn: AConn, items: Sequence[Item], rejected_keep: int) ->
     same readings meanwhile (or a deadlock between overlapping groups was broken), at most
     OVERLAP_RETRIES times; then the error is raised.
     """
+    catalogues = [i for i in items if isinstance(i, CatalogueItem)]
+    new = await parking.store_catalogues(conn, catalogues) if catalogues else []
     accepted = [i for i in items if isinstance(i, Accepted)]
     keys = sorted({(a.batch.gateway, a.batch.epoch) for a in accepted})
     if keys:
         async with conn.transaction():
-            await conn.execute(
-                # Only the rows missing: an INSERT that conflicts still draws a stream number,
-                # and every group names the epochs it writes.
-                "INSERT INTO coverage (gateway, epoch)"
-                " SELECT g, e FROM unnest(%s::text[], %s::text[]) AS k(g, e)"
-                " WHERE NOT EXISTS (SELECT 1 FROM coverage c WHERE c.gateway = k.g"
-                " AND c.epoch = k.e) ORDER BY g, e ON CONFLICT DO NOTHING",
-                ([k[0] for k in keys], [k[1] for k in keys]),
-            )
+            await _new_streams(conn, keys)
     attempt = 0
     while True:
         try:
@@ -148,8 +161,99 @@ async def write_group(conn: AConn, items: Sequence[Item], rejected_keep: int) ->
             if attempt > OVERLAP_RETRIES:
                 raise
         else:
+            break
+    done.retries = attempt
+    done.catalogues = new
+    digests = {c.catalogue.digest for c in catalogues}
+    digests.update(i.digest for i in items if isinstance(i, Parked))
+    if digests:  # after the COMMIT: see parking.py for why not before
+        try:
+            done.ready = await parking.ready(conn, sorted(digests))
+        except psycopg.Error:  # the group is committed: not to be written again for this
+            done.unsure = True
+    return done
+
+
+async def write_parked(
+    conn: AConn,
+    digest: bytes,
+    decode: Callable[[str, bytes], Item | None],
+    rejected_keep: int,
+    limit: int,
+) -> Written:
+    """Write at most `limit` batches parked for catalogue `digest` and delete them from
+    `parked`, in one transaction, committed; `unparked` says how many (0: none left that this
+    worker can take now). `decode` is the worker's (`Decoder.decode`), whose book must hold the
+    catalogue: a batch it still parks stays parked.
+
+    The batches are taken FOR UPDATE SKIP LOCKED (another worker writing some of them, the
+    others are taken) and written as a group is, ledger rules included: a batch stored already
+    counts as a duplicate. Raises psycopg.Error as `write_group`; nothing is then written and
+    nothing deleted.
+    """
+    attempt = 0
+    while True:
+        try:
+            async with conn.transaction():
+                taken = await parking.take(conn, digest, limit)
+                ids, items = [], []
+                for number, topic, payload in taken:
+                    item = decode(topic, payload)
+                    if item is not None and not isinstance(item, Parked | CatalogueItem):
+                        ids.append(number)
+                        items.append(item)
+                accepted = [i for i in items if isinstance(i, Accepted)]
+                keys = sorted({(a.batch.gateway, a.batch.epoch) for a in accepted})
+                if keys:
+                    await _new_streams(conn, keys)
+                done = await _write_once(conn, items, accepted, keys, rejected_keep)
+                if ids:
+                    await parking.unpark(conn, ids)
+        except (OverlapError, pg_errors.UniqueViolation, pg_errors.DeadlockDetected):
+            attempt += 1
+            if attempt > OVERLAP_RETRIES:
+                raise
+        else:
             done.retries = attempt
+            done.unparked = len(ids)
             return done
+
+
+async def refuse_parked(conn: AConn, digest: bytes, detail: str, rejected_keep: int) -> bool:
+    """Move the oldest parked batch of `digest` that no worker holds to `rejected`, reason
+    `unstorable` (the database refused its content: `detail`), in one transaction; whether
+    there was one. So that a batch PostgreSQL cannot store does not come back at every sweep."""
+    async with conn.transaction():
+        cursor = await conn.execute(
+            "SELECT id, topic, gateway, kid, payload FROM parked WHERE digest = %s"
+            " ORDER BY id LIMIT 1 FOR UPDATE SKIP LOCKED",
+            (digest,),
+        )
+        row = await cursor.fetchone()
+        if row is None:
+            return False
+        number, topic, gateway, kid, payload = row
+        data = bytes(payload)  # type: ignore[call-overload]
+        refusal = Rejection(
+            str(topic), "unstorable", detail, str(gateway), None if kid is None else str(kid),
+            len(data), data[:MAX_REJECTED_PAYLOAD],
+        )  # fmt: skip
+        await _small_items(conn, [refusal], rejected_keep, Written())
+        await parking.unpark(conn, [int(str(number))])
+    return True
+
+
+async def _new_streams(conn: AConn, keys: list[tuple[str, str]]) -> None:
+    """Create the ledger rows of `keys` that do not exist yet (in the caller's transaction)."""
+    await conn.execute(
+        # Only the rows missing: an INSERT that conflicts still draws a stream number, and
+        # every group names the epochs it writes.
+        "INSERT INTO coverage (gateway, epoch)"
+        " SELECT g, e FROM unnest(%s::text[], %s::text[]) AS k(g, e)"
+        " WHERE NOT EXISTS (SELECT 1 FROM coverage c WHERE c.gateway = k.g"
+        " AND c.epoch = k.e) ORDER BY g, e ON CONFLICT DO NOTHING",
+        ([k[0] for k in keys], [k[1] for k in keys]),
+    )
 
 
 async def _write_once(
@@ -161,6 +265,7 @@ async def _write_once(
 ) -> Written:
     done = Written()
     async with conn.transaction():
+        done.parked = await _park(conn, items)  # first: nothing of the group locks before
         streams: dict[tuple[str, str], _Stream] = {}
         if keys:
             cursor = await conn.execute(
@@ -230,6 +335,14 @@ async def _write_once(
             )
         await _small_items(conn, [*items, *conflicts], rejected_keep, done)
     return done
+
+
+async def _park(conn: AConn, items: Sequence[Item]) -> int:
+    """Park the group's batches that wait for their catalogue; how many."""
+    parked = [i for i in items if isinstance(i, Parked)]
+    if parked:
+        await parking.park(conn, parked)
+    return len(parked)
 
 
 def _conflict(item: Accepted, held: int) -> Rejection:
