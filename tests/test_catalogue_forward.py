@@ -198,7 +198,7 @@ class Agent:
 @asynccontextmanager
 async def agent_parts(
     path: Path, url: str, *, key: Ed25519PrivateKey | None = None, forward: bool = True,
-    **mqtt: object,
+    ack_keys: list[Ed25519PublicKey] | None = None, **mqtt: object,
 ) -> AsyncIterator[Agent]:  # fmt: skip
     """The batcher and forwarder wired as agent.py wires them, on the buffer at `path`."""
     key = key or Ed25519PrivateKey.generate()
@@ -212,7 +212,7 @@ async def agent_parts(
     config = MqttConfig(url=url, topic_prefix=PREFIX, **settings)  # type: ignore[arg-type]
     forwarder = Forwarder(config, GATEWAY, store, batcher.sealed, metrics,
                           on_evicted=batcher.declare_pending,
-                          on_payload_limit=batcher.set_max_bytes)  # fmt: skip
+                          on_payload_limit=batcher.set_max_bytes, ack_keys=ack_keys)  # fmt: skip
     agent = Agent(store, batcher, forwarder, key, metrics)
     batching = asyncio.create_task(batcher.run())
     if forward:
@@ -502,3 +502,30 @@ async def test_a_refused_catalogue_keeps_its_batches_buffered_degraded_until_all
     refusals = [r.getMessage() for r in caplog.records
                 if r.name == "edge_agent.forward.mqtt" and "0x87" in r.getMessage()]  # fmt: skip
     assert len(refusals) == 1, f"logged once: {refusals}"
+
+
+async def test_end_to_end_sends_the_catalogue_again_with_batches_sent_again(
+    tmp_path: Path, broker: Mosquitto
+) -> None:
+    """mqtt.ack: end_to_end, and no consumer acknowledges: the batches go again after
+    `ack_timeout` on the same connection, each wave preceded by the catalogue again (a consumer
+    that did not acknowledge may lack it)."""
+    consumer = Consumer(Opener([]))
+    nobody = [Ed25519PrivateKey.generate().public_key()]
+    async with agent_parts(tmp_path / "b.db", broker.url, ack="end_to_end", ack_timeout=0.5,
+                           ack_keys=nobody) as agent:  # fmt: skip
+        consumer.opener = Opener(agent.public, catalogues=consumer.opener.catalogues)
+        async with consuming(broker, consumer, [BATCH_TOPIC, CATALOGUE_TOPICS], "c"):
+            await agent.emit(points_readings(POINTS, 0, 3))
+            batches = agent.store.next_batch - 1
+            await consumer.until(
+                lambda: sum(kind == "batch" for kind, _ in consumer.arrivals) >= 2 * batches,
+                "every batch sent twice",
+            )
+        assert sample(agent.metrics, "edge_agent_mqtt_connects") == 1
+        assert sample(agent.metrics, "edge_agent_batches_resent") >= batches
+    catalogues = [i for i, (kind, _) in enumerate(consumer.arrivals) if kind == "catalogue"]
+    assert len(catalogues) >= 2, "published again on the same connection"
+    second_wave = [i for i, (kind, _) in enumerate(consumer.arrivals) if kind == "batch"][batches]
+    assert any(first < i < second_wave for first in catalogues[:1] for i in catalogues[1:])
+    consumer.catalogue_first()
