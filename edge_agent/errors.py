@@ -36,6 +36,7 @@
     ├── SecurityError              an OPC UA connection refused on security grounds
     │   └── UntrustedCertificateError  the server's certificate is not trusted
     ├── PublishRejectedError       the broker refused a batch (PUBACK reason >= 0x80)
+    │   └── CatalogueOverLimitError  a point catalogue over the broker's packet limit
     ├── TransactionRetryError      ingest: PostgreSQL aborted a transaction for concurrency; again
     ├── OverlapError               ingest: another worker committed readings a group copied; again
     ├── StoppedWaitingError        ingest: told to stop while waiting for PostgreSQL
@@ -49,7 +50,7 @@ DecodeError in `sources/modbus/decode.py`, KeyNotValidError in `seal/trust.py`,
 AckError in `seal/ack.py`, ConnectionLostError in `sources/opcua/source.py`,
 UnknownNamespaceError in `sources/opcua/namespaces.py`, TakeOverError in `sources/opcua/session.py`,
 SecurityError and UntrustedCertificateError in `sources/opcua/security.py`,
-PublishRejectedError in `forward/mqtt.py`, BrokerUnavailableError in `demo/embedded_broker.py`,
+PublishRejectedError and CatalogueOverLimitError in `forward/mqtt.py`, BrokerUnavailableError in `demo/embedded_broker.py`,
 NonconformingError in `consumer/ingest/rows.py`, CatalogueMissingError in `seal/columnar.py`,
 CatalogueError in `seal/catalogue.py`, CatalogueTooLargeError in `seal/columnar.py`
 (the batch then carries its own points), CBORShapeError in `seal/cbor_in.py`, TooLargeError in

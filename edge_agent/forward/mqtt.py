@@ -170,7 +170,7 @@ class PublishRejectedError(EdgeAgentError):
         )
 
 
-class CatalogueTooLargeError(PublishRejectedError):
+class CatalogueOverLimitError(PublishRejectedError):
     """A point catalogue over the packet limit: the batches referencing it cannot be decoded
     without it, so they stay buffered (never evicted for it) and the forwarder is degraded."""
 
@@ -648,7 +648,7 @@ class Forwarder:
         limit, source = self._packet_limit(client.limits)
         size = publish_packet_size(topic, len(payload), v5=self._config.protocol == "5")
         if limit is not None and size > limit:
-            raise CatalogueTooLargeError(size, limit, source, topic)
+            raise CatalogueOverLimitError(size, limit, source, topic)
         retain = client.limits.retains
         try:
             code = await client.publish_acked(topic, payload, retain=retain)
