@@ -50,7 +50,8 @@ DecodeError in `sources/modbus/decode.py`, KeyNotValidError in `seal/trust.py`,
 AckError in `seal/ack.py`, ConnectionLostError in `sources/opcua/source.py`,
 UnknownNamespaceError in `sources/opcua/namespaces.py`, TakeOverError in `sources/opcua/session.py`,
 SecurityError and UntrustedCertificateError in `sources/opcua/security.py`,
-PublishRejectedError and CatalogueOverLimitError in `forward/mqtt.py`, BrokerUnavailableError in `demo/embedded_broker.py`,
+PublishRejectedError and CatalogueOverLimitError in `forward/mqtt.py`,
+BrokerUnavailableError in `demo/embedded_broker.py`,
 NonconformingError in `consumer/ingest/rows.py`, CatalogueMissingError in `seal/columnar.py`,
 CatalogueError in `seal/catalogue.py`, CatalogueTooLargeError in `seal/columnar.py`
 (the batch then carries its own points), CBORShapeError in `seal/cbor_in.py`, TooLargeError in
