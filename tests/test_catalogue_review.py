@@ -26,6 +26,7 @@ import pytest
 import zstandard
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from test_format2_contract import bits_of, expected_of
 from test_payload_format import KEY, seal, sign
 
 from edge_agent.errors import EnvelopeError
@@ -48,27 +49,6 @@ sys.path.insert(0, str(Path(__file__).parent / "interop"))
 import catalogue_contract as contract  # noqa: E402
 
 pytestmark = pytest.mark.unit
-
-
-def bits_of(readings: list[dict[str, Any]]) -> list[tuple[Any, ...]]:
-    """Each reading with its value's type, floats as their bits (NaN payloads, -0.0)."""
-    return [
-        (
-            *(r[k] for k in ("seq", "src", "pt", "ts", "q")),
-            r.get("sc"),
-            type(r["v"]),
-            struct.pack("<d", r["v"]) if isinstance(r["v"], float) else r["v"],
-        )  # fmt: skip
-        for r in readings
-    ]
-
-
-def expected_of(readings: list[Reading], first: int) -> list[tuple[Any, ...]]:
-    return bits_of([
-        {"seq": first + i, "src": r.src, "pt": r.pt, "ts": r.ts_ns,
-         "q": Quality(r.quality).value, "sc": r.code, "v": r.value}
-        for i, r in enumerate(readings)
-    ])  # fmt: skip
 
 
 def cat_of(message: bytes) -> bytes | None:

@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import contextlib
 import struct
+import sys
 import tracemalloc
 from collections.abc import Callable
-from itertools import accumulate
+from pathlib import Path
 from typing import Any
 
 import cbor2
@@ -26,6 +27,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_payload_format import KEY, OPENER, VALID_BODY, readings_strategy, seal, sign
 from test_payload_format import values as any_value
+
+sys.path.insert(0, str(Path(__file__).parent / "interop"))
+import catalogue_contract  # noqa: E402
 
 from edge_agent.consumer.ingest.rows import NonconformingError, RowMaker
 from edge_agent.errors import EnvelopeError
@@ -41,128 +45,10 @@ COLUMNS_OPENER = Opener([KEY.public_key()], columns=True)
 # --------------------------------------------------------------------------- §4.9, read alone
 
 
-def shuffled(data: bytes, width: int, count: int) -> list[bytes]:
-    """§4.9: "the first byte of every value, then the second byte of every value..."."""
-    assert len(data) == width * count
-    return [bytes(data[b * count + i] for b in range(width)) for i in range(count)]
-
-
-def int_column(column: list[Any], count: int) -> list[int]:
-    """§4.9 "Integer columns": the four packings, by their first element."""
-    if column[0] == 0:
-        _, base, width, data = column
-        assert width in (0, 1, 2, 4, 8)
-        if width == 0:
-            assert data == b""
-            return [base] * count
-        return [base + int.from_bytes(v, "little") for v in shuffled(data, width, count)]
-    if column[0] == 2:
-        _, width, data = column
-        assert width in (1, 2, 4, 8)
-        out = []
-        for v in shuffled(data, width, count):
-            u = int.from_bytes(v, "little")
-            out.append(u // 2 if u % 2 == 0 else -(u + 1) // 2)
-        return out
-    if column[0] == 3:
-        _, base, bits, data = column
-        assert bits in (1, 2, 4)
-        assert len(data) == -(-count * bits // 8)
-        whole = int.from_bytes(data, "little")
-        assert whole >> (count * bits) == 0  # unused high bits of the last byte are 0
-        return [base + ((whole >> (i * bits)) & ((1 << bits) - 1)) for i in range(count)]
-    assert column[0] == 1 and len(column[1]) == count
-    return list(column[1])
-
-
-def series(column: list[Any], owners: list[int]) -> list[int]:
-    """§4.9 "Series": each point's first value (in point order), then the differences."""
-    starts = [i for i in range(len(owners)) if i == 0 or owners[i] != owners[i - 1]]
-    firsts = int_column(column[0], len(starts))
-    diffs = iter(int_column(column[1], len(owners) - len(starts)))
-    out: list[int] = []
-    point_first = iter(firsts)
-    for i in range(len(owners)):
-        out.append(next(point_first) if i in starts else out[-1] + next(diffs))
-    return out
-
-
-def run_column(column: list[Any], count: int) -> list[Any]:
-    values, lengths = column
-    lengths = int_column(lengths, len(values))
-    assert all(length >= 1 for length in lengths) and sum(lengths) == count
-    return [v for v, length in zip(values, lengths, strict=True) for _ in range(length)]
-
-
 def contract_decode(body: dict[str, Any]) -> list[dict[str, Any]]:
-    """The readings of a format-2 (2.0 layout) payload map, from §4.9's text only."""
-    n, np = body["n"], body["np"]
-    tok = body["tok"].split("\n") if isinstance(body["tok"], str) else body["tok"]
-    ps = int_column(body["ps"], np)
-    pn = int_column(body["pn"], np)
-    pi = iter(int_column(body["pi"], sum(pn)))
-    parts: list[list[str]] = [[] for _ in range(np)]
-    for layer in range(max(pn, default=0)):  # by layer: every first part, then every second...
-        for p in range(np):
-            if pn[p] > layer:
-                parts[p].append(tok[next(pi)])
-    names = [".".join(p) for p in parts]
-    idx = list(accumulate(int_column(body["idx"], n)))
-    nt = body["nt"]
-    times = list(accumulate(int_column(body["ts"], max(nt - 1, 0)), initial=body["t0"]))
-    ti = list(accumulate(int_column(body["ti"], n)))
-    grouped = sorted(range(n), key=lambda i: idx[i])  # stable
-    owners = [idx[i] for i in grouped]
-    pk = body["pk"]
-    tx = iter(body["tx"])
-    types = [pk[p] >> 5 if pk[p] >> 5 != 7 else next(tx) for p in owners]
-    assert next(tx, None) is None
-    bools = iter(body["bool"])
-    ints = iter(series(body["int"], [p for p, t in zip(owners, types, strict=True) if t == 2]))
-    texts = iter(body["text"])
-    float_owners = [p for p, t in zip(owners, types, strict=True) if t == 3]
-    fl = body["float"]
-    decimal = [(pk[p] & 31) <= 15 for p in float_owners]
-    positions = [j for j, d in enumerate(decimal) if d]  # the floats of decimal points
-    for x in fl["x"]:
-        decimal[positions[x]] = False
-    dec_owners = [p for p, d in zip(float_owners, decimal, strict=True) if d]
-    ms = iter(series(fl["dec"], dec_owners))
-    raw_owners = [p for p, d in zip(float_owners, decimal, strict=True) if not d]
-    raws = []
-    previous: dict[int, int] = {}
-    for p, word in zip(raw_owners, shuffled(fl["xor"], 8, len(raw_owners)), strict=True):
-        bits = int.from_bytes(word, "little") ^ previous.get(p, 0)
-        previous[p] = bits
-        raws.append(struct.unpack("<d", bits.to_bytes(8, "little"))[0])
-    raw_iter = iter(raws)
-    floats = []
-    for p, d in zip(float_owners, decimal, strict=True):
-        if d:
-            m = next(ms)
-            assert float(m) == m  # a whole number a double holds exactly
-            floats.append(float(m) / 10.0 ** (pk[p] & 31))
-        else:
-            floats.append(next(raw_iter))
-    float_iter = iter(floats)
-    grouped_values: list[Any] = []
-    for t in types:
-        reader = [None, lambda: bool(next(bools)), lambda: next(ints), lambda: next(float_iter),
-                  lambda: next(texts)][t]  # fmt: skip
-        grouped_values.append(reader() if reader else None)
-    values: list[Any] = [None] * n
-    for j, i in enumerate(grouped):
-        values[i] = grouped_values[j]
-    q = run_column(body["q"], n)
-    sc = run_column(body["sc"], n)
-    out = []
-    for i in range(n):
-        reading = {"seq": body["seq"] + i, "src": body["src"][ps[idx[i]]], "pt": names[idx[i]],
-                   "ts": times[ti[i]], "v": values[i], "q": q[i]}  # fmt: skip
-        if sc[i] is not None:
-            reading["sc"] = sc[i]
-        out.append(reading)
-    return out
+    """A self-contained format-2 payload read by tests/interop/catalogue_contract.py, the
+    decoder written from §4.9 and §4.12's text alone (it imports nothing of edge_agent)."""
+    return catalogue_contract.decode(body, {})
 
 
 def payload_of(message: bytes) -> dict[str, Any]:
