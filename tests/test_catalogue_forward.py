@@ -26,6 +26,7 @@ import pytest
 import zstandard
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from helpers.fault_proxy import FaultProxy
+from helpers.store import SCHEMA_BEFORE_CATALOGUES
 from helpers.wait import deadline, wait_for
 
 from edge_agent.config.schema import MqttConfig
@@ -407,23 +408,6 @@ async def test_a_key_rotation_keeps_the_catalogue(tmp_path: Path, broker: Mosqui
         assert rotated.catalogue.digest == newest[0]
 
 
-OLD_SCHEMA = """
-CREATE TABLE meta (key TEXT PRIMARY KEY, value) WITHOUT ROWID;
-CREATE TABLE batches (
-    id INTEGER PRIMARY KEY, first_seq INTEGER NOT NULL, last_seq INTEGER NOT NULL,
-    readings INTEGER NOT NULL, bytes INTEGER NOT NULL, sealed_ns INTEGER NOT NULL,
-    data BLOB NOT NULL, sent_ns INTEGER);
-CREATE TABLE notices (
-    id INTEGER PRIMARY KEY, readings INTEGER NOT NULL, bytes INTEGER NOT NULL,
-    sealed_ns INTEGER NOT NULL, data BLOB NOT NULL, sent_ns INTEGER);
-CREATE TABLE pending_evictions (first_seq INTEGER PRIMARY KEY, last_seq INTEGER NOT NULL);
-CREATE TABLE eviction_reasons (first_seq INTEGER PRIMARY KEY, reason TEXT NOT NULL);
-CREATE INDEX batches_unsent ON batches (id) WHERE sent_ns IS NULL;
-CREATE INDEX batches_sent ON batches (sent_ns) WHERE sent_ns IS NOT NULL;
-"""
-"""The buffer's schema before point catalogues (store/sqlite.py at 269deb3, contract 2.3)."""
-
-
 def old_buffer(path: Path, key: Ed25519PrivateKey, batches: int) -> int:
     """A buffer as the agent before 2.4 left it: its schema, self-contained format-2 batches of
     10 readings sealed by the real sealer, in WAL mode. Returns the next seq."""
@@ -431,7 +415,7 @@ def old_buffer(path: Path, key: Ed25519PrivateKey, batches: int) -> int:
     epoch = "0123456789abcdef0123456789abcdef"
     with sqlite3.connect(path) as db:
         db.execute("PRAGMA journal_mode=WAL")
-        db.executescript(OLD_SCHEMA)
+        db.executescript(SCHEMA_BEFORE_CATALOGUES)
         for n in range(1, batches + 1):
             seq = (n - 1) * 10 + 1
             data = sealer.seal(gateway=GATEWAY, epoch=epoch, batch=n, first_seq=seq,

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers.store import SCHEMA_BEFORE_CATALOGUES
 
 from edge_agent.seal.catalogue import Catalogue
 from edge_agent.store.sqlite import SealedBatch, Store
@@ -128,27 +129,10 @@ async def test_open_deletes_a_catalogue_no_batch_references_but_keeps_the_newest
     await store.close()
 
 
-OLD_SCHEMA = """
-CREATE TABLE meta (key TEXT PRIMARY KEY, value) WITHOUT ROWID;
-CREATE TABLE batches (
-    id INTEGER PRIMARY KEY, first_seq INTEGER NOT NULL, last_seq INTEGER NOT NULL,
-    readings INTEGER NOT NULL, bytes INTEGER NOT NULL, sealed_ns INTEGER NOT NULL,
-    data BLOB NOT NULL, sent_ns INTEGER);
-CREATE TABLE notices (
-    id INTEGER PRIMARY KEY, readings INTEGER NOT NULL, bytes INTEGER NOT NULL,
-    sealed_ns INTEGER NOT NULL, data BLOB NOT NULL, sent_ns INTEGER);
-CREATE TABLE pending_evictions (first_seq INTEGER PRIMARY KEY, last_seq INTEGER NOT NULL);
-CREATE TABLE eviction_reasons (first_seq INTEGER PRIMARY KEY, reason TEXT NOT NULL);
-CREATE INDEX batches_unsent ON batches (id) WHERE sent_ns IS NULL;
-CREATE INDEX batches_sent ON batches (sent_ns) WHERE sent_ns IS NOT NULL;
-"""
-"""The buffer's schema before point catalogues (contract 2.3, store/sqlite.py at 269deb3)."""
-
-
 async def test_a_buffer_made_before_catalogues_is_upgraded_at_open(tmp_path: Path) -> None:
     path = tmp_path / "b.db"
     with sqlite3.connect(path) as db:
-        db.executescript(OLD_SCHEMA)
+        db.executescript(SCHEMA_BEFORE_CATALOGUES)
         db.executemany("INSERT INTO meta VALUES (?, ?)",
                        [("epoch", "e" * 32), ("next_seq", 21), ("next_batch", 3)])  # fmt: skip
         db.executemany(

@@ -26,3 +26,20 @@ async def filled_store(path: Path, batches: int) -> tuple[Store, asyncio.Event]:
     await batcher.emit([Reading("s", "p", i, i, Quality.GOOD) for i in range(10 * batches)])
     await batcher.seal_pending()
     return store, batcher.sealed
+
+
+SCHEMA_BEFORE_CATALOGUES = """
+CREATE TABLE meta (key TEXT PRIMARY KEY, value) WITHOUT ROWID;
+CREATE TABLE batches (
+    id INTEGER PRIMARY KEY, first_seq INTEGER NOT NULL, last_seq INTEGER NOT NULL,
+    readings INTEGER NOT NULL, bytes INTEGER NOT NULL, sealed_ns INTEGER NOT NULL,
+    data BLOB NOT NULL, sent_ns INTEGER);
+CREATE TABLE notices (
+    id INTEGER PRIMARY KEY, readings INTEGER NOT NULL, bytes INTEGER NOT NULL,
+    sealed_ns INTEGER NOT NULL, data BLOB NOT NULL, sent_ns INTEGER);
+CREATE TABLE pending_evictions (first_seq INTEGER PRIMARY KEY, last_seq INTEGER NOT NULL);
+CREATE TABLE eviction_reasons (first_seq INTEGER PRIMARY KEY, reason TEXT NOT NULL);
+CREATE INDEX batches_unsent ON batches (id) WHERE sent_ns IS NULL;
+CREATE INDEX batches_sent ON batches (sent_ns) WHERE sent_ns IS NOT NULL;
+"""
+"""The buffer's schema before point catalogues (store/sqlite.py at 269deb3, contract 2.3)."""
