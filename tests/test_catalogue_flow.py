@@ -344,3 +344,30 @@ async def test_verify_ends_on_sigterm_and_duration_while_the_agent_keeps_sending
             process.wait()
     assert code in (0, 4), (tmp_path / "verify-term.err").read_text()[-2000:]
     assert "verify ran" in (tmp_path / "verify-term.err").read_text()
+
+
+async def test_verify_keeps_what_it_had_queued_when_the_broker_restarts_under_its_backlog(
+    tmp_path: Path, broker: Mosquitto, keys: Path, agents: list[AgentProcess]
+) -> None:
+    """verify comes back to a backlog of batches its session kept, and the broker restarts
+    (cleanly) while verify works through it: what paho had already PUBACKed and queued is
+    not sent again, so it must be verified, not dropped with the old connection (a hole in
+    broker mode, where nobody sends it again). Measured: held before the change to consume()
+    too (the queue was empty when the connection dropped): it guards the promise, it does not
+    tell the versions apart."""
+    config = agent_config(tmp_path, broker, keys, source(200), batch={"max_readings": 100})
+    agent = AgentProcess(config, tmp_path)
+    agents.append(agent)
+    async with VerifyProcess(broker, keys, tmp_path) as verify:
+        verify.stop()  # its session keeps the batches from now on
+        agent.start()
+        await wait_for(lambda: agent.status()["buffer"]["next_seq"] > 60_000, 60, "a backlog")
+        assert agent.stop() == 0
+        taken = Taken.from_store(Path(config["store"]["path"]))
+        await verify.start()
+        await wait_for(lambda: verify.progress() > 2000, 30, "verify under way")
+        broker.stop()
+        broker.start()
+        await verify.collect(taken)
+        ledger = verify.ledger("broker restarted under verify's backlog", taken)
+    ledger.check()
