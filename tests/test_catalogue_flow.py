@@ -19,6 +19,7 @@ from typing import Any
 import psycopg
 import pytest
 from helpers.agent import AgentProcess, agent_config
+from helpers.disk import MiB, SmallDisk
 from helpers.ingest import IngestWorker, ingest
 from helpers.ingest_fleet import prepare_database
 from helpers.ledger import Taken, VerifyProcess, drained_ledger, sealed_in_store
@@ -371,3 +372,45 @@ async def test_verify_keeps_what_it_had_queued_when_the_broker_restarts_under_it
         await verify.collect(taken)
         ledger = verify.ledger("broker restarted under verify's backlog", taken)
     ledger.check()
+
+
+async def test_reloads_that_add_points_on_a_full_disk_evict_and_declare_lose_nothing(
+    tmp_path: Path, broker: Mosquitto, keys: Path, agents: list[AgentProcess]
+) -> None:
+    """A 2 MiB tmpfs buffer, the broker down, full: reloads add points (a new catalogue each,
+    whose room is made by evicting the oldest batches). When room and the broker return, every
+    reading is verified or declared evicted, under the catalogues the buffer kept."""
+    disk = SmallDisk(tmp_path / "disk", 2 * MiB)
+    try:
+        config = agent_config(
+            tmp_path, broker, keys, source(300), store={"path": str(disk.path / "buffer.db")}
+        )
+        agent = AgentProcess(config, tmp_path)
+        agents.append(agent)
+        async with VerifyProcess(broker, keys, tmp_path) as verify:
+            broker.stop()
+            agent.start()
+            await wait_for(lambda: agent.status()["buffer"]["disk_full"], 60, "a full disk")
+            for points in (320, 340, 360):
+                sealed = agent.status()["buffer"]["next_seq"]
+                agent.write_config(
+                    {**agent.config, "sources": source(points, counters=points // 3)}
+                )
+                assert "Reloaded" in agent.reload()
+                await wait_for(
+                    lambda s=sealed: agent.status()["buffer"]["next_seq"] > s + 20_000,
+                    30,
+                    "readings of the new points on the full disk",
+                )
+            assert agent.status()["buffer"]["evicted_readings"] > 0
+            disk.grow(16 * MiB)
+            await wait_for(lambda: not agent.status()["buffer"]["disk_full"], 20, "room")
+            broker.start()
+            ledger = await drained_ledger(verify, agent, "reloads adding points on a full disk")
+    finally:
+        disk.unmount()
+    ledger.check()
+    assert ledger.declared > 0 and ledger.declared_lost == 0, "evicted and declared, not lost"
+    assert "undeliverable" not in agent.log()
+    err = verify.err.read_text()
+    assert "PENDING CATALOGUE" not in err and "INCOMPLETE" not in err, err[-2000:]
