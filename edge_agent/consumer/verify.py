@@ -65,7 +65,8 @@ EXIT_BAD_SIGNATURE = 3
 EXIT_GAP = 4
 SESSION_EXPIRY_S = 7 * 86400
 DRAIN_S = 0.3
-"""After a stop: how long a quiet queue must stay quiet before the consumer ends."""
+"""After a stop: how long to wait for a message the receiving task may already have taken from
+the queue (cancelling it then could drop it); never a wait for the stream to go quiet."""
 
 
 @dataclass
@@ -439,9 +440,25 @@ async def consume(
     given, acknowledges accepted batches while connected, on every connect, and once more
     before the consumer stops.
     """
+
+    def handle(message: aiomqtt.Message) -> None:
+        name = str(message.topic)
+        payload = message.payload if isinstance(message.payload, bytes) else b""
+        if name.endswith("/status"):
+            verifier.result.statuses[name] = payload.decode(errors="replace")
+        elif name.endswith("/batch") or is_catalogue_topic(name):
+            for checked in verifier.receive(name, payload):
+                if checked.batch is not None and acks is not None:
+                    acks.accepted(checked.batch, checked.topic)
+                on_batch(checked.batch, checked.fresh)
+        elif name.endswith(f"/{TOPIC_SUFFIX}") and verifier.check_mark(payload) is None:
+            on_batch(None, [])  # refused: reported like a refused batch
+
     while not stop.is_set():
+        client: aiomqtt.Client | None = None
         try:
-            async with client_factory() as client:
+            client = client_factory()
+            async with client:
                 for name in subscriptions(topic):
                     await client.subscribe(name, qos=1)
                 if subscribed is not None:
@@ -453,20 +470,9 @@ async def consume(
                 try:
                     messages = aiter(client.messages)
                     while (message := await _next_message(messages, stop)) is not None:
-                        name = str(message.topic)
-                        payload = message.payload if isinstance(message.payload, bytes) else b""
-                        if name.endswith("/status"):
-                            verifier.result.statuses[name] = payload.decode(errors="replace")
-                        elif name.endswith("/batch") or is_catalogue_topic(name):
-                            for checked in verifier.receive(name, payload):
-                                if checked.batch is not None and acks is not None:
-                                    acks.accepted(checked.batch, checked.topic)
-                                on_batch(checked.batch, checked.fresh)
-                        elif (
-                            name.endswith(f"/{TOPIC_SUFFIX}")
-                            and verifier.check_mark(payload) is None
-                        ):
-                            on_batch(None, [])  # refused: reported like a refused batch
+                        handle(message)
+                    for message in _acknowledged(client):  # stopping: what paho has PUBACKed
+                        handle(message)
                 finally:
                     if acking is not None:
                         acking.cancel()
@@ -478,6 +484,23 @@ async def consume(
             log.debug("Verifier lost the broker error=%s", exc)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), 0.5)
+        finally:
+            # PUBACKed by paho while the connection ended (lost, or closed by the stop): the
+            # broker will not send them again, and the next connection is another client.
+            for message in _acknowledged(client):
+                handle(message)
+
+
+def _acknowledged(client: aiomqtt.Client | None) -> list[aiomqtt.Message]:
+    """Take the messages waiting in `client`'s queue, at once: paho acknowledged each as it
+    queued it, so the broker never sends them again and they must be handled."""
+    if client is None:
+        return []
+    queue = client._queue  # aiomqtt's iterator ends on a disconnect, queue or not
+    taken = []
+    while not queue.empty():
+        taken.append(queue.get_nowait())
+    return taken
 
 
 def subscriptions(topic: str) -> list[str]:
@@ -494,16 +517,15 @@ def subscriptions(topic: str) -> list[str]:
 async def _next_message(
     messages: AsyncIterator[aiomqtt.Message], stop: asyncio.Event
 ) -> aiomqtt.Message | None:
-    """The next message, or None once `stop` is set and what was received is processed.
+    """The next message, or None once `stop` is set.
 
-    paho acknowledges a message as soon as it is queued here, so the broker will not send it
-    again: everything already queued is handled before stopping.
+    Never waits for the stream to go quiet: behind a live gateway (a batch every second) it
+    never does, and a consumer that waited for it ran on after SIGTERM or `--duration` until
+    systemd killed it, its state unsaved. paho acknowledges a message as soon as it queues it,
+    so the caller handles what is queued (`_acknowledged`) before it ends.
     """
     if stop.is_set():
-        try:
-            return await asyncio.wait_for(anext(messages), DRAIN_S)
-        except TimeoutError:
-            return None
+        return None
     getter = asyncio.ensure_future(anext(messages))
     stopper = asyncio.ensure_future(stop.wait())
     try:
@@ -512,7 +534,7 @@ async def _next_message(
         stopper.cancel()
     if getter.done():
         return getter.result()
-    try:
+    try:  # a message the getter already took from the queue must not be dropped by a cancel
         return await asyncio.wait_for(getter, DRAIN_S)
     except TimeoutError:
         return None
