@@ -94,6 +94,17 @@ async def test_aiomqtt_hands_paho_socket_callbacks_to_methods_a_subclass_overrid
     )
 
 
+async def test_aiomqtt_keeps_received_messages_in_a_queue_verify_can_empty() -> None:
+    """verify, when it stops or loses the broker, handles what paho already PUBACKed and
+    aiomqtt queued (the broker will not send it again): it empties aiomqtt's queue itself."""
+    client = aiomqtt.Client("127.0.0.1")
+    queue = getattr(client, "_queue", None)
+    assert isinstance(queue, asyncio.Queue), (
+        "aiomqtt.Client._queue is no longer an asyncio.Queue: edge_agent/consumer/verify.py "
+        "(_acknowledged) takes the messages left in it, which would otherwise be lost to verify"
+    )
+
+
 INGEST = "edge_agent/consumer/ingest/worker.py (Worker: PUBACK only after COMMIT)"
 
 
