@@ -17,10 +17,10 @@ from helpers.ingest_catalogue import catalogue_of, use_catalogues
 
 from edge_agent.consumer.ingest.decode import (
     Accepted,
-    CatalogueBook,
     CatalogueItem,
     Decoder,
     Parked,
+    RecentCatalogues,
     Rejection,
 )
 from edge_agent.consumer.ingest.keystore import GatewayTrust, trust_from_rows
@@ -178,7 +178,7 @@ def test_the_book_holds_the_most_recently_used_catalogues_up_to_its_points() -> 
     """A worker's memory holds the catalogues in use, not a fleet's history of them (the
     database keeps every one)."""
     made = [Catalogue.build([("s", f"p{n}.{i}") for i in range(40)], bytes(40)) for n in range(4)]
-    book = CatalogueBook(max_points=100)
+    book = RecentCatalogues(max_points=100)
     book[made[0].digest] = made[0]
     book[made[1].digest] = made[1]
     assert book.get(made[0].digest) == made[0]  # used: the most recent now

@@ -46,7 +46,7 @@ from edge_agent.seal.trust import KeyNotValidError
 
 MAX_BOOK_POINTS = 1_000_000
 """Points of the catalogues a decoder holds in memory at most (a few hundred bytes each): the
-least recently used are dropped beyond (the database keeps every one; see CatalogueBook)."""
+least recently used are dropped beyond (the database keeps every one; see RecentCatalogues)."""
 MAX_REJECTED_PAYLOAD = 4096
 """Bytes of a rejected message's payload kept for forensics."""
 INT8 = 2**63
@@ -127,7 +127,7 @@ def split_topic(topic: str, prefix: str) -> tuple[str, str] | None:
     return rest[0], rest[1]
 
 
-class CatalogueBook(MutableMapping[bytes, Catalogue]):
+class RecentCatalogues(MutableMapping[bytes, Catalogue]):
     """The point catalogues a worker holds in memory, by digest: the most recently used ones,
     up to `max_points` points in all (the newest one always, whatever its size).
 
@@ -189,7 +189,7 @@ class Decoder:
         self.seconds = {"open": 0.0, "rows": 0.0}
         """Time spent verifying and decoding envelopes (`open`), and making rows (`rows`)."""
         self.trust = trust
-        self.book: MutableMapping[bytes, Catalogue] = CatalogueBook() if book is None else book
+        self.book: MutableMapping[bytes, Catalogue] = RecentCatalogues() if book is None else book
         self._opener = Opener(trust.trust.public_keys(), columns=True, catalogues=self.book)
 
     def set_trust(self, trust: GatewayTrust) -> None:

@@ -265,7 +265,7 @@ class Worker:
 
     async def _load_book(self, digests: Sequence[bytes] | None) -> int:
         """Add the stored catalogues (of `digests`, or the newest) that the book lacks; how
-        many. The book keeps what fits (decode.CatalogueBook): the newest, loaded last.
+        many. The book keeps what fits (decode.RecentCatalogues): the newest, loaded last.
 
         Raises psycopg.Error when the database cannot be read. A stored catalogue that does
         not parse (the table changed by hand) is logged and left out.
